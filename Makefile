@@ -1,0 +1,43 @@
+# One entry point for set-up, tests, demo and benchmarks. `make test` and `make demo` install first when
+# needed, so either is the only command a fresh machine needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+# torch 2.13.0 is the CPU build this project is developed against; pyproject's range admits it.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install install-bench test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not dist and not e2e" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/ztune estimate --model llama-2-70b --hardware dgx-h100 --nodes 4 --seq 4096 --global-batch 1024
+
+bench: install-bench
+	$(PY) benchmarks/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Shipped model and hardware profiles (package data, installed as ztune.profiles_data)."""

@@ -1,0 +1,1 @@
+"""ztune's sharded data-parallel runtime (installed as `ztune.runtime`)."""

@@ -1,0 +1,3 @@
+from ztune.cli import main
+
+main()

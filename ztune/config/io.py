@@ -1,0 +1,91 @@
+"""Loading and saving configs: ztune YAML, DeepSpeed JSON, plain dicts, or a TrainConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztune.config.deepspeed import from_deepspeed, is_deepspeed, to_deepspeed
+from ztune.config.schema import TrainConfig
+from ztune.config.validate import _FIELD_KEYS, build, check
+from ztune.errors import ConfigError
+
+# Environment variable through which `ztune launch` / `ztune autotune` hand a config file to a script.
+CONFIG_ENV = "ZTUNE_CONFIG"
+
+
+def from_dict(doc: Any) -> TrainConfig:
+    """A TrainConfig from a parsed document: ztune form, or DeepSpeed form (detected by its keys)."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(doc).__name__}")
+    if is_deepspeed(doc):
+        cfg, _ignored = from_deepspeed(doc)
+        return cfg
+    return check(build(TrainConfig, doc))
+
+
+def load(source: str | os.PathLike | dict | TrainConfig | None) -> TrainConfig:
+    """Load a config from a TrainConfig, a dict, a YAML/JSON file path, or None (defaults)."""
+    if isinstance(source, TrainConfig):
+        return check(source)
+    if source is None or isinstance(source, dict):
+        return from_dict(source)
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the path") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.__class__.__name__}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        elif isinstance(exc, json.JSONDecodeError):
+            where = f" at line {exc.lineno}, column {exc.colno}"
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}{where}") from None
+    try:
+        return from_dict(doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {_FIELD_KEYS.get(f.name, f.name): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The ztune YAML form of `cfg` as plain data (round-trips through `from_dict`)."""
+    return _plain(cfg)
+
+
+def save(cfg: TrainConfig, path: str | os.PathLike, *, fmt: str = "yaml") -> Path:
+    """Write `cfg` as ztune YAML (fmt='yaml') or DeepSpeed JSON (fmt='deepspeed'), atomically."""
+    path = Path(path)
+    if fmt == "yaml":
+        text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    elif fmt == "deepspeed":
+        text = json.dumps(to_deepspeed(cfg), indent=2) + "\n"
+    else:
+        raise ConfigError(f"unknown config format {fmt!r}; allowed: yaml, deepspeed")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

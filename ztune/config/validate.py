@@ -1,0 +1,169 @@
+"""Strict conversion of plain data (parsed YAML/JSON) into the TrainConfig tree, and the checks that
+span several keys. Every failure is one `ConfigError` naming the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any
+
+from ztune.config.schema import BatchConfig, Offload, OptimizerType, TrainConfig
+from ztune.errors import ConfigError
+
+# YAML keys that differ from the Python field name (`global` is a keyword).
+_KEY_ALIASES = {"global": "global_"}
+_FIELD_KEYS = {v: k for k, v in _KEY_ALIASES.items()}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return build(tp, value, prefix=key + ".")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if isinstance(value, str) and value.lower() == str(member.value).lower():
+                return member
+        if tp is Offload and value in (None, False):
+            return Offload.NONE
+        raise ConfigError(f"{key}: got {_describe(value)}; allowed: {', '.join(str(m.value) for m in tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {_describe(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise ConfigError(f"{key}: unsupported value {_describe(value)}")  # pragma: no cover
+
+
+def build(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{prefix}{raw_key!r}: keys must be strings")
+        name = _KEY_ALIASES.get(raw_key, raw_key)
+        if name not in names:
+            allowed = ", ".join(sorted(_FIELD_KEYS.get(n, n) for n in names))
+            raise ConfigError(f"unknown key '{prefix}{raw_key}'; allowed here: {allowed}")
+        kwargs[name] = _convert(hints[name], value, prefix + raw_key)
+    return cls(**kwargs)
+
+
+def _check_positive(key: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: got {value}; must be {bound}")
+
+
+def check(cfg: TrainConfig) -> TrainConfig:
+    """Cross-key checks that do not depend on the world size."""
+    z = cfg.zero
+    if z.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage: got {z.stage}; allowed: 0, 1, 2, 3")
+    if z.offload_params is Offload.CPU and z.stage != 3:
+        raise ConfigError(
+            f"zero.offload_params: cpu needs zero.stage 3 (got stage {z.stage}); "
+            "set zero.stage: 3 or offload_params: none"
+        )
+    if z.offload_optimizer is Offload.CPU and z.stage == 0:
+        raise ConfigError(
+            "zero.offload_optimizer: cpu needs zero.stage 1, 2 or 3 (got stage 0); "
+            "raise the stage or set offload_optimizer: none"
+        )
+    for key, value in (
+        ("zero.reduce_bucket_numel", z.reduce_bucket_numel),
+        ("zero.allgather_bucket_numel", z.allgather_bucket_numel),
+        ("batch.micro", cfg.batch.micro),
+        ("batch.grad_accum", cfg.batch.grad_accum),
+        ("batch.global", cfg.batch.global_),
+        ("seq_len", cfg.seq_len),
+        ("activations.every", cfg.activations.every),
+        ("optimizer.lr", cfg.optimizer.lr),
+        ("optimizer.eps", cfg.optimizer.eps),
+    ):
+        _check_positive(key, value)
+    _check_positive("zero.prefetch_units", z.prefetch_units, allow_zero=True)
+    _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
+    _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
+    _check_positive("optimizer.momentum", cfg.optimizer.momentum, allow_zero=True)
+    for i, beta in enumerate(cfg.optimizer.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optimizer.betas[{i}]: got {beta}; must be in [0, 1)")
+    if not 0.0 < cfg.compression.topk_ratio <= 1.0:
+        raise ConfigError(f"compression.topk_ratio: got {cfg.compression.topk_ratio}; must be in (0, 1]")
+    if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
+        raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
+    b = cfg.batch
+    if b.global_ is not None and b.grad_accum is not None and b.global_ % (b.micro * b.grad_accum):
+        raise ConfigError(
+            f"batch: global {b.global_} is not a multiple of micro {b.micro} x grad_accum {b.grad_accum}"
+        )
+    return cfg
+
+
+def resolve_batch(batch: BatchConfig, world_size: int) -> BatchConfig:
+    """Fill in grad_accum / global for `world_size` ranks, checking global = micro * grad_accum * world."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    micro, accum, total = batch.micro, batch.grad_accum, batch.global_
+    if total is None:
+        accum = accum or 1
+        return BatchConfig(micro=micro, grad_accum=accum, global_=micro * accum * world_size)
+    per_step = micro * world_size
+    if accum is None:
+        if total % per_step:
+            raise ConfigError(
+                f"batch.global {total} is not divisible by micro {micro} x {world_size} ranks = {per_step}; "
+                "change batch.global or batch.micro"
+            )
+        return BatchConfig(micro=micro, grad_accum=total // per_step, global_=total)
+    if micro * accum * world_size != total:
+        raise ConfigError(
+            f"batch sizes do not multiply out: micro {micro} x grad_accum {accum} x {world_size} ranks = "
+            f"{micro * accum * world_size}, but batch.global is {total}"
+        )
+    return BatchConfig(micro=micro, grad_accum=accum, global_=total)

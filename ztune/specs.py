@@ -1,0 +1,147 @@
+"""Value objects the cost model, tuner and runtime share: the model's shape and the cluster's hardware.
+
+Both are plain frozen dataclasses of numbers; loading them from YAML / config.json lives in
+`ztune.profiles`. Parameter counting lives here because it follows from the shape alone and must equal
+transformers' own count exactly (tests/unit/test_profiles.py builds each model on the meta device).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Architecture(str, enum.Enum):
+    GPT2 = "gpt2"  # learned positions, LayerNorm with bias, GeLU MLP, biases on every linear
+    LLAMA = "llama"  # RoPE, RMSNorm, SwiGLU MLP, grouped-query attention
+    MIXTRAL = "mixtral"  # llama attention + top-k routed SwiGLU experts
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer's shape. Sizes are counts (elements), not bytes."""
+
+    name: str
+    architecture: Architecture
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_seq_len: int
+    tied_embeddings: bool = False
+    # Bias on the q/k/v projections (gpt2: on every linear, always; qwen2: q/k/v only).
+    attention_bias: bool = False
+    # Bias on the attention output projection (llama's `attention_bias` sets both; qwen2 has none).
+    attention_out_bias: bool = False
+    num_experts: int = 1
+    top_k: int = 1
+    head_dim: int | None = None
+    # Where the shape came from: a profile, a config.json, or "derived from --params 70B".
+    source: str = ""
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the K (and V) projection output: num_kv_heads * head_size."""
+        return self.num_kv_heads * self.head_size
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts (elements). `total` is what is stored; `active_per_token` is what one token uses
+    (differs for MoE: only top_k experts run), which is what the FLOP count needs."""
+
+    embedding: int
+    per_layer: int
+    final_norm: int
+    lm_head: int
+    total: int
+    active_per_token: int
+    # Largest single layer (block), which bounds ZeRO-3's gather buffer.
+    largest_layer: int
+
+
+def _attention_params(m: ModelSpec) -> int:
+    h, kv, q = m.hidden_size, m.kv_size, m.num_heads * m.head_size
+    if m.architecture is Architecture.GPT2:
+        # One fused c_attn (h -> 3h) and c_proj (h -> h), both with bias.
+        return h * 3 * h + 3 * h + h * h + h
+    weights = h * q + 2 * h * kv + q * h
+    bias = (q + 2 * kv) if m.attention_bias else 0
+    bias += h if m.attention_out_bias else 0
+    return weights + bias
+
+
+def _mlp_params(m: ModelSpec) -> int:
+    h, i = m.hidden_size, m.intermediate_size
+    if m.architecture is Architecture.GPT2:
+        return h * i + i + i * h + h  # c_fc and c_proj with bias
+    return 3 * h * i  # SwiGLU: gate, up, down; no bias
+
+
+def _norm_params(m: ModelSpec) -> int:
+    # LayerNorm has weight and bias; RMSNorm only weight.
+    return 2 * m.hidden_size if m.architecture is Architecture.GPT2 else m.hidden_size
+
+
+def count_params(m: ModelSpec) -> ParamCounts:
+    """Exact parameter count of the Hugging Face implementation of `m` (GPT2LMHeadModel,
+    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM)."""
+    h = m.hidden_size
+    embedding = m.vocab_size * h
+    if m.architecture is Architecture.GPT2:
+        embedding += m.max_seq_len * h  # learned position embeddings (wpe)
+    attn = _attention_params(m)
+    mlp = _mlp_params(m)
+    norms = 2 * _norm_params(m)
+    if m.is_moe:
+        router = h * m.num_experts  # gate linear, no bias
+        per_layer = attn + norms + router + m.num_experts * mlp
+        active_layer = attn + norms + router + m.top_k * mlp
+    else:
+        per_layer = active_layer = attn + norms + mlp
+    final_norm = _norm_params(m)
+    lm_head = 0 if m.tied_embeddings else m.vocab_size * h
+    total = embedding + m.num_layers * per_layer + final_norm + lm_head
+    active = embedding + m.num_layers * active_layer + final_norm + lm_head
+    return ParamCounts(
+        embedding=embedding,
+        per_layer=per_layer,
+        final_norm=final_norm,
+        lm_head=lm_head,
+        total=total,
+        active_per_token=active,
+        largest_layer=max(per_layer, embedding, lm_head),
+    )
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One node type of a cluster. Bandwidths are achievable bytes/s per GPU, FLOP/s are dense peaks."""
+
+    name: str
+    gpus_per_node: int
+    gpu_memory_bytes: int
+    peak_flops_bf16: float
+    peak_flops_fp32: float
+    # Intra-node collective bus bandwidth per GPU (NVLink/NVSwitch or PCIe), nccl-tests "busbw" sense.
+    intra_node_bw_bytes_per_s: float
+    intra_node_latency_s: float
+    # Inter-node bandwidth available to each GPU (NIC bandwidth / GPUs sharing it).
+    inter_node_bw_bytes_per_s: float
+    inter_node_latency_s: float
+    # Host <-> device copy bandwidth per GPU (PCIe), one direction.
+    host_device_bw_bytes_per_s: float
+    host_memory_bytes: int
+    host_memory_bw_bytes_per_s: float
+    cpu_cores: int = 0
+    source: str = ""
