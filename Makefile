@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 install-bench: $(BENCH_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the installed torch, or
+	# pip's isolated build would fetch a second, CUDA-sized torch.
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 

@@ -2,7 +2,16 @@
 
 
 class UserError(ValueError):
-    """Bad input from the user (config, profile, hostfile, flag): the message says what and how to fix it."""
+    """Bad input from the user (config, profile, hostfile, flag): the message says what and how to fix it.
+
+    The message is kept to one line: control characters from user input (a key like "a\\nb") are escaped.
+    """
+
+    def __init__(self, message: str) -> None:
+        text = str(message)
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text)
 
 
 class ConfigError(UserError):

@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import sys
 
-import click
 import typer
 
 from ztune import __version__
@@ -54,22 +53,9 @@ for _name, _module in _COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. Usage errors (unknown command or flag) are typer's: a short message and exit 2."""
     try:
-        code = app(args=argv, prog_name="ztune", standalone_mode=False)
+        app(args=argv, prog_name="ztune")
     except UserError as exc:
         error(str(exc))
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as exc:  # `ztune` alone: help, exit 0
-        typer.echo(exc.ctx.get_help() if exc.ctx else "")
-        sys.exit(0)
-    except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-        error(exc.format_message() + hint)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        error("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        error(exc.format_message())
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -196,9 +196,8 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
         elif key in _IGNORED_TOP:
             ignored.append(key)
         else:
-            raise ConfigError(
-                f"unknown DeepSpeed key '{key}'; ztune reads: " + ", ".join(sorted(DEEPSPEED_MARKERS | {"optimizer", "gradient_clipping"}))
-            )
+            known = sorted(DEEPSPEED_MARKERS | {"optimizer", "gradient_clipping"})
+            raise ConfigError(f"unknown DeepSpeed key '{key}'; ztune reads: " + ", ".join(known))
     if "global" in batch and "micro" not in batch and "grad_accum" not in batch:
         # DeepSpeed's default micro batch is derived; ztune needs one, so take 1 and derive accumulation.
         batch["micro"] = 1

@@ -54,7 +54,8 @@ def load(source: str | os.PathLike | dict | TrainConfig | None) -> TrainConfig:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         elif isinstance(exc, json.JSONDecodeError):
             where = f" at line {exc.lineno}, column {exc.colno}"
-        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}{where}") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}{where}") from None
     try:
         return from_dict(doc)
     except ConfigError as exc:
