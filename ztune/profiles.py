@@ -1,0 +1,376 @@
+"""Model and hardware profiles: load a `ModelSpec` from a shipped profile name, a profile YAML, a Hugging
+Face config.json or a bare parameter count ("70B"), and a `Hardware` from a name or a YAML file.
+
+Shipped profiles live in the package `ztune.profiles_data` (directories models/ and hardware/). Nothing
+here imports torch: `ztune estimate` loads a model and a cluster in milliseconds. Every bad input raises
+one `ProfileError` whose one-line message says what is wrong and where names come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztune.errors import ProfileError
+from ztune.specs import Architecture, Hardware, ModelSpec, count_params
+
+# The C loader parses a profile ~10x faster than the pure-Python one; both give the same data.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PACKAGE = "ztune.profiles_data"
+_SUPPORTED_HF_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2")
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec)}
+_HARDWARE_FIELDS = {f.name: f for f in dataclasses.fields(Hardware)}
+# Fields a file may leave out: `name` defaults to the file's stem, `source` to its path.
+_OPTIONAL = {"name", "source"}
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+def _profile_dir(kind: str) -> Any:
+    return resources.files(_PACKAGE) / kind
+
+
+def _names(kind: str) -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in _profile_dir(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def list_models() -> list[str]:
+    """Names of the shipped model profiles, sorted."""
+    return _names("models")
+
+
+def list_hardware() -> list[str]:
+    """Names of the shipped hardware profiles, sorted."""
+    return _names("hardware")
+
+
+def _looks_like_path(ref: str) -> bool:
+    # A bare word is always a profile name, even if a file of that name happens to be in the cwd.
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml", ".json"))
+
+
+def _unknown(kind: str, folder: str, ref: str, names: list[str], how: str) -> ProfileError:
+    close = difflib.get_close_matches(ref.lower(), names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ProfileError(
+        f"unknown {kind} profile {ref!r}; {hint}shipped profiles: {', '.join(names)} "
+        f"(ztune/profiles_data/{folder}/); {how}"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read: {exc}") from None
+
+
+def _parse_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(f"{origin}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{origin}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field_type(field: dataclasses.Field) -> str:
+    # specs.py uses `from __future__ import annotations`, so types are strings such as "int | None".
+    return str(field.type).replace(" ", "")
+
+
+def _convert(value: Any, type_name: str, key: str, origin: str) -> Any:
+    if type_name.endswith("|None"):
+        return None if value is None else _convert(value, type_name[: -len("|None")], key, origin)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise ProfileError(f"{origin}: {key}: expected a string, got {_describe(value)}")
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ProfileError(f"{origin}: {key}: expected true or false, got {_describe(value)}")
+        return value
+    if type_name == "Architecture":
+        allowed = [a.value for a in Architecture]
+        if not isinstance(value, str) or value.lower() not in allowed:
+            raise ProfileError(f"{origin}: {key}: got {_describe(value)}; allowed: {', '.join(allowed)}")
+        return Architecture(value.lower())
+    # Numbers. YAML 1.1 reads `989e12` (no dot, unsigned exponent) as a string: accept it as a number.
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            number = value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise ProfileError(f"{origin}: {key}: expected a number, got {_describe(value)}")
+    if type_name == "int":
+        if number != int(number):
+            raise ProfileError(f"{origin}: {key}: expected an integer, got {_describe(value)}")
+        return int(number)
+    return float(number)
+
+
+def _build(cls: type, fields: dict[str, dataclasses.Field], data: dict, *, origin: str, stem: str) -> Any:
+    """Strictly build `cls` from `data`: unknown, missing and mistyped fields are errors."""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ProfileError(
+                f"{origin}: unknown field {key!r}{hint}; allowed: {', '.join(fields)}"
+            )
+    values: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name not in data:
+            if name == "name":
+                values[name] = stem
+            elif name == "source":
+                values[name] = origin
+            elif field.default is dataclasses.MISSING:
+                raise ProfileError(f"{origin}: missing field {name!r}")
+            continue
+        values[name] = _convert(data[name], _field_type(field), name, origin)
+    return cls(**values)
+
+
+def _check_model(m: ModelSpec, origin: str) -> ModelSpec:
+    sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+             "max_seq_len", "num_experts", "top_k", "head_dim")
+    for key in sizes:
+        value = getattr(m, key)
+        if value is not None and value <= 0:
+            raise ProfileError(f"{origin}: {key} must be a positive integer, got {value}")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        raise ProfileError(
+            f"{origin}: hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}; "
+            "fix one, or set head_dim"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ProfileError(
+            f"{origin}: num_heads {m.num_heads} is not divisible by num_kv_heads {m.num_kv_heads}"
+        )
+    if m.architecture is Architecture.GPT2:
+        if m.num_kv_heads != m.num_heads or m.head_dim is not None:
+            raise ProfileError(f"{origin}: gpt2 has num_kv_heads == num_heads and no head_dim")
+    if m.is_moe != (m.architecture is Architecture.MIXTRAL):
+        raise ProfileError(
+            f"{origin}: num_experts {m.num_experts} with architecture {m.architecture.value}; "
+            "use architecture mixtral with num_experts >= 2 for a mixture of experts"
+        )
+    if m.top_k > m.num_experts:
+        raise ProfileError(f"{origin}: top_k {m.top_k} exceeds num_experts {m.num_experts}")
+    return m
+
+
+def _check_hardware(hw: Hardware, origin: str) -> Hardware:
+    for name in _HARDWARE_FIELDS:
+        value = getattr(hw, name)
+        if isinstance(value, (int, float)) and name != "cpu_cores" and value <= 0:
+            raise ProfileError(f"{origin}: {name} must be positive, got {value}")
+    if hw.cpu_cores < 0:
+        raise ProfileError(f"{origin}: cpu_cores must be >= 0, got {hw.cpu_cores}")
+    return hw
+
+
+# ------------------------------------------------------------------------------------------ HF import
+def _hf_get(data: dict, key: str, origin: str, default: Any = dataclasses.MISSING) -> Any:
+    value = data.get(key)
+    if value is None:
+        if default is dataclasses.MISSING:
+            raise ProfileError(f"{origin}: config.json has no {key!r}")
+        return default
+    return value
+
+
+def _from_hf_config(data: dict, *, origin: str, name: str) -> ModelSpec:
+    """Map a Hugging Face config.json (as a dict) to ModelSpec fields, then validate like a profile."""
+    model_type = data.get("model_type")
+    if model_type not in _SUPPORTED_HF_TYPES:
+        raise ProfileError(
+            f"{origin}: unsupported model_type {model_type!r}; supported: {', '.join(_SUPPORTED_HF_TYPES)}"
+        )
+    source = f"HF config.json {origin}"
+    if model_type == "gpt2":
+        hidden = _hf_get(data, "n_embd", origin)
+        heads = _hf_get(data, "n_head", origin)
+        fields = dict(
+            name=name, source=source, architecture="gpt2", vocab_size=_hf_get(data, "vocab_size", origin),
+            hidden_size=hidden, num_layers=_hf_get(data, "n_layer", origin), num_heads=heads,
+            num_kv_heads=heads, intermediate_size=_hf_get(data, "n_inner", origin, None),
+            max_seq_len=_hf_get(data, "n_positions", origin),
+            tied_embeddings=data.get("tie_word_embeddings", True),
+            attention_bias=True, attention_out_bias=True,
+        )
+        if fields["intermediate_size"] is None and isinstance(hidden, int):
+            fields["intermediate_size"] = 4 * hidden  # GPT2MLP: n_inner null means 4 * n_embd
+        return _model_from_dict(fields, origin=origin, stem=name)
+    if data.get("mlp_bias"):
+        raise ProfileError(f"{origin}: mlp_bias true is not supported (ztune counts SwiGLU without bias)")
+    hidden = _hf_get(data, "hidden_size", origin)
+    heads = _hf_get(data, "num_attention_heads", origin)
+    head_dim = data.get("head_dim")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and head_dim == hidden // heads:
+        head_dim = None  # the default: keep profiles and imports comparable
+    if model_type == "qwen2":
+        qkv_bias, out_bias = True, False  # Qwen2Attention: bias on q/k/v, none on o_proj
+    elif model_type == "llama":
+        qkv_bias = out_bias = data.get("attention_bias", False)  # LlamaAttention: one flag for all four
+    else:
+        qkv_bias = out_bias = False
+    fields = dict(
+        name=name, source=source, architecture="mixtral" if model_type == "mixtral" else "llama",
+        vocab_size=_hf_get(data, "vocab_size", origin), hidden_size=hidden,
+        num_layers=_hf_get(data, "num_hidden_layers", origin), num_heads=heads,
+        num_kv_heads=_hf_get(data, "num_key_value_heads", origin, heads),
+        intermediate_size=_hf_get(data, "intermediate_size", origin),
+        max_seq_len=_hf_get(data, "max_position_embeddings", origin),
+        tied_embeddings=data.get("tie_word_embeddings", False),
+        attention_bias=qkv_bias, attention_out_bias=out_bias, head_dim=head_dim,
+    )
+    if model_type == "mixtral":
+        # MixtralConfig defaults when the keys are absent.
+        fields["num_experts"] = _hf_get(data, "num_local_experts", origin, 8)
+        fields["top_k"] = _hf_get(data, "num_experts_per_tok", origin, 2)
+    return _model_from_dict(fields, origin=origin, stem=name)
+
+
+def _model_from_dict(data: dict, *, origin: str, stem: str) -> ModelSpec:
+    spec = _build(ModelSpec, _MODEL_FIELDS, data, origin=origin, stem=stem)
+    return _check_model(spec, origin)
+
+
+# ---------------------------------------------------------------------------------------- public API
+def load_model(ref: str) -> ModelSpec:
+    """A model from a shipped profile name (`llama-2-70b`), a profile YAML path, or a Hugging Face
+    config.json path (model_type gpt2, llama, mistral, mixtral or qwen2)."""
+    ref = str(ref)
+    if _looks_like_path(ref):
+        path = Path(ref).expanduser()
+        text = _read_text(path)
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ProfileError(f"{path}: JSON syntax error at line {exc.lineno}: {exc.msg}") from None
+            if not isinstance(data, dict):
+                raise ProfileError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+            # A config.json is named after the directory (the repo) that holds it.
+            name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+            return _from_hf_config(data, origin=str(path), name=name)
+        return _model_from_dict(_parse_yaml(text, str(path)), origin=str(path), stem=path.stem)
+    names = list_models()
+    key = ref.lower()
+    if key not in names:
+        how = "or pass a YAML path, a Hugging Face config.json, or --params 70B"
+        raise _unknown("model", "models", ref, names, how)
+    origin = f"profile {key}"
+    text = (_profile_dir("models") / f"{key}.yaml").read_text(encoding="utf-8")
+    return _model_from_dict(_parse_yaml(text, origin), origin=origin, stem=key)
+
+
+def load_hardware(ref: str) -> Hardware:
+    """A node type from a shipped hardware profile name (`dgx-h100`) or a hardware YAML path."""
+    ref = str(ref)
+    if _looks_like_path(ref):
+        path = Path(ref).expanduser()
+        data = _parse_yaml(_read_text(path), str(path))
+        origin, stem = str(path), path.stem
+    else:
+        names = list_hardware()
+        key = ref.lower()
+        if key not in names:
+            raise _unknown("hardware", "hardware", ref, names, "or pass a hardware YAML path (see `ztune probe`)")
+        origin, stem = f"profile {key}", key
+        data = _parse_yaml((_profile_dir("hardware") / f"{key}.yaml").read_text(encoding="utf-8"), origin)
+    return _check_hardware(_build(Hardware, _HARDWARE_FIELDS, data, origin=origin, stem=stem), origin)
+
+
+# ---------------------------------------------------------------------------------- --params 70B
+_PARAMS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_GENERIC_VOCAB = 32000  # Llama / Llama-2 tokenizer
+_GENERIC_HEAD_SIZE = 128
+# Llama's width/depth: 4096/32 = 5120/40 = 128, 8192/80 = 102, 16384/126 = 130 (Touvron et al. 2023;
+# Llama 3 paper table 3). The search prefers shapes near 128.
+_GENERIC_ASPECT = 128
+# Llama-2 uses grouped-query attention with 8 K/V heads from 34B/70B up; smaller models use full MHA.
+_GQA_FROM_PARAMS = 30e9
+_GQA_KV_HEADS = 8
+_FIT_WEIGHT = 10.0
+
+
+def _generic_shape(hidden: int, layers: int, *, gqa: bool) -> tuple[int, int, int, int]:
+    heads = hidden // _GENERIC_HEAD_SIZE
+    kv_heads = _GQA_KV_HEADS if gqa else heads
+    # Llama's SwiGLU width is ~8/3 h (keeps MLP FLOPs equal to a 4h GeLU MLP), rounded to 256.
+    intermediate = max(256, round(8 * hidden / 3 / 256) * 256)
+    return heads, kv_heads, intermediate, layers
+
+
+def model_from_params(text: str) -> ModelSpec:
+    """A generic Llama-style decoder whose parameter count is within 3% of `text`
+    ("70B", "7b", "1.5B", "350M"): hidden a multiple of 128, depth near hidden/128, vocab 32000."""
+    match = _PARAMS_RE.match(str(text))
+    if not match:
+        raise ProfileError(
+            f"bad --params value {str(text)!r}: write a parameter count such as 70B, 7b, 1.5B or 350M"
+        )
+    target = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
+    if not 10e6 <= target <= 1e15:
+        raise ProfileError(
+            f"--params {text}: generic shapes cover 10M to 1000T parameters (vocab 32000 alone is 8M)"
+        )
+    gqa = target >= _GQA_FROM_PARAMS
+    best: tuple[float, int, int] | None = None  # (score, hidden, layers)
+    for hidden in range(_GENERIC_HEAD_SIZE, 65536 + 1, _GENERIC_HEAD_SIZE):
+        heads = hidden // _GENERIC_HEAD_SIZE
+        if gqa and heads % _GQA_KV_HEADS:
+            continue
+        one = _generic_spec(hidden, 1, gqa=gqa, text="", target=target)
+        two = _generic_spec(hidden, 2, gqa=gqa, text="", target=target)
+        per_layer = count_params(two).total - count_params(one).total
+        fixed = count_params(one).total - per_layer
+        layers = max(1, round((target - fixed) / per_layer))
+        error = abs(fixed + layers * per_layer - target) / target
+        if error > 0.03:
+            continue
+        # Llama-like depth first; a 1% miss costs as much as a 10% change of width/depth.
+        score = abs(math.log(hidden / layers / _GENERIC_ASPECT)) + _FIT_WEIGHT * error
+        candidate = (score, hidden, layers)
+        if best is None or candidate < best:
+            best = candidate
+    if best is None:
+        raise ProfileError(f"--params {text}: no generic Llama-style shape within 3%; use a model profile")
+    return _generic_spec(best[1], best[2], gqa=gqa, text=str(text).strip(), target=target)
+
+
+def _generic_spec(hidden: int, layers: int, *, gqa: bool, text: str, target: float) -> ModelSpec:
+    heads, kv_heads, intermediate, layers = _generic_shape(hidden, layers, gqa=gqa)
+    label = re.sub(r"\s+", "", text).upper() if text else f"{target:.0f}"
+    return ModelSpec(
+        name=f"generic-{label}", architecture=Architecture.LLAMA, vocab_size=_GENERIC_VOCAB,
+        hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+        intermediate_size=intermediate, max_seq_len=4096, tied_embeddings=False,
+        source=f"derived from --params {label} (generic Llama-style shape)",
+    )
