@@ -1,0 +1,119 @@
+"""`ztune estimate`: the table, the --json schema, --config/--check exit codes, --plot, bad input, and no
+torch import on the estimate path."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from ztune.cli import app
+
+ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "micro_batch",
+            "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
+            "mfu", "fits"}
+MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}
+LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--seq", "4096",
+              "--global-batch", "1024"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ztune", "estimate", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_table_and_recommendation():
+    result = CliRunner().invoke(app, ["estimate", *LLAMA_ARGS])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "llama-2-70b on 4 x dgx-h100 (32 GPUs" in out
+    assert "recommended: #1 stage 3" in out and "runner-up" in out
+    assert "assumptions:" in out and "1.5 GiB" in out
+    assert "…" not in out  # never squeezed into ellipses
+
+
+def test_json_schema():
+    result = CliRunner().invoke(app, ["estimate", *LLAMA_ARGS, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert set(doc) == {"model", "hardware", "rows", "recommendation"}
+    assert doc["model"] == {"name": "llama-2-70b", "params": 68_976_648_192}
+    assert doc["hardware"] == "dgx-h100"
+    assert len(doc["rows"]) == 27
+    for row in doc["rows"]:
+        assert set(row) == ROW_KEYS
+        assert set(row["memory_per_gpu"]) == MEMORY_KEYS
+        mem = row["memory_per_gpu"]
+        assert mem["total"] == sum(mem[k] for k in MEMORY_KEYS - {"total"})
+    best = doc["rows"][doc["recommendation"]["index"]]
+    assert best["fits"] and best["tokens_per_s"] == max(r["tokens_per_s"] for r in doc["rows"] if r["fits"])
+
+
+def test_params_stage_and_compression_flags():
+    result = CliRunner().invoke(app, ["estimate", "--params", "7B", "--hardware", "dgx-h100", "--stage", "2",
+                                      "--compression", "--global-batch", "64"])
+    assert result.exit_code == 0, result.output
+    assert "model shape:" in result.output and "compress" in result.output and "int8" in result.output
+    doc = json.loads(CliRunner().invoke(app, ["estimate", "--params", "7B", "--hardware", "dgx-h100",
+                                              "--stage", "2", "--compression", "--json"]).output)
+    assert {r["stage"] for r in doc["rows"]} == {2}
+    assert {r["compression"] for r in doc["rows"]} == {"none", "int8", "onebit", "topk"}  # bf16 grads: no bf16
+
+
+def test_config_and_check_exit_codes(tmp_path):
+    small = tmp_path / "small.yaml"
+    small.write_text("zero: {stage: 2}\nbatch: {micro: 2, global: 64}\nseq_len: 1024\n")
+    ok = run("--model", "llama-2-7b", "--hardware", "dgx-h100", "--config", str(small), "--check", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["rows"]) == 1
+    too_big = run("--model", "llama-2-70b", "--hardware", "dgx-h100", "--config", str(small), "--check")
+    assert too_big.returncode == 1 and "does not fit" in too_big.stderr
+    deepspeed = tmp_path / "ds.json"
+    deepspeed.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 1,
+                                     "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
+    ds = run("--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--config", str(deepspeed),
+             "--seq", "1024", "--check", "--json")
+    assert ds.returncode == 0, ds.stderr
+    assert json.loads(ds.stdout)["rows"][0]["stage"] == 3
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    bad_cases = [
+        ["--model", "no-such-model", "--hardware", "dgx-h100"],
+        ["--hardware", "dgx-h100"],  # neither --model nor --params
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--check"],  # --check without --config
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--global-batch", "3"],  # not a multiple of 8 GPUs
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--stage", "4"],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--nodes", "0"],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--precision", "fp8"],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--config", str(tmp_path / "missing.yaml")],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--plot", str(tmp_path / "no" / "dir.png")],
+        ["--model", "gpt2"],  # --hardware missing
+    ]
+    for args in bad_cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stdout + out.stderr, args
+        assert out.stderr.strip().startswith("error:"), (args, out.stderr)
+
+
+def test_plot_writes_a_png(tmp_path):
+    png = tmp_path / "mem.png"
+    result = CliRunner().invoke(app, ["estimate", "--model", "tiny-gpt", "--hardware", "cpu-local",
+                                      "--global-batch", "32", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_estimate_path_does_not_import_torch_or_matplotlib():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from ztune.cli import app\n"
+        f"r = CliRunner().invoke(app, ['estimate', *{LLAMA_ARGS!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,212 @@
+"""Activation memory of one micro-batch: what autograd keeps for backward, per transformer block and in all.
+
+Starting point: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+sec. 4.1: a GPT block at 16-bit keeps s*b*h*(34 + 5*a*s/h) bytes (MLP 4h, multi-head attention, dropout
+masks); fused (flash) attention removes the 5*a*s/h term; full recomputation keeps only the block input,
+2*s*b*h bytes. Here every term is re-derived for the blocks `runtime/models.py` actually builds (no dropout,
+so no mask bytes) by listing each tensor an op saves for backward and counting each storage once.
+tests/unit/test_activations.py checks the result against torch.autograd.graph.saved_tensors_hooks.
+
+Notation (per token, so each term is later multiplied by s*b): h hidden, q = heads*head_size (query width),
+kv = kv_heads*head_size, I intermediate, nh heads, V vocab, d = dtype_bytes (compute dtype); statistics
+that kernels keep in fp32 cost FP32_BYTES whatever d is. With I = 4h, d = 2 and fused attention, the GPT-2
+block below gives 32*s*b*h: Korthikanti's 34 minus the two s*b*h dropout masks.
+
+Pure Python: no torch import, so `ztune estimate` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ztune.config.schema import Checkpointing, Offload
+from ztune.errors import UserError
+from ztune.specs import Architecture, ModelSpec, count_params
+
+FP32_BYTES = 4  # layer-norm mean/rstd, RMSNorm rstd, attention log-sum-exp, router softmax, log-probs
+INDEX_BYTES = 8  # int64 token ids, targets, routing indices
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of activations for one micro-batch of `micro_batch` sequences of `seq_len` tokens."""
+
+    per_layer_bytes: int  # one transformer block, no recomputation, per micro-batch
+    kept_per_layer_bytes: int  # what a checkpointed block keeps (= per_layer_bytes when checkpointing none)
+    layers_bytes: int  # all blocks under the chosen checkpointing (device memory unless offloaded)
+    recompute_peak_bytes: int  # transient: one block's rebuilt activations during backward (0 if none)
+    # Head: final-norm input and stats, lm_head input, the fp32 log-probs the loss keeps (s*b*V*4, the
+    # logits are upcast to fp32 before cross-entropy whatever the compute dtype) and the int64 targets.
+    logits_bytes: int
+    embedding_bytes: int  # token (and position) ids the embeddings keep; RoPE cos/sin tables
+    device_bytes: int  # held on the GPU at the activation peak
+    host_bytes: int  # moved to host memory by activation offload (0 without offload)
+    # Extra forward FLOPs of the blocks, as a fraction of one forward of all blocks.
+    recompute_fraction: float
+
+    @property
+    def saved_bytes(self) -> int:
+        """Everything autograd holds for backward after the forward (layers + head + embeddings)."""
+        return self.layers_bytes + self.logits_bytes + self.embedding_bytes
+
+
+@dataclass(frozen=True)
+class _BlockTerms:
+    """Per-token bytes of one block, split by what selective checkpointing does with them."""
+
+    outside_core: float  # norms, projections' inputs, MLP: kept under none and selective
+    core_inputs: float  # q, k, v as handed to attention_core: kept by selective (its checkpoint inputs)
+    core_output: float  # attention output = output-projection input: kept under none and selective
+    core_internal: float  # saved inside the attention kernel: dropped by selective, rebuilt in backward
+    core_inputs_held: float  # what of q, k, v stays saved without selective (all of it when fused)
+
+
+def _attention_terms(m: ModelSpec, *, seq_len: int, d: int, flash: bool) -> tuple[float, ...]:
+    h, q, kv, nh = m.hidden_size, m.num_heads * m.head_size, m.kv_size, m.num_heads
+    gpt2 = m.architecture is Architecture.GPT2
+    # q, k, v handed to the kernel. GPT-2: views of the one fused c_attn output (3h). Llama: RoPE makes new
+    # q (q) and k (kv) tensors; v is a view of the v_proj output (kv).
+    core_inputs = 3 * h if gpt2 else q + 2 * kv
+    # Attention output, laid out (b, s, heads, d) by fused kernels, so the output projection's input is a
+    # view of it; the unfused path returns (b, heads, s, d) and the reshape copies: q either way.
+    core_output = q
+    if flash:
+        # Fused kernels (flash / memory-efficient; CPU flash in tests) save q, k, v, output and the fp32
+        # log-sum-exp per head and token; K/V stay at kv width with enable_gqa.
+        return core_inputs, core_output, nh * FP32_BYTES / d, core_inputs
+    # Unfused: SDPA's math backend (the fallback when no fused kernel applies, e.g. fp32 + GQA on CUDA).
+    # It keeps the softmax output, one row of s per head and token (Korthikanti's 2*a*s^2*b term, no
+    # dropout), plus q and k scaled by sqrt(scale) and v, all three reshaped to (b*heads, s, d) copies with
+    # k and v expanded to every head; q, k, v themselves are not kept. By default (torch.backends.cuda.
+    # allow_fp16_bf16_reduction_math_sdp(False)) it computes in fp32, so these are fp32 whatever d is.
+    internal = (3 * q + nh * seq_len) * FP32_BYTES / d
+    return core_inputs, core_output, internal, 0
+
+
+def _block_terms(m: ModelSpec, *, seq_len: int, d: int, flash: bool) -> _BlockTerms:
+    """Per-token element counts (in units of d bytes) of everything one block saves."""
+    h, i = m.hidden_size, m.intermediate_size
+    f = FP32_BYTES / d  # one fp32 value, in units of d bytes
+    core_inputs, core_output, core_internal, held = _attention_terms(m, seq_len=seq_len, d=d, flash=flash)
+    if m.architecture is Architecture.GPT2:
+        norms = 2 * (h + 2 * f)  # ln_1, ln_2: each saves its input and fp32 mean + rstd
+        proj_inputs = 2 * h  # c_attn input (ln_1 out), c_fc input (ln_2 out)
+        mlp = 2 * i  # GeLU input (c_fc out), c_proj input (GeLU out)
+    else:
+        norms = 2 * (h + f)  # RMSNorm (own autograd Function): its input and fp32 rstd
+        proj_inputs = 2 * h  # q/k/v_proj share the input_layernorm output; gate/up share post-norm output
+        if m.is_moe:
+            mlp = _moe_terms(m, d=d)
+        else:
+            # SwiGLU: silu input (gate out), silu output and up output (the product's operands), and
+            # down_proj's input (the product).
+            mlp = 4 * i
+    return _BlockTerms(
+        outside_core=norms + proj_inputs + mlp,
+        core_inputs=core_inputs,
+        core_output=core_output,
+        core_internal=core_internal,
+        core_inputs_held=held,
+    )
+
+
+def _moe_terms(m: ModelSpec, *, d: int) -> float:
+    """Mixtral MoE per token, in units of d bytes. Each token is routed to exactly top_k experts, so the sum
+    over experts is exact whatever the balance; only empty experts (0 bytes) are ignored."""
+    h, i, k, e = m.hidden_size, m.intermediate_size, m.top_k, m.num_experts
+    f, idx = FP32_BYTES / d, INDEX_BYTES / d
+    # Router (its input is the post-norm output, counted already): fp32 softmax output (e), top-k indices
+    # (k int64) and values (k fp32), and the renormalising sum (1 fp32).
+    router = e * f + k * idx + k * f + f
+    # Per routed token: token+slot index pair from torch.where (2 int64, one storage), the gathered input
+    # (h), SwiGLU (4i as dense), the expert output and its routing weight (h + 1), both saved by the mul,
+    # and the weighted output (h), which index_add saves as its source.
+    per_route = 2 * idx + h + 4 * i + h + 1 + h
+    return router + k * per_route
+
+
+def _block_flops_per_token(m: ModelSpec, *, seq_len: int) -> tuple[float, float]:
+    """(attention-core, whole-block) forward FLOPs per token. Core: QK^T and PV, 2*s*q each, full square as
+    in Megatron's accounting (causal kernels skip about half); the rest: 2 FLOPs per active weight."""
+    c = count_params(m)
+    active_layer = (c.active_per_token - c.embedding - c.final_norm - c.lm_head) / m.num_layers
+    core = 4 * seq_len * m.num_heads * m.head_size
+    return core, 2 * active_layer + core
+
+
+def activation_memory(
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: Checkpointing,
+    every: int = 1,
+    offload: Offload = Offload.NONE,
+    dtype_bytes: int = 2,
+    flash_attention: bool = True,
+) -> ActivationEstimate:
+    """Activation bytes of one micro-batch (micro_batch sequences of seq_len tokens) of `model`.
+
+    checkpointing: none; selective = every k-th block recomputes its attention core (keeps q, k, v);
+    full = every k-th block keeps only its input and recomputes the rest in backward (k = `every`).
+    offload=cpu models `runtime.checkpointing.offload_activations` wrapped around forward and loss:
+    everything saved goes to host (host_bytes); the device holds one block's working set at a time, at most
+    the larger of a block's full activations (produced in forward, rebuilt or copied back in backward) and
+    the head's saved tensors.
+    """
+    if micro_batch < 1 or seq_len < 1:
+        raise UserError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
+    if every < 1:
+        raise UserError(f"activations.every must be >= 1, got {every}")
+    if dtype_bytes not in (2, 4):
+        raise UserError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
+    m, d, tokens = model, dtype_bytes, micro_batch * seq_len
+    t = _block_terms(m, seq_len=seq_len, d=d, flash=flash_attention)
+
+    def to_bytes(elements_per_token: float) -> int:
+        return math.ceil(elements_per_token * d * tokens)
+
+    per_layer = to_bytes(t.outside_core + t.core_inputs_held + t.core_internal + t.core_output)
+    if checkpointing is Checkpointing.FULL:
+        # The checkpoint saves the block input (h); the rest is rebuilt, sharing that input.
+        kept = to_bytes(m.hidden_size)
+        recompute_peak = per_layer - kept
+    elif checkpointing is Checkpointing.SELECTIVE:
+        kept = to_bytes(t.outside_core + t.core_inputs + t.core_output)
+        recompute_peak = to_bytes(t.core_internal + t.core_output)  # the kernel's saves + a fresh output
+    else:
+        kept, recompute_peak = per_layer, 0
+    num_checkpointed = 0 if checkpointing is Checkpointing.NONE else math.ceil(m.num_layers / every)
+    layers = num_checkpointed * kept + (m.num_layers - num_checkpointed) * per_layer
+
+    h = m.hidden_size
+    norm_stats = 2 * FP32_BYTES if m.architecture is Architecture.GPT2 else FP32_BYTES
+    # Final norm input + its stats, lm_head input, fp32 log-probs over every position, int64 targets.
+    logits = tokens * (2 * h * d + norm_stats + m.vocab_size * FP32_BYTES + INDEX_BYTES)
+    embedding = tokens * INDEX_BYTES  # token ids kept by the embedding backward
+    if m.architecture is Architecture.GPT2:
+        embedding += seq_len * INDEX_BYTES  # position ids (one arange shared by the batch)
+    else:
+        embedding += 2 * seq_len * m.head_size * d  # RoPE cos and sin, shared by all blocks
+
+    if offload is Offload.CPU:
+        host = layers + logits + embedding
+        device = max(per_layer, logits)
+    else:
+        host = 0
+        device = layers + logits + embedding + recompute_peak
+
+    core_flops, block_flops = _block_flops_per_token(m, seq_len=seq_len)
+    share = {Checkpointing.NONE: 0.0, Checkpointing.SELECTIVE: core_flops / block_flops, Checkpointing.FULL: 1.0}
+    return ActivationEstimate(
+        per_layer_bytes=per_layer,
+        kept_per_layer_bytes=kept,
+        layers_bytes=layers,
+        recompute_peak_bytes=recompute_peak,
+        logits_bytes=logits,
+        embedding_bytes=embedding,
+        device_bytes=device,
+        host_bytes=host,
+        recompute_fraction=share[checkpointing] * num_checkpointed / m.num_layers,
+    )

@@ -1,0 +1,202 @@
+"""Communication per optimizer step: which collectives each ZeRO stage issues, their bytes and time.
+
+Byte conventions follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md): for a collective
+on a payload of S bytes over n ranks, the bytes each rank puts on the wire are
+
+    all_reduce: 2(n-1)/n * S        all_gather, reduce_scatter: (n-1)/n * S
+
+(S = the full, unsharded tensor), and a link's "bus bandwidth" is exactly that traffic divided by the time.
+Time uses the alpha-beta model (Hockney 1994): T = steps * alpha + wire_bytes / busbw, with 2(n-1) ring
+steps for all_reduce and n-1 for the others.
+
+Links: ranks form one flat ring over all nodes. Inside a node that ring runs over NVLink/NVSwitch (or
+PCIe); once it spans nodes, every rank's traffic also crosses a node boundary at the per-GPU NIC bandwidth
+(NCCL builds one ring per NIC), so the slowest link bounds the ring: busbw = min(intra, inter), alpha =
+the inter-node latency. A two-level (intra then inter) schedule would be faster for small node counts;
+the flat bound is the conservative choice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ztune.config.schema import Compression
+from ztune.specs import Hardware
+
+ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
+
+# Ring steps per collective (nccl-tests PERFORMANCE.md; Patarasuk & Yuan 2009 for ring all-reduce).
+_STEPS = {ALL_REDUCE: lambda n: 2 * (n - 1), ALL_GATHER: lambda n: n - 1, REDUCE_SCATTER: lambda n: n - 1}
+
+# Compression formats, bytes per gradient element on the wire. The chunk sizes are ztune's choice and must
+# match the runtime's compressor: one fp32 scale per chunk.
+INT8_CHUNK_NUMEL = 512  # int8 value + fp32 absmax scale per 512 elements: 1 + 4/512 B = 0.252x of fp32
+ONEBIT_CHUNK_NUMEL = 2048  # sign bit + fp32 mean-magnitude scale per 2048 (Seide et al. 2014; Tang et al. 2021)
+TOPK_INDEX_BYTES = 4  # int32 index per kept value
+FP32_BYTES, BF16_BYTES = 4, 2
+
+
+def ring_factor(op: str, world_size: int) -> float:
+    """Wire bytes per rank per payload byte: 2(n-1)/n for all_reduce, (n-1)/n for gather/scatter."""
+    n = world_size
+    if op == ALL_REDUCE:
+        return 2 * (n - 1) / n
+    if op in (ALL_GATHER, REDUCE_SCATTER):
+        return (n - 1) / n
+    raise ValueError(f"unknown collective {op!r}")
+
+
+@dataclass(frozen=True)
+class Link:
+    bw_bytes_per_s: float
+    latency_s: float
+
+
+def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
+    """The link that bounds a flat ring over `num_nodes` nodes (see the module docstring)."""
+    if num_nodes > 1:
+        bw = min(hw.intra_node_bw_bytes_per_s, hw.inter_node_bw_bytes_per_s)
+        latency = max(hw.intra_node_latency_s, hw.inter_node_latency_s)
+    else:
+        bw, latency = hw.intra_node_bw_bytes_per_s, hw.intra_node_latency_s
+    return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency)
+
+
+def collective_time_s(*, op: str, payload_bytes: float, world_size: int, link: Link) -> float:
+    """Alpha-beta time of one ring collective on `payload_bytes` (full tensor). 0 on one rank."""
+    if world_size <= 1 or payload_bytes <= 0:
+        return 0.0
+    steps = _STEPS[op](world_size)
+    return steps * link.latency_s + payload_bytes * ring_factor(op, world_size) / link.bw_bytes_per_s
+
+
+def wire_bytes_per_element(*, method: Compression, grad_bytes: int, topk_ratio: float = 0.01) -> float:
+    """Bytes per gradient element sent after compression.
+
+    none: the gradient dtype; bf16: 2 (0.5x of fp32); int8: 1 + a fp32 scale per INT8_CHUNK_NUMEL;
+    onebit: 1/8 + a fp32 scale per ONEBIT_CHUNK_NUMEL (1/32 of fp32 plus scales); topk: ratio x (value in
+    the gradient dtype + TOPK_INDEX_BYTES).
+    """
+    if method is Compression.NONE:
+        return float(grad_bytes)
+    if method is Compression.BF16:
+        return float(min(grad_bytes, BF16_BYTES))
+    if method is Compression.INT8:
+        return 1.0 + FP32_BYTES / INT8_CHUNK_NUMEL
+    if method is Compression.ONEBIT:
+        return 1.0 / 8 + FP32_BYTES / ONEBIT_CHUNK_NUMEL
+    if method is Compression.TOPK:
+        return topk_ratio * (grad_bytes + TOPK_INDEX_BYTES)
+    raise ValueError(f"unknown compression {method!r}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class ZeroCollective:
+    """One kind of collective a stage issues: `payload_numel` elements (full tensor) per occurrence,
+    `per_step` occurrences per optimizer step. `kind` is 'grad' or 'param'; `phase` says when it runs:
+    'micro' (during every micro-step's forward/backward), 'boundary' (backward of the last micro-step) or
+    'after_step' (after the optimizer step, nothing left to overlap with)."""
+
+    op: str
+    kind: str
+    phase: str
+    payload_numel: int
+    per_step: int
+
+
+def zero_collectives(*, num_params: int, stage: int, grad_accum: int) -> list[ZeroCollective]:
+    """The collectives of ZeRO `stage` per optimizer step (DESIGN.md, ZeRO paper section 7).
+
+    Stages 0/1 accumulate gradients locally and reduce once per step; stage 2 reduce-scatters every
+    micro-step (its gradient shard cannot hold a full-size accumulation); stage 3 all-gathers parameters
+    for forward and again for backward, and reduce-scatters gradients, every micro-step.
+    """
+    p, a = num_params, grad_accum
+    if stage == 0:
+        return [ZeroCollective(ALL_REDUCE, "grad", "boundary", p, 1)]
+    if stage == 1:
+        return [ZeroCollective(REDUCE_SCATTER, "grad", "boundary", p, 1),
+                ZeroCollective(ALL_GATHER, "param", "after_step", p, 1)]
+    if stage == 2:
+        return [ZeroCollective(REDUCE_SCATTER, "grad", "micro", p, a),
+                ZeroCollective(ALL_GATHER, "param", "after_step", p, 1)]
+    if stage == 3:
+        return [ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # forward
+                ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # backward (re-gather after release)
+                ZeroCollective(REDUCE_SCATTER, "grad", "micro", p, a)]
+    raise ValueError(f"stage must be 0-3, got {stage}")
+
+
+def zero_traffic_elements(num_params: int, world_size: int, stage: int, grad_accum: int = 1) -> float:
+    """Elements each rank sends per optimizer step: sum of payload x ring factor over the stage's
+    collectives. With grad_accum=1: 2(n-1)/n Psi for stages 0-2 and 3(n-1)/n Psi for stage 3 (DESIGN.md).
+    This is the number the runtime's comm_report (bytes / element size) must reproduce."""
+    return sum(c.payload_numel * c.per_step * ring_factor(c.op, world_size)
+               for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum))
+
+
+@dataclass(frozen=True)
+class OpEstimate:
+    """One collective kind in one step: `calls` launches, `bytes_per_rank` on the wire, `time_s` in all."""
+
+    op: str
+    kind: str
+    phase: str
+    calls: int
+    bytes_per_rank: float
+    time_s: float
+
+
+@dataclass(frozen=True)
+class CommEstimate:
+    ops: tuple[OpEstimate, ...]
+    link: Link
+    world_size: int
+
+    @property
+    def bytes_per_rank(self) -> float:
+        return sum(o.bytes_per_rank for o in self.ops)
+
+    @property
+    def time_s(self) -> float:
+        return sum(o.time_s for o in self.ops)
+
+    def time_in_phase_s(self, phase: str) -> float:
+        return sum(o.time_s for o in self.ops if o.phase == phase)
+
+
+def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,
+                  param_bytes: int, grad_bytes: int, reduce_bucket_numel: int, allgather_bucket_numel: int,
+                  num_units: int, compression: Compression = Compression.NONE, topk_ratio: float = 0.01
+                  ) -> CommEstimate:
+    """Bytes and alpha-beta time of every collective of one optimizer step.
+
+    Launch counts: gradient collectives run per reduce bucket; stage 1/2 parameter refreshes per
+    all-gather bucket; stage 3 gathers and reduce-scatters per module unit (`num_units`: blocks +
+    embedding + head), or per bucket if buckets are smaller. Each launch pays its ring's latency steps.
+
+    Compression applies to gradient collectives only. A compressed gradient cannot be summed hop by hop in
+    a ring, so ztune assumes the exchange of 1-bit Adam (Tang et al. 2021): an all-to-all of compressed
+    chunks (each rank sums its chunk), then an all-gather of the re-compressed sums. Its wire bytes equal
+    the ring all-reduce's 2(n-1)/n factor on the compressed size (a reduce-scatter is the first half).
+    """
+    n = world_size
+    ops = []
+    for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum):
+        if c.kind == "grad":
+            per_elem = wire_bytes_per_element(method=compression, grad_bytes=grad_bytes, topk_ratio=topk_ratio)
+            buckets = math.ceil(c.payload_numel / reduce_bucket_numel)
+        else:
+            per_elem = param_bytes
+            buckets = math.ceil(c.payload_numel / allgather_bucket_numel)
+        launches = max(buckets, num_units) if stage == 3 else buckets
+        payload_bytes = c.payload_numel * per_elem
+        if n <= 1:
+            ops.append(OpEstimate(c.op, c.kind, c.phase, 0, 0.0, 0.0))
+            continue
+        wire = payload_bytes * ring_factor(c.op, n) * c.per_step
+        steps = _STEPS[c.op](n)
+        time_s = c.per_step * (launches * steps * link.latency_s) + wire / link.bw_bytes_per_s
+        ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
+    return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -1,0 +1,152 @@
+"""Compute, offload and step time: FLOPs per step, recomputation, PCIe transfers, the CPU optimizer, the
+overlap of communication with compute, and the resulting throughput and MFU.
+
+FLOPs per token for training (Chowdhery et al. 2022, PaLM, appendix B; Narayanan et al. 2021, Megatron-LM
+eq. 3): 6 Psi + 12 L h s, where Psi counts the parameters a token uses (top-k experts for MoE), L layers,
+h the attention width (heads x head size) and s the sequence length. One forward is a third of that
+(2 Psi + 4 L h s); backward the other two thirds (Kaplan et al. 2020, section 2.1).
+MFU (PaLM appendix B) counts model FLOPs only, so recomputation lowers it; the step time counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORWARD_SHARE = 1 / 3  # forward FLOPs / training FLOPs (2 of 6 per parameter)
+BACKWARD_SHARE = 2 / 3
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fraction of datasheet numbers; the autotuner's calibration replaces these defaults.
+
+    compute: matmul-heavy transformer steps reach 40-55% of dense bf16 peak at scale (Megatron-LM reports
+      52% of peak for its 1T run, Narayanan et al. 2021, table 1); 0.5 is the default.
+    bandwidth: multiplies the profile's link bandwidths, which are already achievable nccl-tests busbw
+      figures (specs.Hardware), hence 1.0.
+    overlap: fraction of overlappable communication/transfer that hides behind compute (DDP/ZeRO overlap
+      bucketed reduction with backward; 0.8 leaves room for launch gaps and stream contention).
+    host_bandwidth: fraction of the host memory bandwidth the CPU optimizer reaches (DESIGN.md's target
+      for ztune's CPU Adam is >= 80% of measured bandwidth).
+    """
+
+    compute: float = 0.5
+    bandwidth: float = 1.0
+    overlap: float = 0.8
+    host_bandwidth: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in ("compute", "bandwidth", "host_bandwidth"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"Efficiency.{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"Efficiency.overlap must be in [0, 1], got {self.overlap}")
+
+
+DEFAULT_EFFICIENCY = Efficiency()
+
+
+def model_flops_per_token(*, active_params: int, num_layers: int, attention_width: int, seq_len: int) -> float:
+    """6 Psi + 12 L h s FLOPs per trained token (no recomputation)."""
+    return 6.0 * active_params + 12.0 * num_layers * attention_width * seq_len
+
+
+def recompute_flops_per_token(*, block_active_params: int, num_layers: int, attention_width: int,
+                              seq_len: int, recompute_fraction: float) -> float:
+    """Extra FLOPs per token spent re-running block forwards: `recompute_fraction` of one block forward
+    (2 Psi_blocks + 4 L h s). Full recomputation (fraction 1) gives about x4/3 of the model FLOPs."""
+    block_forward = 2.0 * block_active_params + 4.0 * num_layers * attention_width * seq_len
+    return recompute_fraction * block_forward
+
+
+def cpu_optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, optimizer_bytes: int) -> int:
+    """Host memory traffic per parameter of one CPU optimizer step: read the gradient, read and write
+    the fp32 master and moments (K bytes each way), write the low-precision parameter for upload.
+    28 bytes/param for bf16 Adam (2 + 2 x 12 + 2)."""
+    return grad_bytes + 2 * optimizer_bytes + param_bytes
+
+
+@dataclass(frozen=True)
+class OffloadTime:
+    """Seconds per optimizer step spent on host offload, per rank.
+
+    optimizer_transfer_s: gradient shard down + parameter shard up over PCIe, after backward (serial).
+    cpu_optimizer_s: the CPU optimizer over the node's shards (serial, ranks share the host's bandwidth).
+    prefetch_transfer_s: stage-3 parameter uploads and activation offload copies during forward/backward
+      (overlappable with compute).
+    """
+
+    optimizer_transfer_s: float = 0.0
+    cpu_optimizer_s: float = 0.0
+    prefetch_transfer_s: float = 0.0
+
+    @property
+    def serial_s(self) -> float:
+        return self.optimizer_transfer_s + self.cpu_optimizer_s
+
+
+def offload_time(*, shard_numel: int, param_bytes: int, grad_bytes: int, optimizer_bytes: int,
+                 offload_optimizer: bool, offload_params: bool, activation_host_bytes: int, grad_accum: int,
+                 gpus_per_node: int, host_device_bw_bytes_per_s: float, host_memory_bw_bytes_per_s: float,
+                 host_bandwidth_efficiency: float = 1.0) -> OffloadTime:
+    """PCIe and CPU time of offload per optimizer step (bytes / bandwidth; PCIe per GPU, one direction).
+
+    `host_memory_bw_bytes_per_s` is the node's: all `gpus_per_node` ranks run their CPU optimizer on it.
+    Stage-3 parameter offload uploads the shard twice per micro-step (forward and backward gathers);
+    activation offload copies `activation_host_bytes` down in forward and back up in backward.
+    """
+    transfer = cpu = prefetch = 0.0
+    if offload_optimizer:
+        transfer = shard_numel * (grad_bytes + param_bytes) / host_device_bw_bytes_per_s
+        per_param = cpu_optimizer_bytes_per_param(param_bytes=param_bytes, grad_bytes=grad_bytes,
+                                                  optimizer_bytes=optimizer_bytes)
+        node_bytes = gpus_per_node * shard_numel * per_param
+        cpu = node_bytes / (host_memory_bw_bytes_per_s * host_bandwidth_efficiency)
+    if offload_params:
+        prefetch += 2 * grad_accum * shard_numel * param_bytes / host_device_bw_bytes_per_s
+        if not offload_optimizer:
+            # The GPU optimizer updated the shard: write it back to its home in host memory.
+            transfer += shard_numel * param_bytes / host_device_bw_bytes_per_s
+    prefetch += 2 * grad_accum * activation_host_bytes / host_device_bw_bytes_per_s
+    return OffloadTime(optimizer_transfer_s=transfer, cpu_optimizer_s=cpu, prefetch_transfer_s=prefetch)
+
+
+def exposed_s(*, work_s: float, window_s: float, overlap: float) -> float:
+    """Part of `work_s` not hidden: at most `overlap` of it hides, and never more than the window."""
+    return work_s - min(overlap * work_s, window_s)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step and its parts (per rank; all ranks run in lockstep)."""
+
+    compute_s: float
+    comm_s: float
+    exposed_comm_s: float
+    offload_s: float
+    step_s: float
+
+
+def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
+              comm_after_step_s: float, offload: OffloadTime, overlap: float) -> StepTime:
+    """Step time = compute + communication not hidden + offload not hidden.
+
+    Overlap windows: per-micro-step collectives and prefetch transfers hide behind all the step's compute;
+    the once-per-step gradient reduction (stages 0/1) only behind the last micro-step's backward; the
+    parameter refresh after the optimizer step and the CPU optimizer path (transfers + CPU Adam) are serial.
+    """
+    micro_compute_s = compute_s / grad_accum
+    exposed_comm = (
+        exposed_s(work_s=comm_micro_s, window_s=compute_s, overlap=overlap)
+        + exposed_s(work_s=comm_boundary_s, window_s=BACKWARD_SHARE * micro_compute_s, overlap=overlap)
+        + comm_after_step_s
+    )
+    exposed_offload = exposed_s(work_s=offload.prefetch_transfer_s, window_s=compute_s, overlap=overlap)
+    offload_s = offload.serial_s + exposed_offload
+    return StepTime(
+        compute_s=compute_s,
+        comm_s=comm_micro_s + comm_boundary_s + comm_after_step_s,
+        exposed_comm_s=exposed_comm,
+        offload_s=offload_s,
+        step_s=compute_s + exposed_comm + offload_s,
+    )

@@ -1,0 +1,338 @@
+"""The cost model's orchestrator: one TrainConfig on one cluster -> an `Estimate`; a sweep over stage x
+offload x checkpointing x compression; the largest micro-batch that fits; a recommendation.
+
+Leaf formulas live in memory.py, comm.py, compute.py and activations.py; this file only wires them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ztune.config.schema import (
+    ActivationConfig,
+    BatchConfig,
+    Checkpointing,
+    Compression,
+    CompressionConfig,
+    Offload,
+    Precision,
+    TrainConfig,
+)
+from ztune.config.validate import resolve_batch
+from ztune.cost.activations import ActivationEstimate, activation_memory
+from ztune.cost.comm import CommEstimate, comm_estimate, ring_link
+from ztune.cost.compute import (
+    DEFAULT_EFFICIENCY,
+    Efficiency,
+    OffloadTime,
+    StepTime,
+    model_flops_per_token,
+    offload_time,
+    recompute_flops_per_token,
+    step_time,
+)
+from ztune.cost.memory import (
+    GPU_FRAMEWORK_RESERVE_BYTES,
+    GiB,
+    MemoryBreakdown,
+    buffer_memory,
+    framework_reserve_bytes,
+    host_memory_per_node,
+    memory_per_gpu,
+    model_state_memory,
+    shard_numel,
+    state_bytes_per_param,
+)
+from ztune.errors import UserError
+from ztune.specs import Hardware, ModelSpec, ParamCounts, count_params
+
+# Upper bound when searching for the largest micro-batch with no global batch to divide.
+MICRO_BATCH_CAP = 1024
+# (offload_optimizer, offload_params) pairs a sweep tries; pairs invalid for a stage are skipped.
+OFFLOAD_CHOICES = (
+    (Offload.NONE, Offload.NONE),
+    (Offload.CPU, Offload.NONE),
+    (Offload.NONE, Offload.CPU),
+    (Offload.CPU, Offload.CPU),
+)
+CHECKPOINTING_CHOICES = (Checkpointing.NONE, Checkpointing.SELECTIVE, Checkpointing.FULL)
+
+ASSUMPTIONS = (
+    "model states per the ZeRO paper (Rajbhandari et al. 2020)",
+    "buffers = 2 reduce buckets + stage-3 gather/prefetch units + a framework reserve "
+    f"(CUDA context, NCCL, fragmentation: {GPU_FRAMEWORK_RESERVE_BYTES / GiB:.1f} GiB per GPU, 0 on cpu profiles)",
+    "collectives: flat ring, alpha-beta; the slowest link (NIC per GPU across nodes) bounds it",
+    "stages 0/1 reduce gradients once per step, stages 2/3 every micro-step",
+    "FLOPs/token = 6*Psi_active + 12*L*h*s; recomputation counted in step time, not in MFU",
+)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Everything the cost model says about one config on one cluster. Bytes, seconds, per GPU/rank
+    unless named per host; throughput is for the whole job."""
+
+    model: ModelSpec
+    hardware: Hardware
+    config: TrainConfig
+    num_nodes: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    num_params: int
+    memory_per_gpu: MemoryBreakdown
+    cpu_memory_per_host: int
+    activations: ActivationEstimate
+    comm: CommEstimate
+    offload: OffloadTime
+    step: StepTime
+    model_flops_per_step: float  # per GPU, without recomputation
+    hardware_flops_per_step: float  # per GPU, with recomputation
+    tokens_per_s: float
+    samples_per_s: float
+    mfu: float
+    fits: bool
+    reason: str  # why it does not fit; "" when it fits
+    notes: tuple[str, ...]
+
+    @property
+    def comm_bytes_per_step(self) -> float:
+        return self.comm.bytes_per_rank
+
+    @property
+    def step_time_s(self) -> float:
+        return self.step.step_s
+
+    @property
+    def label(self) -> str:
+        z, c = self.config.zero, self.config
+        parts = [f"stage {z.stage}"]
+        off = [n for n, o in (("optimizer", z.offload_optimizer), ("params", z.offload_params)) if o is Offload.CPU]
+        parts.append("offload " + "+".join(off) if off else "no offload")
+        ckpt = c.activations.checkpointing
+        parts.append("no checkpointing" if ckpt is Checkpointing.NONE else f"{ckpt.value} checkpointing")
+        if c.compression.method is not Compression.NONE:
+            parts.append(f"{c.compression.method.value} compression")
+        parts.append(f"micro {self.micro_batch}")
+        return ", ".join(parts)
+
+
+def _check_cluster(hw: Hardware, num_nodes: int) -> int:
+    if num_nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {num_nodes}")
+    return num_nodes * hw.gpus_per_node
+
+
+@dataclass(frozen=True)
+class _Memory:
+    breakdown: MemoryBreakdown
+    host_per_node: int
+    activations: ActivationEstimate
+    shard_numel: int
+
+
+def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfig, *, world_size: int,
+            micro_batch: int) -> _Memory:
+    z = cfg.zero
+    per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
+                                      momentum=cfg.optimizer.momentum)
+    states = model_state_memory(num_params=counts.total, world_size=world_size, stage=z.stage,
+                                per_param=per_param, offload_optimizer=z.offload_optimizer is Offload.CPU,
+                                offload_params=z.offload_params is Offload.CPU)
+    act = activation_memory(model, micro_batch=micro_batch, seq_len=cfg.seq_len,
+                            checkpointing=cfg.activations.checkpointing, every=cfg.activations.every,
+                            offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes)
+    buffers = buffer_memory(stage=z.stage, num_params=counts.total, largest_unit_numel=counts.largest_layer,
+                            reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
+                            param_bytes=per_param.param, grad_bytes=per_param.grad,
+                            reserve_bytes=framework_reserve_bytes(hw))
+    return _Memory(
+        breakdown=memory_per_gpu(states=states, activation_device_bytes=act.device_bytes, buffers=buffers),
+        host_per_node=host_memory_per_node(states=states, activation_host_bytes=act.host_bytes,
+                                           gpus_per_node=hw.gpus_per_node),
+        activations=act,
+        shard_numel=shard_numel(counts.total, world_size),
+    )
+
+
+def _fit_reason(mem: _Memory, hw: Hardware) -> str:
+    if mem.breakdown.total > hw.gpu_memory_bytes:
+        return (f"needs {mem.breakdown.total / GiB:.1f} GiB per GPU, {hw.name} has "
+                f"{hw.gpu_memory_bytes / GiB:.1f} GiB")
+    if mem.host_per_node > hw.host_memory_bytes:
+        return (f"needs {mem.host_per_node / GiB:.1f} GiB of host memory per node, {hw.name} has "
+                f"{hw.host_memory_bytes / GiB:.1f} GiB")
+    return ""
+
+
+def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int,
+             efficiency: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
+    """Memory, communication and time of `cfg` on `num_nodes` nodes of `hw` (data parallel over all GPUs)."""
+    world = _check_cluster(hw, num_nodes)
+    batch = resolve_batch(cfg.batch, world)
+    accum, micro = int(batch.grad_accum or 1), batch.micro
+    counts = count_params(model)
+    z = cfg.zero
+    mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=micro)
+    per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
+                                      momentum=cfg.optimizer.momentum)
+
+    link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
+    comm = comm_estimate(num_params=counts.total, world_size=world, stage=z.stage, grad_accum=accum, link=link,
+                         param_bytes=per_param.param, grad_bytes=per_param.grad,
+                         reduce_bucket_numel=z.reduce_bucket_numel,
+                         allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
+                         compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
+
+    width = model.num_heads * model.head_size
+    tokens_per_gpu = micro * accum * cfg.seq_len
+    model_flops = tokens_per_gpu * model_flops_per_token(
+        active_params=counts.active_per_token, num_layers=model.num_layers, attention_width=width,
+        seq_len=cfg.seq_len)
+    block_active = counts.active_per_token - counts.embedding - counts.lm_head - counts.final_norm
+    hw_flops = model_flops + tokens_per_gpu * recompute_flops_per_token(
+        block_active_params=block_active, num_layers=model.num_layers, attention_width=width,
+        seq_len=cfg.seq_len, recompute_fraction=mem.activations.recompute_fraction)
+    peak = hw.peak_flops_fp32 if cfg.precision is Precision.FP32 else hw.peak_flops_bf16
+    compute_s = hw_flops / (peak * efficiency.compute)
+
+    off = offload_time(shard_numel=mem.shard_numel, param_bytes=per_param.param, grad_bytes=per_param.grad,
+                       optimizer_bytes=per_param.optimizer, offload_optimizer=z.offload_optimizer is Offload.CPU,
+                       offload_params=z.offload_params is Offload.CPU,
+                       activation_host_bytes=mem.activations.host_bytes, grad_accum=accum,
+                       gpus_per_node=hw.gpus_per_node, host_device_bw_bytes_per_s=hw.host_device_bw_bytes_per_s,
+                       host_memory_bw_bytes_per_s=hw.host_memory_bw_bytes_per_s,
+                       host_bandwidth_efficiency=efficiency.host_bandwidth)
+    step = step_time(compute_s=compute_s, grad_accum=accum, comm_micro_s=comm.time_in_phase_s("micro"),
+                     comm_boundary_s=comm.time_in_phase_s("boundary"),
+                     comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
+                     overlap=efficiency.overlap)
+    global_batch = int(batch.global_ or micro * accum * world)
+    reason = _fit_reason(mem, hw)
+    notes = [per_param.description, *ASSUMPTIONS]
+    if cfg.seq_len > model.max_seq_len:
+        notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
+    return Estimate(
+        model=model, hardware=hw, config=cfg, num_nodes=num_nodes, world_size=world, micro_batch=micro,
+        grad_accum=accum, global_batch=global_batch, num_params=counts.total,
+        memory_per_gpu=mem.breakdown, cpu_memory_per_host=mem.host_per_node, activations=mem.activations,
+        comm=comm, offload=off, step=step, model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops,
+        tokens_per_s=global_batch * cfg.seq_len / step.step_s,
+        samples_per_s=global_batch / step.step_s,
+        mfu=model_flops / (step.step_s * peak),
+        fits=not reason, reason=reason, notes=tuple(notes),
+    )
+
+
+def _micro_candidates(cfg: TrainConfig, world_size: int) -> list[int]:
+    """Micro-batches to consider, ascending: divisors of the per-rank samples per step when a global batch
+    is set, else 1..MICRO_BATCH_CAP."""
+    total = cfg.batch.global_
+    if total is None:
+        return list(range(1, MICRO_BATCH_CAP + 1))
+    if total % world_size:
+        raise UserError(f"global batch {total} is not divisible by {world_size} GPUs; pick a multiple of "
+                        f"{world_size}")
+    per_rank = total // world_size
+    return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+
+
+def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int) -> int:
+    """Largest micro-batch for which `cfg` fits (GPU and host memory); a divisor of global/world when the
+    config sets a global batch. 0 if not even the smallest fits. Memory grows with the micro-batch
+    (activations are linear in it), so a binary search over the candidates is exact."""
+    world = _check_cluster(hw, num_nodes)
+    counts = count_params(model)
+    candidates = _micro_candidates(cfg, world)
+    lo, hi, best = 0, len(candidates) - 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=candidates[mid])
+        if _fit_reason(mem, hw):
+            hi = mid - 1
+        else:
+            best, lo = candidates[mid], mid + 1
+    return best
+
+
+def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, global_batch: int | None,
+          micro_batch: int | None = None, stages: Iterable[int] = (0, 1, 2, 3),
+          offload: Sequence[tuple[Offload, Offload]] = OFFLOAD_CHOICES,
+          checkpointing: Sequence[Checkpointing] = CHECKPOINTING_CHOICES,
+          compression: Sequence[Compression] = (Compression.NONE,), precision: Precision = Precision.BF16,
+          base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY) -> list[Estimate]:
+    """Estimates for every valid combination, fitting ones first, fastest first.
+
+    `offload` holds (offload_optimizer, offload_params) pairs; pairs a stage cannot run (params offload
+    below stage 3, optimizer offload at stage 0) are not generated, nor is bf16 compression of gradients
+    that are already 16-bit. With `micro_batch` None each candidate gets the largest micro-batch that fits
+    (and divides global_batch / GPUs); if none fits it is shown at micro-batch 1. Fields not swept (the
+    optimizer, bucket sizes) come from `base`.
+    """
+    base = base or TrainConfig()
+    results = []
+    for stage in stages:
+        for off_opt, off_par in offload:
+            if (off_par is Offload.CPU and stage != 3) or (off_opt is Offload.CPU and stage == 0):
+                continue
+            for ckpt in checkpointing:
+                for method in compression:
+                    if method is Compression.BF16 and precision is not Precision.FP32:
+                        continue
+                    cfg = dataclasses.replace(
+                        base,
+                        zero=dataclasses.replace(base.zero, stage=stage, offload_optimizer=off_opt,
+                                                 offload_params=off_par),
+                        precision=precision,
+                        seq_len=seq_len,
+                        batch=BatchConfig(micro=micro_batch or 1, global_=global_batch),
+                        activations=ActivationConfig(checkpointing=ckpt, every=base.activations.every,
+                                                     offload=base.activations.offload),
+                        compression=CompressionConfig(method=method, topk_ratio=base.compression.topk_ratio),
+                    )
+                    if micro_batch is None:
+                        best = max_micro_batch(model, hw, cfg, num_nodes=num_nodes)
+                        cfg = dataclasses.replace(cfg, batch=BatchConfig(micro=max(best, 1), global_=global_batch))
+                    results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency))
+    results.sort(key=lambda e: (not e.fits, -e.tokens_per_s))
+    return results
+
+
+def recommend(estimates: Sequence[Estimate]) -> tuple[Estimate | None, str]:
+    """The fastest estimate that fits and one line saying why it beats the runner-up (or why none fits)."""
+    if not estimates:
+        return None, "no configurations to compare"
+    fitting = sorted((e for e in estimates if e.fits), key=lambda e: -e.tokens_per_s)
+    if not fitting:
+        least = min(estimates, key=lambda e: e.memory_per_gpu.total)
+        return None, (f"nothing fits: the smallest ({least.label}) {least.reason}; add nodes, "
+                      "enable offload or checkpointing, or shorten the sequence")
+    best = fitting[0]
+    used = f"{best.memory_per_gpu.total / GiB:.1f} of {best.hardware.gpu_memory_bytes / GiB:.0f} GiB per GPU"
+    if len(fitting) == 1:
+        return best, f"the only configuration that fits ({used})"
+    runner = fitting[1]
+    gain_pct = 100 * (best.tokens_per_s / runner.tokens_per_s - 1)
+    why = _why(best, runner)
+    margin = f"{gain_pct:.1f}% more than" if gain_pct >= 0.05 else "within 0.05% of"
+    return best, f"{best.tokens_per_s:,.0f} tokens/s, {margin} the runner-up ({runner.label}): {why}; {used}"
+
+
+def _why(best: Estimate, runner: Estimate) -> str:
+    """Which part of the step time makes the difference."""
+    b, r = best.step, runner.step
+    parts = {
+        "less recomputation": r.compute_s - b.compute_s,
+        "less exposed communication": r.exposed_comm_s - b.exposed_comm_s,
+        "less offload time": r.offload_s - b.offload_s,
+    }
+    name, gain = max(parts.items(), key=lambda kv: kv[1])
+    if best.micro_batch != runner.micro_batch and gain <= 0:
+        return f"micro-batch {best.micro_batch} vs {runner.micro_batch}"
+    if gain <= 0:
+        return "equal step time; smaller memory" if best.memory_per_gpu.total <= runner.memory_per_gpu.total \
+            else "same step time"
+    return f"{name} ({gain * 1e3:.0f} ms/step saved)"
