@@ -1,0 +1,89 @@
+"""`ztune probe` end to end in a subprocess: real (quick) measurements on this host, gloo between 2 ranks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ztune.profiles import load_hardware
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "ztune", "probe", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """One quick probe with --json and --force over an existing file, shared by the tests below (each probe
+    costs seconds: two ranks start and import torch)."""
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probed.yaml").write_text("old: file\n")
+    out = run("--quick", "--output", "probed.yaml", "--json", "--ranks", "2", "--force", "--inter-node-gbps", "100",
+              cwd=d)
+    return d, out
+
+
+def test_quick_probe_overwrites_with_force_and_writes_a_loadable_profile(probed):
+    d, out = probed
+    assert out.returncode == 0, out.stderr
+    hw = load_hardware(str(d / "probed.yaml"))
+    assert hw.gpus_per_node == 2 and hw.cpu_cores >= 1
+    assert hw.intra_node_bw_bytes_per_s > 1e6 and 0 < hw.intra_node_latency_s < 0.1
+    assert hw.peak_flops_fp32 > 1e8 and hw.host_memory_bw_bytes_per_s > 1e8
+    assert hw.inter_node_bw_bytes_per_s == pytest.approx(100e9 / 8 * 0.9 / 2, rel=1e-4)
+    assert not list(d.glob(".probed.yaml.*"))  # no temporary file left behind
+
+
+def test_json_keys(probed):
+    d, out = probed
+    data = json.loads(out.stdout)
+    assert set(data) == {"output", "profile", "provenance", "host", "gpus", "measured"}
+    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device"}
+    coll = data["measured"]["collective"]
+    assert coll["backend"] == "gloo" and coll["world_size"] == 2 and len(coll["times_s"]) == len(coll["sizes_bytes"])
+    assert data["profile"]["intra_node_bw_bytes_per_s"] == pytest.approx(coll["fit"]["busbw_bytes_per_s"])
+    assert data["provenance"]["inter_node_bw_bytes_per_s"].startswith("assumed:")
+    assert data["provenance"]["intra_node_bw_bytes_per_s"].startswith("measured:")
+
+
+def test_refuses_to_overwrite_without_force(probed):
+    d, _ = probed
+    before = (d / "probed.yaml").read_bytes()
+    out = run("--quick", "--output", "probed.yaml", cwd=d)
+    assert out.returncode == 2 and "--force" in out.stderr and "Traceback" not in out.stderr
+    assert (d / "probed.yaml").read_bytes() == before
+
+
+def test_table_says_what_was_measured_and_what_assumed(monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from ztune import console as console_mod
+    from ztune import probe
+    from ztune.cli.probe import _render
+
+    sizes = (4096, 1 << 20)
+    times = (1e-4, 1e-3)
+    coll = probe.CollectiveResult("gloo", 2, sizes, times, probe.fit_alpha_beta(sizes, times, world_size=2))
+    m = probe.Measurements(probe.HostInfo("h", 2, 8 << 30), probe.GpuScan((), "no NVIDIA GPU/driver found"), 2,
+                           probe.MemoryBandwidth(10e9, 12e9, 2), probe.FlopRates(1e11, 1e12, "cpu", 512), coll, None)
+    hw = probe.build_profile(m)
+    recorder = Console(record=True, width=200)
+    monkeypatch.setattr(console_mod, "console", recorder)
+    _render(m, hw, probe.field_notes(m), tmp_path / "x.yaml")
+    text = recorder.export_text()
+    assert "measured" in text and "assumed" in text and "cannot be measured on one host" in text
+    assert "1.049" in text  # 1 MiB all_reduce in 1 ms over 2 ranks: busbw = 2(2-1)/2 x 2**20 B / 1 ms
+
+
+@pytest.mark.parametrize("args", [["--ranks", "0"], ["--inter-node-gbps", "-1"], ["--output", "nodir/x.yaml"],
+                                  ["--output", "x.txt"]])
+def test_bad_flags_exit_2_before_measuring(tmp_path, args):
+    out = run(*args, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("error:")
+
+
+def test_cli_import_does_not_load_torch():
+    code = "import sys, ztune.cli, ztune.probe; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0

@@ -1,0 +1,164 @@
+"""ztune.probe without measuring: the alpha-beta fit, NVML absent or present, and the profile round trip."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from ztune import probe
+from ztune.profiles import load_hardware
+from ztune.specs import Hardware
+
+
+def _ring_times(sizes, *, n, alpha_s, busbw):
+    return [2 * (n - 1) * alpha_s + 2 * (n - 1) / n * s / busbw for s in sizes]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_alpha_beta_fit_recovers_exact_parameters(n):
+    sizes = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+    times = _ring_times(sizes, n=n, alpha_s=40e-6, busbw=1.5e9)
+    fit = probe.fit_alpha_beta(sizes, times, world_size=n)
+    assert fit.latency_from == "fit"
+    assert fit.latency_s == pytest.approx(40e-6, rel=1e-9)
+    assert fit.busbw_bytes_per_s == pytest.approx(1.5e9, rel=1e-9)
+
+
+def test_alpha_beta_fit_tolerates_noise():
+    rng = random.Random(0)
+    sizes = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+    times = [t * (1 + rng.uniform(-0.03, 0.03)) for t in _ring_times(sizes, n=2, alpha_s=50e-6, busbw=2e9)]
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    # Relative weighting keeps the intercept: an unweighted fit is dominated by the 64 MiB point's noise
+    # (3% of 64 ms = 2 ms, 20x the latency term).
+    assert fit.latency_s == pytest.approx(50e-6, rel=0.15)
+    assert fit.busbw_bytes_per_s == pytest.approx(2e9, rel=0.05)
+
+
+def test_alpha_beta_fit_falls_back_when_intercept_is_not_positive():
+    # Bandwidth-bound only (t proportional to size, minus a little): the intercept comes out <= 0.
+    sizes = [1 << 20, 4 << 20, 16 << 20]
+    times = [s / 1e9 - 1e-6 for s in sizes]
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    assert fit.latency_from == "smallest message"
+    assert fit.latency_s == pytest.approx(times[0] / 2)
+    assert fit.busbw_bytes_per_s > 0
+
+
+@pytest.mark.parametrize("sizes, times, n", [([1, 2], [1.0, 2.0], 1), ([8], [1.0], 2), ([8, 8], [1.0, 2.0], 2),
+                                             ([1, 2], [0.0, 1.0], 2)])
+def test_alpha_beta_fit_rejects_degenerate_input(sizes, times, n):
+    with pytest.raises(ValueError):
+        probe.fit_alpha_beta(sizes, times, world_size=n)
+
+
+class _FakeNvml:
+    """Stands in for pynvml: NVMLError hierarchy, init that may fail, two GPUs."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_LibraryNotFound(NVMLError):
+        pass
+
+    def __init__(self, *, fail_init=False):
+        self.fail_init, self.shutdown_calls = fail_init, 0
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shutdown_calls += 1
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3" if handle == 0 else "NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Mem", (), {"total": 85_520_809_984})()
+
+
+def test_missing_nvml_library_means_no_gpu_not_a_crash():
+    scan = probe.read_gpus(nvml=_FakeNvml(fail_init=True))
+    assert scan.gpus == () and "no NVIDIA GPU/driver found" in scan.status
+
+
+def test_real_pynvml_never_raises():
+    scan = probe.read_gpus()  # this machine has no driver: NVMLError_LibraryNotFound inside
+    assert isinstance(scan.status, str) and scan.status
+    assert all(g.memory_bytes > 0 for g in scan.gpus)
+
+
+def test_nvml_gpus_are_read_and_nvml_shut_down():
+    fake = _FakeNvml()
+    scan = probe.read_gpus(nvml=fake)
+    assert [g.index for g in scan.gpus] == [0, 1]
+    assert {g.name for g in scan.gpus} == {"NVIDIA H100 80GB HBM3"}
+    assert scan.gpus[0].memory_bytes == 85_520_809_984 and fake.shutdown_calls == 1
+
+
+def _measurements(*, gpu: bool, ranks: int = 2, collective: bool = True):
+    host = probe.HostInfo("box-1", 16, 128 << 30)
+    gpus = probe.GpuScan(tuple(probe.GpuInfo(i, "GPU-X", 80 << 30) for i in range(ranks)) if gpu else (), "x")
+    memory = probe.MemoryBandwidth(copy_bytes_per_s=20e9, triad_bytes_per_s=24e9, threads=16)
+    flops = probe.FlopRates(50e12 if gpu else 2e11, 700e12 if gpu else 1e12, "cuda:0" if gpu else "cpu", 1024)
+    coll = None
+    if collective:
+        sizes = (4096, 1 << 20, 64 << 20)
+        fit = probe.fit_alpha_beta(sizes, _ring_times(sizes, n=ranks, alpha_s=1e-5, busbw=3e9), world_size=ranks)
+        coll = probe.CollectiveResult("nccl" if gpu else "gloo", ranks, sizes, (1.0, 2.0, 3.0), fit)
+    hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
+    return probe.Measurements(host, gpus, ranks, memory, flops, coll, hd)
+
+
+@pytest.mark.parametrize("gpu, ranks, collective", [(False, 2, True), (True, 8, True), (True, 1, False),
+                                                    (False, 1, False)])
+def test_profile_round_trips_through_yaml_and_load_hardware(tmp_path, gpu, ranks, collective):
+    m = _measurements(gpu=gpu, ranks=ranks, collective=collective)
+    hw = probe.build_profile(m, inter_node_gbps=3200.0)
+    notes = probe.field_notes(m, inter_node_gbps=3200.0)
+    path = tmp_path / "probed.yaml"
+    path.write_text(probe.to_yaml(hw, notes))
+    loaded = load_hardware(str(path))
+    for field in dataclasses.fields(Hardware):
+        want, got = getattr(hw, field.name), getattr(loaded, field.name)
+        if isinstance(want, float):
+            assert math.isclose(got, want, rel_tol=1e-4), field.name  # 5 significant digits in the file
+        else:
+            assert got == want, field.name
+    # Every numeric field says where it came from.
+    numeric = [f.name for f in dataclasses.fields(Hardware) if f.name not in ("name", "source")]
+    assert set(numeric) <= set(notes)
+    assert all(n.split(":")[0] in ("measured", "read", "assumed") for n in notes.values())
+
+
+def test_profile_values_follow_the_measurements():
+    cpu = probe.build_profile(_measurements(gpu=False))
+    assert cpu.gpus_per_node == 2
+    assert cpu.gpu_memory_bytes == ((128 << 30) - probe.CPU_RESERVED_BYTES) // 2
+    assert cpu.intra_node_bw_bytes_per_s == pytest.approx(3e9)
+    assert cpu.intra_node_latency_s == pytest.approx(1e-5)
+    assert cpu.host_memory_bw_bytes_per_s == 24e9  # the better of copy and triad
+    assert cpu.host_device_bw_bytes_per_s == pytest.approx(20e9 / 2 / 2)  # bytes copied/s, per rank
+    gpu = probe.build_profile(_measurements(gpu=True, ranks=8), inter_node_gbps=3200.0)
+    assert gpu.gpu_memory_bytes == 80 << 30 and gpu.peak_flops_bf16 == 700e12
+    assert gpu.host_device_bw_bytes_per_s == 20e9  # slower direction
+    # 8 x 400 Gb/s NICs shared by 8 GPUs at 90%: the 45 GB/s of dgx-h100.yaml, with IB latency.
+    assert gpu.inter_node_bw_bytes_per_s == pytest.approx(45e9)
+    assert gpu.inter_node_latency_s == probe.INFINIBAND_LATENCY_S
+
+
+def test_default_inter_node_link_is_stated_and_assumed():
+    m = _measurements(gpu=False)
+    hw = probe.build_profile(m)
+    assert hw.inter_node_bw_bytes_per_s == pytest.approx(probe.DEFAULT_INTER_NODE_GBPS * 1e9 / 8 * 0.9 / 2)
+    notes = probe.field_notes(m)
+    assert notes["inter_node_bw_bytes_per_s"].startswith("assumed:") and "--inter-node-gbps" in notes[
+        "inter_node_bw_bytes_per_s"]

@@ -1,0 +1,163 @@
+"""`ztune probe`: measure this host and write a hardware profile for `ztune estimate --hardware`.
+
+Parsing, progress and rendering only; reading and measuring live in `ztune.probe`, which imports torch
+inside its measuring functions, so `ztune --help` and `ztune estimate` never load torch through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ztune.errors import UserError
+
+COMMAND_SETTINGS = {"help": "Measure GPUs/CPU, memory and collective bandwidth; write a hardware profile."}
+
+
+def _check_output(path: Path, *, force: bool) -> None:
+    """Fail before minutes of measuring, not after."""
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory; give a file name such as {path / 'hardware.yaml'}")
+    if path.exists() and not force:
+        raise UserError(f"--output {path} exists; pass --force to overwrite it, or choose another --output")
+    if not path.parent.is_dir():
+        raise UserError(f"--output {path}: directory {path.parent} does not exist")
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"--output {path}: use a .yaml name, so that --hardware reads it as a file")
+
+
+def write_atomically(path: Path, text: str, *, force: bool) -> None:
+    """Write `text` to a temporary file beside `path`, check it loads as a profile, then move it into place:
+    a reader never sees half a file. Without `force` the final step is a hard link, which refuses to replace a
+    file that appeared meanwhile."""
+    from ztune.profiles import load_hardware
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.yaml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        load_hardware(tmp)  # never leave behind a profile that `--hardware` would reject
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise UserError(f"--output {path} appeared while probing; pass --force to overwrite it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fmt(name: str, value: Any) -> str:
+    from ztune.console import human_bytes
+
+    if name.endswith("_bytes_per_s"):
+        return f"{value / 1e9:,.2f} GB/s"
+    if name.endswith("_bytes"):
+        return human_bytes(value)
+    if name.startswith("peak_flops"):
+        return f"{value / 1e12:,.3f} TFLOP/s"
+    if name.endswith("_latency_s"):
+        return f"{value * 1e6:,.1f} us"
+    return str(value)
+
+
+def _summary(m: Any, hw: Any, notes: dict[str, str], output: Path) -> dict:
+    c = m.collective
+    return {
+        "output": str(output),
+        "profile": dataclasses.asdict(hw),
+        "provenance": notes,
+        "host": dataclasses.asdict(m.host),
+        "gpus": {"status": m.gpus.status, "devices": [dataclasses.asdict(g) for g in m.gpus.gpus]},
+        "measured": {
+            "memory": dataclasses.asdict(m.memory),
+            "matmul": dataclasses.asdict(m.flops),
+            "collective": None if c is None else {
+                "backend": c.backend, "world_size": c.world_size, "sizes_bytes": list(c.sizes_bytes),
+                "times_s": list(c.times_s),
+                "busbw_bytes_per_s": [c.busbw_bytes_per_s(i) for i in range(len(c.times_s))],
+                "fit": dataclasses.asdict(c.fit)},
+            "host_device": None if m.host_device is None else dataclasses.asdict(m.host_device),
+        },
+    }
+
+
+def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
+    from ztune.console import console, human_bytes, table
+
+    rows = []
+    for field in dataclasses.fields(hw):
+        if field.name in ("name", "source"):
+            continue
+        how, _, why = notes.get(field.name, "").partition(": ")
+        style = {"measured": "green", "read": "cyan", "assumed": "yellow"}.get(how, "")
+        rows.append([field.name, _fmt(field.name, getattr(hw, field.name)), f"[{style}]{how}[/]" if style else how,
+                     why])
+    console.print(table(f"{hw.name}: hardware profile", ["field", "value", "how", "from"], rows,
+                        justify_right=["value"]))
+    c = m.collective
+    if c is not None:
+        coll = [[human_bytes(s), f"{t * 1e6:,.1f}", f"{c.busbw_bytes_per_s(i) / 1e9:,.3f}"]
+                for i, (s, t) in enumerate(zip(c.sizes_bytes, c.times_s, strict=True))]
+        console.print(table(f"{c.backend} all_reduce, {c.world_size} local ranks (busbw = 2(n-1)/n x bytes / time)",
+                            ["size", "time us", "busbw GB/s"], coll, justify_right=["size", "time us", "busbw GB/s"]))
+    console.print(f"memory: copy {m.memory.copy_bytes_per_s / 1e9:.2f} GB/s, triad "
+                  f"{m.memory.triad_bytes_per_s / 1e9:.2f} GB/s (STREAM convention, {m.memory.threads} threads)")
+    console.print("[yellow]inter-node numbers cannot be measured on one host[/]: they are assumed "
+                  "(see the table); pass --inter-node-gbps with the node's NIC line rate to set them.")
+    console.print(f"wrote {output}; use it with: ztune estimate --hardware {output} --model <model>")
+
+
+def probe(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile to write (default: "
+                                                "hardware-<hostname>.yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, a few seconds; rougher numbers.")] = False,
+    ranks: Annotated[int | None, typer.Option("--ranks", help="Local ranks for the all_reduce test (default: "
+                                              "GPU count, or 2 on a CPU host).")] = None,
+    inter_node_gbps: Annotated[float | None, typer.Option("--inter-node-gbps", help="NIC line rate per node "
+                                                          "in Gbit/s (not measurable on one host; default 10).")
+                               ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Measure this host (GPUs, memory, matmul FLOP/s, collectives, host<->device copies) and write a
+    hardware profile usable as `ztune estimate --hardware FILE`."""
+    from ztune import probe as lib
+    from ztune.console import emit_json, err_console, error
+
+    if ranks is not None and ranks < 1:
+        raise UserError(f"--ranks must be >= 1, got {ranks}")
+    if inter_node_gbps is not None and not inter_node_gbps > 0:
+        raise UserError(f"--inter-node-gbps must be a positive line rate in Gbit/s, got {inter_node_gbps}")
+    output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
+    _check_output(output, force=force)
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    # Progress goes to stderr so that --json keeps stdout machine-readable.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as progress:
+        task = progress.add_task("probing", total=None)
+        try:
+            m = lib.measure_all(quick=quick, ranks=ranks,
+                                on_step=lambda label: progress.update(task, description=label))
+        except lib.ProbeFailed as exc:
+            error(str(exc))
+            raise typer.Exit(1) from None
+    hw = lib.build_profile(m, inter_node_gbps=inter_node_gbps)
+    notes = lib.field_notes(m, inter_node_gbps=inter_node_gbps)
+    write_atomically(output, lib.to_yaml(hw, notes), force=force)
+    if json_out:
+        emit_json(_summary(m, hw, notes, output))
+    else:
+        _render(m, hw, notes, output)

@@ -1,0 +1,540 @@
+"""Measure this host and write a hardware profile: what `ztune probe` does, as plain functions.
+
+Reading (NVML for GPUs, psutil for the host) and measuring (memory bandwidth, matmul FLOP/s, all_reduce
+over a local process group, pinned host<->device copies) are separate leaf functions; `build_profile`
+turns their results into a `Hardware`, `field_notes` says for every field whether it was measured, read
+or assumed, and `to_yaml` writes the profile format of profiles/hardware/*.yaml. torch is imported only
+inside the measuring functions, so importing this module stays cheap.
+
+Conventions: bandwidths in bytes/s. Memory bandwidth follows STREAM (McCalpin): copy counts the bytes
+read plus written (2 x array), triad 3 x array. Collective bandwidth follows nccl-tests
+(NVIDIA/nccl-tests, doc/PERFORMANCE.md): all_reduce busbw = 2(n-1)/n x bytes / time; the latency is the
+alpha of the alpha-beta model (Hockney 1994) per ring step, 2(n-1) steps per all_reduce, as in
+ztune.cost.comm. On a host without GPUs a "GPU" is a CPU rank (one per core share), as in cpu-local.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ztune.specs import Hardware
+
+GIB = 1 << 30
+# Held back from each CPU rank's share of RAM for the OS and the Python processes (cpu-local.yaml).
+CPU_RESERVED_BYTES = 2 * GIB
+# nccl-tests' own default check: achievable NIC throughput is ~90% of the line rate (dgx-h100.yaml).
+NIC_EFFICIENCY = 0.9
+DEFAULT_INTER_NODE_GBPS = 10.0  # one 10 GbE port per node, when the user does not say
+# Per ring step: TCP over Ethernet ~50 us; InfiniBand NDR + NCCL proxy ~5 us (dgx-h100.yaml).
+ETHERNET_LATENCY_S, INFINIBAND_LATENCY_S = 50e-6, 5e-6
+INFINIBAND_FROM_GBPS = 200.0  # faster than this per node: assume an RDMA fabric
+SINGLE_RANK_LATENCY_S = 5e-6  # no peer to measure against; a placeholder the cost model never uses at n=1
+
+
+class ProbeFailed(RuntimeError):
+    """A measurement could not run (process group hung, CUDA build missing): the CLI exits 1."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class GpuScan:
+    """What NVML says. `status` is one line: "3 NVIDIA GPUs" or why none were found."""
+
+    gpus: tuple[GpuInfo, ...]
+    status: str
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    hostname: str
+    cpu_cores: int  # physical cores where psutil knows them, logical otherwise
+    memory_bytes: int
+
+
+def read_gpus(*, nvml=None) -> GpuScan:
+    """GPUs via NVML (`pynvml`, or a stand-in for tests). No library or no driver is "no GPU", never an
+    exception: a CPU host is a normal place to run `ztune probe`."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return GpuScan((), "no NVIDIA GPU/driver found (pynvml not installed)")
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        return GpuScan((), f"no NVIDIA GPU/driver found ({exc})")
+    try:
+        gpus = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            gpus.append(GpuInfo(i, name, int(nvml.nvmlDeviceGetMemoryInfo(handle).total)))
+    except nvml.NVMLError as exc:
+        return GpuScan((), f"NVML failed while listing GPUs ({exc})")
+    finally:
+        nvml.nvmlShutdown()
+    status = f"{len(gpus)} NVIDIA GPU(s)" if gpus else "NVML found no NVIDIA GPU"
+    return GpuScan(tuple(gpus), status)
+
+
+def read_host() -> HostInfo:
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    return HostInfo(socket.gethostname(), int(cores), int(psutil.virtual_memory().total))
+
+
+# ------------------------------------------------------------------------------------------- measuring
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    """STREAM-convention rates, bytes/s, best of the repeats, all cores."""
+
+    copy_bytes_per_s: float
+    triad_bytes_per_s: float
+    threads: int
+
+
+def _best_time_s(fn: Callable[[], None], *, repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()  # warm-up: first touch of pages, kernel/JIT selection
+    sync()
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_host_memory_bandwidth(*, size_bytes: int, repeats: int, threads: int | None = None) -> MemoryBandwidth:
+    """Copy (b = a) and triad (a = b + s*c) over fp32 arrays of `size_bytes` each with `threads` torch
+    threads (default: every core). Arrays must be well beyond the last-level cache to measure DRAM."""
+    import psutil
+    import torch
+
+    threads = threads or psutil.cpu_count(logical=False) or 1
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = max(1, size_bytes // 4)
+        a, b, c = torch.ones(n), torch.empty(n), torch.full((n,), 2.0)
+        copy_s = _best_time_s(lambda: b.copy_(a), repeats=repeats)
+        triad_s = _best_time_s(lambda: torch.add(b, c, alpha=3.0, out=a), repeats=repeats)
+    finally:
+        torch.set_num_threads(saved)
+    return MemoryBandwidth(2 * 4 * n / copy_s, 3 * 4 * n / triad_s, threads)
+
+
+@dataclass(frozen=True)
+class FlopRates:
+    """Dense matmul FLOP/s per device (per CPU rank on a CPU host): the slowest device's best run."""
+
+    fp32_flops_per_s: float
+    bf16_flops_per_s: float
+    device: str
+    matrix_size: int
+
+
+def measure_matmul_flops(*, device: str, matrix_size: int, repeats: int, threads: int = 1) -> FlopRates:
+    """2*N^3 FLOP per N x N matmul, best of `repeats`, fp32 (TF32 off) and bf16. `device` is "cpu" (with
+    `threads` torch threads: one rank's cores) or "cuda:i"."""
+    import torch
+
+    saved_threads, saved_tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: TF32 has its own, higher peak
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    rates = {}
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(matrix_size, matrix_size, device=device).to(dtype)
+            y = torch.randn(matrix_size, matrix_size, device=device).to(dtype)
+            out = torch.empty(matrix_size, matrix_size, device=device, dtype=dtype)
+            seconds = _best_time_s(lambda x=x, y=y, out=out: torch.mm(x, y, out=out), repeats=repeats, sync=sync)
+            rates[dtype] = 2 * matrix_size**3 / seconds
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    return FlopRates(rates[torch.float32], rates[torch.bfloat16], device, matrix_size)
+
+
+@dataclass(frozen=True)
+class HostDeviceBandwidth:
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        # Offload moves gradients down and parameters up every step: the slower direction bounds it.
+        return min(self.h2d_bytes_per_s, self.d2h_bytes_per_s)
+
+
+def measure_host_device_bandwidth(*, size_bytes: int, repeats: int, device: str = "cuda:0") -> HostDeviceBandwidth:
+    """Pinned host <-> `device` copies of `size_bytes`, best of `repeats`. Needs CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ProbeFailed("host<->device bandwidth needs CUDA, and torch.cuda is not available")
+    host = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    h2d = _best_time_s(lambda: dev.copy_(host, non_blocking=True), repeats=repeats, sync=sync)
+    d2h = _best_time_s(lambda: host.copy_(dev, non_blocking=True), repeats=repeats, sync=sync)
+    return HostDeviceBandwidth(size_bytes / h2d, size_bytes / d2h)
+
+
+# ------------------------------------------------------------------------------------------ collective
+@dataclass(frozen=True)
+class AlphaBeta:
+    """all_reduce fit t(S) = 2(n-1) * latency_s + 2(n-1)/n * S / busbw. `latency_from` says whether the
+    intercept was fitted or (noisy, non-positive intercept) bounded by the smallest message's time."""
+
+    busbw_bytes_per_s: float
+    latency_s: float
+    latency_from: str
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], *, world_size: int) -> AlphaBeta:
+    """Least squares of t = a + b*S weighted by 1/t^2 (relative error, so the small messages that fix the
+    intercept weigh as much as the large ones that fix the slope), then a -> latency, b -> busbw."""
+    if world_size < 2 or len(sizes_bytes) != len(times_s) or len(sizes_bytes) < 2:
+        raise ValueError("need world_size >= 2 and at least two (size, time) pairs")
+    if len(set(sizes_bytes)) < 2 or min(times_s) <= 0:
+        raise ValueError("need two distinct sizes and positive times")
+    w = [1.0 / t**2 for t in times_s]
+    sw = sum(w)
+    mean_s = sum(wi * s for wi, s in zip(w, sizes_bytes, strict=True)) / sw
+    mean_t = sum(wi * t for wi, t in zip(w, times_s, strict=True)) / sw
+    var = sum(wi * (s - mean_s) ** 2 for wi, s in zip(w, sizes_bytes, strict=True))
+    slope = sum(wi * (s - mean_s) * (t - mean_t) for wi, s, t in zip(w, sizes_bytes, times_s, strict=True)) / var
+    intercept = mean_t - slope * mean_s
+    steps, wire = 2 * (world_size - 1), 2 * (world_size - 1) / world_size
+    big = max(range(len(sizes_bytes)), key=lambda i: sizes_bytes[i])
+    if slope <= 0:  # pure noise: take the largest message's busbw, which already includes its latency
+        slope = times_s[big] / sizes_bytes[big]
+    if intercept > 0:
+        return AlphaBeta(wire / slope, intercept / steps, "fit")
+    small = min(range(len(sizes_bytes)), key=lambda i: sizes_bytes[i])
+    return AlphaBeta(wire / slope, times_s[small] / steps, "smallest message")
+
+
+@dataclass(frozen=True)
+class CollectiveResult:
+    backend: str
+    world_size: int
+    sizes_bytes: tuple[int, ...]
+    times_s: tuple[float, ...]  # per all_reduce, slowest rank, best trial
+    fit: AlphaBeta
+
+    def busbw_bytes_per_s(self, i: int) -> float:
+        n = self.world_size
+        return 2 * (n - 1) / n * self.sizes_bytes[i] / self.times_s[i]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_worker(rank: int, world_size: int, port: int, backend: str, sizes: Sequence[int],
+                       target_s: float, threads: int, queue) -> None:
+    """One rank: time back-to-back all_reduces per size; rank 0 reports the slowest rank's time."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        device, bound = torch.device("cpu"), {}
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+            bound = {"device_id": device}  # binds the communicator to this GPU (barrier needs to know it)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, **bound)
+        sync = (lambda: torch.cuda.synchronize(device)) if backend == "nccl" else (lambda: None)
+        times = []
+        for size in sizes:
+            buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+            dist.all_reduce(buf)  # warm-up: connection setup, buffer registration
+            sync()
+            start = time.perf_counter()
+            dist.all_reduce(buf)
+            sync()
+            # Every rank must run the same number of iterations: agree on the slowest rank's estimate.
+            probe = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+            dist.all_reduce(probe, op=dist.ReduceOp.MAX)
+            iters = int(min(200, max(3, target_s / max(probe.item(), 1e-7))))
+            best = math.inf
+            for _ in range(3):
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    dist.all_reduce(buf)
+                sync()
+                best = min(best, (time.perf_counter() - start) / iters)
+            slowest = torch.tensor([best], dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            times.append(slowest.item())
+        dist.destroy_process_group()
+        if rank == 0:
+            queue.put(("ok", times))
+    except BaseException as exc:  # reported to the parent, which decides; a rank must not hang silently
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def _wait_for_result(queue, procs, *, timeout_s: float) -> tuple[str, object]:
+    """Rank 0's result or the first error; a rank that dies without a word ends the wait early."""
+    import queue as queue_mod
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except queue_mod.Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                return "error", f"rank {dead[0]} exited with code {procs[dead[0]].exitcode}"
+    return "error", f"no result within {timeout_s:.0f} s (a rank hung)"
+
+
+def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backend: str,
+                                 target_s: float = 0.2, threads: int = 1, timeout_s: float = 120.0
+                                 ) -> CollectiveResult:
+    """Spawn `world_size` local ranks (127.0.0.1, a free port; gloo on CPU, nccl with one GPU per rank),
+    time all_reduce of fp32 buffers of each size in `sizes` (bytes) for about `target_s` per trial, and
+    fit the alpha-beta model."""
+    import multiprocessing as mp
+
+    if world_size < 2:
+        raise ValueError("a collective needs at least 2 ranks")
+    ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe; spawn gives clean ranks
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_collective_worker, daemon=True,
+                         args=(r, world_size, port, backend, list(sizes), target_s, threads, queue))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    if status != "ok":
+        raise ProbeFailed(f"{backend} all_reduce over {world_size} local ranks failed: {payload}")
+    sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)
+    return CollectiveResult(backend, world_size, sizes_t, tuple(payload),
+                            fit_alpha_beta(sizes_t, payload, world_size=world_size))
+
+
+# --------------------------------------------------------------------------------------------- profile
+@dataclass(frozen=True)
+class Measurements:
+    """Everything `build_profile` needs. `ranks` is GPUs per node (CPU ranks on a CPU host);
+    `collective` is None with one rank, `host_device` None on a CPU host."""
+
+    host: HostInfo
+    gpus: GpuScan
+    ranks: int
+    memory: MemoryBandwidth
+    flops: FlopRates
+    collective: CollectiveResult | None
+    host_device: HostDeviceBandwidth | None
+
+
+def inter_node_link(gbps: float | None, *, ranks: int) -> tuple[float, float]:
+    """(bytes/s per rank, latency s) for a node NIC line rate of `gbps` Gbit/s shared by `ranks`."""
+    gbps = DEFAULT_INTER_NODE_GBPS if gbps is None else gbps
+    latency = INFINIBAND_LATENCY_S if gbps > INFINIBAND_FROM_GBPS else ETHERNET_LATENCY_S
+    return gbps * 1e9 / 8 * NIC_EFFICIENCY / ranks, latency
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "host"
+
+
+def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: float | None = None) -> Hardware:
+    """A `Hardware` for this node from measurements; what cannot be measured on one host (the inter-node
+    link) comes from `inter_node_gbps` (node NIC line rate, Gbit/s) or DEFAULT_INTER_NODE_GBPS."""
+    on_gpu = m.host_device is not None
+    if on_gpu:
+        gpu_memory = min(g.memory_bytes for g in m.gpus.gpus[: m.ranks])
+        host_device = m.host_device.bytes_per_s
+    else:
+        gpu_memory = max(GIB, (m.host.memory_bytes - CPU_RESERVED_BYTES) // m.ranks)
+        # A CPU rank's "device" memory is host RAM: one rank's share of the copy rate, in bytes copied/s.
+        host_device = m.memory.copy_bytes_per_s / 2 / m.ranks
+    if m.collective is not None:
+        intra_bw, intra_latency = m.collective.fit.busbw_bytes_per_s, m.collective.fit.latency_s
+    else:  # one rank: no intra-node collective ever runs; keep the fields positive and harmless
+        intra_bw, intra_latency = host_device, SINGLE_RANK_LATENCY_S
+    inter_bw, inter_latency = inter_node_link(inter_node_gbps, ranks=m.ranks)
+    gpu_names = sorted({g.name for g in m.gpus.gpus[: m.ranks]}) if on_gpu else []
+    what = f"{m.ranks}x {' / '.join(gpu_names)}" if on_gpu else f"{m.ranks} CPU ranks on {m.host.cpu_cores} cores"
+    return Hardware(
+        name=name or f"probed-{_sanitize(m.host.hostname)}",
+        gpus_per_node=m.ranks,
+        gpu_memory_bytes=int(gpu_memory),
+        peak_flops_bf16=m.flops.bf16_flops_per_s,
+        peak_flops_fp32=m.flops.fp32_flops_per_s,
+        intra_node_bw_bytes_per_s=intra_bw,
+        intra_node_latency_s=intra_latency,
+        inter_node_bw_bytes_per_s=inter_bw,
+        inter_node_latency_s=inter_latency,
+        host_device_bw_bytes_per_s=host_device,
+        host_memory_bytes=m.host.memory_bytes,
+        host_memory_bw_bytes_per_s=max(m.memory.copy_bytes_per_s, m.memory.triad_bytes_per_s),
+        cpu_cores=m.host.cpu_cores,
+        source=f"ztune probe on {m.host.hostname} ({what}); see the comment on each field",
+    )
+
+
+def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dict[str, str]:
+    """For each numeric Hardware field: "measured: ...", "read: ..." or "assumed: ..."."""
+    on_gpu = m.host_device is not None
+    gbps = DEFAULT_INTER_NODE_GBPS if inter_node_gbps is None else inter_node_gbps
+    given = "--inter-node-gbps" if inter_node_gbps is not None else "default, pass --inter-node-gbps"
+    inter = (f"assumed: one host cannot measure it; {gbps:g} Gbit/s per node ({given}) x {NIC_EFFICIENCY:.0%} "
+             f"achievable / {m.ranks} ranks")
+    c = m.collective
+    f = m.flops
+    notes = {
+        "gpus_per_node": f"read: {m.gpus.status}" if on_gpu else f"read: {m.ranks} CPU ranks ({m.gpus.status})",
+        "gpu_memory_bytes": "read: NVML memory total, smallest GPU" if on_gpu else
+        f"assumed: RAM less {CPU_RESERVED_BYTES // GIB} GiB, split over {m.ranks} CPU ranks",
+        "peak_flops_bf16": f"measured: bf16 {f.matrix_size}^2 matmul on {f.device} (achieved, <= datasheet peak)",
+        "peak_flops_fp32": f"measured: fp32 {f.matrix_size}^2 matmul on {f.device}, TF32 off (achieved)",
+        "inter_node_bw_bytes_per_s": inter,
+        "inter_node_latency_s": "assumed: " + ("InfiniBand-class" if gbps > INFINIBAND_FROM_GBPS else "TCP/Ethernet")
+        + " per-step latency",
+        "host_memory_bytes": "read: psutil total RAM",
+        "host_memory_bw_bytes_per_s": f"measured: STREAM copy/triad with {m.memory.threads} threads, best",
+        "cpu_cores": "read: psutil physical cores",
+    }
+    if c is not None:
+        notes["intra_node_bw_bytes_per_s"] = (f"measured: {c.backend} all_reduce busbw, {c.world_size} ranks, "
+                                              f"alpha-beta fit over {len(c.sizes_bytes)} sizes")
+        notes["intra_node_latency_s"] = f"measured: alpha per ring step ({c.fit.latency_from})"
+    else:
+        notes["intra_node_bw_bytes_per_s"] = "assumed: 1 rank, no collective to measure; set to host<->device"
+        notes["intra_node_latency_s"] = "assumed: 1 rank, never used"
+    notes["host_device_bw_bytes_per_s"] = ("measured: pinned copies, slower of h2d/d2h" if on_gpu else
+                                           "assumed: no device; each CPU rank's share of the memory copy rate")
+    return notes
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4e}"  # always has a dot and a signed exponent: a YAML 1.1 float
+    return json.dumps(str(value))  # a JSON string is a valid YAML double-quoted scalar
+
+
+def to_yaml(hw: Hardware, notes: dict[str, str] | None = None) -> str:
+    """The profile as YAML in the layout of profiles/hardware/*.yaml (one field a line, comments)."""
+    notes = notes or {}
+    lines = ["# Hardware profile written by `ztune probe`. Each comment says whether the value was",
+             "# measured on this host, read from the system, or assumed. Edit the assumed ones if you know better."]
+    for field in dataclasses.fields(Hardware):
+        line = f"{field.name}: {_scalar(getattr(hw, field.name))}"
+        note = notes.get(field.name, "").replace("\n", " ")
+        lines.append(f"{line:<44}# {note}" if note else line)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- orchestrator
+@dataclass(frozen=True)
+class ProbePlan:
+    """Sizes and repeats; `quick` keeps the whole probe to seconds (small, cache-resident-ish buffers)."""
+
+    memory_bytes: int
+    matmul_size_cpu: int
+    matmul_size_gpu: int
+    collective_sizes: tuple[int, ...]
+    collective_target_s: float
+    host_device_bytes: int
+    repeats: int
+
+
+def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
+    kib, mib = 1 << 10, 1 << 20
+    if quick:
+        return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05, 64 * mib, 3)
+    top = 1024 * mib if on_gpu else 64 * mib  # gloo over loopback is ~1 GB/s: 64 MiB already costs 0.1 s
+    sizes = tuple(s for s in (4**i * 4 * kib for i in range(12)) if s <= top)
+    return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5)
+
+
+def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None
+                ) -> Measurements:
+    """Read the host, then measure memory, matmul, collectives and (with CUDA) host<->device copies.
+    `on_step(label)` is called before each measurement (the CLI drives a progress bar with it)."""
+    from ztune.errors import UserError
+
+    on_step("reading GPUs (NVML) and host (psutil)")
+    gpus, host = read_gpus(), read_host()
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if gpus.gpus and not on_gpu:
+        raise ProbeFailed(f"{gpus.status} but torch.cuda is not available (a CPU-only torch build, or "
+                          "CUDA_VISIBLE_DEVICES hides them): install a CUDA build of torch to probe the GPUs")
+    available = torch.cuda.device_count() if on_gpu else None
+    ranks = ranks if ranks is not None else (available or 2)
+    if ranks < 1 or (available is not None and ranks > available):
+        limit = f"1..{available} (GPUs visible)" if available else ">= 1"
+        raise UserError(f"--ranks {ranks}: must be {limit}")
+    if on_gpu and not gpus.gpus:  # CUDA without NVML (unusual): take sizes from torch instead
+        props = [torch.cuda.get_device_properties(i) for i in range(available)]
+        gpus = GpuScan(tuple(GpuInfo(i, p.name, p.total_memory) for i, p in enumerate(props)),
+                       f"{available} CUDA GPU(s) (NVML unavailable)")
+    plan = plan_for(quick=quick, on_gpu=on_gpu)
+    threads_per_rank = 1 if on_gpu else max(1, host.cpu_cores // ranks)
+
+    on_step(f"host memory bandwidth ({plan.memory_bytes >> 20} MiB arrays)")
+    memory = measure_host_memory_bandwidth(size_bytes=plan.memory_bytes, repeats=plan.repeats)
+    if on_gpu:
+        devices = ["cuda:0"] if quick else [f"cuda:{i}" for i in range(ranks)]
+        on_step(f"matmul FLOP/s on {len(devices)} GPU(s)")
+        per_device = [measure_matmul_flops(device=d, matrix_size=plan.matmul_size_gpu, repeats=plan.repeats)
+                      for d in devices]
+        flops = min(per_device, key=lambda r: r.bf16_flops_per_s)
+    else:
+        on_step(f"matmul FLOP/s on one CPU rank ({threads_per_rank} thread(s))")
+        flops = measure_matmul_flops(device="cpu", matrix_size=plan.matmul_size_cpu, repeats=plan.repeats,
+                                     threads=threads_per_rank)
+    collective = None
+    if ranks >= 2:
+        backend = "nccl" if on_gpu else "gloo"
+        on_step(f"{backend} all_reduce, {ranks} local ranks, {len(plan.collective_sizes)} sizes")
+        collective = measure_collective_bandwidth(world_size=ranks, sizes=plan.collective_sizes, backend=backend,
+                                                  target_s=plan.collective_target_s, threads=threads_per_rank)
+    host_device = None
+    if on_gpu:
+        on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")
+        host_device = measure_host_device_bandwidth(size_bytes=plan.host_device_bytes, repeats=plan.repeats)
+    return Measurements(host, gpus, ranks, memory, flops, collective, host_device)
