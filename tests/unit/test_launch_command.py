@@ -1,0 +1,159 @@
+"""Per-host commands as argv lists: quoting, environment filtering, ssh options, interface choice, preflight
+verdicts, and the CLI's bad-input paths (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from ztune.cli import main as cli_main
+from ztune.launch.command import (
+    LaunchError,
+    build_command,
+    filter_env,
+    parse_env_assignment,
+    parse_env_file,
+    remote_shell_command,
+)
+from ztune.launch.netif import Interface, choose_interface
+from ztune.launch.preflight import HostReport, find_failures
+from ztune.launch.ssh import SshOptions, ssh_argv
+
+EVIL = "x; touch /tmp/ztune-pwned $(id) `id` 'sq' \"dq\" $HOME \\ | & > <"
+
+
+def _cmd(**over):
+    kw = dict(python="/venv/bin/python", host="node2", node_rank=1, num_nodes=2, nproc_per_node=2,
+              master_addr="10.0.0.1", master_port=29500, run_id="ztune-x", workdir="/w d", run_root="/tmp/r",
+              script="train.py", script_args=["--lr", "3"], env={"NCCL_DEBUG": "INFO"})
+    kw.update(over)
+    return build_command(**kw)
+
+
+def test_torchrun_arguments_for_a_node() -> None:
+    cmd = _cmd(ifname="eth1", local_addr="10.0.0.2", config_suffix=".json", visible_devices=[2, 3])
+    argv = list(cmd.argv)
+    run = argv[argv.index("torch.distributed.run") - 2:]
+    assert run[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    for flag in ("--nnodes=2", "--node-rank=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                 "--rdzv-endpoint=10.0.0.1:29500", "--rdzv-id=ztune-x", "--rdzv-conf=is_host=0",
+                 "--max-restarts=0", "--local-addr=10.0.0.2"):
+        assert flag in run
+    assert run[-3:] == ["train.py", "--lr", "3"]
+    env = dict(a.split("=", 1) for a in argv[argv.index("env") + 1:argv.index("/venv/bin/python", 1)])
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "eth1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["NCCL_DEBUG"] == "INFO"
+    assert env["ZTUNE_CONFIG"] == cmd.config_path == "/tmp/r/ztune-x/node1/config.json"
+    assert argv[:4] == ["/venv/bin/python", "-m", "ztune.launch.ssh", "run"]
+    assert "--rdzv-conf=is_host=1" in _cmd(node_rank=0).argv
+
+
+def test_hostile_values_survive_the_remote_shell_literally(tmp_path) -> None:
+    """What ssh hands to the remote login shell, run by a real sh: every word arrives unchanged."""
+    probe = [sys.executable, "-c", "import sys, json, os; print(json.dumps([sys.argv[1:], os.getcwd()]))",
+             EVIL, f"--name={EVIL}", "", "-"]
+    work = tmp_path / EVIL.replace("/", "_")
+    work.mkdir()
+    line = remote_shell_command(workdir=str(work), argv=probe)
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
+    args, cwd = json.loads(out)
+    assert args == [EVIL, f"--name={EVIL}", "", "-"] and cwd == str(work)
+    env_cmd = _cmd(env={"ZTUNE_X": EVIL}, script_args=[EVIL])
+    assert f"ZTUNE_X={EVIL}" in env_cmd.argv and env_cmd.argv[-1] == EVIL
+    assert shlex.split(remote_shell_command(workdir="/w", argv=env_cmd.argv))[4:] == list(env_cmd.argv)
+
+
+def test_env_filter_file_and_assignments() -> None:
+    environ = {"NCCL_IB_HCA": "mlx5", "GLOO_X": "1", "CUDA_HOME": "/c", "PYTHONPATH": "/p", "ZTUNE_A": "b",
+               "HOME": "/root", "SSH_AUTH_SOCK": "/s", "LD_LIBRARY_PATH": "/l", "ZTUNE_LAUNCH_TAG": "t"}
+    assert sorted(filter_env(environ)) == ["CUDA_HOME", "GLOO_X", "NCCL_IB_HCA", "PYTHONPATH", "ZTUNE_A"]
+    assert parse_env_assignment("K=a=b;$(c)") == ("K", "a=b;$(c)")
+    assert parse_env_file("# c\n\nA=1\nB= two words \n") == {"A": "1", "B": " two words"}
+    for bad in ("NOEQUALS", "1X=2", "A-B=3", "=v"):
+        with pytest.raises(LaunchError):
+            parse_env_assignment(bad)
+    with pytest.raises(LaunchError, match="line 2"):
+        parse_env_file("A=1\nbad line\n")
+
+
+def test_ssh_argv_keeps_host_keys_checked_and_hostname_as_data() -> None:
+    argv = ssh_argv(host="-oProxyCommand=x", remote_command="true", opts=SshOptions(config_file="/cfg"))
+    assert argv[argv.index("--") + 1] == "-oProxyCommand=x"  # after "--": never an option
+    assert "BatchMode=yes" in argv and "-F" in argv
+    assert not any("StrictHostKeyChecking" in a for a in argv)
+    user = ssh_argv(host="h", remote_command="true", opts=SshOptions(options=("BatchMode=no",),
+                                                                     insecure_no_host_key_check=True))
+    assert user.index("BatchMode=no") < user.index("BatchMode=yes")  # ssh keeps the first value: the user's
+    assert "StrictHostKeyChecking=no" in user
+
+
+ROUTE_REMOTE = "10.77.0.11 dev veth2 src 10.77.0.12 uid 0 \\    cache "
+ROUTE_LOCAL = "local 10.77.0.11 dev lo src 10.77.0.11 uid 0 \\    cache <local> "
+ADDRS = ("1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n"
+         "2: veth1    inet 10.77.0.11/24 scope global veth1\\       valid_lft forever preferred_lft forever\n")
+
+
+def test_interface_is_the_route_to_the_head() -> None:
+    assert choose_interface(route_output=ROUTE_REMOTE, addr_output="", head_addr="10.77.0.11") == \
+        Interface("veth2", "10.77.0.12")
+    # On the head itself the route goes through lo; the interface owning the address is what others reach.
+    assert choose_interface(route_output=ROUTE_LOCAL, addr_output=ADDRS, head_addr="10.77.0.11") == \
+        Interface("veth1", "10.77.0.11")
+    assert choose_interface(route_output="", addr_output=ADDRS, head_addr="10.77.0.11") is None
+    assert choose_interface(route_output="local 127.0.0.1 dev lo", addr_output=ADDRS,
+                            head_addr="127.0.0.1") == Interface("lo", "127.0.0.1")
+
+
+def test_preflight_failures_table() -> None:
+    good = HostReport(host="a", python="3.11.7", torch="2.13.0", ztune="0.1.0", workdir_ok=True, script_ok=True,
+                      port_free=False, interface=Interface("eth0", "10.0.0.1"))
+    bad = HostReport(host="b", python="3.10.1", torch=None, ztune="0.1.0", workdir_ok=False)
+    gone = HostReport(host="c", error="ssh failed: Connection timed out")
+    expected = {"python": "3.11.7", "torch": "2.13.0", "ztune": "0.1.0"}
+    rows = find_failures([good, bad, gone], expected=expected, workdir="/w", script="t.py", port=29500,
+                         python="/py", need_interface=True)
+    assert [(f.host, f.check) for f in rows] == [
+        ("a", "rendezvous port"), ("b", "python version"), ("b", "torch version"), ("b", "working directory"),
+        ("b", "network interface"), ("c", "reachable")]
+    assert "not installed" in rows[2].detail
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    cap = capsys.readouterr()
+    return info.value.code, cap.out + cap.err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--env", "NOPE", "s.py"], "KEY=VALUE"),
+    (["missing.py"], "not found"),
+    (["--include", "ghost", "s.py"], "not in the host list"),
+    (["--hostfile", "/nonexistent/hosts", "s.py"], "cannot be read"),
+    (["--master-port", "70000", "s.py"], "not a TCP port"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, extra, needle) -> None:
+    (tmp_path / "s.py").write_text("print('hi')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    code, out = _cli(["launch", *extra], capsys)
+    assert code == 2 and needle in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_dry_run_prints_each_hosts_command(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / "hosts").write_text("n1 slots=2\nn2 slots=2\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(["launch", "-H", "hosts", "--master-addr", "10.9.9.9", "--dry-run", "--nproc-per-node", "1",
+                      "t.py", "--", "--lr", EVIL], capsys)
+    assert code == 0
+    lines = [shlex.split(line) for line in out.splitlines() if line.startswith("ssh ")]
+    assert [a[a.index("--") + 1] for a in lines] == ["n1", "n2"]
+    remote = shlex.split(lines[1][-1])  # the remote shell line, itself quoted word by word
+    assert remote[-3:] == ["t.py", "--lr", EVIL] and "--node-rank=1" in remote
+    assert "--rdzv-endpoint=10.9.9.9:29500" in remote

@@ -1,0 +1,148 @@
+"""`ztune launch [options] SCRIPT [-- SCRIPT ARGS]`: run SCRIPT with torchrun on every host, over SSH."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Annotated
+
+import typer
+
+from ztune.console import console, err_console, table
+
+# Everything after SCRIPT belongs to the script (like torchrun): no interspersed options, unknown ones kept.
+COMMAND_SETTINGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
+                                         "allow_interspersed_args": False}}
+
+
+def launch(
+    script: Annotated[str, typer.Argument(help="Training script, relative to the working directory.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments for the script (after an optional --).")]
+    = None,
+    hostfile: Annotated[str | None, typer.Option("--hostfile", "-H",
+                                                 help="DeepSpeed-style hostfile: 'hostname slots=N' lines.")] = None,
+    include: Annotated[str | None, typer.Option(help="Only these hosts/slots, e.g. 'node1:0,1@node2'.")] = None,
+    exclude: Annotated[str | None, typer.Option(help="Drop these hosts/slots, e.g. 'node3@node1:1'.")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Use the first N hosts.")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(help="Ranks per host (default: its slots).")] = None,
+    master_addr: Annotated[str | None, typer.Option(help="Head address for the rendezvous "
+                                                    "(default: the first host's address).")] = None,
+    master_port: Annotated[int, typer.Option(help="Rendezvous port on the head.")] = 29500,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Training config (ztune YAML or "
+                                               "DeepSpeed JSON), exported to the script as ZTUNE_CONFIG.")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for every rank "
+                                                  "(repeatable).")] = None,
+    workdir: Annotated[str | None, typer.Option(help="Working directory on every host (default: here).")] = None,
+    python: Annotated[str | None, typer.Option(help="Python on the hosts (default: this one's).")] = None,
+    ifname: Annotated[str | None, typer.Option(help="Network interface for gloo/NCCL on every host "
+                                               "(default: the one routing to the head, per host).")] = None,
+    ssh_config: Annotated[str | None, typer.Option("--ssh-config", "-F", help="ssh config file (ssh -F).")]
+    = None,
+    ssh_option: Annotated[list[str] | None, typer.Option("--ssh-option", "-o",
+                                                         help="Extra ssh -o KEY=VALUE (repeatable).")] = None,
+    insecure_no_host_key_check: Annotated[bool, typer.Option(
+        help="Do not check ssh host keys (StrictHostKeyChecking=no). Only on networks you trust.")] = False,
+    log_dir: Annotated[str | None, typer.Option(help="Also write each host's lines to DIR/<host>.log.")] = None,
+    grace: Annotated[float, typer.Option("--grace", help="Seconds between SIGTERM and SIGKILL at teardown.")]
+    = 5.0,
+    preflight_timeout: Annotated[float, typer.Option(help="Seconds the preflight may take per host.")] = 8.0,
+    run_root: Annotated[str, typer.Option(help="Directory on each host for the run's files.")]
+    = "/tmp/ztune-runs",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each host's command and exit.")] = False,
+) -> None:
+    """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
+    from ztune.launch import LaunchRequest, plan_launch
+    from ztune.launch.command import LaunchError
+    from ztune.launch.ssh import SshOptions
+
+    script_args = list(args or [])
+    if script_args[:1] == ["--"]:
+        script_args = script_args[1:]
+    if grace < 0 or preflight_timeout <= 0:
+        raise LaunchError("--grace must be >= 0 and --preflight-timeout > 0 (seconds)")
+    connect_s = max(1, int(preflight_timeout / 2))
+    req = LaunchRequest(
+        script=script, script_args=tuple(script_args), hostfile=hostfile, include=include, exclude=exclude,
+        num_nodes=num_nodes, nproc_per_node=nproc_per_node, master_addr=master_addr, master_port=master_port,
+        config=config, env=tuple(env or ()), workdir=workdir, python=python, ifname=ifname,
+        ssh=SshOptions(config_file=ssh_config, options=tuple(ssh_option or ()), connect_timeout_s=connect_s,
+                       insecure_no_host_key_check=insecure_no_host_key_check),
+        run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout)
+    plan = plan_launch(req)
+    if dry_run:
+        _print_dry_run(plan)
+        return
+    interfaces = _preflight(plan)
+    raise typer.Exit(_supervise(plan, interfaces, log_dir=log_dir))
+
+
+def _print_dry_run(plan) -> None:
+    from ztune.launch import node_commands, start_argv
+
+    interfaces = [(None, None)] * len(plan.hosts)
+    mode = "local" if plan.local else f"{len(plan.hosts)} host(s) over ssh"
+    console.print(f"# ztune launch dry run: {mode}, rendezvous {plan.head_addr}:{plan.request.master_port}, "
+                  f"run id {plan.run_id}", markup=False, soft_wrap=True)
+    if not plan.request.ifname and not plan.local:
+        console.print("# GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME and --local-addr are detected per host by the "
+                      "preflight (or set with --ifname)", markup=False, soft_wrap=True)
+    if plan.config_text is not None:
+        console.print(f"# stdin of each command carries the config ({len(plan.config_text)} chars) written "
+                      f"to $ZTUNE_CONFIG", markup=False, soft_wrap=True)
+    for cmd in node_commands(plan, interfaces=interfaces):
+        console.print(f"# node {cmd.node_rank}: {cmd.host}", markup=False, soft_wrap=True)
+        console.print(shlex.join(start_argv(plan, cmd)), markup=False, soft_wrap=True, highlight=False)
+
+
+def _preflight(plan) -> list[tuple[str | None, str | None]]:
+    from ztune.launch import ssh_options
+    from ztune.launch.preflight import find_failures, local_versions, run_preflight
+
+    req = plan.request
+    t0 = time.monotonic()
+    reports = run_preflight(hosts=[h.name for h in plan.hosts], local=plan.local, python=plan.python,
+                            workdir=plan.workdir, script=req.script, port=req.master_port,
+                            head_addr=plan.head_addr, ssh=ssh_options(req), timeout_s=req.preflight_timeout_s)
+    elapsed_s = time.monotonic() - t0
+    failures = find_failures(reports, expected=local_versions(), workdir=plan.workdir, script=req.script,
+                             port=req.master_port, python=plan.python,
+                             need_interface=not plan.local and not req.ifname and len(plan.hosts) > 1)
+    if failures:
+        err_console.print(table(f"preflight failed ({elapsed_s:.1f} s): nothing was started",
+                                ["host", "check", "problem"], [(f.host, f.check, f.detail) for f in failures]))
+        raise typer.Exit(1)
+    interfaces = [((r.interface.name, r.interface.addr) if r.interface else (None, None)) for r in reports]
+    detail = ", ".join(f"{h.name}={i[0] or '-'}" for h, i in zip(plan.hosts, interfaces, strict=True))
+    err_console.print(f"preflight ok: {len(reports)} host(s) in {elapsed_s:.1f} s; interfaces {detail}",
+                      markup=False, soft_wrap=True)
+    return interfaces
+
+
+def _supervise(plan, interfaces, *, log_dir: str | None) -> int:
+    from rich.live import Live
+    from rich.text import Text
+
+    from ztune.launch import header_line, node_commands, reap_argv, start_argv
+    from ztune.launch.supervise import NodeLaunch, Supervisor, plain_printer
+
+    header = header_line(plan)
+    nodes = []
+    for cmd, host in zip(node_commands(plan, interfaces=interfaces), plan.hosts, strict=True):
+        nodes.append(NodeLaunch(command=cmd, start_argv=tuple(start_argv(plan, cmd)),
+                                reap_argv=tuple(reap_argv(plan, cmd)), num_ranks=host.num_slots,
+                                header=header, cwd=plan.workdir if plan.local else None))
+    err_console.print(f"run {plan.run_id}: {sum(n.num_ranks for n in nodes)} rank(s) on {len(nodes)} host(s), "
+                      f"rendezvous {plan.head_addr}:{plan.request.master_port}", markup=False, soft_wrap=True)
+    if console.is_terminal:
+        with Live(Text(""), console=console, transient=True, refresh_per_second=4) as live:
+            sup = Supervisor(nodes, grace_s=plan.request.grace_s, log_dir=log_dir,
+                             print_line=lambda s: live.console.print(Text(s), soft_wrap=True),
+                             set_status=lambda s: live.update(Text(s, style="bold cyan")))
+            outcome = sup.run()
+    else:
+        sup = Supervisor(nodes, grace_s=plan.request.grace_s, log_dir=log_dir, print_line=plain_printer)
+        outcome = sup.run()
+    if outcome.code:
+        err_console.print(f"[bold red]ztune launch failed:[/] {outcome.reason} (exit {outcome.code})",
+                          soft_wrap=True)
+    return outcome.code

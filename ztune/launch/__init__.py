@@ -1,0 +1,223 @@
+"""`ztune launch`: the same job on every host over SSH (or torchrun on this host alone), one log stream.
+
+The orchestrator: hosts (hostfile / Slurm / local) -> preflight -> per-host commands -> supervise. The pieces
+it calls are pure (hostfile, command, netif) or small and separate (ssh, preflight, supervise).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ztune.errors import UserError
+from ztune.launch.command import (
+    ENV_FILE_NAME,
+    LaunchError,
+    NodeCommand,
+    build_command,
+    filter_env,
+    parse_env_assignment,
+    parse_env_file,
+    remote_shell_command,
+)
+from ztune.launch.hostfile import Host, apply_filters, hosts_from_slurm, limit_hosts, parse_hostfile
+
+if TYPE_CHECKING:
+    from ztune.launch.ssh import SshOptions
+
+# Not imported here at module level: `python -m ztune.launch.ssh` (the node side) imports this package first.
+__all__ = ["LaunchRequest", "LaunchPlan", "plan_launch", "LOCAL_HOST"]
+
+LOCAL_HOST = "localhost"
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything `ztune launch` was asked to do (flags, already typed)."""
+
+    script: str
+    script_args: tuple[str, ...] = ()
+    hostfile: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    num_nodes: int | None = None
+    nproc_per_node: int | None = None
+    master_addr: str | None = None
+    master_port: int = 29500
+    config: str | None = None
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    python: str | None = None
+    ifname: str | None = None
+    ssh: SshOptions | None = None  # None: SshOptions()
+    run_root: str = "/tmp/ztune-runs"
+    grace_s: float = 5.0
+    preflight_timeout_s: float = 8.0
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Resolved hosts and settings, before the preflight fills in per-host interfaces."""
+
+    request: LaunchRequest
+    hosts: tuple[Host, ...]
+    local: bool
+    python: str
+    workdir: str
+    head_addr: str | None
+    run_id: str
+    env: dict[str, str]
+    config_suffix: str | None
+    config_text: str | None
+    slot_filter: bool  # --include/--exclude named slots: pin CUDA_VISIBLE_DEVICES to them
+
+
+def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:
+    """Hosts from --hostfile, else from a Slurm allocation, else this host alone (local mode)."""
+    if req.hostfile:
+        try:
+            text = Path(req.hostfile).read_text()
+        except OSError as exc:
+            raise UserError(f"hostfile {req.hostfile!r} cannot be read ({exc.strerror}); check the path") from None
+        hosts, local = parse_hostfile(text, source=req.hostfile), False
+    elif (slurm := hosts_from_slurm(dict(environ))) is not None:
+        hosts, local = slurm, False
+    else:
+        hosts, local = [Host(name=LOCAL_HOST, slots=(0,))], True
+    hosts = apply_filters(hosts, include=req.include, exclude=req.exclude)
+    hosts = limit_hosts(hosts, num_nodes=req.num_nodes, nproc_per_node=req.nproc_per_node)
+    return hosts, local
+
+
+def merged_env(req: LaunchRequest, environ: Mapping[str, str], *, workdir: str) -> dict[str, str]:
+    """Propagated prefixes < ~/.ztune_env < <workdir>/.ztune_env < --env (later wins)."""
+    env = filter_env(environ)
+    for path in (Path.home() / ENV_FILE_NAME, Path(workdir) / ENV_FILE_NAME):
+        if path.is_file():
+            env.update(parse_env_file(path.read_text(), source=str(path)))
+    for item in req.env:
+        key, value = parse_env_assignment(item)
+        env[key] = value
+    return env
+
+
+def _ssh_hostname(host: str, opts: SshOptions) -> str:
+    """The address ssh would connect to for `host` (after ~/.ssh/config's HostName), or `host`."""
+    argv = [opts.ssh_binary, "-G"] + (["-F", opts.config_file] if opts.config_file else []) + ["--", host]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "hostname" and value:
+            return value.strip()
+    return host
+
+
+def resolve_head_addr(host: str, *, opts: SshOptions, num_hosts: int) -> str | None:
+    """The head's IP as the other hosts should reach it; None if it cannot be resolved here."""
+    name = _ssh_hostname(host.rpartition("@")[2], opts)
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return None
+    addrs = [i[4][0] for i in infos]
+    addr = next((a for a in addrs if ":" not in a), addrs[0])
+    if num_hosts > 1 and (addr.startswith("127.") or addr == "::1"):
+        raise UserError(f"head host {host!r} resolves to {addr} on this machine, which the other hosts cannot "
+                        f"reach; pass --master-addr with the head's network address")
+    return addr
+
+
+def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Check the request and resolve hosts, head address, environment and config (no remote contact)."""
+    environ = dict(os.environ if environ is None else environ)
+    hosts, local = resolve_hosts(req, environ)
+    workdir = os.path.abspath(req.workdir or os.getcwd())
+    if local and not os.path.isdir(workdir):
+        raise LaunchError(f"working directory {workdir!r} does not exist")
+    if os.path.isdir(workdir) and not os.path.isfile(os.path.join(workdir, req.script)):
+        raise LaunchError(f"script {req.script!r} not found in {workdir}; check the path")
+    if req.script.startswith("-"):
+        raise LaunchError(f"script {req.script!r} looks like an option; put ztune's options before the script")
+    if not 1 <= req.master_port <= 65535:
+        raise LaunchError(f"--master-port {req.master_port} is not a TCP port (1-65535)")
+    env = merged_env(req, environ, workdir=workdir)
+    config_suffix = config_text = None
+    if req.config:
+        from ztune.config.io import load
+
+        load(req.config)  # fail here, with the loader's message, not on every host
+        config_text = Path(req.config).read_text()
+        config_suffix = ".json" if req.config.endswith(".json") else ".yaml"
+    if local:
+        head_addr = req.master_addr or "127.0.0.1"
+    else:
+        head_addr = req.master_addr or resolve_head_addr(hosts[0].name, opts=ssh_options(req), num_hosts=len(hosts))
+    run_id = f"ztune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    import sys
+
+    return LaunchPlan(request=req, hosts=tuple(hosts), local=local, python=req.python or sys.executable,
+                      workdir=workdir, head_addr=head_addr, run_id=run_id, env=env,
+                      config_suffix=config_suffix, config_text=config_text,
+                      slot_filter=bool(req.include or req.exclude))
+
+
+def node_commands(plan: LaunchPlan, *, interfaces: Sequence[tuple[str | None, str | None]]) -> list[NodeCommand]:
+    """Per-host commands; `interfaces[i]` is (ifname, local address) for host i."""
+    req = plan.request
+    out = []
+    for rank, (host, (ifname, addr)) in enumerate(zip(plan.hosts, interfaces, strict=True)):
+        out.append(build_command(
+            python=plan.python, host=host.name, node_rank=rank, num_nodes=len(plan.hosts),
+            nproc_per_node=host.num_slots, master_addr=plan.head_addr or host.name,
+            master_port=req.master_port, run_id=plan.run_id, workdir=plan.workdir, run_root=req.run_root,
+            script=req.script, script_args=req.script_args, env=plan.env, ifname=req.ifname or ifname,
+            local_addr=addr, visible_devices=host.slots if plan.slot_filter else None,
+            config_suffix=plan.config_suffix, grace_s=req.grace_s))
+    return out
+
+
+def start_argv(plan: LaunchPlan, cmd: NodeCommand) -> list[str]:
+    """What this machine runs to start `cmd`: ssh to the host, or (local mode) the node wrapper itself."""
+    from ztune.launch.ssh import ssh_argv
+
+    if plan.local:
+        return list(cmd.argv)
+    return ssh_argv(host=cmd.host, remote_command=remote_shell_command(workdir=cmd.workdir, argv=cmd.argv),
+                    opts=ssh_options(plan.request))
+
+
+def reap_argv(plan: LaunchPlan, cmd: NodeCommand) -> list[str]:
+    argv = [plan.python, "-m", "ztune.launch.ssh", "reap", "--tag", f"{plan.run_id}:{cmd.node_rank}",
+            "--run-dir", cmd.run_dir, "--grace-s", f"{plan.request.grace_s:g}"]
+    from ztune.launch.ssh import ssh_argv
+
+    if plan.local:
+        return argv
+    return ssh_argv(host=cmd.host, remote_command=shlex.join(argv), opts=ssh_options(plan.request))
+
+
+def ssh_options(req: LaunchRequest) -> SshOptions:
+    from ztune.launch.ssh import SshOptions
+
+    return req.ssh or SshOptions()
+
+
+def header_line(plan: LaunchPlan) -> bytes:
+    """The first stdin line for every node wrapper: the config file's name and text."""
+    import json
+
+    doc = {}
+    if plan.config_text is not None:
+        doc = {"config_name": f"config{plan.config_suffix}", "config_text": plan.config_text}
+    return (json.dumps(doc) + "\n").encode()

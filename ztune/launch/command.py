@@ -1,0 +1,142 @@
+"""The command each host runs, as argv lists; and which environment variables travel with it.
+
+Pure functions: no ssh, no subprocess, no filesystem. Every value (hostname, argument, environment value) stays
+one argv element; the only place argv becomes a shell string is `remote_shell_command`, with `shlex.quote`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ztune.errors import UserError
+
+# Prefixes of variables copied from the launcher's environment to every rank (as DeepSpeed's runner does).
+ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "PYTHON", "ZTUNE_")
+ENV_FILE_NAME = ".ztune_env"
+# torchrun substitutes ${rank} (the global rank) into this prefix for every line a worker writes; the
+# supervisor turns "[ztune-rank=N]" into "[host:N]".
+RANK_PREFIX_TEMPLATE = "[ztune-rank=${rank}] "
+RANK_PREFIX_RE = re.compile(r"^\[ztune-rank=(\d+)\] ?")
+# Identifies every process of one node of one run, even those that leave the process group (torchrun starts
+# each worker in its own session): teardown finds them by this variable in /proc/<pid>/environ.
+TAG_ENV = "ZTUNE_LAUNCH_TAG"
+
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class LaunchError(UserError):
+    """Bad launch input: an --env assignment, an env file line, a script path."""
+
+
+def filter_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `environ` whose names start with one of ENV_PREFIXES."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k != TAG_ENV}
+
+
+def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE). The value is kept byte for byte (it may hold '=', quotes, `;`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not _ENV_KEY_RE.match(key):
+        raise LaunchError(f"{where} {text!r}: expected KEY=VALUE with KEY made of letters, digits and '_'")
+    return key, value
+
+
+def parse_env_file(text: str, *, source: str = ENV_FILE_NAME) -> dict[str, str]:
+    """Lines of KEY=VALUE; '#' comments and blank lines skipped; no quoting or expansion (values are literal)."""
+    out: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, value = parse_env_assignment(line, where=f"{source} line {lineno}:")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    """What one host runs: `cd workdir` then `argv`. `config_text` is written to `config_path` first."""
+
+    host: str
+    node_rank: int
+    workdir: str
+    argv: tuple[str, ...]
+    run_dir: str
+    config_path: str | None
+
+
+def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_per_node: int,
+                        master_addr: str, master_port: int, run_id: str, local_addr: str | None,
+                        log_dir: str, script: str, script_args: Sequence[str]) -> list[str]:
+    """`python -m torch.distributed.run ...` for one node: c10d rendezvous on the head, no restarts.
+
+    `is_host` is explicit so that the head hosts the store even when its hostname resolves to loopback.
+    """
+    argv = [
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={num_nodes}",
+        f"--node-rank={node_rank}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={_endpoint(master_addr, master_port)}",
+        f"--rdzv-id={run_id}",
+        f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}",
+        "--max-restarts=0",
+        "--tee=3",
+        f"--log-dir={log_dir}",
+    ]
+    if local_addr:
+        argv.append(f"--local-addr={local_addr}")
+    # "--" would be taken as the script by torchrun; a script name starting with '-' cannot be a path anyway.
+    return [*argv, script, *script_args]
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, nproc_per_node: int,
+                  master_addr: str, master_port: int, run_id: str, workdir: str, run_root: str,
+                  script: str, script_args: Sequence[str], env: Mapping[str, str],
+                  ifname: str | None = None, local_addr: str | None = None,
+                  visible_devices: Sequence[int] | None = None, config_suffix: str | None = None,
+                  grace_s: float = 5.0) -> NodeCommand:
+    """The full command for one host: the ztune node wrapper, which runs torchrun in its own session.
+
+    `env` is the environment common to all hosts (already filtered and merged); this adds the per-host
+    interface, visible devices and config path. `config_suffix` (".json"/".yaml") means a config file is
+    sent over stdin and its path exported as ZTUNE_CONFIG.
+    """
+    run_dir = f"{run_root.rstrip('/')}/{run_id}/node{node_rank}"
+    node_env = dict(env)
+    node_env.setdefault("PYTHONUNBUFFERED", "1")  # line-by-line output from every rank
+    node_env.setdefault("OMP_NUM_THREADS", "1")
+    node_env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = RANK_PREFIX_TEMPLATE
+    if ifname:
+        node_env["GLOO_SOCKET_IFNAME"] = ifname
+        node_env["NCCL_SOCKET_IFNAME"] = ifname
+    if visible_devices is not None:
+        node_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in visible_devices)
+    config_path = None
+    if config_suffix is not None:
+        from ztune.config.io import CONFIG_ENV
+
+        config_path = f"{run_dir}/config{config_suffix}"
+        node_env[CONFIG_ENV] = config_path
+    torchrun = build_torchrun_argv(
+        python=python, num_nodes=num_nodes, node_rank=node_rank, nproc_per_node=nproc_per_node,
+        master_addr=master_addr, master_port=master_port, run_id=run_id, local_addr=local_addr,
+        log_dir=f"{run_dir}/torchrun", script=script, script_args=script_args)
+    assignments = [f"{k}={v}" for k, v in sorted(node_env.items())]
+    argv = [python, "-m", "ztune.launch.ssh", "run", "--tag", f"{run_id}:{node_rank}", "--run-dir", run_dir,
+            "--grace-s", f"{grace_s:g}", "--", "env", *assignments, *torchrun]
+    return NodeCommand(host=host, node_rank=node_rank, workdir=workdir, argv=tuple(argv), run_dir=run_dir,
+                       config_path=config_path)
+
+
+def remote_shell_command(*, workdir: str, argv: Sequence[str]) -> str:
+    """The one string ssh hands to the remote login shell (POSIX sh syntax): every word quoted."""
+    return f"cd {shlex.quote(workdir)} && exec {shlex.join(argv)}"
