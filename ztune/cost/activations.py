@@ -53,7 +53,7 @@ class ActivationEstimate:
 
 @dataclass(frozen=True)
 class _BlockTerms:
-    """Per-token bytes of one block, split by what selective checkpointing does with them."""
+    """Per-token sizes of one block in units of d bytes, split by what selective checkpointing does."""
 
     outside_core: float  # norms, projections' inputs, MLP: kept under none and selective
     core_inputs: float  # q, k, v as handed to attention_core: kept by selective (its checkpoint inputs)
@@ -63,6 +63,7 @@ class _BlockTerms:
 
 
 def _attention_terms(m: ModelSpec, *, seq_len: int, d: int, flash: bool) -> tuple[float, ...]:
+    """(core_inputs, core_output, core_internal, core_inputs_held) per token, in units of d bytes."""
     h, q, kv, nh = m.hidden_size, m.num_heads * m.head_size, m.kv_size, m.num_heads
     gpt2 = m.architecture is Architecture.GPT2
     # q, k, v handed to the kernel. GPT-2: views of the one fused c_attn output (3h). Llama: RoPE makes new
