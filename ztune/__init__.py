@@ -10,7 +10,7 @@ __all__ = ["__version__", "initialize"]
 
 def __getattr__(name: str):
     if name == "initialize":
-        from ztune.runtime import initialize
+        from ztune.runtime.initialize import initialize
 
         return initialize
     raise AttributeError(f"module 'ztune' has no attribute {name!r}")

@@ -1,0 +1,119 @@
+"""The one wrapper every collective goes through: it holds the process group and counts calls and bytes.
+
+Wire bytes per rank use ring-algorithm accounting, the nccl-tests convention (NVIDIA/nccl-tests,
+doc/PERFORMANCE.md): all_reduce sends 2(n-1)/n x payload, all_gather and reduce_scatter (n-1)/n x the full
+(unsharded) buffer, broadcast (n-1)/n x payload (pipelined ring). Counters are kept per phase ("init",
+"train", "checkpoint") so the per-step report covers training traffic only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
+
+# torch >= 2.12 renamed the flat-tensor collectives; fall back to the older names on older releases.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def ring_wire_factor(op: str, world_size: int) -> float:
+    """Bytes each rank sends per byte of the counted buffer (see module docstring)."""
+    n = world_size
+    if op == ALL_REDUCE:
+        return 2 * (n - 1) / n
+    return (n - 1) / n
+
+
+@dataclass
+class OpCounter:
+    calls: int = 0
+    payload_bytes: int = 0  # the full (unsharded) buffer each call moves
+    sent_bytes: float = 0.0  # what this rank puts on the wire, ring accounting
+
+
+class _Done:
+    """Stand-in work handle for collectives that finished synchronously (world size 1)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+class Comm:
+    """Collectives over one process group (None with world_size 1: every collective is local)."""
+
+    def __init__(self, *, group: dist.ProcessGroup | None, rank: int, world_size: int):
+        if world_size > 1 and group is None:
+            raise ValueError("a process group is needed for world_size > 1")
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.phase = "train"
+        self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def _count(self, op: str, payload: torch.Tensor) -> None:
+        c = self._counts[(self.phase, op)]
+        nbytes = payload.numel() * payload.element_size()
+        c.calls += 1
+        c.payload_bytes += nbytes
+        c.sent_bytes += nbytes * ring_wire_factor(op, self.world_size)
+
+    def counters(self, phase: str = "train") -> dict[str, OpCounter]:
+        return {op: c for (ph, op), c in self._counts.items() if ph == phase}
+
+    def reset(self, phase: str = "train") -> None:
+        for key in [k for k in self._counts if k[0] == phase]:
+            del self._counts[key]
+
+    # -- collectives --------------------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, *, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
+        """Sum (or `op`) `tensor` in place over the group."""
+        self._count(ALL_REDUCE, tensor)
+        if self.world_size == 1:
+            return _Done() if async_op else None
+        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, *, async_op: bool = False):
+        """Concatenate every rank's `shard` (numel = output.numel() / n) into flat `output`.
+        `shard` may be this rank's slice of `output` (in place)."""
+        self._count(ALL_GATHER, output)
+        if self.world_size == 1:
+            if output.data_ptr() != shard.data_ptr():
+                output.copy_(shard)
+            return _Done() if async_op else None
+        return _all_gather_flat(output, shard, group=self.group, async_op=async_op)
+
+    def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, *, async_op: bool = False):
+        """Sum flat `full` over the group and leave this rank's 1/n slice of the sum in `output`.
+        `output` may be this rank's slice of `full` (in place)."""
+        self._count(REDUCE_SCATTER, full)
+        if self.world_size == 1:
+            if output.data_ptr() != full.data_ptr():
+                output.copy_(full)
+            return _Done() if async_op else None
+        return _reduce_scatter_flat(output, full, group=self.group, async_op=async_op)
+
+    def broadcast(self, tensor: torch.Tensor, *, src: int = 0) -> None:
+        self._count(BROADCAST, tensor)
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=src, group=self.group)
+
+    def report(self, *, steps: int, phase: str = "train") -> dict:
+        """Per-op calls / payload bytes / sent bytes, and bytes each rank sends per optimizer step."""
+        ops = {
+            op: {"calls": c.calls, "payload_bytes": c.payload_bytes, "sent_bytes": c.sent_bytes}
+            for op, c in sorted(self.counters(phase).items())
+        }
+        total = sum(v["sent_bytes"] for v in ops.values())
+        return {
+            "world_size": self.world_size,
+            "steps": steps,
+            "bytes_sent_total": total,
+            "bytes_sent_per_step": total / steps if steps else 0.0,
+            "ops": ops,
+        }

@@ -1,0 +1,263 @@
+"""The training engine: builds the flat groups the stage table asks for, runs forward/backward/step.
+
+This is the one orchestrator that reads the TrainConfig; every mechanism below it (partition, grad_reduce,
+param_gather, optim_shard, comm, precision) takes plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ztune.config.schema import Checkpointing, Offload, TrainConfig
+from ztune.runtime.comm import Comm
+from ztune.runtime.grad_reduce import GradReducer
+from ztune.runtime.param_gather import ParamGatherer, assign_params, find_units
+from ztune.runtime.partition import FlatGroup, build_layout, flatten_to, split_buckets, views_of
+from ztune.runtime.plan import plan_for
+from ztune.runtime.precision import LossScaler, compute_dtype
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing (same constant, for parity).
+_CLIP_EPS = 1e-6
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` not already in `seen` (freed storages count 0)."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if storage.nbytes() == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+class Engine:
+    """`engine(*args)` runs the model, `engine.backward(loss)` and `engine.step()` train it.
+
+    Call backward and step once per micro-batch; step() applies the optimizer at every grad_accum-th call."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, comm: Comm, trainable: Sequence[nn.Parameter],
+                 units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False):
+        self.module = model
+        self.config = cfg
+        self.comm = comm
+        self.plan = plan_for(cfg.zero.stage)
+        self.world_size, self.rank = comm.world_size, comm.rank
+        self.grad_accum = cfg.grad_accum_for(comm.world_size)
+        self.dtype = compute_dtype(cfg.precision)
+        self.scaler = LossScaler.for_precision(cfg.precision)
+        self.micro_steps = self.global_steps = self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self.lr_scheduler = None
+        # Set when `ztune autotune` runs this process as a trial (ZTUNE_TRIAL_REPORT); None otherwise.
+        from ztune.runtime.trial_report import TrialReporter
+
+        self.trial_reporter = TrialReporter.from_env(rank=comm.rank, world_size=comm.world_size)
+        self.offload_activations = cfg.activations.offload is Offload.CPU
+        if cfg.activations.checkpointing is not Checkpointing.NONE:
+            from ztune.runtime.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, mode=cfg.activations.checkpointing, every=cfg.activations.every)
+
+        comm.phase = "init"
+        specs = self._group_specs(model, list(trainable), units)
+        layouts = [build_layout([tuple(p.shape) for p in ps], world_size=self.world_size) for _, ps in specs]
+        device = next(iter(trainable)).device
+        # fp32 originals before the model is cast, made identical on every rank (rank 0's initialisation).
+        masters_full = [flatten_to([p.data for p in ps], lay, dtype=torch.float32, device=device)
+                        for (_, ps), lay in zip(specs, layouts, strict=True)]
+        for m in masters_full:
+            comm.broadcast(m)
+        flat_ids = {id(p) for _, ps in specs for p in ps}
+        for t in [p for p in model.parameters() if id(p) not in flat_ids] + list(model.buffers()):
+            comm.broadcast(t.data)
+        model.to(self.dtype)
+        self.groups = [
+            FlatGroup(ps, layout=lay, master_full=mf, rank=self.rank, dtype=self.dtype,
+                      shard_states=self.plan.optimizer_states, shard_grads=self.plan.gradients,
+                      shard_params=self.plan.parameters, module=mod)
+            for (mod, ps), lay, mf in zip(specs, layouts, masters_full, strict=True)
+        ]
+        del masters_full
+        from ztune.runtime.optim_shard import build_shard_optimizer
+
+        o = cfg.optimizer
+        self.optimizer = build_shard_optimizer([g.master for g in self.groups], kind=o.type, lr=o.lr,
+                                               betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                               momentum=o.momentum, fused_cpu=fused_cpu_adam)
+        self._gatherer = None
+        if self.plan.parameters:
+            self._gatherer = ParamGatherer(self.groups, comm=comm, prefetch_units=cfg.zero.prefetch_units)
+        self._reducer = GradReducer(self.groups, comm=comm, shard_states=self.plan.optimizer_states,
+                                    shard_grads=self.plan.gradients,
+                                    on_reduced=self._gatherer.release if self._gatherer else None)
+        comm.phase = "train"
+
+    def _group_specs(self, model: nn.Module, trainable: list[nn.Parameter], units
+                     ) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
+        if self.plan.parameters:
+            return assign_params(model, find_units(model) if units is None else list(units), trainable)
+        # Reverse registration order approximates the order backward produces gradients (as in DDP), so
+        # the first buckets fill, and go on the wire, while backward is still running.
+        ordered = list(reversed(trainable))
+        buckets = split_buckets([p.numel() for p in ordered], bucket_numel=self.config.zero.reduce_bucket_numel)
+        return [(None, [ordered[i] for i in b]) for b in buckets]
+
+    # -- training -----------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Forward. Floating-point tensor arguments are cast to the compute dtype."""
+        if self.dtype != torch.float32:
+            args, kwargs = _cast_floats(args, self.dtype), _cast_floats(kwargs, self.dtype)
+        if self._gatherer is not None:
+            self._gatherer.begin_forward()
+        if self.offload_activations:
+            from ztune.runtime.checkpointing import offload_activations
+
+            with offload_activations(True):
+                out = self.module(*args, **kwargs)
+        else:
+            out = self.module(*args, **kwargs)
+        if self._gatherer is not None:
+            self._gatherer.end_forward()
+        return out
+
+    forward = __call__
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss` / grad_accum (x the fp16 loss scale), reducing gradients as the stage needs."""
+        factor = self.scaler.scale / self.grad_accum
+        self._reducer.begin(boundary=self.is_gradient_accumulation_boundary())
+        if self._gatherer is not None:
+            self._gatherer.in_backward = True
+        try:
+            (loss * factor if factor != 1.0 else loss).backward()
+        finally:
+            if self._gatherer is not None:
+                self._gatherer.in_backward = False
+            self._reducer.in_backward = False
+        self._reducer.finish()
+        if self._gatherer is not None:
+            self._gatherer.release_all()
+        if self.trial_reporter is not None:
+            self.trial_reporter.note_loss(loss.detach())
+
+    def step(self) -> bool:
+        """Count a micro-step; at the accumulation boundary update the parameters. Returns True if an
+        optimizer step was applied (False between boundaries or when fp16 overflowed and the step was skipped)."""
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return False
+        grads = [g.grad_owned for g in self.groups]
+        divisor = self.world_size * self.scaler.scale  # reductions summed the ranks' scaled gradients
+        clip = self.config.gradient_clipping
+        clip_coef, overflow = 1.0, False
+        if clip > 0 or self.scaler.dynamic:
+            sq = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
+            for g in grads:
+                sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
+            if self.plan.optimizer_states:  # each rank holds a disjoint shard: sum the squares
+                self.comm.all_reduce(sq)
+            norm = math.sqrt(sq.item()) / divisor
+            overflow = not math.isfinite(norm)
+            self.last_grad_norm = norm
+            if clip > 0 and not overflow:
+                clip_coef = min(1.0, clip / (norm + _CLIP_EPS))
+        if overflow:
+            self.skipped_steps += 1
+        else:
+            from ztune.runtime.optim_shard import step_shards
+
+            step_shards(self.optimizer, masters=[g.master for g in self.groups], grads=grads,
+                        param_shards=[g.param_shard for g in self.groups], grad_divisor=divisor / clip_coef)
+            if self.plan.gathers_params_after_step:
+                works = [self.comm.all_gather(g.param_full, g.param_shard, async_op=True) for g in self.groups]
+                for w in works:
+                    w.wait()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        self.scaler.update(overflow=overflow)
+        self._reducer.zero_grads()
+        self.global_steps += 1
+        if self.trial_reporter is not None:
+            self.trial_reporter.record_step(self)
+        return not overflow
+
+    def train(self, mode: bool = True) -> Engine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> Engine:
+        return self.train(False)
+
+    # -- reports ------------------------------------------------------------------------------------------
+    @property
+    def num_flat_params(self) -> int:
+        """Trainable parameters in flat buffers, without padding."""
+        return sum(g.layout.numel for g in self.groups)
+
+    def comm_report(self) -> dict:
+        """Training traffic: per-op calls / payload bytes / sent bytes (ring accounting, comm.py), and the
+        bytes this rank sends per optimizer step."""
+        report = self.comm.report(steps=self.global_steps)
+        report.update(stage=self.plan.stage, grad_accum=self.grad_accum, num_params=self.num_flat_params,
+                      padded_params=sum(g.layout.padded_numel for g in self.groups),
+                      dtype_bytes=torch.tensor([], dtype=self.dtype).element_size())
+        return report
+
+    def memory_report(self) -> dict:
+        """Bytes of tensor storage this rank holds, by category, each storage counted once:
+        params: flat parameter buffers (full, or the shard at stage 3 plus any unit gathered right now) and
+        frozen parameters; grads: gradient buffers or shard accumulators, plus reduce buckets in flight;
+        optimizer: fp32 masters that do not alias the parameters, and optimizer state (moments, step);
+        buffers: the model's registered buffers (masks, rotary tables, norm statistics), replicated."""
+        seen: set[int] = set()
+        flat_ids = {id(p) for g in self.groups for p in g.params}
+        params = _storage_bytes([t for g in self.groups for t in (g.param_full, g.param_shard)]
+                                + [p for p in self.module.parameters() if id(p) not in flat_ids], seen)
+        grads = _storage_bytes([g.grad_full if g.grad_full is not None else g.grad_owned for g in self.groups]
+                               + self._reducer.live_bucket_tensors(), seen)
+        from ztune.runtime.optim_shard import optimizer_state_tensors
+
+        optimizer = _storage_bytes([g.master for g in self.groups] + optimizer_state_tensors(self.optimizer), seen)
+        buffers = _storage_bytes(list(self.module.buffers()), seen)
+        return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers,
+                "total": params + grads + optimizer + buffers}
+
+    def full_state_dict(self, *, rank0_only: bool = True) -> dict | None:
+        """The model's state_dict with trainable parameters as full fp32 master values (gathered from the
+        shards). Collective: every rank must call it. Returns None on ranks > 0 when rank0_only."""
+        self.comm.phase = "checkpoint"
+        try:
+            values: dict[int, torch.Tensor] = {}
+            for g in self.groups:
+                full = g.master
+                if g.master.numel() != g.layout.padded_numel:
+                    full = torch.empty(g.layout.padded_numel, dtype=torch.float32, device=g.master.device)
+                    self.comm.all_gather(full, g.master)
+                for p, v in zip(g.params, views_of(full, g.layout), strict=True):
+                    values[id(p)] = v.clone()
+        finally:
+            self.comm.phase = "train"
+        if rank0_only and self.rank != 0:
+            return None
+        state = self.module.state_dict(keep_vars=True)
+        return {k: values[id(v)] if id(v) in values else v.detach().clone() for k, v in state.items()}

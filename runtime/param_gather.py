@@ -1,0 +1,157 @@
+"""Stage 3 parameter gathering: all-gather a module unit's flat buffer right before it runs, free it after.
+
+Units are found structurally (the largest nn.ModuleList of same-typed blocks: `model.blocks`,
+`transformer.h`, `model.layers`) or given by the user; every parameter outside them belongs to the root
+unit (the model itself). A parameter shared by two units also goes to the root.
+
+Lifecycle per unit and micro-step:
+- forward pre-hook: gather (or wait for the prefetch already in flight), then prefetch the next
+  `prefetch_units` units in last iteration's forward order;
+- forward post-hook: free the buffer, and hook the unit's outputs (register_multi_grad_hook, mode "any"):
+  the first gradient reaching an output fires before any of the unit's backward nodes run, and re-gathers
+  the unit (prefetching the units whose backward comes next: reverse order of forward completion);
+- after the unit's gradients are all accumulated the reducer launches their reduce-scatter and calls
+  `release`, freeing the buffer again.
+Freeing resizes the flat buffer's storage to zero instead of swapping `param.data`, so tensors autograd
+saved as views of a weight (e.g. `weight.t()`) see the refilled storage in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ztune.runtime.comm import Comm
+from ztune.runtime.partition import FlatGroup, alloc_storage_, free_storage_
+
+
+def find_units(model: nn.Module) -> list[nn.Module]:
+    """The children of the largest nn.ModuleList of same-typed modules (by parameter count); [] if none."""
+    best: list[nn.Module] = []
+    best_numel = 0
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        children = list(module)
+        if len({type(c) for c in children}) != 1:
+            continue
+        numel = sum(p.numel() for p in module.parameters())
+        if numel > best_numel:
+            best, best_numel = children, numel
+    return best
+
+
+def assign_params(model: nn.Module, units: Sequence[nn.Module], trainable: Sequence[nn.Parameter]
+                  ) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """[(module, params)] per unit with its trainable params, root (the model) first with the rest."""
+    owners: dict[int, list[int]] = {}
+    for ui, unit in enumerate(units):
+        for p in unit.parameters():
+            owners.setdefault(id(p), []).append(ui)
+    per_unit: list[list[nn.Parameter]] = [[] for _ in units]
+    root: list[nn.Parameter] = []
+    for p in trainable:
+        where = owners.get(id(p), [])
+        if len(set(where)) == 1:
+            per_unit[where[0]].append(p)
+        else:
+            root.append(p)
+    out = [(model, root)] if root else []
+    out += [(u, ps) for u, ps in zip(units, per_unit, strict=True) if ps]
+    return out
+
+
+def _tensors_needing_grad(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.requires_grad else []
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_needing_grad(v)]
+    if isinstance(value, dict):  # also transformers' ModelOutput
+        return [t for v in value.values() for t in _tensors_needing_grad(v)]
+    return []
+
+
+class ParamGatherer:
+    def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, prefetch_units: int):
+        self.groups = list(groups)
+        self.comm = comm
+        self.prefetch_units = prefetch_units
+        self.in_backward = False
+        self._works: dict[int, object] = {}
+        self._index = {id(g): i for i, g in enumerate(self.groups)}
+        # Orders from the previous forward (initially: root, then the units as listed).
+        self._fwd_order: list[int] = list(range(len(self.groups)))
+        self._bwd_order: list[int] = list(reversed(self._fwd_order))
+        self._fwd_seen: list[int] = []
+        self._done_seen: list[int] = []
+        self._hooks = []
+        for i, g in enumerate(self.groups):
+            self._hooks.append(g.module.register_forward_pre_hook(lambda m, a, i=i: self._pre_forward(i)))
+            self._hooks.append(g.module.register_forward_hook(lambda m, a, out, i=i: self._post_forward(i, out)))
+
+    # -- gather / release ---------------------------------------------------------------------------------
+    def _start(self, i: int) -> None:
+        g = self.groups[i]
+        if g.gathered or i in self._works:
+            return
+        alloc_storage_(g.param_full)
+        self._works[i] = self.comm.all_gather(g.param_full, g.param_shard, async_op=True)
+
+    def gather(self, i: int) -> None:
+        self._start(i)
+        work = self._works.pop(i, None)
+        if work is not None:
+            work.wait()
+
+    def release(self, g: FlatGroup) -> None:
+        i = self._index[id(g)]
+        work = self._works.pop(i, None)
+        if work is not None:  # never free a buffer a collective is still writing
+            work.wait()
+        if g.gathered:
+            free_storage_(g.param_full)
+
+    def release_all(self) -> None:
+        for g in self.groups:
+            self.release(g)
+
+    def _prefetch(self, order: list[int], after: int) -> None:
+        if after not in order:
+            return
+        pos = order.index(after)
+        for j in order[pos + 1:pos + 1 + self.prefetch_units]:
+            self._start(j)
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def begin_forward(self) -> None:
+        self._fwd_seen, self._done_seen = [], []
+
+    def end_forward(self) -> None:
+        if self._fwd_seen:
+            self._fwd_order = self._fwd_seen
+            self._bwd_order = list(reversed(self._done_seen))
+
+    def _pre_forward(self, i: int) -> None:
+        if self.in_backward:  # recomputation (activation checkpointing): the grad hook gathered it
+            self.gather(i)
+            return
+        self._fwd_seen.append(i)
+        self.gather(i)
+        self._prefetch(self._fwd_order, i)
+
+    def _post_forward(self, i: int, output) -> None:
+        if self.in_backward:
+            return
+        self._done_seen.append(i)
+        if torch.is_grad_enabled():
+            tensors = _tensors_needing_grad(output)
+            if tensors:
+                torch.autograd.graph.register_multi_grad_hook(tensors, lambda _g, i=i: self._pre_backward(i),
+                                                              mode="any")
+        self.release(self.groups[i])
+
+    def _pre_backward(self, i: int) -> None:
+        self.gather(i)
+        self._prefetch(self._bwd_order, i)
