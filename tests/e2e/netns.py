@@ -1,0 +1,211 @@
+"""A private cluster in network namespaces: a launcher namespace plus N "hosts", each running its own sshd.
+
+Layout (SUBNET 10.77.0.0/24, invisible outside the namespaces):
+    <p>sw   : bridge br0, one veth port per namespace below
+    <p>ctl  : 10.77.0.1   where `ztune launch` runs (ip netns exec)
+    <p>n1.. : 10.77.0.11, 10.77.0.12, ...  sshd on port 22, host keys and authorized_keys in a tmp dir
+The root namespace gets `blackhole 10.77.0.0/24`, so no test packet can leave through the machine's real
+interfaces. Names resolve through /etc/netns/<ns>/hosts (which `ip netns exec` bind-mounts over /etc/hosts):
+in the launcher namespace node1 -> 10.77.0.11; on every host its own name *and* the machine's hostname resolve
+to 127.0.0.1, the case that breaks gloo without GLOO_SOCKET_IFNAME. Everything is torn down by `close()`,
+which kills every process still inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUBNET = "10.77.0.0/24"
+CTL_ADDR = "10.77.0.1"
+UNREACHABLE_ADDR = "10.77.0.99"  # in the subnet, but nothing answers ARP there
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+def why_unavailable() -> str | None:
+    """None if this machine can build the cluster, else the reason (for a skip message)."""
+    if os.geteuid() != 0:
+        return "network-namespace tests need root (ip netns add)"
+    for tool in ("ip", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt-get install iproute2 openssh-client)"
+    if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
+        return "sshd not installed (apt-get install openssh-server)"
+    probe = f"ztprobe{os.getpid()}"
+    res = _run("ip", "netns", "add", probe, check=False)
+    if res.returncode != 0:
+        return f"cannot create network namespaces: {res.stderr.strip()}"
+    _run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class Cluster:
+    """Handles to the namespaces and files; `hostnames[i]` is the name of host i in the ssh config."""
+
+    root: Path
+    num_hosts: int
+    prefix: str = field(default_factory=lambda: f"zt{os.getpid() % 100000}")
+    hostnames: list[str] = field(default_factory=list)
+    sshd: list[subprocess.Popen] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    added_blackhole: bool = False
+
+    @property
+    def ctl(self) -> str:
+        return f"{self.prefix}ctl"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.root / "ssh_config"
+
+    def host_ns(self, i: int) -> str:
+        return f"{self.prefix}n{i + 1}"
+
+    def host_addr(self, i: int) -> str:
+        return f"10.77.0.{11 + i}"
+
+    # ------------------------------------------------------------------ build
+    def start(self) -> Cluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        routes = _run("ip", "route", "show", "type", "blackhole").stdout
+        if SUBNET not in routes:
+            _run("ip", "route", "add", "blackhole", SUBNET)
+            self.added_blackhole = True
+        sw = f"{self.prefix}sw"
+        self._add_ns(sw)
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        self.hostnames = [f"node{i + 1}" for i in range(self.num_hosts)]
+        members = [(self.ctl, CTL_ADDR)] + [(self.host_ns(i), self.host_addr(i)) for i in range(self.num_hosts)]
+        for k, (ns, addr) in enumerate(members):
+            self._add_ns(ns)
+            inner, outer = f"{self.prefix}i{k}", f"{self.prefix}o{k}"
+            _run("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", sw)
+            _run("ip", "-n", sw, "link", "set", outer, "master", "br0", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
+            _run("ip", "-n", ns, "link", "set", inner, "up")
+        self._write_hosts_files()
+        self._keys_and_sshd()
+        return self
+
+    def _add_ns(self, ns: str) -> None:
+        _run("ip", "netns", "del", ns, check=False)  # a leftover of a killed earlier run with our pid
+        _run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _write_hosts_files(self) -> None:
+        me = socket.gethostname()
+        ctl_lines = ["127.0.0.1 localhost"] + [f"{self.host_addr(i)} {h}" for i, h in enumerate(self.hostnames)]
+        ctl_lines.append(f"{UNREACHABLE_ADDR} unreachable")
+        self._etc(self.ctl, "\n".join(ctl_lines) + "\n")
+        for i, h in enumerate(self.hostnames):
+            lines = [f"127.0.0.1 localhost {h} {me}"]
+            lines += [f"{self.host_addr(j)} {o}" for j, o in enumerate(self.hostnames) if j != i]
+            self._etc(self.host_ns(i), "\n".join(lines) + "\n")
+
+    @staticmethod
+    def _etc(ns: str, hosts_text: str) -> None:
+        d = Path("/etc/netns") / ns
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "hosts").write_text(hosts_text)
+
+    def _keys_and_sshd(self) -> None:
+        key = self.root / "id_ed25519"
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ztune-e2e", "-f", str(key))
+        known = []
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        for i, name in enumerate(self.hostnames):
+            d = self.root / name
+            d.mkdir()
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
+            shutil.copy(f"{key}.pub", d / "authorized_keys")
+            (d / "sshd_config").write_text("\n".join([
+                f"ListenAddress {self.host_addr(i)}", "Port 22", f"HostKey {d / 'host_key'}",
+                f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                "PermitRootLogin yes", "PubkeyAuthentication yes", "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no",
+                "LogLevel ERROR", "MaxStartups 100", ""]))
+            pub = (d / "host_key.pub").read_text().split()
+            known.append(f"{name},{self.host_addr(i)} {pub[0]} {pub[1]}")
+            self.sshd.append(subprocess.Popen(
+                ["ip", "netns", "exec", self.host_ns(i), sshd, "-D", "-e", "-f", str(d / "sshd_config")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        (self.root / "known_hosts").write_text("\n".join(known) + "\n")
+        self.ssh_config.write_text("\n".join([
+            "Host *", "  User root", f"  IdentityFile {key}", "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {self.root / 'known_hosts'}", "  GlobalKnownHostsFile /dev/null",
+            "  StrictHostKeyChecking yes", "  CheckHostIP no", ""]))
+        self._wait_for_sshd()
+
+    def _wait_for_sshd(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for i in range(self.num_hosts):
+            while True:
+                res = self.exec_ctl(["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", "-o",
+                                     "ConnectTimeout=2", self.hostnames[i], "true"], check=False)
+                if res.returncode == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd on {self.hostnames[i]} did not come up: {res.stderr.strip()}")
+                time.sleep(0.2)
+
+    # ------------------------------------------------------------------ use
+    def ctl_argv(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ctl, *argv]
+
+    def exec_ctl(self, argv: list[str], *, check: bool = True, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(self.ctl_argv(argv), capture_output=True, text=True, check=check, timeout=timeout_s)
+
+    def ns_pids(self, ns: str) -> set[int]:
+        out = _run("ip", "netns", "pids", ns, check=False).stdout
+        return {int(p) for p in out.split()}
+
+    def stray_pids(self) -> dict[str, set[int]]:
+        """Processes in the launcher and host namespaces other than the sshd listeners: after a clean
+        teardown, none. (Everything a launch starts lives in these namespaces, and only there.)"""
+        listeners = {p.pid for p in self.sshd}
+        out = {}
+        for ns in [self.ctl] + [self.host_ns(i) for i in range(self.num_hosts)]:
+            pids = {p for p in self.ns_pids(ns) if p not in listeners and _alive(p)}
+            if pids:
+                out[ns] = pids
+        return out
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        for p in self.sshd:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        for ns in self.namespaces:
+            for pid in self.ns_pids(ns):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        for p in self.sshd:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        for ns in self.namespaces:
+            _run("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        if self.added_blackhole and not any(n.startswith("zt") for n in _run("ip", "netns", "list").stdout.split()):
+            _run("ip", "route", "del", "blackhole", SUBNET, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,60 @@
+"""The autotune journal: whole-line appends, torn tails, refusal of another run's journal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ztune.tune.journal import Journal, JournalError
+
+
+def _open(path, fp="abc", **kw):
+    return Journal(path, fingerprint=fp, describe={"seq_len": 128, "model": "tiny"}, **kw)
+
+
+def test_reload_gives_finished_and_unfinished_trials(tmp_path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = _open(path)
+    j.append({"kind": "start", "key": "a", "pgid": 1})
+    j.append({"kind": "trial", "key": "a", "status": "ok"})
+    j.append({"kind": "start", "key": "b", "pgid": 2})
+    again = _open(path)
+    assert set(again.state.finished) == {"a"}
+    assert set(again.state.unfinished) == {"b"}
+    assert all(line.endswith("}") for line in path.read_text().splitlines())
+
+
+def test_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = _open(path)
+    j.append({"kind": "trial", "key": "a", "status": "ok"})
+    with open(path, "ab") as fh:
+        fh.write(b'{"kind": "trial", "key": "b", "sta')  # the tuner died inside write()
+    again = _open(path)
+    assert set(again.state.finished) == {"a"} and again.state.torn_tail_bytes > 0
+    again.append({"kind": "trial", "key": "c", "status": "ok"})
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get("key") for r in records] == [None, "a", "c"]
+
+
+def test_damage_before_the_last_line_is_an_error(tmp_path) -> None:
+    path = tmp_path / "j.jsonl"
+    j = _open(path)
+    j.append({"kind": "trial", "key": "a", "status": "ok"})
+    j.append({"kind": "trial", "key": "b", "status": "ok"})
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:10]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JournalError, match="line 2 is damaged"):
+        _open(path)
+
+
+def test_journal_of_another_space_is_refused_unless_fresh(tmp_path) -> None:
+    path = tmp_path / "j.jsonl"
+    _open(path).append({"kind": "trial", "key": "a", "status": "ok"})
+    with pytest.raises(JournalError, match="different tuning run.*--fresh"):
+        Journal(path, fingerprint="other", describe={"seq_len": 256, "model": "tiny"})
+    fresh = Journal(path, fingerprint="other", describe={"seq_len": 256, "model": "tiny"}, fresh=True)
+    assert fresh.state.finished == {}
+    assert fresh.moved_aside is not None and '"key": "a"' in fresh.moved_aside.read_text()

@@ -1,0 +1,328 @@
+"""`ztune autotune`: the fastest config that fits, found by estimate then measurement.
+
+Parse flags, build the search space, run the tuner (ztune/tune/tuner.py) with a progress display, render
+the trials table, the plot and the best config. torch is never imported here: trials run in torchrun
+subprocesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ztune.errors import UserError
+
+COMMAND_SETTINGS = {"help": "Benchmark the most promising configs on this machine and write the fastest."}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batch": 8, "seq": 64,
+          "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
+
+
+def parse_size(text: str) -> int:
+    """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UserError(f"--memory-cap: cannot read {text!r}; write e.g. 800MiB or 2GiB")
+    scale = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _event_handler(progress: Any, state: dict) -> Any:
+    def on_event(kind: str, **data: Any) -> None:
+        if kind == "plan":
+            state["task"] = progress.add_task(f"{data['grid_size']} candidates, {data['resumed']} trials from "
+                                              "the journal", total=None)
+        elif kind == "trial_start":
+            c = data["candidate"]
+            state["steps"] = data["total_steps"]
+            progress.update(state["task"], description=f"trial {data['index']}: {c.key} (est "
+                            f"{data['estimate_s'] * 1e3:.0f} ms/step)", total=data["total_steps"], completed=0)
+        elif kind == "trial_poll":
+            progress.update(state["task"], completed=data["steps"])
+        elif kind == "trial_end":
+            r = data["record"]
+            got = f"{r.step_time_s * 1e3:.0f} ms/step" if r.step_time_s else f"{r.status}: {r.reason[:60]}"
+            progress.console.print(f"  trial {r.index} {r.candidate.key}: {got} ({r.wall_s:.0f} s)")
+        elif kind == "stale":
+            progress.console.print(f"  ended trial {data['key']} left running by an earlier tuner")
+    return on_event
+
+
+def result_json(result: Any) -> dict:
+    best = result.best
+    return {
+        "best": None if best is None else {"key": best.candidate.key, **dataclasses.asdict(best.candidate),
+                                           "step_time_s": best.step_time_s},
+        "best_config": None if result.best_config is None else _to_dict(result.best_config),
+        "trained": result.trained,
+        "stop_reason": result.stop_reason,
+        "grid_size": result.grid_size,
+        "num_trials": len(result.trials),
+        "new_trials": result.new_trials,
+        "wall_s": result.wall_s,
+        "efficiency": dataclasses.asdict(result.fit.efficiency),
+        "micro_step_overhead_s": result.fit.calibration.micro_step_overhead_s,
+        "step_time_error": {"mean_abs": result.fit.mean_abs_error, "max_abs": result.fit.max_abs_error},
+        "memory_offset_bytes": result.memory.offset_bytes,
+        "memory_limit_bytes": result.memory.limit_bytes,
+        "exported": list(result.exported),
+        "trials": [
+            {"index": r.index, "key": r.candidate.key, **dataclasses.asdict(r.candidate), "status": r.status,
+             "reason": r.reason, "step_time_s": r.step_time_s, "prior_step_time_s": r.prior_step_time_s,
+             "calibrated_step_time_s": result.calibrated[r.candidate.key][0],
+             "peak_memory_bytes": r.peak_memory_bytes, "estimated_memory_bytes": r.estimated_memory_bytes,
+             "predicted_memory_bytes": result.calibrated[r.candidate.key][1], "wall_s": r.wall_s,
+             "first_loss": r.first_loss, "last_loss": r.last_loss, "from_journal": r.resumed}
+            for r in result.trials
+        ],
+    }
+
+
+def _to_dict(cfg: Any) -> dict:
+    from ztune.config.io import to_dict
+
+    return to_dict(cfg)
+
+
+def _render(result: Any) -> Any:
+    """The trials table; knob columns only for knobs that vary. Failure reasons go below the table."""
+    from rich import box
+
+    from ztune.console import table
+
+    mib = float(1 << 20)
+    trials = result.trials
+    knobs = [("ZeRO", lambda c: c.stage), ("offl", lambda c: "cpu" if c.offload_optimizer else "-"),
+             ("ckpt", lambda c: c.checkpointing), ("prec", lambda c: c.precision),
+             ("comp", lambda c: c.compression), ("mb", lambda c: c.micro)]
+    shown = [(name, get) for name, get in knobs
+             if name in ("ZeRO", "mb") or len({get(r.candidate) for r in trials}) > 1]
+    rows = []
+    for r in trials:
+        cal_s, _ = result.calibrated[r.candidate.key]
+        meas = f"{r.step_time_s * 1e3:.0f}" if r.step_time_s else "-"
+        err = f"{(cal_s - r.step_time_s) / r.step_time_s:+.0%}" if r.step_time_s else "-"
+        mark = "*" if result.best is r else ""
+        rows.append([f"{r.index}{mark}", *(get(r.candidate) for _, get in shown), r.status,
+                     f"{r.prior_step_time_s * 1e3:.0f}", f"{cal_s * 1e3:.0f}", meas, err,
+                     f"{r.estimated_memory_bytes / mib:.0f}",
+                     f"{r.peak_memory_bytes / mib:.0f}" if r.peak_memory_bytes else "-"])
+    cols = ["#", *(name for name, _ in shown), "status", "est", "cal", "meas", "err", "est", "meas"]
+    t = table(f"autotune: {len(trials)} trials of {result.grid_size} candidates (* best); step time in ms "
+              "(cost model, calibrated, measured); memory in MiB per rank (cost model, measured peak)",
+              cols, rows, justify_right=["#", "ZeRO", "mb", "est", "cal", "meas", "err"])
+    t.box = box.SIMPLE_HEAD
+    t.padding = (0, 1)
+    for col in t.columns:
+        col.no_wrap = True
+    return t
+
+
+def plot_trials(result: Any, path: Path, *, global_batch: int) -> Path | None:
+    """PNG: measured throughput (samples/s) vs measured peak memory per rank, one point per trial; failed
+    trials drawn at their estimated memory on the x axis line. None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gib = float(1 << 30)
+    for r in result.trials:
+        if r.status == "ok" and r.step_time_s and r.peak_memory_bytes:
+            x, y = r.peak_memory_bytes / gib, global_batch / r.step_time_s
+            ax.scatter([x], [y], s=60 if r is result.best else 25, color="C3" if r is result.best else "C0",
+                       zorder=3)
+            ax.annotate(r.candidate.key, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        else:
+            ax.scatter([r.estimated_memory_bytes / gib], [0], marker="x", color="C7", zorder=3)
+            ax.annotate(f"{r.candidate.key} ({r.status})", (r.estimated_memory_bytes / gib, 0), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", rotation=30)
+    ax.set_xlabel("peak memory per rank (GiB, measured; x = failed trial at its estimate)")
+    ax.set_ylabel("samples/s (measured)")
+    ax.set_title("ztune autotune: throughput vs memory per trial (red = chosen)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def autotune(
+    model: Annotated[str, typer.Option("--model", help="Model profile name or YAML path.")] = "tiny-gpt",
+    hardware: Annotated[str, typer.Option("--hardware", help="Hardware profile of this machine.")] = "cpu-local",
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Ranks per trial (default: the profile's GPUs "
+                                                              "per node).")] = None,
+    global_batch: Annotated[int, typer.Option("--global-batch", help="Samples per optimizer step (fixed).")] = 16,
+    seq: Annotated[int | None, typer.Option("--seq", help="Sequence length (default: min(model max, "
+                                                          "128)).")] = None,
+    vary: Annotated[str | None, typer.Option("--vary", help="Knobs that may vary: stage, offload, "
+                                             "checkpointing, micro, precision, compression (default: stage,"
+                                             "checkpointing,micro; plus offload on GPU profiles).")] = None,
+    stages: Annotated[str, typer.Option("--stages", help="ZeRO stages to consider.")] = "0,1,2,3",
+    micro: Annotated[str | None, typer.Option("--micro", help="Micro-batches to consider (default: every "
+                                                              "divisor of global/nproc).")] = None,
+    max_micro: Annotated[int | None, typer.Option("--max-micro", help="Largest micro-batch.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="bf16, fp16 or fp32 (default: fp32 on "
+                                                                      "cpu profiles, else bf16).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Base config (optimizer, buckets); its "
+                                                                 "tuned keys are overridden.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps per trial.")] = 4,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps per trial (not measured).")] = 1,
+    trial_timeout: Annotated[float | None, typer.Option("--trial-timeout", help="Seconds before a trial "
+                                                        "counts as hung (default: from the estimate).")] = None,
+    stall_timeout: Annotated[float | None, typer.Option("--stall-timeout", help="Seconds without a new step "
+                                                        "before a running trial counts as hung (default: "
+                                                        "from the estimate, at least 15).")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Seconds for the whole "
+                                                                            "search.")] = None,
+    max_trials: Annotated[int | None, typer.Option("--max-trials", help="Most trials in the journal.")] = None,
+    min_trials: Annotated[int, typer.Option("--min-trials", help="Successful trials before the search may "
+                                                                 "stop on convergence.")] = 3,
+    threshold: Annotated[float, typer.Option("--threshold", help="Stop when nothing is predicted to beat "
+                                                                 "the best by more than this fraction.")] = 0.05,
+    memory_margin: Annotated[float, typer.Option("--memory-margin", help="Safety margin on predicted "
+                                                                         "memory.")] = 0.1,
+    memory_cap: Annotated[str | None, typer.Option("--memory-cap", help="Memory cap per process "
+                                                   "(RLIMIT_DATA), e.g. 2GiB; also lowers the limit.")] = None,
+    script: Annotated[Path | None, typer.Option("--script", help="Your training script (see "
+                                                                 "docs/autotune.md); args after --.")] = None,
+    script_args: Annotated[list[str] | None, typer.Argument(help="Arguments for --script, after --.",
+                                                            show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the journal, trials and results.")] = Path(
+        "ztune-autotune"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over (the old journal is kept aside).")] = False,
+    export: Annotated[str, typer.Option("--export", help="yaml, or deepspeed to also write DeepSpeed "
+                                                         "JSON.")] = "yaml",
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write autotune.png.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="CI smoke: tiny search of the demo model on 2 CPU "
+                                                        "ranks; exit 0 only if the chosen config trained.")] = False,
+) -> None:
+    """Estimate, prune and rank configs, measure the leaders with short trials, calibrate, and write the
+    fastest one that fits. Rerunning the same command resumes from the journal."""
+    from ztune.config import load
+    from ztune.console import console, err_console, warn
+    from ztune.profiles import load_hardware, load_model
+    from ztune.tune.journal import Journal
+    from ztune.tune.rank import Workload, local_hardware
+    from ztune.tune.space import Constraints, build_space, fingerprint
+    from ztune.tune.tuner import Settings, Tuner, export_best
+
+    if export not in ("yaml", "deepspeed"):
+        raise UserError(f"--export: got {export!r}; allowed: yaml, deepspeed")
+    if script_args and script is None:
+        raise UserError(f"unexpected arguments {' '.join(script_args)!r}: arguments after -- go to --script")
+    if smoke:
+        model, hardware, nproc = _SMOKE["model"], _SMOKE["hardware"], _SMOKE["nproc"]
+        global_batch, seq, stages = _SMOKE["global_batch"], _SMOKE["seq"], _SMOKE["stages"]
+        warmup, steps, vary = _SMOKE["warmup"], _SMOKE["steps"], "stage,micro"
+        max_trials = max_trials or _SMOKE["max_trials"]
+        time_budget = time_budget or _SMOKE["time_budget"]
+        fresh = True
+    if steps < 1 or warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if not 0 <= threshold < 1 or not 0 <= memory_margin < 1:
+        raise UserError("--threshold and --memory-margin must be fractions in [0, 1)")
+    spec = load_model(model)
+    hw_profile = load_hardware(hardware)
+    nproc = nproc or hw_profile.gpus_per_node
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    cpu_profile = hw_profile.name.lower().startswith("cpu")
+    seq = seq or min(spec.max_seq_len, 128)
+    if seq > spec.max_seq_len:
+        raise UserError(f"--seq {seq} exceeds {spec.name}'s max_seq_len {spec.max_seq_len}")
+    precision = precision or ("fp32" if cpu_profile else "bf16")
+    knobs = tuple(k.strip() for k in vary.split(",")) if vary else (
+        ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
+    constraints = Constraints(num_ranks=nproc, global_batch=global_batch, seq_len=seq, vary=knobs,
+                              stages=_ints(stages, "--stages") or (0,), precisions=(precision,),
+                              micro=_ints(micro, "--micro"), max_micro=max_micro)
+    candidates = build_space(constraints)
+    base = load(config) if config is not None else load(None)
+    hw = local_hardware(hw_profile, num_ranks=nproc)
+    workload = Workload(model=spec, hardware=hw, base=base, global_batch=global_batch, seq_len=seq)
+    if script is not None:
+        if not script.is_file():
+            raise UserError(f"--script {str(script)!r} does not exist")
+        run_script, run_args = str(script.resolve()), tuple(script_args or ())
+        desc = {"script": str(script.resolve()), "args": list(run_args)}
+    else:
+        run_script = str(Path(__file__).resolve().parents[1] / "tune" / "worker.py")
+        run_args = ("--model", model)
+        desc = {"script": "built-in", "args": list(run_args)}
+    desc |= {"warmup_steps": warmup, "measured_steps": steps}
+    cap = parse_size(memory_cap) if memory_cap else None
+    if cap is not None:
+        desc["memory_cap_bytes"] = cap
+    fp, describe = fingerprint(model=spec, hardware=hw, constraints=constraints, candidates=candidates,
+                               base=base, workload=desc)
+    if smoke:
+        out = out / "smoke" if out == Path("ztune-autotune") else out
+    journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
+    if journal.moved_aside is not None and not smoke:
+        warn(f"--fresh: the previous journal was kept as {journal.moved_aside}")
+    if smoke:
+        shutil.rmtree(out / "trials", ignore_errors=True)
+    settings = Settings(nproc=nproc, script=run_script, script_args=run_args, warmup_steps=warmup,
+                        measured_steps=steps, threshold=threshold, memory_margin=memory_margin,
+                        memory_cap_bytes=cap, trial_timeout_s=trial_timeout, stall_timeout_s=stall_timeout,
+                        time_budget_s=time_budget, max_trials=max_trials, min_trials=min_trials)
+    limit = min(hw.gpu_memory_bytes, cap) if cap else hw.gpu_memory_bytes
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t0 = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("steps"), TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        tuner = Tuner(workload=workload, candidates=candidates, settings=settings, journal=journal, out_dir=out,
+                      memory_limit_bytes=limit, on_event=_event_handler(progress, {}))
+        result = tuner.run()
+    exported = export_best(result, out_dir=out, deepspeed=export == "deepspeed")
+    result = dataclasses.replace(result, exported=exported, wall_s=time.monotonic() - t0)
+    png = plot_trials(result, out / "autotune.png", global_batch=global_batch) if plot and result.trials else None
+    if json_out:
+        from ztune.console import emit_json
+
+        payload = result_json(result)
+        payload["plot"] = str(png) if png else None
+        emit_json(payload)
+    else:
+        console.print(_render(result))
+        for r in result.trials:
+            if r.reason:
+                console.print(f"trial {r.index} ({r.candidate.key}) {r.status}: {r.reason}", soft_wrap=True)
+        console.print(f"stopped: {result.stop_reason}")
+        console.print(f"{len(result.trials)} trials ({result.new_trials} new) of {result.grid_size} candidates "
+                      f"in {result.wall_s:.0f} s; calibrated step-time error on measured trials: mean "
+                      f"{result.fit.mean_abs_error:.1%}, max {result.fit.max_abs_error:.1%}")
+        if result.best is not None:
+            console.print(f"best: {result.best.candidate.key} at {result.best.step_time_s * 1e3:.0f} ms/step; "
+                          f"wrote {', '.join(exported)}" + (f" and {png}" if png else ""))
+    if result.best is None:
+        err_console.print("no configuration trained; see the reasons above and the logs in "
+                          f"{out / 'trials'}")
+        raise typer.Exit(1)
+    if smoke and not result.trained:
+        raise typer.Exit(1)
+    sys.stdout.flush()
