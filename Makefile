@@ -33,8 +33,20 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not dist and not e2e" $(PYTEST_ARGS)
 
+DEMO_OUT ?= demo-out
+
+# The main job on the built-in demo: estimate a 70B run, train the demo model on 2 CPU ranks with ztune's
+# runtime, autotune it, then launch the winner (local mode of `ztune launch`).
 demo: install
+	@echo "== 1/4 ztune estimate: will llama-2-70b fit on 4 DGX H100 nodes, and how fast?"
 	$(VENV)/bin/ztune estimate --model llama-2-70b --hardware dgx-h100 --nodes 4 --seq 4096 --global-batch 1024
+	@echo "== 2/4 train tiny-gpt (21M) for 30 steps with ZeRO-2 on 2 CPU ranks"
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/train_tiny.py --steps 30
+	@echo "== 3/4 ztune autotune: the fastest config for tiny-gpt on this machine"
+	$(VENV)/bin/ztune autotune --smoke --out $(DEMO_OUT)/autotune
+	@echo "== 4/4 ztune launch: train with the winner"
+	$(VENV)/bin/ztune launch --nproc-per-node 2 --config $(DEMO_OUT)/autotune/best.yaml \
+		examples/train_tiny.py -- --steps 20
 
 bench: install-bench
 	$(PY) benchmarks/run_all.py

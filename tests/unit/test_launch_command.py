@@ -157,3 +157,17 @@ def test_dry_run_prints_each_hosts_command(tmp_path, monkeypatch, capsys) -> Non
     remote = shlex.split(lines[1][-1])  # the remote shell line, itself quoted word by word
     assert remote[-3:] == ["t.py", "--lr", EVIL] and "--node-rank=1" in remote
     assert "--rdzv-endpoint=10.9.9.9:29500" in remote
+
+
+def test_every_node_rendezvous_on_the_head_even_when_unresolved(tmp_path) -> None:
+    # Regression: with a head name this machine cannot resolve (dry run, no DNS), node 1 used to point the
+    # rendezvous at itself. Every node must name host 0.
+    from ztune.launch import LaunchRequest, node_commands, plan_launch
+
+    (tmp_path / "train.py").write_text("")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("head-unresolvable.invalid slots=1\nworker-unresolvable.invalid slots=1\n")
+    plan = plan_launch(LaunchRequest(script="train.py", hostfile=str(hostfile), workdir=str(tmp_path)), environ={})
+    cmds = node_commands(plan, interfaces=[(None, None)] * 2)
+    for cmd in cmds:
+        assert any(a == "--rdzv-endpoint=head-unresolvable.invalid:29500" for a in cmd.argv), cmd.argv

@@ -81,7 +81,8 @@ def _print_dry_run(plan) -> None:
 
     interfaces = [(None, None)] * len(plan.hosts)
     mode = "local" if plan.local else f"{len(plan.hosts)} host(s) over ssh"
-    console.print(f"# ztune launch dry run: {mode}, rendezvous {plan.head_addr}:{plan.request.master_port}, "
+    head = plan.head_addr or plan.hosts[0].name
+    console.print(f"# ztune launch dry run: {mode}, rendezvous {head}:{plan.request.master_port}, "
                   f"run id {plan.run_id}", markup=False, soft_wrap=True)
     if not plan.request.ifname and not plan.local:
         console.print("# GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME and --local-addr are detected per host by the "

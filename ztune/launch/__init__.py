@@ -179,7 +179,7 @@ def node_commands(plan: LaunchPlan, *, interfaces: Sequence[tuple[str | None, st
     for rank, (host, (ifname, addr)) in enumerate(zip(plan.hosts, interfaces, strict=True)):
         out.append(build_command(
             python=plan.python, host=host.name, node_rank=rank, num_nodes=len(plan.hosts),
-            nproc_per_node=host.num_slots, master_addr=plan.head_addr or host.name,
+            nproc_per_node=host.num_slots, master_addr=plan.head_addr or plan.hosts[0].name,
             master_port=req.master_port, run_id=plan.run_id, workdir=plan.workdir, run_root=req.run_root,
             script=req.script, script_args=req.script_args, env=plan.env, ifname=req.ifname or ifname,
             local_addr=addr, visible_devices=host.slots if plan.slot_filter else None,
