@@ -14,16 +14,17 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)" "setuptools>=68" wheel
+	# DeepSpeed (a test/bench extra: the peers' parity check and benchmark) ships only an sdist whose build
+	# imports torch: build it against the installed torch, or pip's isolated build would fetch a second,
+	# CUDA-sized torch.
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
 install-bench: $(BENCH_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	# DeepSpeed ships only an sdist whose build imports torch: build it against the installed torch, or
-	# pip's isolated build would fetch a second, CUDA-sized torch.
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
