@@ -144,6 +144,9 @@ def plot_trials(result: Any, path: Path, *, global_batch: int) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        from ztune.console import warn
+
+        warn("autotune.png not written: matplotlib is not installed (pip install 'ztune[plot]', or pass --no-plot)")
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     gib = float(1 << 30)
