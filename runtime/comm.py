@@ -2,8 +2,9 @@
 
 Wire bytes per rank use ring-algorithm accounting, the nccl-tests convention (NVIDIA/nccl-tests,
 doc/PERFORMANCE.md): all_reduce sends 2(n-1)/n x payload, all_gather and reduce_scatter (n-1)/n x the full
-(unsharded) buffer, broadcast (n-1)/n x payload (pipelined ring). Counters are kept per phase ("init",
-"train", "checkpoint") so the per-step report covers training traffic only.
+(unsharded) buffer, broadcast (n-1)/n x payload (pipelined ring). all_to_all sends each of the other n-1
+ranks its 1/n piece of the input: (n-1)/n x the input buffer (gradient compression's first phase).
+Counters are kept per phase ("init", "train", "checkpoint") so the per-step report covers training traffic only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
+ALL_TO_ALL = "all_to_all"
 
 # torch >= 2.12 renamed the flat-tensor collectives; fall back to the older names on older releases.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -97,6 +99,15 @@ class Comm:
                 output.copy_(full)
             return _Done() if async_op else None
         return _reduce_scatter_flat(output, full, group=self.group, async_op=async_op)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
+        """Split flat `input` into n equal pieces and send piece r to rank r; `output`'s piece r is what rank r
+        sent this rank. Both hold n equal pieces (any dtype)."""
+        self._count(ALL_TO_ALL, input)
+        if self.world_size == 1:
+            output.copy_(input)
+            return _Done() if async_op else None
+        return dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
 
     def broadcast(self, tensor: torch.Tensor, *, src: int = 0) -> None:
         self._count(BROADCAST, tensor)

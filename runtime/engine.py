@@ -95,6 +95,12 @@ class Engine:
             for (mod, ps), lay, mf in zip(specs, layouts, masters_full, strict=True)
         ]
         del masters_full
+        self._offload = None
+        if cfg.zero.offload_optimizer is Offload.CPU or cfg.zero.offload_params is Offload.CPU:
+            from ztune.runtime.offload import HostOffload
+
+            self._offload = HostOffload(self.groups, offload_optimizer=cfg.zero.offload_optimizer is Offload.CPU,
+                                        offload_params=cfg.zero.offload_params is Offload.CPU)
         from ztune.runtime.optim_shard import build_shard_optimizer
 
         o = cfg.optimizer
@@ -103,10 +109,13 @@ class Engine:
                                                momentum=o.momentum, fused_cpu=fused_cpu_adam)
         self._gatherer = None
         if self.plan.parameters:
-            self._gatherer = ParamGatherer(self.groups, comm=comm, prefetch_units=cfg.zero.prefetch_units)
+            fetch = self._offload.fetch_shard if self._offload is not None and self._offload.offload_params else None
+            self._gatherer = ParamGatherer(self.groups, comm=comm, prefetch_units=cfg.zero.prefetch_units,
+                                           fetch_shard=fetch)
         self._reducer = GradReducer(self.groups, comm=comm, shard_states=self.plan.optimizer_states,
                                     shard_grads=self.plan.gradients,
-                                    on_reduced=self._gatherer.release if self._gatherer else None)
+                                    on_reduced=self._gatherer.release if self._gatherer else None,
+                                    compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
         comm.phase = "train"
 
     def _group_specs(self, model: nn.Module, trainable: list[nn.Parameter], units
@@ -145,6 +154,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of `loss` / grad_accum (x the fp16 loss scale), reducing gradients as the stage needs."""
         factor = self.scaler.scale / self.grad_accum
+        if self._offload is not None:
+            self._offload.before_backward()
         self._reducer.begin(boundary=self.is_gradient_accumulation_boundary())
         if self._gatherer is not None:
             self._gatherer.in_backward = True
@@ -186,8 +197,11 @@ class Engine:
         else:
             from ztune.runtime.optim_shard import step_shards
 
-            step_shards(self.optimizer, masters=[g.master for g in self.groups], grads=grads,
-                        param_shards=[g.param_shard for g in self.groups], grad_divisor=divisor / clip_coef)
+            if self._offload is not None and self._offload.offload_optimizer:
+                self._offload.step(self.optimizer, grads=grads, grad_divisor=divisor / clip_coef)
+            else:
+                step_shards(self.optimizer, masters=[g.master for g in self.groups], grads=grads,
+                            param_shards=[g.param_shard for g in self.groups], grad_divisor=divisor / clip_coef)
             if self.plan.gathers_params_after_step:
                 works = [self.comm.all_gather(g.param_full, g.param_shard, async_op=True) for g in self.groups]
                 for w in works:
@@ -228,8 +242,21 @@ class Engine:
         params: flat parameter buffers (full, or the shard at stage 3 plus any unit gathered right now) and
         frozen parameters; grads: gradient buffers or shard accumulators, plus reduce buckets in flight;
         optimizer: fp32 masters that do not alias the parameters, and optimizer state (moments, step);
-        buffers: the model's registered buffers (masks, rotary tables, norm statistics), replicated."""
+        buffers: the model's registered buffers (masks, rotary tables, norm statistics), replicated.
+        These are device bytes; host_params / host_grads / host_optimizer / host_buffers (upload staging) /
+        host_total are what offload keeps in host memory (runtime/offload.py), counted first."""
         seen: set[int] = set()
+        host = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+        if self._offload is not None:
+            from ztune.runtime.optim_shard import optimizer_state_tensors
+
+            tensors = self._offload.host_tensors()
+            host["params"] = _storage_bytes(tensors["params"], seen)
+            host["grads"] = _storage_bytes(tensors["grads"], seen)
+            if self._offload.offload_optimizer:
+                host["optimizer"] = _storage_bytes([g.master for g in self.groups]
+                                                   + optimizer_state_tensors(self.optimizer), seen)
+            host["buffers"] = _storage_bytes(tensors["buffers"], seen)
         flat_ids = {id(p) for g in self.groups for p in g.params}
         params = _storage_bytes([t for g in self.groups for t in (g.param_full, g.param_shard)]
                                 + [p for p in self.module.parameters() if id(p) not in flat_ids], seen)
@@ -240,7 +267,8 @@ class Engine:
         optimizer = _storage_bytes([g.master for g in self.groups] + optimizer_state_tensors(self.optimizer), seen)
         buffers = _storage_bytes(list(self.module.buffers()), seen)
         return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers,
-                "total": params + grads + optimizer + buffers}
+                "total": params + grads + optimizer + buffers,
+                **{f"host_{k}": v for k, v in host.items()}, "host_total": sum(host.values())}
 
     def full_state_dict(self, *, rank0_only: bool = True) -> dict | None:
         """The model's state_dict with trainable parameters as full fp32 master values (gathered from the
@@ -251,8 +279,10 @@ class Engine:
             for g in self.groups:
                 full = g.master
                 if g.master.numel() != g.layout.padded_numel:
-                    full = torch.empty(g.layout.padded_numel, dtype=torch.float32, device=g.master.device)
-                    self.comm.all_gather(full, g.master)
+                    # An offloaded master is in host memory; the collective runs on the training device.
+                    device = g.param_full.device
+                    full = torch.empty(g.layout.padded_numel, dtype=torch.float32, device=device)
+                    self.comm.all_gather(full, g.master.to(device))
                 for p, v in zip(g.params, views_of(full, g.layout), strict=True):
                     values[id(p)] = v.clone()
         finally:

@@ -8,6 +8,18 @@
   transient bucket and drops it; a full bucket is reduce-scattered into the owned shard accumulator and
   freed once the collective completes (at most `max_inflight` buckets alive, then the oldest is drained).
 
+Compression (compression.method) changes only what goes on the wire:
+- bf16: the same collectives on a bf16 copy of the bucket (reduced in bf16), cast back into the gradient.
+- int8 / onebit / topk (runtime/compress.py): a compressed gradient cannot be summed hop by hop in a ring,
+  so the exchange is 1-bit Adam's (Tang et al. 2021, section 4.1): phase 1, an all-to-all in which rank r
+  receives every rank's compressed copy of shard r (each sender with its own error feedback) and sums the
+  decompressed copies: the reduced shard, which is all stages 1-3 need; phase 2 (stage 0 only, whose
+  optimizer wants the full gradient), the reduced shard is compressed again (with a second, "server"
+  residual) and all-gathered, and every rank decompresses the same bytes, so replicas stay identical. Wire
+  bytes: (n-1)/n x the compressed buffer per phase, which is what ztune.cost.comm charges (2(n-1)/n at stage
+  0 as for an all-reduce, (n-1)/n at stages 1-3 as for a reduce-scatter). Phase 1 runs asynchronously like
+  the uncompressed collective; phase 2 starts when phase 1 is waited for and is waited for at once.
+
 Reductions sum; the engine divides by world size x loss scale once, on the owned slice, at the step.
 """
 
@@ -19,13 +31,56 @@ from functools import partial
 
 import torch
 
+from ztune.config.schema import Compression
 from ztune.runtime.comm import Comm
+from ztune.runtime.compress import Codec, ErrorFeedback
 from ztune.runtime.partition import FlatGroup
+
+
+class CompressedExchange:
+    """The two-phase compressed reduction of one flat group (module docstring), with its two residuals."""
+
+    def __init__(self, codec: Codec, *, comm: Comm, padded_numel: int, device: torch.device):
+        self.codec = codec
+        self.comm = comm
+        self.num_pieces = comm.world_size
+        self.shard_numel = padded_numel // comm.world_size
+        self.piece_bytes = codec.payload_bytes(self.shard_numel)
+        self.worker = ErrorFeedback(codec, numel=padded_numel, device=device)
+        self.server = ErrorFeedback(codec, numel=self.shard_numel, device=device)
+
+    def start(self, full: torch.Tensor):
+        """Phase 1: compress `full` (every rank's whole bucket) shard by shard and launch the all-to-all.
+        Returns (work, received buffer) for `reduce`."""
+        send = self.worker.compress(full, pieces=self.num_pieces)
+        recv = torch.empty_like(send)
+        return self.comm.all_to_all(recv, send, async_op=True), recv
+
+    def reduce(self, recv: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's decompressed copy of this rank's shard (fp32 [shard_numel])."""
+        b, n = self.piece_bytes, self.shard_numel
+        total = self.codec.decode(recv[:b], numel=n)
+        for r in range(1, self.num_pieces):
+            total += self.codec.decode(recv[r * b:(r + 1) * b], numel=n)
+        return total
+
+    def gather(self, reduced: torch.Tensor, out: torch.Tensor) -> None:
+        """Phase 2: compress the reduced shard, all-gather, decompress every rank's shard into `out`."""
+        mine = self.server.compress(reduced)
+        gathered = torch.empty(self.num_pieces * self.piece_bytes, dtype=torch.uint8, device=mine.device)
+        self.comm.all_gather(gathered, mine)
+        b, n = self.piece_bytes, self.shard_numel
+        for r in range(self.num_pieces):
+            out[r * n:(r + 1) * n].copy_(self.codec.decode(gathered[r * b:(r + 1) * b], numel=n))
+
+    def residuals(self) -> list[torch.Tensor]:
+        return [t for t in (self.worker.residual, self.server.residual) if t is not None]
 
 
 class GradReducer:
     def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, shard_states: bool, shard_grads: bool,
-                 on_reduced: Callable[[FlatGroup], None] | None = None, max_inflight: int = 2):
+                 on_reduced: Callable[[FlatGroup], None] | None = None, max_inflight: int = 2,
+                 compression: Compression | str = Compression.NONE, topk_ratio: float = 0.01):
         self.groups = list(groups)
         self.comm = comm
         self.shard_states = shard_states
@@ -39,6 +94,15 @@ class GradReducer:
         self._buckets: list[torch.Tensor | None] = [None] * len(self.groups)
         self._fired: list[bytearray] = [bytearray(len(g.params)) for g in self.groups]
         self._pending: deque = deque()
+        method = Compression(compression)
+        dtype = self.groups[0].dtype if self.groups else torch.float32
+        # bf16 compression of an already-16-bit gradient changes nothing on the wire.
+        self._wire_dtype = torch.bfloat16 if method is Compression.BF16 and dtype == torch.float32 else None
+        self._exchanges: list[CompressedExchange] | None = None
+        if method in (Compression.INT8, Compression.ONEBIT, Compression.TOPK):
+            codec = Codec(method, topk_ratio=topk_ratio, value_dtype=dtype)
+            self._exchanges = [CompressedExchange(codec, comm=comm, padded_numel=g.layout.padded_numel,
+                                                  device=g.grad_owned.device) for g in self.groups]
         self._handles = []
         for gi, g in enumerate(self.groups):
             for pi, p in enumerate(g.params):
@@ -83,7 +147,7 @@ class GradReducer:
         zeroed in `finish` if it never fires), so only the padding is zeroed here."""
         if self._buckets[gi] is None:
             g = self.groups[gi]
-            bucket = torch.empty(g.layout.padded_numel, dtype=g.dtype, device=g.grad_owned.device)
+            bucket = torch.empty(g.layout.padded_numel, dtype=self._wire_dtype or g.dtype, device=g.grad_owned.device)
             bucket[g.layout.numel:].zero_()
             self._buckets[gi] = bucket
         return self._buckets[gi]
@@ -92,15 +156,24 @@ class GradReducer:
         g = self.groups[gi]
         self._launched[gi] = True
         lo, hi = g.owned
-        if not self.shard_grads:
+        full = g.grad_full if not self.shard_grads else self._bucket(gi)
+        if self._exchanges is not None:
+            work, recv = self._exchanges[gi].start(full)
+            self._pending.append((gi, work, recv))
+        elif not self.shard_grads:
+            wire = full if self._wire_dtype is None else full.to(self._wire_dtype)
             if self.shard_states:
-                work = self.comm.reduce_scatter(g.grad_full[lo:hi], g.grad_full, async_op=True)
+                out = wire[lo:hi] if self._wire_dtype is None else torch.empty(hi - lo, dtype=wire.dtype,
+                                                                               device=wire.device)
+                work = self.comm.reduce_scatter(out, wire, async_op=True)
             else:
-                work = self.comm.all_reduce(g.grad_full, async_op=True)
-            self._pending.append((gi, work, None))
+                out = wire
+                work = self.comm.all_reduce(wire, async_op=True)
+            self._pending.append((gi, work, None if self._wire_dtype is None else out))
         else:
-            out = g.grad_owned if g.grad_fresh else torch.empty_like(g.grad_owned)
-            work = self.comm.reduce_scatter(out, self._bucket(gi), async_op=True)
+            exact = g.grad_fresh and self._wire_dtype is None
+            out = g.grad_owned if exact else torch.empty_like(g.grad_owned, dtype=full.dtype)
+            work = self.comm.reduce_scatter(out, full, async_op=True)
             self._pending.append((gi, work, out))
         if self.on_reduced is not None:
             self.on_reduced(g)
@@ -108,13 +181,28 @@ class GradReducer:
             self._complete(self._pending.popleft())
 
     def _complete(self, entry) -> None:
+        """Wait for one launched reduction and put its result where the optimizer reads it: `out` is None
+        when the collective wrote in place, the received bytes for a compressed exchange, else a buffer
+        holding the reduced shard (or, stage 0 with bf16 compression, the whole reduced bucket)."""
         gi, work, out = entry
         work.wait()
         if out is None:
             return
         g = self.groups[gi]
+        if self._exchanges is not None:
+            out = self._exchanges[gi].reduce(out)
+            if not self.shard_states:  # stage 0: every rank needs the whole reduced gradient
+                self._exchanges[gi].gather(out, g.grad_full)
+                return
+        if not self.shard_grads:  # stage 0/1, bf16 wire or compressed: copy back into the gradient buffer
+            lo, hi = g.owned
+            (g.grad_full if out.numel() == g.grad_full.numel() else g.grad_full[lo:hi]).copy_(out)
+            return
         if out is not g.grad_owned:
-            g.grad_owned.add_(out)
+            if g.grad_fresh:
+                g.grad_owned.copy_(out)
+            else:
+                g.grad_owned.add_(out)
         g.grad_fresh = False
         self._buckets[gi] = None
 
@@ -144,4 +232,6 @@ class GradReducer:
             g.grad_fresh = True
 
     def live_bucket_tensors(self) -> list[torch.Tensor]:
-        return [b for b in self._buckets if b is not None]
+        """Transient buckets in flight, and the error-feedback residuals compression keeps between steps."""
+        residuals = [r for ex in self._exchanges or () for r in ex.residuals()]
+        return [b for b in self._buckets if b is not None] + residuals

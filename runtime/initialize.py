@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ztune.config import CONFIG_ENV, load, resolve_batch
-from ztune.config.schema import Compression, Offload, OptimizerType, Precision, TrainConfig
+from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
 
@@ -67,13 +67,6 @@ def _trainable(model: nn.Module, model_parameters) -> list[nn.Parameter]:
 
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:
     resolve_batch(cfg.batch, world_size)  # ConfigError when the global batch does not split over the ranks
-    if cfg.compression.method is not Compression.NONE:
-        raise ConfigError(f"compression.method: {cfg.compression.method.value} is not implemented by the runtime "
-                          "yet; set compression.method: none")
-    offloaded = cfg.zero.offload_optimizer is Offload.CPU or cfg.zero.offload_params is Offload.CPU
-    if offloaded and device.type != "cpu":
-        raise ConfigError("zero.offload_optimizer / offload_params: cpu is not implemented by the runtime on GPUs "
-                          "yet; set them to none")
     if cfg.precision is not Precision.FP32:
         from ztune.runtime.precision import compute_dtype, dtype_supported
 
@@ -111,8 +104,8 @@ def initialize(model: nn.Module, config=None, model_parameters: Iterable | None 
     comm, device = _process_group()
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
     model.to(device)
-    fused = (cfg.zero.offload_optimizer is Offload.CPU and cfg.optimizer.type is not OptimizerType.SGD
-             and device.type == "cpu")
+    # Offloaded masters live in host memory on any device (runtime/offload.py): the fused CPU kernel steps them.
+    fused = cfg.zero.offload_optimizer is Offload.CPU and cfg.optimizer.type is not OptimizerType.SGD
     from ztune.runtime.engine import Engine
 
     engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused)

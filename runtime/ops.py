@@ -7,7 +7,12 @@ for the call. When it cannot be built (no compiler, no ninja) or ZTUNE_DISABLE_C
 runs as torch ops, with one warning per process saying why.
 
 Build cache: $ZTUNE_EXT_DIR (default ~/.cache/ztune/ext) / <16 hex digits of sha256(sources, flags, torch
-version, $CXX)>; torch's file lock there makes concurrent first builds (several ranks) safe.
+version, $CXX)>; torch's file lock there makes concurrent first builds (several ranks) safe. After a build, a
+marker file records the library's size and mtime; a later process that finds both loads the library directly,
+without torch's builder. That matters: cpp_extension.load re-runs ninja in every new process, and two ninja
+versions on one machine (a system /usr/bin/ninja 1.11 writing `.ninja_log` v5, the PyPI wheel's 1.13 in the
+venv writing v7) each discard the other's log and recompile: ~11.5 s per spawned rank on 2 cores, even though
+the library was up to date. The direct load also skips importing setuptools (~0.3 s).
 """
 
 from __future__ import annotations
@@ -206,8 +211,6 @@ def _load_backend() -> _Backend:
 
 
 def _build_library() -> ctypes.CDLL:
-    from torch.utils import cpp_extension  # imported here: it is slow and only needed for a build
-
     src_dir = importlib.resources.files("ztune.csrc")
     sources = [Path(str(src_dir / name)) for name in _SOURCES]
     digest = hashlib.sha256()
@@ -218,16 +221,22 @@ def _build_library() -> ctypes.CDLL:
     key = digest.hexdigest()[:16]
     root = Path(os.environ.get(_EXT_DIR_ENV) or Path.home() / ".cache" / "ztune" / "ext")
     build_dir = root / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_ninja_on_path()
     name = f"ztune_cpu_adam_{key}"
-    built = cpp_extension.load(
-        name=name, sources=[str(sources[0])], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
-        build_directory=str(build_dir), is_python_module=False, verbose=False,
-    )
-    # torch returns the library path here; older versions returned None after loading it.
-    lib_path = built if isinstance(built, str) else str(build_dir / f"{name}.so")
-    lib = ctypes.CDLL(lib_path)
+    lib_path = build_dir / f"{name}.so"
+    marker = build_dir / f"{name}.built"
+    if not _marker_matches(marker, lib_path):
+        from torch.utils import cpp_extension  # imported here: it is slow and only needed for a build
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _ensure_ninja_on_path()
+        built = cpp_extension.load(
+            name=name, sources=[str(sources[0])], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir), is_python_module=False, verbose=False,
+        )
+        # torch returns the library path here; older versions returned None after loading it.
+        lib_path = Path(built) if isinstance(built, str) else lib_path
+        _write_marker(marker, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
     lib.zt_adam_step.restype = ctypes.c_int
     lib.zt_adam_step.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -238,6 +247,26 @@ def _build_library() -> ctypes.CDLL:
     lib.zt_cpu_supports.restype = ctypes.c_int
     lib.zt_cpu_supports.argtypes = [ctypes.c_int]
     return lib
+
+
+def _library_stamp(lib_path: Path) -> str:
+    st = lib_path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _marker_matches(marker: Path, lib_path: Path) -> bool:
+    """Whether `lib_path` is the library a finished build left (the key already covers sources and flags)."""
+    try:
+        return marker.read_text(encoding="utf-8") == _library_stamp(lib_path)
+    except OSError:  # no marker or no library yet
+        return False
+
+
+def _write_marker(marker: Path, lib_path: Path) -> None:
+    """Written after torch's build (and its lock) finished; renamed into place so a reader sees all or nothing."""
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    tmp.write_text(_library_stamp(lib_path), encoding="utf-8")
+    os.replace(tmp, marker)
 
 
 def _ensure_ninja_on_path() -> None:

@@ -34,24 +34,33 @@ class FusedCpuAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from ztune.runtime.ops import adam_step_
-
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 grad = self.grads.get(id(p), p.grad)
-                if grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
-                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                           adamw=self.adamw, grad_scale=self.grad_divisor, out=self.outs.get(id(p)))
+                if grad is not None:
+                    self._update(p, group, grad=grad, out=self.outs.get(id(p)))
         return None
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, *, grad: torch.Tensor, out: torch.Tensor | None) -> None:
+        """Update the one master `p` now (runtime/offload.py steps group by group, overlapping transfers);
+        `grad` is divided by `grad_divisor`, `out` (16-bit, or None) receives the rounded parameter."""
+        group = next(gr for gr in self.param_groups if any(q is p for q in gr["params"]))
+        self._update(p, group, grad=grad, out=out)
+
+    def _update(self, p: torch.Tensor, group: dict, *, grad: torch.Tensor, out: torch.Tensor | None) -> None:
+        from ztune.runtime.ops import adam_step_
+
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                   beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                   adamw=self.adamw, grad_scale=self.grad_divisor, out=out)
 
 
 def build_shard_optimizer(masters: Sequence[torch.Tensor], *, kind: OptimizerType, lr: float,

@@ -18,7 +18,7 @@ saved as views of a weight (e.g. `weight.t()`) see the refilled storage in backw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -74,12 +74,17 @@ def _tensors_needing_grad(value) -> list[torch.Tensor]:
 
 
 class ParamGatherer:
-    def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, prefetch_units: int):
+    """fetch_shard(group) -> the shard to all-gather from, when it is not `group.param_shard` on the device
+    (offload_params: runtime/offload.py uploads the host shard; kept alive until the all-gather completes)."""
+
+    def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, prefetch_units: int,
+                 fetch_shard: Callable[[FlatGroup], torch.Tensor] | None = None):
         self.groups = list(groups)
         self.comm = comm
         self.prefetch_units = prefetch_units
+        self.fetch_shard = fetch_shard
         self.in_backward = False
-        self._works: dict[int, object] = {}
+        self._works: dict[int, tuple[object, torch.Tensor]] = {}  # group -> (all-gather work, source shard)
         self._index = {id(g): i for i, g in enumerate(self.groups)}
         # Orders from the previous forward (initially: root, then the units as listed).
         self._fwd_order: list[int] = list(range(len(self.groups)))
@@ -97,17 +102,18 @@ class ParamGatherer:
         if g.gathered or i in self._works:
             return
         alloc_storage_(g.param_full)
-        self._works[i] = self.comm.all_gather(g.param_full, g.param_shard, async_op=True)
+        shard = g.param_shard if self.fetch_shard is None else self.fetch_shard(g)
+        self._works[i] = (self.comm.all_gather(g.param_full, shard, async_op=True), shard)
 
     def gather(self, i: int) -> None:
         self._start(i)
-        work = self._works.pop(i, None)
+        work, _shard = self._works.pop(i, (None, None))
         if work is not None:
             work.wait()
 
     def release(self, g: FlatGroup) -> None:
         i = self._index[id(g)]
-        work = self._works.pop(i, None)
+        work, _shard = self._works.pop(i, (None, None))
         if work is not None:  # never free a buffer a collective is still writing
             work.wait()
         if g.gathered:

@@ -40,14 +40,14 @@ def _frozen() -> nn.Module:
         (lambda: "not a model", None, {}, "must be a torch.nn.Module"),
         (Tiny, {"zero": {"stag": 1}}, {}, "unknown key 'zero.stag'"),
         (Tiny, {"zero": {"stage": 5}}, {}, "zero.stage"),
-        (Tiny, {"compression": {"method": "int8"}}, {}, "compression.method"),
+        (Tiny, {"compression": {"method": "topk", "topk_ratio": 2}}, {}, "topk_ratio"),
         (Tiny, "/nonexistent/ztune.yaml", {}, "does not exist"),
         (Tiny, {"zero": {"stage": 3}}, {"units": [nn.Linear(2, 2)]}, "submodule of the model"),
         (Tiny, {"zero": {"stage": 3}}, {"units": "self"}, "must not overlap"),
         (Tiny, None, {"model_parameters": [{"params": []}]}, "parameter groups"),
         (Tiny, None, {"model_parameters": [nn.Parameter(torch.zeros(1))]}, "parameter of the model"),
     ],
-    ids=["no-params", "all-frozen", "not-a-module", "unknown-key", "bad-stage", "compression", "missing-file",
+    ids=["no-params", "all-frozen", "not-a-module", "unknown-key", "bad-stage", "bad-topk-ratio", "missing-file",
          "foreign-unit", "overlapping-units", "param-groups", "foreign-param"],
 )
 def test_bad_input_raises_config_error(make_model, config, kwargs, message):

@@ -1,0 +1,206 @@
+"""Gradient compressors: pure compress/decompress pairs, their byte packing, and error feedback.
+
+Formats (bytes per element must match ztune.cost.comm.wire_bytes_per_element, which the estimate uses):
+- bf16: a cast; reduced natively in bf16 by the ordinary collectives (no error feedback needed: the rounding
+  error is unbiased and 2^-9 relative).
+- int8: per chunk of INT8_CHUNK_NUMEL elements, one fp32 scale absmax / 127 and round-to-nearest int8 values.
+- onebit: per chunk of ONEBIT_CHUNK_NUMEL elements, one fp32 scale mean(|x|) and the signs, 8 per byte
+  (Seide et al. 2014, "1-bit SGD"; Tang et al. 2021, "1-bit Adam", which uses the same scale).
+- topk: the k = ceil(ratio x numel) largest-magnitude values in the gradient dtype plus int32 indices
+  (Lin et al. 2018, "Deep Gradient Compression").
+
+The lossy formats (int8, onebit, topk) are biased per step, so each sender keeps an error-feedback residual:
+it compresses x + e and keeps e <- (x + e) - decompress(compress(x + e)), so what is not sent now is sent
+later and the sum of what was sent tracks the sum of the inputs (Seide et al. 2014; Karimireddy et al. 2019,
+"Error Feedback Fixes SignSGD"; used by 1-bit Adam for workers and server alike, and by DGC as local
+gradient accumulation).
+
+Wire buffers are one flat uint8 tensor per compressed piece, so a piece goes through a single collective:
+scales (fp32) or indices (int32) first, then the values, padded to a multiple of 4 bytes so that pieces laid
+end to end stay aligned for the fp32/int32 views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ztune.config.schema import Compression
+from ztune.cost.comm import INT8_CHUNK_NUMEL, ONEBIT_CHUNK_NUMEL, TOPK_INDEX_BYTES
+
+_INT8_MAX = 127  # symmetric range: -128 is never produced, so the scale maps absmax to exactly 127
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _align4(nbytes: int) -> int:
+    return -(-nbytes // 4) * 4
+
+
+def _chunked(x: torch.Tensor, chunk_numel: int) -> torch.Tensor:
+    """`x` (1-D fp32) zero-padded to whole chunks, shaped (num_chunks, chunk_numel)."""
+    num_chunks = max(1, -(-x.numel() // chunk_numel))
+    pad = num_chunks * chunk_numel - x.numel()
+    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(num_chunks, chunk_numel)
+
+
+# -- pure compress / decompress pairs (1-D tensors in, 1-D fp32 out) ------------------------------------------
+def bf16_compress(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16)
+
+
+def bf16_decompress(values: torch.Tensor) -> torch.Tensor:
+    return values.float()
+
+
+def int8_compress(x: torch.Tensor, *, chunk_numel: int = INT8_CHUNK_NUMEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (values int8 [numel], scales fp32 [ceil(numel / chunk)]). |decompress - x| <= scale / 2 per element."""
+    chunks = _chunked(x.float(), chunk_numel)
+    scales = chunks.abs().amax(dim=1) / _INT8_MAX
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    values = torch.round(chunks / safe[:, None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return values.view(-1)[:x.numel()], scales
+
+
+def int8_decompress(values: torch.Tensor, scales: torch.Tensor, *, chunk_numel: int = INT8_CHUNK_NUMEL
+                    ) -> torch.Tensor:
+    numel = values.numel()
+    return (_chunked(values.float(), chunk_numel) * scales[:, None]).view(-1)[:numel]
+
+
+def onebit_compress(x: torch.Tensor, *, chunk_numel: int = ONEBIT_CHUNK_NUMEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (signs packed 8 per byte, most significant bit first, 1 = non-negative [ceil(numel / 8)],
+    scales fp32 = mean |x| per chunk [ceil(numel / chunk)]). decompress(x) = sign(x) * scale: the scale that
+    minimises the squared error for a fixed sign pattern."""
+    x = x.float()
+    numel = x.numel()
+    chunks = _chunked(x, chunk_numel)
+    counts = torch.full((chunks.shape[0],), float(chunk_numel))
+    counts[-1] = numel - (chunks.shape[0] - 1) * chunk_numel
+    scales = chunks.abs().sum(dim=1) / counts
+    bits = x >= 0
+    pad = -numel % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    packed = (bits.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return packed, scales
+
+
+def onebit_decompress(packed: torch.Tensor, scales: torch.Tensor, *, numel: int,
+                      chunk_numel: int = ONEBIT_CHUNK_NUMEL) -> torch.Tensor:
+    bits = (packed[:, None] & _BIT_WEIGHTS) != 0
+    signs = bits.view(-1)[:numel].float().mul_(2).sub_(1)
+    return (_chunked(signs, chunk_numel) * scales[:, None]).view(-1)[:numel]
+
+
+def topk_numel(numel: int, ratio: float) -> int:
+    """Values top-k keeps out of `numel`: ceil(ratio x numel), at least 1."""
+    return min(numel, max(1, math.ceil(ratio * numel)))
+
+
+def topk_compress(x: torch.Tensor, *, k: int, value_dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (values [k] in value_dtype, indices int32 [k]) of the k largest |x|."""
+    indices = x.abs().topk(k, sorted=False).indices
+    return x[indices].to(value_dtype), indices.to(torch.int32)
+
+
+def topk_decompress(values: torch.Tensor, indices: torch.Tensor, *, numel: int) -> torch.Tensor:
+    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    out[indices.long()] = values.float()
+    return out
+
+
+# -- codecs: a format plus its byte packing ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Codec:
+    """One lossy format with error feedback: encode(x) -> uint8 [payload_bytes(numel)], decode -> fp32."""
+
+    method: Compression
+    topk_ratio: float = 0.01
+    value_dtype: torch.dtype = torch.float32  # top-k's values are sent in the gradient dtype
+
+    def payload_bytes(self, numel: int) -> int:
+        """Wire bytes for `numel` elements, padded to a multiple of 4."""
+        if self.method is Compression.INT8:
+            return _align4(4 * -(-numel // INT8_CHUNK_NUMEL) + numel)
+        if self.method is Compression.ONEBIT:
+            return _align4(4 * -(-numel // ONEBIT_CHUNK_NUMEL) + -(-numel // 8))
+        if self.method is Compression.TOPK:
+            value_bytes = torch.tensor([], dtype=self.value_dtype).element_size()
+            return _align4(topk_numel(numel, self.topk_ratio) * (TOPK_INDEX_BYTES + value_bytes))
+        raise ValueError(f"no error-feedback codec for compression {self.method.value!r}")
+
+    def encode(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Compress 1-D `x` into `out` (uint8 [payload_bytes(numel)], allocated when None)."""
+        numel = x.numel()
+        if out is None:
+            out = torch.empty(self.payload_bytes(numel), dtype=torch.uint8, device=x.device)
+        if self.method is Compression.INT8:
+            values, head = int8_compress(x)
+        elif self.method is Compression.ONEBIT:
+            values, head = onebit_compress(x)
+        else:
+            values, head = topk_compress(x, k=topk_numel(numel, self.topk_ratio), value_dtype=self.value_dtype)
+        head_bytes, value_bytes = head.view(torch.uint8), values.reshape(-1).view(torch.uint8)
+        h, v = head_bytes.numel(), value_bytes.numel()
+        out[:h].copy_(head_bytes)
+        out[h:h + v].copy_(value_bytes)
+        out[h + v:].zero_()
+        return out
+
+    def is_finite(self, buf: torch.Tensor, *, numel: int) -> bool:
+        """Whether the input of an encoded buffer was finite, from its scales (or top-k values) alone."""
+        if self.method is Compression.TOPK:
+            k = topk_numel(numel, self.topk_ratio)
+            value_bytes = k * torch.tensor([], dtype=self.value_dtype).element_size()
+            head = buf[4 * k:4 * k + value_bytes].view(self.value_dtype)
+        else:
+            chunk = INT8_CHUNK_NUMEL if self.method is Compression.INT8 else ONEBIT_CHUNK_NUMEL
+            head = buf[:4 * -(-numel // chunk)].view(torch.float32)
+        return bool(torch.isfinite(head).all())
+
+    def decode(self, buf: torch.Tensor, *, numel: int) -> torch.Tensor:
+        """fp32 [numel] from a buffer written by encode."""
+        if self.method is Compression.INT8:
+            h = 4 * -(-numel // INT8_CHUNK_NUMEL)
+            return int8_decompress(buf[h:h + numel].view(torch.int8), buf[:h].view(torch.float32))
+        if self.method is Compression.ONEBIT:
+            h = 4 * -(-numel // ONEBIT_CHUNK_NUMEL)
+            return onebit_decompress(buf[h:h + -(-numel // 8)], buf[:h].view(torch.float32), numel=numel)
+        k = topk_numel(numel, self.topk_ratio)
+        value_bytes = k * torch.tensor([], dtype=self.value_dtype).element_size()
+        indices = buf[:4 * k].view(torch.int32)
+        values = buf[4 * k:4 * k + value_bytes].view(self.value_dtype)
+        return topk_decompress(values, indices, numel=numel)
+
+
+class ErrorFeedback:
+    """A sender's residual for one flat buffer of `numel` elements (fp32, allocated on first use)."""
+
+    def __init__(self, codec: Codec, *, numel: int, device: torch.device):
+        self.codec = codec
+        self.numel = numel
+        self.device = device
+        self.residual: torch.Tensor | None = None
+
+    def compress(self, x: torch.Tensor, *, pieces: int = 1) -> torch.Tensor:
+        """Encode x + residual as `pieces` equal slices laid end to end (uint8 [pieces x
+        payload_bytes(numel / pieces)]), and keep what the encoding lost as the new residual."""
+        if self.residual is None:
+            self.residual = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        y = self.residual.add_(x)  # y aliases the residual: it is overwritten slice by slice below
+        piece_numel = self.numel // pieces
+        piece_bytes = self.codec.payload_bytes(piece_numel)
+        out = torch.empty(pieces * piece_bytes, dtype=torch.uint8, device=self.device)
+        for r in range(pieces):
+            piece = y[r * piece_numel:(r + 1) * piece_numel]
+            buf = self.codec.encode(piece, out[r * piece_bytes:(r + 1) * piece_bytes])
+            piece.sub_(self.codec.decode(buf, numel=piece_numel))
+        # An fp16 overflow step (inf/nan gradients) is skipped by the engine; do not carry it into later steps.
+        # Any non-finite input makes a scale (a max or a sum) or a top-k value non-finite: check those only.
+        if not all(self.codec.is_finite(out[r * piece_bytes:(r + 1) * piece_bytes], numel=piece_numel)
+                   for r in range(pieces)):
+            self.residual.zero_()
+        return out
