@@ -128,13 +128,20 @@ def model_state_memory(*, num_params: int, world_size: int, stage: int, per_para
     grads = (shard if stage >= 2 else full) * per_param.grad
     optimizer = (full if stage == 0 else shard) * per_param.optimizer
     host_params = host_grads = host_optimizer = 0
+    # At fp32 the parameters are their own master (K holds only the moments). Once the optimizer and the
+    # parameters sit on different sides of PCIe, the side without the parameters needs an fp32 master copy.
+    fp32_master = per_param.param == FP32_BYTES and per_param.optimizer > 0
     if offload_optimizer:
         host_optimizer, optimizer = optimizer, 0
         host_grads = shard * per_param.grad
         if stage >= 2:
             grads = 0
+        if fp32_master and not offload_params:
+            host_optimizer += shard * FP32_BYTES
     if offload_params:
         host_params, params = params, 0
+        if fp32_master and not offload_optimizer:
+            optimizer += shard * FP32_BYTES
     return ModelStateMemory(
         params_bytes=params,
         grads_bytes=grads,
