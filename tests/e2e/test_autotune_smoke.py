@@ -1,8 +1,10 @@
 """`ztune autotune --smoke`, the CI smoke mode, end to end: it must pick a config that trained, in bounded time."""
 
+import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +23,21 @@ def test_smoke_mode_picks_a_config_that_trained(tmp_path):
     cfg = load(tmp_path / "best.yaml")
     assert cfg.zero.stage in (0, 1, 2, 3)
     print(f"autotune --smoke: {wall_s:.0f} s wall")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_user_script_calling_initialize_is_the_workload(tmp_path):
+    # The --script protocol end to end through the engine: examples/train_tiny.py only calls
+    # ztune.initialize(config=None); the engine finds $ZTUNE_CONFIG and reports steps to the tuner.
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "ztune", "autotune", "--script", str(root / "examples/train_tiny.py"),
+                          "--stages", "0,2", "--micro", "4", "--max-trials", "2", "--steps", "2", "--no-plot",
+                          "--json", "--out", str(tmp_path), "--", "--steps", "1000"],
+                         capture_output=True, text=True, timeout=230, cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    ok = [t for t in result["trials"] if t["status"] == "ok"]
+    assert len(ok) == 2, result["trials"]
+    assert all(t["step_time_s"] > 0 for t in ok)
+    assert load(tmp_path / "best.yaml").zero.stage in (0, 2)
