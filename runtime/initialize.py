@@ -7,6 +7,7 @@ script has not created one, and handed down to the engine inside a Comm object.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -85,6 +86,26 @@ def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: to
             seen |= inner
 
 
+def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
+    """Whether the fused C++ Adam kernel (runtime/ops.py) steps the fp32 masters: Adam/AdamW whose masters live
+    in host memory, i.e. offloaded (any device; the kernel's torch fallback runs if it cannot be built) or a CPU
+    run (only when the kernel is built: otherwise torch's fused AdamW is faster than the fallback)."""
+    if cfg.optimizer.type is OptimizerType.SGD:
+        return False
+    if cfg.zero.offload_optimizer is Offload.CPU:
+        return True
+    if device.type != "cpu":
+        return False
+    from ztune.runtime.ops import CppAdamFallbackWarning, kernel_backend
+
+    with warnings.catch_warnings():
+        # The warning says "using the slower pure-torch step", which is not what happens here: torch's fused
+        # AdamW runs instead. (The backend is cached per process, so a later offloaded engine in this process
+        # uses the fallback without repeating it.)
+        warnings.simplefilter("ignore", CppAdamFallbackWarning)
+        return kernel_backend() == "cpp"
+
+
 def initialize(model: nn.Module, config=None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None,
                lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None):
@@ -104,8 +125,7 @@ def initialize(model: nn.Module, config=None, model_parameters: Iterable | None 
     comm, device = _process_group()
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
     model.to(device)
-    # Offloaded masters live in host memory on any device (runtime/offload.py): the fused CPU kernel steps them.
-    fused = cfg.zero.offload_optimizer is Offload.CPU and cfg.optimizer.type is not OptimizerType.SGD
+    fused = _use_fused_cpu_adam(cfg, device=device)
     from ztune.runtime.engine import Engine
 
     engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused)
