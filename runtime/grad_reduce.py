@@ -1,9 +1,11 @@
 """Gradient reduction: bucketed, asynchronous, launched from backward hooks as each group's grads are ready.
 
-- Unsharded gradients (stages 0/1): parameters' `.grad` are views into the group's flat `grad_full`, so
-  autograd accumulates micro-steps in place; only the boundary micro-step's hooks launch a collective:
-  all-reduce when every rank keeps full optimizer states (stage 0), reduce-scatter in place into the owned
-  slice otherwise (stage 1). This is DDP's gradient-as-bucket-view plus no_sync accumulation.
+- Unsharded gradients (stages 0/1): the first micro-step after an optimizer step lets autograd allocate fresh
+  gradients and its hooks copy each into the group's flat `grad_full` (one write instead of zeroing the buffer
+  and accumulating into it); `.grad` then views the buffer, so later micro-steps accumulate in place. Only
+  the boundary micro-step's hooks launch a collective: all-reduce when every rank keeps full optimizer
+  states (stage 0), reduce-scatter in place into the owned slice otherwise (stage 1). This is DDP's
+  gradient-as-bucket-view plus no_sync accumulation.
 - Sharded gradients (stages 2/3): each micro-step copies a parameter's fresh `.grad` into the group's
   transient bucket and drops it; a full bucket is reduce-scattered into the owned shard accumulator and
   freed once the collective completes (at most `max_inflight` buckets alive, then the oldest is drained).
@@ -116,8 +118,11 @@ class GradReducer:
         self._fired = [bytearray(len(g.params)) for g in self.groups]
         if not self.shard_grads:
             for g in self.groups:
-                for p, view in zip(g.params, g.grad_views, strict=True):
-                    if p.grad is None:  # e.g. the user called module.zero_grad(set_to_none=True)
+                if g.grad_fresh:  # first micro-step since the step: autograd hands over fresh gradients
+                    for p in g.params:
+                        p.grad = None
+                else:  # later micro-steps accumulate in place into the buffer
+                    for p, view in zip(g.params, g.grad_views, strict=True):
                         p.grad = view
         self.in_backward = True
 
@@ -132,8 +137,10 @@ class GradReducer:
             bucket[slot.offset:slot.offset + slot.numel].copy_(p.grad.reshape(-1))
             p.grad = None
         else:
+            # A fresh gradient (first micro-step), or autograd replaced the view with the accumulated sum:
+            # either way p.grad holds the whole value; it moves into the buffer, which .grad then views.
             view = g.grad_views[pi]
-            if p.grad.data_ptr() != view.data_ptr():  # autograd replaced the view: fold it back in
+            if p.grad.data_ptr() != view.data_ptr():
                 view.copy_(p.grad)
                 p.grad = view
             if not self._active:
@@ -210,6 +217,14 @@ class GradReducer:
         """After backward: reduce groups whose hooks did not all fire (unused parameters count as zero
         gradients, so every rank issues the same collectives), then wait for everything in flight."""
         self.in_backward = False
+        if not self.shard_grads:
+            for g, fired in zip(self.groups, self._fired, strict=True):
+                if g.grad_fresh:  # parameters without a gradient this pass still hold the last step's
+                    for pi, p in enumerate(g.params):
+                        if not fired[pi]:
+                            g.grad_views[pi].zero_()
+                            p.grad = g.grad_views[pi]
+                    g.grad_fresh = False
         if self._active:
             for gi, launched in enumerate(self._launched):
                 if launched:
@@ -225,10 +240,13 @@ class GradReducer:
         self._active = False
 
     def zero_grads(self) -> None:
-        """Called after an optimizer step."""
+        """Called after an optimizer step. Unsharded gradient buffers are not cleared: the next backward's
+        fresh gradients overwrite them (finish() zeroes the slots of parameters that got none), which saves
+        a pass over the buffer; their padding is never written, so it stays zero. `.grad` is None meanwhile."""
         for g in self.groups:
             if g.grad_full is not None:
-                g.grad_full.zero_()
+                for p in g.params:
+                    p.grad = None
             g.grad_fresh = True
 
     def live_bucket_tensors(self) -> list[torch.Tensor]:

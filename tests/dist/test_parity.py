@@ -40,20 +40,31 @@ FP16_UPDATE_RTOL = 0.03
 
 
 def case(model="gpt2", stage=0, precision="fp32", accum=1, clip=0.0, optimizer="AdamW", offload="none",
-         overflow=False, unused=False, ckpt="none") -> dict:
+         overflow=False, unused=False, ckpt="none", sometimes=False) -> dict:
     return dict(model=model, stage=stage, precision=precision, accum=accum, clip=clip, optimizer=optimizer,
-                offload=offload, overflow=overflow, unused=unused, ckpt=ckpt)
+                offload=offload, overflow=overflow, unused=unused, ckpt=ckpt, sometimes=sometimes)
 
 
 def build(c: dict):
-    """The case's model; `unused` adds a parameter that forward never touches."""
+    """The case's model; `unused` adds a parameter that forward never touches, `sometimes` one that only the
+    even optimizer steps use (`extra_loss`): its buffer slot must not carry an old gradient into a step
+    where it gets none."""
     from ztune.runtime.models import build_model
 
     model = build_model(SPECS[c["model"]], seed=SEED)
     if c["unused"]:
         torch.manual_seed(SEED)
         model.unused = torch.nn.Linear(8, 8)
+    if c["sometimes"]:
+        torch.manual_seed(SEED + 1)
+        model.sometimes = torch.nn.Linear(4, 4, bias=False)
     return model
+
+
+def extra_loss(c: dict, model, step: int, loss):
+    if not c["sometimes"] or step % 2:
+        return loss
+    return loss + model.sometimes.weight.float().square().sum() * 0.1
 
 
 def config_for(c: dict, world_size: int) -> dict:
@@ -82,7 +93,7 @@ def _train_case(rank: int, world_size: int, c: dict) -> dict:
     for step in range(STEPS):
         for micro in range(c["accum"]):
             ids, labels = next(data)
-            loss = engine(ids, labels=labels)
+            loss = extra_loss(c, engine.module, step, engine(ids, labels=labels))
             if c["overflow"] and step == 0 and micro == 0 and rank == 0:
                 loss = loss * math.inf  # one rank overflows: every rank must skip (all-reduced flag)
             engine.backward(loss)
@@ -116,13 +127,15 @@ def reference(c: dict, world_size: int) -> tuple[dict, dict, list[float]]:
             ids, labels = next(data)
             if c["overflow"] and step == 0:
                 continue  # the engine skipped this step
-            (model(ids, labels=labels) / c["accum"]).backward()
+            (extra_loss(c, model, step, model(ids, labels=labels)) / c["accum"]).backward()
         if c["overflow"] and step == 0:
             continue
         if c["clip"]:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), c["clip"])))
         opt.step()
-        opt.zero_grad()
+        # A flat-buffer engine steps every parameter, with a zero gradient where none arrived (as DDP does);
+        # torch.optim skips a None .grad, so keep zeros for the parameter that some steps do not use.
+        opt.zero_grad(set_to_none=not c["sometimes"])
     return init, model.state_dict(), norms
 
 
@@ -198,6 +211,7 @@ CASES = (
     + [case(stage=2, precision="fp16", overflow=True, clip=0.05), case(stage=3, precision="fp16", accum=2)]
     + [case(stage=2, offload="cpu"), case(stage=3, precision="bf16", offload="cpu")]
     + [case(stage=s, unused=True, accum=2) for s in (0, 2, 3)]
+    + [case(stage=s, sometimes=True, accum=2) for s in (0, 1, 2)]
     # Stage 3 re-gathers a unit from its output's grad hook; checkpointing recomputes inside that window.
     + [case(model="llama", stage=3, accum=2, ckpt="full"), case(stage=3, ckpt="selective")]
 )
@@ -214,8 +228,25 @@ def world_results(request):
 @pytest.mark.parametrize("index", range(len(CASES)),
                          ids=[f"{c['model']}-s{c['stage']}-{c['precision']}-acc{c['accum']}-clip{c['clip']}-"
                               f"{c['optimizer']}-off{c['offload']}{'-overflow' if c['overflow'] else ''}"
-                         f"{'-unused' if c['unused'] else ''}{'-ckpt-' + c['ckpt'] if c['ckpt'] != 'none' else ''}"
+                         f"{'-unused' if c['unused'] else ''}{'-sometimes' if c['sometimes'] else ''}{'-ckpt-' + c['ckpt'] if c['ckpt'] != 'none' else ''}"
                               for c in CASES])
 def test_parity(world_results, index):
     n, results = world_results
     check(CASES[index], [per_rank[index] for per_rank in results], n)
+
+
+# The same training through gloo alone (ZTUNE_SHM=0): on one host the engine otherwise moves stage 0-2
+# gradient and parameter buffers through shared memory (runtime/shm.py), and the gloo path must stay right.
+GLOO_CASES = [c for c in CASES if c["stage"] < 3 and c["offload"] == "none" and not c["overflow"]
+              and (c["model"] == "llama" or c["precision"] == "bf16" or c["clip"] or c["sometimes"])]
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return run_ranks(train_cases, world_size=2, args=(GLOO_CASES,), timeout_s=240, env={"ZTUNE_SHM": "0"})
+
+
+@pytest.mark.parametrize("index", range(len(GLOO_CASES)),
+                         ids=[f"{c['model']}-s{c['stage']}-{c['precision']}-acc{c['accum']}" for c in GLOO_CASES])
+def test_parity_gloo_only(gloo_results, index):
+    check(GLOO_CASES[index], [per_rank[index] for per_rank in gloo_results], 2)
