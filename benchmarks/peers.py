@@ -64,18 +64,25 @@ PEERS: tuple[System, ...] = (
     System("DeepSpeed ZeRO-3", "deepspeed", 3),
 )
 ZTUNE: tuple[System, ...] = tuple(System(f"ztune stage {s}", "ztune", s) for s in range(4))
+# ztune with its collectives on gloo only (ZTUNE_SHM=0, no shared-memory transport): how much of the lead
+# over DDP and ZeroRedundancyOptimizer comes from the transport.
+ZTUNE_GLOO: tuple[System, ...] = tuple(System(f"ztune stage {s}, gloo only", "ztune-gloo", s) for s in (0, 1))
 
 
 class Trainer:
     """A built system: `step(batch)` trains on one micro-batch and returns the local loss (float)."""
 
     def __init__(self, *, system: System, step: Callable[[Sequence[torch.Tensor]], torch.Tensor],
-                 owner: Any, memory_report: Callable[[], Any] | None = None) -> None:
+                 owner: Any, memory_report: Callable[[], Any] | None = None,
+                 foreign_storages: Callable[[], set[int]] | None = None) -> None:
         self.system = system
         self._step = step
         # Keeps the wrapped model / optimizer / engine alive for as long as the trainer is.
         self.owner = owner
         self.memory_report = memory_report
+        # Storages this process can see but another rank owns (ztune's mappings of its peers' shared-memory
+        # buffers, runtime/shm.py): left out of this rank's tensor census.
+        self.foreign_storages = foreign_storages or set
 
     def step(self, batch: Sequence[torch.Tensor]) -> float:
         return float(self._step(batch).detach().float())
@@ -195,7 +202,18 @@ def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: in
         "optimizer": optim,
         "gradient_clipping": 0.0,
     }
-    engine, _, _, _ = ztune.initialize(model, config=config)
+    from ztune.runtime.shm import ENV_SWITCH
+
+    saved = os.environ.get(ENV_SWITCH)
+    if system.family == "ztune-gloo":
+        os.environ[ENV_SWITCH] = "0"
+    try:
+        engine, _, _, _ = ztune.initialize(model, config=config)
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = saved
 
     def step(batch):
         loss = engine(*batch)
@@ -204,7 +222,12 @@ def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: in
         return loss
 
     report = getattr(engine, "memory_report", None)
-    return Trainer(system=system, step=step, owner=engine, memory_report=report)
+
+    def foreign() -> set[int]:
+        shm = getattr(engine.comm, "shm", None)
+        return {t.untyped_storage().data_ptr() for t in shm.peer_mappings()} if shm is not None else set()
+
+    return Trainer(system=system, step=step, owner=engine, memory_report=report, foreign_storages=foreign)
 
 
 def build(system: System, model: nn.Module, *, bf16: bool, micro_batch: int, seq_len: int,
@@ -216,7 +239,7 @@ def build(system: System, model: nn.Module, *, bf16: bool, micro_batch: int, seq
         return build_fsdp2(model, system=system, bf16=bf16, group=group)
     if system.family == "deepspeed":
         return build_deepspeed(model, system=system, bf16=bf16, micro_batch=micro_batch, group=group)
-    if system.family == "ztune":
+    if system.family in ("ztune", "ztune-gloo"):
         return build_ztune(model, system=system, bf16=bf16, micro_batch=micro_batch, seq_len=seq_len,
                            group=group)
     raise ValueError(f"unknown system family {system.family!r}")

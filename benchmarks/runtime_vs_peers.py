@@ -11,6 +11,9 @@ of the slower rank's time. Writes docs/bench/runtime_vs_peers.md; `make bench` a
 docs/benchmarks.md. 559 s on the 2-core dev machine while other jobs kept its load average near 6 (so
 less when idle); `--quick` (1 timed step) only checks that everything runs.
 
+ztune runs with its default shared-memory transport for single-host CPU ranks (runtime/shm.py); stages 0
+and 1 also run with gloo only (ZTUNE_SHM=0) to show what the transport contributes.
+
 Matching: ztune stage 0 vs DDP; 1 vs DDP + ZeroRedundancyOptimizer and DeepSpeed ZeRO-1; 2 vs DeepSpeed
 ZeRO-2; 3 vs FSDP2 (both reshard settings) and DeepSpeed ZeRO-3. Target: ztune/peer <= 0.9.
 """
@@ -195,7 +198,7 @@ def run_rank(*, job: Job, rank: int, world_size: int) -> dict:
     spec = model_spec(job.model)
     bf16 = job.precision == "bf16"
     sched = job.schedule
-    systems = (peers.ZTUNE if job.with_ztune else ()) + peers.PEERS
+    systems = (peers.ZTUNE + peers.ZTUNE_GLOO if job.with_ztune else ()) + peers.PEERS
     data = make_batches(spec=spec, rank=rank, num_steps=sched.total_steps, micro_batch=job.micro_batch,
                         seq_len=job.seq_len)
     probe = _StepProbe()
@@ -217,7 +220,8 @@ def run_rank(*, job: Job, rank: int, world_size: int) -> dict:
             after, probe.snapshot = probe.snapshot, None
             rec["measured_at_step"] = after is not None
             after = after if after is not None else live_storage_bytes()
-            rec["tensor_bytes"] = sum(n for ptr, n in after.items() if ptr not in before)
+            foreign = trainer.foreign_storages()
+            rec["tensor_bytes"] = sum(n for ptr, n in after.items() if ptr not in before and ptr not in foreign)
             rec["memory_report"] = _call_report(trainer.memory_report)
             trainers[system.name] = trainer
         except Exception as exc:  # recorded in the table: one broken system must not hide the others
@@ -292,7 +296,7 @@ def render_table(job: Job, results: dict) -> list[str]:
         f"loss after {sched.total_steps} steps |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = [s.name for s in peers.ZTUNE] + [s.name for s in peers.PEERS]
+    names = [s.name for s in peers.ZTUNE + peers.ZTUNE_GLOO + peers.PEERS]
     for name in names:
         r = by_name.get(name)
         if r is None:
@@ -301,7 +305,7 @@ def render_table(job: Job, results: dict) -> list[str]:
         if r.get("error") or r["median_ms"] is None:
             lines.append(f"| {name} | {r['stage']} | failed: {(r['error'] or 'no timed steps')[:80]} | | | | |")
             continue
-        ratio = _ratio(ztune_ms.get(r["stage"]), r["median_ms"]) if r["family"] != "ztune" else None
+        ratio = _ratio(ztune_ms.get(r["stage"]), r["median_ms"]) if not r["family"].startswith("ztune") else None
         ratio_txt = "-" if ratio is None else f"{ratio:.2f}" + (" ✓" if ratio <= TARGET_RATIO else "")
         mem_txt = _fmt_mib(r["tensor_bytes"]) + ("" if r["measured_at_step"] else " (between steps)")
         lines.append(f"| {name} | {r['stage']} | {r['median_ms']:.0f} | {ratio_txt} | {r['cpu_ms']:.0f} | {mem_txt} | "
@@ -370,7 +374,18 @@ def render_summary(jobs_results: list[tuple[Job, dict]]) -> list[str]:
                 cells.append("n/a" if ratio is None else f"{ratio:.2f}{mark}")
             lines.append(f"| {peer.name} | {peer.stage} | " + " | ".join(cells) + " |")
         lines.append("")
-    return lines
+    lines += ["### ztune with gloo only (`ZTUNE_SHM=0`) / peer step-time ratio", "",
+              "Without the shared-memory transport (runtime/shm.py) ztune's collectives all go through gloo, as "
+              "the peers' do; this isolates what the transport contributes.", "", head, rule]
+    for system in peers.ZTUNE_GLOO:
+        peer = next(p for p in peers.PEERS if p.stage == system.stage and p.family in ("ddp", "zero_redundancy"))
+        cells = []
+        for _job, results in jobs_results:
+            rows = {r["name"]: r for r in results["systems"]}
+            ratio = _ratio(rows.get(system.name, {}).get("median_ms"), rows.get(peer.name, {}).get("median_ms"))
+            cells.append("n/a" if ratio is None else f"{ratio:.2f}" + (" ✓" if ratio <= TARGET_RATIO else ""))
+        lines.append(f"| {peer.name} | {peer.stage} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _deepspeed_version() -> str:

@@ -5,6 +5,10 @@ doc/PERFORMANCE.md): all_reduce sends 2(n-1)/n x payload, all_gather and reduce_
 (unsharded) buffer, broadcast (n-1)/n x payload (pipelined ring). all_to_all sends each of the other n-1
 ranks its 1/n piece of the input: (n-1)/n x the input buffer (gradient compression's first phase).
 Counters are kept per phase ("init", "train", "checkpoint") so the per-step report covers training traffic only.
+
+Transport: a collective whose tensors live in a shared-memory buffer (`Comm.zeros`, runtime/shm.py: CPU
+ranks on one host) runs as memory copies between barriers, synchronously; everything else goes to the
+process group (gloo or NCCL). Byte accounting is the same either way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ztune.runtime.shm import SharedMemoryTransport
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
 ALL_TO_ALL = "all_to_all"
@@ -48,14 +54,28 @@ class _Done:
 class Comm:
     """Collectives over one process group (None with world_size 1: every collective is local)."""
 
-    def __init__(self, *, group: dist.ProcessGroup | None, rank: int, world_size: int):
+    def __init__(self, *, group: dist.ProcessGroup | None, rank: int, world_size: int,
+                 shm: SharedMemoryTransport | None = None):
         if world_size > 1 and group is None:
             raise ValueError("a process group is needed for world_size > 1")
         self.group = group
         self.rank = rank
         self.world_size = world_size
+        self.shm = shm
         self.phase = "train"
         self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
+
+    def zeros(self, numel: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed flat buffer for collectives to move: in shared memory when the transport has one
+        (collective then: every rank must call it in the same order), else ordinary memory on `device`."""
+        if self.shm is not None and torch.device(device).type == "cpu":
+            shared = self.shm.zeros(numel, dtype=dtype)
+            if shared is not None:
+                return shared
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+    def _shared(self, *tensors: torch.Tensor) -> bool:
+        return self.shm is not None and all(self.shm.owns(t) for t in tensors)
 
     # -- accounting ---------------------------------------------------------------------------------------
     def _count(self, op: str, payload: torch.Tensor) -> None:
@@ -78,6 +98,9 @@ class Comm:
         self._count(ALL_REDUCE, tensor)
         if self.world_size == 1:
             return _Done() if async_op else None
+        if op == dist.ReduceOp.SUM and self._shared(tensor):
+            self.shm.all_reduce(tensor)
+            return _Done() if async_op else None
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor, *, async_op: bool = False):
@@ -88,6 +111,9 @@ class Comm:
             if output.data_ptr() != shard.data_ptr():
                 output.copy_(shard)
             return _Done() if async_op else None
+        if self._shared(output):
+            self.shm.all_gather(output, shard)
+            return _Done() if async_op else None
         return _all_gather_flat(output, shard, group=self.group, async_op=async_op)
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, *, async_op: bool = False):
@@ -97,6 +123,9 @@ class Comm:
         if self.world_size == 1:
             if output.data_ptr() != full.data_ptr():
                 output.copy_(full)
+            return _Done() if async_op else None
+        if self._shared(full):
+            self.shm.reduce_scatter(output, full)
             return _Done() if async_op else None
         return _reduce_scatter_flat(output, full, group=self.group, async_op=async_op)
 
@@ -123,6 +152,7 @@ class Comm:
         total = sum(v["sent_bytes"] for v in ops.values())
         return {
             "world_size": self.world_size,
+            "transport": "shared memory + process group" if self.shm is not None else "process group",
             "steps": steps,
             "bytes_sent_total": total,
             "bytes_sent_per_step": total / steps if steps else 0.0,

@@ -91,7 +91,8 @@ class Engine:
         self.groups = [
             FlatGroup(ps, layout=lay, master_full=mf, rank=self.rank, dtype=self.dtype,
                       shard_states=self.plan.optimizer_states, shard_grads=self.plan.gradients,
-                      shard_params=self.plan.parameters, module=mod)
+                      shard_params=self.plan.parameters, module=mod,
+                      zeros=lambda numel, dtype: comm.zeros(numel, dtype=dtype, device=device))
             for (mod, ps), lay, mf in zip(specs, layouts, masters_full, strict=True)
         ]
         del masters_full

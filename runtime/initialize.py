@@ -18,6 +18,7 @@ from ztune.config import CONFIG_ENV, load, resolve_batch
 from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
+from ztune.runtime.shm import SharedMemoryTransport
 
 
 def _load_config(config) -> TrainConfig:
@@ -42,7 +43,11 @@ def _process_group() -> tuple[Comm, torch.device]:
         return Comm(group=None, rank=0, world_size=1), device
     if use_cuda and dist.get_backend() != "nccl":
         device = torch.device("cpu")  # a gloo group on a GPU machine: keep the run on the CPU
-    return Comm(group=dist.group.WORLD, rank=dist.get_rank(), world_size=dist.get_world_size()), device
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    shm = None
+    if device.type == "cpu":  # CPU ranks on one host move buffers through shared memory (runtime/shm.py)
+        shm = SharedMemoryTransport.connect(group=dist.group.WORLD, rank=rank, world_size=world_size)
+    return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm), device
 
 
 def _trainable(model: nn.Module, model_parameters) -> list[nn.Parameter]:

@@ -7,7 +7,7 @@ so collectives move one contiguous tensor per group and the optimizer updates on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,11 +112,20 @@ class FlatGroup:
 
     Aliasing avoids copies where the dtypes allow it: at fp32 the master *is* the owned slice of the
     parameters, and unsharded gradients are views of `grad_full`, which the parameters' `.grad` also view.
+
+    `zeros(numel, dtype)` allocates the buffers collectives move whole (the unsharded gradient buffer, and the
+    parameter buffer that stages 1/2 all-gather after each step): Comm.zeros, which puts them in shared
+    memory where the ranks share a host (runtime/shm.py). Default: ordinary zeroed memory.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], *, layout: FlatLayout, master_full: torch.Tensor,
                  rank: int, dtype: torch.dtype, shard_states: bool, shard_grads: bool, shard_params: bool,
-                 module: torch.nn.Module | None = None):
+                 module: torch.nn.Module | None = None,
+                 zeros: Callable[[int, torch.dtype], torch.Tensor] | None = None):
+        device = master_full.device
+        if zeros is None:
+            def zeros(numel: int, dt: torch.dtype) -> torch.Tensor:
+                return torch.zeros(numel, dtype=dt, device=device)
         self.params = list(params)
         self.layout = layout
         self.module = module
@@ -130,7 +139,11 @@ class FlatGroup:
             self.param_shard = master_full[lo:hi].to(dtype).clone()
             self.master = master_full[lo:hi].clone() if low_precision else self.param_shard
         else:
-            self.param_full = master_full.to(dtype) if low_precision else master_full
+            if partial:  # stages 1/2 all-gather the whole buffer after every step
+                self.param_full = zeros(layout.padded_numel, dtype)
+                self.param_full.copy_(master_full)
+            else:
+                self.param_full = master_full.to(dtype) if low_precision else master_full
             self.param_shard = self.param_full[lo:hi]
             if low_precision:
                 self.master = master_full[lo:hi].clone() if partial else master_full
@@ -140,13 +153,12 @@ class FlatGroup:
             p.data = v
         if shard_params:
             free_storage_(self.param_full)
-        self.grad_full = None if shard_grads else torch.zeros(layout.padded_numel, dtype=dtype,
-                                                              device=master_full.device)
+        self.grad_full = None if shard_grads else zeros(layout.padded_numel, dtype)
         self.grad_views = None if self.grad_full is None else views_of(self.grad_full, layout)
         if self.grad_full is not None:
             self.grad_owned = self.grad_full[lo:hi]
         else:
-            self.grad_owned = torch.zeros(hi - lo, dtype=dtype, device=master_full.device)
+            self.grad_owned = torch.zeros(hi - lo, dtype=dtype, device=device)
         # Sharded gradients: the first reduce-scatter after a step writes the accumulator, later ones add.
         self.grad_fresh = True
 
