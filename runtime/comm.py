@@ -116,6 +116,21 @@ class Comm:
             return _Done() if async_op else None
         return _all_gather_flat(output, shard, group=self.group, async_op=async_op)
 
+    def gather_stable_shards(self, output: torch.Tensor, shard: torch.Tensor) -> bool:
+        """Stage 3's all-gather when `shard` lives in shared memory: copy every rank's shard straight into
+        `output`, with no synchronisation, which is only right while no rank writes its shard (the engine
+        brackets each optimizer step with barriers, `shard_barrier`). Returns False, doing nothing, where the
+        shard is not shared (the caller then uses `all_gather`)."""
+        if self.world_size == 1 or self.shm is None or not self.shm.owns(shard):
+            return False
+        self._count(ALL_GATHER, output)
+        self.shm.gather_shards(output, shard)
+        return True
+
+    def shard_barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, *, async_op: bool = False):
         """Sum flat `full` over the group and leave this rank's 1/n slice of the sum in `output`.
         `output` may be this rank's slice of `full` (in place)."""

@@ -108,6 +108,13 @@ class Engine:
         self.optimizer = build_shard_optimizer([g.master for g in self.groups], kind=o.type, lr=o.lr,
                                                betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                                momentum=o.momentum, fused_cpu=fused_cpu_adam)
+        # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
+        # rank may rewrite its shard while another could still read it (barriers around the step), and the
+        # first gather must see every rank's initial shard (barrier now).
+        self._shared_shards = self.plan.parameters and comm.shm is not None and all(
+            comm.shm.owns(g.param_shard) for g in self.groups)
+        if self._shared_shards:
+            comm.shard_barrier()
         self._gatherer = None
         if self.plan.parameters:
             fetch = self._offload.fetch_shard if self._offload is not None and self._offload.offload_params else None
@@ -198,11 +205,15 @@ class Engine:
         else:
             from ztune.runtime.optim_shard import step_shards
 
+            if self._shared_shards:
+                self.comm.shard_barrier()  # every rank is done reading the shards this step rewrites
             if self._offload is not None and self._offload.offload_optimizer:
                 self._offload.step(self.optimizer, grads=grads, grad_divisor=divisor / clip_coef)
             else:
                 step_shards(self.optimizer, masters=[g.master for g in self.groups], grads=grads,
                             param_shards=[g.param_shard for g in self.groups], grad_divisor=divisor / clip_coef)
+            if self._shared_shards:
+                self.comm.shard_barrier()  # every shard is updated before any rank gathers from it
             if self.plan.gathers_params_after_step:
                 works = [self.comm.all_gather(g.param_full, g.param_shard, async_op=True) for g in self.groups]
                 for w in works:

@@ -102,6 +102,8 @@ class ParamGatherer:
         if g.gathered or i in self._works:
             return
         alloc_storage_(g.param_full)
+        if self.fetch_shard is None and self.comm.gather_stable_shards(g.param_full, g.param_shard):
+            return  # copied from the shared shards (runtime/shm.py); nothing in flight
         shard = g.param_shard if self.fetch_shard is None else self.fetch_shard(g)
         self._works[i] = (self.comm.all_gather(g.param_full, shard, async_op=True), shard)
 

@@ -113,8 +113,9 @@ class FlatGroup:
     Aliasing avoids copies where the dtypes allow it: at fp32 the master *is* the owned slice of the
     parameters, and unsharded gradients are views of `grad_full`, which the parameters' `.grad` also view.
 
-    `zeros(numel, dtype)` allocates the buffers collectives move whole (the unsharded gradient buffer, and the
-    parameter buffer that stages 1/2 all-gather after each step): Comm.zeros, which puts them in shared
+    `zeros(numel, dtype)` allocates the buffers collectives read from other ranks (the unsharded gradient
+    buffer, the parameter buffer that stages 1/2 all-gather after each step, stage 3's parameter shard):
+    Comm.zeros, which puts them in shared
     memory where the ranks share a host (runtime/shm.py). Default: ordinary zeroed memory.
     """
 
@@ -136,7 +137,8 @@ class FlatGroup:
         low_precision = dtype != torch.float32
         if shard_params:
             self.param_full = torch.empty(layout.padded_numel, dtype=dtype, device=master_full.device)
-            self.param_shard = master_full[lo:hi].to(dtype).clone()
+            self.param_shard = zeros(hi - lo, dtype)  # every unit's all-gather reads every rank's shard
+            self.param_shard.copy_(master_full[lo:hi])
             self.master = master_full[lo:hi].clone() if low_precision else self.param_shard
         else:
             if partial:  # stages 1/2 all-gather the whole buffer after every step

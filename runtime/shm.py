@@ -12,8 +12,10 @@ traffic between gloo barriers (which also order the memory: each is a round of s
 - all-gather: rank r copies chunk s of rank s's buffer into its own, for every s != r;
 - all-reduce: the reduce-scatter, then the all-gather;
 with a barrier before each phase and one after the last, so that nobody still reads a buffer its owner is
-about to change. Each rank reads (n-1)/n of the buffer from its peers per phase: what comm.py's ring
-accounting charges, so comm_report and the cost model hold unchanged.
+about to change. Stage 3's parameter shards are shared too, and change only in the optimizer step, which
+the engine brackets with barriers: its per-unit all-gathers are then plain copies from every rank's shard
+(`gather_shards`), with no synchronisation at all. Each rank reads (n-1)/n of the buffer from its peers
+per phase: what comm.py's ring accounting charges, so comm_report and the cost model hold unchanged.
 
 Every rank gets identical results (each chunk is summed once, by its owner, and copied by everyone else).
 The summation order differs from gloo's ring (own chunk first, then the other ranks in rank order), which
@@ -232,6 +234,16 @@ class SharedMemoryTransport:
         self._barrier()
         self._gather_other_chunks(views, [(r * size, (r + 1) * size) for r in range(n)])
         self._barrier()
+
+    def gather_shards(self, output: torch.Tensor, shard: torch.Tensor) -> None:
+        """Every rank's copy of `shard` (a piece of a shared buffer) concatenated into `output` (any memory),
+        without barriers: the caller guarantees that no rank is writing its shard meanwhile."""
+        size = shard.numel()
+        if output.numel() != self.world_size * size:
+            raise ValueError(f"gather_shards: output has {output.numel()} elements, expected "
+                             f"{self.world_size} x {size}")
+        for r, v in enumerate(self._views(shard)):
+            output[r * size:(r + 1) * size].copy_(v)
 
 
 def _unlink(path: str) -> None:

@@ -150,18 +150,25 @@ def engine_transport(rank: int, world_size: int, stage: int) -> dict:
     engine.backward(engine(ids, labels=ids))
     engine.step()
     shm = engine.comm.shm
-    return {"transport": engine.comm_report()["transport"], "prefix": shm.prefix if shm else None,
-            "grad_shared": shm is not None and shm.owns(engine.groups[0].grad_full),
-            "param_shared": shm is not None and shm.owns(engine.groups[0].param_full)}
+    g = engine.groups[0]
+    # Stage 1: gradient and parameter buffers are shared; stage 3: the parameter shards (gathered per unit).
+    shared = [g.grad_full, g.param_full] if stage == 1 else [g.param_shard]
+    report = engine.comm_report()
+    return {"transport": report["transport"], "prefix": shm.prefix if shm else None,
+            "shared": shm is not None and all(shm.owns(t) for t in shared),
+            "all_gather_calls": report["ops"]["all_gather"]["calls"]}
 
 
+@pytest.mark.parametrize("stage", [1, 3])
 @pytest.mark.parametrize("env", [{}, {"ZTUNE_SHM": "0"}], ids=["default", "ZTUNE_SHM=0"])
-def test_engine_transport(env):
-    results = run_ranks(engine_transport, world_size=2, args=(1,), env=env)
+def test_engine_transport(env, stage):
+    results = run_ranks(engine_transport, world_size=2, args=(stage,), env=env)
+    gathers = {r["all_gather_calls"] for r in results}
+    assert len(gathers) == 1 and gathers.pop() > 0, "every rank counts the same all-gathers, shared or not"
     if env:
-        assert results[0] == {"transport": "process group", "prefix": None, "grad_shared": False,
-                              "param_shared": False}
+        assert results[0]["transport"] == "process group" and results[0]["prefix"] is None
+        assert not results[0]["shared"]
     else:
         assert results[0]["transport"] == "shared memory + process group"
-        assert results[0]["grad_shared"] and results[0]["param_shared"]
+        assert results[0]["shared"]
         assert not [f for f in os.listdir("/dev/shm") if f.startswith(results[0]["prefix"])]
