@@ -146,6 +146,11 @@ class SharedMemoryTransport:
         self._regions.append(_Region(mine=mine, ranks=ranks))
         return mine
 
+    def own_bytes(self) -> int:
+        """Bytes of this rank's own shared buffers, in whole pages (how they are resident)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        return sum(-(-region.nbytes // page) * page for region in self._regions)
+
     def peer_mappings(self) -> list[torch.Tensor]:
         """This rank's mappings of the other ranks' buffers: memory those ranks own and account for (a
         tensor census of this process would otherwise count it twice)."""

@@ -9,7 +9,9 @@ The tuner starts each trial with these environment variables (docs/autotune.md):
 
 The engine calls ``record_step`` once per optimizer step (at the gradient-accumulation boundary). A step's
 time is the wall time since the previous call, so it covers forward, backward, communication and the
-optimizer step. Peak memory is the device high-water mark on GPU and the peak RSS on CPU.
+optimizer step. Peak memory is the device high-water mark on GPU and the peak RSS on CPU, less the pages
+of other ranks' shared-memory buffers this rank has read (runtime/shm.py): those are the other ranks'
+memory, resident in this process only because it maps them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,32 @@ STEPS_ENV = "ZTUNE_TRIAL_STEPS"
 EXIT_ENV = "ZTUNE_TRIAL_EXIT"
 
 
-def _peak_memory_bytes() -> int:
-    """This process's peak memory: CUDA max allocated when a GPU is in use, else peak RSS."""
+def _peak_memory_bytes(engine: Any = None) -> int:
+    """This process's peak memory: CUDA max allocated when a GPU is in use, else peak RSS without the
+    resident pages of other ranks' shared buffers (module docstring)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    shm = getattr(getattr(engine, "comm", None), "shm", None)
+    if shm is not None:
+        # Once read, peer pages stay resident, so now is their high-water mark too.
+        peak -= max(0, _resident_shmem_bytes() - shm.own_bytes())
+    return peak
+
+
+def _resident_shmem_bytes() -> int:
+    """RssShmem of /proc/self/status (shared-memory pages resident in this process); 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _gather_max(values: list[float]) -> list[list[float]]:
@@ -126,7 +146,7 @@ class TrialReporter:
         if not warmup:
             self._times_s.append(step_s)
         self._write({"event": "step", "step": self.steps_done, "warmup": warmup, "step_time_s": step_s,
-                     "peak_memory_bytes": _peak_memory_bytes(), "loss": loss_value})
+                     "peak_memory_bytes": _peak_memory_bytes(engine), "loss": loss_value})
         if self.steps_done < self.warmup_steps + self.measured_steps:
             return False
         self._finish(engine)
@@ -134,7 +154,7 @@ class TrialReporter:
 
     def _finish(self, engine: Any) -> None:
         self.should_stop = True
-        peaks = [int(v[0]) for v in _gather_max([float(_peak_memory_bytes())])]
+        peaks = [int(v[0]) for v in _gather_max([float(_peak_memory_bytes(engine))])]
         times = sorted(self._times_s)
         mid = len(times) // 2
         median = times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2

@@ -154,7 +154,15 @@ def engine_transport(rank: int, world_size: int, stage: int) -> dict:
     # Stage 1: gradient and parameter buffers are shared; stage 3: the parameter shards (gathered per unit).
     shared = [g.grad_full, g.param_full] if stage == 1 else [g.param_shard]
     report = engine.comm_report()
+    import resource
+
+    from ztune.runtime.trial_report import _peak_memory_bytes
+
+    raw_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    page = os.sysconf("SC_PAGE_SIZE")
+    peer_bytes = sum(-(-t.numel() * t.element_size() // page) * page for t in shm.peer_mappings()) if shm else 0
     return {"transport": report["transport"], "prefix": shm.prefix if shm else None,
+            "peak_excluded": raw_peak - _peak_memory_bytes(engine), "peer_bytes": peer_bytes,
             "shared": shm is not None and all(shm.owns(t) for t in shared),
             "all_gather_calls": report["ops"]["all_gather"]["calls"]}
 
@@ -165,6 +173,9 @@ def test_engine_transport(env, stage):
     results = run_ranks(engine_transport, world_size=2, args=(stage,), env=env)
     gathers = {r["all_gather_calls"] for r in results}
     assert len(gathers) == 1 and gathers.pop() > 0, "every rank counts the same all-gathers, shared or not"
+    for r in results:  # autotune's CPU peak memory leaves out the peers' pages this rank has read
+        assert 0 <= r["peak_excluded"] <= r["peer_bytes"]
+        assert (r["peak_excluded"] > 0) == (not env)
     if env:
         assert results[0]["transport"] == "process group" and results[0]["prefix"] is None
         assert not results[0]["shared"]
