@@ -74,8 +74,8 @@ class Comm:
                 return shared
         return torch.zeros(numel, dtype=dtype, device=device)
 
-    def _shared(self, *tensors: torch.Tensor) -> bool:
-        return self.shm is not None and all(self.shm.owns(t) for t in tensors)
+    def _shared(self, tensor: torch.Tensor) -> bool:
+        return self.shm is not None and self.shm.worth_it(tensor)
 
     # -- accounting ---------------------------------------------------------------------------------------
     def _count(self, op: str, payload: torch.Tensor) -> None:

@@ -241,6 +241,7 @@ class CollectiveResult:
     sizes_bytes: tuple[int, ...]
     times_s: tuple[float, ...]  # per all_reduce, slowest rank, best trial
     fit: AlphaBeta
+    transport: str = ""  # what carried the buffers: the backend, or "gloo + shared memory" (runtime/shm.py)
 
     def busbw_bytes_per_s(self, i: int) -> float:
         n = self.world_size
@@ -270,13 +271,25 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, **bound)
         sync = (lambda: torch.cuda.synchronize(device)) if backend == "nccl" else (lambda: None)
+        # CPU ranks on one host: measure what the runtime will use for its buffers (runtime/shm.py).
+        shm = None
+        if backend == "gloo":
+            from ztune.runtime.shm import SharedMemoryTransport
+
+            shm = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
+        transport = backend if shm is None else f"{backend} + shared memory"
         times = []
         for size in sizes:
-            buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
-            dist.all_reduce(buf)  # warm-up: connection setup, buffer registration
+            buf = shm.zeros(max(1, size // 4), dtype=torch.float32) if shm is not None else None
+            if buf is None:
+                buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+            else:
+                buf.fill_(1.0)
+            all_reduce = shm.all_reduce if shm is not None and shm.worth_it(buf) else dist.all_reduce
+            all_reduce(buf)  # warm-up: connection setup, buffer registration, page faults
             sync()
             start = time.perf_counter()
-            dist.all_reduce(buf)
+            all_reduce(buf)
             sync()
             # Every rank must run the same number of iterations: agree on the slowest rank's estimate.
             probe = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
@@ -287,7 +300,7 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
                 dist.barrier()
                 start = time.perf_counter()
                 for _ in range(iters):
-                    dist.all_reduce(buf)
+                    all_reduce(buf)
                 sync()
                 best = min(best, (time.perf_counter() - start) / iters)
             slowest = torch.tensor([best], dtype=torch.float64, device=device)
@@ -295,7 +308,7 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
             times.append(slowest.item())
         dist.destroy_process_group()
         if rank == 0:
-            queue.put(("ok", times))
+            queue.put(("ok", {"times": times, "transport": transport}))
     except BaseException as exc:  # reported to the parent, which decides; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
@@ -320,7 +333,8 @@ def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backe
                                  ) -> CollectiveResult:
     """Spawn `world_size` local ranks (127.0.0.1, a free port; gloo on CPU, nccl with one GPU per rank),
     time all_reduce of fp32 buffers of each size in `sizes` (bytes) for about `target_s` per trial, and
-    fit the alpha-beta model."""
+    fit the alpha-beta model. On CPU the buffers are in shared memory when the ranks can share it, as the
+    runtime's are (runtime/shm.py; ZTUNE_SHM=0 measures gloo alone); the result's `transport` says which."""
     import multiprocessing as mp
 
     if world_size < 2:
@@ -344,8 +358,9 @@ def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backe
     if status != "ok":
         raise ProbeFailed(f"{backend} all_reduce over {world_size} local ranks failed: {payload}")
     sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)
-    return CollectiveResult(backend, world_size, sizes_t, tuple(payload),
-                            fit_alpha_beta(sizes_t, payload, world_size=world_size))
+    times = payload["times"]
+    return CollectiveResult(backend, world_size, sizes_t, tuple(times),
+                            fit_alpha_beta(sizes_t, times, world_size=world_size), transport=payload["transport"])
 
 
 # --------------------------------------------------------------------------------------------- profile
@@ -433,7 +448,8 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         "cpu_cores": "read: psutil physical cores",
     }
     if c is not None:
-        notes["intra_node_bw_bytes_per_s"] = (f"measured: {c.backend} all_reduce busbw, {c.world_size} ranks, "
+        notes["intra_node_bw_bytes_per_s"] = (f"measured: {c.transport or c.backend} all_reduce busbw, "
+                                              f"{c.world_size} ranks, "
                                               f"alpha-beta fit over {len(c.sizes_bytes)} sizes")
         notes["intra_node_latency_s"] = f"measured: alpha per ring step ({c.fit.latency_from})"
     else:

@@ -106,7 +106,7 @@ def results():
     from ztune.runtime.ops import kernel_backend
 
     kernel_backend()  # build (or find) the kernel here, so the ranks start with a warm cache
-    return run_ranks(train_cases, world_size=WORLD, args=(CASES,), timeout_s=240)
+    return run_ranks(train_cases, world_size=WORLD, args=(CASES,), timeout_s=240, env={"ZTUNE_SHM_MIN_BYTES": "0"})
 
 
 def test_ranks_load_cached_kernel_without_builder(results):

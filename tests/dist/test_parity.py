@@ -217,12 +217,17 @@ CASES = (
 )
 
 
+# These models are small: without ZTUNE_SHM_MIN_BYTES=0 most of their collectives would go through gloo
+# (runtime/shm.py MIN_BYTES); here every one goes through shared memory, below (GLOO_CASES) none does.
+ALL_SHARED = {"ZTUNE_SHM_MIN_BYTES": "0"}
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
 def world_results(request):
     n = request.param
     # The offload cases run the fused C++ Adam kernel: a rank loads the cached library directly (runtime/ops.py,
     # ~10 ms). tests/dist/test_offload.py has the offload cases, including one on the torch fallback.
-    return n, run_ranks(train_cases, world_size=n, args=(CASES,), timeout_s=240)
+    return n, run_ranks(train_cases, world_size=n, args=(CASES,), timeout_s=240, env=ALL_SHARED)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)),

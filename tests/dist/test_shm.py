@@ -168,9 +168,11 @@ def engine_transport(rank: int, world_size: int, stage: int) -> dict:
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-@pytest.mark.parametrize("env", [{}, {"ZTUNE_SHM": "0"}], ids=["default", "ZTUNE_SHM=0"])
+@pytest.mark.parametrize("env", [{"ZTUNE_SHM_MIN_BYTES": "0"}, {"ZTUNE_SHM": "0"}],
+                         ids=["shared", "ZTUNE_SHM=0"])
 def test_engine_transport(env, stage):
     results = run_ranks(engine_transport, world_size=2, args=(stage,), env=env)
+    env = env.get("ZTUNE_SHM") == "0"  # True: gloo only
     gathers = {r["all_gather_calls"] for r in results}
     assert len(gathers) == 1 and gathers.pop() > 0, "every rank counts the same all-gathers, shared or not"
     for r in results:  # autotune's CPU peak memory leaves out the peers' pages this rank has read
@@ -183,3 +185,44 @@ def test_engine_transport(env, stage):
         assert results[0]["transport"] == "shared memory + process group"
         assert results[0]["shared"]
         assert not [f for f in os.listdir("/dev/shm") if f.startswith(results[0]["prefix"])]
+
+
+def threshold(rank: int, world_size: int) -> dict:
+    from ztune.runtime.comm import Comm
+    from ztune.runtime.shm import MIN_BYTES, SharedMemoryTransport
+
+    tr = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
+    import torch.distributed as dist
+
+    comm = Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=tr)
+    small = comm.zeros(MIN_BYTES // 4 - 16, dtype=torch.float32, device=torch.device("cpu"))
+    big = comm.zeros(MIN_BYTES // 4, dtype=torch.float32, device=torch.device("cpu"))
+    calls = []
+    tr.all_reduce = lambda t, **kw: calls.append(t.numel())  # record which ones come here
+    for t in (small, big):
+        comm.all_reduce(t.fill_(rank + 1))
+    return {"shm_calls": calls, "small": small[:4].tolist(), "owned": tr.owns(small) and tr.owns(big)}
+
+
+def test_small_collectives_go_through_gloo():
+    from ztune.runtime.shm import MIN_BYTES
+
+    for r in run_ranks(threshold, world_size=2):
+        assert r["owned"] and r["shm_calls"] == [MIN_BYTES // 4]
+        assert r["small"] == [3.0] * 4  # summed by gloo
+
+
+def bad_min_bytes(rank: int, world_size: int) -> str:
+    from ztune.errors import ConfigError
+    from ztune.runtime.shm import SharedMemoryTransport
+
+    try:
+        SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_bad_min_bytes_is_a_config_error():
+    out = run_ranks(bad_min_bytes, world_size=2, env={"ZTUNE_SHM_MIN_BYTES": "lots"})
+    assert out[0] == out[1] and out[0].startswith("ZTUNE_SHM_MIN_BYTES='lots': expected a byte count")

@@ -83,7 +83,8 @@ def _summary(m: Any, hw: Any, notes: dict[str, str], output: Path) -> dict:
             "memory": dataclasses.asdict(m.memory),
             "matmul": dataclasses.asdict(m.flops),
             "collective": None if c is None else {
-                "backend": c.backend, "world_size": c.world_size, "sizes_bytes": list(c.sizes_bytes),
+                "backend": c.backend, "transport": c.transport or c.backend,
+                "world_size": c.world_size, "sizes_bytes": list(c.sizes_bytes),
                 "times_s": list(c.times_s),
                 "busbw_bytes_per_s": [c.busbw_bytes_per_s(i) for i in range(len(c.times_s))],
                 "fit": dataclasses.asdict(c.fit)},
@@ -109,7 +110,8 @@ def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
     if c is not None:
         coll = [[human_bytes(s), f"{t * 1e6:,.1f}", f"{c.busbw_bytes_per_s(i) / 1e9:,.3f}"]
                 for i, (s, t) in enumerate(zip(c.sizes_bytes, c.times_s, strict=True))]
-        console.print(table(f"{c.backend} all_reduce, {c.world_size} local ranks (busbw = 2(n-1)/n x bytes / time)",
+        title = f"{c.transport or c.backend} all_reduce, {c.world_size} local ranks (busbw = 2(n-1)/n x bytes / time)"
+        console.print(table(title,
                             ["size", "time us", "busbw GB/s"], coll, justify_right=["size", "time us", "busbw GB/s"]))
     console.print(f"memory: copy {m.memory.copy_bytes_per_s / 1e9:.2f} GB/s, triad "
                   f"{m.memory.triad_bytes_per_s / 1e9:.2f} GB/s (STREAM convention, {m.memory.threads} threads)")
