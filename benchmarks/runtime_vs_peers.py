@@ -8,8 +8,8 @@ one launcher spawns 2 ranks; each rank builds every system (peers.PEERS and, whe
 (runtime/data.py), warms each up, then times them in rounds with the order rotated every round so that
 slow drift of this shared machine spreads over all systems. Step time is the median over all timed steps
 of the slower rank's time. Writes docs/bench/runtime_vs_peers.md; `make bench` assembles
-docs/benchmarks.md. 559 s on the 2-core dev machine while other jobs kept its load average near 6 (so
-less when idle); `--quick` (1 timed step) only checks that everything runs.
+docs/benchmarks.md. 436 s on the 2-core dev machine when quiet (load average ~1.5); `--quick` (1 timed step)
+only checks that everything runs.
 
 ztune runs with its default shared-memory transport for single-host CPU ranks (runtime/shm.py); stages 0
 and 1 also run with gloo only (ZTUNE_SHM=0) to show what the transport contributes.
@@ -399,7 +399,7 @@ def _deepspeed_version() -> str:
 
 def build_jobs(*, quick: bool) -> list[Job]:
     sched = Schedule(warmup_steps=1, rounds=1, steps_per_visit=1) if quick else \
-        Schedule(warmup_steps=2, rounds=4, steps_per_visit=2)
+        Schedule(warmup_steps=2, rounds=6, steps_per_visit=2)
     with_ztune = peers.ztune_available()
     jobs = []
     for model, micro in MICRO_BATCH.items():
