@@ -256,3 +256,24 @@ def gloo_results():
                          ids=[f"{c['model']}-s{c['stage']}-{c['precision']}-acc{c['accum']}" for c in GLOO_CASES])
 def test_parity_gloo_only(gloo_results, index):
     check(GLOO_CASES[index], [per_rank[index] for per_rank in gloo_results], 2)
+
+
+# The default threshold sends small buffers through gloo and large ones through shared memory; with a
+# threshold between this model's bucket sizes (2048 fp32 elements: most 3000-element buckets above, the
+# rest below) one step mixes both, asynchronous gloo collectives in flight across shared-memory barriers.
+MIXED_CASES = [c for c in CASES if c["offload"] == "none" and not c["overflow"] and c["ckpt"] == "none"
+               and c["precision"] != "fp16" and (c["model"] == "llama" or c["clip"] == 0.0)
+               and not c["unused"] and not c["sometimes"]]
+
+
+@pytest.fixture(scope="module")
+def mixed_results():
+    return run_ranks(train_cases, world_size=2, args=(MIXED_CASES,), timeout_s=240,
+                     env={"ZTUNE_SHM_MIN_BYTES": "8192"})
+
+
+@pytest.mark.parametrize("index", range(len(MIXED_CASES)),
+                         ids=[f"{c['model']}-s{c['stage']}-{c['precision']}-acc{c['accum']}-{c['optimizer']}"
+                              for c in MIXED_CASES])
+def test_parity_mixed_transports(mixed_results, index):
+    check(MIXED_CASES[index], [per_rank[index] for per_rank in mixed_results], 2)
