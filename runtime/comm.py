@@ -15,6 +15,18 @@ Each rank sends the same bytes as with the ring algorithm, so the accounting doe
 Transport: a collective whose tensors live in a shared-memory buffer (`Comm.zeros`, runtime/shm.py: CPU
 ranks on one host) runs as memory copies between barriers, synchronously; everything else goes to the
 process group (gloo or NCCL). Byte accounting is the same either way.
+
+Tensor lifetimes: a gloo worker thread drops its references to a collective's tensors only after the
+collective has completed, i.e. possibly after `wait()` has returned. If it holds the last reference to a
+tensor whose Python object has died (a chunk view made for the call), it needs the GIL to free that object,
+and when the interpreter is already shutting down (a script that exits right after its last step) the
+thread is killed inside a destructor and the process aborts ("terminate called without an active
+exception", SIGABRT; 6 of 20 four-rank runs of an all-gather followed by exit on the dev machine). So on
+gloo every tensor handed to the process group stays referenced here until the call after the one that first
+saw its collective completed (`Comm._hold`), or until `settle()` (the engine calls it after each backward,
+so that no gradient bucket outlives its backward); at exit the last ones are freed by the main thread.
+NCCL groups are left as they were: their tensors are released by the watchdog thread, and holding CUDA
+buffers longer would cost device memory.
 """
 
 from __future__ import annotations
@@ -67,11 +79,13 @@ class _Works:
     def wait(self) -> bool:
         for w in self.works:
             w.wait()
-        self.works = []
         if self.then is not None:
             then, self.then = self.then, None
             then()
         return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
 
 
 class _Done:
@@ -79,6 +93,16 @@ class _Done:
 
     def wait(self) -> bool:
         return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+@dataclass
+class _Held:
+    work: object
+    tensors: tuple
+    seen_completed: bool = False
 
 
 class Comm:
@@ -95,6 +119,7 @@ class Comm:
         self.gloo = world_size > 1 and dist.get_backend(group) == "gloo"
         self.phase = "train"
         self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
+        self._held: list[_Held] = []
 
     def zeros(self, numel: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed flat buffer for collectives to move: in shared memory when the transport has one
@@ -123,6 +148,28 @@ class Comm:
         for key in [k for k in self._counts if k[0] == phase]:
             del self._counts[key]
 
+    # -- tensor lifetimes (module docstring) ---------------------------------------------------------------
+    def _hold(self, work, *tensors: torch.Tensor):
+        """Keep `tensors` referenced until the call after the one that first finds `work` completed; returns
+        `work`. Entries seen completed at the previous call go now."""
+        kept = []
+        for h in self._held:
+            if h.seen_completed:
+                continue
+            h.seen_completed = h.work.is_completed()
+            kept.append(h)
+        kept.append(_Held(work, tensors))
+        self._held = kept
+        return work
+
+    def _issue(self, work, tensors, async_op: bool):
+        return _finish(self._hold(work, *tensors) if self.gloo else work, async_op)
+
+    def settle(self) -> None:
+        """Let go of the tensors of every completed collective (call it where no collective is in flight
+        and the process goes on computing, e.g. after a backward)."""
+        self._held = [h for h in self._held if not h.work.is_completed()]
+
     # -- collectives --------------------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, *, op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
         """Sum (or `op`) `tensor` in place over the group."""
@@ -132,7 +179,7 @@ class Comm:
         if op == dist.ReduceOp.SUM and self._shared(tensor):
             self.shm.all_reduce(tensor)
             return _Done() if async_op else None
-        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+        return self._issue(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), (tensor,), async_op)
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor, *, async_op: bool = False):
         """Concatenate every rank's `shard` (numel = output.numel() / n) into flat `output`.
@@ -146,14 +193,14 @@ class Comm:
             self.shm.all_gather(output, shard)
             return _Done() if async_op else None
         if self.gloo:
-            size = shard.numel()
-            own = output[self.rank * size:(self.rank + 1) * size]
-            if own.data_ptr() != shard.data_ptr():
-                own.copy_(shard)
-            works = [dist.broadcast(output[r * size:(r + 1) * size], src=self._global(r), group=self.group,
-                                    async_op=True) for r in range(self.world_size)]
-            return _finish(_Works(works), async_op)
-        return _all_gather_flat(output, shard, group=self.group, async_op=async_op)
+            chunks = output.split(shard.numel())
+            if chunks[self.rank].data_ptr() != shard.data_ptr():
+                chunks[self.rank].copy_(shard)
+            works = [dist.broadcast(chunk, src=self._global(r), group=self.group, async_op=True)
+                     for r, chunk in enumerate(chunks)]
+            return self._issue(_Works(works), chunks, async_op)
+        work = _all_gather_flat(output, shard, group=self.group, async_op=True)
+        return self._issue(work, (output, shard), async_op)
 
     def gather_stable_shards(self, output: torch.Tensor, shard: torch.Tensor) -> bool:
         """Stage 3's all-gather when `shard` lives in shared memory: copy every rank's shard straight into
@@ -185,13 +232,14 @@ class Comm:
             self.shm.reduce_scatter(output, full)
             return _Done() if async_op else None
         if self.gloo:  # `full` is scratch: a reduce may leave partial sums in chunks other than the root's
-            size = full.numel() // self.world_size
-            works = [dist.reduce(full[r * size:(r + 1) * size], dst=self._global(r), group=self.group,
-                                 async_op=True) for r in range(self.world_size)]
-            own = full[self.rank * size:(self.rank + 1) * size]
+            chunks = full.split(full.numel() // self.world_size)
+            works = [dist.reduce(chunk, dst=self._global(r), group=self.group, async_op=True)
+                     for r, chunk in enumerate(chunks)]
+            own = chunks[self.rank]
             then = None if own.data_ptr() == output.data_ptr() else (lambda: output.copy_(own))
-            return _finish(_Works(works, then), async_op)
-        return _reduce_scatter_flat(output, full, group=self.group, async_op=async_op)
+            return self._issue(_Works(works, then), chunks, async_op)
+        work = _reduce_scatter_flat(output, full, group=self.group, async_op=True)
+        return self._issue(work, (output, full), async_op)
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, *, async_op: bool = False):
         """Split flat `input` into n equal pieces and send piece r to rank r; `output`'s piece r is what rank r
@@ -200,12 +248,13 @@ class Comm:
         if self.world_size == 1:
             output.copy_(input)
             return _Done() if async_op else None
-        return dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
+        work = dist.all_to_all_single(output, input, group=self.group, async_op=True)
+        return self._issue(work, (output, input), async_op)
 
     def broadcast(self, tensor: torch.Tensor, *, src: int = 0) -> None:
         self._count(BROADCAST, tensor)
         if self.world_size > 1:
-            dist.broadcast(tensor, src=src, group=self.group)
+            self._issue(dist.broadcast(tensor, src=src, group=self.group, async_op=True), (tensor,), False)
 
     def report(self, *, steps: int, phase: str = "train") -> dict:
         """Per-op calls / payload bytes / sent bytes, and bytes each rank sends per optimizer step."""
