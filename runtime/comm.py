@@ -21,7 +21,7 @@ collective has completed, i.e. possibly after `wait()` has returned. If it holds
 tensor whose Python object has died (a chunk view made for the call), it needs the GIL to free that object,
 and when the interpreter is already shutting down (a script that exits right after its last step) the
 thread is killed inside a destructor and the process aborts ("terminate called without an active
-exception", SIGABRT; 6 of 20 four-rank runs of an all-gather followed by exit on the dev machine). So on
+exception", SIGABRT; 6 ranks aborted in 20 four-rank runs of an all-gather followed by exit on the dev machine). So on
 gloo every tensor handed to the process group stays referenced here until the call after the one that first
 saw its collective completed (`Comm._hold`), or until `settle()` (the engine calls it after each backward,
 so that no gradient bucket outlives its backward); at exit the last ones are freed by the main thread.
