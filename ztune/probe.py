@@ -143,35 +143,71 @@ def measure_host_memory_bandwidth(*, size_bytes: int, repeats: int, threads: int
 
 @dataclass(frozen=True)
 class FlopRates:
-    """Dense matmul FLOP/s per device (per CPU rank on a CPU host): the slowest device's best run."""
+    """Dense matmul FLOP/s per device (per CPU rank on a CPU host): the slowest device's best run.
+    `matrix_size` is the size asked for; `fp32_size`/`bf16_size` the sizes measured, when a dtype's products
+    were too slow for the size asked (None: measured at `matrix_size`)."""
 
     fp32_flops_per_s: float
     bf16_flops_per_s: float
     device: str
     matrix_size: int
+    fp32_size: int | None = None
+    bf16_size: int | None = None
+
+    def size_for(self, dtype: str) -> int:
+        return getattr(self, f"{dtype}_size") or self.matrix_size
 
 
-def measure_matmul_flops(*, device: str, matrix_size: int, repeats: int, threads: int = 1) -> FlopRates:
+# Smallest product a matmul measurement starts from, to learn the rate before committing to the size asked for.
+_MATMUL_FIRST_SIZE = 256
+
+
+def _matmul_size(*, first_s: float, first_size: int, limit: int, max_product_s: float) -> int:
+    """The size (a multiple of 64, <= limit) whose product takes about `max_product_s` at the rate one product of
+    `first_size` showed (time ~ size^3). A CPU without bf16 units multiplies bf16 some 40x slower than fp32:
+    without this cap a 2048^2 bf16 product took 85 s on a 2-core VM, and `--quick`'s 1024^2 ten."""
+    if first_s <= 0 or not math.isfinite(max_product_s):
+        return limit
+    fit = int(first_size * (max_product_s / first_s) ** (1 / 3)) // 64 * 64
+    return max(64, min(limit, fit))
+
+
+def measure_matmul_flops(*, device: str, matrix_size: int, repeats: int, threads: int = 1,
+                         max_product_s: float = math.inf) -> FlopRates:
     """2*N^3 FLOP per N x N matmul, best of `repeats`, fp32 (TF32 off) and bf16. `device` is "cpu" (with
-    `threads` torch threads: one rank's cores) or "cuda:i"."""
+    `threads` torch threads: one rank's cores) or "cuda:i". N is `matrix_size`, or less for a dtype whose
+    product would take over `max_product_s` seconds there (timed first at a small size)."""
     import torch
 
     saved_threads, saved_tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
     torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: TF32 has its own, higher peak
     sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
-    rates = {}
+
+    def operands(n: int, dtype: torch.dtype) -> tuple:
+        x = torch.randn(n, n, device=device).to(dtype)
+        y = torch.randn(n, n, device=device).to(dtype)
+        return x, y, torch.empty(n, n, device=device, dtype=dtype)
+
+    rates, sizes = {}, {}
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(matrix_size, matrix_size, device=device).to(dtype)
-            y = torch.randn(matrix_size, matrix_size, device=device).to(dtype)
-            out = torch.empty(matrix_size, matrix_size, device=device, dtype=dtype)
+            size = matrix_size
+            if math.isfinite(max_product_s) and matrix_size > _MATMUL_FIRST_SIZE:
+                x, y, out = operands(_MATMUL_FIRST_SIZE, dtype)
+                # best of 2: one product preempted on a busy host must not shrink the size for nothing
+                first_s = _best_time_s(lambda x=x, y=y, out=out: torch.mm(x, y, out=out), repeats=2, sync=sync)
+                size = _matmul_size(first_s=first_s, first_size=_MATMUL_FIRST_SIZE, limit=matrix_size,
+                                    max_product_s=max_product_s)
+            x, y, out = operands(size, dtype)
             seconds = _best_time_s(lambda x=x, y=y, out=out: torch.mm(x, y, out=out), repeats=repeats, sync=sync)
-            rates[dtype] = 2 * matrix_size**3 / seconds
+            rates[dtype], sizes[dtype] = 2 * size**3 / seconds, size
     finally:
         torch.set_num_threads(saved_threads)
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
-    return FlopRates(rates[torch.float32], rates[torch.bfloat16], device, matrix_size)
+    smaller = {d: (n if n != matrix_size else None) for d, n in sizes.items()}
+    return FlopRates(rates[torch.float32], rates[torch.bfloat16], device, matrix_size,
+                     smaller[torch.float32], smaller[torch.bfloat16])
 
 
 @dataclass(frozen=True)
@@ -438,8 +474,9 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         "gpus_per_node": f"read: {m.gpus.status}" if on_gpu else f"read: {m.ranks} CPU ranks ({m.gpus.status})",
         "gpu_memory_bytes": "read: NVML memory total, smallest GPU" if on_gpu else
         f"assumed: RAM less {CPU_RESERVED_BYTES // GIB} GiB, split over {m.ranks} CPU ranks",
-        "peak_flops_bf16": f"measured: bf16 {f.matrix_size}^2 matmul on {f.device} (achieved, <= datasheet peak)",
-        "peak_flops_fp32": f"measured: fp32 {f.matrix_size}^2 matmul on {f.device}, TF32 off (achieved)",
+        "peak_flops_bf16": f"measured: bf16 {f.size_for('bf16')}^2 matmul on {f.device} (achieved, <= datasheet "
+        "peak)",
+        "peak_flops_fp32": f"measured: fp32 {f.size_for('fp32')}^2 matmul on {f.device}, TF32 off (achieved)",
         "inter_node_bw_bytes_per_s": inter,
         "inter_node_latency_s": "assumed: " + ("InfiniBand-class" if gbps > INFINIBAND_FROM_GBPS else "TCP/Ethernet")
         + " per-step latency",
@@ -494,15 +531,17 @@ class ProbePlan:
     collective_target_s: float
     host_device_bytes: int
     repeats: int
+    matmul_max_product_s: float  # a slower product is measured at a smaller size (measure_matmul_flops)
 
 
 def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
     kib, mib = 1 << 10, 1 << 20
     if quick:
-        return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05, 64 * mib, 3)
+        return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05, 64 * mib, 3,
+                         0.25)
     top = 1024 * mib if on_gpu else 64 * mib  # gloo over loopback is ~1 GB/s: 64 MiB already costs 0.1 s
     sizes = tuple(s for s in (4**i * 4 * kib for i in range(12)) if s <= top)
-    return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5)
+    return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5, 5.0)
 
 
 def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None
@@ -536,13 +575,14 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
     if on_gpu:
         devices = ["cuda:0"] if quick else [f"cuda:{i}" for i in range(ranks)]
         on_step(f"matmul FLOP/s on {len(devices)} GPU(s)")
-        per_device = [measure_matmul_flops(device=d, matrix_size=plan.matmul_size_gpu, repeats=plan.repeats)
+        per_device = [measure_matmul_flops(device=d, matrix_size=plan.matmul_size_gpu, repeats=plan.repeats,
+                                           max_product_s=plan.matmul_max_product_s)
                       for d in devices]
         flops = min(per_device, key=lambda r: r.bf16_flops_per_s)
     else:
         on_step(f"matmul FLOP/s on one CPU rank ({threads_per_rank} thread(s))")
         flops = measure_matmul_flops(device="cpu", matrix_size=plan.matmul_size_cpu, repeats=plan.repeats,
-                                     threads=threads_per_rank)
+                                     threads=threads_per_rank, max_product_s=plan.matmul_max_product_s)
     collective = None
     if ranks >= 2:
         backend = "nccl" if on_gpu else "gloo"

@@ -162,3 +162,22 @@ def test_default_inter_node_link_is_stated_and_assumed():
     notes = probe.field_notes(m)
     assert notes["inter_node_bw_bytes_per_s"].startswith("assumed:") and "--inter-node-gbps" in notes[
         "inter_node_bw_bytes_per_s"]
+
+
+def test_matmul_size_follows_the_cube_of_the_time_and_stays_in_bounds():
+    # 256^2 took 10 ms: 8x the time (80 ms) buys 2x the size.
+    assert probe._matmul_size(first_s=0.01, first_size=256, limit=4096, max_product_s=0.08) == 512
+    assert probe._matmul_size(first_s=0.01, first_size=256, limit=384, max_product_s=0.08) == 384  # the size asked
+    assert probe._matmul_size(first_s=100.0, first_size=256, limit=4096, max_product_s=0.25) == 64  # the floor
+    assert probe._matmul_size(first_s=0.01, first_size=256, limit=4096, max_product_s=math.inf) == 4096
+
+
+def test_slow_matmuls_are_measured_at_a_smaller_size():
+    # A CPU without bf16 units multiplies bf16 ~40x slower than fp32: `--quick` once spent 40 s on it.
+    capped = probe.measure_matmul_flops(device="cpu", matrix_size=512, repeats=1, max_product_s=1e-9)
+    assert (capped.size_for("fp32"), capped.size_for("bf16"), capped.matrix_size) == (64, 64, 512)
+    assert capped.fp32_flops_per_s > 0 and capped.bf16_flops_per_s > 0
+    plain = probe.measure_matmul_flops(device="cpu", matrix_size=128, repeats=1)
+    assert (plain.fp32_size, plain.bf16_size, plain.size_for("bf16")) == (None, None, 128)
+    notes = probe.field_notes(dataclasses.replace(_measurements(gpu=False), flops=capped))
+    assert "bf16 64^2 matmul" in notes["peak_flops_bf16"] and "fp32 64^2" in notes["peak_flops_fp32"]
