@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast demo bench lint clean
+.PHONY: install install-bench test test-fast demo bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -51,6 +51,20 @@ demo: install
 
 bench: install-bench
 	$(PY) benchmarks/run_all.py
+
+# One prepared check of the CUDA paths on one GPU, within 8 minutes (docs/gpu-check.md). It runs on a bare GPU
+# machine's own python3 (torch with CUDA, transformers, ... preinstalled), not on .venv: the editable install
+# below needs no network (no dependencies, no build isolation); a plain PYTHONPATH would not do, since
+# pyproject's package-dir maps runtime/ to ztune.runtime. Results go to $(GPU_CHECK_OUT): the device tool's
+# $OUT when set. GPU_CHECK_ARGS=--dry-run runs the same script on the CPU with tiny sizes.
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),gpu-check-out)
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(GPU_PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-index -e . \
+		|| echo "gpu-check: the editable install failed (above); the check imports ztune from the source tree instead"
+	PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)" $(GPU_CHECK_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -43,9 +43,11 @@ SCRIPT_ARGS = {"bench_compression.py": ["--steps", "60"]}
 
 def main(argv: list[str]) -> int:
     only = set(argv)
-    # Every script here but this one and peers.py (a library of the runtime-vs-peers benchmark).
+    # Every script here but this one, peers.py (a library of the runtime-vs-peers benchmark) and the GPU check
+    # (`make gpu-check`: needs a CUDA GPU, writes its own report; docs/gpu-check.md).
     scripts = sorted(p for p in BENCH_DIR.glob("*.py")
-                     if p.name not in {"run_all.py", "peers.py"} and (not only or p.stem in only))
+                     if p.name not in {"run_all.py", "peers.py"} and not p.name.startswith("gpu_check")
+                     and (not only or p.stem in only))
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
