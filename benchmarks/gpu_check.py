@@ -43,6 +43,7 @@ import gpu_check_report as report  # noqa: E402  (beside this file; benchmarks/ 
 
 WORKERS = Path(__file__).resolve().parent / "gpu_check_workers.py"
 PHASES = ("kernel", "tests", "probe", "parity", "train-z0", "train-offload", "estimate")
+TAIL_LINES = 15  # of a phase that did not pass, in the reports (the log has everything)
 MIN_PHASE_S = 10.0  # a phase that cannot get this much of the total budget is skipped, and says why
 
 # TinyLlama-1.1B's shape (Zhang et al. 2024, arXiv:2401.02385): 1,100,048,384 parameters; weights random.
@@ -127,6 +128,7 @@ class Phase:
     wall_s: float = 0.0
     error: str | None = None
     data: dict = field(default_factory=dict)
+    output_tail: list[str] = field(default_factory=list)  # its processes' last lines, kept when it did not pass
 
 
 class Check:
@@ -173,6 +175,7 @@ class Check:
             for line in stream:
                 print(f"  {phase.name}| {line.rstrip()}", flush=True)
                 self.log.write(line)
+                phase.output_tail = (phase.output_tail + [line.rstrip()])[-TAIL_LINES:]
             self.log.flush()
 
         reader = threading.Thread(target=relay, daemon=True)
@@ -235,6 +238,8 @@ class Check:
             except Exception as exc:  # noqa: BLE001 -- one broken phase must not lose the others' results
                 phase.status, phase.error = "failed", f"{type(exc).__name__}: {exc}"
             phase.wall_s = time.monotonic() - start
+            if phase.status == "ok":
+                phase.output_tail = []
             self.say(f"{name}: {phase.status} in {phase.wall_s:.1f} s" + (f" ({phase.error})" if phase.error else ""))
             self.write_reports()
         self.write_reports()

@@ -179,6 +179,10 @@ def _f(value, fmt: str = "{:,.3g}") -> str:
     return fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
 
+def _per_gib(nbytes):
+    return nbytes / GIB if nbytes is not None else None
+
+
 def _table(headers: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -200,6 +204,9 @@ def markdown(doc: dict) -> str:
     out += _table(["phase", "status", "wall s", "budget s", "note"],
                   [[n, p["status"], f"{p['wall_s']:.1f}", f"{p['budget_s']:.0f}", p["error"] or ""]
                    for n, p in ph.items()])
+    for n, p in ph.items():
+        if p.get("output_tail"):
+            out += [f"Last lines of {n}:", "", "```", *p["output_tail"], "```", ""]
     tests = ph["tests"]["data"]
     if tests:
         out += ["## tests/gpu", "", ", ".join(f"{v} {k}" for k, v in tests["counts"].items()), ""]
@@ -214,10 +221,12 @@ def markdown(doc: dict) -> str:
         r, dr = ph[f"train-{mode}"]["data"], d["runs"].get(mode, {})
         if r.get("timed_steps"):
             label = "ZeRO-0" if mode == "z0" else "ZeRO-2 + offload_optimizer cpu"
-            rows.append([label, f"{r['num_params'] / 1e9:.3f}B", f"{r['micro_batch']} x {r['seq_len']}",
+            n = r["num_params"]
+            size = f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+            rows.append([label, size, f"{r['micro_batch']} x {r['seq_len']}",
                          f"{r['step_s_median'] * 1e3:,.0f} ({r['timed_steps']})", _f(r["tokens_per_s"], "{:,.0f}"),
                          _f(dr.get("mfu_datasheet"), "{:.1%}"), _f(dr.get("mfu_probed"), "{:.1%}"),
-                         _f(r.get("max_allocated_bytes", 0) / GIB, "{:.1f}"), _f(r["host_rss_bytes"] / GIB, "{:.1f}"),
+                         _f(_per_gib(r.get("max_allocated_bytes")), "{:.1f}"), _f(r["host_rss_bytes"] / GIB, "{:.1f}"),
                          f"{r['first_loss']:.3f} → {r['last_loss']:.3f}"])
     if rows:
         out += ["## Training: transformers Llama, random init, bf16, one device", "",

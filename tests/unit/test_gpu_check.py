@@ -106,3 +106,34 @@ def test_junit_outcomes_are_counted(tmp_path):
     got = report.read_junit(xml)
     assert got["counts"] == {"passed": 1, "failed": 1, "error": 0, "skipped": 1}
     assert got["cases"][1] == {"name": "tests.gpu.t::b", "outcome": "failed", "time_s": 0.1, "message": "boom"}
+
+
+def test_a_phase_over_budget_is_killed_and_keeps_its_last_lines(tmp_path):
+    from benchmarks import gpu_check
+
+    check = gpu_check.Check(out=tmp_path, sizes=gpu_check.DRY, dry_run=True, selected=set(PHASES))
+    try:
+        phase = gpu_check.Phase("slow", budget_s=2.0)
+        argv = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"]
+        assert check.command(phase, argv) is None  # killed at its budget, not after 120 s
+        check._settle(phase, None)
+        assert phase.status == "timeout" and phase.output_tail == ["started"]
+        failing = gpu_check.Phase("failing", budget_s=60.0)
+        assert check.command(failing, [sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    finally:
+        check.finish()
+
+
+def test_a_failing_phase_is_recorded_and_the_reports_are_still_written(tmp_path):
+    from benchmarks import gpu_check
+
+    # estimate alone has no probed profile to work from: it fails, says why, and the run still reports.
+    check = gpu_check.Check(out=tmp_path, sizes=gpu_check.DRY, dry_run=True, selected={"estimate"})
+    try:
+        assert check.run() == 1
+    finally:
+        check.finish()
+    doc = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert doc["phases"]["estimate"]["status"] == "failed" and "probe" in doc["phases"]["estimate"]["error"]
+    assert doc["phases"]["kernel"]["status"] == "skipped" and doc["result"] == "not passed: estimate"
+    assert "| estimate | failed |" in (tmp_path / "gpu-check.md").read_text()
