@@ -32,6 +32,7 @@ def dry_run(tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the dry run is set up by the first test that asks for it
 def test_dry_run_passes_every_phase_and_writes_both_reports(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -50,6 +51,7 @@ def test_dry_run_passes_every_phase_and_writes_both_reports(dry_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the dry run is set up by the first test that asks for it
 def test_dry_run_numbers_are_sane(dry_run):
     _, out = dry_run
     doc = json.loads((out / "gpu-check.json").read_text())
