@@ -339,6 +339,9 @@ def main(argv: list[str]) -> int:
         rc = check.run()
     finally:
         check.finish()
+    # The whole report on stdout too: a caller that keeps only the output's tail (the device tool keeps 12,000
+    # characters) still gets it, ending with predicted against measured.
+    print("\n" + (args.out / "gpu-check.md").read_text(), flush=True)
     summary = ", ".join(f"{p.name} {p.status}" for p in check.phases.values())
     print(f"[gpu-check] {summary}; wrote {args.out / 'gpu-check.md'} and {args.out / 'gpu-check.json'}", flush=True)
     return rc
