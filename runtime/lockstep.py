@@ -31,6 +31,8 @@ from torch import nn
 
 from ztune.errors import ConfigError
 
+# torch >= 2.12 renamed the flat all-gather (as in runtime/comm.py).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 TIMEOUT_ENV = "ZTUNE_GATHER_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
 FORWARD, FORWARD_NO_GRAD, BACKWARD = 0, 1, 2
@@ -97,7 +99,7 @@ class Lockstep:
         mine = torch.tensor([self._issued, unit, phase], dtype=torch.int64)
         self._issued += 1
         out = torch.empty(self.world_size * 3, dtype=torch.int64)
-        work = dist.all_gather_into_tensor(out, mine, group=self.group, async_op=True)
+        work = _all_gather_flat(out, mine, group=self.group, async_op=True)
         self._recent.append((out, mine))
         self._unverified.append((work, out, mine))
         return work, out, mine
