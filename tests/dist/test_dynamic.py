@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.spawn import RankFailure, run_ranks
+from tests.helpers.spawn import run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -225,7 +225,7 @@ def _cases_for(transport: str, world_size: int) -> list[dict]:
 def results(request):
     n, transport = request.param
     cases = _cases_for(transport, n)
-    return n, cases, run_ranks(run_cases, world_size=n, args=(cases,), timeout_s=300, env=TRANSPORTS[transport])
+    return n, cases, run_ranks(run_cases, world_size=n, args=(cases,), timeout_s=900, env=TRANSPORTS[transport])
 
 
 def test_dynamic_parity(results):
@@ -258,7 +258,7 @@ def test_stage3_diverging_eval_on_gloo_fails_on_every_rank(n):
     """The issue's input: after engine.eval(), rank 0 runs 3 no-grad forwards and the others 2, then a step.
     Before: a silent hang until gloo's 30-minute timeout."""
     c = case("block", 3, steps=1, opt="AdamW", lr=1e-2, evals=[3] + [2] * (n - 1))
-    messages = run_ranks(_diverge, world_size=n, args=(c,), timeout_s=240,
+    messages = run_ranks(_diverge, world_size=n, args=(c,), timeout_s=600,
                          env={**GLOO_ONLY, "ZTUNE_GATHER_TIMEOUT_S": "30"})
     for m in messages:
         _assert_diverged(m)
@@ -269,7 +269,7 @@ def test_stage3_gather_without_partner_times_out():
     """Rank 0 evaluates once more after rank 1 has finished: its gather has no partner; it fails within the
     configured gather timeout (a wide net here: the test's own limit), not gloo's 30 minutes."""
     c = case("block", 3, steps=1, opt="AdamW", lr=1e-2, evals_after=[1, 0])
-    messages = run_ranks(_diverge, world_size=2, args=(c,), timeout_s=240,
+    messages = run_ranks(_diverge, world_size=2, args=(c,), timeout_s=600,
                          env={**GLOO_ONLY, "ZTUNE_GATHER_TIMEOUT_S": "5"})
     assert messages[1] == "completed"
     _assert_diverged(messages[0])
@@ -280,7 +280,7 @@ def test_stage3_experts_as_units_on_gloo_fail_with_the_remedy(routes):
     """The issue's MoE at stage 3 over gloo: the default units are the experts, which ranks call differently.
     Before: wrong expert parameters, silently. (units=[] makes it right: GLOO_STAGE3 above.)"""
     c = case("flat", 3, routes=routes)
-    messages = run_ranks(_diverge, world_size=2, args=(c,), timeout_s=240,
+    messages = run_ranks(_diverge, world_size=2, args=(c,), timeout_s=600,
                          env={**GLOO_ONLY, "ZTUNE_GATHER_TIMEOUT_S": "30"})
     for m in messages:
         _assert_diverged(m)
