@@ -181,9 +181,12 @@ class Comm:
             return _Done() if async_op else None
         return self._issue(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), (tensor,), async_op)
 
-    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, *, async_op: bool = False):
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, *, async_op: bool = False,
+                   group: dist.ProcessGroup | None = None):
         """Concatenate every rank's `shard` (numel = output.numel() / n) into flat `output`.
-        `shard` may be this rank's slice of `output` (in place)."""
+        `shard` may be this rank's slice of `output` (in place). `group`: another group over the same ranks
+        (stage 3's gathers, runtime/lockstep.py), same backend; default this Comm's."""
+        group = self.group if group is None else group
         self._count(ALL_GATHER, output)
         if self.world_size == 1:
             if output.data_ptr() != shard.data_ptr():
@@ -196,10 +199,10 @@ class Comm:
             chunks = output.split(shard.numel())
             if chunks[self.rank].data_ptr() != shard.data_ptr():
                 chunks[self.rank].copy_(shard)
-            works = [dist.broadcast(chunk, src=self._global(r), group=self.group, async_op=True)
+            works = [dist.broadcast(chunk, src=self._global(r, group), group=group, async_op=True)
                      for r, chunk in enumerate(chunks)]
             return self._issue(_Works(works), chunks, async_op)
-        work = _all_gather_flat(output, shard, group=self.group, async_op=True)
+        work = _all_gather_flat(output, shard, group=group, async_op=True)
         return self._issue(work, (output, shard), async_op)
 
     def gather_stable_shards(self, output: torch.Tensor, shard: torch.Tensor) -> bool:
@@ -213,8 +216,9 @@ class Comm:
         self.shm.gather_shards(output, shard)
         return True
 
-    def _global(self, group_rank: int) -> int:
-        return group_rank if self.group is dist.group.WORLD else dist.get_global_rank(self.group, group_rank)
+    def _global(self, group_rank: int, group: dist.ProcessGroup | None = None) -> int:
+        group = self.group if group is None else group
+        return group_rank if group is dist.group.WORLD else dist.get_global_rank(group, group_rank)
 
     def shard_barrier(self) -> None:
         if self.world_size > 1:

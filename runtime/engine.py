@@ -50,7 +50,8 @@ def _storage_bytes(tensors, seen: set[int]) -> int:
 class Engine:
     """`engine(*args)` runs the model, `engine.backward(loss)` and `engine.step()` train it.
 
-    Call backward and step once per micro-batch; step() applies the optimizer at every grad_accum-th call."""
+    Call backward and step once per micro-batch; step() applies the optimizer at every grad_accum-th call.
+    Several backward calls before one step() sum their gradients (as torch's .grad does), at every stage."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, comm: Comm, trainable: Sequence[nn.Parameter],
                  units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False):
@@ -118,12 +119,20 @@ class Engine:
         self._gatherer = None
         if self.plan.parameters:
             fetch = self._offload.fetch_shard if self._offload is not None and self._offload.offload_params else None
+            lockstep = None
+            if comm.gloo and (fetch is not None or not self._shared_shards):  # gathers through the group
+                from ztune.runtime.lockstep import Lockstep, unit_names
+
+                lockstep = Lockstep.create(rank=self.rank, world_size=self.world_size,
+                                           names=unit_names(model, [g.module for g in self.groups]))
             self._gatherer = ParamGatherer(self.groups, comm=comm, prefetch_units=cfg.zero.prefetch_units,
-                                           fetch_shard=fetch)
+                                           fetch_shard=fetch, lockstep=lockstep)
         self._reducer = GradReducer(self.groups, comm=comm, shard_states=self.plan.optimizer_states,
                                     shard_grads=self.plan.gradients,
                                     on_reduced=self._gatherer.release if self._gatherer else None,
-                                    compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
+                                    compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
+                                    # stage 3: units in reverse (backward) order, the root (first) last
+                                    launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None)
         comm.phase = "train"
 
     def _group_specs(self, model: nn.Module, trainable: list[nn.Parameter], units

@@ -23,6 +23,16 @@ Compression (compression.method) changes only what goes on the wire:
   the uncompressed collective; phase 2 starts when phase 1 is waited for and is waited for at once.
 
 Reductions sum; the engine divides by world size x loss scale once, on the owned slice, at the step.
+
+Order: every rank must issue the same collectives in the same order, whichever parameters received gradients
+on it (data-dependent routing such as MoE, a parameter used on one rank only). So groups are launched strictly
+in `launch_order`: a group whose gradients are all in waits until every group before it has been launched,
+and `finish` launches the rest in order, with zeros for the parameters that got no gradient on this rank.
+
+Several backward calls before one step sum their gradients (torch's meaning). Sharded gradients add each
+reduced shard into the accumulator. Unsharded buffers that were already reduced since the step (a second
+boundary backward) keep the reduced values only where this rank is their owner (its shard at stage 1,
+rank 0 at stage 0) and zero the rest before accumulating, so the next reduction sums each value once.
 """
 
 from __future__ import annotations
@@ -82,8 +92,15 @@ class CompressedExchange:
 class GradReducer:
     def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, shard_states: bool, shard_grads: bool,
                  on_reduced: Callable[[FlatGroup], None] | None = None, max_inflight: int = 2,
-                 compression: Compression | str = Compression.NONE, topk_ratio: float = 0.01):
+                 compression: Compression | str = Compression.NONE, topk_ratio: float = 0.01,
+                 launch_order: Sequence[int] | None = None):
         self.groups = list(groups)
+        # Group indices in the order their collectives go out (module docstring: Order); identical on every rank.
+        self._order = list(range(len(self.groups))) if launch_order is None else list(launch_order)
+        if sorted(self._order) != list(range(len(self.groups))):
+            raise ValueError(f"launch_order must be a permutation of the {len(self.groups)} group indices")
+        self._next = 0  # position in _order of the next group to launch
+        self._reduced = False  # unsharded buffers hold reduced values since the last step
         self.comm = comm
         self.shard_states = shard_states
         self.shard_grads = shard_grads
@@ -92,7 +109,6 @@ class GradReducer:
         self.in_backward = False
         self._active = False
         self._ready = [0] * len(self.groups)
-        self._launched = [False] * len(self.groups)
         self._buckets: list[torch.Tensor | None] = [None] * len(self.groups)
         self._fired: list[bytearray] = [bytearray(len(g.params)) for g in self.groups]
         self._pending: deque = deque()
@@ -114,8 +130,10 @@ class GradReducer:
         """Start one backward pass; `boundary`: the last micro-step before an optimizer step."""
         self._active = self.shard_grads or boundary
         self._ready = [0] * len(self.groups)
-        self._launched = [False] * len(self.groups)
+        self._next = 0
         self._fired = [bytearray(len(g.params)) for g in self.groups]
+        if self._reduced:
+            self._keep_owned_reduced()
         if not self.shard_grads:
             for g in self.groups:
                 if g.grad_fresh:  # first micro-step since the step: autograd hands over fresh gradients
@@ -147,7 +165,30 @@ class GradReducer:
                 return
         self._ready[gi] += 1
         if self._ready[gi] == len(g.params):
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch, in launch order, every group whose predecessors are all launched and whose gradients are in."""
+        while self._next < len(self._order):
+            gi = self._order[self._next]
+            if self._ready[gi] < len(self.groups[gi].params):
+                return
+            self._next += 1
             self._launch(gi)
+
+    def _keep_owned_reduced(self) -> None:
+        """Before accumulating into unsharded buffers that already hold a reduction since the step: keep the
+        reduced values where this rank owns them (stage 1: its shard; stage 0: rank 0 the whole buffer), zero
+        the rest (other ranks' reduced copies, or reduce-scatter scratch), so the next reduction counts the
+        earlier backward once."""
+        for g in self.groups:
+            if self.shard_states:
+                lo, hi = g.owned
+                g.grad_full[:lo].zero_()
+                g.grad_full[hi:].zero_()
+            elif self.comm.rank != 0:
+                g.grad_full.zero_()
+        self._reduced = False
 
     def _bucket(self, gi: int) -> torch.Tensor:
         """The group's transient flat gradient bucket. Every parameter's slot is overwritten by its hook (or
@@ -161,7 +202,6 @@ class GradReducer:
 
     def _launch(self, gi: int) -> None:
         g = self.groups[gi]
-        self._launched[gi] = True
         lo, hi = g.owned
         full = g.grad_full if not self.shard_grads else self._bucket(gi)
         if self._exchanges is not None:
@@ -226,9 +266,9 @@ class GradReducer:
                             p.grad = g.grad_views[pi]
                     g.grad_fresh = False
         if self._active:
-            for gi, launched in enumerate(self._launched):
-                if launched:
-                    continue
+            self._reduced = not self.shard_grads
+            for gi in self._order[self._next:]:
+                self._next += 1
                 if self.shard_grads:
                     bucket, g = self._bucket(gi), self.groups[gi]
                     for pi, slot in enumerate(g.layout.slots):
@@ -243,6 +283,7 @@ class GradReducer:
         """Called after an optimizer step. Unsharded gradient buffers are not cleared: the next backward's
         fresh gradients overwrite them (finish() zeroes the slots of parameters that got none), which saves
         a pass over the buffer; their padding is never written, so it stays zero. `.grad` is None meanwhile."""
+        self._reduced = False
         for g in self.groups:
             if g.grad_full is not None:
                 for p in g.params:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ztune.runtime.comm import Comm
+from ztune.runtime.lockstep import BACKWARD, FORWARD, FORWARD_NO_GRAD, Lockstep
 from ztune.runtime.partition import FlatGroup, alloc_storage_, free_storage_
 
 
@@ -78,13 +79,15 @@ class ParamGatherer:
     (offload_params: runtime/offload.py uploads the host shard; kept alive until the all-gather completes)."""
 
     def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, prefetch_units: int,
-                 fetch_shard: Callable[[FlatGroup], torch.Tensor] | None = None):
+                 fetch_shard: Callable[[FlatGroup], torch.Tensor] | None = None, lockstep: Lockstep | None = None):
         self.groups = list(groups)
         self.comm = comm
+        self.lockstep = lockstep  # process-group gathers: own group, stamps, bounded wait (runtime/lockstep.py)
         self.prefetch_units = prefetch_units
         self.fetch_shard = fetch_shard
         self.in_backward = False
-        self._works: dict[int, tuple[object, torch.Tensor]] = {}  # group -> (all-gather work, source shard)
+        # group -> (all-gather work, source shard, stamp handle or None)
+        self._works: dict[int, tuple[object, torch.Tensor, object]] = {}
         self._index = {id(g): i for i, g in enumerate(self.groups)}
         # Orders from the previous forward (initially: root, then the units as listed).
         self._fwd_order: list[int] = list(range(len(self.groups)))
@@ -105,19 +108,27 @@ class ParamGatherer:
         if self.fetch_shard is None and self.comm.gather_stable_shards(g.param_full, g.param_shard):
             return  # copied from the shared shards (runtime/shm.py); nothing in flight
         shard = g.param_shard if self.fetch_shard is None else self.fetch_shard(g)
-        self._works[i] = (self.comm.all_gather(g.param_full, shard, async_op=True), shard)
+        stamp, group = None, None
+        if self.lockstep is not None:
+            phase = BACKWARD if self.in_backward else FORWARD if torch.is_grad_enabled() else FORWARD_NO_GRAD
+            stamp, group = self.lockstep.stamp(i, phase=phase), self.lockstep.group
+        self._works[i] = (self.comm.all_gather(g.param_full, shard, async_op=True, group=group), shard, stamp)
+
+    def _wait(self, i: int) -> None:
+        work, _shard, stamp = self._works.pop(i, (None, None, None))
+        if work is None:
+            return
+        if stamp is None:
+            work.wait()
+        else:
+            self.lockstep.wait(work, stamp)
 
     def gather(self, i: int) -> None:
         self._start(i)
-        work, _shard = self._works.pop(i, (None, None))
-        if work is not None:
-            work.wait()
+        self._wait(i)
 
     def release(self, g: FlatGroup) -> None:
-        i = self._index[id(g)]
-        work, _shard = self._works.pop(i, (None, None))
-        if work is not None:  # never free a buffer a collective is still writing
-            work.wait()
+        self._wait(self._index[id(g)])  # never free a buffer a collective is still writing
         if g.gathered:
             free_storage_(g.param_full)
 
