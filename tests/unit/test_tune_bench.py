@@ -68,8 +68,13 @@ def test_reporter_without_exit_sets_should_stop_and_only_rank0_writes(tmp_path) 
 
 def test_torchrun_command_is_an_argv_list() -> None:
     argv = torchrun_command(nproc=2, script="train.py", script_args=["--lr", "1e-3"])
-    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert argv[-3:] == ["train.py", "--lr", "1e-3"]
+    # torchrun through the lifeline (SIGTERM when the tuner dies), every worker through it too (SIGKILL
+    # when torchrun dies).
+    assert argv[1:4] == ["-m", "ztune.launch.lifeline", "TERM"]
+    run = argv.index("torch.distributed.run")
+    assert argv[run + 1:run + 3] == ["--standalone", "--nproc-per-node=2"]
+    assert argv[run + 3:] == ["-m", "ztune.launch.lifeline", "KILL", "__python__", "-u", "train.py", "--lr",
+                              "1e-3"]
 
 
 def test_noted_loss_is_reported_by_the_next_step_without_one(tmp_path) -> None:

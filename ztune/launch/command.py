@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ztune.errors import UserError
+from ztune.launch import lifeline
 
 # Prefixes of variables copied from the launcher's environment to every rank (as DeepSpeed's runner does).
 ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "PYTHON", "ZTUNE_")
@@ -24,6 +25,9 @@ RANK_PREFIX_RE = re.compile(r"^\[ztune-rank=(\d+)\] ?")
 # each worker in its own session): teardown finds them by this variable in /proc/<pid>/environ.
 TAG_ENV = "ZTUNE_LAUNCH_TAG"
 
+# Process bookkeeping of this machine: never copied to other hosts' ranks.
+_LOCAL_ONLY = frozenset({TAG_ENV, lifeline.PARENT_ENV})
+
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -33,7 +37,7 @@ class LaunchError(UserError):
 
 def filter_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of `environ` whose names start with one of ENV_PREFIXES."""
-    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k != TAG_ENV}
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k not in _LOCAL_ONLY}
 
 
 def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
@@ -90,8 +94,9 @@ def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_pe
     ]
     if local_addr:
         argv.append(f"--local-addr={local_addr}")
+    # Every worker runs through the lifeline wrapper: it dies with torchrun, even a SIGKILLed one.
     # "--" would be taken as the script by torchrun; a script name starting with '-' cannot be a path anyway.
-    return [*argv, script, *script_args]
+    return [*argv, *lifeline.torchrun_worker_args(sig="KILL"), script, *script_args]
 
 
 def _endpoint(addr: str, port: int) -> str:
