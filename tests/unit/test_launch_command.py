@@ -137,7 +137,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     (["--env", "NOPE", "s.py"], "KEY=VALUE"),
     (["missing.py"], "not found"),
     (["--include", "ghost", "s.py"], "not in the host list"),
-    (["--hostfile", "/nonexistent/hosts", "s.py"], "cannot be read"),
+    (["--hostfile", "/nonexistent/hosts", "s.py"], "does not exist"),
     (["--master-port", "70000", "s.py"], "not a TCP port"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, extra, needle) -> None:

@@ -52,15 +52,16 @@ def launch(
 ) -> None:
     """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
     from ztune.console import warn
+    from ztune.inputs import seconds_flag
     from ztune.launch import LaunchRequest, plan_launch
-    from ztune.launch.command import LaunchError, left_behind_warning
+    from ztune.launch.command import left_behind_warning
     from ztune.launch.ssh import SshOptions
 
     script_args = list(args or [])
     if script_args[:1] == ["--"]:
         script_args = script_args[1:]
-    if grace < 0 or preflight_timeout <= 0:
-        raise LaunchError("--grace must be >= 0 and --preflight-timeout > 0 (seconds)")
+    seconds_flag("--grace", grace, allow_zero=True)
+    seconds_flag("--preflight-timeout", preflight_timeout)
     connect_s = max(1, int(preflight_timeout / 2))
     req = LaunchRequest(
         script=script, script_args=tuple(script_args), hostfile=hostfile, include=include, exclude=exclude,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ztune.errors import UserError
+from ztune.inputs import read_text
 from ztune.launch.command import (
     ENV_FILE_NAME,
     LaunchError,
@@ -29,7 +30,15 @@ from ztune.launch.command import (
     parse_env_file,
     remote_shell_command,
 )
-from ztune.launch.hostfile import Host, apply_filters, canonical_host, hosts_from_slurm, limit_hosts, parse_hostfile
+from ztune.launch.hostfile import (
+    Host,
+    HostfileError,
+    apply_filters,
+    canonical_host,
+    hosts_from_slurm,
+    limit_hosts,
+    parse_hostfile,
+)
 
 if TYPE_CHECKING:
     from ztune.launch.ssh import SshOptions
@@ -85,10 +94,7 @@ class LaunchPlan:
 def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:
     """Hosts from --hostfile, else from a Slurm allocation, else this host alone (local mode)."""
     if req.hostfile:
-        try:
-            text = Path(req.hostfile).read_text()
-        except OSError as exc:
-            raise UserError(f"hostfile {req.hostfile!r} cannot be read ({exc.strerror}); check the path") from None
+        text = read_text(req.hostfile, error=HostfileError, what="hostfile")
         hosts, local = parse_hostfile(text, source=req.hostfile), False
     elif (slurm := hosts_from_slurm(dict(environ))) is not None:
         hosts, local = slurm, False
@@ -104,7 +110,7 @@ def merged_env(req: LaunchRequest, environ: Mapping[str, str], *, workdir: str) 
     env = filter_env(environ)
     for path in (Path.home() / ENV_FILE_NAME, Path(workdir) / ENV_FILE_NAME):
         if path.is_file():
-            env.update(parse_env_file(path.read_text(), source=str(path)))
+            env.update(parse_env_file(read_text(path, error=LaunchError, what="env file"), source=str(path)))
     for item in req.env:
         key, value = parse_env_assignment(item)
         env[key] = value

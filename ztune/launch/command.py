@@ -70,8 +70,10 @@ def left_behind_warning(names: Sequence[str]) -> str | None:
 def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
     """`KEY=VALUE` -> (KEY, VALUE). The value is kept byte for byte (it may hold '=', quotes, `;`)."""
     key, sep, value = text.partition("=")
-    if not sep or not _ENV_KEY_RE.match(key):
+    if not sep or not _ENV_KEY_RE.fullmatch(key):
         raise LaunchError(f"{where} {text!r}: expected KEY=VALUE with KEY made of letters, digits and '_'")
+    if "\0" in value:  # no environment can hold it: exec would fail on every host
+        raise LaunchError(f"{where} {key}: the value holds a NUL character; remove it")
     return key, value
 
 

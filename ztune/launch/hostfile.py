@@ -80,6 +80,8 @@ def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
         where = f"{source} line {lineno}"
         if name.startswith("-"):
             raise HostfileError(f"{where}: hostname {name!r} starts with '-'; fix the hostname")
+        if not name.isprintable():
+            raise HostfileError(f"{where}: hostname {name!r} holds control characters; fix the hostname")
         if name.startswith("slots="):
             raise HostfileError(f"{where}: expected 'hostname slots=N', got {line!r}")
         if len(fields) > 2:
