@@ -297,3 +297,15 @@ def test_non_utf8_arguments_and_files_exit_2_with_one_line(tmp_path, argv) -> No
                           timeout=120)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("doc, needle", [
+    ({"batch": {"micro": 10**17}}, "batch.micro: got 100000000000000000; at most 16777216"),
+    ({"seq_len": 10**9}, "seq_len: got 1000000000; at most 16777216"),
+    ({"batch": {"micro": 1, "global": 2**25}}, "batch.global: got 33554432"),
+])
+def test_batch_and_sequence_sizes_have_sane_bounds(doc, needle) -> None:
+    from ztune.config.io import from_dict
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        from_dict(doc)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ztune.config.schema import BatchConfig, Offload, OptimizerType, TrainConfig
 from ztune.errors import ConfigError
+from ztune.inputs import MAX_BATCH, MAX_SEQ
 
 # YAML keys that differ from the Python field name (`global` is a keyword).
 _KEY_ALIASES = {"global": "global_"}
@@ -128,6 +129,11 @@ def check(cfg: TrainConfig) -> TrainConfig:
         ("optimizer.eps", cfg.optimizer.eps),
     ):
         _check_positive(key, value)
+    for key, value, most in (("batch.micro", cfg.batch.micro, MAX_BATCH),
+                             ("batch.grad_accum", cfg.batch.grad_accum, MAX_BATCH),
+                             ("batch.global", cfg.batch.global_, MAX_BATCH), ("seq_len", cfg.seq_len, MAX_SEQ)):
+        if value is not None and value > most:
+            raise ConfigError(f"{key}: got {value}; at most {most} (is it a typo?)")
     _check_positive("zero.prefetch_units", z.prefetch_units, allow_zero=True)
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
