@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ztune.errors import ProfileError
+from ztune.inputs import check_plain
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
 # The C loader parses a profile ~10x faster than the pure-Python one; both give the same data.
@@ -83,9 +84,11 @@ def _parse_yaml(text: str, origin: str) -> dict:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ProfileError(f"{origin}: YAML syntax error{where}: {problem}") from None
+    except (RecursionError, ValueError, OverflowError, TypeError) as exc:  # e.g. a date like 2024-02-30
+        raise ProfileError(f"{origin}: unusable YAML: {str(exc)[:120] or exc.__class__.__name__}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{origin}: expected a mapping of field: value, got {type(data).__name__}")
-    return data
+    return check_plain(data, error=ProfileError, where=origin)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -273,6 +276,9 @@ def load_model(ref: str) -> ModelSpec:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ProfileError(f"{path}: JSON syntax error at line {exc.lineno}: {exc.msg}") from None
+            except (RecursionError, ValueError):  # nesting, or an integer of thousands of digits
+                raise ProfileError(f"{path}: unusable JSON (nested too deeply or an absurd number)") from None
+            check_plain(data, error=ProfileError, where=str(path))  # NaN / Infinity, by key
             if not isinstance(data, dict):
                 raise ProfileError(f"{path}: expected a JSON object (a Hugging Face config.json)")
             # A config.json is named after the directory (the repo) that holds it.

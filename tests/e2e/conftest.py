@@ -1,10 +1,14 @@
-"""Fixtures for end-to-end tests: a two-host cluster of network namespaces with real sshd servers."""
+"""Fixtures for end-to-end tests: a two-host cluster of network namespaces with real sshd servers, and the
+stray-process check that runs after every test here (autotune and launch alike)."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
 from tests.e2e.netns import Cluster, why_unavailable
+from tests.e2e.strays import MARKER_ENV, wait_none_marked
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +22,12 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes(monkeypatch, request):
+    """Every process the test starts inherits a marker unique to the test; none may outlive it."""
+    marker = f"{request.node.name}-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv(MARKER_ENV, marker)
+    yield marker
+    wait_none_marked(marker, what=request.node.nodeid)

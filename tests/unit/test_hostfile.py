@@ -33,7 +33,10 @@ def test_parse_hostfile_deepspeed_format() -> None:
 
 @pytest.mark.parametrize("text, needle", [
     ("a slots=x\n", "slots=N"),
-    ("a slots=0\n", "at least 1"),
+    ("a slots=0\n", "between 1 and 4096"),
+    ("a slots=100000000\n", "between 1 and 4096"),
+    ("a slots=99999999999999999999\n", "between 1 and 4096"),
+    ("node:1 slots=1\n", "neither a hostname nor an IPv6 address"),
     ("a slots=2 extra\n", "hostname slots=N"),
     ("a slots=1\na slots=2\n", "already listed on line 1"),
     ("-oProxyCommand=x slots=1\n", "starts with '-'"),
@@ -78,8 +81,10 @@ def test_limits_nodes_and_ranks() -> None:
     assert [h.slots for h in got] == [(0, 1, 2), (0, 1, 2), (0, 1, 2)]  # worker-2 (2 slots) takes 3: CPU ranks
     with pytest.raises(HostfileError, match="only 4 host"):
         limit_hosts(hosts, num_nodes=5)
-    with pytest.raises(HostfileError, match="at least 1"):
+    with pytest.raises(HostfileError, match="between 1 and"):
         limit_hosts(hosts, nproc_per_node=0)
+    with pytest.raises(HostfileError, match="between 1 and"):
+        limit_hosts(hosts, nproc_per_node=100_000_000)
 
 
 @pytest.mark.parametrize("nodelist, expected", [
@@ -103,3 +108,54 @@ def test_hosts_from_slurm_environment() -> None:
     assert hosts_from_slurm({}) is None
     hosts = hosts_from_slurm({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8"})
     assert hosts == [Host("n1", tuple(range(8))), Host("n2", tuple(range(8)))]
+
+
+V6 = "# IPv6 hosts\nfd00::1 slots=2\nfd00::2 slots=2\n"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("fd00::1", [Host("fd00::1", (0, 1))]),                        # bare address: the whole host
+    ("[fd00::1]", [Host("fd00::1", (0, 1))]),
+    ("[fd00::1]:0", [Host("fd00::1", (0,))]),
+    ("[fd00::1]:1@fd00::2", [Host("fd00::1", (1,)), Host("fd00::2", (0, 1))]),
+    ("[fd00:0:0::2]:0,1", [Host("fd00::2", (0, 1))]),              # any spelling of the same address
+])
+def test_include_ipv6_hosts(spec: str, expected: list[Host]) -> None:
+    assert apply_filters(parse_hostfile(V6), include=spec) == expected
+
+
+def test_exclude_ipv6_slot() -> None:
+    assert apply_filters(parse_hostfile(V6), exclude="[fd00::2]:0") == [Host("fd00::1", (0, 1)),
+                                                                         Host("fd00::2", (1,))]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("fd00::1:0,1", "ambiguous; write the slots of an IPv6 host in brackets, e.g. '[fd00::1]:0,1'"),
+    # A bare entry is an address in full: fd00::1:0 is another host, and the message says how to mean slot 0.
+    ("fd00::1:0", "for slot 0 of fd00::1 write '[fd00::1]:0'"),
+    ("[fd00::1", "write IPv6 hosts as"),
+    ("[fd00::1]0", "write IPv6 hosts as"),
+    ("[fd00::1]:x", "must be integers"),
+    ("[fd00::1]:99999999999999999999", "must be integers"),
+    ("[zz::1]:0", "neither a hostname nor an IPv6 address"),
+])
+def test_ipv6_filter_errors(spec: str, needle: str) -> None:
+    with pytest.raises(HostfileError) as info:
+        apply_filters(parse_hostfile(V6), include=spec)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_hostfile_ipv6_spellings_are_one_host() -> None:
+    assert parse_hostfile("[fd00::1] slots=1\n") == [Host("fd00::1", (0,))]
+    with pytest.raises(HostfileError, match="already listed"):
+        parse_hostfile("fd00::1\nfd00:0::1\n")
+
+
+def test_slurm_sizes_are_bounded() -> None:
+    with pytest.raises(HostfileError, match="more than 65536"):
+        expand_nodelist("n[0-99999999999]")
+    with pytest.raises(HostfileError, match="more than 65536"):
+        expand_nodelist("a[0-999]b[0-999]")
+    # A nonsense GPU count is not a slot count: one slot, as when it is missing.
+    assert hosts_from_slurm({"SLURM_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "99999999999999999999"}) == [
+        Host("n1", (0,))]

@@ -15,6 +15,7 @@ from ztune.launch.command import (
     LaunchError,
     build_command,
     filter_env,
+    left_behind,
     parse_env_assignment,
     parse_env_file,
     remote_shell_command,
@@ -71,6 +72,9 @@ def test_env_filter_file_and_assignments() -> None:
     environ = {"NCCL_IB_HCA": "mlx5", "GLOO_X": "1", "CUDA_HOME": "/c", "PYTHONPATH": "/p", "ZTUNE_A": "b",
                "HOME": "/root", "SSH_AUTH_SOCK": "/s", "LD_LIBRARY_PATH": "/l", "ZTUNE_LAUNCH_TAG": "t"}
     assert sorted(filter_env(environ)) == ["CUDA_HOME", "GLOO_X", "NCCL_IB_HCA", "PYTHONPATH", "ZTUNE_A"]
+    torch_vars = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert filter_env(torch_vars) == torch_vars  # torch's own variables travel too
+    assert filter_env({"ZTUNE_LIFELINE_PARENT": "1"}) == {}  # this machine's process bookkeeping
     assert parse_env_assignment("K=a=b;$(c)") == ("K", "a=b;$(c)")
     assert parse_env_file("# c\n\nA=1\nB= two words \n") == {"A": "1", "B": " two words"}
     for bad in ("NOEQUALS", "1X=2", "A-B=3", "=v"):
@@ -133,7 +137,7 @@ def _cli(argv, capsys) -> tuple[int, str]:
     (["--env", "NOPE", "s.py"], "KEY=VALUE"),
     (["missing.py"], "not found"),
     (["--include", "ghost", "s.py"], "not in the host list"),
-    (["--hostfile", "/nonexistent/hosts", "s.py"], "cannot be read"),
+    (["--hostfile", "/nonexistent/hosts", "s.py"], "does not exist"),
     (["--master-port", "70000", "s.py"], "not a TCP port"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, extra, needle) -> None:
@@ -171,3 +175,80 @@ def test_every_node_rendezvous_on_the_head_even_when_unresolved(tmp_path) -> Non
     cmds = node_commands(plan, interfaces=[(None, None)] * 2)
     for cmd in cmds:
         assert any(a == "--rdzv-endpoint=head-unresolvable.invalid:29500" for a in cmd.argv), cmd.argv
+
+
+def test_dry_run_with_ipv6_hosts_brackets_every_endpoint(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / "hosts").write_text("fd00::1 slots=2\nfd00::2 slots=2\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(["launch", "-H", "hosts", "--include", "[fd00::1]:0,1@fd00::2", "--dry-run", "t.py"], capsys)
+    assert code == 0, out
+    header = out.splitlines()[0]
+    assert "rendezvous [fd00::1]:29500," in header, header
+    lines = [shlex.split(line) for line in out.splitlines() if line.startswith("ssh ")]
+    assert [a[a.index("--") + 1] for a in lines] == ["fd00::1", "fd00::2"]  # ssh takes the bare address
+    for line in lines:
+        remote = shlex.split(line[-1])
+        assert "--rdzv-endpoint=[fd00::1]:29500" in remote, remote
+    # --master-addr may be given bracketed or bare.
+    code, out = _cli(["launch", "-H", "hosts", "--master-addr", "[fd00::9]", "--dry-run", "t.py"], capsys)
+    assert code == 0 and "rendezvous [fd00::9]:29500," in out.splitlines()[0]
+    assert "--rdzv-endpoint=[fd00::9]:29500" in out
+
+
+@pytest.mark.parametrize("include", ["fd00::1", "[fd00::1]:0", "[fd00::1]:0,1"])
+def test_ipv6_include_forms_run(tmp_path, monkeypatch, capsys, include) -> None:
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / "hosts").write_text("fd00::1 slots=2\nfd00::2 slots=2\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(["launch", "-H", "hosts", "--include", include, "--dry-run", "t.py"], capsys)
+    assert code == 0 and "slots of" not in out, out
+
+
+SECRET = "hf_s3cr3t-VALUE-never-printed"
+
+
+def test_left_behind_names_notable_variables_not_sent() -> None:
+    environ = {"HF_HOME": "/data/hf", "HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET, "LD_LIBRARY_PATH": "/x",
+               "OMP_NUM_THREADS": "1", "HOME": "/root", "TORCH_DISTRIBUTED_DEBUG": "INFO", "MKL_NUM_THREADS": "4"}
+    sent = {"HF_HOME": "/data/hf", "TORCH_DISTRIBUTED_DEBUG": "INFO"}  # e.g. from .ztune_env
+    # OMP_NUM_THREADS=1 is what every rank gets anyway; HOME is not a training variable.
+    assert left_behind(environ, sent) == ["HF_TOKEN", "LD_LIBRARY_PATH", "MKL_NUM_THREADS", "WANDB_API_KEY"]
+    assert left_behind(environ, {**sent, "HF_TOKEN": "other"})[0] == "HF_TOKEN"  # sent, but not as set here
+
+
+def test_launch_warns_once_about_variables_left_behind_without_values(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / "hosts").write_text("n1 slots=1\nn2 slots=1\n")
+    (tmp_path / ".ztune_env").write_text("HF_HOME=/data/hf\n")
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"HF_HOME": "/data/hf", "HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET + "2",
+                       "LD_LIBRARY_PATH": "/opt/lib", "TORCH_NCCL_BLOCKING_WAIT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    code, out = _cli(["launch", "-H", "hosts", "--master-addr", "10.0.0.1", "--env", "LD_LIBRARY_PATH=/opt/lib",
+                      "--dry-run", "t.py"], capsys)
+    assert code == 0
+    warnings = [line for line in out.splitlines() if "not sent to the other hosts" in line]
+    assert len(warnings) == 1, out
+    assert "HF_TOKEN, WANDB_API_KEY;" in warnings[0] and ".ztune_env" in warnings[0] and "--env" in warnings[0]
+    assert "HF_HOME" not in warnings[0] and "LD_LIBRARY_PATH" not in warnings[0]  # sent by the file / --env
+    assert SECRET not in out  # never a value, neither in the warning nor in the commands
+    assert "TORCH_NCCL_BLOCKING_WAIT=1" in out  # TORCH_* travels
+
+
+def test_local_launch_does_not_warn(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "t.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    code, out = _cli(["launch", "--dry-run", "t.py"], capsys)
+    assert code == 0 and "not sent" not in out and SECRET not in out
+
+
+def test_ambiguous_ipv6_filter_is_one_line_with_the_bracketed_form(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / "hosts").write_text("fd00::1 slots=2\nfd00::2 slots=2\n")
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(["launch", "-H", "hosts", "--include", "fd00::1:0,1", "--dry-run", "t.py"], capsys)
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "'[fd00::1]:0,1'" in out, out

@@ -68,8 +68,13 @@ def test_reporter_without_exit_sets_should_stop_and_only_rank0_writes(tmp_path) 
 
 def test_torchrun_command_is_an_argv_list() -> None:
     argv = torchrun_command(nproc=2, script="train.py", script_args=["--lr", "1e-3"])
-    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert argv[-3:] == ["train.py", "--lr", "1e-3"]
+    # torchrun through the lifeline (SIGTERM when the tuner dies), every worker through it too (SIGKILL
+    # when torchrun dies).
+    assert argv[1:4] == ["-m", "ztune.launch.lifeline", "TERM"]
+    run = argv.index("torch.distributed.run")
+    assert argv[run + 1:run + 3] == ["--standalone", "--nproc-per-node=2"]
+    assert argv[run + 3:] == ["-m", "ztune.launch.lifeline", "KILL", "__python__", "-u", "train.py", "--lr",
+                              "1e-3"]
 
 
 def test_noted_loss_is_reported_by_the_next_step_without_one(tmp_path) -> None:
@@ -91,3 +96,20 @@ def test_tuner_side_never_imports_torch() -> None:
             "from ztune.tune.bench import _protocol; _protocol(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_derived_trial_limits_widen_with_load_and_given_ones_do_not() -> None:
+    from ztune.tune.tuner import STALL_FLOOR_S, TIMEOUT_FACTOR, TIMEOUT_FLOOR_S, trial_limits_s
+
+    idle = trial_limits_s(predicted_wall_s=10.0, predicted_step_s=0.1, trial_timeout_s=None, stall_timeout_s=None,
+                          budget_left_s=None, load=1.0)
+    assert idle == (TIMEOUT_FLOOR_S + TIMEOUT_FACTOR * 10.0, STALL_FLOOR_S)
+    busy = trial_limits_s(predicted_wall_s=10.0, predicted_step_s=0.1, trial_timeout_s=None, stall_timeout_s=None,
+                          budget_left_s=None, load=4.0)
+    assert busy == (4.0 * idle[0], 4.0 * idle[1])
+    given = trial_limits_s(predicted_wall_s=10.0, predicted_step_s=0.1, trial_timeout_s=90.0, stall_timeout_s=10.0,
+                           budget_left_s=None, load=4.0)
+    assert given == (90.0, 10.0)
+    capped = trial_limits_s(predicted_wall_s=10.0, predicted_step_s=0.1, trial_timeout_s=None, stall_timeout_s=None,
+                            budget_left_s=5.0, load=4.0)
+    assert capped[0] == TIMEOUT_FLOOR_S

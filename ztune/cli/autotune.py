@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from ztune.errors import UserError
+from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, MAX_STEPS, int_flag, seconds_flag
 
 COMMAND_SETTINGS = {"help": "Benchmark the most promising configs on this machine and write the fastest."}
 
@@ -27,21 +28,27 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
 
 
 def parse_size(text: str) -> int:
-    """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30)."""
+    """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30), from 1 byte to 1 EiB."""
     m = _SIZE_RE.match(text)
-    if not m:
+    if not m or len(m.group(1)) > 24:
         raise UserError(f"--memory-cap: cannot read {text!r}; write e.g. 800MiB or 2GiB")
     scale = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
-    return int(float(m.group(1)) * scale)
+    size = float(m.group(1)) * scale
+    if not 1 <= size <= 2**60:
+        raise UserError(f"--memory-cap {text!r} is out of range; write e.g. 800MiB or 2GiB")
+    return int(size)
 
 
-def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+def _ints(text: str | None, flag: str, *, lo: int = 0, hi: int = MAX_BATCH) -> tuple[int, ...] | None:
     if text is None:
         return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if len(items) > 1024 or not all(x.isascii() and x.lstrip("-").isdigit() and len(x) <= 12 for x in items):
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}")
+    values = tuple(int(x) for x in items)
+    for v in values:
+        int_flag(flag, v, lo=lo, hi=hi)
+    return values
 
 
 def _event_handler(progress: Any, state: dict) -> Any:
@@ -242,25 +249,33 @@ def autotune(
         max_trials = max_trials or _SMOKE["max_trials"]
         time_budget = time_budget or _SMOKE["time_budget"]
         fresh = True
-    if steps < 1 or warmup < 0:
-        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    int_flag("--steps", steps, hi=MAX_STEPS)
+    int_flag("--warmup", warmup, lo=0, hi=MAX_STEPS)
+    int_flag("--global-batch", global_batch, hi=MAX_BATCH)
+    int_flag("--seq", seq, hi=MAX_SEQ)
+    int_flag("--max-micro", max_micro, hi=MAX_BATCH)
+    int_flag("--max-trials", max_trials, lo=0, hi=MAX_STEPS)
+    int_flag("--min-trials", min_trials, lo=0, hi=MAX_STEPS)
+    for flag, value in (("--trial-timeout", trial_timeout), ("--stall-timeout", stall_timeout),
+                        ("--time-budget", time_budget)):
+        seconds_flag(flag, value)
     if not 0 <= threshold < 1 or not 0 <= memory_margin < 1:
         raise UserError("--threshold and --memory-margin must be fractions in [0, 1)")
+    if precision is not None and precision.lower() not in ("bf16", "fp16", "fp32"):
+        raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32")
     spec = load_model(model)
     hw_profile = load_hardware(hardware)
-    nproc = nproc or hw_profile.gpus_per_node
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    nproc = int_flag("--nproc", nproc or hw_profile.gpus_per_node, hi=MAX_RANKS)
     cpu_profile = hw_profile.name.lower().startswith("cpu")
     seq = seq or min(spec.max_seq_len, 128)
     if seq > spec.max_seq_len:
         raise UserError(f"--seq {seq} exceeds {spec.name}'s max_seq_len {spec.max_seq_len}")
-    precision = precision or ("fp32" if cpu_profile else "bf16")
+    precision = (precision or ("fp32" if cpu_profile else "bf16")).lower()
     knobs = tuple(k.strip() for k in vary.split(",")) if vary else (
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
     constraints = Constraints(num_ranks=nproc, global_batch=global_batch, seq_len=seq, vary=knobs,
-                              stages=_ints(stages, "--stages") or (0,), precisions=(precision,),
-                              micro=_ints(micro, "--micro"), max_micro=max_micro)
+                              stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
+                              micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)

@@ -119,6 +119,7 @@ def estimate(
     from ztune.config.schema import Compression, Precision
     from ztune.cost.estimate import estimate as estimate_one
     from ztune.cost.estimate import recommend, sweep
+    from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, int_flag
     from ztune.profiles import load_hardware
 
     if hardware is None:
@@ -127,10 +128,9 @@ def estimate(
         raise UserError("--check needs --config (the configuration to check)")
     if stage is not None and stage not in (0, 1, 2, 3):
         raise UserError(f"--stage must be 0, 1, 2 or 3, got {stage}")
-    for flag, value in (("--nodes", nodes), ("--seq", seq), ("--micro-batch", micro_batch),
-                        ("--global-batch", global_batch)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
+    for flag, value, hi in (("--nodes", nodes, MAX_RANKS), ("--seq", seq, MAX_SEQ), ("--micro-batch", micro_batch,
+                            MAX_BATCH), ("--global-batch", global_batch, MAX_BATCH)):
+        int_flag(flag, value, hi=hi)
     try:
         prec = Precision(precision.lower()) if precision is not None else None
     except ValueError:

@@ -51,15 +51,17 @@ def launch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each host's command and exit.")] = False,
 ) -> None:
     """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
+    from ztune.console import warn
+    from ztune.inputs import seconds_flag
     from ztune.launch import LaunchRequest, plan_launch
-    from ztune.launch.command import LaunchError
+    from ztune.launch.command import left_behind_warning
     from ztune.launch.ssh import SshOptions
 
     script_args = list(args or [])
     if script_args[:1] == ["--"]:
         script_args = script_args[1:]
-    if grace < 0 or preflight_timeout <= 0:
-        raise LaunchError("--grace must be >= 0 and --preflight-timeout > 0 (seconds)")
+    seconds_flag("--grace", grace, allow_zero=True)
+    seconds_flag("--preflight-timeout", preflight_timeout)
     connect_s = max(1, int(preflight_timeout / 2))
     req = LaunchRequest(
         script=script, script_args=tuple(script_args), hostfile=hostfile, include=include, exclude=exclude,
@@ -69,6 +71,8 @@ def launch(
                        insecure_no_host_key_check=insecure_no_host_key_check),
         run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout)
     plan = plan_launch(req)
+    if (note := left_behind_warning(plan.env_left_behind)) is not None:
+        warn(note)
     if dry_run:
         _print_dry_run(plan)
         return
@@ -78,11 +82,12 @@ def launch(
 
 def _print_dry_run(plan) -> None:
     from ztune.launch import node_commands, start_argv
+    from ztune.launch.hostfile import format_endpoint
 
     interfaces = [(None, None)] * len(plan.hosts)
     mode = "local" if plan.local else f"{len(plan.hosts)} host(s) over ssh"
-    head = plan.head_addr or plan.hosts[0].name
-    console.print(f"# ztune launch dry run: {mode}, rendezvous {head}:{plan.request.master_port}, "
+    head = format_endpoint(plan.head_addr or plan.hosts[0].name, plan.request.master_port)
+    console.print(f"# ztune launch dry run: {mode}, rendezvous {head}, "
                   f"run id {plan.run_id}", markup=False, soft_wrap=True)
     if not plan.request.ifname and not plan.local:
         console.print("# GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME and --local-addr are detected per host by the "
@@ -124,6 +129,7 @@ def _supervise(plan, interfaces, *, log_dir: str | None) -> int:
     from rich.text import Text
 
     from ztune.launch import header_line, node_commands, reap_argv, start_argv
+    from ztune.launch.hostfile import format_endpoint
     from ztune.launch.supervise import NodeLaunch, Supervisor, plain_printer
 
     header = header_line(plan)
@@ -133,7 +139,8 @@ def _supervise(plan, interfaces, *, log_dir: str | None) -> int:
                                 reap_argv=tuple(reap_argv(plan, cmd)), num_ranks=host.num_slots,
                                 header=header, cwd=plan.workdir if plan.local else None))
     err_console.print(f"run {plan.run_id}: {sum(n.num_ranks for n in nodes)} rank(s) on {len(nodes)} host(s), "
-                      f"rendezvous {plan.head_addr}:{plan.request.master_port}", markup=False, soft_wrap=True)
+                      f"rendezvous {format_endpoint(plan.head_addr or plan.hosts[0].name, plan.request.master_port)}",
+                      markup=False, soft_wrap=True)
     if console.is_terminal:
         with Live(Text(""), console=console, transient=True, refresh_per_second=4) as live:
             sup = Supervisor(nodes, grace_s=plan.request.grace_s, log_dir=log_dir,

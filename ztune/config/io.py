@@ -15,6 +15,7 @@ from ztune.config.deepspeed import from_deepspeed, is_deepspeed, to_deepspeed
 from ztune.config.schema import TrainConfig
 from ztune.config.validate import _FIELD_KEYS, build, check
 from ztune.errors import ConfigError
+from ztune.inputs import check_plain, parse_json, parse_yaml, read_text
 
 # Environment variable through which `ztune launch` / `ztune autotune` hand a config file to a script.
 CONFIG_ENV = "ZTUNE_CONFIG"
@@ -26,6 +27,7 @@ def from_dict(doc: Any) -> TrainConfig:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(doc).__name__}")
+    check_plain(doc, error=ConfigError, where="config")  # no NaN, Infinity or absurd number reaches a key
     if is_deepspeed(doc):
         cfg, _ignored = from_deepspeed(doc)
         return cfg
@@ -39,23 +41,10 @@ def load(source: str | os.PathLike | dict | TrainConfig | None) -> TrainConfig:
     if source is None or isinstance(source, dict):
         return from_dict(source)
     path = Path(source)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist; check the path") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.__class__.__name__}") from None
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        elif isinstance(exc, json.JSONDecodeError):
-            where = f" at line {exc.lineno}, column {exc.colno}"
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ConfigError(f"config file {str(path)!r} is not valid {kind}{where}") from None
+    text = read_text(path, error=ConfigError, what="config file")
+    # Parsed strictly (ztune/inputs.py): NaN, Infinity and absurd numbers are refused here, by key.
+    parse = parse_json if path.suffix == ".json" else parse_yaml
+    doc = parse(text, error=ConfigError, where=f"config file {str(path)!r}")
     try:
         return from_dict(doc)
     except ConfigError as exc:

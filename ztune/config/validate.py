@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any
 
 from ztune.config.schema import BatchConfig, Offload, OptimizerType, TrainConfig
 from ztune.errors import ConfigError
+from ztune.inputs import MAX_BATCH, MAX_SEQ
 
 # YAML keys that differ from the Python field name (`global` is a keyword).
 _KEY_ALIASES = {"global": "global_"}
@@ -59,7 +61,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
             raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
         return int(value)
     if tp is float:
@@ -126,6 +129,11 @@ def check(cfg: TrainConfig) -> TrainConfig:
         ("optimizer.eps", cfg.optimizer.eps),
     ):
         _check_positive(key, value)
+    for key, value, most in (("batch.micro", cfg.batch.micro, MAX_BATCH),
+                             ("batch.grad_accum", cfg.batch.grad_accum, MAX_BATCH),
+                             ("batch.global", cfg.batch.global_, MAX_BATCH), ("seq_len", cfg.seq_len, MAX_SEQ)):
+        if value is not None and value > most:
+            raise ConfigError(f"{key}: got {value}; at most {most} (is it a typo?)")
     _check_positive("zero.prefetch_units", z.prefetch_units, allow_zero=True)
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)

@@ -18,17 +18,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ztune.errors import UserError
+from ztune.inputs import read_text
 from ztune.launch.command import (
     ENV_FILE_NAME,
     LaunchError,
     NodeCommand,
     build_command,
     filter_env,
+    left_behind,
     parse_env_assignment,
     parse_env_file,
     remote_shell_command,
 )
-from ztune.launch.hostfile import Host, apply_filters, hosts_from_slurm, limit_hosts, parse_hostfile
+from ztune.launch.hostfile import (
+    Host,
+    HostfileError,
+    apply_filters,
+    canonical_host,
+    hosts_from_slurm,
+    limit_hosts,
+    parse_hostfile,
+)
 
 if TYPE_CHECKING:
     from ztune.launch.ssh import SshOptions
@@ -78,15 +88,13 @@ class LaunchPlan:
     config_suffix: str | None
     config_text: str | None
     slot_filter: bool  # --include/--exclude named slots: pin CUDA_VISIBLE_DEVICES to them
+    env_left_behind: tuple[str, ...] = ()  # notable variables set here that other hosts' ranks will not get
 
 
 def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:
     """Hosts from --hostfile, else from a Slurm allocation, else this host alone (local mode)."""
     if req.hostfile:
-        try:
-            text = Path(req.hostfile).read_text()
-        except OSError as exc:
-            raise UserError(f"hostfile {req.hostfile!r} cannot be read ({exc.strerror}); check the path") from None
+        text = read_text(req.hostfile, error=HostfileError, what="hostfile")
         hosts, local = parse_hostfile(text, source=req.hostfile), False
     elif (slurm := hosts_from_slurm(dict(environ))) is not None:
         hosts, local = slurm, False
@@ -102,7 +110,7 @@ def merged_env(req: LaunchRequest, environ: Mapping[str, str], *, workdir: str) 
     env = filter_env(environ)
     for path in (Path.home() / ENV_FILE_NAME, Path(workdir) / ENV_FILE_NAME):
         if path.is_file():
-            env.update(parse_env_file(path.read_text(), source=str(path)))
+            env.update(parse_env_file(read_text(path, error=LaunchError, what="env file"), source=str(path)))
     for item in req.env:
         key, value = parse_env_assignment(item)
         env[key] = value
@@ -152,6 +160,8 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
     if not 1 <= req.master_port <= 65535:
         raise LaunchError(f"--master-port {req.master_port} is not a TCP port (1-65535)")
     env = merged_env(req, environ, workdir=workdir)
+    # Local mode: the ranks inherit this environment whole; only other hosts see just `env`.
+    env_left_behind = () if local else tuple(left_behind(environ, env))
     config_suffix = config_text = None
     if req.config:
         from ztune.config.io import load
@@ -159,17 +169,18 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
         load(req.config)  # fail here, with the loader's message, not on every host
         config_text = Path(req.config).read_text()
         config_suffix = ".json" if req.config.endswith(".json") else ".yaml"
+    master_addr = canonical_host(req.master_addr, where="--master-addr") if req.master_addr else None
     if local:
-        head_addr = req.master_addr or "127.0.0.1"
+        head_addr = master_addr or "127.0.0.1"
     else:
-        head_addr = req.master_addr or resolve_head_addr(hosts[0].name, opts=ssh_options(req), num_hosts=len(hosts))
+        head_addr = master_addr or resolve_head_addr(hosts[0].name, opts=ssh_options(req), num_hosts=len(hosts))
     run_id = f"ztune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     import sys
 
     return LaunchPlan(request=req, hosts=tuple(hosts), local=local, python=req.python or sys.executable,
                       workdir=workdir, head_addr=head_addr, run_id=run_id, env=env,
                       config_suffix=config_suffix, config_text=config_text,
-                      slot_filter=bool(req.include or req.exclude))
+                      slot_filter=bool(req.include or req.exclude), env_left_behind=env_left_behind)
 
 
 def node_commands(plan: LaunchPlan, *, interfaces: Sequence[tuple[str | None, str | None]]) -> list[NodeCommand]:

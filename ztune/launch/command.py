@@ -12,9 +12,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ztune.errors import UserError
+from ztune.launch import lifeline
+from ztune.launch.hostfile import format_endpoint
 
-# Prefixes of variables copied from the launcher's environment to every rank (as DeepSpeed's runner does).
-ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "PYTHON", "ZTUNE_")
+# Prefixes of variables copied from the launcher's environment to every rank (as DeepSpeed's runner does),
+# plus torch's own (TORCH_DISTRIBUTED_DEBUG, TORCH_NCCL_*, TORCH_CPP_LOG_LEVEL, ...).
+ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "PYTHON", "ZTUNE_", "TORCH_")
+# What every rank gets unless the environment sent says otherwise: line-by-line output, one thread per rank.
+NODE_DEFAULTS = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# Variables that commonly matter to a training job but are host-specific or secret, so they do not travel
+# by themselves: when set here and not sent, the launcher names them once (never their values).
+NOTABLE_NAMES = frozenset({"LD_LIBRARY_PATH", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                           "TOKENIZERS_PARALLELISM", "TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE",
+                           "HUGGING_FACE_HUB_TOKEN", "CUBLAS_WORKSPACE_CONFIG"})
+NOTABLE_PREFIXES = ("HF_", "WANDB_", "MLFLOW_", "NEPTUNE_", "COMET_", "AWS_", "OPENAI_")
 ENV_FILE_NAME = ".ztune_env"
 # torchrun substitutes ${rank} (the global rank) into this prefix for every line a worker writes; the
 # supervisor turns "[ztune-rank=N]" into "[host:N]".
@@ -23,6 +34,9 @@ RANK_PREFIX_RE = re.compile(r"^\[ztune-rank=(\d+)\] ?")
 # Identifies every process of one node of one run, even those that leave the process group (torchrun starts
 # each worker in its own session): teardown finds them by this variable in /proc/<pid>/environ.
 TAG_ENV = "ZTUNE_LAUNCH_TAG"
+
+# Process bookkeeping of this machine: never copied to other hosts' ranks.
+_LOCAL_ONLY = frozenset({TAG_ENV, lifeline.PARENT_ENV})
 
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -33,14 +47,33 @@ class LaunchError(UserError):
 
 def filter_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables of `environ` whose names start with one of ENV_PREFIXES."""
-    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k != TAG_ENV}
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k not in _LOCAL_ONLY}
+
+
+def left_behind(environ: Mapping[str, str], sent: Mapping[str, str]) -> list[str]:
+    """Names (sorted) of notable variables set in `environ` that the ranks will not get as set here: not
+    sent at all, or sent with another value. Values are never part of the result."""
+    sent = {**NODE_DEFAULTS, **sent}
+    return sorted(k for k, v in environ.items()
+                  if (k in NOTABLE_NAMES or k.startswith(NOTABLE_PREFIXES)) and sent.get(k) != v)
+
+
+def left_behind_warning(names: Sequence[str]) -> str | None:
+    """The one warning line for `left_behind` names (None when there are none)."""
+    if not names:
+        return None
+    return (f"set here but not sent to the other hosts: {', '.join(names)}; to send them, add KEY=VALUE lines "
+            f"to {ENV_FILE_NAME} (in the working directory or your home) or pass --env KEY=VALUE "
+            f"(e.g. --env {names[0]}=...)")
 
 
 def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
     """`KEY=VALUE` -> (KEY, VALUE). The value is kept byte for byte (it may hold '=', quotes, `;`)."""
     key, sep, value = text.partition("=")
-    if not sep or not _ENV_KEY_RE.match(key):
+    if not sep or not _ENV_KEY_RE.fullmatch(key):
         raise LaunchError(f"{where} {text!r}: expected KEY=VALUE with KEY made of letters, digits and '_'")
+    if "\0" in value:  # no environment can hold it: exec would fail on every host
+        raise LaunchError(f"{where} {key}: the value holds a NUL character; remove it")
     return key, value
 
 
@@ -81,7 +114,7 @@ def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_pe
         f"--node-rank={node_rank}",
         f"--nproc-per-node={nproc_per_node}",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={_endpoint(master_addr, master_port)}",
+        f"--rdzv-endpoint={format_endpoint(master_addr, master_port)}",
         f"--rdzv-id={run_id}",
         f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}",
         "--max-restarts=0",
@@ -90,12 +123,9 @@ def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_pe
     ]
     if local_addr:
         argv.append(f"--local-addr={local_addr}")
+    # Every worker runs through the lifeline wrapper: it dies with torchrun, even a SIGKILLed one.
     # "--" would be taken as the script by torchrun; a script name starting with '-' cannot be a path anyway.
-    return [*argv, script, *script_args]
-
-
-def _endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    return [*argv, *lifeline.torchrun_worker_args(sig="KILL"), script, *script_args]
 
 
 def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, nproc_per_node: int,
@@ -111,9 +141,7 @@ def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, npr
     sent over stdin and its path exported as ZTUNE_CONFIG.
     """
     run_dir = f"{run_root.rstrip('/')}/{run_id}/node{node_rank}"
-    node_env = dict(env)
-    node_env.setdefault("PYTHONUNBUFFERED", "1")  # line-by-line output from every rank
-    node_env.setdefault("OMP_NUM_THREADS", "1")
+    node_env = {**NODE_DEFAULTS, **env}
     node_env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = RANK_PREFIX_TEMPLATE
     if ifname:
         node_env["GLOO_SOCKET_IFNAME"] = ifname

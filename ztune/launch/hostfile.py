@@ -6,6 +6,7 @@ shell; ssh itself refuses names that contain shell metacharacters.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -29,6 +30,38 @@ class Host:
 
 
 _SLOTS_RE = re.compile(r"^slots=(\d+)$")
+# Slots per host: far above any real node (GPUs, or CPU ranks), low enough that a typo such as
+# slots=100000000 is an error instead of a 100-million-element tuple.
+MAX_SLOTS = 4096
+MAX_HOSTS = 65536  # hosts in one hostfile or Slurm nodelist
+
+
+def canonical_host(name: str, *, where: str) -> str:
+    """A host as the launcher keeps it: IPv6 literals without brackets and in compressed form (so that
+    `fd00:0::1` and `[fd00::1]` name the same host), hostnames unchanged.
+
+    A name with a ':' must be an IPv6 address: a hostname cannot hold one.
+    """
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if ":" not in bare and bare == name:
+        return name
+    try:
+        return str(ipaddress.IPv6Address(bare))
+    except ValueError:
+        raise HostfileError(f"{where}: {name!r} is neither a hostname nor an IPv6 address (IPv6 may be written "
+                            "bare or in brackets: fd00::1 or [fd00::1])") from None
+
+
+def _canonical_or_none(name: str) -> str | None:
+    try:
+        return canonical_host(name, where="")
+    except HostfileError:
+        return None
+
+
+def format_endpoint(addr: str, port: int) -> str:
+    """`host:port`, with IPv6 literals bracketed (`[fd00::1]:29500`) as torchrun and URLs expect."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
@@ -47,18 +80,22 @@ def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
         where = f"{source} line {lineno}"
         if name.startswith("-"):
             raise HostfileError(f"{where}: hostname {name!r} starts with '-'; fix the hostname")
+        if not name.isprintable():
+            raise HostfileError(f"{where}: hostname {name!r} holds control characters; fix the hostname")
         if name.startswith("slots="):
             raise HostfileError(f"{where}: expected 'hostname slots=N', got {line!r}")
         if len(fields) > 2:
             raise HostfileError(f"{where}: expected 'hostname slots=N', got {line!r}")
+        name = canonical_host(name, where=where)
         num_slots = 1
         if len(fields) == 2:
             m = _SLOTS_RE.match(fields[1])
             if m is None:
                 raise HostfileError(f"{where}: expected 'slots=N' with an integer N, got {fields[1]!r}")
-            num_slots = int(m.group(1))
-            if num_slots < 1:
-                raise HostfileError(f"{where}: slots must be at least 1, got {num_slots}")
+            digits = m.group(1).lstrip("0") or "0"
+            if len(digits) > len(str(MAX_SLOTS)) or not 1 <= int(digits) <= MAX_SLOTS:
+                raise HostfileError(f"{where}: slots must be between 1 and {MAX_SLOTS}, got {m.group(1)[:24]}")
+            num_slots = int(digits)
         if name in seen:
             raise HostfileError(f"{where}: host {name!r} already listed on line {seen[name]}; list it once")
         seen[name] = lineno
@@ -68,21 +105,46 @@ def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
     return hosts
 
 
+def _split_entry(part: str, *, spec: str, flag: str) -> tuple[str, str | None]:
+    """One filter entry -> (host, slot text or None).
+
+    `host`, `host:0,1`; IPv6: `[fd00::1]`, `[fd00::1]:0,1`, or a bare `fd00::1` (the whole host). A bare
+    entry with two or more ':' is read as an address in full, never as address + slots: `fd00::1:0` is the
+    address fd00::1:0 -- slots of an IPv6 host need the brackets.
+    """
+    if part.startswith("["):
+        addr, close, rest = part[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise HostfileError(f"{flag} {spec!r}: bad entry {part!r}; write IPv6 hosts as '[fd00::1]' or "
+                                "'[fd00::1]:0,1'")
+        return f"[{addr}]", rest[1:] if rest else None
+    if part.count(":") >= 2:
+        if "," in part:
+            raise HostfileError(f"{flag} {spec!r}: {part!r} is ambiguous; write the slots of an IPv6 host "
+                                "in brackets, e.g. '[fd00::1]:0,1'")
+        return part, None
+    name, sep, slot_text = part.partition(":")
+    return name, slot_text if sep else None
+
+
+def _parse_slots(text: str, *, name: str, spec: str, flag: str) -> tuple[int, ...]:
+    items = text.split(",")
+    if len(items) > MAX_SLOTS or not all(s.strip().isdigit() and len(s.strip()) <= 6 for s in items):
+        raise HostfileError(f"{flag} {spec!r}: slots of {name!r} must be integers like 'host:0,1'")
+    return tuple(int(s) for s in items)
+
+
 def _parse_filter(spec: str, *, flag: str) -> dict[str, tuple[int, ...] | None]:
-    """`host1:0,1@host2` -> {host1: (0, 1), host2: None}; None means the whole host."""
+    """`host1:0,1@host2` -> {host1: (0, 1), host2: None}; None means the whole host. IPv6 hosts are
+    canonical (see `canonical_host`)."""
     out: dict[str, tuple[int, ...] | None] = {}
     for part in spec.split("@"):
         part = part.strip()
         if not part:
             raise HostfileError(f"{flag} {spec!r}: empty host entry; use the form 'host1:0,1@host2'")
-        name, sep, slot_text = part.partition(":")
-        slots: tuple[int, ...] | None = None
-        if sep:
-            try:
-                slots = tuple(int(s) for s in slot_text.split(","))
-            except ValueError:
-                raise HostfileError(
-                    f"{flag} {spec!r}: slots of {name!r} must be integers like 'host:0,1'") from None
+        raw_name, slot_text = _split_entry(part, spec=spec, flag=flag)
+        name = canonical_host(raw_name, where=f"{flag} {spec!r}")
+        slots = None if slot_text is None else _parse_slots(slot_text, name=name, spec=spec, flag=flag)
         if name in out:
             raise HostfileError(f"{flag} {spec!r}: host {name!r} given twice")
         out[name] = slots
@@ -100,7 +162,11 @@ def apply_filters(hosts: list[Host], *, include: str | None = None, exclude: str
     wanted = _parse_filter(spec, flag=flag)
     for name, slots in wanted.items():
         if name not in by_name:
-            raise HostfileError(f"{flag}: host {name!r} is not in the host list ({', '.join(by_name)})")
+            hint = ""
+            head, _, tail = name.rpartition(":")
+            if ":" in name and tail.isdigit() and _canonical_or_none(head) in by_name:
+                hint = f"; for slot {tail} of {head} write '[{head}]:{tail}'"
+            raise HostfileError(f"{flag}: host {name!r} is not in the host list ({', '.join(by_name)}){hint}")
         bad = [s for s in slots or () if s not in by_name[name].slots]
         if bad:
             raise HostfileError(f"{flag}: host {name!r} has slots {list(by_name[name].slots)}, not {bad}")
@@ -133,8 +199,8 @@ def limit_hosts(hosts: list[Host], *, num_nodes: int | None = None,
             raise HostfileError(f"--num-nodes {num_nodes}: only {len(hosts)} host(s) available")
         hosts = hosts[:num_nodes]
     if nproc_per_node is not None:
-        if nproc_per_node < 1:
-            raise HostfileError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+        if not 1 <= nproc_per_node <= MAX_SLOTS:
+            raise HostfileError(f"--nproc-per-node must be between 1 and {MAX_SLOTS}, got {nproc_per_node}")
         # The count wins over the hostfile: a hostfile may count GPUs while a CPU run wants more ranks.
         hosts = [Host(name=h.name, slots=h.slots[:nproc_per_node] if h.num_slots >= nproc_per_node
                       else tuple(range(nproc_per_node))) for h in hosts]
@@ -174,6 +240,8 @@ def _expand_ranges(body: str, *, nodelist: str) -> list[str]:
             continue
         if int(hi) < int(lo):
             raise HostfileError(f"SLURM_JOB_NODELIST {nodelist!r}: range {item!r} runs backwards")
+        if int(hi) - int(lo) >= MAX_HOSTS:
+            raise HostfileError(f"SLURM_JOB_NODELIST {nodelist!r}: range {item!r} has more than {MAX_HOSTS} hosts")
         width = len(lo)
         out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
     return out
@@ -189,6 +257,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
             if not prefix and body is None:
                 continue
             choices = [prefix] if body is None else [prefix + x for x in _expand_ranges(body, nodelist=nodelist)]
+            if len(expanded) * len(choices) + len(names) > MAX_HOSTS:
+                raise HostfileError(f"SLURM_JOB_NODELIST {nodelist!r} names more than {MAX_HOSTS} hosts")
             expanded = [e + c for e in expanded for c in choices]
         names.extend(expanded)
     if not names:
@@ -202,5 +272,5 @@ def hosts_from_slurm(env: dict[str, str]) -> list[Host] | None:
     if not nodelist:
         return None
     gpus = env.get("SLURM_GPUS_ON_NODE", "")
-    num_slots = int(gpus) if gpus.isdigit() and int(gpus) > 0 else 1
+    num_slots = int(gpus) if gpus.isdigit() and len(gpus) <= 6 and 0 < int(gpus) <= MAX_SLOTS else 1
     return [Host(name=n, slots=tuple(range(num_slots))) for n in expand_nodelist(nodelist)]

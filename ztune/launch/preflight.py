@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
+from ztune.launch.lifeline import die_with_parent
 from ztune.launch.netif import Interface, choose_interface
 from ztune.launch.ssh import SshOptions, ssh_argv
 
@@ -117,7 +119,8 @@ def probe_host(*, host: str, argv: Sequence[str], timeout_s: float, head_addr: s
     t0 = time.monotonic()
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+                              stdin=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=die_with_parent(signal.SIGTERM))
     except subprocess.TimeoutExpired:
         return HostReport(host=host, error=f"no answer within {timeout_s:g} s", elapsed_s=timeout_s)
     except FileNotFoundError as exc:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ztune.launch import lifeline
 from ztune.launch.command import TAG_ENV
 
 # Lines the node wrapper writes for the supervisor (never shown to the user) start with this marker.
@@ -196,7 +197,10 @@ def run_node(*, tag: str, run_dir: str, grace_s: float, argv: Sequence[str]) -> 
         signal.signal(sig, lambda signum, _frame: node.halt(f"signal {signal.Signals(signum).name}"))
     env = dict(os.environ)
     env[TAG_ENV] = tag
-    child = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    # torchrun gets SIGTERM (its own orderly teardown) if this wrapper dies, even of SIGKILL; its workers
+    # are wrapped by the lifeline too (command.py), so they end with it.
+    env[lifeline.PARENT_ENV] = str(os.getpid())
+    child = subprocess.Popen(lifeline.wrap(argv, sig="TERM"), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
     with open(os.path.join(run_dir, "pgid"), "w") as f:
         f.write(f"{child.pid}\n")

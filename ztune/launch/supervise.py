@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ztune.launch.command import RANK_PREFIX_RE, NodeCommand
+from ztune.launch.lifeline import die_with_parent
 from ztune.launch.ssh import CONTROL_PREFIX, SSH_FAILURE_CODE
 
 
@@ -143,8 +144,11 @@ class Supervisor:
             if self.log_dir:
                 st.log = open(os.path.join(self.log_dir, f"{_safe_filename(st.host)}.log"), "a")  # noqa: SIM115
             # A new session: a Ctrl-C in the terminal reaches only the launcher, which then tears down in order.
+            # SIGTERM if the launcher dies: ssh then drops the connection (the node wrapper reaps on EOF), a
+            # local node wrapper reaps at once.
             st.proc = subprocess.Popen(list(st.launch.start_argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=st.launch.cwd)
+                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=st.launch.cwd,
+                                       preexec_fn=die_with_parent(signal.SIGTERM))
             try:
                 st.proc.stdin.write(st.launch.header)
                 st.proc.stdin.flush()

@@ -1,7 +1,9 @@
 """Run one autotune trial: a local torchrun process group, supervised.
 
 Each trial is `python -m torch.distributed.run --standalone --nproc-per-node N script args` started in a
-session of its own, so the whole group (agent and ranks) can be ended with one killpg. The script learns
+session of its own, so the agent's group can be ended with one killpg; the ranks (each in a session of its
+own, torchrun's choice) end with the agent, and the agent with the tuner, through PR_SET_PDEATHSIG
+(ztune/launch/lifeline.py): no trial process outlives a killed tuner. The script learns
 its config and the reporting protocol from environment variables (runtime/trial_report.py); the runner
 reads the report file rank 0 writes and classifies the outcome:
 
@@ -19,7 +21,6 @@ inside torch ("DefaultCPUAllocator: can't allocate memory") exactly as a real OO
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import resource
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ztune.config.io import CONFIG_ENV
+from ztune.launch import lifeline
 
 # Seconds between SIGTERM and SIGKILL when a trial is ended.
 TERM_GRACE_S = 3.0
@@ -48,7 +50,6 @@ _NOISE = re.compile(r"ChildFailedError|torch\.distributed\.elastic|^\s*(Tracebac
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
 # torchrun prefixes each rank's stderr lines with "[rank3]:".
 _RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,18 @@ class TrialOutcome:
 
 
 def torchrun_command(*, nproc: int, script: str | os.PathLike, script_args: Sequence[str] = ()) -> list[str]:
-    """The argv of one local trial (standalone rendezvous picks a free port, so trials never collide)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(script), *script_args]
+    """The argv of one local trial (standalone rendezvous picks a free port, so trials never collide).
+
+    Both levels end with their parent (lifeline.py): torchrun gets SIGTERM when the tuner dies (and stops
+    its workers), and every worker gets SIGKILL when torchrun dies, even of SIGKILL.
+    """
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                *lifeline.torchrun_worker_args(sig="KILL"), str(script), *script_args]
+    return lifeline.wrap(torchrun, sig="TERM")
 
 
 def _preexec(memory_cap_bytes: int | None) -> Callable[[], None]:
     def setup() -> None:
-        # Die with the tuner: a killed tuner must not leave the agent training on.
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):  # not Linux: the journal's stale-group cleanup still applies
-            pass
         if memory_cap_bytes:
             resource.setrlimit(resource.RLIMIT_DATA, (memory_cap_bytes, memory_cap_bytes))
     return setup
@@ -204,6 +205,7 @@ def run_trial(*, config_path: str | os.PathLike, report_path: str | os.PathLike,
     # The repository root on the path so `ztune` and `runtime` import the same way in every rank.
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH", "")) if p)
+    child_env[lifeline.PARENT_ENV] = str(os.getpid())
     argv = torchrun_command(nproc=nproc, script=script, script_args=script_args)
     t0 = time.monotonic()
     with open(log_path, "wb") as log:

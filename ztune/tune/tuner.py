@@ -14,6 +14,7 @@ The journal makes the loop restartable: finished trials are read back instead of
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,37 @@ TIMEOUT_FLOOR_S = 30.0
 # A started trial that reports no step for max(STALL_FLOOR_S, STALL_FACTOR x its predicted step) hangs.
 STALL_FLOOR_S = 15.0
 STALL_FACTOR = 5.0
+
+
+def load_factor() -> float:
+    """How much slower than idle this machine runs now: runnable processes per core over the last minute,
+    at least 1 (1 where the load average is unknown)."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        return 1.0
+
+
+def trial_limits_s(*, predicted_wall_s: float, predicted_step_s: float, trial_timeout_s: float | None,
+                   stall_timeout_s: float | None, budget_left_s: float | None, load: float = 1.0,
+                   ) -> tuple[float, float]:
+    """(whole-trial limit, no-new-step limit) in seconds for one trial.
+
+    Given values (--trial-timeout, --stall-timeout) are used as they are. Derived ones come from the
+    calibrated prediction (startup measured on earlier trials + steps), widened by `load` (load_factor()):
+    the predictions were measured at another load, and a busy machine must not turn a slow trial into a
+    "hang". The time budget caps the whole-trial limit (never below TIMEOUT_FLOOR_S).
+    """
+    timeout_s = trial_timeout_s
+    if timeout_s is None:
+        timeout_s = (TIMEOUT_FLOOR_S + TIMEOUT_FACTOR * predicted_wall_s) * load
+    if budget_left_s is not None:
+        # A trial never runs past the budget by more than the floor (it ends as a timeout).
+        timeout_s = min(timeout_s, max(budget_left_s, TIMEOUT_FLOOR_S))
+    stall_s = stall_timeout_s
+    if stall_s is None:
+        stall_s = max(STALL_FLOOR_S, STALL_FACTOR * predicted_step_s) * load
+    return timeout_s, stall_s
 
 
 @dataclass(frozen=True)
@@ -221,15 +253,10 @@ class Tuner:
         s, c = self.settings, a.candidate
         index = max((r.index for r in self.records), default=0) + 1
         prior_est = self.workload.estimate(c, self.prior)
-        timeout_s = s.trial_timeout_s
-        if timeout_s is None:
-            timeout_s = TIMEOUT_FLOOR_S + TIMEOUT_FACTOR * self._trial_wall_s(a.step_time_s)
-        if budget_left_s is not None:
-            # A trial never runs past the budget by more than the floor (it ends as a timeout).
-            timeout_s = min(timeout_s, max(budget_left_s, TIMEOUT_FLOOR_S))
-        stall_s = s.stall_timeout_s
-        if stall_s is None:
-            stall_s = max(STALL_FLOOR_S, STALL_FACTOR * a.step_time_s)
+        timeout_s, stall_s = trial_limits_s(
+            predicted_wall_s=self._trial_wall_s(a.step_time_s), predicted_step_s=a.step_time_s,
+            trial_timeout_s=s.trial_timeout_s, stall_timeout_s=s.stall_timeout_s, budget_left_s=budget_left_s,
+            load=load_factor())
         config_path = self.trial_dir / f"{c.key}.yaml"
         report_path = self.trial_dir / f"{c.key}.report.jsonl"
         save(self.workload.config(c), config_path)

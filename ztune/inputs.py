@@ -1,0 +1,167 @@
+"""The parse boundary every reader of user files shares: bytes to text, text to plain data, and the checks no
+reader should have to repeat (non-finite or absurd numbers, nesting too deep to walk).
+
+Each function takes the error class of its reader (`ConfigError`, `ProfileError`, `HostfileError`, ...), so
+a bad input ends as that reader's one-line `UserError`, and names the key where the fault is.
+
+Python's JSON reader accepts `NaN`, `Infinity` and `-Infinity` (not JSON, but it reads them) and turns
+`1e999` into infinity; YAML has `.nan` and `.inf`. None of these is a sane training setting, so they are
+refused where the file is read, with the key named, before any conversion can fail on them
+(`int(float('nan'))` raises ValueError, `int(float('inf'))` OverflowError).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztune.errors import UserError
+
+# The largest magnitude any number in a ztune input may have: 1e18 bytes is an exabyte, 1e18 FLOP/s a
+# thousand B200s; a training config, profile or flag beyond it is a typo (or an attack on a later int()).
+MAX_ABS_NUMBER = 1e18
+# Nesting deeper than this is not a config: refused before recursive code can hit Python's recursion limit.
+MAX_DEPTH = 64
+# Files ztune reads are small; this keeps a wrong path (a dataset, /dev/zero) from filling memory.
+MAX_FILE_BYTES = 16 << 20
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _NonFinite:
+    """Stands in for a NaN/Infinity token of a JSON text until its key is known."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __repr__(self) -> str:
+        return self.token
+
+
+def read_text(path: str | os.PathLike, *, error: type[UserError], what: str) -> str:
+    """The UTF-8 text of `path`; a missing, unreadable, oversized or non-UTF-8 file is one `error` line."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{what} {str(path)!r} is a directory; give a file") from None
+    except OSError as exc:
+        raise error(f"{what} {str(path)!r} cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise error(f"{what} {str(path)!r} is larger than {MAX_FILE_BYTES >> 20} MiB; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}, line {line}); save it as "
+                    "UTF-8") from None
+
+
+def _key_path(prefix: str, key: Any) -> str:
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{prefix}[{key}]"
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def check_plain(doc: Any, *, error: type[UserError], where: str) -> Any:
+    """Walk parsed data (dicts, lists, scalars) and refuse non-finite numbers, numbers beyond MAX_ABS_NUMBER
+    and nesting beyond MAX_DEPTH, naming the key. Shared subtrees (YAML anchors) are walked once, so an alias
+    bomb costs linear time. Returns `doc` unchanged."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str, int]] = [(doc, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        key = path or "the top level"
+        if isinstance(value, _NonFinite):
+            raise error(f"{where}: {key}: {value.token} is not a number; give a finite value")
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{where}: {key}: {value} is not a finite number; give a finite value")
+        if isinstance(value, (int, float)):
+            if abs(value) > MAX_ABS_NUMBER:
+                shown = str(value) if len(str(value)) <= 24 else f"a {len(str(abs(value)))}-digit number"
+                raise error(f"{where}: {key}: {shown} is out of range (magnitude at most {MAX_ABS_NUMBER:g})")
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise error(f"{where}: {key}: nested more than {MAX_DEPTH} levels deep")
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                if isinstance(value, dict) and not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise error(f"{where}: {key}: keys must be plain strings, got {type(k).__name__}")
+                stack.append((v, _key_path(path, k), depth + 1))
+    return doc
+
+
+def parse_json(text: str, *, error: type[UserError], where: str) -> Any:
+    """JSON text -> plain data, refusing NaN/Infinity (by key) and the checks of `check_plain`."""
+    def constant(token: str) -> _NonFinite:
+        return _NonFinite(token)
+
+    def number(token: str) -> float | _NonFinite:
+        value = float(token)
+        return value if math.isfinite(value) else _NonFinite(token)
+
+    try:
+        doc = json.loads(text, parse_constant=constant, parse_float=number)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (RecursionError, ValueError) as exc:  # ValueError: an integer literal of > 4300 digits
+        what = "nested too deeply" if isinstance(exc, RecursionError) else "holds an absurdly long number"
+        raise error(f"{where} is not usable JSON: {what}") from None
+    return check_plain(doc, error=error, where=where)
+
+
+def parse_yaml(text: str, *, error: type[UserError], where: str) -> Any:
+    """YAML text -> plain data (safe loader), refusing .nan/.inf (by key) and the checks of `check_plain`."""
+    try:
+        doc = yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{where} is not valid YAML{at}: {problem}") from None
+    except (RecursionError, ValueError, OverflowError, TypeError) as exc:
+        # The safe loader's constructors: a date such as 2024-02-30 (ValueError), nesting (RecursionError).
+        detail = str(exc).splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
+        raise error(f"{where} is not usable YAML: {detail}") from None
+    return check_plain(doc, error=error, where=where)
+
+
+# ------------------------------------------------------------------------------------------------ CLI flags
+# Bounds on integer flags: far above any real job, low enough that nothing downstream (a divisor loop, a
+# tuple of slots, an int -> float conversion) is asked to do the impossible.
+MAX_RANKS = 1 << 20
+MAX_BATCH = 1 << 24  # samples per step
+MAX_STEPS = 10**7
+MAX_SEQ = 1 << 24  # tokens per sample
+
+
+def int_flag(flag: str, value: int | None, *, lo: int = 1, hi: int) -> int | None:
+    """`value` if it lies in [lo, hi] (None passes), else a one-line UserError naming the flag."""
+    if value is not None and not lo <= value <= hi:
+        shown = str(value) if len(str(value)) <= 24 else f"a {len(str(abs(value)))}-digit number"
+        raise UserError(f"{flag} must be between {lo} and {hi}, got {shown}")
+    return value
+
+
+def seconds_flag(flag: str, value: float | None, *, allow_zero: bool = False) -> float | None:
+    """A duration flag: finite and > 0 (>= 0 with allow_zero); None passes."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero) or value > MAX_ABS_NUMBER:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{flag} must be a finite number of seconds {bound}, got {value}")
+    return value
