@@ -117,3 +117,19 @@ def test_estimate_path_does_not_import_torch_or_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_running_estimate_imports_no_other_command():
+    code = (
+        "import sys\n"
+        "from ztune.cli import main\n"
+        "try:\n"
+        f"    main(['estimate', *{LLAMA_ARGS!r}, '--json'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "others = ('ztune.cli.autotune', 'ztune.cli.launch', 'ztune.cli.probe', 'torch', 'ztune.config.deepspeed')\n"
+        "print(sorted(m for m in others if m in sys.modules), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]"

@@ -115,7 +115,6 @@ def estimate(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if --config does not fit.")] = False,
 ) -> None:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration."""
-    from ztune.config import load
     from ztune.config.schema import Compression, Precision
     from ztune.cost.estimate import estimate as estimate_one
     from ztune.cost.estimate import recommend, sweep
@@ -140,6 +139,8 @@ def estimate(
     seq_len = seq or min(spec.max_seq_len, 4096)
 
     if config is not None:
+        from ztune.config import load  # the loader (YAML, DeepSpeed JSON) only when a config is given
+
         cfg = load(config)
         batch = cfg.batch
         if micro_batch is not None or global_batch is not None:
