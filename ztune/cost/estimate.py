@@ -269,7 +269,8 @@ def _micro_candidates(cfg: TrainConfig, world_size: int) -> list[int]:
     return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
 
 
-def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int) -> int:
+def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int,
+                    framework: Framework = DEFAULT_FRAMEWORK) -> int:
     """Largest micro-batch for which `cfg` fits (GPU and host memory); a divisor of global/world when the
     config sets a global batch. 0 if not even the smallest fits. Memory grows with the micro-batch
     (activations are linear in it), so a binary search over the candidates is exact."""
@@ -279,7 +280,7 @@ def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nod
     lo, hi, best = 0, len(candidates) - 1, 0
     while lo <= hi:
         mid = (lo + hi) // 2
-        mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=candidates[mid])
+        mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=candidates[mid], framework=framework)
         if _fit_reason(mem, hw):
             hi = mid - 1
         else:
@@ -292,7 +293,8 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
           offload: Sequence[tuple[Offload, Offload]] = OFFLOAD_CHOICES,
           checkpointing: Sequence[Checkpointing] = CHECKPOINTING_CHOICES,
           compression: Sequence[Compression] = (Compression.NONE,), precision: Precision = Precision.BF16,
-          base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY) -> list[Estimate]:
+          base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY,
+          framework: Framework = DEFAULT_FRAMEWORK) -> list[Estimate]:
     """Estimates for every valid combination, fitting ones first, fastest first.
 
     `offload` holds (offload_optimizer, offload_params) pairs; pairs a stage cannot run (params offload
@@ -323,9 +325,10 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
                         compression=CompressionConfig(method=method, topk_ratio=base.compression.topk_ratio),
                     )
                     if micro_batch is None:
-                        best = max_micro_batch(model, hw, cfg, num_nodes=num_nodes)
+                        best = max_micro_batch(model, hw, cfg, num_nodes=num_nodes, framework=framework)
                         cfg = dataclasses.replace(cfg, batch=BatchConfig(micro=max(best, 1), global_=global_batch))
-                    results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency))
+                    results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency,
+                                            framework=framework))
     results.sort(key=lambda e: (not e.fits, -e.tokens_per_s))
     return results
 
