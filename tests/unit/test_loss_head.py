@@ -2,9 +2,9 @@
 
 Cross-entropy over bf16 logits written the common way, F.cross_entropy(logits.float(), targets):
 - what autograd saves for backward, read with torch.autograd.graph.saved_tensors_hooks (each storage once);
-- the peak on top of the logits, read as the growth of the process's peak resident memory while one
-  forward + backward runs, in a fresh process whose large allocations all go to mmap (freed at once), so
-  its resident memory follows the live tensors.
+- the peak on top of the logits, read as the growth of the process's peak resident memory (VmHWM, reset
+  first) while one forward + backward runs, in a fresh process whose large allocations all go to mmap
+  (freed at once), so its resident memory follows the live tensors.
 """
 
 import json
@@ -26,7 +26,7 @@ from ztune.profiles import load_model
 TOKENS, VOCAB = 2048, 8192  # peak ~200 MB: well above allocator noise, small for a shared CI box
 
 _MEASURE = r"""
-import json, resource, sys
+import json, sys
 import psutil, torch
 import torch.nn.functional as F
 
@@ -43,12 +43,20 @@ def pack(t):
     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return t
 
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+# Reset the kernel's peak-RSS mark (Linux >= 4.0): a child starts with its parent's peak after fork.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 rss_before = psutil.Process().memory_info().rss
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak_before = peak_rss()
 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     loss = F.cross_entropy(logits.float(), targets)
 loss.backward()
-peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak_after = peak_rss()
 print(json.dumps({"saved": sum(saved.values()), "rss_before": rss_before, "peak_before": peak_before,
                   "peak_after": peak_after, "grad": logits.grad.untyped_storage().nbytes()}))
 """
