@@ -32,6 +32,8 @@ _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec)}
 _HARDWARE_FIELDS = {f.name: f for f in dataclasses.fields(Hardware)}
 # Fields a file may leave out: `name` defaults to the file's stem, `source` to its path.
 _OPTIONAL = {"name", "source"}
+# Hardware fields where 0 (their default) means "not known": the cost model then uses a generic value.
+_ZERO_MEANS_UNKNOWN = ("cpu_cores", "nics_per_node", "train_flops_efficiency")
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -189,10 +191,14 @@ def _check_model(m: ModelSpec, origin: str) -> ModelSpec:
 def _check_hardware(hw: Hardware, origin: str) -> Hardware:
     for name in _HARDWARE_FIELDS:
         value = getattr(hw, name)
-        if isinstance(value, (int, float)) and name != "cpu_cores" and value <= 0:
+        if isinstance(value, (int, float)) and name not in _ZERO_MEANS_UNKNOWN and value <= 0:
             raise ProfileError(f"{origin}: {name} must be positive, got {value}")
-    if hw.cpu_cores < 0:
-        raise ProfileError(f"{origin}: cpu_cores must be >= 0, got {hw.cpu_cores}")
+    for name in _ZERO_MEANS_UNKNOWN:
+        if getattr(hw, name) < 0:
+            raise ProfileError(f"{origin}: {name} must be >= 0 (0 = unknown), got {getattr(hw, name)}")
+    if hw.train_flops_efficiency > 1:
+        raise ProfileError(f"{origin}: train_flops_efficiency is a fraction of peak_flops_bf16, got "
+                           f"{hw.train_flops_efficiency}; write e.g. 0.45 for 45%")
     return hw
 
 

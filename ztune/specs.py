@@ -145,3 +145,10 @@ class Hardware:
     host_memory_bw_bytes_per_s: float
     cpu_cores: int = 0
     source: str = ""
+    # NICs per node that NCCL can build rings on (0: one per GPU). The node's aggregate inter-node bandwidth
+    # is gpus_per_node x inter_node_bw_bytes_per_s whatever the split (cost/comm.py).
+    nics_per_node: int = 0
+    # Achieved fraction of peak_flops_bf16 in a whole training step (GEMMs, fused attention and the
+    # memory-bound kernels around them), from independent published runs on this GPU generation;
+    # 0 = unknown: cost/compute.py's generic default applies.
+    train_flops_efficiency: float = 0.0

@@ -117,3 +117,47 @@ def test_estimate_path_does_not_import_torch_or_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_running_estimate_imports_no_other_command():
+    code = (
+        "import sys\n"
+        "from ztune.cli import main\n"
+        "try:\n"
+        f"    main(['estimate', *{LLAMA_ARGS!r}, '--json'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "others = ('ztune.cli.autotune', 'ztune.cli.launch', 'ztune.cli.probe', 'torch', 'ztune.config.deepspeed')\n"
+        "print(sorted(m for m in others if m in sys.modules), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_framework_flags_reach_the_cost_model():
+    args = ["estimate", "--model", "llama-3-8b", "--hardware", "h100-96g-500w", "--seq", "8192", "--stage", "3",
+            "--micro-batch", "2", "--global-batch", "16", "--json"]
+
+    def selective_row(*extra):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.output)["rows"]
+        return next(r for r in rows if r["checkpointing"] == "selective" and r["offload_params"] == "none")
+
+    attention = selective_row()
+    op = selective_row("--selective-policy", "op")
+    fused = selective_row("--selective-policy", "op", "--loss", "fused")
+    assert op["memory_per_gpu"]["activations"] < attention["memory_per_gpu"]["activations"]
+    assert fused["memory_per_gpu"]["activations"] < op["memory_per_gpu"]["activations"]
+    fp32 = selective_row("--selective-policy", "op", "--reduce-fp32")
+    assert fp32["comm_bytes_per_step"] > op["comm_bytes_per_step"]
+
+
+def test_bad_framework_flags_are_one_line_errors():
+    for extra in (["--selective-policy", "layer"], ["--loss", "liger"], ["--loss", "chunked"],
+                  ["--loss-chunk", "512"]):
+        out = subprocess.run([sys.executable, "-m", "ztune", "estimate", "--model", "gpt2", "--hardware",
+                              "cpu-local", *extra], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (extra, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

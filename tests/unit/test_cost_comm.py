@@ -1,6 +1,8 @@
 """Traffic per stage vs DESIGN.md's formulas (incl. gradient accumulation), alpha-beta sanity, links,
 compression ratios."""
 
+import dataclasses
+
 import pytest
 
 from ztune.config.schema import Compression
@@ -11,6 +13,7 @@ from ztune.cost.comm import (
     Link,
     collective_time_s,
     comm_estimate,
+    latency_steps,
     ring_factor,
     ring_link,
     wire_bytes_per_element,
@@ -66,10 +69,41 @@ def _hw():
                     host_memory_bytes=2 << 40, host_memory_bw_bytes_per_s=4e11)
 
 
-def test_slowest_link_bounds_the_ring():
-    assert ring_link(_hw(), num_nodes=1) == Link(3e11, 1e-6)
-    assert ring_link(_hw(), num_nodes=4) == Link(4e10, 5e-6)
-    assert ring_link(_hw(), num_nodes=4, bandwidth_efficiency=0.5).bw_bytes_per_s == 2e10
+def test_one_node_uses_nvlink():
+    assert ring_link(_hw(), num_nodes=1) == Link(3e11, 1e-6, num_nodes=1, gpus_per_node=8)
+
+
+def test_across_nodes_every_nic_carries_a_ring():
+    # 8 NICs x 40 GB/s = 320 GB/s per node; NVLink's 300 GB/s busbw is now the tighter bound (NCCL's rule,
+    # github.com/NVIDIA/nccl/issues/412: more NICs give more bandwidth, up to the intra-node bandwidth).
+    link = ring_link(_hw(), num_nodes=4)
+    assert link.bw_bytes_per_s == 3e11
+    slow_nics = dataclasses.replace(_hw(), inter_node_bw_bytes_per_s=1e10)  # 8 x 10 GB/s = 80 GB/s per node
+    assert ring_link(slow_nics, num_nodes=4).bw_bytes_per_s == 8e10
+    assert ring_link(slow_nics, num_nodes=4, bandwidth_efficiency=0.5).bw_bytes_per_s == 4e10
+    # 4 of the ring's 32 steps cross a node boundary: mean step latency (4 x 5 + 28 x 1) / 32 us.
+    assert link.latency_s == pytest.approx((4 * 5e-6 + 28 * 1e-6) / 32)
+
+
+def test_two_nodes_all_gather_time_is_the_nccl_bound():
+    """2 nodes x 8 GPUs, DGX H100 (8x 400 Gb/s NICs): a 1 GiB bf16 all-gather moves (n-1)/n of it per rank at
+    min(NVLink busbw 370, 8 x 45 GB/s = 360) GB/s: the old per-GPU-NIC bound (45 GB/s) was 8x slower."""
+    from ztune.profiles import load_hardware
+
+    hw = load_hardware("dgx-h100")
+    link = ring_link(hw, num_nodes=2)
+    payload = 1 << 30
+    t = collective_time_s(op=ALL_GATHER, payload_bytes=payload, world_size=16, link=link)
+    bound_s = payload * 15 / 16 / min(hw.intra_node_bw_bytes_per_s, 8 * hw.inter_node_bw_bytes_per_s)
+    assert t == pytest.approx(bound_s + 15 * link.latency_s)
+    assert t < payload * 15 / 16 / hw.inter_node_bw_bytes_per_s / 7
+
+
+def test_all_reduce_uses_a_tree_across_many_nodes():
+    link = ring_link(_hw(), num_nodes=64)  # 512 ranks: ring 1022 steps, tree 2 (6 + 7) = 26
+    assert latency_steps(ALL_REDUCE, 512, link) == 26
+    assert latency_steps(ALL_GATHER, 512, link) == 511  # ring only
+    assert latency_steps(ALL_REDUCE, 8, ring_link(_hw(), num_nodes=1)) == 14
 
 
 def _comm(stage, accum, compression=Compression.NONE, n=16, grad_bytes=2):

@@ -153,6 +153,9 @@ def test_overlap_assumption_is_explicit():
     assert step_time(comm_micro_s=40.0, overlap=1.0, **kw).step_s == 41.0
     with pytest.raises(ValueError):
         Efficiency(compute=0.0)
-    slow = estimate(LLAMA70, H100, cfg(stage=3), num_nodes=4, efficiency=Efficiency(compute=0.25))
+    # Efficiency.compute scales the profile's achieved FLOP rate (default 1.0 = the profile is right).
+    slow = estimate(LLAMA70, H100, cfg(stage=3), num_nodes=4, efficiency=Efficiency(compute=0.5))
     fast = estimate(LLAMA70, H100, cfg(stage=3), num_nodes=4)
     assert slow.step.compute_s == pytest.approx(2 * fast.step.compute_s)
+    per_token = fast.hardware_flops_per_step / fast.step.compute_s
+    assert per_token == pytest.approx(H100.peak_flops_bf16 * H100.train_flops_efficiency)

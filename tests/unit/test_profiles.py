@@ -150,8 +150,13 @@ def test_hardware_profiles_load(name):
     assert hw.name == name and hw.source
     for field in dataclasses.fields(Hardware):
         value = getattr(hw, field.name)
-        if field.name not in ("name", "source"):
+        if field.name in ("nics_per_node", "train_flops_efficiency"):
+            assert 0 <= value, field.name  # 0 = not known: the cost model's generic value applies
+        elif field.name not in ("name", "source"):
             assert isinstance(value, (int, float)) and value > 0, field.name
+    assert 0 <= hw.train_flops_efficiency < 1
+    if not hw.name.startswith("cpu"):  # GPU profiles carry a sourced achieved efficiency or none at all
+        assert hw.train_flops_efficiency == 0 or 0.25 <= hw.train_flops_efficiency <= 0.7
     assert hw.peak_flops_bf16 >= hw.peak_flops_fp32
     assert hw.intra_node_bw_bytes_per_s >= hw.inter_node_bw_bytes_per_s
 

@@ -45,3 +45,24 @@ def test_no_points_returns_the_prior() -> None:
     w, _ = _workload()
     fit = fit_calibration(w.step_time_s, [])
     assert fit.calibration == Calibration() and fit.errors == ()
+
+
+def test_out_of_sample_errors_predict_each_point_without_it() -> None:
+    """Leave-one-out: with as many free factors as points the in-sample fit is near perfect whatever the
+    data; the out-of-sample errors show what the calibrated model does on a configuration it did not see."""
+    w, space = _workload()
+    truth = Calibration(Efficiency(compute=0.12, bandwidth=0.4, overlap=0.3), micro_step_overhead_s=0.05)
+    picks = space[::9][:4]
+    # Measurements with +-15% noise the model cannot explain.
+    noise = [1.15, 0.85, 1.15, 0.85]
+    points = [(c, w.step_time_s(c, truth) * f) for c, f in zip(picks, noise, strict=True)]
+    fit = fit_calibration(w.step_time_s, points, out_of_sample=True)
+    assert fit_calibration(w.step_time_s, points).out_of_sample_errors == ()  # off by default
+    assert len(fit.out_of_sample_errors) == len(points)
+    assert fit.out_of_sample_mean_abs_error > fit.mean_abs_error
+    # Each out-of-sample error is the point's error under a fit that never saw it.
+    first = fit_calibration(w.step_time_s, points[1:], out_of_sample=False)
+    c, measured = points[0]
+    assert fit.out_of_sample_errors[0] == (w.step_time_s(c, first.calibration) - measured) / measured
+    # One point: nothing to fit the others on.
+    assert fit_calibration(w.step_time_s, points[:1], out_of_sample=True).out_of_sample_errors == ()

@@ -13,16 +13,7 @@ import sys
 import typer
 
 from ztune import __version__
-from ztune.console import error
 from ztune.errors import UserError
-
-app = typer.Typer(
-    name="ztune",
-    help="Estimate, autotune and launch sharded data-parallel training (ZeRO 0-3, offload, compression).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 # (command name, module under ztune.cli). A module that does not exist yet is not shown.
 _COMMANDS = (
@@ -39,23 +30,55 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """ztune: will it fit, what is fastest here, run it."""
 
 
-for _name, _module in _COMMANDS:
-    if importlib.util.find_spec(f"ztune.cli.{_module}") is not None:
-        _mod = importlib.import_module(f"ztune.cli.{_module}")
-        app.command(_name, **getattr(_mod, "COMMAND_SETTINGS", {}))(getattr(_mod, _name))
+def build_app(names: tuple[str, ...] | None = None) -> typer.Typer:
+    """The `ztune` app with the commands in `names` (all built ones when None). Each command's module is
+    imported here, so an app holding one command costs only that command's imports."""
+    built = typer.Typer(
+        name="ztune",
+        help="Estimate, autotune and launch sharded data-parallel training (ZeRO 0-3, offload, compression).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    built.callback()(_root)
+    for name, module in _COMMANDS:
+        if names is not None and name not in names:
+            continue
+        if importlib.util.find_spec(f"ztune.cli.{module}") is not None:
+            mod = importlib.import_module(f"ztune.cli.{module}")
+            built.command(name, **getattr(mod, "COMMAND_SETTINGS", {}))(getattr(mod, name))
+    return built
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The command `argv` runs, if it names one before any other word (root options come first)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if any(arg == name for name, _ in _COMMANDS) else None
+    return None
+
+
+def __getattr__(name: str):
+    # `from ztune.cli import app` (tests, benchmarks) gets every command; `main` builds only the one it runs.
+    if name == "app":
+        return build_app()
+    raise AttributeError(f"module 'ztune.cli' has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. Usage errors (unknown command or flag) are typer's: a short message and exit 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = _command_named(args)
     try:
-        app(args=argv, prog_name="ztune")
+        build_app((command,) if command else None)(args=args, prog_name="ztune")
     except UserError as exc:
+        from ztune.console import error
+
         error(str(exc))
         sys.exit(2)

@@ -86,7 +86,9 @@ def result_json(result: Any) -> dict:
         "wall_s": result.wall_s,
         "efficiency": dataclasses.asdict(result.fit.efficiency),
         "micro_step_overhead_s": result.fit.calibration.micro_step_overhead_s,
-        "step_time_error": {"mean_abs": result.fit.mean_abs_error, "max_abs": result.fit.max_abs_error},
+        "step_time_error": {"mean_abs": result.fit.mean_abs_error, "max_abs": result.fit.max_abs_error,
+                            "out_of_sample_mean_abs": result.fit.out_of_sample_mean_abs_error,
+                            "out_of_sample_max_abs": result.fit.out_of_sample_max_abs_error},
         "memory_offset_bytes": result.memory.offset_bytes,
         "memory_limit_bytes": result.memory.limit_bytes,
         "exported": list(result.exported),
@@ -333,7 +335,11 @@ def autotune(
         console.print(f"stopped: {result.stop_reason}")
         console.print(f"{len(result.trials)} trials ({result.new_trials} new) of {result.grid_size} candidates "
                       f"in {result.wall_s:.0f} s; calibrated step-time error on measured trials: mean "
-                      f"{result.fit.mean_abs_error:.1%}, max {result.fit.max_abs_error:.1%}")
+                      f"{result.fit.mean_abs_error:.1%}, max {result.fit.max_abs_error:.1%} in sample; "
+                      + (f"mean {result.fit.out_of_sample_mean_abs_error:.1%}, max "
+                         f"{result.fit.out_of_sample_max_abs_error:.1%} out of sample (each trial predicted by a "
+                         "fit without it)" if result.fit.out_of_sample_errors else
+                         "out of sample: needs 2 measured trials"), soft_wrap=True)
         if result.best is not None:
             console.print(f"best: {result.best.candidate.key} at {result.best.step_time_s * 1e3:.0f} ms/step; "
                           f"wrote {', '.join(exported)}" + (f" and {png}" if png else ""))

@@ -89,6 +89,22 @@ def _split_models(model: str | None, params: str | None) -> Any:
     return load_model(model) if model is not None else model_from_params(params)
 
 
+def _framework(*, selective_policy: str, reduce_fp32: bool, loss: str, loss_chunk: int) -> Any:
+    """The cost model's Framework from the flags; bad values are one-line user errors."""
+    from ztune.cost.activations import LOSS_MODES, SELECTIVE_POLICIES
+    from ztune.cost.estimate import Framework
+
+    if selective_policy not in SELECTIVE_POLICIES:
+        raise UserError(f"--selective-policy: got {selective_policy!r}; allowed: {', '.join(SELECTIVE_POLICIES)}")
+    if loss not in LOSS_MODES:
+        raise UserError(f"--loss: got {loss!r}; allowed: {', '.join(LOSS_MODES)}")
+    if loss_chunk < 0 or (loss == "chunked") != (loss_chunk > 0):
+        raise UserError("--loss chunked needs --loss-chunk N (tokens per chunk, N >= 1), and --loss-chunk "
+                        "needs --loss chunked")
+    return Framework(selective_policy=selective_policy, reduce_bytes=4 if reduce_fp32 else None, loss_mode=loss,
+                     loss_chunk_tokens=loss_chunk)
+
+
 def estimate(
     hardware: Annotated[str | None, typer.Option("--hardware", help="Hardware profile name or YAML path "
                                                                     "(required).")] = None,
@@ -113,9 +129,16 @@ def estimate(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of memory per GPU by "
                                                              "category.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if --config does not fit.")] = False,
+    selective_policy: Annotated[str, typer.Option("--selective-policy", help="What selective checkpointing "
+                                                  "recomputes: attention (ztune, Megatron) or op "
+                                                  "(torchtitan).")] = "attention",
+    reduce_fp32: Annotated[bool, typer.Option("--reduce-fp32", help="Gradients are reduced in fp32 (FSDP "
+                                                                  "reduce_dtype=float32).")] = False,
+    loss: Annotated[str, typer.Option("--loss", help="Cross-entropy: upcast (logits.float()), fused, or "
+                                                     "chunked (with --loss-chunk).")] = "upcast",
+    loss_chunk: Annotated[int, typer.Option("--loss-chunk", help="Tokens per chunk of a chunked loss.")] = 0,
 ) -> None:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration."""
-    from ztune.config import load
     from ztune.config.schema import Compression, Precision
     from ztune.cost.estimate import estimate as estimate_one
     from ztune.cost.estimate import recommend, sweep
@@ -135,11 +158,15 @@ def estimate(
         prec = Precision(precision.lower()) if precision is not None else None
     except ValueError:
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32") from None
+    framework = _framework(selective_policy=selective_policy, reduce_fp32=reduce_fp32, loss=loss,
+                           loss_chunk=loss_chunk)
     spec = _split_models(model, params)
     hw = load_hardware(hardware)
     seq_len = seq or min(spec.max_seq_len, 4096)
 
     if config is not None:
+        from ztune.config import load  # the loader (YAML, DeepSpeed JSON) only when a config is given
+
         cfg = load(config)
         batch = cfg.batch
         if micro_batch is not None or global_batch is not None:
@@ -148,12 +175,12 @@ def estimate(
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
         cfg = dataclasses.replace(cfg, batch=batch, zero=zero, seq_len=seq or cfg.seq_len,
                                   precision=prec or cfg.precision)
-        estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes)]
+        estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes, framework=framework)]
     else:
         methods = tuple(Compression) if compression else (Compression.NONE,)
         estimates = sweep(spec, hw, num_nodes=nodes, seq_len=seq_len, global_batch=global_batch,
                           micro_batch=micro_batch, stages=(stage,) if stage is not None else (0, 1, 2, 3),
-                          compression=methods, precision=prec or Precision.BF16)
+                          compression=methods, precision=prec or Precision.BF16, framework=framework)
     best, reason = recommend(estimates)
     best_index = next((i for i, e in enumerate(estimates) if e is best), None)
 

@@ -1,40 +1,45 @@
-"""The training config: schema (typed dataclass tree), strict loading, DeepSpeed JSON import/export."""
+"""The training config: schema (typed dataclass tree), strict loading, DeepSpeed JSON import/export.
 
-from ztune.config.deepspeed import from_deepspeed, to_deepspeed
-from ztune.config.io import CONFIG_ENV, from_dict, load, save, to_dict
-from ztune.config.schema import (
-    ActivationConfig,
-    BatchConfig,
-    Checkpointing,
-    Compression,
-    CompressionConfig,
-    Offload,
-    OptimizerConfig,
-    OptimizerType,
-    Precision,
-    TrainConfig,
-    ZeroConfig,
-)
-from ztune.config.validate import resolve_batch
+Names are resolved on first use (PEP 562), so that importing `ztune.config.schema` alone (the cost model,
+`ztune estimate`) does not load the YAML / DeepSpeed machinery.
+"""
 
-__all__ = [
-    "CONFIG_ENV",
-    "ActivationConfig",
-    "BatchConfig",
-    "Checkpointing",
-    "Compression",
-    "CompressionConfig",
-    "Offload",
-    "OptimizerConfig",
-    "OptimizerType",
-    "Precision",
-    "TrainConfig",
-    "ZeroConfig",
-    "from_deepspeed",
-    "from_dict",
-    "load",
-    "resolve_batch",
-    "save",
-    "to_deepspeed",
-    "to_dict",
-]
+import importlib
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "from_deepspeed": "deepspeed",
+    "to_deepspeed": "deepspeed",
+    "CONFIG_ENV": "io",
+    "from_dict": "io",
+    "load": "io",
+    "save": "io",
+    "to_dict": "io",
+    "ActivationConfig": "schema",
+    "BatchConfig": "schema",
+    "Checkpointing": "schema",
+    "Compression": "schema",
+    "CompressionConfig": "schema",
+    "Offload": "schema",
+    "OptimizerConfig": "schema",
+    "OptimizerType": "schema",
+    "Precision": "schema",
+    "TrainConfig": "schema",
+    "ZeroConfig": "schema",
+    "resolve_batch": "validate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ztune.config' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ztune.config.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -27,6 +27,29 @@ from ztune.specs import Architecture, ModelSpec, count_params
 FP32_BYTES = 4  # layer-norm mean/rstd, RMSNorm rstd, attention log-sum-exp, router softmax, log-probs
 INDEX_BYTES = 8  # int64 token ids, targets, routing indices
 
+# Selective checkpointing policies, as people use them:
+# - "attention" (Korthikanti et al. 2022, Megatron's `--recompute-granularity selective`; ztune's runtime):
+#   recompute the attention core only. With fused attention that core saves almost nothing (q, k, v are
+#   kept as its inputs), so the trade is poor; it pays off with unfused attention.
+# - "op" (torchtitan `activation_checkpoint.selective_ac_option: op`, torchtitan/parallelisms/
+#   parallelize_llama.py at 9dec370, Dec 2024): inside each checkpointed block, save the outputs of matmuls
+#   and of the fused attention kernel, "except every second mm" (counted per block in forward order), and
+#   recompute everything else (norms, RoPE, activations, the skipped matmuls).
+SELECTIVE_POLICIES = ("attention", "op")
+
+# Cross-entropy over V classes, per token, computed the way PyTorch trainers write it
+# (F.cross_entropy(logits.float(), targets); torchtitan train.py, llm-foundry, HF): log_softmax saves its
+# fp32 output (V x 4 bytes, counted in logits_bytes). Its backward holds that saved output, the incoming
+# fp32 gradient (nll_loss backward, V x 4) and the fp32 input gradient it produces (V x 4): 12 bytes per
+# class at the loss's peak, 8 of them on top of what is saved. The forward peak is lower (bf16 logits 2 +
+# fp32 upcast 4 + log-probs 4 = 10). tests/unit/test_loss_head.py measures this on CPU.
+LOSS_SAVED_BYTES_PER_CLASS = FP32_BYTES
+LOSS_PEAK_BYTES_PER_CLASS = 3 * FP32_BYTES
+# Chunked / fused linear + cross-entropy (e.g. Liger's FusedLinearCrossEntropy, torchtune's chunked CE):
+# per chunk of tokens the bf16 logits (d), their fp32 upcast and its gradient exist at once; nothing of
+# vocabulary size is saved for backward (the gradient is formed in forward, chunk by chunk).
+CHUNKED_LOSS_PEAK_BYTES_PER_CLASS = 2 * FP32_BYTES
+
 
 @dataclass(frozen=True)
 class ActivationEstimate:
@@ -40,6 +63,9 @@ class ActivationEstimate:
     # logits are upcast to fp32 before cross-entropy whatever the compute dtype) and the int64 targets.
     logits_bytes: int
     embedding_bytes: int  # token (and position) ids the embeddings keep; RoPE cos/sin tables
+    # Transient on top of `logits_bytes` at the loss's peak (cross-entropy backward, before any block's
+    # backward): see loss_head_bytes.
+    loss_peak_bytes: int
     device_bytes: int  # held on the GPU at the activation peak
     host_bytes: int  # moved to host memory by activation offload (0 without offload)
     # Extra forward FLOPs of the blocks, as a fraction of one forward of all blocks.
@@ -127,6 +153,47 @@ def _moe_terms(m: ModelSpec, *, d: int) -> float:
     return router + k * per_route
 
 
+def _block_matmuls(m: ModelSpec) -> list[tuple[float, float]]:
+    """(output width, weight elements x routes per token) of each matmul of one block, in forward order."""
+    h, i, q, kv = m.hidden_size, m.intermediate_size, m.num_heads * m.head_size, m.kv_size
+    if m.architecture is Architecture.GPT2:
+        return [(3 * h, 3 * h * h), (h, h * h), (i, h * i), (h, i * h)]  # c_attn, c_proj, c_fc, mlp c_proj
+    attention = [(q, h * q), (kv, h * kv), (kv, h * kv), (h, q * h)]  # wq, wk, wv, wo
+    k = m.top_k if m.is_moe else 1
+    return attention + [(k * i, k * h * i), (k * i, k * h * i), (k * h, k * i * h)]  # w1 (gate), w3 (up), w2
+
+
+def _selective_op_terms(m: ModelSpec, *, d: int) -> tuple[float, float]:
+    """torchtitan's per-op policy: (kept elements per token in units of d, recomputed matmul FLOPs per token).
+    Kept: the block input (the checkpoint's argument), every odd-numbered matmul's output, and the fused
+    attention kernel's output and fp32 log-sum-exp. Recomputed: the even-numbered matmuls (2 FLOPs per weight
+    element) and every elementwise op (memory-bound; not counted as FLOPs)."""
+    matmuls = _block_matmuls(m)
+    saved = sum(width for n, (width, _) in enumerate(matmuls, 1) if n % 2)
+    recomputed_flops = sum(2 * weight for n, (_, weight) in enumerate(matmuls, 1) if not n % 2)
+    attention_out = m.num_heads * m.head_size + m.num_heads * FP32_BYTES / d
+    return m.hidden_size + saved + attention_out, recomputed_flops
+
+
+# A fused cross-entropy kernel over low-precision logits (flash-attn's `flash_attn.losses.cross_entropy`,
+# llm-foundry's `loss_fn: fused_crossentropy` default): keeps the logits themselves (d bytes per class) and
+# an fp32 log-sum-exp per token, and writes a gradient of the logits' dtype in backward; no fp32 copy.
+LOSS_MODES = ("upcast", "fused", "chunked")
+
+
+def loss_head_bytes(*, tokens: int, vocab_size: int, chunk_tokens: int = 0, mode: str = "upcast",
+                    dtype_bytes: int = 2) -> tuple[int, int]:
+    """(saved, transient) bytes of the cross-entropy over `tokens` x `vocab_size` logits: what it keeps for
+    backward, and what it adds on top at its peak. mode "upcast": F.cross_entropy(logits.float());
+    "fused": a fused kernel on the logits' dtype; "chunked" (or chunk_tokens > 0): chunked / fused linear."""
+    if mode == "fused":
+        return tokens * (vocab_size * dtype_bytes + FP32_BYTES), tokens * vocab_size * dtype_bytes
+    if chunk_tokens > 0:
+        return 0, min(chunk_tokens, tokens) * vocab_size * CHUNKED_LOSS_PEAK_BYTES_PER_CLASS
+    saved = tokens * vocab_size * LOSS_SAVED_BYTES_PER_CLASS
+    return saved, tokens * vocab_size * LOSS_PEAK_BYTES_PER_CLASS - saved
+
+
 def _block_flops_per_token(m: ModelSpec, *, seq_len: int) -> tuple[float, float]:
     """(attention-core, whole-block) forward FLOPs per token. Core: QK^T and PV, 2*s*q each, full square as
     in Megatron's accounting (causal kernels skip about half); the rest: 2 FLOPs per active weight."""
@@ -146,11 +213,17 @@ def activation_memory(
     offload: Offload = Offload.NONE,
     dtype_bytes: int = 2,
     flash_attention: bool = True,
+    selective_policy: str = "attention",
+    loss_chunk_tokens: int = 0,
+    loss_mode: str = "upcast",
 ) -> ActivationEstimate:
     """Activation bytes of one micro-batch (micro_batch sequences of seq_len tokens) of `model`.
 
-    checkpointing: none; selective = every k-th block recomputes its attention core (keeps q, k, v);
-    full = every k-th block keeps only its input and recomputes the rest in backward (k = `every`).
+    checkpointing: none; selective = every k-th block follows `selective_policy` ("attention": recompute the
+    attention core, keep q, k, v; "op": torchtitan's per-op policy, see SELECTIVE_POLICIES); full = every
+    k-th block keeps only its input and recomputes the rest in backward (k = `every`).
+    loss_chunk_tokens: 0 = cross-entropy over all logits at once; > 0 = chunked / fused (loss_head_bytes).
+    loss_mode: how the loss is computed (LOSS_MODES, loss_head_bytes).
     offload=cpu models `runtime.checkpointing.offload_activations` wrapped around forward and loss:
     everything saved goes to host (host_bytes); the device holds one block's working set at a time, at most
     the larger of a block's full activations (produced in forward, rebuilt or copied back in backward) and
@@ -160,6 +233,14 @@ def activation_memory(
         raise UserError(f"micro_batch and seq_len must be >= 1, got {micro_batch} and {seq_len}")
     if every < 1:
         raise UserError(f"activations.every must be >= 1, got {every}")
+    if selective_policy not in SELECTIVE_POLICIES:
+        raise UserError(f"selective policy {selective_policy!r}: allowed: {', '.join(SELECTIVE_POLICIES)}")
+    if loss_mode not in LOSS_MODES:
+        raise UserError(f"loss mode {loss_mode!r}: allowed: {', '.join(LOSS_MODES)}")
+    if loss_mode == "chunked" and loss_chunk_tokens <= 0:
+        raise UserError("loss mode 'chunked' needs loss_chunk_tokens > 0 (tokens per chunk)")
+    if loss_chunk_tokens < 0:
+        raise UserError(f"loss_chunk_tokens must be >= 0 (0 = unchunked), got {loss_chunk_tokens}")
     if dtype_bytes not in (2, 4):
         raise UserError(f"dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), got {dtype_bytes}")
     m, d, tokens = model, dtype_bytes, micro_batch * seq_len
@@ -173,6 +254,10 @@ def activation_memory(
         # The checkpoint saves the block input (h); the rest is rebuilt, sharing that input.
         kept = to_bytes(m.hidden_size)
         recompute_peak = per_layer - kept
+    elif checkpointing is Checkpointing.SELECTIVE and selective_policy == "op":
+        kept_elements, op_recompute_flops = _selective_op_terms(m, d=d)
+        kept = min(to_bytes(kept_elements), per_layer)
+        recompute_peak = per_layer - kept  # the block's recomputed tensors, rebuilt in its backward
     elif checkpointing is Checkpointing.SELECTIVE:
         kept = to_bytes(t.outside_core + t.core_inputs + t.core_output)
         recompute_peak = to_bytes(t.core_internal + t.core_output)  # the kernel's saves + a fresh output
@@ -183,8 +268,13 @@ def activation_memory(
 
     h = m.hidden_size
     norm_stats = 2 * FP32_BYTES if m.architecture is Architecture.GPT2 else FP32_BYTES
-    # Final norm input + its stats, lm_head input, fp32 log-probs over every position, int64 targets.
-    logits = tokens * (2 * h * d + norm_stats + m.vocab_size * FP32_BYTES + INDEX_BYTES)
+    # Final norm input + its stats, lm_head input, int64 targets, and what the loss keeps (fp32 log-probs
+    # over every position; nothing vocabulary-sized when chunked, but the fp32 gradient of the hidden).
+    loss_saved, loss_peak = loss_head_bytes(tokens=tokens, vocab_size=m.vocab_size, chunk_tokens=loss_chunk_tokens,
+                                            mode=loss_mode, dtype_bytes=d)
+    if loss_mode != "fused" and loss_chunk_tokens > 0:
+        loss_saved = tokens * h * FP32_BYTES
+    logits = tokens * (2 * h * d + norm_stats + INDEX_BYTES) + loss_saved
     embedding = tokens * INDEX_BYTES  # token ids kept by the embedding backward
     if m.architecture is Architecture.GPT2:
         embedding += seq_len * INDEX_BYTES  # position ids (one arange shared by the batch)
@@ -193,13 +283,17 @@ def activation_memory(
 
     if offload is Offload.CPU:
         host = layers + logits + embedding
-        device = max(per_layer, logits)
+        device = max(per_layer, logits + loss_peak)
     else:
         host = 0
-        device = layers + logits + embedding + recompute_peak
+        # The loss's transient peaks before any block's backward; a block's recomputation after it.
+        device = layers + logits + embedding + max(recompute_peak, loss_peak)
 
     core_flops, block_flops = _block_flops_per_token(m, seq_len=seq_len)
-    share = {Checkpointing.NONE: 0.0, Checkpointing.SELECTIVE: core_flops / block_flops, Checkpointing.FULL: 1.0}
+    selective_share = core_flops / block_flops
+    if checkpointing is Checkpointing.SELECTIVE and selective_policy == "op":
+        selective_share = op_recompute_flops / block_flops
+    share = {Checkpointing.NONE: 0.0, Checkpointing.SELECTIVE: selective_share, Checkpointing.FULL: 1.0}
     return ActivationEstimate(
         per_layer_bytes=per_layer,
         kept_per_layer_bytes=kept,
@@ -207,6 +301,7 @@ def activation_memory(
         recompute_peak_bytes=recompute_peak,
         logits_bytes=logits,
         embedding_bytes=embedding,
+        loss_peak_bytes=loss_peak,
         device_bytes=device,
         host_bytes=host,
         recompute_fraction=share[checkpointing] * num_checkpointed / m.num_layers,

@@ -9,11 +9,19 @@ on a payload of S bytes over n ranks, the bytes each rank puts on the wire are
 Time uses the alpha-beta model (Hockney 1994): T = steps * alpha + wire_bytes / busbw, with 2(n-1) ring
 steps for all_reduce and n-1 for the others.
 
-Links: ranks form one flat ring over all nodes. Inside a node that ring runs over NVLink/NVSwitch (or
-PCIe); once it spans nodes, every rank's traffic also crosses a node boundary at the per-GPU NIC bandwidth
-(NCCL builds one ring per NIC), so the slowest link bounds the ring: busbw = min(intra, inter), alpha =
-the inter-node latency. A two-level (intra then inter) schedule would be faster for small node counts;
-the flat bound is the conservative choice.
+Links follow what NCCL builds (NCCL docs, "Environment variables" NCCL_ALGO / NCCL_MIN_NCHANNELS; Sylvain
+Jeaugey (NCCL maintainer), github.com/NVIDIA/nccl/issues/412: one 200 Gb/s HDR NIC gives ~24 GB/s busbw
+inter-node, "add more NICs and you should get more bandwidth, up to ... the NVLink intra-node bandwidth"):
+- Inside a node a ring runs over NVLink/NVSwitch (or PCIe) at the profile's intra-node busbw.
+- Across nodes NCCL runs one ring (channel) per NIC, every ring enters and leaves each node once, and the
+  rings split the payload. So a node's NICs together carry the ring traffic: the inter-node busbw is the
+  node's aggregate NIC bandwidth (gpus_per_node x the profile's per-GPU share, i.e. NICs x per-NIC rate),
+  not one NIC's, and the ring is bounded by min(intra-node busbw, that aggregate).
+- Of a ring's n steps, num_nodes cross a node boundary (inter-node latency), the rest stay inside.
+- all_reduce may use NCCL's double binary tree instead (Sanders et al. 2009; NCCL 2.4 release notes):
+  same bandwidth bound, 2 (log2(nodes) + gpus_per_node - 1) latency steps; NCCL picks the faster, so do we.
+  all_gather and reduce_scatter are ring-only (the collectives FSDP / ZeRO-3 use).
+The profile bandwidths are achievable nccl-tests busbw figures, hence no further derating by default.
 """
 
 from __future__ import annotations
@@ -52,25 +60,44 @@ def ring_factor(op: str, world_size: int) -> float:
 
 @dataclass(frozen=True)
 class Link:
+    """A collective's bus bandwidth (nccl-tests busbw, bytes/s) and mean latency per ring step; the node
+    layout lets all_reduce use a tree's latency across nodes."""
+
     bw_bytes_per_s: float
     latency_s: float
+    num_nodes: int = 1
+    gpus_per_node: int = 1
 
 
 def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
-    """The link that bounds a flat ring over `num_nodes` nodes (see the module docstring)."""
-    if num_nodes > 1:
-        bw = min(hw.intra_node_bw_bytes_per_s, hw.inter_node_bw_bytes_per_s)
-        latency = max(hw.intra_node_latency_s, hw.inter_node_latency_s)
-    else:
-        bw, latency = hw.intra_node_bw_bytes_per_s, hw.intra_node_latency_s
-    return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency)
+    """The NCCL-style link of a collective over `num_nodes` nodes of `hw` (see the module docstring)."""
+    g = hw.gpus_per_node
+    if num_nodes <= 1:
+        return Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s * bandwidth_efficiency,
+                    latency_s=hw.intra_node_latency_s, num_nodes=1, gpus_per_node=g)
+    node_nic_bw = g * hw.inter_node_bw_bytes_per_s  # all the node's NICs, one ring each
+    bw = min(hw.intra_node_bw_bytes_per_s, node_nic_bw)
+    n = num_nodes * g
+    latency = (num_nodes * hw.inter_node_latency_s + (n - num_nodes) * hw.intra_node_latency_s) / n
+    return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency, num_nodes=num_nodes,
+                gpus_per_node=g)
+
+
+def latency_steps(op: str, world_size: int, link: Link) -> float:
+    """Latency steps of one collective: the ring's, or for all_reduce across nodes the tree's if fewer
+    (counted in mean ring-step latencies; a tree's inter-node hops are weighted by their share)."""
+    ring = _STEPS[op](world_size)
+    if op != ALL_REDUCE or link.num_nodes <= 1:
+        return ring
+    tree = 2 * (math.ceil(math.log2(link.num_nodes)) + link.gpus_per_node - 1)
+    return min(ring, tree)
 
 
 def collective_time_s(*, op: str, payload_bytes: float, world_size: int, link: Link) -> float:
-    """Alpha-beta time of one ring collective on `payload_bytes` (full tensor). 0 on one rank."""
+    """Alpha-beta time of one collective on `payload_bytes` (full tensor). 0 on one rank."""
     if world_size <= 1 or payload_bytes <= 0:
         return 0.0
-    steps = _STEPS[op](world_size)
+    steps = latency_steps(op, world_size, link)
     return steps * link.latency_s + payload_bytes * ring_factor(op, world_size) / link.bw_bytes_per_s
 
 
@@ -199,7 +226,7 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             ops.append(OpEstimate(c.op, c.kind, c.phase, 0, 0.0, 0.0))
             continue
         wire = payload_bytes * ring_factor(c.op, n) * c.per_step
-        steps = _STEPS[c.op](n)
+        steps = latency_steps(c.op, n, link)
         time_s = c.per_step * (launches * steps * link.latency_s) + wire / link.bw_bytes_per_s
         ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -16,12 +16,18 @@ FORWARD_SHARE = 1 / 3  # forward FLOPs / training FLOPs (2 of 6 per parameter)
 BACKWARD_SHARE = 2 / 3
 
 
+# Achieved fraction of dense peak when a hardware profile does not say (Hardware.train_flops_efficiency 0):
+# matmul-heavy transformer steps reach 40-55% of dense bf16 peak at scale (Megatron-LM reports 52% of peak
+# for its 1T run, Narayanan et al. 2021, table 1).
+GENERIC_TRAIN_FLOPS_EFFICIENCY = 0.5
+
+
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fraction of datasheet numbers; the autotuner's calibration replaces these defaults.
+    """Corrections to the hardware profile's numbers; the autotuner's calibration replaces these defaults.
 
-    compute: matmul-heavy transformer steps reach 40-55% of dense bf16 peak at scale (Megatron-LM reports
-      52% of peak for its 1T run, Narayanan et al. 2021, table 1); 0.5 is the default.
+    compute: multiplies the achieved FLOP rate (peak x the profile's train_flops_efficiency, or
+      GENERIC_TRAIN_FLOPS_EFFICIENCY); 1.0 = the profile is right, 0.5 = this machine runs at half of it.
     bandwidth: multiplies the profile's link bandwidths, which are already achievable nccl-tests busbw
       figures (specs.Hardware), hence 1.0.
     overlap: fraction of overlappable communication/transfer that hides behind compute (DDP/ZeRO overlap
@@ -30,17 +36,31 @@ class Efficiency:
       for ztune's CPU Adam is >= 80% of measured bandwidth).
     """
 
-    compute: float = 0.5
+    compute: float = 1.0
     bandwidth: float = 1.0
     overlap: float = 0.8
     host_bandwidth: float = 0.8
 
     def __post_init__(self) -> None:
-        for name in ("compute", "bandwidth", "host_bandwidth"):
+        if not 0.0 < self.compute <= MAX_COMPUTE_SCALE:
+            raise ValueError(f"Efficiency.compute must be in (0, {MAX_COMPUTE_SCALE:g}], got {self.compute}")
+        for name in ("bandwidth", "host_bandwidth"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"Efficiency.{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.overlap <= 1.0:
             raise ValueError(f"Efficiency.overlap must be in [0, 1], got {self.overlap}")
+
+
+# A machine may beat its profile (a newer software stack, higher clocks), but not by more than 2x: beyond
+# that the profile, not the calibration, is wrong.
+MAX_COMPUTE_SCALE = 2.0
+
+
+def achieved_flops_per_s(*, peak_flops: float, train_flops_efficiency: float, compute_scale: float) -> float:
+    """FLOP/s a training step reaches: peak x the profile's achieved fraction (generic 0.5 when the profile
+    has none) x the calibration's scale."""
+    fraction = train_flops_efficiency or GENERIC_TRAIN_FLOPS_EFFICIENCY
+    return peak_flops * fraction * compute_scale
 
 
 DEFAULT_EFFICIENCY = Efficiency()
@@ -70,8 +90,10 @@ def cpu_optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, optimize
 class OffloadTime:
     """Seconds per optimizer step spent on host offload, per rank.
 
-    optimizer_transfer_s: gradient shard down + parameter shard up over PCIe, after backward (serial).
+    optimizer_transfer_s: parameter shard up over PCIe after the CPU step (serial: nothing left to hide it).
     cpu_optimizer_s: the CPU optimizer over the node's shards (serial, ranks share the host's bandwidth).
+    grad_transfer_s: gradient shard down over PCIe; ZeRO-Offload copies each reduced bucket while backward
+      continues (Ren et al. 2021, sec. 4.1, "overlapped with backward"), so it hides behind backward.
     prefetch_transfer_s: stage-3 parameter uploads and activation offload copies during forward/backward
       (overlappable with compute).
     """
@@ -79,6 +101,7 @@ class OffloadTime:
     optimizer_transfer_s: float = 0.0
     cpu_optimizer_s: float = 0.0
     prefetch_transfer_s: float = 0.0
+    grad_transfer_s: float = 0.0
 
     @property
     def serial_s(self) -> float:
@@ -95,9 +118,10 @@ def offload_time(*, shard_numel: int, param_bytes: int, grad_bytes: int, optimiz
     Stage-3 parameter offload uploads the shard twice per micro-step (forward and backward gathers);
     activation offload copies `activation_host_bytes` down in forward and back up in backward.
     """
-    transfer = cpu = prefetch = 0.0
+    transfer = cpu = prefetch = grads = 0.0
     if offload_optimizer:
-        transfer = shard_numel * (grad_bytes + param_bytes) / host_device_bw_bytes_per_s
+        transfer = shard_numel * param_bytes / host_device_bw_bytes_per_s
+        grads = shard_numel * grad_bytes / host_device_bw_bytes_per_s
         per_param = cpu_optimizer_bytes_per_param(param_bytes=param_bytes, grad_bytes=grad_bytes,
                                                   optimizer_bytes=optimizer_bytes)
         node_bytes = gpus_per_node * shard_numel * per_param
@@ -108,7 +132,8 @@ def offload_time(*, shard_numel: int, param_bytes: int, grad_bytes: int, optimiz
             # The GPU optimizer updated the shard: write it back to its home in host memory.
             transfer += shard_numel * param_bytes / host_device_bw_bytes_per_s
     prefetch += 2 * grad_accum * activation_host_bytes / host_device_bw_bytes_per_s
-    return OffloadTime(optimizer_transfer_s=transfer, cpu_optimizer_s=cpu, prefetch_transfer_s=prefetch)
+    return OffloadTime(optimizer_transfer_s=transfer, cpu_optimizer_s=cpu, prefetch_transfer_s=prefetch,
+                       grad_transfer_s=grads)
 
 
 def exposed_s(*, work_s: float, window_s: float, overlap: float) -> float:
@@ -141,7 +166,9 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
         + exposed_s(work_s=comm_boundary_s, window_s=BACKWARD_SHARE * micro_compute_s, overlap=overlap)
         + comm_after_step_s
     )
-    exposed_offload = exposed_s(work_s=offload.prefetch_transfer_s, window_s=compute_s, overlap=overlap)
+    exposed_offload = (exposed_s(work_s=offload.prefetch_transfer_s, window_s=compute_s, overlap=overlap)
+                       + exposed_s(work_s=offload.grad_transfer_s, window_s=BACKWARD_SHARE * compute_s,
+                                   overlap=overlap))
     offload_s = offload.serial_s + exposed_offload
     return StepTime(
         compute_s=compute_s,

@@ -28,6 +28,7 @@ from ztune.cost.compute import (
     Efficiency,
     OffloadTime,
     StepTime,
+    achieved_flops_per_s,
     model_flops_per_token,
     offload_time,
     recompute_flops_per_token,
@@ -63,10 +64,35 @@ ASSUMPTIONS = (
     "model states per the ZeRO paper (Rajbhandari et al. 2020)",
     "buffers = 2 reduce buckets + stage-3 gather/prefetch units + a framework reserve "
     f"(CUDA context, NCCL, fragmentation: {GPU_FRAMEWORK_RESERVE_BYTES / GiB:.1f} GiB per GPU, 0 on cpu profiles)",
-    "collectives: flat ring, alpha-beta; the slowest link (NIC per GPU across nodes) bounds it",
+    "collectives: NCCL-style rings (one per NIC, bounded by min(NVLink busbw, the node's NICs together)) "
+    "and trees for all-reduce, alpha-beta",
+    "compute at the hardware profile's achieved fraction of peak (train_flops_efficiency)",
     "stages 0/1 reduce gradients once per step, stages 2/3 every micro-step",
     "FLOPs/token = 6*Psi_active + 12*L*h*s; recomputation counted in step time, not in MFU",
 )
+
+
+@dataclass(frozen=True)
+class Framework:
+    """What the training framework does that a TrainConfig does not say (defaults: ztune's runtime).
+
+    selective_policy: what `checkpointing: selective` recomputes ("attention" or "op";
+      activations.SELECTIVE_POLICIES).
+    reduce_bytes: bytes per gradient element on the wire in reductions; None = the gradient dtype,
+      4 = fp32 reduction (FSDP MixedPrecision(reduce_dtype=torch.float32), llm-foundry's and torchtitan's
+      default): reduce-scatter bytes double at bf16, and the unit's gradient buffer is fp32.
+    loss_mode: "upcast" (F.cross_entropy(logits.float()), the common way), "fused" (a fused kernel on
+      the logits' dtype, llm-foundry's default) or "chunked" (needs loss_chunk_tokens > 0).
+    loss_chunk_tokens: tokens per chunk of a chunked / fused linear + cross-entropy.
+    """
+
+    selective_policy: str = "attention"
+    reduce_bytes: int | None = None
+    loss_mode: str = "upcast"
+    loss_chunk_tokens: int = 0
+
+
+DEFAULT_FRAMEWORK = Framework()
 
 
 @dataclass(frozen=True)
@@ -135,7 +161,7 @@ class _Memory:
 
 
 def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfig, *, world_size: int,
-            micro_batch: int) -> _Memory:
+            micro_batch: int, framework: Framework = DEFAULT_FRAMEWORK) -> _Memory:
     z = cfg.zero
     per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
                                       momentum=cfg.optimizer.momentum)
@@ -144,10 +170,12 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
                                 offload_params=z.offload_params is Offload.CPU)
     act = activation_memory(model, micro_batch=micro_batch, seq_len=cfg.seq_len,
                             checkpointing=cfg.activations.checkpointing, every=cfg.activations.every,
-                            offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes)
+                            offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes,
+                            selective_policy=framework.selective_policy,
+                            loss_chunk_tokens=framework.loss_chunk_tokens, loss_mode=framework.loss_mode)
     buffers = buffer_memory(stage=z.stage, num_params=counts.total, largest_unit_numel=counts.largest_layer,
                             reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
-                            param_bytes=per_param.param, grad_bytes=per_param.grad,
+                            param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                             reserve_bytes=framework_reserve_bytes(hw))
     return _Memory(
         breakdown=memory_per_gpu(states=states, activation_device_bytes=act.device_bytes, buffers=buffers),
@@ -169,20 +197,20 @@ def _fit_reason(mem: _Memory, hw: Hardware) -> str:
 
 
 def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int,
-             efficiency: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
+             efficiency: Efficiency = DEFAULT_EFFICIENCY, framework: Framework = DEFAULT_FRAMEWORK) -> Estimate:
     """Memory, communication and time of `cfg` on `num_nodes` nodes of `hw` (data parallel over all GPUs)."""
     world = _check_cluster(hw, num_nodes)
     batch = resolve_batch(cfg.batch, world)
     accum, micro = int(batch.grad_accum or 1), batch.micro
     counts = count_params(model)
     z = cfg.zero
-    mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=micro)
+    mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=micro, framework=framework)
     per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
                                       momentum=cfg.optimizer.momentum)
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
     comm = comm_estimate(num_params=counts.total, world_size=world, stage=z.stage, grad_accum=accum, link=link,
-                         param_bytes=per_param.param, grad_bytes=per_param.grad,
+                         param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                          reduce_bucket_numel=z.reduce_bucket_numel,
                          allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
                          compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
@@ -197,7 +225,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         block_active_params=block_active, num_layers=model.num_layers, attention_width=width,
         seq_len=cfg.seq_len, recompute_fraction=mem.activations.recompute_fraction)
     peak = hw.peak_flops_fp32 if cfg.precision is Precision.FP32 else hw.peak_flops_bf16
-    compute_s = hw_flops / (peak * efficiency.compute)
+    compute_s = hw_flops / achieved_flops_per_s(peak_flops=peak, train_flops_efficiency=hw.train_flops_efficiency,
+                                                compute_scale=efficiency.compute)
 
     off = offload_time(shard_numel=mem.shard_numel, param_bytes=per_param.param, grad_bytes=per_param.grad,
                        optimizer_bytes=per_param.optimizer, offload_optimizer=z.offload_optimizer is Offload.CPU,
@@ -240,7 +269,8 @@ def _micro_candidates(cfg: TrainConfig, world_size: int) -> list[int]:
     return [d for d in range(1, per_rank + 1) if per_rank % d == 0]
 
 
-def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int) -> int:
+def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int,
+                    framework: Framework = DEFAULT_FRAMEWORK) -> int:
     """Largest micro-batch for which `cfg` fits (GPU and host memory); a divisor of global/world when the
     config sets a global batch. 0 if not even the smallest fits. Memory grows with the micro-batch
     (activations are linear in it), so a binary search over the candidates is exact."""
@@ -250,7 +280,7 @@ def max_micro_batch(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nod
     lo, hi, best = 0, len(candidates) - 1, 0
     while lo <= hi:
         mid = (lo + hi) // 2
-        mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=candidates[mid])
+        mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=candidates[mid], framework=framework)
         if _fit_reason(mem, hw):
             hi = mid - 1
         else:
@@ -263,7 +293,8 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
           offload: Sequence[tuple[Offload, Offload]] = OFFLOAD_CHOICES,
           checkpointing: Sequence[Checkpointing] = CHECKPOINTING_CHOICES,
           compression: Sequence[Compression] = (Compression.NONE,), precision: Precision = Precision.BF16,
-          base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY) -> list[Estimate]:
+          base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY,
+          framework: Framework = DEFAULT_FRAMEWORK) -> list[Estimate]:
     """Estimates for every valid combination, fitting ones first, fastest first.
 
     `offload` holds (offload_optimizer, offload_params) pairs; pairs a stage cannot run (params offload
@@ -294,9 +325,10 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
                         compression=CompressionConfig(method=method, topk_ratio=base.compression.topk_ratio),
                     )
                     if micro_batch is None:
-                        best = max_micro_batch(model, hw, cfg, num_nodes=num_nodes)
+                        best = max_micro_batch(model, hw, cfg, num_nodes=num_nodes, framework=framework)
                         cfg = dataclasses.replace(cfg, batch=BatchConfig(micro=max(best, 1), global_=global_batch))
-                    results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency))
+                    results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency,
+                                            framework=framework))
     results.sort(key=lambda e: (not e.fits, -e.tokens_per_s))
     return results
 

@@ -12,6 +12,10 @@ measurement constrains (e.g. host bandwidth when no trial offloaded) at its defa
 The search is coordinate descent over one factor at a time on a coarse grid, refined around the best
 point: the objective is cheap (an estimate is ~40 us) and piecewise smooth, and the whole fit stays in pure
 Python with no solver dependency.
+
+In-sample errors of a fit with as many free factors as points say nothing; `Fit.out_of_sample_errors`
+gives each point's error under a fit that excluded it (leave-one-out cross-validation), which is what the
+calibrated model can be expected to do on a configuration it has not measured.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ztune.cost.compute import DEFAULT_EFFICIENCY, Efficiency
+from ztune.cost.compute import DEFAULT_EFFICIENCY, MAX_COMPUTE_SCALE, Efficiency
 
 PRIOR_WEIGHT = 1e-4
 # (lower, upper, log-scaled) per factor; bounds are Efficiency's own validity ranges.
 _BOUNDS = {
-    "compute": (1e-3, 1.0, True),
+    "compute": (1e-3, MAX_COMPUTE_SCALE, True),  # a scale on the profile's achieved FLOP rate
     "bandwidth": (1e-3, 1.0, True),
     "overlap": (0.0, 1.0, False),
     "host_bandwidth": (1e-3, 1.0, True),
@@ -36,6 +40,8 @@ REFINE_POINTS = 9
 REFINE_ROUNDS = 3
 SWEEPS = 8
 OVERHEAD = "micro_step_overhead_s"
+# Leave-one-out needs a fit on the other points: with fewer than this many there is nothing to fit on.
+MIN_POINTS_OUT_OF_SAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Fit:
     calibration: Calibration
     # Relative errors (estimate - measured) / measured, one per measured point, in input order.
     errors: tuple[float, ...]
+    # The same, each point predicted by a fit on the other points (leave-one-out); empty below
+    # MIN_POINTS_OUT_OF_SAMPLE points.
+    out_of_sample_errors: tuple[float, ...] = ()
 
     @property
     def efficiency(self) -> Efficiency:
@@ -61,6 +70,15 @@ class Fit:
     @property
     def max_abs_error(self) -> float:
         return max((abs(e) for e in self.errors), default=0.0)
+
+    @property
+    def out_of_sample_mean_abs_error(self) -> float | None:
+        oos = self.out_of_sample_errors
+        return sum(abs(e) for e in oos) / len(oos) if oos else None
+
+    @property
+    def out_of_sample_max_abs_error(self) -> float | None:
+        return max(abs(e) for e in self.out_of_sample_errors) if self.out_of_sample_errors else None
 
 
 def _distance(name: str, value: float, prior: float, *, scale_s: float) -> float:
@@ -96,12 +114,29 @@ def relative_errors(step_time: StepTimeFn, points: Sequence[tuple[object, float]
 
 
 def fit_calibration(step_time: StepTimeFn, points: Sequence[tuple[object, float]], *,
-                    prior: Calibration = Calibration(), fields: Sequence[str] = (*_BOUNDS, OVERHEAD)) -> Fit:
+                    prior: Calibration = Calibration(), fields: Sequence[str] = (*_BOUNDS, OVERHEAD),
+                    out_of_sample: bool = False) -> Fit:
     """Fit `fields` so that `step_time(x, calibration)` matches the measured seconds of each (x, measured_s)
-    point. With no points the prior is returned unchanged."""
+    point. With no points the prior is returned unchanged. out_of_sample: also refit once per point without
+    it and record that point's error (leave-one-out; n extra fits)."""
     points = [(x, s) for x, s in points if s and s > 0]
     if not points:
         return Fit(prior, ())
+    best = _fit(step_time, points, prior=prior, fields=fields)
+    oos: tuple[float, ...] = ()
+    if out_of_sample and len(points) >= MIN_POINTS_OUT_OF_SAMPLE:
+        held = []
+        for i, (x, measured) in enumerate(points):
+            others = points[:i] + points[i + 1:]
+            cal = _fit(step_time, others, prior=prior, fields=fields)
+            held.append((step_time(x, cal) - measured) / measured)
+        oos = tuple(held)
+    return Fit(best, relative_errors(step_time, points, best), oos)
+
+
+def _fit(step_time: StepTimeFn, points: Sequence[tuple[object, float]], *, prior: Calibration,
+         fields: Sequence[str]) -> Calibration:
+    """Coordinate descent on the regularised log-ratio loss (module docstring); `points` is not empty."""
     # The overhead per micro-step is searched up to the slowest measured step (it cannot exceed it).
     scale_s = max(s for _, s in points)
     bounds = dict(_BOUNDS)
@@ -133,4 +168,4 @@ def fit_calibration(step_time: StepTimeFn, points: Sequence[tuple[object, float]
                 grid = _grid(a, b, REFINE_POINTS, log=log) if b > a else [center]
         if before - best_loss < 1e-9:
             break
-    return Fit(best, relative_errors(step_time, points, best))
+    return best

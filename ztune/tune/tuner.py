@@ -179,10 +179,10 @@ class Tuner:
         self.records.sort(key=lambda r: r.index)
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self) -> tuple[Fit, MemoryModel]:
+    def calibrate(self, *, out_of_sample: bool = False) -> tuple[Fit, MemoryModel]:
         ok = [r for r in self.records if r.status == "ok" and r.step_time_s]
         fit = fit_calibration(self.workload.step_time_s, [(r.candidate, r.step_time_s) for r in ok],
-                              prior=Calibration(efficiency=self.prior))
+                              prior=Calibration(efficiency=self.prior), out_of_sample=out_of_sample)
         memory = fit_memory(limit_bytes=self.memory_limit_bytes, margin=self.settings.memory_margin,
                             measured=[(self.workload.estimate(r.candidate), r.status, r.peak_memory_bytes)
                                       for r in self.records])
@@ -221,6 +221,7 @@ class Tuner:
             self._run_one(nxt, fit=fit, budget_left_s=None if s.time_budget_s is None
                           else s.time_budget_s - (time.monotonic() - t0))
             new_trials += 1
+        fit, _ = self.calibrate(out_of_sample=True)  # the same fit, plus each trial predicted without it
         return self._result(fit, memory, remaining, stop, wall_s=time.monotonic() - t0, new_trials=new_trials)
 
     def _stop_reason(self, eligible: list[Assessment], best: TrialRecord | None, *, new_trials: int,
