@@ -1,7 +1,8 @@
 """The training config: schema (typed dataclass tree), strict loading, DeepSpeed JSON import/export."""
 
 from ztune.config.deepspeed import from_deepspeed, to_deepspeed
-from ztune.config.io import CONFIG_ENV, from_dict, load, save, to_dict
+from ztune.config.deepspeed_auto import AutoContext
+from ztune.config.io import CONFIG_ENV, LoadedConfig, from_dict, load, load_detailed, save, to_dict
 from ztune.config.schema import (
     ActivationConfig,
     BatchConfig,
@@ -15,12 +16,16 @@ from ztune.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from ztune.config.validate import resolve_batch
+from ztune.config.validate import DEEPSPEED_BATCH_KEYS, ZTUNE_BATCH_KEYS, BatchKeys, resolve_batch
 
 __all__ = [
     "CONFIG_ENV",
+    "DEEPSPEED_BATCH_KEYS",
+    "ZTUNE_BATCH_KEYS",
     "ActivationConfig",
+    "AutoContext",
     "BatchConfig",
+    "BatchKeys",
     "Checkpointing",
     "Compression",
     "CompressionConfig",
@@ -32,7 +37,9 @@ __all__ = [
     "ZeroConfig",
     "from_deepspeed",
     "from_dict",
+    "LoadedConfig",
     "load",
+    "load_detailed",
     "resolve_batch",
     "save",
     "to_deepspeed",
