@@ -32,8 +32,8 @@ MEMBERS: dict[str, str] = {
     "zero_grad()": "drops the gradients accumulated since the last optimizer step (stages 0-1; at stages 2-3, as "
                    "in DeepSpeed, the partitioned accumulation is kept and only .grad is cleared)",
     "get_lr()": "the optimizer's lr per parameter group (a list)",
-    "get_global_grad_norm()": "the global gradient norm (unscaled, before clipping) of the last applied step; "
-                              "None before the first",
+    "get_global_grad_norm()": "the global gradient norm (unscaled, before clipping) of the last step at a "
+                              "boundary; None before the first (DeepSpeed also gives None at stage 0 in fp32)",
     "train_batch_size()": "the derived global batch",
     "train_micro_batch_size_per_gpu()": "the derived micro-batch",
     "gradient_accumulation_steps()": "the derived accumulation steps",
@@ -47,10 +47,12 @@ MEMBERS: dict[str, str] = {
     "local_rank / global_rank / world_size": "from the process group ($LOCAL_RANK for local_rank)",
     "device": "the training device",
     "module / optimizer / lr_scheduler": "the wrapped model, the sharded optimizer, the scheduler",
-    "parameters() / named_parameters()": "the module's (at stage 3 their storage is freed between uses, as "
-                                         "DeepSpeed's are partitioned)",
-    "state_dict() / load_state_dict()": "the module's state dict (no 'module.' prefix); load copies into the "
-                                        "module and the fp32 masters",
+    "parameters() / named_parameters()": "the module's, names prefixed 'module.' as on DeepSpeed's engine (at "
+                                         "stage 3 their storage is freed between uses, as DeepSpeed's are "
+                                         "partitioned)",
+    "state_dict() / load_state_dict()": "the module's state dict with keys prefixed 'module.' (DeepSpeed's engine "
+                                        "is an nn.Module holding the model); load also updates the fp32 masters",
+    "module_state_dict() / load_module_state_dict()": "the same without the prefix",
     "train() / eval()": "the module's mode",
 }
 
@@ -116,17 +118,33 @@ class CompatEngine(Engine):
     def get_global_grad_norm(self) -> float | None:
         return self.last_grad_norm
 
-    # -- module passthrough ---------------------------------------------------------------------------------
+    # -- the module, seen as DeepSpeed's engine shows it --------------------------------------------------
+    # DeepSpeedEngine is an nn.Module holding the model as its submodule `module`, so its parameter names and
+    # state-dict keys carry a "module." prefix; module_state_dict() is the model's own.
     def parameters(self, recurse: bool = True):
         return self.module.parameters(recurse=recurse)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True):
-        return self.module.named_parameters(prefix=prefix, recurse=recurse)
+        return self.module.named_parameters(prefix=f"{prefix}.module" if prefix else "module", recurse=recurse)
 
-    def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
+    def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
+        return self.module.state_dict(destination=destination, prefix=prefix + "module.", keep_vars=keep_vars)
+
+    def module_state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):
+        return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict, strict: bool = True):
+        """Load `state_dict()`'s form (keys with the "module." prefix); see load_module_state_dict."""
+        inner = {k[len("module."):]: v for k, v in state_dict.items() if k.startswith("module.")}
+        unexpected = sorted(k for k in state_dict if not k.startswith("module."))
+        if strict and unexpected:
+            raise UserError(f"engine.load_state_dict: unexpected keys {unexpected} (the engine's keys start with "
+                            "'module.'; use load_module_state_dict for the model's own keys)")
+        result = self.load_module_state_dict(inner, strict=strict)
+        return torch.nn.modules.module._IncompatibleKeys(["module." + k for k in result.missing_keys],
+                                                         ["module." + k for k in result.unexpected_keys] + unexpected)
+
+    def load_module_state_dict(self, state_dict, strict: bool = True):
         """Load a module state dict (keys as `state_dict()` gives them) into the module and into the fp32
         masters the optimizer steps. Every rank calls it with the same values; no collective. Returns the
         missing and unexpected keys, as torch does."""
