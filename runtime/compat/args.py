@@ -9,6 +9,24 @@ from typing import Any
 
 from ztune.errors import ConfigError
 
+# deepspeed.initialize's arguments -> what ztune.initialize does with them (for the migration guide).
+INITIALIZE_ARGUMENTS: dict[str, str] = {
+    "args": "parsed arguments; args.deepspeed_config or args.ztune_config names the config file",
+    "model": "required; also ztune's short form initialize(model, config)",
+    "optimizer": "a client optimizer is refused with one error: describe it in the config's optimizer block",
+    "model_parameters": "the parameters to train (an iterable of parameters; default: all with requires_grad)",
+    "training_data": "a Dataset: the returned dataloader yields this rank's micro-batches (DistributedSampler)",
+    "lr_scheduler": "a scheduler, or a callable(optimizer) returning one; stepped after each applied step",
+    "distributed_port": "MASTER_PORT when the environment has none",
+    "mpu": "refused: ztune is data-parallel only",
+    "dist_init_required": "None: create the group if needed; False: never (error if several ranks and none); "
+                          "True: create it",
+    "collate_fn": "the returned dataloader's collate_fn",
+    "config": "dict, JSON/YAML path or TrainConfig; None: $ZTUNE_CONFIG, else defaults",
+    "mesh_param": "refused: no sequence parallelism",
+    "config_params": "DeepSpeed's older name for config",
+}
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `--deepspeed` (flag), `--deepspeed_config PATH` and `--ztune_config PATH` to `parser`, in an

@@ -1,5 +1,5 @@
 """What ztune does with each DeepSpeed config key: the one table that `from_deepspeed` reads and that
-`docs/deepspeed-migration.md` is generated from (ztune/config/deepspeed_docs.py).
+`docs/deepspeed-migration.md` is generated from (runtime/compat/migration_doc.py).
 
 Keys are dotted paths as written in a DeepSpeed JSON config (deepspeed.ai/docs/config-json, and the
 pydantic models of DeepSpeed 0.19.8: runtime/zero/config.py, zero/offload_config.py, precision_config.py,
