@@ -199,7 +199,11 @@ class Engine:
             for g in grads:
                 sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
             if self.plan.optimizer_states:  # each rank holds a disjoint shard: sum the squares
+                # Only for get_global_grad_norm: counted as monitoring, not training traffic (comm_report).
+                monitor_only = not (clip > 0 or self.scaler.dynamic)
+                self.comm.phase = "monitor" if monitor_only else "train"
                 self.comm.all_reduce(sq)
+                self.comm.phase = "train"
             norm = math.sqrt(sq.item()) / divisor
             overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.dynamic)  # as without want_grad_norm
             self.last_grad_norm = norm
