@@ -211,3 +211,19 @@ def test_key_table_covers_deepspeeds_config_models():
             assert key in KEYS, key
     for key, r in KEYS.items():
         assert r.status in ("supported", IGNORED, NEUTRAL, REJECTED) and r.note, key
+
+
+def test_fp16_scaler_keys_accepted_where_they_match_ztunes_scaler():
+    defaults = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                "min_loss_scale": 1, "hysteresis": 1}
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": defaults})
+    assert cfg.precision is Precision.FP16 and len(ignored) == 5
+    with pytest.raises(ConfigError, match=r"^fp16.loss_scale: a static loss scale is not implemented.*set it to 0"):
+        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "loss_scale": 128}})
+    with pytest.raises(ConfigError, match=r"^fp16.hysteresis: "):
+        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "hysteresis": 2}})
+    # A disabled block's settings have no effect in DeepSpeed: listed as ignored, whatever their values.
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "enabled": False, "loss_scale": 128}})
+    assert cfg.precision is Precision.FP32 and "fp16.loss_scale" in ignored
+    with pytest.raises(ConfigError, match="unknown key 'fp16.scale'"):
+        from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False, "scale": 1}})

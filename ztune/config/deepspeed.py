@@ -155,10 +155,18 @@ def _zero(block: Any, ignored: list[str]) -> dict[str, Any]:
 def _precision_enabled(value: Any, key: str, ignored: list[str]) -> bool:
     """An fp16 / bf16 (or bfloat16) block: whether it is enabled; its other keys go through the table."""
     block = _mapping(value, key)
-    _apply_rules(block, key, handled={"enabled"}, ignored=ignored, canonical=ALIASES.get(key, key))
     enabled = block.get("enabled", False)
     if enabled not in (True, False):
         raise ConfigError(f"{key}.enabled: expected true, false or \"auto\", got {enabled!r}")
+    canonical = ALIASES.get(key, key)
+    if enabled:
+        _apply_rules(block, key, handled={"enabled"}, ignored=ignored, canonical=canonical)
+    else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
+        for k in block:
+            if k != "enabled":
+                if rule(f"{canonical}.{k}") is None:
+                    raise ConfigError(f"unknown key '{key}.{k}'; allowed here: " + ", ".join(children(canonical)))
+                ignored.append(f"{key}.{k}")
     return enabled
 
 
