@@ -121,6 +121,7 @@ def test_precision_blocks_deepspeed_accepts_load():
     ({"bf16": {"enabled": True, "bogus": 1}}, "unknown key 'bf16.bogus'; allowed here: "),
     ({"pipeline": {"stages": 2}}, "pipeline: pipeline parallelism is not implemented"),
     ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler: DeepSpeed's learning-rate"),
     ({"sequence_parallel_size": 2}, "sequence_parallel_size: sequence parallelism"),
     ({"gradient_clipping": -1}, "gradient_clipping: got -1"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": -1.0}}}, "optimizer.params.lr: got -1.0"),

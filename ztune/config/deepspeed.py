@@ -100,7 +100,7 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
         ignored.append(user_key)
     elif r.status in (NEUTRAL, REJECTED):
         fix = f"set it to {json.dumps(r.neutral)} or remove it" if r.status == NEUTRAL else "remove it"
-        raise ConfigError(f"{user_key}: {r.note} in ztune; {fix}")
+        raise ConfigError(f"{user_key}: {r.note}; {fix}")
     else:  # a supported key that its block's parser does not read: a bug in this module, not in the config
         raise ConfigError(f"{user_key}: not read by ztune's DeepSpeed importer")  # pragma: no cover
 

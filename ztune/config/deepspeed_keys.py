@@ -190,7 +190,8 @@ KEYS: dict[str, KeyRule] = {
     "communication_data_type": _i("ztune reduces gradients in the compute dtype"),
     "seq_parallel_communication_data_type": _i(_PERF),
     "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
-    "scheduler": _i("learning-rate schedule (handled by the scheduler work)"),
+    "scheduler": _r("DeepSpeed's learning-rate schedules are not built from the config by this version; pass "
+                    "lr_scheduler= to initialize"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
