@@ -53,6 +53,10 @@ class Engine:
     Call backward and step once per micro-batch; step() applies the optimizer at every grad_accum-th call.
     Several backward calls before one step() sum their gradients (as torch's .grad does), at every stage."""
 
+    # Compute the global gradient norm at every applied step, not only when clipping or fp16 needs it
+    # (runtime/compat/engine_api.py sets it: DeepSpeed's get_global_grad_norm()).
+    want_grad_norm = False
+
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, comm: Comm, trainable: Sequence[nn.Parameter],
                  units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False):
         self.module = model
@@ -199,14 +203,18 @@ class Engine:
         divisor = self.world_size * self.scaler.scale  # reductions summed the ranks' scaled gradients
         clip = self.config.gradient_clipping
         clip_coef, overflow = 1.0, False
-        if clip > 0 or self.scaler.dynamic:
+        if clip > 0 or self.scaler.dynamic or self.want_grad_norm:
             sq = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
             for g in grads:
                 sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
             if self.plan.optimizer_states:  # each rank holds a disjoint shard: sum the squares
+                # Only for get_global_grad_norm: counted as monitoring, not training traffic (comm_report).
+                monitor_only = not (clip > 0 or self.scaler.dynamic)
+                self.comm.phase = "monitor" if monitor_only else "train"
                 self.comm.all_reduce(sq)
+                self.comm.phase = "train"
             norm = math.sqrt(sq.item()) / divisor
-            overflow = not math.isfinite(norm)
+            overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.dynamic)  # as without want_grad_norm
             self.last_grad_norm = norm
             if clip > 0 and not overflow:
                 clip_coef = min(1.0, clip / (norm + _CLIP_EPS))

@@ -6,6 +6,7 @@ script has not created one, and handed down to the engine inside a Comm object.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -14,20 +15,59 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ztune.config import CONFIG_ENV, load, resolve_batch
+from ztune.config import CONFIG_ENV, LoadedConfig, load_detailed, resolve_batch
+from ztune.config.deepspeed_auto import context_from_model
 from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
 from ztune.runtime.shm import SharedMemoryTransport
 
+DEFAULT_PORT = 29500  # DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT (deepspeed/constants.py)
 
-def _load_config(config) -> TrainConfig:
+
+def _load_config(config, *, model: nn.Module) -> LoadedConfig:
     if config is None:
         config = os.environ.get(CONFIG_ENV) or None
-    return load(config)
+    return load_detailed(config, context=context_from_model(model))
 
 
-def _process_group() -> tuple[Comm, torch.device]:
+def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool = True,
+                     distributed_port: int = DEFAULT_PORT, verbose: bool = True, timeout=None,
+                     init_method: str | None = None, dist_init_required: bool | None = None,
+                     rank: int = -1, world_size: int = -1) -> None:
+    """Create the default process group the way `deepspeed.init_distributed` does for torchrun jobs.
+
+    Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun's environment; MASTER_PORT defaults to
+    `distributed_port`, MASTER_ADDR to 127.0.0.1); `rank`/`world_size` >= 0 override the environment. Backend:
+    `dist_backend`, else nccl with CUDA and gloo without. Does nothing when a group exists. dist_init_required
+    False: create nothing, and fail when there is no group but several ranks. Without any environment the
+    script is a world of one and no group is created (ztune needs none). `auto_mpi_discovery` and `verbose`
+    are accepted for DeepSpeed's signature; ztune reads torchrun's variables only and prints nothing.
+    """
+    del auto_mpi_discovery, verbose
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size if world_size >= 0 else env_world
+    if dist.is_initialized():
+        return
+    if dist_init_required is False:
+        if world > 1:
+            raise ConfigError("dist_init_required=False but no process group exists and WORLD_SIZE is "
+                              f"{world}: create the group first or pass dist_init_required=None")
+        return
+    if world <= 1 and dist_init_required is not True:
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(distributed_port))
+    backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    if init_method is not None:
+        kwargs["init_method"] = init_method
+    r = rank if rank >= 0 else int(os.environ.get("RANK", "0"))
+    dist.init_process_group(backend, rank=r, world_size=max(world, 1), **kwargs)
+
+
+def _process_group(*, dist_init_required: bool | None = None, distributed_port: int = DEFAULT_PORT
+                   ) -> tuple[Comm, torch.device]:
     """The Comm over the default group, initialising it from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT) when needed; a world of one without any env."""
     use_cuda = torch.cuda.is_available()
@@ -37,8 +77,8 @@ def _process_group() -> tuple[Comm, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    init_distributed(dist_backend="nccl" if use_cuda else "gloo", distributed_port=distributed_port,
+                     dist_init_required=dist_init_required)
     if not dist.is_initialized():
         return Comm(group=None, rank=0, world_size=1), device
     if use_cuda and dist.get_backend() != "nccl":
@@ -72,7 +112,6 @@ def _trainable(model: nn.Module, model_parameters) -> list[nn.Parameter]:
 
 
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:
-    resolve_batch(cfg.batch, world_size)  # ConfigError when the global batch does not split over the ranks
     if cfg.precision is not Precision.FP32:
         from ztune.runtime.precision import compute_dtype, dtype_supported
 
@@ -111,38 +150,85 @@ def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
         return kernel_backend() == "cpp"
 
 
-def initialize(model: nn.Module, config=None, model_parameters: Iterable | None = None,
-               training_data: torch.utils.data.Dataset | None = None,
-               lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None):
-    """Wrap `model` for sharded data-parallel training. Returns (engine, optimizer, dataloader, scheduler).
+def _report_ignored(ignored: Sequence[str], *, rank: int) -> None:
+    """Print the ignored DeepSpeed keys once, on rank 0 (they are listed, never dropped silently)."""
+    if ignored and rank == 0:
+        print("ignored DeepSpeed keys: " + ", ".join(ignored), flush=True)
 
-    config: a dict (ztune or DeepSpeed keys), a YAML/JSON path, a TrainConfig, or None (the file named by
-    $ZTUNE_CONFIG, else defaults). model_parameters: the parameters to train (default: all that require
-    grad). training_data: a Dataset; the dataloader then yields this rank's micro-batches
-    (DistributedSampler). lr_scheduler: a scheduler object, or a callable(optimizer) returning one; stepped
-    after every applied optimizer step. units (stage 3): the modules to gather one at a time (default: the
-    largest ModuleList of identical blocks).
-    """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = _load_config(config)
-    trainable = _trainable(model, model_parameters)
-    comm, device = _process_group()
-    _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
-    model.to(device)
-    fused = _use_fused_cpu_adam(cfg, device=device)
-    from ztune.runtime.engine import Engine
 
-    engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused)
+def _client_objects(engine, *, optimizer, lr_scheduler):
+    """The scheduler initialize returns, from a client optimizer / scheduler. A client optimizer is refused:
+    ztune builds the sharded optimizer from the config's optimizer block."""
+    if optimizer is not None:
+        raise ConfigError(f"initialize: optimizer= ({type(optimizer).__name__}) is not supported by this ztune "
+                          "build; describe the optimizer in the config's optimizer block instead")
     scheduler = None
     if lr_scheduler is not None:
         is_scheduler = hasattr(lr_scheduler, "step") and not isinstance(lr_scheduler, type)
         scheduler = lr_scheduler if is_scheduler else lr_scheduler(engine.optimizer)
         engine.lr_scheduler = scheduler
+    return scheduler
+
+
+def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters: Iterable | None = None,
+               training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Callable | object | None = None,
+               distributed_port: int = DEFAULT_PORT, mpu=None, dist_init_required: bool | None = None,
+               collate_fn: Callable | None = None, config=None, mesh_param=None, config_params=None, *,
+               units: Sequence[nn.Module] | None = None):
+    """Wrap `model` for sharded data-parallel training. Returns (engine, optimizer, dataloader, scheduler).
+
+    DeepSpeed's signature and meanings (deepspeed.initialize, 0.19.8), plus ztune's own short form
+    `initialize(model, config)`: when the first positional argument is a module it is the model, and a second
+    positional argument is the config.
+    args: parsed arguments; args.deepspeed_config or args.ztune_config names the config file (see
+    add_config_arguments). config (or config_params, its older name): a dict (ztune or DeepSpeed keys), a
+    YAML/JSON path, a TrainConfig, or None (the file named by $ZTUNE_CONFIG, else defaults). model_parameters:
+    the parameters to train (default: all that require grad). training_data: a Dataset; the dataloader then
+    yields this rank's micro-batches of train_micro_batch_size_per_gpu (DistributedSampler, collate_fn).
+    lr_scheduler: a scheduler object, or a callable(optimizer) returning one; stepped after every applied
+    optimizer step. dist_init_required / distributed_port: as in init_distributed. mpu and mesh_param (model
+    parallelism) are refused. units (stage 3): the modules to gather one at a time (default: the largest
+    ModuleList of identical blocks).
+    """
+    if isinstance(args, nn.Module) and not isinstance(model, nn.Module):
+        if config is not None and model is not None:
+            raise ConfigError("initialize(model, config, config=...): the config is given twice; pass one")
+        args, model, config = None, args, model if model is not None else config
+    if mpu is not None:
+        raise ConfigError("initialize: mpu= (model parallelism) is not supported: ztune is data-parallel only; "
+                          "remove mpu=")
+    if mesh_param is not None:
+        raise ConfigError("initialize: mesh_param= (data x sequence parallel mesh) is not supported: ztune is "
+                          "data-parallel only; remove mesh_param=")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
+    from ztune.runtime.compat.args import config_from_args
+
+    loaded = _load_config(config_from_args(args, config, config_params), model=model)
+    trainable = _trainable(model, model_parameters)
+    comm, device = _process_group(dist_init_required=dist_init_required, distributed_port=distributed_port)
+    batch = resolve_batch(loaded.config.batch, comm.world_size, keys=loaded.batch_keys)
+    cfg = dataclasses.replace(loaded.config, batch=batch)
+    _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
+    _report_ignored(loaded.ignored, rank=comm.rank)
+    model.to(device)
+    fused = _use_fused_cpu_adam(cfg, device=device)
+    from ztune.runtime.compat.engine_api import CompatEngine
+
+    engine = CompatEngine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused,
+                          device=device)
+    scheduler = _client_objects(engine, optimizer=optimizer, lr_scheduler=lr_scheduler)
     dataloader = None
     if training_data is not None:
         from torch.utils.data import DataLoader, DistributedSampler
 
+        # DeepSpeed's loader: a DistributedSampler over the data-parallel ranks (shuffled, seed 0) and
+        # batches of train_micro_batch_size_per_gpu (runtime/dataloader.py, DeepSpeedDataLoader).
         sampler = DistributedSampler(training_data, num_replicas=comm.world_size, rank=comm.rank)
-        dataloader = DataLoader(training_data, batch_size=cfg.batch.micro, sampler=sampler)
+        dataloader = DataLoader(training_data, batch_size=batch.micro, sampler=sampler, collate_fn=collate_fn)
     return engine, engine.optimizer, dataloader, scheduler
+
+
+def initialize_engine(*args, **kwargs):
+    """Same as `initialize` (the name in the project's first examples)."""
+    return initialize(*args, **kwargs)

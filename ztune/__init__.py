@@ -1,16 +1,25 @@
 """ztune: launcher and autotuner for sharded data-parallel training.
 
-`ztune.initialize` is imported lazily so that `ztune estimate` never pays for importing torch.
+The runtime entry points are imported lazily so that `ztune estimate` never pays for importing torch:
+`initialize` (DeepSpeed's signature; `initialize_engine` is the same function), `init_distributed` and
+`add_config_arguments`, which a DeepSpeed script reaches through `import ztune as deepspeed`.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "initialize"]
+__all__ = ["__version__", "add_config_arguments", "init_distributed", "initialize", "initialize_engine"]
+
+_LAZY = {
+    "initialize": "ztune.runtime.initialize",
+    "initialize_engine": "ztune.runtime.initialize",
+    "init_distributed": "ztune.runtime.initialize",
+    "add_config_arguments": "ztune.runtime.compat.args",
+}
 
 
 def __getattr__(name: str):
-    if name == "initialize":
-        from ztune.runtime.initialize import initialize
+    if name in _LAZY:
+        import importlib
 
-        return initialize
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ztune' has no attribute {name!r}")

@@ -98,5 +98,7 @@ def _batch_errors(rank: int, world_size: int) -> list[str]:
 def test_global_batch_must_split_over_ranks():
     results = run_ranks(_batch_errors, world_size=2, timeout_s=60)
     for messages in results:
-        assert "batch.global 3 is not divisible by micro 1 x 2 ranks" in messages[0]
-        assert "micro 1 x grad_accum 2 x 2 ranks = 4, but batch.global is 6" in messages[1]
+        assert "batch.global 3 is not divisible by batch.micro 1 x 2 ranks" in messages[0]
+        # A DeepSpeed config's error names DeepSpeed's keys.
+        assert ("train_micro_batch_size_per_gpu 1 x gradient_accumulation_steps 2 x 2 ranks = 4, but "
+                "train_batch_size is 6") in messages[1]

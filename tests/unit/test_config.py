@@ -63,7 +63,8 @@ def test_yaml_file_round_trip(tmp_path):
 def test_deepspeed_example_from_issue_loads():
     cfg = from_dict({"train_batch_size": 256, "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}})
     assert cfg.zero.stage == 3 and cfg.optimizer.type is OptimizerType.ADAMW
-    assert resolve_batch(cfg.batch, 8) == BatchConfig(micro=1, grad_accum=32, global_=256)
+    # DeepSpeed's rule for train_batch_size alone: accumulation 1, micro = global / world.
+    assert resolve_batch(cfg.batch, 8) == BatchConfig(micro=32, grad_accum=1, global_=256)
 
 
 def test_deepspeed_full_document_and_ignored_knobs():
@@ -146,7 +147,7 @@ def test_bad_documents_name_the_key(doc, fragment):
 def test_batch_resolution_per_world_size():
     assert resolve_batch(BatchConfig(micro=2), 4) == BatchConfig(micro=2, grad_accum=1, global_=8)
     assert resolve_batch(BatchConfig(micro=2, global_=32), 4) == BatchConfig(micro=2, grad_accum=4, global_=32)
-    with pytest.raises(ConfigError, match="not divisible by micro 2 x 3 ranks"):
+    with pytest.raises(ConfigError, match="batch.global 32 is not divisible by batch.micro 2 x 3 ranks"):
         resolve_batch(BatchConfig(micro=2, global_=32), 3)
     with pytest.raises(ConfigError, match="do not multiply out"):
         resolve_batch(BatchConfig(micro=2, grad_accum=2, global_=32), 4)

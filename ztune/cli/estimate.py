@@ -164,14 +164,20 @@ def estimate(
     hw = load_hardware(hardware)
     seq_len = seq or min(spec.max_seq_len, 4096)
 
+    ignored: tuple[str, ...] = ()
     if config is not None:
-        from ztune.config import load  # the loader (YAML, DeepSpeed JSON) only when a config is given
+        # The loader (YAML, DeepSpeed JSON) only when a config is given. DeepSpeed "auto" values are resolved
+        # from the model's hidden size and --precision (deepspeed_auto.py).
+        from ztune.config import AutoContext, load_detailed, resolve_batch
 
-        cfg = load(config)
+        loaded = load_detailed(config, context=AutoContext(hidden_size=spec.hidden_size, precision=prec))
+        cfg, ignored = loaded.config, loaded.ignored
         batch = cfg.batch
         if micro_batch is not None or global_batch is not None:
             batch = dataclasses.replace(batch, micro=micro_batch or batch.micro,
                                         global_=global_batch or batch.global_, grad_accum=None)
+        else:  # the config's own batch keys: errors name them as written
+            batch = resolve_batch(batch, nodes * hw.gpus_per_node, keys=loaded.batch_keys)
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
         cfg = dataclasses.replace(cfg, batch=batch, zero=zero, seq_len=seq or cfg.seq_len,
                                   precision=prec or cfg.precision)
@@ -197,6 +203,7 @@ def estimate(
             "hardware": hw.name,
             "rows": [row_dict(e) for e in estimates],
             "recommendation": {"index": best_index, "label": best.label if best else None, "reason": reason},
+            "ignored_deepspeed_keys": list(ignored),
         })
     else:
         from ztune.console import console
@@ -216,6 +223,8 @@ def estimate(
         if params is not None:
             console.print(f"[dim]model shape: {spec.source or 'derived from --params ' + params}[/]", soft_wrap=True)
         console.print("[dim]assumptions: " + "; ".join(estimates[0].notes) + "[/]", soft_wrap=True)
+        if ignored:
+            console.print("ignored DeepSpeed keys: " + ", ".join(ignored), soft_wrap=True, markup=False)
         if plot is not None:
             console.print(f"wrote {plot}")
     if check and not estimates[0].fits:

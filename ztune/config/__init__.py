@@ -27,6 +27,12 @@ _EXPORTS = {
     "TrainConfig": "schema",
     "ZeroConfig": "schema",
     "resolve_batch": "validate",
+    "AutoContext": "deepspeed_auto",
+    "LoadedConfig": "io",
+    "load_detailed": "io",
+    "DEEPSPEED_BATCH_KEYS": "validate",
+    "ZTUNE_BATCH_KEYS": "validate",
+    "BatchKeys": "validate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,14 +1,18 @@
 """DeepSpeed JSON <-> TrainConfig, for the keys both share.
 
-Key names follow DeepSpeed's config documentation (deepspeed.ai/docs/config-json). DeepSpeed keys that
-are tuning knobs ztune sets itself (overlap_comm, contiguous_gradients, ...) are accepted and reported as
-ignored; any other key is an error, so a typo never passes silently.
+Key names follow DeepSpeed's config documentation (deepspeed.ai/docs/config-json). What ztune does with each
+key is in the table of deepspeed_keys.py: read with DeepSpeed's meaning, accepted and reported as ignored
+(tuning knobs ztune sets itself: overlap_comm, contiguous_gradients, ...), or rejected naming the key; an
+unknown key is an error, so a typo never passes silently.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from ztune.config.deepspeed_auto import AutoContext, resolve_auto
+from ztune.config.deepspeed_keys import ALIASES, IGNORED, NEUTRAL, REJECTED, children, rule
 from ztune.config.schema import (
     ActivationConfig,
     BatchConfig,
@@ -21,7 +25,7 @@ from ztune.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from ztune.config.validate import build, check
+from ztune.config.validate import _convert, build, check
 from ztune.errors import ConfigError
 
 # Top-level keys whose presence marks a document as DeepSpeed JSON.
@@ -35,55 +39,8 @@ DEEPSPEED_MARKERS = frozenset(
         "bf16",
     }
 )
-_IGNORED_TOP = frozenset(
-    {
-        "steps_per_print",
-        "wall_clock_breakdown",
-        "zero_allow_untested_optimizer",
-        "prescale_gradients",
-        "gradient_predivide_factor",
-        "dump_state",
-        "scheduler",
-        "activation_checkpointing",
-        "tensorboard",
-        "wandb",
-        "csv_monitor",
-        "flops_profiler",
-        "comms_logger",
-        "communication_data_type",
-        "memory_breakdown",
-        "zero_force_ds_cpu_optimizer",
-    }
-)
-_IGNORED_ZERO = frozenset(
-    {
-        "overlap_comm",
-        "contiguous_gradients",
-        "reduce_scatter",
-        "allgather_partitions",
-        "round_robin_gradients",
-        "sub_group_size",
-        "stage3_prefetch_bucket_size",
-        "stage3_param_persistence_threshold",
-        "stage3_max_live_parameters",
-        "stage3_max_reuse_distance",
-        "stage3_gather_16bit_weights_on_model_save",
-        "stage3_gather_fp16_weights_on_model_save",
-        "elastic_checkpoint",
-        "load_from_fp32_weights",
-        "ignore_unused_parameters",
-        "cpu_offload",
-        "zero_hpz_partition_size",
-        "zero_quantized_weights",
-        "zero_quantized_gradients",
-        "mics_shard_size",
-    }
-)
-_IGNORED_OFFLOAD = frozenset({"pin_memory", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "fast_init"})
-_IGNORED_FP16 = frozenset(
-    {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
-     "consecutive_hysteresis", "auto_cast", "immediate_grad_update"}
-)
+_BATCH_FIELDS = {"train_batch_size": "global", "train_micro_batch_size_per_gpu": "micro",
+                 "gradient_accumulation_steps": "grad_accum"}
 _OPTIMIZERS = {
     "adamw": (OptimizerType.ADAMW, Compression.NONE),
     "adam": (OptimizerType.ADAM, Compression.NONE),
@@ -94,6 +51,12 @@ _OPTIMIZERS = {
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum"}
 _IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "adam_w_mode", "bias_correction", "amsgrad", "freeze_step",
                              "cuda_aware", "comm_backend_name", "nesterov", "dampening", "fused"}
+# ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
+_DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
+             "zero.offload_params": "zero_optimization.offload_param", "zero.stage": "zero_optimization.stage",
+             "optimizer.lr": "optimizer.params.lr", "optimizer.eps": "optimizer.params.eps",
+             "optimizer.betas": "optimizer.params.betas", "optimizer.weight_decay": "optimizer.params.weight_decay",
+             "optimizer.momentum": "optimizer.params.momentum", "activations.": "ztune.activations."}
 
 
 def is_deepspeed(doc: dict) -> bool:
@@ -106,15 +69,46 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
+def _number(tp: type, value: Any, key: str, *, allow_zero: bool = False) -> Any:
+    out = _convert(tp, value, key)
+    if out < 0 or (out == 0 and not allow_zero):
+        raise ConfigError(f"{key}: got {value!r}; must be {'>= 0' if allow_zero else '> 0'}")
+    return out
+
+
+def _apply_rules(block: dict, prefix: str, *, handled: set[str], ignored: list[str], canonical: str | None = None
+                 ) -> None:
+    """Check the keys of `block` (at user path `prefix`) that the caller did not handle against the table
+    (deepspeed_keys.py): list the ignored ones, raise on rejected or unknown ones."""
+    canonical = canonical or prefix
+    for k, v in block.items():
+        if k in handled:
+            continue
+        _apply_rule(f"{canonical}.{k}" if canonical else str(k), f"{prefix}.{k}" if prefix else str(k), v,
+                    ignored=ignored, parent=canonical)
+
+
+def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], parent: str) -> None:
+    r = rule(key)
+    if r is None:
+        if parent:
+            raise ConfigError(f"unknown key '{user_key}'; allowed here: " + ", ".join(children(parent)))
+        raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "
+                          "docs/deepspeed-migration.md")
+    disabled = isinstance(value, dict) and value.get("enabled") is False
+    if r.status == IGNORED or (r.status == NEUTRAL and value == r.neutral) or (r.status == REJECTED and disabled):
+        ignored.append(user_key)
+    elif r.status in (NEUTRAL, REJECTED):
+        fix = f"set it to {json.dumps(r.neutral)} or remove it" if r.status == NEUTRAL else "remove it"
+        raise ConfigError(f"{user_key}: {r.note}; {fix}")
+    else:  # a supported key that its block's parser does not read: a bug in this module, not in the config
+        raise ConfigError(f"{user_key}: not read by ztune's DeepSpeed importer")  # pragma: no cover
+
+
 def _offload(block: Any, key: str, ignored: list[str]) -> Offload:
     block = _mapping(block, key)
-    for k in block:
-        if k == "device":
-            continue
-        if k in _IGNORED_OFFLOAD:
-            ignored.append(f"{key}.{k}")
-            continue
-        raise ConfigError(f"unknown key '{key}.{k}'; allowed here: device, " + ", ".join(sorted(_IGNORED_OFFLOAD)))
+    canonical = "zero_optimization." + key.split(".")[-1]
+    _apply_rules(block, key, handled={"device"}, ignored=ignored, canonical=canonical)
     device = block.get("device", "none")
     if device == "nvme":
         raise ConfigError(f"{key}.device: nvme offload is not supported by ztune; use cpu or none")
@@ -123,57 +117,129 @@ def _offload(block: Any, key: str, ignored: list[str]) -> Offload:
     return Offload.CPU if device == "cpu" else Offload.NONE
 
 
-def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
-    """Convert a DeepSpeed config dict. Returns the config and the DeepSpeed keys that were ignored."""
+def _zero(block: Any, ignored: list[str]) -> dict[str, Any]:
+    """zero_optimization -> ZeroConfig keyword arguments."""
+    key = "zero_optimization"
+    block = _mapping(block, key)
+    stage = _convert(int, block.get("stage", 0), f"{key}.stage")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{key}.stage: got {stage}; allowed: 0, 1, 2, 3")
+    zero: dict[str, Any] = {"stage": stage}
+    devices = {}
+    for new, legacy, field in (("offload_optimizer", "cpu_offload", "offload_optimizer"),
+                               ("offload_param", "cpu_offload_param", "offload_params")):
+        device, written = Offload.NONE, None
+        if block.get(new) is not None:
+            device, written = _offload(block[new], f"{key}.{new}", ignored), new
+        if legacy in block and _convert(bool, block[legacy], f"{key}.{legacy}"):
+            if written is not None:  # DeepSpeed refuses a deprecated key next to its replacement too
+                raise ConfigError(f"{key}.{legacy} and {key}.{new} are both set; keep {key}.{new}")
+            device, written = Offload.CPU, legacy
+        # DeepSpeed reads offload_optimizer at stages 1-3 and offload_param at stage 3 only.
+        used = stage >= 1 if new == "offload_optimizer" else stage == 3
+        if device is Offload.CPU and not used:
+            ignored.append(f"{key}.{written}")
+            device = Offload.NONE
+        devices[field] = device
+    zero.update(devices)
+    for ds_key, field in (("reduce_bucket_size", "reduce_bucket_numel"),
+                          ("allgather_bucket_size", "allgather_bucket_numel")):
+        if ds_key in block:
+            zero[field] = _number(int, block[ds_key], f"{key}.{ds_key}")
+    handled = {"stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
+               "reduce_bucket_size", "allgather_bucket_size"}
+    _apply_rules(block, key, handled=handled, ignored=ignored)
+    return zero
+
+
+def _precision_enabled(value: Any, key: str, ignored: list[str]) -> bool:
+    """An fp16 / bf16 (or bfloat16) block: whether it is enabled; its other keys go through the table."""
+    block = _mapping(value, key)
+    enabled = block.get("enabled", False)
+    if enabled not in (True, False):
+        raise ConfigError(f"{key}.enabled: expected true, false or \"auto\", got {enabled!r}")
+    canonical = ALIASES.get(key, key)
+    if enabled:
+        _apply_rules(block, key, handled={"enabled"}, ignored=ignored, canonical=canonical)
+    else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
+        for k in block:
+            if k != "enabled":
+                if rule(f"{canonical}.{k}") is None:
+                    raise ConfigError(f"unknown key '{key}.{k}'; allowed here: " + ", ".join(children(canonical)))
+                ignored.append(f"{key}.{k}")
+    return enabled
+
+
+def _ztune_block(value: Any) -> ActivationConfig:
+    """The "ztune" extension block of a DeepSpeed config: ztune settings DeepSpeed has no key for."""
+    block = _mapping(value, "ztune")
+    for k in block:
+        if k != "activations":
+            raise ConfigError(f"unknown key 'ztune.{k}'; allowed here: activations")
+    acts = build(ActivationConfig, _mapping(block.get("activations", {}), "ztune.activations"),
+                 prefix="ztune.activations.")
+    _number(int, acts.every, "ztune.activations.every")
+    return acts
+
+
+def _activation_checkpointing(value: Any, ignored: list[str]) -> None:
+    block = _mapping(value, "activation_checkpointing")
+    _apply_rules(block, "activation_checkpointing", handled=set(), ignored=ignored)
+    if not block:
+        ignored.append("activation_checkpointing")
+
+
+def _batch(given: dict[str, Any]) -> BatchConfig:
+    """The batch keys as given (each > 0); cross-checks that need the world size are in resolve_batch."""
+    values = {field: _number(int, given[k], k) for k, field in _BATCH_FIELDS.items() if k in given}
+    total, micro, accum = values.get("global"), values.get("micro"), values.get("grad_accum")
+    if total is None and micro is None:
+        raise ConfigError("set train_batch_size or train_micro_batch_size_per_gpu: DeepSpeed needs at least one "
+                          "of them to know the batch size")
+    if total is not None and micro is not None and accum is not None and total % (micro * accum):
+        raise ConfigError(f"train_batch_size {total} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
+                          f"gradient_accumulation_steps {accum}, so no world size fits")
+    return BatchConfig(micro=micro, grad_accum=accum, global_=total)
+
+
+def _renamed(exc: ConfigError) -> ConfigError:
+    text = str(exc)
+    for ours, theirs in _DS_NAMES.items():
+        text = text.replace(ours, theirs)
+    return ConfigError(text)
+
+
+def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[TrainConfig, list[str]]:
+    """Convert a DeepSpeed config dict. Returns the config and the DeepSpeed keys that were ignored (as written).
+
+    `context` (the model's hidden size and dtype) resolves "auto" values (deepspeed_auto.py). Every key
+    is read as deepspeed_keys.KEYS says; errors name the key as the user wrote it."""
+    doc = resolve_auto(doc, context=context)
     ignored: list[str] = []
     zero: dict[str, Any] = {}
-    batch: dict[str, Any] = {}
     top: dict[str, Any] = {}
     opt: dict[str, Any] = {}
+    activations = ActivationConfig()
     compression = Compression.NONE
     precision = Precision.FP32
     for key, value in doc.items():
-        if key == "train_batch_size":
-            batch["global"] = value
-        elif key == "train_micro_batch_size_per_gpu":
-            batch["micro"] = value
-        elif key == "gradient_accumulation_steps":
-            batch["grad_accum"] = value
+        if not isinstance(key, str):
+            raise ConfigError(f"{key!r}: keys must be strings")
+        if key in _BATCH_FIELDS:
+            continue
         elif key == "gradient_clipping":
-            top["gradient_clipping"] = value
-        elif key in ("bf16", "fp16"):
-            block = _mapping(value, key)
-            for k in block:
-                if k != "enabled" and not (key == "fp16" and k in _IGNORED_FP16):
-                    raise ConfigError(f"unknown key '{key}.{k}'; allowed here: enabled")
-                if k != "enabled":
-                    ignored.append(f"{key}.{k}")
-            enabled = block.get("enabled", False)
-            if enabled not in (True, False, "auto"):
-                raise ConfigError(f"{key}.enabled: expected true or false, got {enabled!r}")
-            if enabled is True:
+            top["gradient_clipping"] = _number(float, value, key, allow_zero=True)
+        elif ALIASES.get(key, key) in ("bf16", "fp16"):
+            if _precision_enabled(value, key, ignored):
                 if precision is not Precision.FP32:
                     raise ConfigError("bf16.enabled and fp16.enabled are both true; enable one of them")
-                precision = Precision.BF16 if key == "bf16" else Precision.FP16
+                precision = Precision.BF16 if ALIASES.get(key, key) == "bf16" else Precision.FP16
         elif key == "zero_optimization":
-            for k, v in _mapping(value, key).items():
-                if k == "stage":
-                    zero["stage"] = v
-                elif k == "offload_optimizer":
-                    zero["offload_optimizer"] = _offload(v, f"{key}.{k}", ignored).value
-                elif k == "offload_param":
-                    zero["offload_params"] = _offload(v, f"{key}.{k}", ignored).value
-                elif k == "reduce_bucket_size":
-                    zero["reduce_bucket_numel"] = v
-                elif k == "allgather_bucket_size":
-                    zero["allgather_bucket_numel"] = v
-                elif k in _IGNORED_ZERO:
-                    ignored.append(f"{key}.{k}")
-                else:
-                    raise ConfigError(
-                        f"unknown key '{key}.{k}'; allowed here: stage, offload_optimizer, offload_param, "
-                        "reduce_bucket_size, allgather_bucket_size (and DeepSpeed's tuning knobs, ignored)"
-                    )
+            zero = _zero(value, ignored)
+        elif key == "activation_checkpointing":
+            _activation_checkpointing(value, ignored)
+        elif key == "ztune":
+            activations = _ztune_block(value)
         elif key == "optimizer":
             block = _mapping(value, key)
             for k in block:
@@ -193,30 +259,21 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
                     raise ConfigError(
                         f"unknown key 'optimizer.params.{k}'; allowed here: " + ", ".join(sorted(_OPTIMIZER_PARAMS))
                     )
-        elif key in _IGNORED_TOP:
-            ignored.append(key)
         else:
-            known = sorted(DEEPSPEED_MARKERS | {"optimizer", "gradient_clipping"})
-            raise ConfigError(f"unknown DeepSpeed key '{key}'; ztune reads: " + ", ".join(known))
-    if "global" in batch and "micro" not in batch and "grad_accum" not in batch:
-        # DeepSpeed's default micro batch is derived; ztune needs one, so take 1 and derive accumulation.
-        batch["micro"] = 1
-    cfg = TrainConfig(
-        zero=build(ZeroConfig, zero, prefix="zero_optimization."),
-        precision=precision,
-        batch=build(BatchConfig, batch, prefix="batch."),
-        optimizer=build(OptimizerConfig, opt, prefix="optimizer."),
-        compression=CompressionConfig(method=compression),
-        activations=ActivationConfig(),
-        **{k: build_scalar(k, v) for k, v in top.items()},
-    )
-    return check(cfg), ignored
-
-
-def build_scalar(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    return float(value)
+            _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="")
+    try:
+        cfg = TrainConfig(
+            zero=ZeroConfig(**zero),
+            precision=precision,
+            batch=_batch(doc),
+            optimizer=build(OptimizerConfig, opt, prefix="optimizer.params."),
+            compression=CompressionConfig(method=compression),
+            activations=activations,
+            **top,
+        )
+        return check(cfg), ignored
+    except ConfigError as exc:
+        raise _renamed(exc) from None
 
 
 def to_deepspeed(cfg: TrainConfig) -> dict:
@@ -243,7 +300,8 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
     doc: dict[str, Any] = {}
     if cfg.batch.global_ is not None:
         doc["train_batch_size"] = cfg.batch.global_
-    doc["train_micro_batch_size_per_gpu"] = cfg.batch.micro
+    if cfg.batch.micro is not None:
+        doc["train_micro_batch_size_per_gpu"] = cfg.batch.micro
     if cfg.batch.grad_accum is not None:
         doc["gradient_accumulation_steps"] = cfg.batch.grad_accum
     doc["gradient_clipping"] = cfg.gradient_clipping

@@ -12,8 +12,16 @@ from typing import Any
 import yaml
 
 from ztune.config.deepspeed import from_deepspeed, is_deepspeed, to_deepspeed
+from ztune.config.deepspeed_auto import AutoContext
 from ztune.config.schema import TrainConfig
-from ztune.config.validate import _FIELD_KEYS, build, check
+from ztune.config.validate import (
+    _FIELD_KEYS,
+    DEEPSPEED_BATCH_KEYS,
+    ZTUNE_BATCH_KEYS,
+    BatchKeys,
+    build,
+    check,
+)
 from ztune.errors import ConfigError
 from ztune.inputs import check_plain, parse_json, parse_yaml, read_text
 
@@ -21,32 +29,56 @@ from ztune.inputs import check_plain, parse_json, parse_yaml, read_text
 CONFIG_ENV = "ZTUNE_CONFIG"
 
 
-def from_dict(doc: Any) -> TrainConfig:
-    """A TrainConfig from a parsed document: ztune form, or DeepSpeed form (detected by its keys)."""
+@dataclasses.dataclass(frozen=True)
+class LoadedConfig:
+    """A loaded config with what loading it found: the DeepSpeed keys it ignored (as the user wrote them) and
+    whether it was DeepSpeed JSON (error messages then name DeepSpeed's keys)."""
+
+    config: TrainConfig
+    ignored: tuple[str, ...] = ()
+    deepspeed: bool = False
+
+    @property
+    def batch_keys(self) -> BatchKeys:
+        return DEEPSPEED_BATCH_KEYS if self.deepspeed else ZTUNE_BATCH_KEYS
+
+
+def _from_doc(doc: Any, context: AutoContext | None) -> LoadedConfig:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(doc).__name__}")
     check_plain(doc, error=ConfigError, where="config")  # no NaN, Infinity or absurd number reaches a key
     if is_deepspeed(doc):
-        cfg, _ignored = from_deepspeed(doc)
-        return cfg
-    return check(build(TrainConfig, doc))
+        cfg, ignored = from_deepspeed(doc, context=context)
+        return LoadedConfig(cfg, tuple(ignored), deepspeed=True)
+    return LoadedConfig(check(build(TrainConfig, doc)))
+
+
+def from_dict(doc: Any) -> TrainConfig:
+    """A TrainConfig from a parsed document: ztune form, or DeepSpeed form (detected by its keys)."""
+    return _from_doc(doc, None).config
 
 
 def load(source: str | os.PathLike | dict | TrainConfig | None) -> TrainConfig:
     """Load a config from a TrainConfig, a dict, a YAML/JSON file path, or None (defaults)."""
+    return load_detailed(source).config
+
+
+def load_detailed(source: str | os.PathLike | dict | TrainConfig | None, *,
+                  context: AutoContext | None = None) -> LoadedConfig:
+    """`load`, also returning the ignored DeepSpeed keys; `context` resolves DeepSpeed "auto" values."""
     if isinstance(source, TrainConfig):
-        return check(source)
+        return LoadedConfig(check(source))
     if source is None or isinstance(source, dict):
-        return from_dict(source)
+        return _from_doc(source, context)
     path = Path(source)
     text = read_text(path, error=ConfigError, what="config file")
     # Parsed strictly (ztune/inputs.py): NaN, Infinity and absurd numbers are refused here, by key.
     parse = parse_json if path.suffix == ".json" else parse_yaml
     doc = parse(text, error=ConfigError, where=f"config file {str(path)!r}")
     try:
-        return from_dict(doc)
+        return _from_doc(doc, context)
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
 

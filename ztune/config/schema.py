@@ -69,7 +69,8 @@ class ZeroConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    micro: int = 1
+    # None: derive from global and grad_accum for the world size (DeepSpeed's rule, validate.resolve_batch).
+    micro: int | None = 1
     grad_accum: int | None = None
     # Samples per optimizer step over all ranks; must equal micro * grad_accum * world_size.
     global_: int | None = None

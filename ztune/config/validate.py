@@ -146,32 +146,64 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
         raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
     b = cfg.batch
-    if b.global_ is not None and b.grad_accum is not None and b.global_ % (b.micro * b.grad_accum):
+    if b.global_ is not None and b.grad_accum is not None and b.micro is not None \
+            and b.global_ % (b.micro * b.grad_accum):
         raise ConfigError(
             f"batch: global {b.global_} is not a multiple of micro {b.micro} x grad_accum {b.grad_accum}"
         )
     return cfg
 
 
-def resolve_batch(batch: BatchConfig, world_size: int) -> BatchConfig:
-    """Fill in grad_accum / global for `world_size` ranks, checking global = micro * grad_accum * world."""
+@dataclasses.dataclass(frozen=True)
+class BatchKeys:
+    """How the three batch sizes are spelled in the user's config, for error messages."""
+
+    global_: str
+    micro: str
+    grad_accum: str
+
+
+ZTUNE_BATCH_KEYS = BatchKeys(global_="batch.global", micro="batch.micro", grad_accum="batch.grad_accum")
+DEEPSPEED_BATCH_KEYS = BatchKeys(global_="train_batch_size", micro="train_micro_batch_size_per_gpu",
+                                 grad_accum="gradient_accumulation_steps")
+
+
+def resolve_batch(batch: BatchConfig, world_size: int, *, keys: BatchKeys = ZTUNE_BATCH_KEYS) -> BatchConfig:
+    """All three batch sizes for `world_size` data-parallel ranks, derived from the ones given.
+
+    The rules are DeepSpeed 0.19.8's (runtime/config.py, _set_batch_related_parameters and _batch_assertion),
+    for every combination: a missing size is derived with floor division from the others (global only:
+    accumulation 1, micro = global // world; micro only: accumulation 1); then each must be > 0 and
+    global == micro x grad_accum x world. `micro` None means "not given" (DeepSpeed form); ztune YAML
+    defaults it to 1. Neither global nor micro given is an error, as in DeepSpeed. Errors name `keys`.
+    """
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     micro, accum, total = batch.micro, batch.grad_accum, batch.global_
-    if total is None:
-        accum = accum or 1
-        return BatchConfig(micro=micro, grad_accum=accum, global_=micro * accum * world_size)
-    per_step = micro * world_size
-    if accum is None:
+    if micro is None and total is None:
+        raise ConfigError(f"set {keys.global_} or {keys.micro}: neither is given, so the batch size is unknown")
+    if total is not None and micro is not None and accum is None:
+        per_step = micro * world_size
         if total % per_step:
             raise ConfigError(
-                f"batch.global {total} is not divisible by micro {micro} x {world_size} ranks = {per_step}; "
-                "change batch.global or batch.micro"
+                f"{keys.global_} {total} is not divisible by {keys.micro} {micro} x {world_size} ranks = "
+                f"{per_step}; change {keys.global_} or {keys.micro}"
             )
-        return BatchConfig(micro=micro, grad_accum=total // per_step, global_=total)
+        accum = total // per_step
+    elif total is not None and micro is None:
+        accum = 1 if accum is None else accum
+        micro = total // world_size // accum
+        if micro < 1:
+            raise ConfigError(
+                f"{keys.global_} {total} is smaller than {keys.grad_accum} {accum} x {world_size} ranks, so the "
+                f"derived {keys.micro} is 0; raise {keys.global_} or set {keys.micro}"
+            )
+    elif total is None:
+        accum = 1 if accum is None else accum
+        total = micro * accum * world_size
     if micro * accum * world_size != total:
         raise ConfigError(
-            f"batch sizes do not multiply out: micro {micro} x grad_accum {accum} x {world_size} ranks = "
-            f"{micro * accum * world_size}, but batch.global is {total}"
+            f"batch sizes do not multiply out: {keys.micro} {micro} x {keys.grad_accum} {accum} x {world_size} "
+            f"ranks = {micro * accum * world_size}, but {keys.global_} is {total}"
         )
     return BatchConfig(micro=micro, grad_accum=accum, global_=total)

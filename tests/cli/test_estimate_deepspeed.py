@@ -1,0 +1,46 @@
+"""`ztune estimate --config` with DeepSpeed JSON: legacy keys honoured (cpu_offload), batch sizes derived by
+DeepSpeed's rules, "auto" resolved from the model profile and --precision, ignored keys listed."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ztune", "estimate", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _estimate(tmp_path, doc, *extra):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(doc))
+    out = run("--model", "llama-2-13b", "--hardware", "dgx-h100", "--seq", "1024", "--config", str(path), *extra)
+    return out
+
+
+def test_legacy_cpu_offload_and_ignored_keys(tmp_path):
+    doc = {"train_batch_size": 64, "zero_optimization": {"stage": 2, "cpu_offload": True, "overlap_comm": True}}
+    out = _estimate(tmp_path, doc, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    row = result["rows"][0]
+    assert row["offload_optimizer"] == "cpu" and row["micro_batch"] == 8  # 64 / 8 GPUs, accumulation 1
+    assert result["ignored_deepspeed_keys"] == ["zero_optimization.overlap_comm"]
+    doc["zero_optimization"]["cpu_offload"] = False
+    without = json.loads(_estimate(tmp_path, doc, "--json").stdout)["rows"][0]
+    assert without["offload_optimizer"] == "none"
+    assert row["memory_per_gpu"]["optimizer"] < without["memory_per_gpu"]["optimizer"]
+
+
+def test_table_lists_ignored_keys_and_auto_needs_precision(tmp_path):
+    doc = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": "auto"},
+           "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_max_live_parameters": 1e9}}
+    out = _estimate(tmp_path, doc, "--precision", "bf16")
+    assert out.returncode == 0, out.stderr
+    assert "ignored DeepSpeed keys: zero_optimization.stage3_max_live_parameters" in out.stdout
+    bad = _estimate(tmp_path, doc)
+    assert bad.returncode == 2 and "bf16.enabled: \"auto\"" in bad.stderr and "Traceback" not in bad.stderr
+    doc["train_batch_size"] = 30  # 30 is not 2 x accumulation x 8 GPUs: DeepSpeed's keys in the message
+    bad = _estimate(tmp_path, doc, "--precision", "bf16")
+    assert bad.returncode == 2 and "train_batch_size 30 is not divisible by train_micro_batch_size_per_gpu 2" \
+        in bad.stderr

@@ -1,0 +1,230 @@
+"""The DeepSpeed config layer against DeepSpeed 0.19.8 itself: batch derivation for every combination of the
+three batch keys on several world sizes (DeepSpeed's DeepSpeedConfig as the reference), keys DeepSpeed
+accepts, legacy keys, "auto" values, the ztune block, and errors that name the key as the user wrote it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from tests.helpers.deepspeed_ref import ds_batch
+from ztune.config import (
+    DEEPSPEED_BATCH_KEYS,
+    AutoContext,
+    Checkpointing,
+    Offload,
+    Precision,
+    from_deepspeed,
+    load_detailed,
+    resolve_batch,
+)
+from ztune.config.deepspeed_keys import IGNORED, KEYS, NEUTRAL, REJECTED
+from ztune.errors import ConfigError
+
+TOTALS, MICROS, ACCUMS = (1, 6, 16, 32, 33, 48), (1, 2, 4, 16), (1, 2, 3)
+WORLDS = (1, 2, 3, 4, 8)
+
+
+def _combinations():
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    grids = dict(zip(keys, (TOTALS, MICROS, ACCUMS), strict=True))
+    for r in range(0, 4):
+        for chosen in itertools.combinations(keys, r):
+            for values in itertools.product(*(grids[k] for k in chosen)):
+                yield dict(zip(chosen, values, strict=True))
+
+
+def _ztune_batch(doc: dict, world_size: int) -> tuple[int, int, int] | str:
+    try:
+        cfg, _ = from_deepspeed(doc)
+        b = resolve_batch(cfg.batch, world_size, keys=DEEPSPEED_BATCH_KEYS)
+    except ConfigError:
+        return "error"
+    return b.global_, b.micro, b.grad_accum
+
+
+def test_batch_derivation_equals_deepspeed_for_every_combination():
+    docs = list(_combinations())
+    combos = {tuple(sorted(d)) for d in docs}
+    assert len(combos) == 8  # the 7 non-empty combinations and the empty one
+    checked = errors = 0
+    for doc, world in itertools.product(docs, WORLDS):
+        want = ds_batch(doc, world)
+        assert _ztune_batch(doc, world) == want, (doc, world)
+        checked += 1
+        errors += want == "error"
+    assert 0 < errors < checked  # both outcomes are exercised
+
+
+@pytest.mark.parametrize(("doc", "world", "want"), [
+    ({"train_batch_size": 32}, 2, (32, 16, 1)),  # issue #11 input 1
+    ({"train_batch_size": 16, "gradient_accumulation_steps": 2}, 2, (16, 4, 2)),  # input 2
+    ({"train_batch_size": 256, "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, 8, (256, 32, 1)),
+])
+def test_issue_inputs(doc, world, want):
+    assert _ztune_batch(doc, world) == want == ds_batch(doc, world)
+
+
+def test_batch_errors_name_deepspeed_keys():
+    cfg, _ = from_deepspeed({"train_batch_size": 33, "train_micro_batch_size_per_gpu": 4})
+    with pytest.raises(ConfigError, match="train_batch_size 33 is not divisible by train_micro_batch_size_per_gpu 4"):
+        resolve_batch(cfg.batch, 2, keys=DEEPSPEED_BATCH_KEYS)
+    with pytest.raises(ConfigError, match="^train_batch_size: got 0; must be > 0"):
+        from_deepspeed({"train_batch_size": 0})
+    with pytest.raises(ConfigError, match="^train_micro_batch_size_per_gpu: expected an integer"):
+        from_deepspeed({"train_micro_batch_size_per_gpu": "four"})
+    with pytest.raises(ConfigError, match="set train_batch_size or train_micro_batch_size_per_gpu"):
+        from_deepspeed({"gradient_accumulation_steps": 2, "fp16": {"enabled": False}})
+
+
+def test_legacy_cpu_offload_is_optimizer_offload():
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 2, "cpu_offload": True}})
+    assert cfg.zero.offload_optimizer is Offload.CPU and ignored == []
+    cfg, _ = from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 3, "cpu_offload_param": True,
+                                                                           "cpu_offload": False}})
+    assert cfg.zero.offload_params is Offload.CPU and cfg.zero.offload_optimizer is Offload.NONE
+    with pytest.raises(ConfigError, match="zero_optimization.cpu_offload and zero_optimization.offload_optimizer"):
+        from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 2, "cpu_offload": True,
+                                                                      "offload_optimizer": {"device": "cpu"}}})
+
+
+def test_offload_where_deepspeed_does_not_use_it_is_listed_as_ignored():
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "zero_optimization": {
+        "stage": 2, "offload_param": {"device": "cpu"}}})
+    assert cfg.zero.offload_params is Offload.NONE and ignored == ["zero_optimization.offload_param"]
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 0, "cpu_offload": True}})
+    assert cfg.zero.offload_optimizer is Offload.NONE and ignored == ["zero_optimization.cpu_offload"]
+
+
+def test_precision_blocks_deepspeed_accepts_load():
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False,
+                                                                    "fp16_master_weights_and_grads": False}})
+    assert cfg.precision is Precision.FP32 and ignored == ["fp16.fp16_master_weights_and_grads"]
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "bf16": {"enabled": True, "loss_scale": 0}})
+    assert cfg.precision is Precision.BF16 and ignored == ["bf16.loss_scale"]
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "bfloat16": {"enabled": True, "immediate_grad_update": 1}})
+    assert cfg.precision is Precision.BF16 and ignored == ["bfloat16.immediate_grad_update"]
+
+
+@pytest.mark.parametrize(("doc", "fragment"), [
+    ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
+     "fp16.fp16_master_weights_and_grads: ztune keeps fp32 master weights"),
+    ({"bf16": {"enabled": True, "loss_scale": 128}}, "bf16.loss_scale: bf16 is never loss-scaled"),
+    ({"bf16": {"enabled": True, "bf16_optimizer_states": True}}, "bf16.bf16_optimizer_states"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "zero_optimization.zero_quantized_weights"),
+    ({"zero_optimization": {"stage": 2, "zenflow": {}}}, "zero_optimization.zenflow: ZenFlow"),
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage: got 5"),
+    ({"zero_optimization": {"reduce_bucket_size": "big"}}, "zero_optimization.reduce_bucket_size: expected an integer"),
+    ({"zero_optimization": {"reduce_bucket_size": 0}}, "zero_optimization.reduce_bucket_size: got 0"),
+    ({"zero_optimization": {"overlap_com": True}}, "unknown key 'zero_optimization.overlap_com'"),
+    ({"bf16": {"enabled": True, "bogus": 1}}, "unknown key 'bf16.bogus'; allowed here: "),
+    ({"pipeline": {"stages": 2}}, "pipeline: pipeline parallelism is not implemented"),
+    ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler: DeepSpeed's learning-rate"),
+    ({"sequence_parallel_size": 2}, "sequence_parallel_size: sequence parallelism"),
+    ({"gradient_clipping": -1}, "gradient_clipping: got -1"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": -1.0}}}, "optimizer.params.lr: got -1.0"),
+    ({"optimizer": {"params": {"lr": "auto"}}}, "optimizer.params.lr: \"auto\" is filled in by the Hugging Face"),
+    ({"gradient_clipping": "auto"}, "gradient_clipping: \"auto\""),
+    ({"zero_optimization": {"reduce_bucket_size": "auto"}}, "zero_optimization.reduce_bucket_size: \"auto\" is "
+                                                            "hidden_size * hidden_size"),
+    ({"ztune": {"activations": {"checkpointing": "most"}}}, "ztune.activations.checkpointing: got 'most'"),
+    ({"ztune": {"activations": {"every": 0}}}, "ztune.activations.every: got 0"),
+    ({"ztune": {"zero": {}}}, "unknown key 'ztune.zero'"),
+])
+def test_errors_name_the_key_as_written(doc, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_deepspeed({"train_batch_size": 8, **doc})
+    assert fragment in str(info.value)
+    assert "batch.micro" not in str(info.value) and "reduce_bucket_numel" not in str(info.value)
+
+
+def test_disabled_rejected_features_load():
+    _, ignored = from_deepspeed({"train_batch_size": 8, "amp": {"enabled": False}, "gradient_allreduce_op": "mean",
+                                 "sequence_parallel_size": 1})
+    assert ignored == ["amp", "gradient_allreduce_op", "sequence_parallel_size"]
+
+
+def test_auto_values_are_derived_from_the_model_or_rejected():
+    hf_zero3 = {
+        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 4,
+        "steps_per_print": 2000, "wall_clock_breakdown": False,
+    }
+    cfg, ignored = from_deepspeed(hf_zero3, context=AutoContext(hidden_size=64, precision=Precision.BF16))
+    assert cfg.precision is Precision.BF16 and cfg.zero.reduce_bucket_numel == 64 * 64
+    assert resolve_batch(cfg.batch, 2, keys=DEEPSPEED_BATCH_KEYS).global_ == 8  # micro 4 x accum 1 x 2
+    assert "zero_optimization.stage3_prefetch_bucket_size" in ignored
+    cfg, _ = from_deepspeed(hf_zero3, context=AutoContext(hidden_size=64, precision=Precision.FP32))
+    assert cfg.precision is Precision.FP32
+    with pytest.raises(ConfigError, match=r"^fp16.enabled: \"auto\" is derived from the model's parameter dtype"):
+        from_deepspeed(hf_zero3, context=AutoContext(hidden_size=64))
+    with pytest.raises(ConfigError, match=r"^train_micro_batch_size_per_gpu: \"auto\" cannot be derived"):
+        from_deepspeed({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1})
+
+
+def test_activation_checkpointing_block_and_ztune_block():
+    doc = {"train_batch_size": 8,
+           "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True,
+                                        "contiguous_memory_optimization": False, "number_checkpoints": 4,
+                                        "synchronize_checkpoint_boundary": False, "profile": False},
+           "ztune": {"activations": {"checkpointing": "full", "every": 2, "offload": "none"}}}
+    cfg, ignored = from_deepspeed(doc)
+    assert cfg.activations.checkpointing is Checkpointing.FULL and cfg.activations.every == 2
+    assert ignored == [f"activation_checkpointing.{k}" for k in doc["activation_checkpointing"]]
+    with pytest.raises(ConfigError, match="unknown key 'activation_checkpointing.partition'"):
+        from_deepspeed({"train_batch_size": 8, "activation_checkpointing": {"partition": True}})
+
+
+def test_ignored_keys_are_returned_by_load(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 8, "steps_per_print": 5, "zero_optimization": {"stage": 1, '
+                    '"overlap_comm": true, "contiguous_gradients": true}}')
+    loaded = load_detailed(path)
+    assert loaded.deepspeed and loaded.ignored == ("steps_per_print", "zero_optimization.overlap_comm",
+                                                   "zero_optimization.contiguous_gradients")
+    assert loaded.batch_keys is DEEPSPEED_BATCH_KEYS
+
+
+def test_key_table_covers_deepspeeds_config_models():
+    """Every field of DeepSpeed 0.19.8's ZeRO, offload, fp16 and bf16 config models has a rule here."""
+    from tests.helpers.deepspeed_ref import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
+
+    for prefix, model in (("zero_optimization", DeepSpeedZeroConfig), ("fp16", DeepSpeedFP16Config),
+                          ("bf16", DeepSpeedBF16Config),
+                          ("zero_optimization.offload_optimizer", DeepSpeedZeroOffloadOptimizerConfig),
+                          ("zero_optimization.offload_param", DeepSpeedZeroOffloadParamConfig)):
+        for name, field in model.model_fields.items():
+            key = f"{prefix}.{field.alias or name}"
+            assert key in KEYS, key
+    for key, r in KEYS.items():
+        assert r.status in ("supported", IGNORED, NEUTRAL, REJECTED) and r.note, key
+
+
+def test_fp16_scaler_keys_accepted_where_they_match_ztunes_scaler():
+    defaults = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                "min_loss_scale": 1, "hysteresis": 1}
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": defaults})
+    assert cfg.precision is Precision.FP16 and len(ignored) == 5
+    with pytest.raises(ConfigError, match=r"^fp16.loss_scale: a static loss scale is not implemented.*set it to 0"):
+        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "loss_scale": 128}})
+    with pytest.raises(ConfigError, match=r"^fp16.hysteresis: "):
+        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "hysteresis": 2}})
+    # A disabled block's settings have no effect in DeepSpeed: listed as ignored, whatever their values.
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "enabled": False, "loss_scale": 128}})
+    assert cfg.precision is Precision.FP32 and "fp16.loss_scale" in ignored
+    with pytest.raises(ConfigError, match="unknown key 'fp16.scale'"):
+        from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False, "scale": 1}})

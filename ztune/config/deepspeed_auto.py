@@ -1,0 +1,118 @@
+"""`"auto"` values in DeepSpeed configs (the Hugging Face Trainer's convention): resolved where ztune can derive
+the value, rejected naming the key as the user wrote it where it cannot.
+
+What the Trainer fills in (transformers, integrations/deepspeed.py, HfTrainerDeepSpeedConfig) comes from its
+TrainingArguments, which ztune does not see. ztune derives:
+- the three batch sizes: "auto" = not given, then DeepSpeed's derivation rules (validate.resolve_batch); an
+  error when neither train_batch_size nor train_micro_batch_size_per_gpu is left;
+- fp16.enabled / bf16.enabled: on when the model's floating-point parameters already have that dtype;
+- zero_optimization.reduce_bucket_size: hidden_size * hidden_size, the Trainer's formula, with the hidden size
+  from the model (`model.config.hidden_size`, or the largest of `model.config.hidden_sizes`, or a ztune
+  model's `spec.hidden_size`);
+- keys that ztune ignores keep their "auto" (it is never read).
+Every other "auto" (learning rate, betas, clipping, ...) is an error naming its key.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from ztune.config.deepspeed_keys import ALIASES, IGNORED, rule
+from ztune.config.schema import Precision
+from ztune.errors import ConfigError
+
+AUTO = "auto"
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class AutoContext:
+    """What ztune knows when it resolves "auto": the model's hidden size and its parameters' precision (None
+    where unknown, e.g. `ztune estimate` without --precision)."""
+
+    hidden_size: int | None = None
+    precision: Precision | None = None
+
+
+def context_from_model(model: Any) -> AutoContext:
+    """The AutoContext of a torch module (Hugging Face or ztune model; anything else gives what it can)."""
+    hidden = None
+    config = getattr(model, "config", None)
+    if config is not None:
+        sizes = getattr(config, "hidden_sizes", None)
+        hidden = max(sizes) if sizes else getattr(config, "hidden_size", None)
+    if hidden is None and getattr(model, "spec", None) is not None:
+        hidden = getattr(model.spec, "hidden_size", None)
+    precision = None
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        import torch
+
+        dtypes = {p.dtype for p in params() if p.is_floating_point()}
+        by_dtype = {torch.float16: Precision.FP16, torch.bfloat16: Precision.BF16}
+        precision = by_dtype.get(next(iter(dtypes)), Precision.FP32) if len(dtypes) == 1 else Precision.FP32
+    return AutoContext(hidden_size=hidden if isinstance(hidden, int) else None, precision=precision)
+
+
+def _cannot(key: str, why: str) -> ConfigError:
+    return ConfigError(f'{key}: "auto" {why}; set a value')
+
+
+def _find_autos(value: Any, path: str, found: list[str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _find_autos(v, f"{path}.{k}" if path else str(k), found)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _find_autos(v, f"{path}[{i}]", found)
+    elif isinstance(value, str) and value == AUTO:
+        found.append(path)
+
+
+def _canonical(path: str) -> str:
+    head, _, rest = path.partition(".")
+    head = ALIASES.get(head, head)
+    return f"{head}.{rest}" if rest else head
+
+
+def resolve_auto(doc: dict, *, context: AutoContext | None) -> dict:
+    """A copy of DeepSpeed config `doc` with every "auto" resolved or dropped (see the module docstring).
+
+    Raises ConfigError naming the first key whose "auto" ztune cannot derive."""
+    found: list[str] = []
+    _find_autos(doc, "", found)
+    if not found:
+        return doc
+    context = context or AutoContext()
+    out = copy.deepcopy(doc)
+    for path in found:
+        key = _canonical(path)
+        parts = path.split(".")
+        parent = out
+        for p in parts[:-1]:
+            parent = parent[p]
+        last = parts[-1]
+        if key in _BATCH_KEYS:
+            del parent[last]
+        elif key in ("fp16.enabled", "bf16.enabled"):
+            if context.precision is None:
+                raise _cannot(path, "is derived from the model's parameter dtype, which is not known here "
+                                    "(ztune.initialize knows it; ztune estimate takes --precision)")
+            parent[last] = context.precision.value == key.split(".")[0]
+        elif key == "zero_optimization.reduce_bucket_size":
+            if context.hidden_size is None:
+                raise _cannot(path, "is hidden_size * hidden_size, and the model's hidden size is not known here "
+                                    "(no model.config.hidden_size)")
+            parent[last] = context.hidden_size * context.hidden_size
+        elif (r := rule(key)) is not None and r.status == IGNORED:
+            continue
+        else:
+            raise _cannot(path, "is filled in by the Hugging Face Trainer from its arguments, which ztune does not "
+                                "see")
+    autos = [k for k in _BATCH_KEYS if k in found]
+    if autos and "train_batch_size" not in out and "train_micro_batch_size_per_gpu" not in out:
+        raise _cannot(autos[0], "cannot be derived: neither train_batch_size nor train_micro_batch_size_per_gpu "
+                                "has a value (DeepSpeed needs one of them)")
+    return out

@@ -1,0 +1,228 @@
+"""What ztune does with each DeepSpeed config key: the one table that `from_deepspeed` reads and that
+`docs/deepspeed-migration.md` is generated from (runtime/compat/migration_doc.py).
+
+Keys are dotted paths as written in a DeepSpeed JSON config (deepspeed.ai/docs/config-json, and the
+pydantic models of DeepSpeed 0.19.8: runtime/zero/config.py, zero/offload_config.py, precision_config.py,
+activation_checkpointing/config.py). Status:
+- supported: read with DeepSpeed's meaning (the note says how it maps onto ztune);
+- ignored: accepted and listed at start-up ("ignored DeepSpeed keys: ..."), because it cannot change the
+  trained parameters (a performance, memory-placement, logging or file-format knob);
+- neutral: accepted when it has its no-effect value `neutral` (then listed as ignored); any other value would
+  change training in a way ztune does not implement, so it is rejected with the note;
+- rejected: any value is an error (the feature changes training and ztune does not implement it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED, IGNORED, NEUTRAL, REJECTED = "supported", "ignored", "neutral", "rejected"
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    status: str
+    note: str
+    neutral: Any = None  # the no-effect value, for status "neutral"
+
+
+def _s(note: str) -> KeyRule:
+    return KeyRule(SUPPORTED, note)
+
+
+def _i(note: str) -> KeyRule:
+    return KeyRule(IGNORED, note)
+
+
+def _n(neutral: Any, note: str) -> KeyRule:
+    return KeyRule(NEUTRAL, note, neutral)
+
+
+def _r(note: str) -> KeyRule:
+    return KeyRule(REJECTED, note)
+
+
+_PERF = "performance knob: ztune schedules its own communication and buffers"
+_LOG = "logging/profiling only"
+_CKPT = "checkpoint-file option (checkpoints are a separate issue); no effect on training"
+_ACT = ("configures deepspeed.checkpointing.checkpoint(), which a model calls itself; recomputation never changes "
+        "the math. ztune's own checkpointing: the \"ztune\": {\"activations\": ...} block")
+_OFFLOAD_IO = "offload buffer/IO tuning: ztune offloads to host memory with its own buffers"
+
+KEYS: dict[str, KeyRule] = {
+    # -- batch ------------------------------------------------------------------------------------------------
+    "train_batch_size": _s("global batch; missing sizes are derived with DeepSpeed's rules; \"auto\" = derive"),
+    "train_micro_batch_size_per_gpu": _s("micro-batch per rank; also the returned dataloader's batch size; "
+                                         "\"auto\" = derive"),
+    "gradient_accumulation_steps": _s("micro-steps per optimizer step; \"auto\" = derive"),
+    "gradient_clipping": _s("global-norm clipping (0 disables)"),
+    # -- precision ----------------------------------------------------------------------------------------------
+    "fp16": _s("block"),
+    "fp16.enabled": _s("precision fp16; \"auto\" = on when the model's parameters are fp16"),
+    "fp16.auto_cast": _i("ztune always casts floating-point inputs to the compute dtype"),
+    "fp16.fp16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; fp16 masters are not "
+                                                    "implemented"),
+    # ztune's scaler today: dynamic from 2**16, window 1000, floor 1, halving at every overflow (hysteresis 1).
+    "fp16.loss_scale": _n(0, "a static loss scale is not implemented (0 = dynamic)"),
+    "fp16.initial_scale_power": _n(16, "the dynamic scale starts at 2**16"),
+    "fp16.loss_scale_window": _n(1000, "the scale rises after 1000 clean steps"),
+    "fp16.hysteresis": _n(1, "the scale halves at every overflow (hysteresis 1)"),
+    "fp16.consecutive_hysteresis": _n(False, "no hysteresis is implemented"),
+    "fp16.min_loss_scale": _n(1, "the scale's floor is 1"),
+    "fp16.immediate_grad_update": _i(_PERF),
+    "bf16": _s("block (\"bfloat16\" is DeepSpeed's older spelling, also read)"),
+    "bf16.enabled": _s("precision bf16; \"auto\" = on when the model's parameters are bf16"),
+    "bf16.immediate_grad_update": _i(_PERF),
+    "bf16.check_grad_overflow": _i("ztune never skips a bf16 step (DeepSpeed skips one whose bf16 gradients are "
+                                   "not finite)"),
+    "bf16.bf16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; bf16 masters are not "
+                                                    "implemented"),
+    "bf16.bf16_optimizer_states": _n(False, "ztune keeps fp32 optimizer states"),
+    "bf16.loss_scale": _n(0, "bf16 is never loss-scaled (0 = no static scale; older DeepSpeed accepted it, 0.19.8 "
+                             "rejects it)"),
+    # -- ZeRO ---------------------------------------------------------------------------------------------------
+    "zero_optimization": _s("block"),
+    "zero_optimization.stage": _s("ZeRO stage 0-3"),
+    "zero_optimization.offload_optimizer": _s("block; used at stages 1-3 (at stage 0 DeepSpeed ignores it, so "
+                                              "does ztune)"),
+    "zero_optimization.offload_optimizer.device": _s("cpu or none (nvme is rejected)"),
+    "zero_optimization.offload_param": _s("block; used at stage 3 (at stages 0-2 DeepSpeed ignores it, so does "
+                                          "ztune)"),
+    "zero_optimization.offload_param.device": _s("cpu or none (nvme is rejected)"),
+    "zero_optimization.cpu_offload": _s("legacy: true = offload_optimizer {device: cpu}"),
+    "zero_optimization.cpu_offload_param": _s("legacy: true = offload_param {device: cpu}"),
+    "zero_optimization.cpu_offload_use_pin_memory": _i(_OFFLOAD_IO),
+    "zero_optimization.reduce_bucket_size": _s("elements per gradient-reduction bucket; \"auto\" = hidden_size^2 "
+                                               "(as the Hugging Face integration fills it)"),
+    "zero_optimization.allgather_bucket_size": _s("elements per parameter all-gather bucket"),
+    "zero_optimization.overlap_comm": _i(_PERF),
+    "zero_optimization.contiguous_gradients": _i(_PERF),
+    "zero_optimization.reduce_scatter": _i(_PERF),
+    "zero_optimization.allgather_partitions": _i(_PERF),
+    "zero_optimization.round_robin_gradients": _i(_PERF),
+    "zero_optimization.sub_group_size": _i(_PERF),
+    "zero_optimization.stage3_prefetch_bucket_size": _i("ztune prefetches whole units (its zero.prefetch_units)"),
+    "zero_optimization.stage3_param_persistence_threshold": _i(_PERF),
+    "zero_optimization.stage3_model_persistence_threshold": _i(_PERF),
+    "zero_optimization.stage3_max_live_parameters": _i(_PERF),
+    "zero_optimization.stage3_max_reuse_distance": _i(_PERF),
+    "zero_optimization.stage3_allgather_sequential": _i(_PERF),
+    "zero_optimization.stage3_module_granularity_threshold": _i(_PERF),
+    "zero_optimization.stage3_use_all_reduce_for_fetch_params": _i(_PERF),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _i(_CKPT),
+    "zero_optimization.stage3_gather_fp16_weights_on_model_save": _i(_CKPT),
+    "zero_optimization.elastic_checkpoint": _i(_CKPT),
+    "zero_optimization.load_from_fp32_weights": _i(_CKPT),
+    "zero_optimization.pipeline_loading_checkpoint": _i(_CKPT),
+    "zero_optimization.ignore_unused_parameters": _i("ztune accepts parameters without gradients (zeros)"),
+    "zero_optimization.legacy_stage1": _i(_PERF),
+    "zero_optimization.parameter_alignment": _i(_PERF),
+    "zero_optimization.use_multi_rank_bucket_allreduce": _i(_PERF),
+    "zero_optimization.memory_efficient_linear": _i(_PERF),
+    "zero_optimization.override_module_apply": _i(_PERF),
+    "zero_optimization.enable_sanity_checks": _i(_LOG),
+    "zero_optimization.log_trace_cache_warnings": _i(_LOG),
+    "zero_optimization.leaf_module": _i("stage-3 hook granularity; ztune gathers per unit (initialize(units=))"),
+    "zero_optimization.compute_grad_norm": _i("ztune computes the global norm itself when it needs it"),
+    "zero_optimization.save_muon_momentum_buffer_in_memory": _i(_PERF),
+    "zero_optimization.zero_hpz_partition_size": _i("hierarchical partitioning (ZeRO++ hpZ): memory layout only"),
+    "zero_optimization.mics_shard_size": _i("MiCS shard groups: memory layout only"),
+    "zero_optimization.mics_hierarchical_params_gather": _i(_PERF),
+    "zero_optimization.zero_quantized_weights": _n(False, "quantized weight all-gather (ZeRO++ qwZ) is not "
+                                                          "implemented"),
+    "zero_optimization.zero_quantized_nontrainable_weights": _n(False, "quantized frozen weights are not "
+                                                                       "implemented"),
+    "zero_optimization.zero_quantized_gradients": _n(False, "quantized gradient reduction (ZeRO++ qgZ) is not "
+                                                            "implemented; ztune's compression: use the \"ztune\" "
+                                                            "block"),
+    "zero_optimization.zenflow": _r("ZenFlow's delayed CPU updates are not implemented"),
+    "zero_optimization.offload_optimizer.pin_memory": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.buffer_count": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.fast_init": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.nvme_path": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.pipeline_read": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.pipeline_write": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.ratio": _i("fraction of states offloaded: placement only (ztune "
+                                                    "offloads all of them)"),
+    "zero_optimization.offload_optimizer.super_offload": _i(_PERF),
+    "zero_optimization.offload_optimizer.cpuadam_cores_perc": _i(_PERF),
+    "zero_optimization.offload_param.pin_memory": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_param.buffer_count": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_param.buffer_size": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_param.max_in_cpu": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_param.nvme_path": _i(_OFFLOAD_IO),
+    # -- activation checkpointing ----------------------------------------------------------------------------
+    "activation_checkpointing": _s("block; every key is listed as ignored (see each)"),
+    "activation_checkpointing.partition_activations": _i(_ACT + "; partitions over model-parallel ranks, which "
+                                                                "ztune does not have"),
+    "activation_checkpointing.cpu_checkpointing": _i(_ACT + "; for host activation memory use "
+                                                            "ztune.activations.offload"),
+    "activation_checkpointing.contiguous_memory_optimization": _i(_ACT),
+    "activation_checkpointing.number_checkpoints": _i(_ACT),
+    "activation_checkpointing.synchronize_checkpoint_boundary": _i(_ACT),
+    "activation_checkpointing.profile": _i(_ACT),
+    # -- ztune's own keys inside a DeepSpeed config (DeepSpeed ignores unknown top-level keys) -----------------
+    "ztune": _s("ztune extension block; DeepSpeed ignores it"),
+    "ztune.activations": _s("ztune activation checkpointing: {checkpointing: none|selective|full, every: k, "
+                            "offload: none|cpu}, as in ztune YAML"),
+    # -- logging, monitoring, profiling, checkpoint files --------------------------------------------------------
+    "steps_per_print": _i(_LOG),
+    "wall_clock_breakdown": _i(_LOG),
+    "dump_state": _i(_LOG),
+    "memory_breakdown": _i(_LOG),
+    "flops_profiler": _i(_LOG),
+    "comms_logger": _i(_LOG),
+    "tensorboard": _i(_LOG),
+    "wandb": _i(_LOG),
+    "csv_monitor": _i(_LOG),
+    "comet": _i(_LOG),
+    "timers": _i(_LOG),
+    "checkpoint": _i(_CKPT),
+    "aio": _i(_OFFLOAD_IO),
+    "zero_allow_untested_optimizer": _i("permission flag; ztune shards the optimizers it supports"),
+    "zero_force_ds_cpu_optimizer": _i("ztune picks its CPU Adam kernel itself"),
+    "dataloader_drop_last": _i("ztune's dataloader follows DistributedSampler defaults"),
+    "disable_allgather": _i(_PERF),
+    "vocabulary_size": _i(_LOG),
+    "prescale_gradients": _i("divides before instead of after the reduction: the same mean"),
+    "gradient_predivide_factor": _i("splits the 1/world division around the reduction: the same mean"),
+    "communication_data_type": _i("ztune reduces gradients in the compute dtype"),
+    "seq_parallel_communication_data_type": _i(_PERF),
+    "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
+    "scheduler": _r("DeepSpeed's learning-rate schedules are not built from the config by this version; pass "
+                    "lr_scheduler= to initialize"),
+    "optimizer": _s("block (type and params)"),
+    # -- features that change training and that ztune does not implement -------------------------------------
+    "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
+    "data_types": _r("gradient accumulation in another dtype is not implemented (ztune accumulates in fp32 at "
+                     "stages 1-3)"),
+    "gradient_allreduce_op": _n("mean", "only the mean reduction is implemented"),
+    "torch_autocast": _r("torch.autocast mixed precision is not implemented; use fp16 or bf16"),
+    "sequence_parallel_size": _n(1, "sequence parallelism is not implemented"),
+    "pipeline": _r("pipeline parallelism is not implemented"),
+    "tensor_parallel": _r("tensor parallelism is not implemented"),
+    "compression_training": _r("compression-aware training is not implemented"),
+    "curriculum_learning": _r("curriculum learning is not implemented"),
+    "data_efficiency": _r("data-efficiency sampling is not implemented"),
+    "progressive_layer_drop": _r("progressive layer drop is not implemented"),
+    "eigenvalue": _r("eigenvalue computation is not implemented"),
+    "elasticity": _r("elastic training is not implemented (DeepSpeed 0.19.8 rejects it too)"),
+    "hybrid_engine": _r("the RLHF hybrid engine is not implemented"),
+    "compile": _r("DeepSpeed's compile integration is not implemented"),
+}
+
+# DeepSpeed's older spellings, read as the key they stand for.
+ALIASES = {"bfloat16": "bf16"}
+
+
+def rule(key: str) -> KeyRule | None:
+    """The rule for the dotted DeepSpeed key `key`, or None when ztune does not know it."""
+    return KEYS.get(key)
+
+
+def children(prefix: str, *, status: str | None = None) -> list[str]:
+    """The last components of the known keys directly under `prefix` (optionally with one status), sorted."""
+    depth = prefix.count(".") + 1
+    return sorted(k.split(".")[-1] for k, r in KEYS.items()
+                  if k.startswith(prefix + ".") and k.count(".") == depth and (status is None or r.status == status))
