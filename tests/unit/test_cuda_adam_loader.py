@@ -90,6 +90,18 @@ def test_unknown_runtime_choice_is_one_clear_error(monkeypatch):
                               weight_decay=0.0, momentum=0.0, fused_cpu=False)
 
 
+@pytest.mark.parametrize("value", ["ztune", "torch", ""])
+def test_runtime_choice_leaves_cpu_masters_to_their_optimizer(monkeypatch, value):
+    from ztune.config.schema import OptimizerType
+    from ztune.runtime.optim_shard import FusedCpuAdam, build_shard_optimizer
+
+    monkeypatch.setenv("ZTUNE_CUDA_ADAM", value)
+    kw = dict(kind=OptimizerType.ADAMW, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum=0.0)
+    plain = build_shard_optimizer([torch.zeros(4)], fused_cpu=False, **kw)
+    assert type(plain) is torch.optim.AdamW and plain.defaults["fused"]
+    assert isinstance(build_shard_optimizer([torch.zeros(4)], fused_cpu=True, **kw), FusedCpuAdam)
+
+
 def _pair(*, n, steps, adamw, weight_decay, grad_dtype, out_dtype, grad_scale=1.0, seed=0):
     """The fallback step against torch.optim.Adam/AdamW(fused=True) on the CPU."""
     gen = torch.Generator().manual_seed(seed)
