@@ -253,8 +253,9 @@ def markdown(doc: dict) -> str:
         out += _table(["grads", "elements", "ztune ms", "ztune GB/s", "torch fused ms", "torch fused GB/s",
                        "torch / ztune"], timing)
     if accuracy:
-        out += ["CUDA Adam accuracy after 100 steps (max relative parameter difference against torch's "
-                "single-tensor and fused paths; max absolute exp_avg difference against fused):", ""]
+        out += ["CUDA Adam accuracy after 100 steps: parameter difference against torch's single-tensor and "
+                "fused paths as max |ours - torch| / max(|torch|, 1e-3), and the max absolute exp_avg difference "
+                "against fused:", ""]
         out += _table(["case", "param vs single", "param vs fused", "exp_avg vs fused"], accuracy)
     rows = []
     for mode in ("z0", "offload"):
