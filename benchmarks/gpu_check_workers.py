@@ -136,7 +136,8 @@ def _gbps(nbytes: float, seconds: float) -> float | None:
 
 # --------------------------------------------------------------------------------------------- phases
 def run_kernel(args) -> dict:
-    """Build (or load) the fused CPU Adam kernel the offloaded runs use, so its build is not timed there."""
+    """Build (or load) the fused CPU Adam kernel the offloaded runs use, so its build is not timed there, and,
+    on a GPU, the CUDA Adam kernel tests/gpu runs."""
     from ztune.runtime import ops
 
     start = time.perf_counter()
@@ -144,8 +145,23 @@ def run_kernel(args) -> dict:
         warnings.simplefilter("always")
         backend = ops.kernel_backend()
     reasons = [str(w.message) for w in caught if issubclass(w.category, ops.CppAdamFallbackWarning)]
-    return {"backend": backend, "fallback_reason": reasons[0] if reasons else None,
-            "simd": ops.available_simd(), "seconds": time.perf_counter() - start}
+    result = {"backend": backend, "fallback_reason": reasons[0] if reasons else None,
+              "simd": ops.available_simd(), "seconds": time.perf_counter() - start}
+    # The CUDA kernel tests/gpu/test_cuda_adam.py runs: built here (nvcc, ~8 s of CPU) so the tests phase finds
+    # it in the cache. Only with a GPU: the dry run has none, and the unit tests already build it on the CPU.
+    if torch.cuda.is_available():
+        from ztune.runtime import cuda_adam
+
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["cuda_backend"] = cuda_adam.kernel_backend()
+        result["cuda_seconds"] = time.perf_counter() - start
+        reasons = [str(w.message) for w in caught if issubclass(w.category, cuda_adam.CudaAdamFallbackWarning)]
+        result["cuda_fallback_reason"] = reasons[0] if reasons else None
+    else:
+        result["cuda_backend"] = "not built: no CUDA device"
+    return result
 
 
 def run_train(args) -> dict:

@@ -10,21 +10,40 @@ and isinstance checks work on it unchanged.
   fp32 master and both moments and writes the rounded 16-bit parameter shard, all in one pass over memory.
   On tiny-gpt (21M parameters, one thread) that is ~25 ms for bf16 against ~72 ms for upcast + scale + torch's
   fused AdamW + downcast.
-- Otherwise (CUDA shards, SGD) torch's fused optimizer, which takes the divisor as its `grad_scale` tensor (the
-  hook torch.amp.GradScaler uses) and divides while it reads, so no separate scaling pass runs.
+- CUDA-resident shards with Adam/AdamW when ZTUNE_CUDA_ADAM=ztune: the same one-pass step through ztune's CUDA
+  kernel (runtime/cuda_adam.py, csrc/cuda/adam.cu; torch's fused op if it cannot be built). Opt-in: whether it
+  beats torch's fused AdamW is what `make gpu-check` measures (docs/gpu-check.md).
+- Otherwise (CUDA shards by default, SGD) torch's fused optimizer, which takes the divisor as its `grad_scale`
+  tensor (the hook torch.amp.GradScaler uses) and divides while it reads, so no separate scaling pass runs.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 from ztune.config.schema import OptimizerType
+from ztune.errors import ConfigError
+
+# Which kernel steps Adam/AdamW on CUDA-resident shards: "torch" (default) or "ztune" (runtime/cuda_adam.py).
+CUDA_ADAM_ENV = "ZTUNE_CUDA_ADAM"
+_CUDA_ADAM_CHOICES = ("torch", "ztune")
+
+
+def cuda_adam_choice() -> str:
+    """$ZTUNE_CUDA_ADAM, "torch" when unset or empty; ConfigError (one line) for any other value."""
+    value = os.environ.get(CUDA_ADAM_ENV) or "torch"
+    if value not in _CUDA_ADAM_CHOICES:
+        raise ConfigError(f"{CUDA_ADAM_ENV}={value!r} is not a choice: set it to torch (torch's fused Adam, the "
+                          "default) or ztune (csrc/cuda/adam.cu) to pick the Adam kernel for CUDA shards")
+    return value
 
 
 class FusedCpuAdam(torch.optim.Adam):
-    """Adam over flat fp32 CPU shards via runtime.ops.adam_step_ (FusedCpuAdamW: AdamW).
+    """Adam over flat fp32 shards via a fused one-pass kernel (FusedCpuAdamW: AdamW): runtime.ops.adam_step_ on
+    CPU shards, runtime.cuda_adam.adam_step_ (kernel "ztune") on CUDA shards.
 
     A torch.optim.Adam for schedulers and isinstance checks, whose step() runs the fused kernel instead of
     torch's implementations; `amsgrad`, `maximize` and the other torch-only options stay at their defaults.
@@ -57,7 +76,10 @@ class FusedCpuAdam(torch.optim.Adam):
         self._update(p, group, grad=grad, out=out)
 
     def _update(self, p: torch.Tensor, group: dict, *, grad: torch.Tensor, out: torch.Tensor | None) -> None:
-        from ztune.runtime.ops import adam_step_
+        if p.is_cuda:
+            from ztune.runtime.cuda_adam import adam_step_
+        else:
+            from ztune.runtime.ops import adam_step_
 
         beta1, beta2 = group["betas"]
         state = self.state[p]
@@ -86,9 +108,11 @@ def build_shard_optimizer(masters: Sequence[torch.Tensor], *, kind: OptimizerTyp
                           betas: tuple[float, float], eps: float, weight_decay: float, momentum: float,
                           fused_cpu: bool) -> torch.optim.Optimizer:
     """An optimizer over `masters` (flat fp32 shards). fused_cpu: use the fused CPU Adam kernel (Adam/AdamW on
-    CPU tensors only)."""
+    CPU tensors only). CUDA masters use ztune's CUDA Adam kernel when $ZTUNE_CUDA_ADAM is "ztune" (ConfigError
+    for a value other than torch/ztune)."""
     params = list(masters)
-    if fused_cpu and kind is not OptimizerType.SGD:
+    ztune_cuda = cuda_adam_choice() == "ztune" and bool(params) and params[0].is_cuda
+    if (fused_cpu or ztune_cuda) and kind is not OptimizerType.SGD:
         cls = FusedCpuAdamW if kind is OptimizerType.ADAMW else FusedCpuAdam
         return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if kind is OptimizerType.SGD:
@@ -113,7 +137,7 @@ def step_shards(optimizer: torch.optim.Optimizer, *, masters: Sequence[torch.Ten
         # The kernel writes 16-bit shards itself; an fp32 shard that is not the master (stage-3 parameter
         # offload without optimizer offload) is copied after the step.
         outs = {id(m): s for m, s in zip(masters, param_shards, strict=True)
-                if s is not m and s.dtype in _KERNEL_OUT_DTYPES}
+                if s is not m and s.dtype in _KERNEL_OUT_DTYPES and s.device == m.device}
         optimizer.grad_divisor = grad_divisor
         optimizer.outs = outs
         optimizer.grads = {id(m): g for m, g in zip(masters, grads, strict=True)}

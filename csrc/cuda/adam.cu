@@ -1,7 +1,7 @@
 // CUDA version of the fused Adam/AdamW step in csrc/cpu_adam.cpp: the same element math (cpu_adam.h, with FMA
 // rounding, which is what torch's CUDA kernels and the CPU AVX paths use), one thread per element in a
 // grid-stride loop. Pointers are device pointers; the C ABI mirrors zt_adam_step so a loader can bind both
-// the same way. Not built by runtime/ops.py: this machine has no GPU; tests compile it with `nvcc -c`.
+// the same way. Built with nvcc and loaded with ctypes by runtime/cuda_adam.py.
 #include <cuda_runtime.h>
 
 #include <cstdint>

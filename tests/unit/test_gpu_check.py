@@ -110,6 +110,26 @@ def test_junit_outcomes_are_counted(tmp_path):
     assert got["cases"][1] == {"name": "tests.gpu.t::b", "outcome": "failed", "time_s": 0.1, "message": "boom"}
 
 
+def test_cuda_adam_numbers_recorded_by_tests_gpu_reach_the_report(tmp_path):
+    # The shape tests/gpu/test_cuda_adam.py writes with record_testsuite_property (JSON in the value).
+    timing = {"numel": 100_000_000, "grad_dtype": "bf16", "ztune_ms": 0.8, "torch_fused_ms": 1.2,
+              "torch_over_ztune": 1.5, "bytes_per_element": 28, "ztune_gbps": 3500.0, "torch_fused_gbps": 2333.3,
+              "device": "NVIDIA H200"}
+    accuracy = {"max_rel_param_vs_single": 0.0, "max_rel_param_vs_fused": 1.2e-6, "max_abs_exp_avg_vs_fused": 3e-8}
+    quote = lambda d: json.dumps(d).replace('"', "&quot;")  # noqa: E731
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="1"><properties>'
+                   f'<property name="cuda_adam.timing.bf16" value="{quote(timing)}"/>'
+                   f'<property name="cuda_adam.accuracy.adamw-wd0.01" value="{quote(accuracy)}"/>'
+                   '<property name="other" value="plain text"/></properties>'
+                   '<testcase classname="tests.gpu.t" name="a" time="1.5"/></testsuite></testsuites>')
+    got = report.read_junit(xml)
+    assert got["properties"]["cuda_adam.timing.bf16"] == timing and got["properties"]["other"] == "plain text"
+    rows, acc = report.cuda_adam_rows(got["properties"])
+    assert rows == [["bf16", "100,000,000", "0.800", "3,500", "1.200", "2,333", "1.50"]]
+    assert acc == [["adamw-wd0.01", "0", "1.2e-06", "3e-08"]]
+
+
 def test_a_phase_over_budget_is_killed_and_keeps_its_last_lines(tmp_path):
     from benchmarks import gpu_check
 
