@@ -483,6 +483,9 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         "host_memory_bytes": "read: psutil total RAM",
         "host_memory_bw_bytes_per_s": f"measured: STREAM copy/triad with {m.memory.threads} threads, best",
         "cpu_cores": "read: psutil physical cores",
+        "nics_per_node": "assumed: 0 = one NIC per rank (NCCL rings); only the node's total NIC bandwidth counts",
+        "train_flops_efficiency": "assumed: 0 = the cost model's generic fraction of the peak above; "
+        "`ztune autotune` calibrates it from trials",
     }
     if c is not None:
         notes["intra_node_bw_bytes_per_s"] = (f"measured: {c.transport or c.backend} all_reduce busbw, "
