@@ -111,10 +111,14 @@ def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fa
     out = tmp_path / "out"
     # Stage 1 crashes, stage 2 hangs with no step for 10 s, micro-batch 4 needs 4 x 128 MiB on top of a
     # ~200 MiB process under a 560 MiB cap (RLIMIT_DATA): a real allocation failure.
+    # The stall limit that marks the hang is given explicitly (given limits are not load-scaled by the
+    # tuner): 10 s on an idle machine, stretched by the load here, or a slow crash or OOM trial on a busy
+    # machine would end as a "timeout" before it could crash.
+    stall_s = round(scaled_limit_s(10.0))
     t0 = time.monotonic()
     proc = _ztune(["--model", "tiny-gpt", "--global-batch", "8", "--seq", "32", "--stages", "0,1,2",
                    "--vary", "stage,micro", "--warmup", "1", "--steps", "2", "--min-trials", "99",
-                   "--trial-timeout", "600", "--stall-timeout", "10", "--memory-cap", "560MiB",
+                   "--trial-timeout", "600", "--stall-timeout", str(stall_s), "--memory-cap", "560MiB",
                    "--out", str(out), "--json",
                    "--script", str(fake_script), "--", "--crash-stage", "1", "--hang-stage", "2",
                    "--alloc-mib", "128"], cwd=tmp_path)
@@ -123,11 +127,12 @@ def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fa
     result = json.loads(proc.stdout)
     trials = {t["key"]: t for t in result["trials"]}
     statuses = [t["status"] for t in result["trials"]]
-    assert {"crash", "timeout", "oom", "ok"} <= set(statuses), trials
+    assert {"crash", "timeout", "oom", "ok"} <= set(statuses), {
+        k: (t["status"], t["reason"][:100], f"{t['wall_s']:.0f} s") for k, t in trials.items()}
     crash = next(t for t in result["trials"] if t["status"] == "crash")
     assert crash["stage"] == 1 and "injected crash at stage 1" in crash["reason"]
     hang = next(t for t in result["trials"] if t["status"] == "timeout")
-    assert hang["stage"] == 2 and "no new step for 10 s" in hang["reason"]
+    assert hang["stage"] == 2 and f"no new step for {stall_s} s" in hang["reason"], hang["reason"]
     oom = next(t for t in result["trials"] if t["status"] == "oom")
     assert oom["micro"] == 4 and "memory" in oom["reason"]
     # Failures never ended the search: it ran until nothing was left, and after the OOM at micro-batch 4

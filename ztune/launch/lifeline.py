@@ -34,24 +34,30 @@ MODULE = "ztune.launch.lifeline"
 EXIT_PARENT_GONE = 125  # the wrapper's own failure, as `env`/`timeout` use 125
 
 
-def _set_pdeathsig(sig: int) -> bool:
-    """Ask the kernel for `sig` when the parent (thread) exits; False where prctl does not exist."""
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None where there is none (not Linux)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _set_pdeathsig(sig: int, prctl: Callable[..., int] | None) -> bool:
+    """Ask the kernel for `sig` when the parent (thread) exits; False where prctl does not exist."""
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A `preexec_fn`: the child gets `sig` when this process (the caller of Popen) dies.
 
-    Call it in the parent (it captures the parent's pid there); the returned function runs in the child.
+    Call it in the parent: it captures the parent's pid and resolves prctl there, so that the child, between
+    fork and exec (where another thread of the parent may have held the dynamic loader's lock), loads nothing.
     """
     parent_pid = os.getpid()
+    prctl = _prctl()
 
     def setup() -> None:
-        if _set_pdeathsig(sig) and os.getppid() != parent_pid:
+        if _set_pdeathsig(sig, prctl) and os.getppid() != parent_pid:
             os._exit(EXIT_PARENT_GONE)  # the parent died before prctl: nobody is left to end us
     return setup
 
@@ -80,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sig = signal.Signals["SIG" + args[0].upper().removeprefix("SIG")]
     program = [sys.executable if args[1] == "__python__" else args[1], *args[2:]]
     expected = os.environ.get(PARENT_ENV, "")
-    if _set_pdeathsig(sig) and expected.isdigit() and os.getppid() != int(expected):
+    if _set_pdeathsig(sig, _prctl()) and expected.isdigit() and os.getppid() != int(expected):
         return EXIT_PARENT_GONE  # the parent died before prctl ran
     os.environ[PARENT_ENV] = str(os.getpid())  # what PROGRAM's own lifeline-wrapped children check
     sys.stdout.flush()
