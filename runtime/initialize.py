@@ -50,27 +50,6 @@ def _process_group() -> tuple[Comm, torch.device]:
     return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm), device
 
 
-def _trainable(model: nn.Module, model_parameters) -> list[nn.Parameter]:
-    params = list(model.parameters())
-    if not params:
-        raise ConfigError(f"{type(model).__name__} has no parameters: there is nothing for ZeRO to shard or train")
-    if model_parameters is None:
-        chosen = [p for p in params if p.requires_grad]
-    else:
-        chosen = list(model_parameters)
-        if any(isinstance(p, dict) for p in chosen):
-            raise ConfigError("model_parameters: parameter groups (dicts) are not supported; pass an iterable "
-                              "of parameters and set per-run hyperparameters in the config's optimizer block")
-        known = {id(p) for p in params}
-        if any(id(p) not in known for p in chosen):
-            raise ConfigError("model_parameters: every tensor must be a parameter of the model passed to initialize")
-        chosen = [p for p in params if id(p) in {id(q) for q in chosen} and p.requires_grad]
-    if not chosen:
-        raise ConfigError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False); "
-                          "unfreeze some or pass them in model_parameters")
-    return chosen
-
-
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:
     resolve_batch(cfg.batch, world_size)  # ConfigError when the global batch does not split over the ranks
     if cfg.precision is not Precision.FP32:
@@ -91,11 +70,11 @@ def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: to
             seen |= inner
 
 
-def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
+def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device, kind: OptimizerType) -> bool:
     """Whether the fused C++ Adam kernel (runtime/ops.py) steps the fp32 masters: Adam/AdamW whose masters live
     in host memory, i.e. offloaded (any device; the kernel's torch fallback runs if it cannot be built) or a CPU
     run (only when the kernel is built: otherwise torch's fused AdamW is faster than the fallback)."""
-    if cfg.optimizer.type is OptimizerType.SGD:
+    if kind is OptimizerType.SGD:
         return False
     if cfg.zero.offload_optimizer is Offload.CPU:
         return True
@@ -113,32 +92,37 @@ def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
 
 def initialize(model: nn.Module, config=None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None,
-               lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None):
+               lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None,
+               optimizer: torch.optim.Optimizer | Callable | None = None):
     """Wrap `model` for sharded data-parallel training. Returns (engine, optimizer, dataloader, scheduler).
 
     config: a dict (ztune or DeepSpeed keys), a YAML/JSON path, a TrainConfig, or None (the file named by
     $ZTUNE_CONFIG, else defaults). model_parameters: the parameters to train (default: all that require
-    grad). training_data: a Dataset; the dataloader then yields this rank's micro-batches
-    (DistributedSampler). lr_scheduler: a scheduler object, or a callable(optimizer) returning one; stepped
-    after every applied optimizer step. units (stage 3): the modules to gather one at a time (default: the
-    largest ModuleList of identical blocks).
+    grad), or parameter groups (dicts with "params" and their own lr / weight_decay / ...). optimizer: a
+    torch.optim Adam/AdamW/SGD (or a callable(params) returning one) whose class, hyper-parameters and param
+    groups the shard optimizer takes over (it overrides the config's optimizer block, as in DeepSpeed).
+    training_data: a Dataset; the dataloader then yields this rank's micro-batches (DistributedSampler).
+    lr_scheduler: a scheduler object, or a callable(optimizer) returning one; default: the config's
+    `scheduler` block (DeepSpeed's schedules). Stepped after every applied optimizer step. units (stage 3):
+    the modules to gather one at a time (default: the largest ModuleList of identical blocks).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = _load_config(config)
-    trainable = _trainable(model, model_parameters)
+    from ztune.runtime.compat.optimizers import plan_optimizer, resolve_scheduler
+
+    plan = plan_optimizer(model, cfg, model_parameters=model_parameters, optimizer=optimizer)
     comm, device = _process_group()
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
     model.to(device)
-    fused = _use_fused_cpu_adam(cfg, device=device)
+    fused = _use_fused_cpu_adam(cfg, device=device, kind=plan.kind)
     from ztune.runtime.engine import Engine
 
-    engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused)
-    scheduler = None
-    if lr_scheduler is not None:
-        is_scheduler = hasattr(lr_scheduler, "step") and not isinstance(lr_scheduler, type)
-        scheduler = lr_scheduler if is_scheduler else lr_scheduler(engine.optimizer)
-        engine.lr_scheduler = scheduler
+    engine = Engine(model, cfg, comm=comm, trainable=plan.trainable, units=units, fused_cpu_adam=fused,
+                    optimizer_plan=plan)
+    scheduler = resolve_scheduler(cfg, optimizer=engine.optimizer, lr_scheduler=lr_scheduler,
+                                  client_optimizer=optimizer)
+    engine.lr_scheduler = scheduler
     dataloader = None
     if training_data is not None:
         from torch.utils.data import DataLoader, DistributedSampler

@@ -12,6 +12,10 @@ and isinstance checks work on it unchanged.
   fused AdamW + downcast.
 - Otherwise (CUDA shards, SGD) torch's fused optimizer, which takes the divisor as its `grad_scale` tensor (the
   hook torch.amp.GradScaler uses) and divides while it reads, so no separate scaling pass runs.
+- Adam without bias correction (DeepSpeed's `bias_correction: false`, which torch.optim cannot express) on
+  shards the kernel does not take: TorchOpsAdam, the kernel's torch-op fallback on any device.
+Param groups: the optimizer gets one group per user param group (runtime/compat/optimizers.py), each with
+its own lr / betas / eps / weight_decay / momentum and, for Adam, `bias_correction`.
 """
 
 from __future__ import annotations
@@ -33,9 +37,14 @@ class FusedCpuAdam(torch.optim.Adam):
     master's dtype) and `outs` (id(master) -> 16-bit parameter shard that receives the rounded update)."""
 
     adamw = False
+    use_kernel = True  # False: the kernel's torch-op fallback, on any device (TorchOpsAdam)
 
-    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 bias_correction: bool = True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.defaults["bias_correction"] = bias_correction
+        for group in self.param_groups:
+            group.setdefault("bias_correction", bias_correction)
         self.grad_divisor = 1.0
         self.grads: dict[int, torch.Tensor] = {}
         self.outs: dict[int, torch.Tensor] = {}
@@ -57,7 +66,7 @@ class FusedCpuAdam(torch.optim.Adam):
         self._update(p, group, grad=grad, out=out)
 
     def _update(self, p: torch.Tensor, group: dict, *, grad: torch.Tensor, out: torch.Tensor | None) -> None:
-        from ztune.runtime.ops import adam_step_
+        from ztune.runtime.ops import adam_step_, torch_adam_step
 
         beta1, beta2 = group["betas"]
         state = self.state[p]
@@ -67,14 +76,25 @@ class FusedCpuAdam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p)
         # int(): torch.optim.Adam.load_state_dict (via __setstate__) turns a loaded step count into a tensor.
         state["step"] = int(state["step"]) + 1
-        adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
-                   beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                   adamw=self.adamw, grad_scale=self.grad_divisor, out=out)
+        step = adam_step_ if self.use_kernel else torch_adam_step
+        step(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"], beta1=beta1,
+             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], adamw=self.adamw,
+             grad_scale=self.grad_divisor, out=out, bias_correction=group.get("bias_correction", True))
 
 
 class FusedCpuAdamW(FusedCpuAdam, torch.optim.AdamW):
     """AdamW (decoupled weight decay) over flat fp32 CPU shards via runtime.ops.adam_step_."""
 
+    adamw = True
+
+
+class TorchOpsAdam(FusedCpuAdam):
+    """FusedCpuAdam's math as torch ops on any device: for options torch.optim lacks (bias_correction)."""
+
+    use_kernel = False
+
+
+class TorchOpsAdamW(TorchOpsAdam, torch.optim.AdamW):
     adamw = True
 
 
@@ -84,13 +104,22 @@ _KERNEL_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
 def build_shard_optimizer(masters: Sequence[torch.Tensor], *, kind: OptimizerType, lr: float,
                           betas: tuple[float, float], eps: float, weight_decay: float, momentum: float,
-                          fused_cpu: bool) -> torch.optim.Optimizer:
+                          fused_cpu: bool, bias_correction: bool = True,
+                          param_groups: Sequence[dict] | None = None) -> torch.optim.Optimizer:
     """An optimizer over `masters` (flat fp32 shards). fused_cpu: use the fused CPU Adam kernel (Adam/AdamW on
-    CPU tensors only)."""
-    params = list(masters)
-    if fused_cpu and kind is not OptimizerType.SGD:
-        cls = FusedCpuAdamW if kind is OptimizerType.ADAMW else FusedCpuAdam
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    CPU tensors only). param_groups: torch-style groups over the masters with per-group hyper-parameters
+    (default: one group of all masters with the keyword values)."""
+    params = list(param_groups) if param_groups is not None else list(masters)
+    if kind is not OptimizerType.SGD:
+        groups = params if param_groups is not None else [{}]
+        corrected = all(g.get("bias_correction", bias_correction) for g in groups)
+        if fused_cpu or not corrected:
+            if kind is OptimizerType.ADAMW:
+                cls = FusedCpuAdamW if fused_cpu else TorchOpsAdamW
+            else:
+                cls = FusedCpuAdam if fused_cpu else TorchOpsAdam
+            return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                       bias_correction=bias_correction)
     if kind is OptimizerType.SGD:
         cls, kw = torch.optim.SGD, dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:

@@ -7,6 +7,7 @@ ignored; any other key is an error, so a typo never passes silently.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ztune.config.schema import (
@@ -14,14 +15,16 @@ from ztune.config.schema import (
     BatchConfig,
     Compression,
     CompressionConfig,
+    LossScaleConfig,
     Offload,
     OptimizerConfig,
     OptimizerType,
     Precision,
+    SchedulerConfig,
     TrainConfig,
     ZeroConfig,
 )
-from ztune.config.validate import build, check
+from ztune.config.validate import build, check, check_loss_scaling
 from ztune.errors import ConfigError
 
 # Top-level keys whose presence marks a document as DeepSpeed JSON.
@@ -43,7 +46,6 @@ _IGNORED_TOP = frozenset(
         "prescale_gradients",
         "gradient_predivide_factor",
         "dump_state",
-        "scheduler",
         "activation_checkpointing",
         "tensorboard",
         "wandb",
@@ -80,9 +82,11 @@ _IGNORED_ZERO = frozenset(
     }
 )
 _IGNORED_OFFLOAD = frozenset({"pin_memory", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "fast_init"})
-_IGNORED_FP16 = frozenset(
+_IGNORED_FP16 = frozenset({"auto_cast", "immediate_grad_update"})
+# fp16 keys with DeepSpeed's meaning, read into TrainConfig.loss_scaling (runtime/precision.py).
+_LOSS_SCALE_KEYS = frozenset(
     {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
-     "consecutive_hysteresis", "auto_cast", "immediate_grad_update"}
+     "consecutive_hysteresis"}
 )
 _OPTIMIZERS = {
     "adamw": (OptimizerType.ADAMW, Compression.NONE),
@@ -91,9 +95,9 @@ _OPTIMIZERS = {
     # 1-bit Adam (Tang et al. 2021) is DeepSpeed's compressed-communication Adam.
     "onebitadam": (OptimizerType.ADAM, Compression.ONEBIT),
 }
-_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum"}
-_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "adam_w_mode", "bias_correction", "amsgrad", "freeze_step",
-                             "cuda_aware", "comm_backend_name", "nesterov", "dampening", "fused"}
+_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode"}
+# torch_adam / fused / cuda_aware / comm_backend_name pick an implementation, not the math.
+_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "freeze_step", "cuda_aware", "comm_backend_name", "fused"}
 
 
 def is_deepspeed(doc: dict) -> bool:
@@ -129,7 +133,10 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
     zero: dict[str, Any] = {}
     batch: dict[str, Any] = {}
     top: dict[str, Any] = {}
-    opt: dict[str, Any] = {}
+    # DeepSpeed's optimizers default to no weight decay (FusedAdam / DeepSpeedCPUAdam weight_decay=0.0).
+    opt: dict[str, Any] = {"weight_decay": 0.0}
+    loss_scaling: dict[str, Any] = {}
+    scheduler: dict[str, Any] = {}
     compression = Compression.NONE
     precision = Precision.FP32
     for key, value in doc.items():
@@ -144,6 +151,9 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
         elif key in ("bf16", "fp16"):
             block = _mapping(value, key)
             for k in block:
+                if key == "fp16" and k in _LOSS_SCALE_KEYS:
+                    loss_scaling[k] = block[k]
+                    continue
                 if k != "enabled" and not (key == "fp16" and k in _IGNORED_FP16):
                     raise ConfigError(f"unknown key '{key}.{k}'; allowed here: enabled")
                 if k != "enabled":
@@ -184,8 +194,15 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
                 raise ConfigError(f"optimizer.type: got {name!r}; allowed: AdamW, Adam, SGD, OneBitAdam")
             opt_type, compression = _OPTIMIZERS[name.lower()]
             opt["type"] = opt_type.value
+            adam_w_mode = True  # DeepSpeed's default (runtime/config.py ADAM_W_MODE_DEFAULT)
             for k, v in _mapping(block.get("params", {}), "optimizer.params").items():
-                if k in _OPTIMIZER_PARAMS:
+                if k == "adam_w_mode" and name.lower() in ("adam", "adamw"):
+                    if not isinstance(v, bool):
+                        raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
+                    adam_w_mode = v
+                elif k == "adam_w_mode" or (k == "bias_correction" and opt_type is OptimizerType.SGD):
+                    raise ConfigError(f"optimizer.params.{k}: not a parameter of {name}; remove it")
+                elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
                     ignored.append(f"optimizer.params.{k}")
@@ -193,14 +210,25 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
                     raise ConfigError(
                         f"unknown key 'optimizer.params.{k}'; allowed here: " + ", ".join(sorted(_OPTIMIZER_PARAMS))
                     )
+            # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
+            if name.lower() == "adam" and adam_w_mode:
+                opt["type"] = OptimizerType.ADAMW.value
+        elif key == "scheduler":
+            block = _mapping(value, key)
+            for k in block:
+                if k not in ("type", "params"):
+                    raise ConfigError(f"unknown key 'scheduler.{k}'; allowed here: type, params")
+            scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         elif key in _IGNORED_TOP:
             ignored.append(key)
         else:
-            known = sorted(DEEPSPEED_MARKERS | {"optimizer", "gradient_clipping"})
+            known = sorted(DEEPSPEED_MARKERS | {"optimizer", "gradient_clipping", "scheduler"})
             raise ConfigError(f"unknown DeepSpeed key '{key}'; ztune reads: " + ", ".join(known))
     if "global" in batch and "micro" not in batch and "grad_accum" not in batch:
         # DeepSpeed's default micro batch is derived; ztune needs one, so take 1 and derive accumulation.
         batch["micro"] = 1
+    loss_scale_cfg = build(LossScaleConfig, loss_scaling, prefix="fp16.")
+    check_loss_scaling(loss_scale_cfg, prefix="fp16.")
     cfg = TrainConfig(
         zero=build(ZeroConfig, zero, prefix="zero_optimization."),
         precision=precision,
@@ -208,6 +236,8 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
         optimizer=build(OptimizerConfig, opt, prefix="optimizer."),
         compression=CompressionConfig(method=compression),
         activations=ActivationConfig(),
+        loss_scaling=loss_scale_cfg,
+        scheduler=build(SchedulerConfig, scheduler, prefix="scheduler."),
         **{k: build_scalar(k, v) for k, v in top.items()},
     )
     return check(cfg), ignored
@@ -236,7 +266,9 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
     if o.type is OptimizerType.SGD:
         params["momentum"] = o.momentum
     else:
-        params.update(betas=list(o.betas), eps=o.eps)
+        params.update(betas=list(o.betas), eps=o.eps, bias_correction=o.bias_correction)
+        if o.type is OptimizerType.ADAM:
+            params["adam_w_mode"] = False  # DeepSpeed's Adam is AdamW unless told otherwise
     opt_type = o.type.value
     if cfg.compression.method is Compression.ONEBIT and o.type is OptimizerType.ADAM:
         opt_type = "OneBitAdam"
@@ -248,7 +280,10 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
         doc["gradient_accumulation_steps"] = cfg.batch.grad_accum
     doc["gradient_clipping"] = cfg.gradient_clipping
     doc["bf16"] = {"enabled": cfg.precision is Precision.BF16}
-    doc["fp16"] = {"enabled": cfg.precision is Precision.FP16}
+    doc["fp16"] = {"enabled": cfg.precision is Precision.FP16,
+                   **{f.name: getattr(cfg.loss_scaling, f.name) for f in dataclasses.fields(LossScaleConfig)}}
     doc["zero_optimization"] = zero
     doc["optimizer"] = {"type": opt_type, "params": params}
+    if cfg.scheduler.type is not None:
+        doc["scheduler"] = {"type": cfg.scheduler.type, "params": dict(cfg.scheduler.params)}
     return doc
