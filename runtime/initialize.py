@@ -120,8 +120,7 @@ def initialize(model: nn.Module, config=None, model_parameters: Iterable | None 
 
     engine = Engine(model, cfg, comm=comm, trainable=plan.trainable, units=units, fused_cpu_adam=fused,
                     optimizer_plan=plan)
-    scheduler = resolve_scheduler(cfg, optimizer=engine.optimizer, lr_scheduler=lr_scheduler,
-                                  client_optimizer=optimizer)
+    scheduler = resolve_scheduler(cfg, optimizer=engine.optimizer, lr_scheduler=lr_scheduler)
     engine.lr_scheduler = scheduler
     dataloader = None
     if training_data is not None:

@@ -339,6 +339,34 @@ def check_scheduler(type_name: str | None, params: dict) -> None:
     for key, p in allowed.items():
         if p.default is inspect.Parameter.empty and key not in params:
             raise ConfigError(f"scheduler.params.{key}: required by {type_name}; add it to the scheduler block")
+    for key, value in params.items():
+        _check_value(key, value)
+
+
+_BOOL_PARAMS = frozenset({"lr_range_test_staircase", "cycle_momentum"})
+# Bounds that may be given per param group (a list); every other numeric parameter is one number.
+_PER_GROUP_PARAMS = frozenset({"warmup_min_lr", "warmup_max_lr", "cycle_min_lr", "cycle_max_lr", "cycle_min_mom",
+                               "cycle_max_mom", "lr_range_test_min_lr"})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_value(key: str, value: Any) -> None:
+    """The value's type (DeepSpeed's schedules would fail later, or compute nonsense, on a wrong one)."""
+    if key == "warmup_type":
+        _warmup_type(value)
+    elif key in _BOOL_PARAMS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"scheduler.params.{key}: expected true or false, got {value!r}")
+    elif value is None and key in ("warmup_max_lr", "cycle_second_step_size", "cycle_second_stair_count"):
+        return  # None means "derive it" (the groups' lr, or the first step size / stair count)
+    elif key in _PER_GROUP_PARAMS and isinstance(value, (list, tuple)):
+        if not value or not all(_is_number(v) for v in value):
+            raise ConfigError(f"scheduler.params.{key}: expected a number or a list of numbers, got {value!r}")
+    elif not _is_number(value):
+        raise ConfigError(f"scheduler.params.{key}: expected a number, got {value!r}")
 
 
 def build_scheduler(type_name: str, params: dict, *, optimizer) -> _Schedule:

@@ -259,8 +259,7 @@ class SchedulerBridge:
         return getattr(self.scheduler, name)
 
 
-def resolve_scheduler(cfg: TrainConfig, *, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                      client_optimizer: Any) -> Any:
+def resolve_scheduler(cfg: TrainConfig, *, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> Any:
     """The scheduler the engine steps: the client's (a callable is called with `optimizer`; an instance
     bound to another optimizer is bridged), else the config's DeepSpeed schedule, else None."""
     if lr_scheduler is not None:

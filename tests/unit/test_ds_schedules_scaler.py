@@ -97,6 +97,9 @@ def test_schedule_state_dict_resumes_the_sequence():
     ("WarmupLR", {"warmup_type": "cosine"}, "scheduler.params.warmup_type: got 'cosine'"),
     ("WarmupLR", {"warmup_num_steps": 0}, "warmup_num_steps: got 0"),
     ("WarmupLR", {"warmup_max_lr": [1e-3, 1e-3, 1e-3]}, "3 values for 2 parameter groups"),
+    ("WarmupLR", {"warmup_max_lr": "auto"}, "scheduler.params.warmup_max_lr: expected a number"),
+    ("WarmupDecayLR", {"total_num_steps": [10]}, "scheduler.params.total_num_steps: expected a number"),
+    ("LRRangeTest", {"lr_range_test_staircase": 1}, "lr_range_test_staircase: expected true or false"),
 ])
 def test_bad_scheduler_is_a_config_error_naming_the_key(name, params, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -126,6 +126,9 @@ class SchedulerConfig:
     type: str | None = None
     params: dict = field(default_factory=dict)
 
+    def __hash__(self) -> int:  # keeps TrainConfig hashable; params values may be lists
+        return hash((self.type, repr(sorted(self.params.items()))))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
