@@ -207,3 +207,43 @@ def test_what_initialize_cannot_honour_is_one_config_error(kwargs, message):
         value = torch.optim.lr_scheduler.StepLR(other, 1)
     with pytest.raises(ConfigError, match=message):
         ztune.initialize(model, cfg, **{arg: value})
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_no_bias_correction_and_group_lrs_through_the_optimizer_step(offload):
+    """Adam without bias correction, with a per-group lr, through the fused kernel (CPU run) and the offload
+    pipeline, against DeepSpeed's CPU-Adam formula (tests/helpers/deepspeed_cpu.py DsCpuAdamFormula)."""
+    from tests.helpers.deepspeed_cpu import DsCpuAdamFormula
+
+    cfg = {"zero": {"stage": 1, "offload_optimizer": offload}, "precision": "fp32",
+           "optimizer": {"type": "AdamW", "lr": 1e-2, "weight_decay": 0.1, "bias_correction": False}}
+    torch.manual_seed(0)
+    model = Tiny()
+    torch.manual_seed(0)
+    ref = Tiny()
+    w, b = _split(model)
+    rw, rb = _split(ref)
+    engine, optimizer, _, _ = ztune.initialize(model, cfg, model_parameters=[{"params": w, "lr": 3e-2},
+                                                                             {"params": b}])
+    assert {g["bias_correction"] for g in optimizer.param_groups} == {False}
+    ref_opt = DsCpuAdamFormula([{"params": rw, "lr": 3e-2}, {"params": rb}], lr=1e-2, weight_decay=0.1,
+                               bias_correction=False)
+    for step in range(4):
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(x))
+        engine.step()
+        ref(x).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    state = engine.full_state_dict()
+    for n, q in ref.named_parameters():
+        assert torch.allclose(state[n], q.detach(), rtol=1e-5, atol=1e-7), n
+
+
+def test_scheduler_and_loss_scaling_round_trip_through_yaml_form():
+    from ztune.config import to_dict
+
+    cfg = from_dict({"train_batch_size": 8, "fp16": {"enabled": True, "loss_scale": 0, "hysteresis": 3},
+                     "scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": [1e-4, 2e-4], "cycle_max_lr": 1e-2}},
+                     "optimizer": {"type": "Adam", "params": {"bias_correction": False}}})
+    assert from_dict(to_dict(cfg)) == cfg
