@@ -150,7 +150,8 @@ def _groups_from(model: nn.Module, entries: list, *, kind: OptimizerType, where:
             raise ConfigError(f"{where}: a parameter appears in more than one parameter group")
         seen |= ids
     trainable = [p for p in params if id(p) in seen and p.requires_grad]
-    groups = [({pid for pid in ids if pid in {id(p) for p in trainable}}, opts) for ids, opts in groups]
+    trainable_ids = {id(p) for p in trainable}
+    groups = [(ids & trainable_ids, opts) for ids, opts in groups]
     return trainable, [(ids, opts) for ids, opts in groups if ids]
 
 

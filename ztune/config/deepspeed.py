@@ -98,6 +98,8 @@ _OPTIMIZERS = {
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode"}
 # torch_adam / fused / cuda_aware / comm_backend_name pick an implementation, not the math.
 _IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "freeze_step", "cuda_aware", "comm_backend_name", "fused"}
+# Options ztune's optimizers do not implement: accepted (and listed as ignored) only at their "off" value.
+_OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0}
 
 
 def is_deepspeed(doc: dict) -> bool:
@@ -205,6 +207,12 @@ def from_deepspeed(doc: dict) -> tuple[TrainConfig, list[str]]:
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
+                    ignored.append(f"optimizer.params.{k}")
+                elif k in _OFF_OPTIMIZER_PARAMS:
+                    off = _OFF_OPTIMIZER_PARAMS[k]
+                    if v != off or isinstance(v, bool) != isinstance(off, bool):
+                        raise ConfigError(f"optimizer.params.{k}: {v!r} is not supported by ztune; remove it "
+                                          f"or set it to {str(off).lower()}")
                     ignored.append(f"optimizer.params.{k}")
                 else:
                     raise ConfigError(
