@@ -245,7 +245,8 @@ int zt_best_simd() {
 // (256-byte) boundaries so threads never share a cache line.
 int zt_adam_step(float* param, const void* grad, int grad_dtype, float* exp_avg, float* exp_avg_sq, void* out,
                  int out_dtype, int64_t n, int64_t step, double lr, double beta1, double beta2, double eps,
-                 double weight_decay, int adamw, double grad_scale, int simd, int num_threads) {
+                 double weight_decay, int adamw, double grad_scale, int simd, int num_threads,
+                 int bias_correction) {
   using namespace ztune;
   if (simd == kBest) simd = zt_best_simd();
   if (simd < kPortable || simd > kAvx512 || !cpu_has(simd)) return -1;
@@ -261,7 +262,8 @@ int zt_adam_step(float* param, const void* grad, int grad_dtype, float* exp_avg,
     return -2;
   }
   if (n <= 0) return 0;
-  const AdamScalars s = make_adam_scalars(step, lr, beta1, beta2, eps, weight_decay, adamw != 0, grad_scale);
+  const AdamScalars s = make_adam_scalars(step, lr, beta1, beta2, eps, weight_decay, adamw != 0, grad_scale,
+                                            bias_correction != 0);
   const Shard t{param, grad, exp_avg, exp_avg_sq, out};
   constexpr int64_t kAlign = 64;
   // Below ~64K elements a thread team costs more than it saves.

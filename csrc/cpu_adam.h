@@ -10,6 +10,8 @@
 //   step_size = lr / bias_correction1;     bias_correction2_sqrt = bias_correction2 ** 0.5
 //   denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
 //   param.addcdiv_(exp_avg, denom, value=-step_size)
+// With bias_correction false (DeepSpeed's Adam option, deepspeed/ops/csrc/includes/cpu_adam.h) both
+// corrections are 1: step_size = lr and bias_correction2_sqrt = 1 (dividing by 1.0f is exact).
 // Step scalars are computed in double (as Python does) and rounded to float once, as ATen does when a Python
 // scalar meets a float32 tensor. The element-wise rounding mirrors ATen's vectorised CPU kernels:
 //   add(self, other, alpha) -> fmadd(other, alpha, self)            (aten/src/ATen/native/ufunc/add.h)
@@ -59,12 +61,12 @@ struct AdamScalars {
 };
 
 ZT_HD AdamScalars make_adam_scalars(int64_t step, double lr, double beta1, double beta2, double eps, double wd,
-                                    bool adamw, double grad_scale) {
+                                    bool adamw, double grad_scale, bool bias_correction = true) {
   AdamScalars s;
   // torch keeps `step` as a float tensor and reads it with .item(), so Python computes beta ** float(step).
   const double step_d = static_cast<double>(step);
-  const double bias_correction1 = 1.0 - pow(beta1, step_d);
-  const double bias_correction2 = 1.0 - pow(beta2, step_d);
+  const double bias_correction1 = bias_correction ? 1.0 - pow(beta1, step_d) : 1.0;
+  const double bias_correction2 = bias_correction ? 1.0 - pow(beta2, step_d) : 1.0;
   const double step_size = lr / bias_correction1;
   const double lerp_w = 1.0 - beta1;
   s.decay_keep = static_cast<float>(1.0 - lr * wd);

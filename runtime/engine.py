@@ -58,7 +58,9 @@ class Engine:
     want_grad_norm = False
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, comm: Comm, trainable: Sequence[nn.Parameter],
-                 units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False):
+                 units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False, optimizer_plan=None):
+        """optimizer_plan: runtime.compat.optimizers.OptimizerPlan (param groups, a client optimizer's kind and
+        hyper-parameters); None: the config's optimizer block over `trainable` as one group."""
         self.module = model
         self.config = cfg
         self.comm = comm
@@ -66,7 +68,7 @@ class Engine:
         self.world_size, self.rank = comm.world_size, comm.rank
         self.grad_accum = cfg.grad_accum_for(comm.world_size)
         self.dtype = compute_dtype(cfg.precision)
-        self.scaler = LossScaler.for_precision(cfg.precision)
+        self.scaler = LossScaler.for_config(cfg.precision, cfg.loss_scaling)
         self.micro_steps = self.global_steps = self.skipped_steps = 0
         self.last_grad_norm: float | None = None
         self.lr_scheduler = None
@@ -81,7 +83,11 @@ class Engine:
             apply_activation_checkpointing(model, mode=cfg.activations.checkpointing, every=cfg.activations.every)
 
         comm.phase = "init"
-        specs = self._group_specs(model, list(trainable), units)
+        from ztune.runtime.compat.optimizers import shard_optimizer_args, split_by_param_group
+
+        specs, group_index = split_by_param_group(  # no flat group mixes the user's param groups
+            self._group_specs(model, list(trainable), units),
+            group_of=optimizer_plan.group_of() if optimizer_plan is not None else None)
         layouts = [build_layout([tuple(p.shape) for p in ps], world_size=self.world_size) for _, ps in specs]
         device = next(iter(trainable)).device
         # fp32 originals before the model is cast, made identical on every rank (rank 0's initialisation).
@@ -109,10 +115,9 @@ class Engine:
                                         offload_params=cfg.zero.offload_params is Offload.CPU)
         from ztune.runtime.optim_shard import build_shard_optimizer
 
-        o = cfg.optimizer
-        self.optimizer = build_shard_optimizer([g.master for g in self.groups], kind=o.type, lr=o.lr,
-                                               betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                               momentum=o.momentum, fused_cpu=fused_cpu_adam)
+        masters = [g.master for g in self.groups]
+        self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **shard_optimizer_args(
+            cfg, optimizer_plan, masters=masters, group_index=group_index))
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
         # rank may rewrite its shard while another could still read it (barriers around the step), and the
         # first gather must see every rank's initial shard (barrier now).
@@ -203,18 +208,18 @@ class Engine:
         divisor = self.world_size * self.scaler.scale  # reductions summed the ranks' scaled gradients
         clip = self.config.gradient_clipping
         clip_coef, overflow = 1.0, False
-        if clip > 0 or self.scaler.dynamic or self.want_grad_norm:
+        if clip > 0 or self.scaler.checks_overflow or self.want_grad_norm:
             sq = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
             for g in grads:
                 sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
             if self.plan.optimizer_states:  # each rank holds a disjoint shard: sum the squares
                 # Only for get_global_grad_norm: counted as monitoring, not training traffic (comm_report).
-                monitor_only = not (clip > 0 or self.scaler.dynamic)
+                monitor_only = not (clip > 0 or self.scaler.checks_overflow)
                 self.comm.phase = "monitor" if monitor_only else "train"
                 self.comm.all_reduce(sq)
                 self.comm.phase = "train"
             norm = math.sqrt(sq.item()) / divisor
-            overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.dynamic)  # as without want_grad_norm
+            overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.checks_overflow)  # as w/o want_grad_norm
             self.last_grad_norm = norm
             if clip > 0 and not overflow:
                 clip_coef = min(1.0, clip / (norm + _CLIP_EPS))

@@ -90,27 +90,6 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
     return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm), device
 
 
-def _trainable(model: nn.Module, model_parameters) -> list[nn.Parameter]:
-    params = list(model.parameters())
-    if not params:
-        raise ConfigError(f"{type(model).__name__} has no parameters: there is nothing for ZeRO to shard or train")
-    if model_parameters is None:
-        chosen = [p for p in params if p.requires_grad]
-    else:
-        chosen = list(model_parameters)
-        if any(isinstance(p, dict) for p in chosen):
-            raise ConfigError("model_parameters: parameter groups (dicts) are not supported; pass an iterable "
-                              "of parameters and set per-run hyperparameters in the config's optimizer block")
-        known = {id(p) for p in params}
-        if any(id(p) not in known for p in chosen):
-            raise ConfigError("model_parameters: every tensor must be a parameter of the model passed to initialize")
-        chosen = [p for p in params if id(p) in {id(q) for q in chosen} and p.requires_grad]
-    if not chosen:
-        raise ConfigError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False); "
-                          "unfreeze some or pass them in model_parameters")
-    return chosen
-
-
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:
     if cfg.precision is not Precision.FP32:
         from ztune.runtime.precision import compute_dtype, dtype_supported
@@ -130,11 +109,11 @@ def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: to
             seen |= inner
 
 
-def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
+def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device, kind: OptimizerType) -> bool:
     """Whether the fused C++ Adam kernel (runtime/ops.py) steps the fp32 masters: Adam/AdamW whose masters live
     in host memory, i.e. offloaded (any device; the kernel's torch fallback runs if it cannot be built) or a CPU
     run (only when the kernel is built: otherwise torch's fused AdamW is faster than the fallback)."""
-    if cfg.optimizer.type is OptimizerType.SGD:
+    if kind is OptimizerType.SGD:
         return False
     if cfg.zero.offload_optimizer is Offload.CPU:
         return True
@@ -156,20 +135,6 @@ def _report_ignored(ignored: Sequence[str], *, rank: int) -> None:
         print("ignored DeepSpeed keys: " + ", ".join(ignored), flush=True)
 
 
-def _client_objects(engine, *, optimizer, lr_scheduler):
-    """The scheduler initialize returns, from a client optimizer / scheduler. A client optimizer is refused:
-    ztune builds the sharded optimizer from the config's optimizer block."""
-    if optimizer is not None:
-        raise ConfigError(f"initialize: optimizer= ({type(optimizer).__name__}) is not supported by this ztune "
-                          "build; describe the optimizer in the config's optimizer block instead")
-    scheduler = None
-    if lr_scheduler is not None:
-        is_scheduler = hasattr(lr_scheduler, "step") and not isinstance(lr_scheduler, type)
-        scheduler = lr_scheduler if is_scheduler else lr_scheduler(engine.optimizer)
-        engine.lr_scheduler = scheduler
-    return scheduler
-
-
 def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Callable | object | None = None,
                distributed_port: int = DEFAULT_PORT, mpu=None, dist_init_required: bool | None = None,
@@ -189,6 +154,10 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     optimizer step. dist_init_required / distributed_port: as in init_distributed. mpu and mesh_param (model
     parallelism) are refused. units (stage 3): the modules to gather one at a time (default: the largest
     ModuleList of identical blocks).
+    model_parameters may also be parameter groups (dicts with "params" and their own lr / weight_decay / ...).
+    optimizer: a torch.optim Adam/AdamW/SGD (or a callable(params) returning one) whose class, hyper-parameters
+    and param groups the shard optimizer takes over (it overrides the config's optimizer block, as in
+    DeepSpeed). Without lr_scheduler, the config's `scheduler` block (DeepSpeed's schedules) is used.
     """
     if isinstance(args, nn.Module) and not isinstance(model, nn.Module):
         if config is not None and model is not None:
@@ -205,19 +174,22 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     from ztune.runtime.compat.args import config_from_args
 
     loaded = _load_config(config_from_args(args, config, config_params), model=model)
-    trainable = _trainable(model, model_parameters)
+    from ztune.runtime.compat.optimizers import plan_optimizer, resolve_scheduler
+
+    plan = plan_optimizer(model, loaded.config, model_parameters=model_parameters, optimizer=optimizer)
     comm, device = _process_group(dist_init_required=dist_init_required, distributed_port=distributed_port)
     batch = resolve_batch(loaded.config.batch, comm.world_size, keys=loaded.batch_keys)
     cfg = dataclasses.replace(loaded.config, batch=batch)
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
     _report_ignored(loaded.ignored, rank=comm.rank)
     model.to(device)
-    fused = _use_fused_cpu_adam(cfg, device=device)
+    fused = _use_fused_cpu_adam(cfg, device=device, kind=plan.kind)
     from ztune.runtime.compat.engine_api import CompatEngine
 
-    engine = CompatEngine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused,
-                          device=device)
-    scheduler = _client_objects(engine, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    engine = CompatEngine(model, cfg, comm=comm, trainable=plan.trainable, units=units, fused_cpu_adam=fused,
+                          device=device, optimizer_plan=plan)
+    scheduler = resolve_scheduler(cfg, optimizer=engine.optimizer, lr_scheduler=lr_scheduler)
+    engine.lr_scheduler = scheduler
     dataloader = None
     if training_data is not None:
         from torch.utils.data import DataLoader, DistributedSampler

@@ -115,6 +115,7 @@ def adam_step_(
     grad_scale: float = 1.0,
     out: torch.Tensor | None = None,
     simd: str | None = None,
+    bias_correction: bool = True,
 ) -> None:
     """One Adam (adamw=False: L2 decay added to the gradient) or AdamW (decoupled decay) step, in place.
 
@@ -122,22 +123,24 @@ def adam_step_(
     or fp16, same numel, read only; it is divided by `grad_scale` first (fp16 loss-scale unscale). `step` is
     the 1-based step count after this update, for bias correction. If `out` (bf16 or fp16) is given, it
     receives the updated parameter rounded to nearest even. Results match torch.optim.Adam/AdamW's
-    single-tensor path. `simd` forces "avx512", "avx2" or "portable" (UserError if this CPU lacks it);
-    None picks the best. Uses torch.get_num_threads() threads.
+    single-tensor path. bias_correction=False: no 1 - beta**step corrections (DeepSpeed's Adam option).
+    `simd` forces "avx512", "avx2" or "portable" (UserError if this CPU lacks it); None picks the best.
+    Uses torch.get_num_threads() threads.
     """
     _check_args(param, grad, exp_avg, exp_avg_sq, out=out, step=step)
     if simd is not None and simd not in _cpu_simd_paths():
         raise UserError(f"simd={simd!r} is not available on this CPU; choose one of {available_simd()}")
     lib = _get_backend().lib
     if lib is None:
-        _torch_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                         eps=eps, weight_decay=weight_decay, adamw=adamw, grad_scale=grad_scale, out=out)
+        torch_adam_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                        eps=eps, weight_decay=weight_decay, adamw=adamw, grad_scale=grad_scale, out=out,
+                        bias_correction=bias_correction)
         return
     rc = lib.zt_adam_step(
         param.data_ptr(), grad.data_ptr(), _DTYPE_CODES[grad.dtype], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
         out.data_ptr() if out is not None else None, _DTYPE_CODES[out.dtype] if out is not None else 0,
         param.numel(), step, lr, beta1, beta2, eps, weight_decay, int(adamw), grad_scale,
-        -1 if simd is None else _SIMD_CODES[simd], torch.get_num_threads(),
+        -1 if simd is None else _SIMD_CODES[simd], torch.get_num_threads(), int(bias_correction),
     )
     if rc != 0:  # only reachable if /proc/cpuinfo and cpuid disagree, or the codes above drift
         raise RuntimeError(f"zt_adam_step failed with code {rc} (simd={simd!r}, grad dtype {grad.dtype})")
@@ -164,9 +167,10 @@ def _check_args(param, grad, exp_avg, exp_avg_sq, *, out, step) -> None:
         raise ValueError(f"step must be >= 1 (the count after this update), got {step}")
 
 
-def _torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, adamw,
-                     grad_scale, out) -> None:
-    """The same step as torch ops, in the order of torch.optim.adam._single_tensor_adam (torch 2.13)."""
+def torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, adamw,
+                    grad_scale, out, bias_correction: bool = True) -> None:
+    """The same step as torch ops, in the order of torch.optim.adam._single_tensor_adam (torch 2.13); any
+    device (no argument checks: adam_step_ does them for the kernel's callers)."""
     g = grad.float()  # a copy only when grad is not fp32; every op on g below is out of place
     if grad_scale != 1.0:
         g = g / grad_scale
@@ -178,9 +182,12 @@ def _torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     step_f = float(step)  # torch keeps step as a float tensor
-    step_size = lr / (1 - beta1**step_f)
-    bias_correction2_sqrt = (1 - beta2**step_f) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    if bias_correction:
+        step_size = lr / (1 - beta1**step_f)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step_f) ** 0.5).add_(eps)
+    else:
+        step_size = lr
+        denom = exp_avg_sq.sqrt().add_(eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)
     if out is not None:
         out.copy_(param)
@@ -242,7 +249,7 @@ def _build_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-        ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
     lib.zt_cpu_supports.restype = ctypes.c_int
     lib.zt_cpu_supports.argtypes = [ctypes.c_int]

@@ -15,6 +15,10 @@ and isinstance checks work on it unchanged.
   beats torch's fused AdamW is what `make gpu-check` measures (docs/gpu-check.md).
 - Otherwise (CUDA shards by default, SGD) torch's fused optimizer, which takes the divisor as its `grad_scale`
   tensor (the hook torch.amp.GradScaler uses) and divides while it reads, so no separate scaling pass runs.
+- Adam without bias correction (DeepSpeed's `bias_correction: false`, which torch.optim cannot express) on
+  shards the kernels do not take: TorchOpsAdam, the kernel's torch-op fallback on any device.
+Param groups: the optimizer gets one group per user param group (runtime/compat/optimizers.py), each with
+its own lr / betas / eps / weight_decay / momentum and, for Adam, `bias_correction`.
 """
 
 from __future__ import annotations
@@ -52,9 +56,14 @@ class FusedCpuAdam(torch.optim.Adam):
     master's dtype) and `outs` (id(master) -> 16-bit parameter shard that receives the rounded update)."""
 
     adamw = False
+    use_kernel = True  # False: the kernel's torch-op fallback, on any device (TorchOpsAdam)
 
-    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    def __init__(self, params, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 bias_correction: bool = True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.defaults["bias_correction"] = bias_correction
+        for group in self.param_groups:
+            group.setdefault("bias_correction", bias_correction)
         self.grad_divisor = 1.0
         self.grads: dict[int, torch.Tensor] = {}
         self.outs: dict[int, torch.Tensor] = {}
@@ -76,10 +85,11 @@ class FusedCpuAdam(torch.optim.Adam):
         self._update(p, group, grad=grad, out=out)
 
     def _update(self, p: torch.Tensor, group: dict, *, grad: torch.Tensor, out: torch.Tensor | None) -> None:
-        if p.is_cuda:
-            from ztune.runtime.cuda_adam import adam_step_
-        else:
-            from ztune.runtime.ops import adam_step_
+        from ztune.runtime.ops import adam_step_, torch_adam_step
+
+        on_cuda = self.use_kernel and p.is_cuda
+        if on_cuda:  # build_shard_optimizer picks a kernel only with bias correction on (the CUDA ABI has no flag)
+            from ztune.runtime.cuda_adam import adam_step_ as cuda_adam_step_
 
         beta1, beta2 = group["betas"]
         state = self.state[p]
@@ -89,14 +99,29 @@ class FusedCpuAdam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p)
         # int(): torch.optim.Adam.load_state_dict (via __setstate__) turns a loaded step count into a tensor.
         state["step"] = int(state["step"]) + 1
-        adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
-                   beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                   adamw=self.adamw, grad_scale=self.grad_divisor, out=out)
+        kw = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                  weight_decay=group["weight_decay"], adamw=self.adamw, grad_scale=self.grad_divisor, out=out)
+        if on_cuda:
+            cuda_adam_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], **kw)
+            return
+        step = adam_step_ if self.use_kernel else torch_adam_step
+        step(p, grad, state["exp_avg"], state["exp_avg_sq"], bias_correction=group.get("bias_correction", True),
+             **kw)
 
 
 class FusedCpuAdamW(FusedCpuAdam, torch.optim.AdamW):
     """AdamW (decoupled weight decay) over flat fp32 CPU shards via runtime.ops.adam_step_."""
 
+    adamw = True
+
+
+class TorchOpsAdam(FusedCpuAdam):
+    """FusedCpuAdam's math as torch ops on any device: for options torch.optim lacks (bias_correction)."""
+
+    use_kernel = False
+
+
+class TorchOpsAdamW(TorchOpsAdam, torch.optim.AdamW):
     adamw = True
 
 
@@ -106,15 +131,26 @@ _KERNEL_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
 def build_shard_optimizer(masters: Sequence[torch.Tensor], *, kind: OptimizerType, lr: float,
                           betas: tuple[float, float], eps: float, weight_decay: float, momentum: float,
-                          fused_cpu: bool) -> torch.optim.Optimizer:
+                          fused_cpu: bool, bias_correction: bool = True,
+                          param_groups: Sequence[dict] | None = None) -> torch.optim.Optimizer:
     """An optimizer over `masters` (flat fp32 shards). fused_cpu: use the fused CPU Adam kernel (Adam/AdamW on
     CPU tensors only). CUDA masters use ztune's CUDA Adam kernel when $ZTUNE_CUDA_ADAM is "ztune" (ConfigError
-    for a value other than torch/ztune)."""
-    params = list(masters)
-    ztune_cuda = cuda_adam_choice() == "ztune" and bool(params) and params[0].is_cuda
-    if (fused_cpu or ztune_cuda) and kind is not OptimizerType.SGD:
-        cls = FusedCpuAdamW if kind is OptimizerType.ADAMW else FusedCpuAdam
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    for a value other than torch/ztune), with bias correction on. param_groups: torch-style groups over the
+    masters with per-group hyper-parameters (default: one group of all masters with the keyword values)."""
+    params = list(param_groups) if param_groups is not None else list(masters)
+    if kind is not OptimizerType.SGD:
+        groups = params if param_groups is not None else [{}]
+        corrected = all(g.get("bias_correction", bias_correction) for g in groups)
+        ztune_cuda = cuda_adam_choice() == "ztune" and bool(masters) and masters[0].is_cuda
+        kernel = fused_cpu or ztune_cuda
+        if kernel or not corrected:
+            use_kernel = kernel and corrected
+            if kind is OptimizerType.ADAMW:
+                cls = FusedCpuAdamW if use_kernel else TorchOpsAdamW
+            else:
+                cls = FusedCpuAdam if use_kernel else TorchOpsAdam
+            return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                       bias_correction=bias_correction)
     if kind is OptimizerType.SGD:
         cls, kw = torch.optim.SGD, dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:

@@ -13,10 +13,14 @@ from ztune.errors import ConfigError
 INITIALIZE_ARGUMENTS: dict[str, str] = {
     "args": "parsed arguments; args.deepspeed_config or args.ztune_config names the config file",
     "model": "required; also ztune's short form initialize(model, config)",
-    "optimizer": "a client optimizer is refused with one error: describe it in the config's optimizer block",
-    "model_parameters": "the parameters to train (an iterable of parameters; default: all with requires_grad)",
+    "optimizer": "a torch.optim Adam/AdamW/SGD (or a callable(params) returning one): its class, hyper-parameters "
+                 "and param groups are applied to the shards, overriding the config's optimizer block; any other "
+                 "optimizer is refused with one error",
+    "model_parameters": "the parameters to train, or parameter groups (dicts with params and their own lr, "
+                        "weight_decay, ...); default: all with requires_grad",
     "training_data": "a Dataset: the returned dataloader yields this rank's micro-batches (DistributedSampler)",
-    "lr_scheduler": "a scheduler, or a callable(optimizer) returning one; stepped after each applied step",
+    "lr_scheduler": "a scheduler, or a callable(optimizer) returning one; stepped after each applied step; "
+                    "default: the config's scheduler block",
     "distributed_port": "MASTER_PORT when the environment has none",
     "mpu": "refused: ztune is data-parallel only",
     "dist_init_required": "None: create the group if needed; False: never (error if several ranks and none); "

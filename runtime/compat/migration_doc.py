@@ -83,6 +83,8 @@ def _optimizer_rows() -> list[str]:
              for k in sorted(importer._OPTIMIZER_PARAMS)]
     rows += [f"| `optimizer.params.{k}` | ignored | not read by ztune's optimizer importer |"
              for k in sorted(importer._IGNORED_OPTIMIZER_PARAMS)]
+    rows += [f"| `optimizer.params.{k}` | ignored when `{_json(off)}`, else rejected | not implemented by ztune's "
+             "optimizers |" for k, off in sorted(importer._OFF_OPTIMIZER_PARAMS.items())]
     return rows
 
 

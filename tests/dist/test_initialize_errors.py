@@ -44,7 +44,7 @@ def _frozen() -> nn.Module:
         (Tiny, "/nonexistent/ztune.yaml", {}, "does not exist"),
         (Tiny, {"zero": {"stage": 3}}, {"units": [nn.Linear(2, 2)]}, "submodule of the model"),
         (Tiny, {"zero": {"stage": 3}}, {"units": "self"}, "must not overlap"),
-        (Tiny, None, {"model_parameters": [{"params": []}]}, "parameter groups"),
+        (Tiny, None, {"model_parameters": "two-groups"}, "more than one parameter group"),
         (Tiny, None, {"model_parameters": [nn.Parameter(torch.zeros(1))]}, "parameter of the model"),
     ],
     ids=["no-params", "all-frozen", "not-a-module", "unknown-key", "bad-stage", "bad-topk-ratio", "missing-file",
@@ -54,6 +54,8 @@ def test_bad_input_raises_config_error(make_model, config, kwargs, message):
     model = make_model()
     if kwargs.get("units") == "self":
         kwargs = {"units": [model.blocks[0], model.blocks[0]]}
+    if kwargs.get("model_parameters") == "two-groups":
+        kwargs = {"model_parameters": [{"params": model.head.parameters()}, {"params": [model.head.bias]}]}
     with pytest.raises(ConfigError, match=message):
         ztune.initialize(model, config, **kwargs)
 

@@ -73,7 +73,10 @@ def config_for(c: dict, world_size: int) -> dict:
         opt["momentum"] = 0.9
     return {"zero": {"stage": c["stage"], "offload_optimizer": c["offload"], "reduce_bucket_numel": 3000},
             "precision": c["precision"], "batch": {"micro": MICRO, "grad_accum": c["accum"]},
-            "optimizer": opt, "gradient_clipping": c["clip"], "activations": {"checkpointing": c["ckpt"]}}
+            "optimizer": opt, "gradient_clipping": c["clip"], "activations": {"checkpointing": c["ckpt"]},
+            # hysteresis 1: the one injected overflow halves the scale at once (DeepSpeed's default, 2, would
+            # keep 2**16 for one more step, which then overflows on its own in fp16 on 4 ranks).
+            "loss_scaling": {"hysteresis": 1}}
 
 
 def corpus():

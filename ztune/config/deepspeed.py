@@ -8,6 +8,7 @@ unknown key is an error, so a typo never passes silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -18,14 +19,16 @@ from ztune.config.schema import (
     BatchConfig,
     Compression,
     CompressionConfig,
+    LossScaleConfig,
     Offload,
     OptimizerConfig,
     OptimizerType,
     Precision,
+    SchedulerConfig,
     TrainConfig,
     ZeroConfig,
 )
-from ztune.config.validate import _convert, build, check
+from ztune.config.validate import _convert, build, check, check_loss_scaling
 from ztune.errors import ConfigError
 
 # Top-level keys whose presence marks a document as DeepSpeed JSON.
@@ -41,6 +44,11 @@ DEEPSPEED_MARKERS = frozenset(
 )
 _BATCH_FIELDS = {"train_batch_size": "global", "train_micro_batch_size_per_gpu": "micro",
                  "gradient_accumulation_steps": "grad_accum"}
+# fp16 keys with DeepSpeed's meaning, read into TrainConfig.loss_scaling (runtime/precision.py).
+_LOSS_SCALE_KEYS = frozenset(
+    {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+     "consecutive_hysteresis"}
+)
 _OPTIMIZERS = {
     "adamw": (OptimizerType.ADAMW, Compression.NONE),
     "adam": (OptimizerType.ADAM, Compression.NONE),
@@ -48,15 +56,18 @@ _OPTIMIZERS = {
     # 1-bit Adam (Tang et al. 2021) is DeepSpeed's compressed-communication Adam.
     "onebitadam": (OptimizerType.ADAM, Compression.ONEBIT),
 }
-_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum"}
-_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "adam_w_mode", "bias_correction", "amsgrad", "freeze_step",
-                             "cuda_aware", "comm_backend_name", "nesterov", "dampening", "fused"}
+_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode"}
+# torch_adam / fused / cuda_aware / comm_backend_name pick an implementation, not the math.
+_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "freeze_step", "cuda_aware", "comm_backend_name", "fused"}
+# Options ztune's optimizers do not implement: accepted (and listed as ignored) only at their "off" value.
+_OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0}
 # ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
 _DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
              "zero.offload_params": "zero_optimization.offload_param", "zero.stage": "zero_optimization.stage",
              "optimizer.lr": "optimizer.params.lr", "optimizer.eps": "optimizer.params.eps",
              "optimizer.betas": "optimizer.params.betas", "optimizer.weight_decay": "optimizer.params.weight_decay",
-             "optimizer.momentum": "optimizer.params.momentum", "activations.": "ztune.activations."}
+             "optimizer.momentum": "optimizer.params.momentum", "activations.": "ztune.activations.",
+             "loss_scaling.": "fp16."}
 
 
 def is_deepspeed(doc: dict) -> bool:
@@ -152,15 +163,20 @@ def _zero(block: Any, ignored: list[str]) -> dict[str, Any]:
     return zero
 
 
-def _precision_enabled(value: Any, key: str, ignored: list[str]) -> bool:
-    """An fp16 / bf16 (or bfloat16) block: whether it is enabled; its other keys go through the table."""
+def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling: dict[str, Any]) -> bool:
+    """An fp16 / bf16 (or bfloat16) block: whether it is enabled. An enabled fp16 block's loss-scale keys go
+    into `loss_scaling` (DeepSpeed's meaning, runtime/precision.py); its other keys go through the table."""
     block = _mapping(value, key)
     enabled = block.get("enabled", False)
     if enabled not in (True, False):
         raise ConfigError(f"{key}.enabled: expected true, false or \"auto\", got {enabled!r}")
     canonical = ALIASES.get(key, key)
     if enabled:
-        _apply_rules(block, key, handled={"enabled"}, ignored=ignored, canonical=canonical)
+        handled = {"enabled"}
+        if canonical == "fp16":
+            handled |= _LOSS_SCALE_KEYS
+            loss_scaling.update({k: v for k, v in block.items() if k in _LOSS_SCALE_KEYS})
+        _apply_rules(block, key, handled=handled, ignored=ignored, canonical=canonical)
     else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
         for k in block:
             if k != "enabled":
@@ -218,7 +234,10 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     ignored: list[str] = []
     zero: dict[str, Any] = {}
     top: dict[str, Any] = {}
-    opt: dict[str, Any] = {}
+    # DeepSpeed's optimizers default to no weight decay (FusedAdam / DeepSpeedCPUAdam weight_decay=0.0).
+    opt: dict[str, Any] = {"weight_decay": 0.0}
+    loss_scaling: dict[str, Any] = {}
+    scheduler: dict[str, Any] = {}
     activations = ActivationConfig()
     compression = Compression.NONE
     precision = Precision.FP32
@@ -230,7 +249,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
         elif key == "gradient_clipping":
             top["gradient_clipping"] = _number(float, value, key, allow_zero=True)
         elif ALIASES.get(key, key) in ("bf16", "fp16"):
-            if _precision_enabled(value, key, ignored):
+            if _precision_enabled(value, key, ignored, loss_scaling=loss_scaling):
                 if precision is not Precision.FP32:
                     raise ConfigError("bf16.enabled and fp16.enabled are both true; enable one of them")
                 precision = Precision.BF16 if ALIASES.get(key, key) == "bf16" else Precision.FP16
@@ -250,18 +269,42 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                 raise ConfigError(f"optimizer.type: got {name!r}; allowed: AdamW, Adam, SGD, OneBitAdam")
             opt_type, compression = _OPTIMIZERS[name.lower()]
             opt["type"] = opt_type.value
+            adam_w_mode = True  # DeepSpeed's default (runtime/config.py ADAM_W_MODE_DEFAULT)
             for k, v in _mapping(block.get("params", {}), "optimizer.params").items():
-                if k in _OPTIMIZER_PARAMS:
+                if k == "adam_w_mode" and name.lower() in ("adam", "adamw"):
+                    if not isinstance(v, bool):
+                        raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
+                    adam_w_mode = v
+                elif k == "adam_w_mode" or (k == "bias_correction" and opt_type is OptimizerType.SGD):
+                    raise ConfigError(f"optimizer.params.{k}: not a parameter of {name}; remove it")
+                elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
+                    ignored.append(f"optimizer.params.{k}")
+                elif k in _OFF_OPTIMIZER_PARAMS:
+                    off = _OFF_OPTIMIZER_PARAMS[k]
+                    if v != off or isinstance(v, bool) != isinstance(off, bool):
+                        raise ConfigError(f"optimizer.params.{k}: {v!r} is not supported by ztune; remove it "
+                                          f"or set it to {str(off).lower()}")
                     ignored.append(f"optimizer.params.{k}")
                 else:
                     raise ConfigError(
                         f"unknown key 'optimizer.params.{k}'; allowed here: " + ", ".join(sorted(_OPTIMIZER_PARAMS))
                     )
+            # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
+            if name.lower() == "adam" and adam_w_mode:
+                opt["type"] = OptimizerType.ADAMW.value
+        elif key == "scheduler":
+            block = _mapping(value, key)
+            for k in block:
+                if k not in ("type", "params"):
+                    raise ConfigError(f"unknown key 'scheduler.{k}'; allowed here: type, params")
+            scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         else:
             _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="")
     try:
+        loss_scale_cfg = build(LossScaleConfig, loss_scaling, prefix="fp16.")
+        check_loss_scaling(loss_scale_cfg, prefix="fp16.")
         cfg = TrainConfig(
             zero=ZeroConfig(**zero),
             precision=precision,
@@ -269,6 +312,8 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             optimizer=build(OptimizerConfig, opt, prefix="optimizer.params."),
             compression=CompressionConfig(method=compression),
             activations=activations,
+            loss_scaling=loss_scale_cfg,
+            scheduler=build(SchedulerConfig, scheduler, prefix="scheduler."),
             **top,
         )
         return check(cfg), ignored
@@ -293,7 +338,9 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
     if o.type is OptimizerType.SGD:
         params["momentum"] = o.momentum
     else:
-        params.update(betas=list(o.betas), eps=o.eps)
+        params.update(betas=list(o.betas), eps=o.eps, bias_correction=o.bias_correction)
+        if o.type is OptimizerType.ADAM:
+            params["adam_w_mode"] = False  # DeepSpeed's Adam is AdamW unless told otherwise
     opt_type = o.type.value
     if cfg.compression.method is Compression.ONEBIT and o.type is OptimizerType.ADAM:
         opt_type = "OneBitAdam"
@@ -306,7 +353,10 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
         doc["gradient_accumulation_steps"] = cfg.batch.grad_accum
     doc["gradient_clipping"] = cfg.gradient_clipping
     doc["bf16"] = {"enabled": cfg.precision is Precision.BF16}
-    doc["fp16"] = {"enabled": cfg.precision is Precision.FP16}
+    doc["fp16"] = {"enabled": cfg.precision is Precision.FP16,
+                   **{f.name: getattr(cfg.loss_scaling, f.name) for f in dataclasses.fields(LossScaleConfig)}}
     doc["zero_optimization"] = zero
     doc["optimizer"] = {"type": opt_type, "params": params}
+    if cfg.scheduler.type is not None:
+        doc["scheduler"] = {"type": cfg.scheduler.type, "params": dict(cfg.scheduler.params)}
     return doc

@@ -63,13 +63,14 @@ KEYS: dict[str, KeyRule] = {
     "fp16.auto_cast": _i("ztune always casts floating-point inputs to the compute dtype"),
     "fp16.fp16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; fp16 masters are not "
                                                     "implemented"),
-    # ztune's scaler today: dynamic from 2**16, window 1000, floor 1, halving at every overflow (hysteresis 1).
-    "fp16.loss_scale": _n(0, "a static loss scale is not implemented (0 = dynamic)"),
-    "fp16.initial_scale_power": _n(16, "the dynamic scale starts at 2**16"),
-    "fp16.loss_scale_window": _n(1000, "the scale rises after 1000 clean steps"),
-    "fp16.hysteresis": _n(1, "the scale halves at every overflow (hysteresis 1)"),
-    "fp16.consecutive_hysteresis": _n(False, "no hysteresis is implemented"),
-    "fp16.min_loss_scale": _n(1, "the scale's floor is 1"),
+    # DeepSpeed's dynamic loss scaler (runtime/fp16/loss_scaler.py), implemented in runtime/precision.py.
+    "fp16.loss_scale": _s("0 = dynamic scaling; > 0 = this static scale (overflowing steps are still skipped)"),
+    "fp16.initial_scale_power": _s("the dynamic scale starts at 2**initial_scale_power (default 16)"),
+    "fp16.loss_scale_window": _s("clean steps before the dynamic scale doubles (default 1000)"),
+    "fp16.hysteresis": _s("overflows tolerated before the scale halves (default 2)"),
+    "fp16.consecutive_hysteresis": _s("refill the hysteresis after every clean step (default false)"),
+    "fp16.min_loss_scale": _s("the dynamic scale's floor; an overflow there with no hysteresis left stops "
+                              "training with an error, as in DeepSpeed (default 1)"),
     "fp16.immediate_grad_update": _i(_PERF),
     "bf16": _s("block (\"bfloat16\" is DeepSpeed's older spelling, also read)"),
     "bf16.enabled": _s("precision bf16; \"auto\" = on when the model's parameters are bf16"),
@@ -190,8 +191,9 @@ KEYS: dict[str, KeyRule] = {
     "communication_data_type": _i("ztune reduces gradients in the compute dtype"),
     "seq_parallel_communication_data_type": _i(_PERF),
     "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
-    "scheduler": _r("DeepSpeed's learning-rate schedules are not built from the config by this version; pass "
-                    "lr_scheduler= to initialize"),
+    "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
+                    "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
+                    "optimizer step"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),

@@ -9,8 +9,12 @@ YAML form (every key optional; unknown keys are an error):
     seq_len: 2048
     activations: {checkpointing: full, every: 1, offload: none}   # none | selective | full
     compression: {method: none, topk_ratio: 0.01}                 # none | bf16 | int8 | onebit | topk
-    optimizer: {type: AdamW, lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, momentum: 0.0}
+    optimizer: {type: AdamW, lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, momentum: 0.0,
+                bias_correction: true}
     gradient_clipping: 1.0     # 0 disables
+    loss_scaling: {loss_scale: 0, initial_scale_power: 16, loss_scale_window: 1000, hysteresis: 2,
+                   consecutive_hysteresis: false, min_loss_scale: 1}      # fp16 only; DeepSpeed's fp16 keys
+    scheduler: {type: WarmupLR, params: {warmup_max_lr: 3.0e-4, warmup_num_steps: 100}}  # DeepSpeed's
 """
 
 from __future__ import annotations
@@ -99,6 +103,32 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     momentum: float = 0.0
+    # False: Adam without the 1 - beta**step corrections (DeepSpeed's Adam `bias_correction`).
+    bias_correction: bool = True
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """fp16 loss scaling, with the meaning and defaults of DeepSpeed's `fp16` block (runtime/precision.py)."""
+
+    loss_scale: float = 0.0  # 0: dynamic; > 0: this static scale
+    initial_scale_power: int = 16  # dynamic: start at 2 ** this
+    loss_scale_window: int = 1000  # dynamic: clean steps between raises
+    hysteresis: int = 2  # dynamic: overflows tolerated before the scale is lowered
+    consecutive_hysteresis: bool = False  # dynamic: refill the hysteresis after every clean step
+    min_loss_scale: float = 1.0  # dynamic: floor; an overflow at the floor is an error
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A DeepSpeed learning-rate schedule (runtime/compat/lr_schedules.py): its class name and keyword
+    parameters, checked against the schedule's signature when the config is loaded. type None: no schedule."""
+
+    type: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # keeps TrainConfig hashable; params values may be lists
+        return hash((self.type, repr(sorted(self.params.items()))))
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,8 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_clipping: float = 0.0
+    loss_scaling: LossScaleConfig = field(default_factory=LossScaleConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` data-parallel ranks."""

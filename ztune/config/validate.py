@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from ztune.config.schema import BatchConfig, Offload, OptimizerType, TrainConfig
+from ztune.config.schema import BatchConfig, LossScaleConfig, Offload, OptimizerType, TrainConfig
 from ztune.errors import ConfigError
 from ztune.inputs import MAX_BATCH, MAX_SEQ
 
@@ -71,6 +71,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{key}: expected a finite number, got {_describe(value)}")
         return float(value)
+    if tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {_describe(value)}")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
@@ -145,6 +149,10 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"compression.topk_ratio: got {cfg.compression.topk_ratio}; must be in (0, 1]")
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
         raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
+    check_loss_scaling(cfg.loss_scaling, prefix="loss_scaling.")
+    from ztune.runtime.compat.lr_schedules import check_scheduler  # torch-free
+
+    check_scheduler(cfg.scheduler.type, cfg.scheduler.params)
     b = cfg.batch
     if b.global_ is not None and b.grad_accum is not None and b.micro is not None \
             and b.global_ % (b.micro * b.grad_accum):
@@ -152,6 +160,19 @@ def check(cfg: TrainConfig) -> TrainConfig:
             f"batch: global {b.global_} is not a multiple of micro {b.micro} x grad_accum {b.grad_accum}"
         )
     return cfg
+
+
+def check_loss_scaling(ls: LossScaleConfig, *, prefix: str) -> None:
+    """The fp16 loss-scale settings DeepSpeed 0.19.8 validates (precision_config.py), plus hysteresis >= 1
+    (DeepSpeed accepts 0 and then never lowers the scale). `prefix` names the block as the user wrote it."""
+    _check_positive(f"{prefix}loss_scale", ls.loss_scale, allow_zero=True)
+    if ls.loss_scale == 0:
+        _check_positive(f"{prefix}loss_scale_window", ls.loss_scale_window)
+        _check_positive(f"{prefix}min_loss_scale", ls.min_loss_scale)
+        _check_positive(f"{prefix}hysteresis", ls.hysteresis)
+        if not -126 <= ls.initial_scale_power <= 127:
+            raise ConfigError(f"{prefix}initial_scale_power: got {ls.initial_scale_power}; must be in "
+                              "[-126, 127] (2 ** power must be a finite float)")
 
 
 @dataclasses.dataclass(frozen=True)
