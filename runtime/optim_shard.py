@@ -141,10 +141,10 @@ def build_shard_optimizer(masters: Sequence[torch.Tensor], *, kind: OptimizerTyp
     if kind is not OptimizerType.SGD:
         groups = params if param_groups is not None else [{}]
         corrected = all(g.get("bias_correction", bias_correction) for g in groups)
-        ztune_cuda = cuda_adam_choice() == "ztune" and bool(masters) and masters[0].is_cuda
-        kernel = fused_cpu or ztune_cuda
-        if kernel or not corrected:
-            use_kernel = kernel and corrected
+        # The CPU kernel takes bias_correction per group; the CUDA kernel's ABI has no such flag.
+        ztune_cuda = cuda_adam_choice() == "ztune" and bool(masters) and masters[0].is_cuda and corrected
+        use_kernel = fused_cpu or ztune_cuda
+        if use_kernel or not corrected:
             if kind is OptimizerType.ADAMW:
                 cls = FusedCpuAdamW if use_kernel else TorchOpsAdamW
             else:

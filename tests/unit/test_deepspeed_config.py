@@ -121,7 +121,10 @@ def test_precision_blocks_deepspeed_accepts_load():
     ({"bf16": {"enabled": True, "bogus": 1}}, "unknown key 'bf16.bogus'; allowed here: "),
     ({"pipeline": {"stages": 2}}, "pipeline: pipeline parallelism is not implemented"),
     ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler: DeepSpeed's learning-rate"),
+    ({"scheduler": {"type": "StepLR", "params": {}}}, "scheduler.type: got 'StepLR'"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 10}}},
+     "unknown key 'scheduler.params.warmup_num_step'"),
+    ({"fp16": {"enabled": True, "hysteresis": 0}}, "fp16.hysteresis: got 0"),
     ({"sequence_parallel_size": 2}, "sequence_parallel_size: sequence parallelism"),
     ({"gradient_clipping": -1}, "gradient_clipping: got -1"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": -1.0}}}, "optimizer.params.lr: got -1.0"),
@@ -214,17 +217,18 @@ def test_key_table_covers_deepspeeds_config_models():
         assert r.status in ("supported", IGNORED, NEUTRAL, REJECTED) and r.note, key
 
 
-def test_fp16_scaler_keys_accepted_where_they_match_ztunes_scaler():
-    defaults = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                "min_loss_scale": 1, "hysteresis": 1}
-    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": defaults})
-    assert cfg.precision is Precision.FP16 and len(ignored) == 5
-    with pytest.raises(ConfigError, match=r"^fp16.loss_scale: a static loss scale is not implemented.*set it to 0"):
-        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "loss_scale": 128}})
-    with pytest.raises(ConfigError, match=r"^fp16.hysteresis: "):
-        from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "hysteresis": 2}})
+def test_fp16_scaler_keys_read_with_deepspeeds_meaning():
+    keys = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 500,
+            "min_loss_scale": 1024, "hysteresis": 2, "consecutive_hysteresis": True}
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": keys})
+    assert cfg.precision is Precision.FP16 and ignored == []
+    ls = cfg.loss_scaling
+    assert (ls.loss_scale, ls.initial_scale_power, ls.loss_scale_window, ls.min_loss_scale, ls.hysteresis,
+            ls.consecutive_hysteresis) == (0, 8, 500, 1024, 2, True)
+    cfg, _ = from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": True, "loss_scale": 128}})
+    assert cfg.loss_scaling.loss_scale == 128
     # A disabled block's settings have no effect in DeepSpeed: listed as ignored, whatever their values.
-    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": {**defaults, "enabled": False, "loss_scale": 128}})
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "fp16": {**keys, "enabled": False, "loss_scale": 128}})
     assert cfg.precision is Precision.FP32 and "fp16.loss_scale" in ignored
     with pytest.raises(ConfigError, match="unknown key 'fp16.scale'"):
         from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False, "scale": 1}})
