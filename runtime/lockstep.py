@@ -16,7 +16,9 @@ shards without them, so none of this arises; the mechanism here covers gathers t
   A rank that finds any stamp different from its own raises before using the parameters.
 
 Every failure is `GatherDivergedError` on each rank involved, naming the cause and the remedies. The stamp is
-one small extra collective per unit gather on this path only (see docs/bench or the report for its cost).
+one small extra collective per unit gather, on this path only. Its cost was below the noise where measured: a
+4-layer GPT-2 (hidden 128, seq 64, micro-batch 2), 2 gloo ranks, stage 3, the two variants alternating in one
+process: median step 0.91 s with stamps, 1.09 s without, on the 2-core dev machine at load average ~30.
 """
 
 from __future__ import annotations
