@@ -60,3 +60,11 @@ class LossScaler:
         if self._clean_steps >= self.growth_interval:
             self.scale *= self.factor
             self._clean_steps = 0
+
+    def state_dict(self) -> dict:
+        """The scaler's state as plain numbers (saved in checkpoints, runtime/state/)."""
+        return {"dynamic": self.dynamic, "scale": self.scale, "clean_steps": self._clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self._clean_steps = int(state["clean_steps"])

@@ -11,6 +11,7 @@ YAML form (every key optional; unknown keys are an error):
     compression: {method: none, topk_ratio: 0.01}                 # none | bf16 | int8 | onebit | topk
     optimizer: {type: AdamW, lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, momentum: 0.0}
     gradient_clipping: 1.0     # 0 disables
+    checkpoint: {keep_last: 0} # saved training state (engine.save_checkpoint): newest tags kept, 0 = all
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Saved training state (engine.save_checkpoint, docs/checkpoints.md); not activation checkpointing."""
+
+    # After each complete save, keep the newest K tags in the save directory and delete older ones; 0 keeps all.
+    keep_last: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: Precision = Precision.BF16
@@ -110,6 +119,7 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_clipping: float = 0.0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` data-parallel ranks."""
