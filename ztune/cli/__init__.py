@@ -30,6 +30,7 @@ _COMMANDS = (
     ("probe", "probe"),
     ("autotune", "autotune"),
     ("launch", "launch"),
+    ("checkpoint", "checkpoint"),
 )
 
 
