@@ -140,4 +140,8 @@ def resolve(load_dir: str | Path, tag: str | None) -> Path | None:
         tag = tags.read_latest(load_dir)
         if tag is None:
             return None
-    return load_dir / tags.check_tag(str(tag))
+    path = load_dir / tags.check_tag(str(tag))
+    previous = load_dir / f"{tags.OLD_PREFIX}{tag}"
+    if not path.is_dir() and previous.is_dir():
+        return previous  # a crash while a re-save of `tag` swapped folders (tags.commit): its complete old copy
+    return path

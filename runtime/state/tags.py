@@ -22,7 +22,7 @@ from ztune.runtime.state.files import CheckpointError, fsync_dir, read_checked_j
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-_OLD_PREFIX = ".old-"
+OLD_PREFIX = ".old-"
 FORMAT = "ztune.checkpoint"
 FORMAT_VERSION = 1
 MODULE_FILE = "module.safetensors"
@@ -62,7 +62,7 @@ def commit(save_dir: Path, tag: str, *, save_latest: bool) -> Path:
     fsync_dir(staging)
     old = None
     if final.exists():
-        old = save_dir / f"{_OLD_PREFIX}{tag}"
+        old = save_dir / f"{OLD_PREFIX}{tag}"
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)

@@ -49,6 +49,9 @@ def launch(
     run_root: Annotated[str, typer.Option(help="Directory on each host for the run's files.")]
     = "/tmp/ztune-runs",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each host's command and exit.")] = False,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart every host's ranks up to N times "
+                                                                   "when one fails (torchrun elastic); the "
+                                                                   "script resumes from its checkpoint.")] = 0,
 ) -> None:
     """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
     from ztune.launch import LaunchRequest, plan_launch
@@ -60,6 +63,8 @@ def launch(
         script_args = script_args[1:]
     if grace < 0 or preflight_timeout <= 0:
         raise LaunchError("--grace must be >= 0 and --preflight-timeout > 0 (seconds)")
+    if max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be >= 0, got {max_restarts}")
     connect_s = max(1, int(preflight_timeout / 2))
     req = LaunchRequest(
         script=script, script_args=tuple(script_args), hostfile=hostfile, include=include, exclude=exclude,
@@ -67,7 +72,7 @@ def launch(
         config=config, env=tuple(env or ()), workdir=workdir, python=python, ifname=ifname,
         ssh=SshOptions(config_file=ssh_config, options=tuple(ssh_option or ()), connect_timeout_s=connect_s,
                        insecure_no_host_key_check=insecure_no_host_key_check),
-        run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout)
+        run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout, max_restarts=max_restarts)
     plan = plan_launch(req)
     if dry_run:
         _print_dry_run(plan)
