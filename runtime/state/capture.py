@@ -126,12 +126,17 @@ def state_dict_keys(module: nn.Module) -> list[list[str]]:
     return [[key, names.get(id(t), key)] for key, t in module.state_dict(keep_vars=True).items()]
 
 
-def capture_untrained(module: nn.Module, *, trainable_ids: set[int]) -> dict[str, torch.Tensor]:
-    """Frozen parameters and persistent buffers by canonical name, cloned to CPU (written once, by rank 0)."""
+def capture_untrained(module: nn.Module, *, trainable_ids: set[int], exclude_frozen: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Frozen parameters (unless exclude_frozen) and persistent buffers by canonical name, cloned to CPU
+    (written once, by rank 0)."""
     names = canonical_names(module)
+    params = {id(p) for p in module.parameters()}
     out: dict[str, torch.Tensor] = {}
     for t in module.state_dict(keep_vars=True).values():
         if id(t) in trainable_ids or id(t) not in names or names[id(t)] in out:
+            continue
+        if exclude_frozen and id(t) in params:
             continue
         out[names[id(t)]] = t.detach().to("cpu", copy=True).contiguous()
     return out

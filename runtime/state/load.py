@@ -19,7 +19,7 @@ from ztune.runtime.state.reader import TagReader, resolve
 from ztune.runtime.state.save import agree
 
 
-def _needed_ranks(engine, reader: TagReader) -> set[int]:
+def _needed_ranks(engine, reader: TagReader, *, strict: bool) -> set[int]:
     """Saved ranks whose shards hold any range this rank's new shards need."""
     from ztune.runtime.state.layout import plan_reads
 
@@ -28,17 +28,21 @@ def _needed_ranks(engine, reader: TagReader) -> set[int]:
     for i, g in enumerate(engine.groups):
         for f in fragments_of(g.layout, [names[id(p)] for p in g.params], owned=g.owned, rank=engine.rank,
                               group=i):
+            if not strict and f.name not in reader.index:
+                continue
             ranks |= {rd.rank for rd in plan_reads(reader.index, name=f.name, start=f.start, end=f.end,
                                                    dst_offset=0, where=str(reader.path))}
     return ranks
 
 
-def _check_model(engine, reader: TagReader) -> None:
+def _check_model(engine, reader: TagReader, *, strict: bool) -> None:
     shapes = reader.param_shapes()
     names = capture.canonical_names(engine.module)
     for g in engine.groups:
         for p in g.params:
             name = names[id(p)]
+            if name not in shapes and not strict:
+                continue
             if name not in shapes:
                 raise CheckpointError(f"checkpoint {reader.path} has no trainable parameter {name!r}: it was "
                                       "saved from a different model (or with other parameters frozen)")
@@ -48,11 +52,14 @@ def _check_model(engine, reader: TagReader) -> None:
 
 
 def _fill(engine, reader: TagReader, *, key: str, group_index: int, out: torch.Tensor) -> None:
+    """(Parameters the checkpoint lacks, which only a non-strict load lets through, keep `out`'s values.)"""
     """Read this rank's owned range of group `group_index`'s `key` state into 1-D CPU `out`."""
     g = engine.groups[group_index]
     names = capture.canonical_names(engine.module)
     for f in fragments_of(g.layout, [names[id(p)] for p in g.params], owned=g.owned, rank=engine.rank,
                           group=group_index):
+        if f.name not in reader.index:
+            continue
         reader.read_param(f.name, f.start, f.end, key=key, out=out[f.offset:f.offset + (f.end - f.start)])
 
 
@@ -80,30 +87,38 @@ def _refresh_params(engine) -> None:
             comm.all_gather(g.param_full, g.param_shard)
 
 
-def _load_untrained(engine, reader: TagReader) -> None:
+def _load_untrained(engine, reader: TagReader, *, strict: bool) -> None:
     saved = reader.meta0["module"]["untrained"]
     names = capture.canonical_names(engine.module)
     trainable = {id(p) for g in engine.groups for p in g.params}
     tensors = {names[id(t)]: t for t in engine.module.state_dict(keep_vars=True).values()
                if id(t) in names and id(t) not in trainable}
     missing = sorted(set(tensors) - set(saved))
-    if missing:
+    if missing and strict:
         raise CheckpointError(f"checkpoint {reader.path} lacks frozen parameters or buffers {missing[:3]}: it was "
                               "saved from a different model")
     f = reader.module_file()
     with torch.no_grad():
         for name, t in tensors.items():
+            if name not in saved:
+                continue
             t.data.copy_(f.read(name).reshape(f.shape(name)))
 
 
-def load_checkpoint(engine, load_dir, *, tag=None, load_optimizer_states: bool = True,
-                    load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+def load_checkpoint(engine, load_dir, *, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
     """Collective: load `load_dir/<tag>` (default: the tag `latest` names) into the engine. Returns
     (tag folder path as str, client_state), or (None, None) when `tag` is None and there is no `latest`
     (nothing saved yet: training starts fresh). load_module_only: only the weights (fp32 masters, frozen
     parameters, buffers); optimizer, scheduler, scaler, counters and RNG stay as they are.
+    load_module_strict=False: parameters and buffers the checkpoint lacks keep their values (their optimizer
+    state starts at zero) instead of raising. custom_load_fn (DeepSpeed's hook for its own module files) is
+    rejected with a UserError: there are no such files here.
     Raises CheckpointError (a UserError naming the file) on every rank for a missing, truncated or corrupted
     file."""
+    if custom_load_fn is not None:
+        raise UserError("load_checkpoint: custom_load_fn is not supported (ztune checkpoints have no per-module "
+                        "files to hand it); load, then adjust the module yourself")
     comm = engine.comm
     error, path = None, None
     try:
@@ -118,8 +133,8 @@ def load_checkpoint(engine, load_dir, *, tag=None, load_optimizer_states: bool =
     try:
         try:
             reader = TagReader(path)
-            _check_model(engine, reader)
-            needed = _needed_ranks(engine, reader)
+            _check_model(engine, reader, strict=load_module_strict)
+            needed = _needed_ranks(engine, reader, strict=load_module_strict)
             if reader.world_size == engine.world_size:
                 needed.add(engine.rank)  # its RNG states
             reader.verify(checksum_ranks=needed)
@@ -136,7 +151,7 @@ def load_checkpoint(engine, load_dir, *, tag=None, load_optimizer_states: bool =
         try:
             _restore(engine, reader, objects=objects, with_optimizer=with_optimizer,
                      with_scheduler=load_lr_scheduler_states and not load_module_only,
-                     module_only=load_module_only)
+                     module_only=load_module_only, strict=load_module_strict)
         except (UserError, OSError) as exc:
             error = exc
         agree(comm, error)
@@ -149,10 +164,10 @@ def load_checkpoint(engine, load_dir, *, tag=None, load_optimizer_states: bool =
 
 
 def _restore(engine, reader: TagReader, *, objects: dict, with_optimizer: bool, with_scheduler: bool,
-             module_only: bool) -> None:
+             module_only: bool, strict: bool) -> None:
     for i, g in enumerate(engine.groups):
         _load_into(engine, reader, key="master", i=i, dst=g.master)
-    _load_untrained(engine, reader)
+    _load_untrained(engine, reader, strict=strict)
     if with_optimizer:
         keys, step = reader.state_keys(), reader.step()
         states = []

@@ -83,7 +83,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None) -> None:
+def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None, exclude_frozen: bool) -> None:
     from ztune.config.io import to_dict
 
     cfg, rank = engine.config, engine.rank
@@ -106,7 +106,7 @@ def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None) -> No
     }
     if rank == 0:
         trainable = {id(p) for g in engine.groups for p in g.params}
-        untrained = capture.capture_untrained(engine.module, trainable_ids=trainable)
+        untrained = capture.capture_untrained(engine.module, trainable_ids=trainable, exclude_frozen=exclude_frozen)
         files[tags.MODULE_FILE] = _write_safetensors(staging / tags.MODULE_FILE, untrained)
         path = staging / tags.OBJECTS_FILE
         write_bytes_durable(path, objects)
@@ -119,9 +119,12 @@ def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None) -> No
     write_checked_json(staging / tags.rank_meta_name(rank), body)
 
 
-def save_checkpoint(engine, save_dir, *, tag=None, client_state=None, save_latest: bool = True) -> Path:
+def save_checkpoint(engine, save_dir, *, tag=None, client_state=None, save_latest: bool = True,
+                    exclude_frozen_parameters: bool = False) -> Path:
     """Collective: write the engine's training state to `save_dir/<tag>` (default tag `global_step<N>`, as
-    DeepSpeed names it) and point `save_dir/latest` at it. Returns the tag folder.
+    DeepSpeed names it) and point `save_dir/latest` at it. Returns the tag folder. exclude_frozen_parameters:
+    leave parameters with requires_grad=False out (buffers are kept); loading then needs
+    load_module_strict=False, as in DeepSpeed.
     Raises UserError (on every rank) for a call between the micro-steps of one accumulation, a bad tag, a
     client_state that cannot be saved safely, or any rank's write failure."""
     if save_dir is None or str(save_dir) == "":
@@ -146,7 +149,8 @@ def save_checkpoint(engine, save_dir, *, tag=None, client_state=None, save_lates
                 error = exc
         agree(comm, error)
         try:
-            _write_rank(engine, save_dir / f"{tags.TMP_PREFIX}{tag}", tag=tag, objects=objects)
+            _write_rank(engine, save_dir / f"{tags.TMP_PREFIX}{tag}", tag=tag, objects=objects,
+                        exclude_frozen=exclude_frozen_parameters)
         except OSError as exc:
             error = exc
         agree(comm, error)  # also the barrier: every rank's files are durable past this point

@@ -143,22 +143,69 @@ def test_exact_resume_two_ranks(tmp_path):
 
 
 # -- resharding --------------------------------------------------------------------------------------------
+# Global batch GLOBAL at every world size (micro = GLOBAL / world size): runtime/data.py gives rank r rows
+# [r*micro, (r+1)*micro) of the same global batch, so the mean of the ranks' losses is the global loss.
+GLOBAL, MORE = 4, 2
+
+
+def _continue(engine, rank: int, world_size: int, *, start: int) -> list[float]:
+    """Mean over ranks of the loss of MORE further steps from global step `start`."""
+    import torch.distributed as dist
+
+    from ztune.runtime.data import batches
+
+    micro = GLOBAL // world_size
+    data = itertools.islice(batches(corpus(), batch_size=micro, seq_len=SEQ, rank=rank, world_size=world_size,
+                                    seed=SEED), start, None)
+    losses = []
+    for _ in range(MORE):
+        ids, labels = next(data)
+        loss = engine(ids, labels=labels)
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().reshape(1).clone()
+        if world_size > 1:
+            dist.all_reduce(t)
+        losses.append(float(t) / world_size)
+    return losses
+
+
+def _engine(c: dict, world_size: int):
+    import ztune
+
+    cfg = config_for(c, world_size)
+    cfg["batch"]["micro"] = GLOBAL // world_size
+    engine, _, _, _ = ztune.initialize(build(c), cfg)
+    return engine
+
+
 def save_for_reshard(rank: int, world_size: int, c: dict, save_dir: str) -> dict:
-    r = train(rank, world_size, c, save_dir=save_dir, resume=False, steps=SAVE_AT, save_at=SAVE_AT)
-    return {"full": r["full"], "state": r["state"]}
+    from ztune.runtime.data import batches
+
+    engine = _engine(c, world_size)
+    data = batches(corpus(), batch_size=GLOBAL // world_size, seq_len=SEQ, rank=rank, world_size=world_size,
+                   seed=SEED)
+    for _ in range(SAVE_AT):
+        ids, labels = next(data)
+        engine.backward(engine(ids, labels=labels))
+        engine.step()
+    engine.save_checkpoint(save_dir)
+    out = {"full": full_states(engine), "state": engine.full_state_dict()}
+    out["losses"] = _continue(engine, rank, world_size, start=SAVE_AT)
+    return out
 
 
 def load_resharded(rank: int, world_size: int, c: dict, save_dir: str) -> dict:
-    import ztune
-
-    engine, _, _, _ = ztune.initialize(build(c), config_for(c, world_size))
+    engine = _engine(c, world_size)
     path, _ = engine.load_checkpoint(save_dir)
     assert path is not None
     local = None
     if engine.plan.stage < 3:  # the compute-dtype parameters were refreshed from the loaded masters
         local = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    return {"full": full_states(engine), "state": engine.full_state_dict(), "local": local,
-            "steps": engine.global_steps}
+    out = {"full": full_states(engine), "state": engine.full_state_dict(), "local": local,
+           "steps": engine.global_steps}
+    out["losses"] = _continue(engine, rank, world_size, start=engine.global_steps)
+    return out
 
 
 def test_reshard_two_ranks_stage3_to_four_stage1_and_one_stage0(tmp_path):
@@ -178,3 +225,5 @@ def test_reshard_two_ranks_stage3_to_four_stage1_and_one_stage0(tmp_path):
                 assert torch.equal(v, saved["state"][name]), (world_size, name)
         for k, v in saved["state"].items():
             assert torch.equal(v, loaded[0]["state"][k]), (world_size, k)
+        # Training goes on as the uninterrupted 2-rank run does, up to fp32 reduction order.
+        assert loaded[0]["losses"] == pytest.approx(saved["losses"], rel=1e-5), world_size

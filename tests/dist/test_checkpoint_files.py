@@ -169,3 +169,36 @@ def test_nothing_saved_yet_and_stale_staging(tmp_path, saved, capsys):
     code, _, err = _cli(["checkpoint", "consolidate", str(ckpt), "--out", str(tmp_path / "o"), "--dtype", "int8"],
                         capsys)
     assert code == 2 and "--dtype" in err
+
+
+def test_frozen_parameters_excluded_need_non_strict_load(tmp_path):
+    """DeepSpeed's exclude_frozen_parameters / load_module_strict, one process: a frozen Linear left out of
+    the save is an error to load strictly, and keeps its own values when loading with strict=False."""
+    import ztune
+    from tests.dist.test_parity import build as build_tiny
+    from tests.dist.test_parity import case, config_for
+    from ztune.errors import UserError
+    from ztune.runtime.state import CheckpointError
+
+    c = case(stage=1, unused=True)
+
+    def engine_with_frozen(seed: int):
+        model = build_tiny(c)
+        model.unused.requires_grad_(False)
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(model.unused.weight)
+        return ztune.initialize(model, config_for(c, 1))[0]
+
+    first = engine_with_frozen(1)
+    first.save_checkpoint(tmp_path, exclude_frozen_parameters=True)
+    second = engine_with_frozen(2)
+    frozen = second.module.unused.weight.detach().clone()
+    with pytest.raises(CheckpointError, match="unused.weight"):
+        second.load_checkpoint(tmp_path)
+    path, _ = second.load_checkpoint(tmp_path, load_module_strict=False)
+    assert path.endswith("global_step0") and torch.equal(second.module.unused.weight, frozen)
+    for (name, p), q in zip(first.module.named_parameters(), second.module.parameters(), strict=True):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+    with pytest.raises(UserError, match="custom_load_fn"):
+        second.load_checkpoint(tmp_path, custom_load_fn=lambda *a: None)
