@@ -133,6 +133,7 @@ RESUME_CASES = [
 ]
 
 
+@pytest.mark.timeout(1200)  # safety net: 16 engines in one spawn take minutes on the shared 2-core machine
 def test_exact_resume_two_ranks(tmp_path):
     results = run_ranks(resume_cases, world_size=2, args=(RESUME_CASES, str(tmp_path)), timeout_s=600)
     for rank_results in results:
@@ -208,6 +209,7 @@ def load_resharded(rank: int, world_size: int, c: dict, save_dir: str) -> dict:
     return out
 
 
+@pytest.mark.timeout(1200)  # safety net: three spawns (2, 4 and 1 ranks) on the shared 2-core machine
 def test_reshard_two_ranks_stage3_to_four_stage1_and_one_stage0(tmp_path):
     save_dir = str(tmp_path / "ckpt")
     saved = run_ranks(save_for_reshard, world_size=2, args=(case(stage=3, model="llama"), save_dir),

@@ -19,7 +19,9 @@ from tests.dist.test_hf_client import MICRO, SEQ, VOCAB, build
 from tests.helpers.spawn import run_ranks
 from ztune.cli import main
 
-pytestmark = pytest.mark.dist
+# Safety net per test (the module fixture spawns 2 ranks that train and save three times): minutes when the
+# shared 2-core machine is loaded.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(900)]
 
 CONFIG = {"zero": {"stage": 3}, "precision": "fp32", "batch": {"micro": MICRO, "grad_accum": 1},
           "optimizer": {"type": "AdamW", "lr": 2e-3}, "checkpoint": {"keep_last": 2}}
