@@ -174,13 +174,17 @@ class TensorFile:
         """Elements [start, end) of tensor `name`, flattened (1-D, the stored dtype); into `out` if given."""
         entry = self._entry(name)
         dtype = DTYPES[entry["dtype"]]
-        end = self.numel(name) if end is None else end
+        numel = self.numel(name)
+        end = numel if end is None else end
+        if not 0 <= start <= end <= numel:
+            raise CheckpointError(f"checkpoint file {self.path}: elements [{start}, {end}) of {name!r} are outside "
+                                  f"its {numel}; the metadata does not match the file")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if out is None:
             out = torch.empty(end - start, dtype=dtype)
         if end > start:
             self._f.seek(self._data_start + entry["data_offsets"][0] + start * itemsize)
-            buf = out.view(torch.uint8).numpy() if out.dtype != torch.bool else out.numpy().view("uint8")
+            buf = out.view(torch.uint8).numpy()
             if self._f.readinto(memoryview(buf)) != (end - start) * itemsize:
                 raise CheckpointError(f"checkpoint file {self.path} is truncated; load an earlier tag")
         return out
