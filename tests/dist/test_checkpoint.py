@@ -209,14 +209,14 @@ def load_resharded(rank: int, world_size: int, c: dict, save_dir: str) -> dict:
     return out
 
 
-@pytest.mark.timeout(1200)  # safety net: three spawns (2, 4 and 1 ranks) on the shared 2-core machine
-def test_reshard_two_ranks_stage3_to_four_stage1_and_one_stage0(tmp_path):
+@pytest.mark.timeout(1500)  # safety net: four spawns (2, 4, 1 and 2 ranks) on the shared 2-core machine
+def test_reshard_two_ranks_stage3_to_four_stage1_one_stage0_and_offload(tmp_path):
     save_dir = str(tmp_path / "ckpt")
     saved = run_ranks(save_for_reshard, world_size=2, args=(case(stage=3, model="llama"), save_dir),
                       timeout_s=300)[0]
-    for world_size, stage in ((4, 1), (1, 0)):
-        loaded = run_ranks(load_resharded, world_size=world_size, args=(case(stage=stage, model="llama"), save_dir),
-                           timeout_s=300)
+    for world_size, stage, offload in ((4, 1, "none"), (1, 0, "none"), (2, 2, "cpu")):
+        loaded = run_ranks(load_resharded, world_size=world_size,
+                           args=(case(stage=stage, model="llama", offload=offload), save_dir), timeout_s=300)
         for r in loaded:
             assert r["steps"] == SAVE_AT
             assert r["full"].keys() == saved["full"].keys()
