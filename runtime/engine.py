@@ -326,3 +326,31 @@ class Engine:
             return None
         state = self.module.state_dict(keep_vars=True)
         return {k: values[id(v)] if id(v) in values else v.detach().clone() for k, v in state.items()}
+
+    # -- checkpoints (saved training state; runtime/state/, docs/checkpoints.md) ---------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False) -> bool:
+        """Collective: every rank writes its shard of the training state to save_dir/<tag> (default
+        `global_step<N>`) and `latest` names it once all are complete. Returns True (as DeepSpeed does)."""
+        from ztune.runtime.state import save_checkpoint
+
+        save_checkpoint(self, save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
+                        exclude_frozen_parameters=exclude_frozen_parameters)
+        return True
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
+        """Collective: load save_dir/<tag> (default: `latest`), at any world size or stage. Returns
+        (path, client_state), or (None, None) when nothing was saved yet. Arguments in DeepSpeed's order."""
+        from ztune.runtime.state import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
+                               load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                               custom_load_fn=custom_load_fn)
+
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
+        """Collective: rank 0 writes the compute-dtype state_dict to save_dir/save_filename."""
+        from ztune.runtime.state import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename=save_filename)

@@ -51,6 +51,7 @@ def test_torchrun_arguments_for_a_node() -> None:
     assert env["ZTUNE_CONFIG"] == cmd.config_path == "/tmp/r/ztune-x/node1/config.json"
     assert argv[:4] == ["/venv/bin/python", "-m", "ztune.launch.ssh", "run"]
     assert "--rdzv-conf=is_host=1" in _cmd(node_rank=0).argv
+    assert "--max-restarts=3" in _cmd(max_restarts=3).argv and "--max-restarts=0" not in _cmd(max_restarts=3).argv
 
 
 def test_hostile_values_survive_the_remote_shell_literally(tmp_path) -> None:

@@ -21,6 +21,7 @@ _COMMANDS = (
     ("probe", "probe"),
     ("autotune", "autotune"),
     ("launch", "launch"),
+    ("checkpoint", "checkpoint"),
 )
 
 

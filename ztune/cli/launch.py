@@ -49,10 +49,13 @@ def launch(
     run_root: Annotated[str, typer.Option(help="Directory on each host for the run's files.")]
     = "/tmp/ztune-runs",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each host's command and exit.")] = False,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart every host's ranks up to N times "
+                                                                   "when one fails (torchrun elastic); the "
+                                                                   "script resumes from its checkpoint.")] = 0,
 ) -> None:
     """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
     from ztune.console import warn
-    from ztune.inputs import seconds_flag
+    from ztune.inputs import int_flag, seconds_flag
     from ztune.launch import LaunchRequest, plan_launch
     from ztune.launch.command import left_behind_warning
     from ztune.launch.ssh import SshOptions
@@ -62,6 +65,7 @@ def launch(
         script_args = script_args[1:]
     seconds_flag("--grace", grace, allow_zero=True)
     seconds_flag("--preflight-timeout", preflight_timeout)
+    int_flag("--max-restarts", max_restarts, lo=0, hi=1000)
     connect_s = max(1, int(preflight_timeout / 2))
     req = LaunchRequest(
         script=script, script_args=tuple(script_args), hostfile=hostfile, include=include, exclude=exclude,
@@ -69,7 +73,7 @@ def launch(
         config=config, env=tuple(env or ()), workdir=workdir, python=python, ifname=ifname,
         ssh=SshOptions(config_file=ssh_config, options=tuple(ssh_option or ()), connect_timeout_s=connect_s,
                        insecure_no_host_key_check=insecure_no_host_key_check),
-        run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout)
+        run_root=run_root, grace_s=grace, preflight_timeout_s=preflight_timeout, max_restarts=max_restarts)
     plan = plan_launch(req)
     if (note := left_behind_warning(plan.env_left_behind)) is not None:
         warn(note)

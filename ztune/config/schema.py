@@ -15,6 +15,7 @@ YAML form (every key optional; unknown keys are an error):
     loss_scaling: {loss_scale: 0, initial_scale_power: 16, loss_scale_window: 1000, hysteresis: 2,
                    consecutive_hysteresis: false, min_loss_scale: 1}      # fp16 only; DeepSpeed's fp16 keys
     scheduler: {type: WarmupLR, params: {warmup_max_lr: 3.0e-4, warmup_num_steps: 100}}  # DeepSpeed's
+    checkpoint: {keep_last: 0} # saved training state (engine.save_checkpoint): newest tags kept, 0 = all
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Saved training state (engine.save_checkpoint, docs/checkpoints.md); not activation checkpointing."""
+
+    # After each complete save, keep the newest K tags in the save directory and delete older ones; 0 keeps all.
+    keep_last: int = 0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: Precision = Precision.BF16
@@ -143,6 +152,7 @@ class TrainConfig:
     gradient_clipping: float = 0.0
     loss_scaling: LossScaleConfig = field(default_factory=LossScaleConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` data-parallel ranks."""

@@ -142,6 +142,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     _check_positive("optimizer.momentum", cfg.optimizer.momentum, allow_zero=True)
+    _check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
     for i, beta in enumerate(cfg.optimizer.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optimizer.betas[{i}]: got {beta}; must be in [0, 1)")

@@ -71,6 +71,7 @@ class LaunchRequest:
     run_root: str = "/tmp/ztune-runs"
     grace_s: float = 5.0
     preflight_timeout_s: float = 8.0
+    max_restarts: int = 0  # torchrun elastic restarts of the whole group when a rank fails
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def node_commands(plan: LaunchPlan, *, interfaces: Sequence[tuple[str | None, st
             master_port=req.master_port, run_id=plan.run_id, workdir=plan.workdir, run_root=req.run_root,
             script=req.script, script_args=req.script_args, env=plan.env, ifname=req.ifname or ifname,
             local_addr=addr, visible_devices=host.slots if plan.slot_filter else None,
-            config_suffix=plan.config_suffix, grace_s=req.grace_s))
+            config_suffix=plan.config_suffix, grace_s=req.grace_s, max_restarts=req.max_restarts))
     return out
 
 

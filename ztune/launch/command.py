@@ -103,8 +103,10 @@ class NodeCommand:
 
 def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_per_node: int,
                         master_addr: str, master_port: int, run_id: str, local_addr: str | None,
-                        log_dir: str, script: str, script_args: Sequence[str]) -> list[str]:
-    """`python -m torch.distributed.run ...` for one node: c10d rendezvous on the head, no restarts.
+                        log_dir: str, script: str, script_args: Sequence[str], max_restarts: int = 0) -> list[str]:
+    """`python -m torch.distributed.run ...` for one node: c10d rendezvous on the head. `max_restarts`: how
+    often torchrun restarts every node's workers when one fails (elastic restart; the script resumes from its
+    checkpoint, docs/checkpoints.md).
 
     `is_host` is explicit so that the head hosts the store even when its hostname resolves to loopback.
     """
@@ -117,7 +119,7 @@ def build_torchrun_argv(*, python: str, num_nodes: int, node_rank: int, nproc_pe
         f"--rdzv-endpoint={format_endpoint(master_addr, master_port)}",
         f"--rdzv-id={run_id}",
         f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}",
-        "--max-restarts=0",
+        f"--max-restarts={max_restarts}",
         "--tee=3",
         f"--log-dir={log_dir}",
     ]
@@ -133,7 +135,7 @@ def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, npr
                   script: str, script_args: Sequence[str], env: Mapping[str, str],
                   ifname: str | None = None, local_addr: str | None = None,
                   visible_devices: Sequence[int] | None = None, config_suffix: str | None = None,
-                  grace_s: float = 5.0) -> NodeCommand:
+                  grace_s: float = 5.0, max_restarts: int = 0) -> NodeCommand:
     """The full command for one host: the ztune node wrapper, which runs torchrun in its own session.
 
     `env` is the environment common to all hosts (already filtered and merged); this adds the per-host
@@ -157,7 +159,7 @@ def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, npr
     torchrun = build_torchrun_argv(
         python=python, num_nodes=num_nodes, node_rank=node_rank, nproc_per_node=nproc_per_node,
         master_addr=master_addr, master_port=master_port, run_id=run_id, local_addr=local_addr,
-        log_dir=f"{run_dir}/torchrun", script=script, script_args=script_args)
+        log_dir=f"{run_dir}/torchrun", script=script, script_args=script_args, max_restarts=max_restarts)
     assignments = [f"{k}={v}" for k, v in sorted(node_env.items())]
     argv = [python, "-m", "ztune.launch.ssh", "run", "--tag", f"{run_id}:{node_rank}", "--run-dir", run_dir,
             "--grace-s", f"{grace_s:g}", "--", "env", *assignments, *torchrun]

@@ -1,0 +1,163 @@
+"""Pieces of training state other than the flat shards: RNG streams, optimizer hyperparameters and step
+counts, the module's frozen parameters and buffers, and the pickled objects (scheduler, client_state).
+
+Each has a `capture_*` returning plain JSON data and/or CPU tensors, and a `restore_*` taking them back.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import torch
+from torch import nn
+
+from ztune.errors import UserError
+
+# Optimizer param_group keys that are configuration of the optimizer object (kernel choice, flags), not
+# training state a scheduler changes: never overwritten from a checkpoint.
+_STRUCTURAL_KEYS = frozenset({"params", "fused", "foreach", "capturable", "differentiable", "maximize",
+                              "amsgrad", "nesterov", "decoupled_weight_decay"})
+
+
+# -- RNG ---------------------------------------------------------------------------------------------------
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's RNG states: (tensors for the shard file, JSON for the metadata).
+    torch CPU, the current CUDA device (when CUDA is initialised), python `random`, numpy (when importable)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    version, internal, gauss = random.getstate()
+    meta: dict = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+    except ImportError:
+        return tensors, meta
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        kind, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# -- optimizer ---------------------------------------------------------------------------------------------
+def capture_hyper(optimizer: torch.optim.Optimizer) -> dict:
+    """The first param group's numeric hyperparameters (lr as a scheduler left it, betas, ...). The engine
+    builds one param group over all flat masters (runtime/optim_shard.py)."""
+    group = optimizer.param_groups[0]
+    out = {}
+    for key, value in group.items():
+        if key in _STRUCTURAL_KEYS or isinstance(value, bool):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) or (isinstance(value, (list, tuple))
+                                                and all(isinstance(v, (int, float)) for v in value)):
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def restore_hyper(optimizer: torch.optim.Optimizer, hyper: dict) -> None:
+    for group in optimizer.param_groups:
+        for key, value in hyper.items():
+            if key in group and isinstance(group[key], torch.Tensor):
+                group[key].fill_(value)
+            elif key in group or key == "initial_lr":
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+
+
+def shard_state_keys(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> list[str]:
+    """Per-element state tensors of `master` (Adam's exp_avg / exp_avg_sq, SGD's momentum_buffer), sorted."""
+    state = optimizer.state.get(master, {})
+    return sorted(k for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
+                  and v.shape == master.shape)
+
+
+def step_count(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> float | None:
+    step = optimizer.state.get(master, {}).get("step")
+    return None if step is None else float(step)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, *, masters: list[torch.Tensor],
+                      states: list[dict[str, torch.Tensor]], steps: list[float | None], hyper: dict) -> None:
+    """Install per-master state tensors and step counts through Optimizer.load_state_dict (which gives `step`
+    the type and device the optimizer's own kernels use), then the saved hyperparameters."""
+    current = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {}
+    for m, tensors, step in zip(masters, states, steps, strict=True):
+        if step is None and not tensors:
+            continue
+        entry = dict(tensors)
+        if step is not None:
+            entry["step"] = torch.tensor(step, dtype=torch.float32)
+        state[index[id(m)]] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    restore_hyper(optimizer, hyper)
+
+
+# -- module ------------------------------------------------------------------------------------------------
+def canonical_names(module: nn.Module) -> dict[int, str]:
+    """id(tensor) -> its first name among the module's parameters and buffers (tied tensors: one name)."""
+    names: dict[int, str] = {}
+    for name, p in module.named_parameters():
+        names.setdefault(id(p), name)
+    for name, b in module.named_buffers():
+        names.setdefault(id(b), name)
+    return names
+
+
+def state_dict_keys(module: nn.Module) -> list[list[str]]:
+    """[state_dict key, canonical name] for every entry of module.state_dict() (persistent buffers only)."""
+    names = canonical_names(module)
+    return [[key, names.get(id(t), key)] for key, t in module.state_dict(keep_vars=True).items()]
+
+
+def capture_untrained(module: nn.Module, *, trainable_ids: set[int], exclude_frozen: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """Frozen parameters (unless exclude_frozen) and persistent buffers by canonical name, cloned to CPU
+    (written once, by rank 0)."""
+    names = canonical_names(module)
+    params = {id(p) for p in module.parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for t in module.state_dict(keep_vars=True).values():
+        if id(t) in trainable_ids or id(t) not in names or names[id(t)] in out:
+            continue
+        if exclude_frozen and id(t) in params:
+            continue
+        out[names[id(t)]] = t.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+# -- pickled objects ---------------------------------------------------------------------------------------
+def objects_bytes(objects: dict) -> bytes:
+    """`objects` (client_state, scheduler state) serialised with torch.save, checked to load back with
+    torch.load(weights_only=True): only tensors, numbers, strings, lists, tuples and dicts of them."""
+    buf = io.BytesIO()
+    torch.save(objects, buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- torch raises UnpicklingError or others for unsafe types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError("save_checkpoint: client_state (or the lr scheduler's state) holds objects that "
+                        "torch.load(weights_only=True) refuses; keep it to tensors, numbers, strings, lists "
+                        f"and dicts ({first[:160]})") from None
+    return data
+
+
+def load_objects(data: bytes) -> dict:
+    return torch.load(io.BytesIO(data), weights_only=True)
