@@ -113,7 +113,9 @@ def _use_fused_cpu_adam(cfg: TrainConfig, *, device: torch.device) -> bool:
 
 def initialize(model: nn.Module, config=None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None,
-               lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None):
+               lr_scheduler: Callable | object | None = None, *, units: Sequence[nn.Module] | None = None,
+               weights: str | os.PathLike | None = None, init_fn: Callable[[nn.Module], None] | None = None,
+               seed: int = 0):
     """Wrap `model` for sharded data-parallel training. Returns (engine, optimizer, dataloader, scheduler).
 
     config: a dict (ztune or DeepSpeed keys), a YAML/JSON path, a TrainConfig, or None (the file named by
@@ -122,6 +124,13 @@ def initialize(model: nn.Module, config=None, model_parameters: Iterable | None 
     (DistributedSampler). lr_scheduler: a scheduler object, or a callable(optimizer) returning one; stepped
     after every applied optimizer step. units (stage 3): the modules to gather one at a time (default: the
     largest ModuleList of identical blocks).
+
+    A model whose parameters are on the meta device (`with ztune.zero_init(): model = Model(cfg)`) is
+    materialised unit by unit, each rank keeping only its shards at stage 3 (runtime/construct/materialize.py):
+    init_fn(module) initialises every module (default: transformers' model._init_weights, else the module's
+    reset_parameters), with the generator seeded per module name from `seed`, so the initial model does not
+    depend on the world size or stage. weights: a safetensors file or a Hugging Face model directory to load
+    the parameters from, each rank reading only its shards' slices (runtime/construct/pretrained.py).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"initialize: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -129,11 +138,27 @@ def initialize(model: nn.Module, config=None, model_parameters: Iterable | None 
     trainable = _trainable(model, model_parameters)
     comm, device = _process_group()
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
-    model.to(device)
+    from ztune.runtime.construct.materialize import has_meta_tensors
+
+    meta_init = None
+    if has_meta_tensors(model):
+        from ztune.runtime.construct.materialize import MetaInit
+        from ztune.runtime.param_gather import find_units
+
+        meta_init = MetaInit(model, units=find_units(model) if units is None else list(units), device=device,
+                             seed=seed, init_fn=init_fn)
+        trainable = meta_init.remap(trainable)
+    else:
+        model.to(device)
     fused = _use_fused_cpu_adam(cfg, device=device)
     from ztune.runtime.engine import Engine
 
-    engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused)
+    engine = Engine(model, cfg, comm=comm, trainable=trainable, units=units, fused_cpu_adam=fused,
+                    meta_init=meta_init)
+    if weights is not None:
+        from ztune.runtime.construct.pretrained import load_pretrained
+
+        load_pretrained(engine, weights)
     scheduler = None
     if lr_scheduler is not None:
         is_scheduler = hasattr(lr_scheduler, "step") and not isinstance(lr_scheduler, type)

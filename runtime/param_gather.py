@@ -118,7 +118,7 @@ class ParamGatherer:
         work, _shard = self._works.pop(i, (None, None))
         if work is not None:  # never free a buffer a collective is still writing
             work.wait()
-        if g.gathered:
+        if g.gathered and not getattr(g, "pinned", False):  # pinned: held by Engine.gathered (construct/)
             free_storage_(g.param_full)
 
     def release_all(self) -> None:

@@ -5,7 +5,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "initialize"]
+__all__ = ["__version__", "initialize", "load_pretrained", "zero_init"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,12 @@ def __getattr__(name: str):
         from ztune.runtime.initialize import initialize
 
         return initialize
+    if name == "zero_init":
+        from ztune.runtime.construct.materialize import zero_init
+
+        return zero_init
+    if name == "load_pretrained":
+        from ztune.runtime.construct.pretrained import load_pretrained
+
+        return load_pretrained
     raise AttributeError(f"module 'ztune' has no attribute {name!r}")
