@@ -16,7 +16,7 @@ from ztune.config.schema import Checkpointing, Offload, TrainConfig
 from ztune.runtime.comm import Comm
 from ztune.runtime.grad_reduce import GradReducer
 from ztune.runtime.param_gather import ParamGatherer, assign_params, find_units
-from ztune.runtime.partition import FlatGroup, build_layout, flatten_to, split_buckets, views_of
+from ztune.runtime.partition import FlatGroup, build_layout, flatten_to, split_buckets
 from ztune.runtime.plan import plan_for
 from ztune.runtime.precision import LossScaler, compute_dtype
 
@@ -47,6 +47,13 @@ def _storage_bytes(tensors, seen: set[int]) -> int:
     return total
 
 
+def _frozen_in_place(fetch):
+    """fetch_shard for the gatherer when frozen groups join offloaded ones: frozen shards are not offloaded."""
+    def fetch_shard(g):
+        return g.param_shard if getattr(g, "frozen", False) else fetch(g)
+    return fetch_shard
+
+
 class Engine:
     """`engine(*args)` runs the model, `engine.backward(loss)` and `engine.step()` train it.
 
@@ -58,9 +65,11 @@ class Engine:
     want_grad_norm = False
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, comm: Comm, trainable: Sequence[nn.Parameter],
-                 units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False, optimizer_plan=None):
+                 units: Sequence[nn.Module] | None = None, fused_cpu_adam: bool = False, optimizer_plan=None,
+                 meta_init=None):
         """optimizer_plan: runtime.compat.optimizers.OptimizerPlan (param groups, a client optimizer's kind and
-        hyper-parameters); None: the config's optimizer block over `trainable` as one group."""
+        hyper-parameters); None: the config's optimizer block over `trainable` as one group. meta_init:
+        runtime.construct.materialize.MetaInit for a model built on the meta device; None: a built model."""
         self.module = model
         self.config = cfg
         self.comm = comm
@@ -90,23 +99,30 @@ class Engine:
             group_of=optimizer_plan.group_of() if optimizer_plan is not None else None)
         layouts = [build_layout([tuple(p.shape) for p in ps], world_size=self.world_size) for _, ps in specs]
         device = next(iter(trainable)).device
-        # fp32 originals before the model is cast, made identical on every rank (rank 0's initialisation).
-        masters_full = [flatten_to([p.data for p in ps], lay, dtype=torch.float32, device=device)
-                        for (_, ps), lay in zip(specs, layouts, strict=True)]
-        for m in masters_full:
-            comm.broadcast(m)
-        flat_ids = {id(p) for _, ps in specs for p in ps}
-        for t in [p for p in model.parameters() if id(p) not in flat_ids] + list(model.buffers()):
-            comm.broadcast(t.data)
-        model.to(self.dtype)
-        self.groups = [
-            FlatGroup(ps, layout=lay, master_full=mf, rank=self.rank, dtype=self.dtype,
-                      shard_states=self.plan.optimizer_states, shard_grads=self.plan.gradients,
-                      shard_params=self.plan.parameters, module=mod,
-                      zeros=lambda numel, dtype: comm.zeros(numel, dtype=dtype, device=device))
-            for (mod, ps), lay, mf in zip(specs, layouts, masters_full, strict=True)
-        ]
-        del masters_full
+        self.frozen_groups: list = []  # stage 3: frozen parameters' flat groups (runtime/construct/shards.py)
+        if self.plan.parameters:  # shard-local: no full fp32 master, one unit full-size at a time
+            self._build_sharded(model, specs, layouts, units=units, device=device, meta_init=meta_init)
+        else:
+            if meta_init is not None:  # stages 0-2 hold full parameters: materialise them in full
+                meta_init.materialize_all()
+                model.to(device)
+            # fp32 originals before the model is cast, made identical on every rank (rank 0's initialisation).
+            masters_full = [flatten_to([p.data for p in ps], lay, dtype=torch.float32, device=device)
+                            for (_, ps), lay in zip(specs, layouts, strict=True)]
+            for m in masters_full:
+                comm.broadcast(m)
+            flat_ids = {id(p) for _, ps in specs for p in ps}
+            for t in [p for p in model.parameters() if id(p) not in flat_ids] + list(model.buffers()):
+                comm.broadcast(t.data)
+            model.to(self.dtype)
+            self.groups = [
+                FlatGroup(ps, layout=lay, master_full=mf, rank=self.rank, dtype=self.dtype,
+                          shard_states=self.plan.optimizer_states, shard_grads=self.plan.gradients,
+                          shard_params=self.plan.parameters, module=mod,
+                          zeros=lambda numel, dtype: comm.zeros(numel, dtype=dtype, device=device))
+                for (mod, ps), lay, mf in zip(specs, layouts, masters_full, strict=True)
+            ]
+            del masters_full
         self._offload = None
         if cfg.zero.offload_optimizer is Offload.CPU or cfg.zero.offload_params is Offload.CPU:
             from ztune.runtime.offload import HostOffload
@@ -122,20 +138,28 @@ class Engine:
         # rank may rewrite its shard while another could still read it (barriers around the step), and the
         # first gather must see every rank's initial shard (barrier now).
         self._shared_shards = self.plan.parameters and comm.shm is not None and all(
-            comm.shm.owns(g.param_shard) for g in self.groups)
+            comm.shm.owns(g.param_shard) for g in self.groups + self.frozen_groups)
         if self._shared_shards:
             comm.shard_barrier()
         self._gatherer = None
         if self.plan.parameters:
             fetch = self._offload.fetch_shard if self._offload is not None and self._offload.offload_params else None
+            if fetch is not None and self.frozen_groups:  # frozen shards stay on the device
+                fetch = _frozen_in_place(fetch)
+            gathered_groups = self.groups + self.frozen_groups
             lockstep = None
             if comm.gloo and (fetch is not None or not self._shared_shards):  # gathers through the group
                 from ztune.runtime.lockstep import Lockstep, unit_names
 
                 lockstep = Lockstep.create(rank=self.rank, world_size=self.world_size,
-                                           names=unit_names(model, [g.module for g in self.groups]))
-            self._gatherer = ParamGatherer(self.groups, comm=comm, prefetch_units=cfg.zero.prefetch_units,
+                                           names=unit_names(model, [g.module for g in gathered_groups]))
+            self._gatherer = ParamGatherer(gathered_groups, comm=comm, prefetch_units=cfg.zero.prefetch_units,
                                            fetch_shard=fetch, lockstep=lockstep)
+            from ztune.runtime.construct.gathered import guard_outside_forward
+            from ztune.runtime.construct.shards import release_frozen_after_input_grads
+
+            release_frozen_after_input_grads(self.frozen_groups, gatherer=self._gatherer)
+            guard_outside_forward(gathered_groups, model=model)
         self._reducer = GradReducer(self.groups, comm=comm, shard_states=self.plan.optimizer_states,
                                     shard_grads=self.plan.gradients,
                                     on_reduced=self._gatherer.release if self._gatherer else None,
@@ -143,6 +167,32 @@ class Engine:
                                     # stage 3: units in reverse (backward) order, the root (first) last
                                     launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None)
         comm.phase = "train"
+
+    def _build_sharded(self, model: nn.Module, specs, layouts, *, units, device: torch.device, meta_init) -> None:
+        """Stage 3: self.groups and self.frozen_groups built unit by unit (runtime/construct/shards.py)."""
+        from ztune.runtime.construct.shards import build_sharded_groups, cast_buffers_
+
+        def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+            return self.comm.zeros(numel, dtype=dtype, device=device)
+
+        def make_group(ps, *, layout, master_owned, module):
+            return FlatGroup(ps, layout=layout, master_full=None, master_owned=master_owned, rank=self.rank,
+                             dtype=self.dtype, shard_states=True, shard_grads=True, shard_params=True,
+                             module=module, zeros=zeros)
+
+        flat_ids = {id(p) for _, ps in specs for p in ps}
+        frozen_specs = assign_params(model, find_units(model) if units is None else list(units),
+                                     [p for p in model.parameters() if id(p) not in flat_ids])
+        frozen_layouts = [build_layout([tuple(p.shape) for p in ps], world_size=self.world_size)
+                          for _, ps in frozen_specs]
+        self.groups, self.frozen_groups = build_sharded_groups(
+            model=model, trainable=specs, frozen=frozen_specs, layouts=layouts, frozen_layouts=frozen_layouts,
+            rank=self.rank, device=device, dtype=self.dtype, broadcast=self.comm.broadcast, meta=meta_init,
+            make_group=make_group, zeros=zeros)
+        if meta_init is None:  # (a meta model's buffers come from the units' inits, identical on every rank)
+            for b in model.buffers():
+                self.comm.broadcast(b.data)
+        cast_buffers_(model, device=device, dtype=self.dtype)
 
     def _group_specs(self, model: nn.Module, trainable: list[nn.Parameter], units
                      ) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
@@ -257,6 +307,13 @@ class Engine:
     def eval(self) -> Engine:
         return self.train(False)
 
+    def gathered(self, modules: nn.Module | Sequence[nn.Module] | None = None, *, modifier_rank: int | None = None):
+        """Context: full parameters of `modules` (None: the whole model) outside forward; with modifier_rank,
+        that rank's changes are written back to every shard. Collective. (runtime/construct/gathered.py)"""
+        from ztune.runtime.construct.gathered import gathered_params
+
+        return gathered_params(self, modules, modifier_rank=modifier_rank)
+
     # -- reports ------------------------------------------------------------------------------------------
     @property
     def num_flat_params(self) -> int:
@@ -293,7 +350,7 @@ class Engine:
                                                    + optimizer_state_tensors(self.optimizer), seen)
             host["buffers"] = _storage_bytes(tensors["buffers"], seen)
         flat_ids = {id(p) for g in self.groups for p in g.params}
-        params = _storage_bytes([t for g in self.groups for t in (g.param_full, g.param_shard)]
+        params = _storage_bytes([t for g in self.groups + self.frozen_groups for t in (g.param_full, g.param_shard)]
                                 + [p for p in self.module.parameters() if id(p) not in flat_ids], seen)
         grads = _storage_bytes([g.grad_full if g.grad_full is not None else g.grad_owned for g in self.groups]
                                + self._reducer.live_bucket_tensors(), seen)
@@ -307,25 +364,11 @@ class Engine:
 
     def full_state_dict(self, *, rank0_only: bool = True) -> dict | None:
         """The model's state_dict with trainable parameters as full fp32 master values (gathered from the
-        shards). Collective: every rank must call it. Returns None on ranks > 0 when rank0_only."""
-        self.comm.phase = "checkpoint"
-        try:
-            values: dict[int, torch.Tensor] = {}
-            for g in self.groups:
-                full = g.master
-                if g.master.numel() != g.layout.padded_numel:
-                    # An offloaded master is in host memory; the collective runs on the training device.
-                    device = g.param_full.device
-                    full = torch.empty(g.layout.padded_numel, dtype=torch.float32, device=device)
-                    self.comm.all_gather(full, g.master.to(device))
-                for p, v in zip(g.params, views_of(full, g.layout), strict=True):
-                    values[id(p)] = v.clone()
-        finally:
-            self.comm.phase = "train"
-        if rank0_only and self.rank != 0:
-            return None
-        state = self.module.state_dict(keep_vars=True)
-        return {k: values[id(v)] if id(v) in values else v.detach().clone() for k, v in state.items()}
+        shards one unit at a time, kept only where returned). Collective: every rank must call it. Returns None
+        on ranks > 0 when rank0_only. (runtime/construct/full_state.py)"""
+        from ztune.runtime.construct.full_state import full_state_dict
+
+        return full_state_dict(self, rank0_only=rank0_only)
 
     # -- checkpoints (saved training state; runtime/state/, docs/checkpoints.md) ---------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest: bool = True,

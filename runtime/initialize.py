@@ -139,7 +139,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
                training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Callable | object | None = None,
                distributed_port: int = DEFAULT_PORT, mpu=None, dist_init_required: bool | None = None,
                collate_fn: Callable | None = None, config=None, mesh_param=None, config_params=None, *,
-               units: Sequence[nn.Module] | None = None):
+               units: Sequence[nn.Module] | None = None, weights: str | os.PathLike | None = None,
+               init_fn: Callable[[nn.Module], None] | None = None, seed: int = 0):
     """Wrap `model` for sharded data-parallel training. Returns (engine, optimizer, dataloader, scheduler).
 
     DeepSpeed's signature and meanings (deepspeed.initialize, 0.19.8), plus ztune's own short form
@@ -158,6 +159,13 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     optimizer: a torch.optim Adam/AdamW/SGD (or a callable(params) returning one) whose class, hyper-parameters
     and param groups the shard optimizer takes over (it overrides the config's optimizer block, as in
     DeepSpeed). Without lr_scheduler, the config's `scheduler` block (DeepSpeed's schedules) is used.
+
+    A model whose parameters are on the meta device (`with ztune.zero_init(): model = Model(cfg)`) is
+    materialised unit by unit, each rank keeping only its shards at stage 3 (runtime/construct/materialize.py):
+    init_fn(module) initialises every module (default: transformers' model._init_weights, else the module's
+    reset_parameters), with the generator seeded per module name from `seed`, so the initial model does not
+    depend on the world size or stage. weights: a safetensors file or a Hugging Face model directory to load
+    the parameters from, each rank reading only its shards' slices (runtime/construct/pretrained.py).
     """
     if isinstance(args, nn.Module) and not isinstance(model, nn.Module):
         if config is not None and model is not None:
@@ -182,12 +190,27 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     cfg = dataclasses.replace(loaded.config, batch=batch)
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)
     _report_ignored(loaded.ignored, rank=comm.rank)
-    model.to(device)
+    from ztune.runtime.construct.materialize import has_meta_tensors
+
+    meta_init = None
+    if has_meta_tensors(model):
+        from ztune.runtime.construct.materialize import MetaInit
+        from ztune.runtime.param_gather import find_units
+
+        meta_init = MetaInit(model, units=find_units(model) if units is None else list(units), device=device,
+                             seed=seed, init_fn=init_fn)
+        plan.remap(meta_init.replaced)
+    else:
+        model.to(device)
     fused = _use_fused_cpu_adam(cfg, device=device, kind=plan.kind)
     from ztune.runtime.compat.engine_api import CompatEngine
 
     engine = CompatEngine(model, cfg, comm=comm, trainable=plan.trainable, units=units, fused_cpu_adam=fused,
-                          device=device, optimizer_plan=plan)
+                          device=device, optimizer_plan=plan, meta_init=meta_init)
+    if weights is not None:
+        from ztune.runtime.construct.pretrained import load_pretrained
+
+        load_pretrained(engine, weights)
     scheduler = resolve_scheduler(cfg, optimizer=engine.optimizer, lr_scheduler=lr_scheduler)
     engine.lr_scheduler = scheduler
     dataloader = None

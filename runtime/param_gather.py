@@ -129,7 +129,7 @@ class ParamGatherer:
 
     def release(self, g: FlatGroup) -> None:
         self._wait(self._index[id(g)])  # never free a buffer a collective is still writing
-        if g.gathered:
+        if g.gathered and not getattr(g, "pinned", False):  # pinned: held by Engine.gathered (construct/)
             free_storage_(g.param_full)
 
     def release_all(self) -> None:

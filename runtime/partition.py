@@ -119,11 +119,16 @@ class FlatGroup:
     ordinary zeroed memory.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], *, layout: FlatLayout, master_full: torch.Tensor,
+    def __init__(self, params: Sequence[torch.nn.Parameter], *, layout: FlatLayout, master_full: torch.Tensor | None,
                  rank: int, dtype: torch.dtype, shard_states: bool, shard_grads: bool, shard_params: bool,
                  module: torch.nn.Module | None = None,
-                 zeros: Callable[[int, torch.dtype], torch.Tensor] | None = None):
-        device = master_full.device
+                 zeros: Callable[[int, torch.dtype], torch.Tensor] | None = None,
+                 master_owned: torch.Tensor | None = None):
+        # master_owned (stage 3 only): the fp32 values of this rank's shard alone, instead of master_full.
+        if master_full is None and not (shard_params and master_owned is not None):
+            raise ValueError("FlatGroup: master_full is required unless parameters are sharded and master_owned "
+                             "is given")
+        device = (master_full if master_full is not None else master_owned).device
         if zeros is None:
             def zeros(numel: int, dt: torch.dtype) -> torch.Tensor:
                 return torch.zeros(numel, dtype=dt, device=device)
@@ -136,10 +141,14 @@ class FlatGroup:
         partial = hi - lo < layout.padded_numel
         low_precision = dtype != torch.float32
         if shard_params:
-            self.param_full = torch.empty(layout.padded_numel, dtype=dtype, device=master_full.device)
+            owned = master_owned if master_owned is not None else master_full[lo:hi]
+            self.param_full = torch.empty(layout.padded_numel, dtype=dtype, device=device)
             self.param_shard = zeros(hi - lo, dtype)  # every unit's all-gather reads every rank's shard
-            self.param_shard.copy_(master_full[lo:hi])
-            self.master = master_full[lo:hi].clone() if low_precision else self.param_shard
+            self.param_shard.copy_(owned)
+            if not low_precision:
+                self.master = self.param_shard
+            else:
+                self.master = master_owned if master_owned is not None else owned.clone()
         else:
             if partial:  # stages 1/2 all-gather the whole buffer after every step
                 self.param_full = zeros(layout.padded_numel, dtype)

@@ -7,13 +7,16 @@ The runtime entry points are imported lazily so that `ztune estimate` never pays
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "add_config_arguments", "init_distributed", "initialize", "initialize_engine"]
+__all__ = ["__version__", "add_config_arguments", "init_distributed", "initialize", "initialize_engine",
+           "load_pretrained", "zero_init"]
 
 _LAZY = {
     "initialize": "ztune.runtime.initialize",
     "initialize_engine": "ztune.runtime.initialize",
     "init_distributed": "ztune.runtime.initialize",
     "add_config_arguments": "ztune.runtime.compat.args",
+    "zero_init": "ztune.runtime.construct.materialize",
+    "load_pretrained": "ztune.runtime.construct.pretrained",
 }
 
 

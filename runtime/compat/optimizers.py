@@ -57,6 +57,13 @@ class OptimizerPlan:
             return None
         return {pid: gi for gi, (ids, _) in enumerate(self.groups) for pid in ids}
 
+    def remap(self, replaced: dict[int, nn.Parameter]) -> None:
+        """Follow parameters that were replaced by new objects (meta-device construction, runtime/construct/):
+        `replaced` maps id(old parameter) -> its replacement."""
+        self.trainable = [replaced.get(id(p), p) for p in self.trainable]
+        self.groups = [({id(replaced[i]) if i in replaced else i for i in ids}, overrides)
+                       for ids, overrides in self.groups]
+
     def shard_groups(self, masters: Sequence[torch.Tensor], *, group_index: Sequence[int] | None
                      ) -> list[dict[str, Any]]:
         """torch.optim param groups over `masters` (flat group i belongs to param group group_index[i])."""
