@@ -62,8 +62,14 @@ class CompatEngine(Engine):
 
     want_grad_norm = True  # DeepSpeed computes the global norm every step (get_global_grad_norm)
 
-    def __init__(self, *args, device: torch.device, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, cfg, *args, device: torch.device, **kwargs):
+        from ztune.runtime.compat.monitor import check_available
+
+        check_available(cfg.monitor)  # every rank, before the engine's collectives
+        super().__init__(model, cfg, *args, **kwargs)
+        from ztune.runtime.compat.monitor import Monitor
+
+        self.monitor = Monitor(self.config.monitor, rank=self.rank)
         self.device = device
         self._boundary_override: bool | None = None
         self._in_no_sync = False
@@ -216,7 +222,10 @@ class CompatEngine(Engine):
             # Make this call the one that completes an accumulation window (DeepSpeed steps whenever the
             # boundary is set, however many micro-steps ran).
             self.micro_steps = (self.micro_steps // self.grad_accum + 1) * self.grad_accum - 1
+        steps_before = self.global_steps
         self._step_applied = super().step()
+        if self.global_steps != steps_before:  # an accumulation boundary: DeepSpeed's monitor events
+            self.monitor.after_step(self)
         return self._step_applied
 
     def was_step_applied(self) -> bool:

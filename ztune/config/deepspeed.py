@@ -19,13 +19,16 @@ from ztune.config.schema import (
     BatchConfig,
     Compression,
     CompressionConfig,
+    LogDirMonitor,
     LossScaleConfig,
+    MonitorConfig,
     Offload,
     OptimizerConfig,
     OptimizerType,
     Precision,
     SchedulerConfig,
     TrainConfig,
+    WandbMonitor,
     ZeroConfig,
 )
 from ztune.config.validate import _convert, build, check, check_loss_scaling
@@ -205,6 +208,18 @@ def _activation_checkpointing(value: Any, ignored: list[str]) -> None:
         ignored.append("activation_checkpointing")
 
 
+_MONITOR_BLOCKS = {"csv_monitor": LogDirMonitor, "tensorboard": LogDirMonitor, "wandb": WandbMonitor}
+
+
+def _monitor_block(key: str, value: Any, ignored: list[str]) -> LogDirMonitor | WandbMonitor:
+    """A DeepSpeed monitor block (runtime/compat/monitor.py), its keys and types as DeepSpeed's pydantic model
+    checks them; a disabled block writes nothing and is listed as ignored."""
+    block = build(_MONITOR_BLOCKS[key], _mapping(value, key), prefix=f"{key}.")
+    if not block.enabled:
+        ignored.append(key)
+    return block
+
+
 def _batch(given: dict[str, Any]) -> BatchConfig:
     """The batch keys as given (each > 0); cross-checks that need the world size are in resolve_batch."""
     values = {field: _number(int, given[k], k) for k, field in _BATCH_FIELDS.items() if k in given}
@@ -239,6 +254,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     loss_scaling: dict[str, Any] = {}
     scheduler: dict[str, Any] = {}
     activations = ActivationConfig()
+    monitor: dict[str, Any] = {}
     compression = Compression.NONE
     precision = Precision.FP32
     for key, value in doc.items():
@@ -257,6 +273,8 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             zero = _zero(value, ignored)
         elif key == "activation_checkpointing":
             _activation_checkpointing(value, ignored)
+        elif key in _MONITOR_BLOCKS:
+            monitor[key] = _monitor_block(key, value, ignored)
         elif key == "ztune":
             activations = _ztune_block(value)
         elif key == "optimizer":
@@ -314,6 +332,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             activations=activations,
             loss_scaling=loss_scale_cfg,
             scheduler=build(SchedulerConfig, scheduler, prefix="scheduler."),
+            monitor=MonitorConfig(**monitor),
             **top,
         )
         return check(cfg), ignored
@@ -359,4 +378,8 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
     doc["optimizer"] = {"type": opt_type, "params": params}
     if cfg.scheduler.type is not None:
         doc["scheduler"] = {"type": cfg.scheduler.type, "params": dict(cfg.scheduler.params)}
+    for key in _MONITOR_BLOCKS:
+        block = getattr(cfg.monitor, key)
+        if block != type(block)():
+            doc[key] = dataclasses.asdict(block)
     return doc

@@ -45,6 +45,8 @@ def _r(note: str) -> KeyRule:
 
 _PERF = "performance knob: ztune schedules its own communication and buffers"
 _LOG = "logging/profiling only"
+_MON = ("events Train/Samples/lr and (fp16) Train/Samples/loss_scale at x = global_samples, as DeepSpeed's "
+        "engine writes them")
 _CKPT = "checkpoint-file option (checkpoints are a separate issue); no effect on training"
 _ACT = ("configures deepspeed.checkpointing.checkpoint(), which a model calls itself; recomputation never changes "
         "the math. ztune's own checkpointing: the \"ztune\": {\"activations\": ...} block")
@@ -174,9 +176,23 @@ KEYS: dict[str, KeyRule] = {
     "memory_breakdown": _i(_LOG),
     "flops_profiler": _i(_LOG),
     "comms_logger": _i(_LOG),
-    "tensorboard": _i(_LOG),
-    "wandb": _i(_LOG),
-    "csv_monitor": _i(_LOG),
+    # DeepSpeed's monitor blocks: runtime/compat/monitor.py writes DeepSpeed's events (lr, and the loss scale
+    # with fp16) after each optimizer step on rank 0; a disabled block is listed as ignored.
+    "tensorboard": _s(_MON + "; torch.utils.tensorboard.SummaryWriter under output_path/job_name (needs the "
+                      "tensorboard package)"),
+    "tensorboard.enabled": _s("write TensorBoard scalars"),
+    "tensorboard.output_path": _s("directory; the job_name folder is made inside it"),
+    "tensorboard.job_name": _s("folder name inside output_path"),
+    "wandb": _s(_MON + "; wandb.log({name: value}, step=samples) (needs the wandb package)"),
+    "wandb.enabled": _s("log to Weights & Biases"),
+    "wandb.group": _s("wandb.init group"),
+    "wandb.team": _s("wandb.init entity"),
+    "wandb.project": _s("wandb.init project"),
+    "csv_monitor": _s(_MON + "; DeepSpeed's files: output_path/job_name/Train_Samples_lr.csv with a "
+                      "\"step,lr\" header, one \"samples,value\" row per optimizer step"),
+    "csv_monitor.enabled": _s("write CSV files"),
+    "csv_monitor.output_path": _s("directory; the job_name folder is made inside it"),
+    "csv_monitor.job_name": _s("folder name inside output_path"),
     "comet": _i(_LOG),
     "timers": _i(_LOG),
     "checkpoint": _i(_CKPT),

@@ -141,6 +141,35 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class LogDirMonitor:
+    """DeepSpeed's `csv_monitor` / `tensorboard` block (deepspeed/monitor/config.py; runtime/compat/monitor.py):
+    rank 0 writes under os.path.join(output_path, job_name)."""
+
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+@dataclass(frozen=True)
+class WandbMonitor:
+    """DeepSpeed's `wandb` block (deepspeed/monitor/config.py): wandb.init(project, group, entity=team)."""
+
+    enabled: bool = False
+    group: str | None = None
+    team: str | None = None
+    project: str = "deepspeed"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """DeepSpeed's monitor blocks, written after each optimizer step (runtime/compat/monitor.py)."""
+
+    csv_monitor: LogDirMonitor = field(default_factory=LogDirMonitor)
+    tensorboard: LogDirMonitor = field(default_factory=LogDirMonitor)
+    wandb: WandbMonitor = field(default_factory=WandbMonitor)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     precision: Precision = Precision.BF16
@@ -153,6 +182,7 @@ class TrainConfig:
     loss_scaling: LossScaleConfig = field(default_factory=LossScaleConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` data-parallel ranks."""
