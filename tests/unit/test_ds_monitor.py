@@ -79,3 +79,13 @@ def test_one_rank_initialize_writes_lr_rows(tmp_path):
         engine.backward(engine(torch.ones(2, 2)).sum())
         engine.step()
     assert (tmp_path / "j" / "Train_Samples_lr.csv").read_text().splitlines() == ["step,lr", "2,0.1", "4,0.1"]
+
+
+def test_ztune_yaml_monitor_block_round_trips():
+    from ztune.config.io import load, to_dict
+
+    cfg = load({"monitor": {"csv_monitor": {"enabled": True, "output_path": "logs"}}})
+    assert cfg.monitor.csv_monitor == LogDirMonitor(enabled=True, output_path="logs")
+    assert load(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'monitor.comet'"):
+        load({"monitor": {"comet": {"enabled": True}}})
