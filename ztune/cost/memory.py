@@ -108,8 +108,12 @@ class ModelStateMemory:
 
 
 def model_state_memory(*, num_params: int, world_size: int, stage: int, per_param: StateBytesPerParam,
-                       offload_optimizer: bool = False, offload_params: bool = False) -> ModelStateMemory:
+                       offload_optimizer: bool = False, offload_params: bool = False,
+                       frozen_params: int = 0) -> ModelStateMemory:
     """Bytes per rank for params, grads and optimizer state at `stage` (ZeRO paper, section 3).
+
+    num_params are the trainable parameters; `frozen_params` more hold only their compute-dtype parameter
+    (per_param.param bytes, sharded at stage 3 like the others: cost/finetune.py): no grad, master or moments.
 
     offload_optimizer (stages 1-3; ZeRO-Offload, Ren et al. 2021): the optimizer shard (fp32 master +
     moments) lives in host memory, and so does the gradient shard the CPU optimizer reads (staged there
@@ -124,7 +128,8 @@ def model_state_memory(*, num_params: int, world_size: int, stage: int, per_para
     if offload_optimizer and stage == 0:
         raise ValueError("offload_optimizer needs stage 1-3")
     full, shard = num_params, shard_numel(num_params, world_size)
-    params = (shard if stage == 3 else full) * per_param.param
+    frozen = shard_numel(frozen_params, world_size) if stage == 3 else frozen_params
+    params = ((shard if stage == 3 else full) + frozen) * per_param.param
     grads = (shard if stage >= 2 else full) * per_param.grad
     optimizer = (full if stage == 0 else shard) * per_param.optimizer
     host_params = host_grads = host_optimizer = 0
