@@ -135,7 +135,7 @@ def init_peak(*, construction: str, num_params: int, unit_numel: int, states_byt
     Checked against docs/bench/zero_init.md (58M Llama, fp32, 221 MiB model, root unit 125 MiB; not fitted):
     meta at 2 ranks predicts 442 + 125 = 567 MiB vs 378 measured (+ initialise column, above the post-import
     baseline), at 4 ranks 221 + 125 = 346 vs 283; eager at 2 ranks 442 + 125 + 221 = 788 vs 518, at 4 ranks
-    612 vs 455. The formula is an upper bound (about 1.2-1.5x): the runtime creates Adam's moments at the
+    567 vs 455. The formula is an upper bound (about 1.2-1.5x): the runtime creates Adam's moments at the
     first step, not at init, and an eager model's full copies are freed as its units are sharded.
     """
     if construction not in CONSTRUCTIONS:
