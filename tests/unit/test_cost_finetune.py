@@ -24,7 +24,7 @@ from ztune.cost.finetune import (
     trainable_split,
     training_flops_per_token,
 )
-from ztune.cost.memory import model_state_memory, state_bytes_per_param
+from ztune.cost.memory import buffer_memory, model_state_memory, state_bytes_per_param
 from ztune.profiles import load_hardware, load_model
 from ztune.specs import Architecture, ModelSpec, count_params
 
@@ -153,3 +153,12 @@ def test_init_peak_formula_and_when_it_is_reported():
 def test_init_peak_falls_with_more_ranks():
     peaks = [estimate(LLAMA70, H100, cfg(3), num_nodes=nodes).init.total for nodes in (1, 2, 4)]
     assert peaks[0] > peaks[1] > peaks[2]
+
+
+def test_frozen_parameters_need_no_gradient_buffers():
+    kw = dict(stage=3, num_params=10_000, largest_unit_numel=1000, reduce_bucket_numel=5000, prefetch_units=1,
+              param_bytes=2, grad_bytes=2, reserve_bytes=0)
+    full, part = buffer_memory(**kw), buffer_memory(**kw, trainable_params=100)
+    assert full.reduce_bucket_bytes == (2 * 5000 + 1000) * 2
+    assert part.reduce_bucket_bytes == (2 * 100 + 100) * 2  # buckets and the unit's gradient: trainable only
+    assert part.gather_bytes == full.gather_bytes == 2 * 1000 * 2  # frozen weights are still gathered

@@ -209,7 +209,8 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
                             offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes,
                             selective_policy=framework.selective_policy,
                             loss_chunk_tokens=framework.loss_chunk_tokens, loss_mode=framework.loss_mode)
-    buffers = buffer_memory(stage=z.stage, num_params=split.total, largest_unit_numel=counts.largest_layer,
+    buffers = buffer_memory(stage=z.stage, num_params=split.total, trainable_params=split.trainable,
+                            largest_unit_numel=counts.largest_layer,
                             reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
                             param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                             reserve_bytes=framework_reserve_bytes(hw))

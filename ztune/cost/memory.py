@@ -180,7 +180,8 @@ def framework_reserve_bytes(hw: Hardware) -> int:
 
 
 def buffer_memory(*, stage: int, num_params: int, largest_unit_numel: int, reduce_bucket_numel: int,
-                  prefetch_units: int, param_bytes: int, grad_bytes: int, reserve_bytes: int) -> BufferMemory:
+                  prefetch_units: int, param_bytes: int, grad_bytes: int, reserve_bytes: int,
+                  trainable_params: int | None = None) -> BufferMemory:
     """Communication buffers per GPU.
 
     - Gradient reduction: REDUCE_BUCKET_BUFFERS buckets of `reduce_bucket_numel` gradient elements (never
@@ -189,14 +190,17 @@ def buffer_memory(*, stage: int, num_params: int, largest_unit_numel: int, reduc
     - Stage 3 parameter gathers: the unit in use plus `prefetch_units` prefetched, each at most the largest
       unit (a transformer block, or the embedding / LM head when larger).
     Stage 1/2 refresh parameters in place in the flat parameter buffer after the step: no extra buffer.
+    trainable_params (default all): only these have gradients, which bounds the buckets and the unit's
+    gradient (frozen parameters are gathered but produce none).
     """
-    bucket_numel = min(reduce_bucket_numel, num_params)
+    grad_numel = num_params if trainable_params is None else trainable_params
+    bucket_numel = min(reduce_bucket_numel, grad_numel)
     reduce = REDUCE_BUCKET_BUFFERS * bucket_numel * grad_bytes
     gather = 0
     if stage == 3:
         unit = min(largest_unit_numel, num_params)
         gather = unit * (1 + prefetch_units) * param_bytes
-        reduce += unit * grad_bytes
+        reduce += min(unit, grad_numel) * grad_bytes
     return BufferMemory(reduce_bucket_bytes=reduce, gather_bytes=gather, reserve_bytes=reserve_bytes)
 
 
