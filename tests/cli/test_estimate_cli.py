@@ -11,7 +11,7 @@ from ztune.cli import app
 
 ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "micro_batch",
             "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
-            "mfu", "fits"}
+            "mfu", "fits", "init_peak", "trainable_params"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}
 LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--seq", "4096",
               "--global-batch", "1024"]
@@ -36,8 +36,8 @@ def test_json_schema():
     result = CliRunner().invoke(app, ["estimate", *LLAMA_ARGS, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert set(doc) == {"model", "hardware", "rows", "recommendation"}
-    assert doc["model"] == {"name": "llama-2-70b", "params": 68_976_648_192}
+    assert set(doc) == {"model", "hardware", "rows", "recommendation", "ignored_deepspeed_keys"}
+    assert doc["model"] == {"name": "llama-2-70b", "params": 68_976_648_192, "trainable_params": 68_976_648_192}
     assert doc["hardware"] == "dgx-h100"
     assert len(doc["rows"]) == 27
     for row in doc["rows"]:
@@ -89,6 +89,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         ["--model", "gpt2", "--hardware", "dgx-h100", "--config", str(tmp_path / "missing.yaml")],
         ["--model", "gpt2", "--hardware", "dgx-h100", "--plot", str(tmp_path / "no" / "dir.png")],
         ["--model", "gpt2"],  # --hardware missing
+        *(["--model", "gpt2", "--hardware", "dgx-h100", "--trainable", v] for v in ("0", "0%", "150%", "1.5", "-2%",
+                                                                                  "nan", "abc", "%")),
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--lora-rank", "0"],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--lora-rank", "8", "--trainable", "2%"],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--init", "lazy"],
     ]
     for args in bad_cases:
         out = run(*args)
@@ -161,3 +166,39 @@ def test_bad_framework_flags_are_one_line_errors():
                               "cpu-local", *extra], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (extra, out.stderr)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_trainable_lora_and_init_flags():
+    def doc(*extra):
+        result = CliRunner().invoke(app, ["estimate", "--model", "llama-2-7b", "--hardware", "dgx-h100",
+                                          "--stage", "3", "--micro-batch", "1", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    full, pct, frac = doc(), doc("--trainable", "2%"), doc("--trainable", "0.02")
+    assert pct == frac
+    assert full["model"]["trainable_params"] == full["model"]["params"]
+    assert pct["model"]["trainable_params"] == round(0.02 * full["model"]["params"])
+    def by_config(d):  # rows are sorted by speed, which the fine-tune changes
+        return {(r["offload_optimizer"], r["offload_params"], r["checkpointing"]): r for r in d["rows"]}
+
+    fulls, pcts = by_config(full), by_config(pct)
+    assert set(fulls) == set(pcts)
+    def states(r):  # GPU model states + the host's share (offload moves them there)
+        m = r["memory_per_gpu"]
+        return m["params"] + m["grads"] + m["optimizer"] + r["cpu_memory_per_host"]
+
+    assert all(states(pcts[k]) < states(fulls[k]) for k in fulls)
+    assert all(pcts[k]["comm_bytes_per_step"] < fulls[k]["comm_bytes_per_step"] for k in fulls)
+    lora = doc("--lora-rank", "8")
+    # PEFT's default targets for Llama: q_proj (4096 -> 4096) and v_proj (4096 -> 4096), 32 layers.
+    assert lora["model"]["trainable_params"] == 32 * (8 * (4096 + 4096) * 2)
+    assert lora["model"]["params"] == full["model"]["params"] + lora["model"]["trainable_params"]
+    eager = doc("--init", "eager")
+    assert all(r["init_peak"] is not None and r["init_peak"] > r["memory_per_gpu"]["total"] for r in eager["rows"])
+    table = CliRunner().invoke(app, ["estimate", "--model", "llama-2-7b", "--hardware", "dgx-h100", "--stage", "3",
+                                     "--micro-batch", "1", "--init", "eager"]).output
+    assert " init " in table and "initialisation peaks higher" in table
+    plain = CliRunner().invoke(app, ["estimate", "--model", "llama-2-7b", "--hardware", "dgx-h100", "--stage", "3",
+                                     "--micro-batch", "1"]).output
+    assert " init " not in plain and "initialisation" not in plain

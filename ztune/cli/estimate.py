@@ -42,6 +42,8 @@ def row_dict(est: Any) -> dict:
         "compression": c.compression.method.value,
         "micro_batch": est.micro_batch,
         "memory_per_gpu": est.memory_per_gpu.as_dict(),
+        "init_peak": est.init_peak_bytes,  # bytes per GPU during initialize, only where above the steady state
+        "trainable_params": est.trainable_params,
         "cpu_memory_per_host": est.cpu_memory_per_host,
         "comm_bytes_per_step": est.comm_bytes_per_step,
         "step_time_s": est.step_time_s,
@@ -59,13 +61,18 @@ def _render(estimates: list, *, show_compression: bool) -> Any:
     cols = ["#", "ZeRO", "offload", "ckpt"] + (["compress"] if show_compression else []) + [
         "micro", "accum", "params", "grads", "optim", "activ", "buffers", "total", "host/node",
         "comm/step", "step s", "tokens/s", "MFU", "fits"]
+    show_init = any(e.init_peak_bytes is not None for e in estimates)
+    if show_init:  # only when some configuration's initialisation peaks above its steady state
+        cols.insert(cols.index("total") + 1, "init")
     rows = []
     for i, e in enumerate(estimates, 1):
         m = e.memory_per_gpu
         rows.append([i, e.config.zero.stage, _offload_label(e), e.config.activations.checkpointing.value]
                     + ([e.config.compression.method.value] if show_compression else [])
                     + [e.micro_batch, e.grad_accum, _gib(m.params), _gib(m.grads), _gib(m.optimizer),
-                       _gib(m.activations), _gib(m.buffers), _gib(m.total), _gib(e.cpu_memory_per_host),
+                       _gib(m.activations), _gib(m.buffers), _gib(m.total)]
+                    + ([_gib(e.init_peak_bytes) if e.init_peak_bytes is not None else "-"] if show_init else [])
+                    + [_gib(e.cpu_memory_per_host),
                        _gib(e.comm_bytes_per_step), f"{e.step_time_s:.2f}", f"{e.tokens_per_s:,.0f}",
                        f"{e.mfu:.1%}", "yes" if e.fits else "NO"])
     numeric = [c for c in cols if c not in ("offload", "ckpt", "compress", "fits")]
@@ -89,10 +96,38 @@ def _split_models(model: str | None, params: str | None) -> Any:
     return load_model(model) if model is not None else model_from_params(params)
 
 
-def _framework(*, selective_policy: str, reduce_fp32: bool, loss: str, loss_chunk: int) -> Any:
+def parse_trainable(text: str | None) -> float:
+    """--trainable as a fraction in (0, 1]: "2%" -> 0.02, "0.02" -> 0.02; None -> 1 (full fine-tune)."""
+    import math
+
+    if text is None:
+        return 1.0
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise UserError(f"--trainable: got {text!r}; give the trainable share of the parameters as a percentage "
+                        "(e.g. 2%) or a fraction in (0, 1] (e.g. 0.02)")
+    return value
+
+
+def _framework(*, selective_policy: str, reduce_fp32: bool, loss: str, loss_chunk: int, trainable: str | None = None,
+               lora_rank: int | None = None, init: str = "meta") -> Any:
     """The cost model's Framework from the flags; bad values are one-line user errors."""
     from ztune.cost.activations import LOSS_MODES, SELECTIVE_POLICIES
     from ztune.cost.estimate import Framework
+    from ztune.cost.finetune import CONSTRUCTIONS
+    from ztune.inputs import int_flag
+
+    fraction = parse_trainable(trainable)
+    if lora_rank is not None:
+        if trainable is not None:
+            raise UserError("give --trainable or --lora-rank, not both (LoRA trains only its adapters)")
+        int_flag("--lora-rank", lora_rank, hi=1 << 16)
+    if init not in CONSTRUCTIONS:
+        raise UserError(f"--init: got {init!r}; allowed: {', '.join(CONSTRUCTIONS)}")
 
     if selective_policy not in SELECTIVE_POLICIES:
         raise UserError(f"--selective-policy: got {selective_policy!r}; allowed: {', '.join(SELECTIVE_POLICIES)}")
@@ -102,7 +137,8 @@ def _framework(*, selective_policy: str, reduce_fp32: bool, loss: str, loss_chun
         raise UserError("--loss chunked needs --loss-chunk N (tokens per chunk, N >= 1), and --loss-chunk "
                         "needs --loss chunked")
     return Framework(selective_policy=selective_policy, reduce_bytes=4 if reduce_fp32 else None, loss_mode=loss,
-                     loss_chunk_tokens=loss_chunk)
+                     loss_chunk_tokens=loss_chunk, trainable_fraction=fraction, lora_rank=lora_rank or 0,
+                     construction=init)
 
 
 def estimate(
@@ -137,6 +173,15 @@ def estimate(
     loss: Annotated[str, typer.Option("--loss", help="Cross-entropy: upcast (logits.float()), fused, or "
                                                      "chunked (with --loss-chunk).")] = "upcast",
     loss_chunk: Annotated[int, typer.Option("--loss-chunk", help="Tokens per chunk of a chunked loss.")] = 0,
+    trainable: Annotated[str | None, typer.Option("--trainable", help="Partial fine-tune: share of the "
+                                                  "parameters that train, e.g. 2% or 0.02 (the rest "
+                                                  "frozen).")] = None,
+    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA fine-tune at this rank on PEFT's "
+                                                  "default targets (q_proj+v_proj; GPT-2 c_attn), base "
+                                                  "frozen.")] = None,
+    init: Annotated[str, typer.Option("--init", help="How the model is built, for stage 3's init peak: meta "
+                                                     "(ztune.zero_init) or eager (built whole, then "
+                                                     "sharded).")] = "meta",
 ) -> None:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration."""
     from ztune.config.schema import Compression, Precision
@@ -159,7 +204,7 @@ def estimate(
     except ValueError:
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32") from None
     framework = _framework(selective_policy=selective_policy, reduce_fp32=reduce_fp32, loss=loss,
-                           loss_chunk=loss_chunk)
+                           loss_chunk=loss_chunk, trainable=trainable, lora_rank=lora_rank, init=init)
     spec = _split_models(model, params)
     hw = load_hardware(hardware)
     seq_len = seq or min(spec.max_seq_len, 4096)
@@ -199,7 +244,8 @@ def estimate(
         from ztune.console import emit_json
 
         emit_json({
-            "model": {"name": spec.name, "params": estimates[0].num_params},
+            "model": {"name": spec.name, "params": estimates[0].num_params,
+                      "trainable_params": estimates[0].trainable_params},
             "hardware": hw.name,
             "rows": [row_dict(e) for e in estimates],
             "recommendation": {"index": best_index, "label": best.label if best else None, "reason": reason},

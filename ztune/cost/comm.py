@@ -135,26 +135,31 @@ class ZeroCollective:
     per_step: int
 
 
-def zero_collectives(*, num_params: int, stage: int, grad_accum: int) -> list[ZeroCollective]:
+def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_params: int | None = None
+                     ) -> list[ZeroCollective]:
     """The collectives of ZeRO `stage` per optimizer step (DESIGN.md, ZeRO paper section 7).
 
     Stages 0/1 accumulate gradients locally and reduce once per step; stage 2 reduce-scatters every
     micro-step (its gradient shard cannot hold a full-size accumulation); stage 3 all-gathers parameters
     for forward and again for backward, and reduce-scatters gradients, every micro-step.
+
+    trainable_params (default: all of num_params): frozen parameters produce no gradient collective and, at
+    stages 1/2, need no refresh after the step (they never change); stage 3 still gathers them with their unit.
     """
     p, a = num_params, grad_accum
+    t = p if trainable_params is None else trainable_params
     if stage == 0:
-        return [ZeroCollective(ALL_REDUCE, "grad", "boundary", p, 1)]
+        return [ZeroCollective(ALL_REDUCE, "grad", "boundary", t, 1)]
     if stage == 1:
-        return [ZeroCollective(REDUCE_SCATTER, "grad", "boundary", p, 1),
-                ZeroCollective(ALL_GATHER, "param", "after_step", p, 1)]
+        return [ZeroCollective(REDUCE_SCATTER, "grad", "boundary", t, 1),
+                ZeroCollective(ALL_GATHER, "param", "after_step", t, 1)]
     if stage == 2:
-        return [ZeroCollective(REDUCE_SCATTER, "grad", "micro", p, a),
-                ZeroCollective(ALL_GATHER, "param", "after_step", p, 1)]
+        return [ZeroCollective(REDUCE_SCATTER, "grad", "micro", t, a),
+                ZeroCollective(ALL_GATHER, "param", "after_step", t, 1)]
     if stage == 3:
         return [ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # forward
                 ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # backward (re-gather after release)
-                ZeroCollective(REDUCE_SCATTER, "grad", "micro", p, a)]
+                ZeroCollective(REDUCE_SCATTER, "grad", "micro", t, a)]
     raise ValueError(f"stage must be 0-3, got {stage}")
 
 
@@ -198,8 +203,8 @@ class CommEstimate:
 
 def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,
                   param_bytes: int, grad_bytes: int, reduce_bucket_numel: int, allgather_bucket_numel: int,
-                  num_units: int, compression: Compression = Compression.NONE, topk_ratio: float = 0.01
-                  ) -> CommEstimate:
+                  num_units: int, compression: Compression = Compression.NONE, topk_ratio: float = 0.01,
+                  trainable_params: int | None = None) -> CommEstimate:
     """Bytes and alpha-beta time of every collective of one optimizer step.
 
     Launch counts: gradient collectives run per reduce bucket; stage 1/2 parameter refreshes per
@@ -210,10 +215,12 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
     a ring, so ztune assumes the exchange of 1-bit Adam (Tang et al. 2021): an all-to-all of compressed
     chunks (each rank sums its chunk), then an all-gather of the re-compressed sums. Its wire bytes equal
     the ring all-reduce's 2(n-1)/n factor on the compressed size (a reduce-scatter is the first half).
+    trainable_params: see zero_collectives (None: every parameter trains).
     """
     n = world_size
     ops = []
-    for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum):
+    for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum,
+                              trainable_params=trainable_params):
         if c.kind == "grad":
             per_elem = wire_bytes_per_element(method=compression, grad_bytes=grad_bytes, topk_ratio=topk_ratio)
             buckets = math.ceil(c.payload_numel / reduce_bucket_numel)

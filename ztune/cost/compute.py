@@ -111,14 +111,17 @@ class OffloadTime:
 def offload_time(*, shard_numel: int, param_bytes: int, grad_bytes: int, optimizer_bytes: int,
                  offload_optimizer: bool, offload_params: bool, activation_host_bytes: int, grad_accum: int,
                  gpus_per_node: int, host_device_bw_bytes_per_s: float, host_memory_bw_bytes_per_s: float,
-                 host_bandwidth_efficiency: float = 1.0) -> OffloadTime:
+                 host_bandwidth_efficiency: float = 1.0, param_shard_numel: int | None = None) -> OffloadTime:
     """PCIe and CPU time of offload per optimizer step (bytes / bandwidth; PCIe per GPU, one direction).
 
     `host_memory_bw_bytes_per_s` is the node's: all `gpus_per_node` ranks run their CPU optimizer on it.
     Stage-3 parameter offload uploads the shard twice per micro-step (forward and backward gathers);
     activation offload copies `activation_host_bytes` down in forward and back up in backward.
+    `shard_numel` is the trainable shard (optimizer, gradients); `param_shard_numel` (default the same) the
+    parameter shard, frozen parameters included, which stage-3 parameter offload uploads.
     """
     transfer = cpu = prefetch = grads = 0.0
+    param_shard = shard_numel if param_shard_numel is None else param_shard_numel
     if offload_optimizer:
         transfer = shard_numel * param_bytes / host_device_bw_bytes_per_s
         grads = shard_numel * grad_bytes / host_device_bw_bytes_per_s
@@ -127,7 +130,7 @@ def offload_time(*, shard_numel: int, param_bytes: int, grad_bytes: int, optimiz
         node_bytes = gpus_per_node * shard_numel * per_param
         cpu = node_bytes / (host_memory_bw_bytes_per_s * host_bandwidth_efficiency)
     if offload_params:
-        prefetch += 2 * grad_accum * shard_numel * param_bytes / host_device_bw_bytes_per_s
+        prefetch += 2 * grad_accum * param_shard * param_bytes / host_device_bw_bytes_per_s
         if not offload_optimizer:
             # The GPU optimizer updated the shard: write it back to its home in host memory.
             transfer += shard_numel * param_bytes / host_device_bw_bytes_per_s

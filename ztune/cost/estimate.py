@@ -34,6 +34,14 @@ from ztune.cost.compute import (
     recompute_flops_per_token,
     step_time,
 )
+from ztune.cost.finetune import (
+    InitPeak,
+    TrainableSplit,
+    init_peak,
+    init_unit_numel,
+    trainable_split,
+    training_flops_per_token,
+)
 from ztune.cost.memory import (
     GPU_FRAMEWORK_RESERVE_BYTES,
     GiB,
@@ -84,12 +92,19 @@ class Framework:
     loss_mode: "upcast" (F.cross_entropy(logits.float()), the common way), "fused" (a fused kernel on
       the logits' dtype, llm-foundry's default) or "chunked" (needs loss_chunk_tokens > 0).
     loss_chunk_tokens: tokens per chunk of a chunked / fused linear + cross-entropy.
+    trainable_fraction / lora_rank: a partial fine-tune (cost/finetune.py): that fraction of the parameters
+      trains, or LoRA adapters of that rank on PEFT's default targets over a frozen base (0: no LoRA).
+    construction: how the model is built before `ztune.initialize`, for stage 3's init peak: "meta"
+      (`ztune.zero_init`, one unit materialised at a time) or "eager" (the whole model built, then sharded).
     """
 
     selective_policy: str = "attention"
     reduce_bytes: int | None = None
     loss_mode: str = "upcast"
     loss_chunk_tokens: int = 0
+    trainable_fraction: float = 1.0
+    lora_rank: int = 0
+    construction: str = "meta"
 
 
 DEFAULT_FRAMEWORK = Framework()
@@ -108,7 +123,7 @@ class Estimate:
     micro_batch: int
     grad_accum: int
     global_batch: int
-    num_params: int
+    num_params: int  # stored: trainable + frozen (LoRA adapters included)
     memory_per_gpu: MemoryBreakdown
     cpu_memory_per_host: int
     activations: ActivationEstimate
@@ -123,6 +138,19 @@ class Estimate:
     fits: bool
     reason: str  # why it does not fit; "" when it fits
     notes: tuple[str, ...]
+    split: TrainableSplit | None = None  # trainable / frozen parameter counts
+    init: InitPeak | None = None  # stage 3 only: device bytes per rank during ztune.initialize
+
+    @property
+    def trainable_params(self) -> int:
+        return self.split.trainable if self.split is not None else self.num_params
+
+    @property
+    def init_peak_bytes(self) -> int | None:
+        """The init peak when it exceeds the steady-state peak (memory_per_gpu.total), else None."""
+        if self.init is None or self.init.total <= self.memory_per_gpu.total:
+            return None
+        return self.init.total
 
     @property
     def comm_bytes_per_step(self) -> float:
@@ -157,7 +185,14 @@ class _Memory:
     breakdown: MemoryBreakdown
     host_per_node: int
     activations: ActivationEstimate
-    shard_numel: int
+    shard_numel: int  # trainable shard (optimizer, gradients)
+    param_shard_numel: int  # parameter shard, frozen included
+    split: TrainableSplit
+    init: InitPeak | None
+
+
+def _split(model: ModelSpec, counts: ParamCounts, framework: Framework) -> TrainableSplit:
+    return trainable_split(model, counts, fraction=framework.trainable_fraction, lora_rank=framework.lora_rank)
 
 
 def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfig, *, world_size: int,
@@ -165,30 +200,45 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
     z = cfg.zero
     per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
                                       momentum=cfg.optimizer.momentum)
-    states = model_state_memory(num_params=counts.total, world_size=world_size, stage=z.stage,
+    split = _split(model, counts, framework)
+    states = model_state_memory(num_params=split.trainable, world_size=world_size, stage=z.stage,
                                 per_param=per_param, offload_optimizer=z.offload_optimizer is Offload.CPU,
-                                offload_params=z.offload_params is Offload.CPU)
+                                offload_params=z.offload_params is Offload.CPU, frozen_params=split.frozen)
     act = activation_memory(model, micro_batch=micro_batch, seq_len=cfg.seq_len,
                             checkpointing=cfg.activations.checkpointing, every=cfg.activations.every,
                             offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes,
                             selective_policy=framework.selective_policy,
                             loss_chunk_tokens=framework.loss_chunk_tokens, loss_mode=framework.loss_mode)
-    buffers = buffer_memory(stage=z.stage, num_params=counts.total, largest_unit_numel=counts.largest_layer,
+    buffers = buffer_memory(stage=z.stage, num_params=split.total, trainable_params=split.trainable,
+                            largest_unit_numel=counts.largest_layer,
                             reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
                             param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                             reserve_bytes=framework_reserve_bytes(hw))
+    init = None
+    if z.stage == 3:
+        init = init_peak(construction=framework.construction, num_params=split.total,
+                         unit_numel=init_unit_numel(counts), states_bytes=states.device_bytes,
+                         reserve_bytes=buffers.reserve_bytes)
     return _Memory(
         breakdown=memory_per_gpu(states=states, activation_device_bytes=act.device_bytes, buffers=buffers),
         host_per_node=host_memory_per_node(states=states, activation_host_bytes=act.host_bytes,
                                            gpus_per_node=hw.gpus_per_node),
         activations=act,
-        shard_numel=shard_numel(counts.total, world_size),
+        shard_numel=shard_numel(split.trainable, world_size),
+        param_shard_numel=shard_numel(split.total, world_size),
+        split=split,
+        init=init,
     )
 
 
 def _fit_reason(mem: _Memory, hw: Hardware) -> str:
     if mem.breakdown.total > hw.gpu_memory_bytes:
         return (f"needs {mem.breakdown.total / GiB:.1f} GiB per GPU, {hw.name} has "
+                f"{hw.gpu_memory_bytes / GiB:.1f} GiB")
+    if mem.init is not None and mem.init.total > hw.gpu_memory_bytes:
+        how = ("the whole model in fp32 on every rank: build it under ztune.zero_init"
+               if mem.init.model_bytes else "the sharded states plus one unit in fp32")
+        return (f"initialisation needs {mem.init.total / GiB:.1f} GiB per GPU ({how}), {hw.name} has "
                 f"{hw.gpu_memory_bytes / GiB:.1f} GiB")
     if mem.host_per_node > hw.host_memory_bytes:
         return (f"needs {mem.host_per_node / GiB:.1f} GiB of host memory per node, {hw.name} has "
@@ -209,7 +259,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                                       momentum=cfg.optimizer.momentum)
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
-    comm = comm_estimate(num_params=counts.total, world_size=world, stage=z.stage, grad_accum=accum, link=link,
+    split = mem.split
+    comm = comm_estimate(num_params=split.total, trainable_params=split.trainable, world_size=world,
+                         stage=z.stage, grad_accum=accum, link=link,
                          param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                          reduce_bucket_numel=z.reduce_bucket_numel,
                          allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
@@ -217,9 +269,13 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
 
     width = model.num_heads * model.head_size
     tokens_per_gpu = micro * accum * cfg.seq_len
-    model_flops = tokens_per_gpu * model_flops_per_token(
-        active_params=counts.active_per_token, num_layers=model.num_layers, attention_width=width,
-        seq_len=cfg.seq_len)
+    if split.is_full:
+        model_flops = tokens_per_gpu * model_flops_per_token(
+            active_params=counts.active_per_token, num_layers=model.num_layers, attention_width=width,
+            seq_len=cfg.seq_len)
+    else:  # frozen weights skip their weight-gradient GEMM (cost/finetune.py)
+        model_flops = tokens_per_gpu * training_flops_per_token(
+            split=split, num_layers=model.num_layers, attention_width=width, seq_len=cfg.seq_len)
     block_active = counts.active_per_token - counts.embedding - counts.lm_head - counts.final_norm
     hw_flops = model_flops + tokens_per_gpu * recompute_flops_per_token(
         block_active_params=block_active, num_layers=model.num_layers, attention_width=width,
@@ -234,7 +290,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                        activation_host_bytes=mem.activations.host_bytes, grad_accum=accum,
                        gpus_per_node=hw.gpus_per_node, host_device_bw_bytes_per_s=hw.host_device_bw_bytes_per_s,
                        host_memory_bw_bytes_per_s=hw.host_memory_bw_bytes_per_s,
-                       host_bandwidth_efficiency=efficiency.host_bandwidth)
+                       host_bandwidth_efficiency=efficiency.host_bandwidth,
+                       param_shard_numel=mem.param_shard_numel)
     step = step_time(compute_s=compute_s, grad_accum=accum, comm_micro_s=comm.time_in_phase_s("micro"),
                      comm_boundary_s=comm.time_in_phase_s("boundary"),
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
@@ -242,17 +299,21 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]
+    if not split.is_full:
+        notes.append(f"{split.description}: frozen parameters hold only the {cfg.precision.value} parameter "
+                     "(sharded at stage 3), send no gradients and skip their weight-gradient FLOPs "
+                     "(6 Psi_trainable + 4 Psi_frozen)")
     if cfg.seq_len > model.max_seq_len:
         notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
     return Estimate(
         model=model, hardware=hw, config=cfg, num_nodes=num_nodes, world_size=world, micro_batch=micro,
-        grad_accum=accum, global_batch=global_batch, num_params=counts.total,
+        grad_accum=accum, global_batch=global_batch, num_params=split.total,
         memory_per_gpu=mem.breakdown, cpu_memory_per_host=mem.host_per_node, activations=mem.activations,
         comm=comm, offload=off, step=step, model_flops_per_step=model_flops, hardware_flops_per_step=hw_flops,
         tokens_per_s=global_batch * cfg.seq_len / step.step_s,
         samples_per_s=global_batch / step.step_s,
         mfu=model_flops / (step.step_s * peak),
-        fits=not reason, reason=reason, notes=tuple(notes),
+        fits=not reason, reason=reason, notes=tuple(notes), split=split, init=mem.init,
     )
 
 
@@ -344,6 +405,8 @@ def recommend(estimates: Sequence[Estimate]) -> tuple[Estimate | None, str]:
                       "enable offload or checkpointing, or shorten the sequence")
     best = fitting[0]
     used = f"{best.memory_per_gpu.total / GiB:.1f} of {best.hardware.gpu_memory_bytes / GiB:.0f} GiB per GPU"
+    if best.init_peak_bytes is not None:
+        used += f" (initialisation peaks higher, at {best.init_peak_bytes / GiB:.1f} GiB)"
     if len(fitting) == 1:
         return best, f"the only configuration that fits ({used})"
     runner = fitting[1]

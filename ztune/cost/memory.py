@@ -108,8 +108,12 @@ class ModelStateMemory:
 
 
 def model_state_memory(*, num_params: int, world_size: int, stage: int, per_param: StateBytesPerParam,
-                       offload_optimizer: bool = False, offload_params: bool = False) -> ModelStateMemory:
+                       offload_optimizer: bool = False, offload_params: bool = False,
+                       frozen_params: int = 0) -> ModelStateMemory:
     """Bytes per rank for params, grads and optimizer state at `stage` (ZeRO paper, section 3).
+
+    num_params are the trainable parameters; `frozen_params` more hold only their compute-dtype parameter
+    (per_param.param bytes, sharded at stage 3 like the others: cost/finetune.py): no grad, master or moments.
 
     offload_optimizer (stages 1-3; ZeRO-Offload, Ren et al. 2021): the optimizer shard (fp32 master +
     moments) lives in host memory, and so does the gradient shard the CPU optimizer reads (staged there
@@ -124,7 +128,8 @@ def model_state_memory(*, num_params: int, world_size: int, stage: int, per_para
     if offload_optimizer and stage == 0:
         raise ValueError("offload_optimizer needs stage 1-3")
     full, shard = num_params, shard_numel(num_params, world_size)
-    params = (shard if stage == 3 else full) * per_param.param
+    frozen = shard_numel(frozen_params, world_size) if stage == 3 else frozen_params
+    params = ((shard if stage == 3 else full) + frozen) * per_param.param
     grads = (shard if stage >= 2 else full) * per_param.grad
     optimizer = (full if stage == 0 else shard) * per_param.optimizer
     host_params = host_grads = host_optimizer = 0
@@ -175,7 +180,8 @@ def framework_reserve_bytes(hw: Hardware) -> int:
 
 
 def buffer_memory(*, stage: int, num_params: int, largest_unit_numel: int, reduce_bucket_numel: int,
-                  prefetch_units: int, param_bytes: int, grad_bytes: int, reserve_bytes: int) -> BufferMemory:
+                  prefetch_units: int, param_bytes: int, grad_bytes: int, reserve_bytes: int,
+                  trainable_params: int | None = None) -> BufferMemory:
     """Communication buffers per GPU.
 
     - Gradient reduction: REDUCE_BUCKET_BUFFERS buckets of `reduce_bucket_numel` gradient elements (never
@@ -184,14 +190,17 @@ def buffer_memory(*, stage: int, num_params: int, largest_unit_numel: int, reduc
     - Stage 3 parameter gathers: the unit in use plus `prefetch_units` prefetched, each at most the largest
       unit (a transformer block, or the embedding / LM head when larger).
     Stage 1/2 refresh parameters in place in the flat parameter buffer after the step: no extra buffer.
+    trainable_params (default all): only these have gradients, which bounds the buckets and the unit's
+    gradient (frozen parameters are gathered but produce none).
     """
-    bucket_numel = min(reduce_bucket_numel, num_params)
+    grad_numel = num_params if trainable_params is None else trainable_params
+    bucket_numel = min(reduce_bucket_numel, grad_numel)
     reduce = REDUCE_BUCKET_BUFFERS * bucket_numel * grad_bytes
     gather = 0
     if stage == 3:
         unit = min(largest_unit_numel, num_params)
         gather = unit * (1 + prefetch_units) * param_bytes
-        reduce += unit * grad_bytes
+        reduce += min(unit, grad_numel) * grad_bytes
     return BufferMemory(reduce_bucket_bytes=reduce, gather_bytes=gather, reserve_bytes=reserve_bytes)
 
 
