@@ -17,6 +17,7 @@ from ztune.config.validate import resolve_batch
 from ztune.errors import UserError
 from ztune.runtime.engine import Engine
 from ztune.runtime.partition import views_of
+from ztune.runtime.state.frozen import frozen_ids, write_frozen_slices
 
 # Engine members a DeepSpeed script uses -> how ztune provides them (for the migration guide).
 MEMBERS: dict[str, str] = {
@@ -152,7 +153,8 @@ class CompatEngine(Engine):
 
     def load_module_state_dict(self, state_dict, strict: bool = True):
         """Load a module state dict (keys as `state_dict()` gives them) into the module and into the fp32
-        masters the optimizer steps. Every rank calls it with the same values; no collective. Returns the
+        masters the optimizer steps. Every rank calls it with the same values (where stage 3's shards are in
+        shared memory it is a barrier, so no rank reads a peer's shard half written). Returns the
         missing and unexpected keys, as torch does."""
         if self._offload is not None and self._offload.offload_params:
             raise UserError("engine.load_state_dict with zero_optimization.offload_param cpu is not supported; "
@@ -170,7 +172,21 @@ class CompatEngine(Engine):
                             + ", ".join(n for n in missing if n in flat))
         # Buffers and frozen parameters through the module; the flat (trained) parameters below, because at
         # stage 3 their storage is freed between uses.
-        self.module.load_state_dict({k: v for k, v in state_dict.items() if k not in flat}, strict=False)
+        # Stage 3's frozen parameters: views of freed buffers, written into each rank's shard instead.
+        sharded = frozen_ids(self)
+        keys_of: dict[int, list[str]] = {}
+        for n, p in self.module.named_parameters(remove_duplicate=False):
+            keys_of.setdefault(id(p), []).append(n)
+        skip = flat | {n for i in sharded for n in keys_of[i]}
+        self.module.load_state_dict({k: v for k, v in state_dict.items() if k not in skip}, strict=False)
+        if self._shared_shards:  # peers copy shared shards with no sync (Comm.gather_stable_shards)
+            self.comm.shard_barrier()
+
+        def value_of(p, start: int, end: int):
+            key = next((k for k in keys_of[id(p)] if k in state_dict), None)
+            return None if key is None else state_dict[key].detach().reshape(-1)[start:end]
+
+        write_frozen_slices(self, value_of=value_of)
         for g in self.groups:
             full = torch.zeros(g.layout.padded_numel, dtype=torch.float32, device=g.param_shard.device)
             for p, view in zip(g.params, views_of(full, g.layout), strict=True):
@@ -181,6 +197,8 @@ class CompatEngine(Engine):
                 g.param_shard.copy_(full[lo:hi])
             if g.gathered:
                 g.param_full.copy_(full)
+        if self._shared_shards:
+            self.comm.shard_barrier()
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     # -- accumulation boundary ------------------------------------------------------------------------------

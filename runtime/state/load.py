@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ztune.errors import UserError
-from ztune.runtime.state import capture
+from ztune.runtime.state import capture, frozen
 from ztune.runtime.state.files import CheckpointError
 from ztune.runtime.state.layout import fragments_of
 from ztune.runtime.state.reader import TagReader, resolve
@@ -90,10 +90,11 @@ def _refresh_params(engine) -> None:
 def _load_untrained(engine, reader: TagReader, *, strict: bool) -> None:
     saved = reader.meta0["module"]["untrained"]
     names = capture.canonical_names(engine.module)
-    trainable = {id(p) for g in engine.groups for p in g.params}
+    skip = {id(p) for g in engine.groups for p in g.params} | frozen.frozen_ids(engine)
     tensors = {names[id(t)]: t for t in engine.module.state_dict(keep_vars=True).values()
-               if id(t) in names and id(t) not in trainable}
-    missing = sorted(set(tensors) - set(saved))
+               if id(t) in names and id(t) not in skip}
+    sharded = {names[id(p)] for g in engine.frozen_groups for p in g.params}
+    missing = sorted((set(tensors) | sharded) - set(saved))
     if missing and strict:
         raise CheckpointError(f"checkpoint {reader.path} lacks frozen parameters or buffers {missing[:3]}: it was "
                               "saved from a different model")
@@ -103,6 +104,12 @@ def _load_untrained(engine, reader: TagReader, *, strict: bool) -> None:
             if name not in saved:
                 continue
             t.data.copy_(f.read(name).reshape(f.shape(name)))
+
+    def value_of(p, start: int, end: int):
+        name = names[id(p)]
+        return f.read(name, start, end) if name in saved else None
+
+    frozen.write_frozen_slices(engine, value_of=value_of)  # stage 3: each rank's slice into its shards
 
 
 def load_checkpoint(engine, load_dir, *, tag=None, load_module_strict: bool = True, load_optimizer_states: bool = True,

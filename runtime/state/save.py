@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import ztune
 from ztune.errors import UserError
-from ztune.runtime.state import capture, tags
+from ztune.runtime.state import capture, frozen, tags
 from ztune.runtime.state.files import sha256_file, write_bytes_durable, write_checked_json
 from ztune.runtime.state.layout import fragments_of
 
@@ -104,9 +104,13 @@ def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None, exclu
         "optimizer": {"class": type(engine.optimizer).__name__, "hyper": capture.capture_hyper(engine.optimizer)},
         "groups": groups, "rng": rng_meta,
     }
+    # Stage 3's frozen groups: gathered one at a time (collective), kept by rank 0 for module.safetensors.
+    names = capture.canonical_names(engine.module)
+    sharded_frozen = {} if exclude_frozen else frozen.gather_frozen(engine, names=names)
     if rank == 0:
-        trainable = {id(p) for g in engine.groups for p in g.params}
-        untrained = capture.capture_untrained(engine.module, trainable_ids=trainable, exclude_frozen=exclude_frozen)
+        skip = {id(p) for g in engine.groups for p in g.params} | frozen.frozen_ids(engine)
+        untrained = capture.capture_untrained(engine.module, trainable_ids=skip, exclude_frozen=exclude_frozen)
+        untrained.update(sharded_frozen)
         files[tags.MODULE_FILE] = _write_safetensors(staging / tags.MODULE_FILE, untrained)
         path = staging / tags.OBJECTS_FILE
         write_bytes_durable(path, objects)
