@@ -54,10 +54,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # -- optimizer ---------------------------------------------------------------------------------------------
-def capture_hyper(optimizer: torch.optim.Optimizer) -> dict:
-    """The first param group's numeric hyperparameters (lr as a scheduler left it, betas, ...). The engine
-    builds one param group over all flat masters (runtime/optim_shard.py)."""
-    group = optimizer.param_groups[0]
+def _group_hyper(group: dict) -> dict:
     out = {}
     for key, value in group.items():
         if key in _STRUCTURAL_KEYS or isinstance(value, bool):
@@ -70,9 +67,29 @@ def capture_hyper(optimizer: torch.optim.Optimizer) -> dict:
     return out
 
 
-def restore_hyper(optimizer: torch.optim.Optimizer, hyper: dict) -> None:
-    for group in optimizer.param_groups:
-        for key, value in hyper.items():
+def capture_hyper(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's numeric hyperparameters (lr as a scheduler left it, betas, ...), in group order
+    (model_parameters groups, runtime/compat/optimizers.py, each keep their own lr and weight decay)."""
+    return [_group_hyper(group) for group in optimizer.param_groups]
+
+
+def hyper_groups(hyper: dict | list, *, where: str, groups: int) -> list[dict]:
+    """The saved hyperparameters as one dict per param group. A checkpoint from before per-group saving holds
+    one dict (one group). Raises CheckpointError when the saved group count is not `groups`."""
+    from ztune.runtime.state.files import CheckpointError
+
+    saved = [hyper] if isinstance(hyper, dict) else list(hyper)
+    if len(saved) != groups:
+        raise CheckpointError(f"checkpoint {where} was saved with {len(saved)} optimizer param group(s), this run "
+                              f"has {groups}; pass the same model_parameters groups, or load_optimizer_states=False")
+    return saved
+
+
+def restore_hyper(optimizer: torch.optim.Optimizer, hyper: dict | list, *, where: str = "") -> None:
+    """Put the saved hyperparameters back, group by group (see hyper_groups for the errors)."""
+    saved = hyper_groups(hyper, where=where, groups=len(optimizer.param_groups))
+    for group, values in zip(optimizer.param_groups, saved, strict=True):
+        for key, value in values.items():
             if key in group and isinstance(group[key], torch.Tensor):
                 group[key].fill_(value)
             elif key in group or key == "initial_lr":
@@ -92,7 +109,8 @@ def step_count(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> float 
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, *, masters: list[torch.Tensor],
-                      states: list[dict[str, torch.Tensor]], steps: list[float | None], hyper: dict) -> None:
+                      states: list[dict[str, torch.Tensor]], steps: list[float | None], hyper: dict | list,
+                      where: str = "") -> None:
     """Install per-master state tensors and step counts through Optimizer.load_state_dict (which gives `step`
     the type and device the optimizer's own kernels use), then the saved hyperparameters."""
     current = optimizer.state_dict()
@@ -106,7 +124,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, *, masters: list[torch.T
             entry["step"] = torch.tensor(step, dtype=torch.float32)
         state[index[id(m)]] = entry
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-    restore_hyper(optimizer, hyper)
+    restore_hyper(optimizer, hyper, where=where)
 
 
 # -- module ------------------------------------------------------------------------------------------------

@@ -151,6 +151,9 @@ def load_checkpoint(engine, load_dir, *, tag=None, load_module_strict: bool = Tr
                 raise UserError(f"load_checkpoint: {path} was saved with optimizer {saved_type}, this run uses "
                                 f"{engine.config.optimizer.type.value}; pass load_optimizer_states=False to load "
                                 "the weights only")
+            if with_optimizer:  # a param-group count mismatch fails before anything is overwritten
+                capture.hyper_groups(reader.meta0["optimizer"]["hyper"], where=str(path),
+                                     groups=len(engine.optimizer.param_groups))
             objects = reader.objects()
         except (UserError, OSError) as exc:
             error = exc
@@ -185,7 +188,8 @@ def _restore(engine, reader: TagReader, *, objects: dict, with_optimizer: bool, 
                 _load_into(engine, reader, key=key, i=i, dst=tensors[key])
             states.append(tensors)
         capture.restore_optimizer(engine.optimizer, masters=[g.master for g in engine.groups], states=states,
-                                  steps=[step] * len(engine.groups), hyper=reader.meta0["optimizer"]["hyper"])
+                                  steps=[step] * len(engine.groups), hyper=reader.meta0["optimizer"]["hyper"],
+                                  where=str(reader.path))
     if with_scheduler and engine.lr_scheduler is not None and objects.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(objects["lr_scheduler"])
     if module_only:
