@@ -134,6 +134,7 @@ class Engine:
         masters = [g.master for g in self.groups]
         self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **shard_optimizer_args(
             cfg, optimizer_plan, masters=masters, group_index=group_index))
+        self.optimizer_kind = optimizer_plan.kind if optimizer_plan is not None else cfg.optimizer.type  # client's
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
         # rank may rewrite its shard while another could still read it (barriers around the step), and the
         # first gather must see every rank's initial shard (barrier now).

@@ -117,7 +117,7 @@ class CompatEngine(Engine):
     def optimizer_name(self) -> str:
         if self.config.compression.method is Compression.ONEBIT:
             return "onebitadam"
-        return self.config.optimizer.type.value.lower()
+        return self.optimizer_kind.value.lower()  # a client optimizer's kind, else the config's
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

@@ -145,11 +145,13 @@ def load_checkpoint(engine, load_dir, *, tag=None, load_module_strict: bool = Tr
             if reader.world_size == engine.world_size:
                 needed.add(engine.rank)  # its RNG states
             reader.verify(checksum_ranks=needed)
-            saved_type = reader.meta0["config"]["optimizer"]["type"]
+            # The kind the optimizer really was (a client optimizer's, runtime/compat/optimizers.py); checkpoints
+            # from before it was recorded have only the config's.
+            saved_type = reader.meta0["optimizer"].get("kind", reader.meta0["config"]["optimizer"]["type"])
             with_optimizer = load_optimizer_states and not load_module_only
-            if with_optimizer and saved_type != engine.config.optimizer.type.value:
+            if with_optimizer and saved_type != engine.optimizer_kind.value:
                 raise UserError(f"load_checkpoint: {path} was saved with optimizer {saved_type}, this run uses "
-                                f"{engine.config.optimizer.type.value}; pass load_optimizer_states=False to load "
+                                f"{engine.optimizer_kind.value}; pass load_optimizer_states=False to load "
                                 "the weights only")
             if with_optimizer:  # a param-group count mismatch fails before anything is overwritten
                 capture.hyper_groups(reader.meta0["optimizer"]["hyper"], where=str(path),

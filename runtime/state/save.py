@@ -101,7 +101,8 @@ def _write_rank(engine, staging: Path, *, tag: str, objects: bytes | None, exclu
                      "skipped_steps": engine.skipped_steps,
                      "global_samples": engine.global_steps * cfg.global_batch_for(engine.world_size)},
         "loss_scaler": engine.scaler.state_dict(),
-        "optimizer": {"class": type(engine.optimizer).__name__, "hyper": capture.capture_hyper(engine.optimizer)},
+        "optimizer": {"class": type(engine.optimizer).__name__, "kind": engine.optimizer_kind.value,
+                      "hyper": capture.capture_hyper(engine.optimizer)},
         "groups": groups, "rng": rng_meta,
     }
     # Stage 3's frozen groups: gathered one at a time (collective), kept by rank 0 for module.safetensors.

@@ -93,3 +93,40 @@ def test_restore_hyper_old_single_dict_and_per_group():
     assert [(g["lr"], g["weight_decay"]) for g in fresh.param_groups] == [(0.1, 0.01), (0.2, 0.0)]
     with pytest.raises(CheckpointError, match="saved with 1 optimizer param group"):
         restore_hyper(fresh, {"lr": 0.5}, where="ck")
+
+
+# -- the optimizer kind a client optimizer brings (OptimizerPlan.kind) -------------------------------------
+def kind_cases(rank: int, world_size: int, root: str) -> dict:
+    import json
+
+    import ztune
+    from ztune.errors import UserError
+
+    cfg = {"zero": {"stage": 1}, "precision": "fp32", "batch": {"micro": 2, "grad_accum": 1},
+           "optimizer": {"type": "AdamW", "lr": 1e-2}}
+    m = _model()
+    sgd, _, _, _ = ztune.initialize(m, cfg, optimizer=torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    _train(sgd, rank, range(1))
+    sgd.save_checkpoint(root, tag="t")
+    with open(f"{root}/t/rank00000.json") as f:
+        meta = json.load(f)["body"]["optimizer"]
+    adam = _engine(grouped=False)
+    try:
+        adam.load_checkpoint(root)
+        error = None
+    except UserError as exc:
+        error = str(exc)
+    m2 = _model()
+    sgd2, _, _, _ = ztune.initialize(m2, cfg, optimizer=torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9))
+    sgd2.load_checkpoint(root)  # same kind: loads
+    return {"name": sgd.optimizer_name(), "adam_name": adam.optimizer_name(), "kind": meta["kind"], "error": error,
+            "steps": sgd2.global_steps}
+
+
+@pytest.mark.timeout(300)  # safety net for the shared 2-core machine
+def test_client_optimizer_kind_in_name_metadata_and_load_check(tmp_path):
+    (r,) = run_ranks(kind_cases, world_size=1, args=(str(tmp_path),), timeout_s=240)
+    assert (r["name"], r["adam_name"], r["kind"]) == ("sgd", "adamw", "SGD")
+    assert r["error"] is not None and "saved with optimizer SGD, this run uses AdamW" in r["error"]
+    assert "\n" not in r["error"]
+    assert r["steps"] == 1
