@@ -256,6 +256,19 @@ class SchedulerBridge:
                     value = src[key]
                     dst[key] = float(value) if isinstance(value, torch.Tensor) and value.dim() == 0 else value
 
+    def sync_back(self) -> None:
+        """The reverse of sync: the shard optimizer's values into the client optimizer's groups. A checkpoint
+        load restores them into the shard optimizer only, and a chainable scheduler (ExponentialLR, ...) steps
+        from the lr in the client's groups, so without this it would restart from the initial lr."""
+        for src, dst in zip(self.source.param_groups, self.target.param_groups, strict=True):
+            for key in self._SYNCED:
+                if key in src and key in dst:
+                    value = dst[key]
+                    if isinstance(src[key], torch.Tensor):
+                        src[key].fill_(value)
+                    else:
+                        src[key] = tuple(value) if isinstance(src[key], tuple) else value
+
     def step(self, *args, **kwargs) -> None:
         with warnings.catch_warnings():
             # torch warns that the client optimizer never stepped: ztune's shard optimizer steps in its place.

@@ -193,6 +193,10 @@ def _restore(engine, reader: TagReader, *, objects: dict, with_optimizer: bool, 
                                   steps=[step] * len(engine.groups), hyper=reader.meta0["optimizer"]["hyper"],
                                   where=str(reader.path))
     if with_scheduler and engine.lr_scheduler is not None and objects.get("lr_scheduler") is not None:
+        from ztune.runtime.compat.optimizers import SchedulerBridge
+
+        if isinstance(engine.lr_scheduler, SchedulerBridge):  # the client optimizer's lr from the restored one
+            engine.lr_scheduler.sync_back()
         engine.lr_scheduler.load_state_dict(objects["lr_scheduler"])
     if module_only:
         return

@@ -130,3 +130,36 @@ def test_client_optimizer_kind_in_name_metadata_and_load_check(tmp_path):
     assert r["error"] is not None and "saved with optimizer SGD, this run uses AdamW" in r["error"]
     assert "\n" not in r["error"]
     assert r["steps"] == 1
+
+
+# -- a client scheduler bridged onto the shard optimizer (SchedulerBridge) ---------------------------------
+def bridge_cases(rank: int, world_size: int, root: str) -> dict:
+    import ztune
+
+    cfg = {"zero": {"stage": 1}, "precision": "fp32", "batch": {"micro": 2, "grad_accum": 1}}
+
+    def engine():
+        m = _model()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        e, _, _, _ = ztune.initialize(m, cfg, optimizer=opt,
+                                      lr_scheduler=torch.optim.lr_scheduler.ExponentialLR(opt, 0.5))
+        return e
+
+    whole = engine()
+    _train(whole, rank, range(3))
+    whole.save_checkpoint(root)
+    rest = _train(whole, rank, range(3, 4))
+    resumed = engine()
+    resumed.load_checkpoint(root)
+    resumed_losses = _train(resumed, rank, range(3, 4))
+    return {"lr": resumed.get_lr(), "whole_lr": whole.get_lr(), "rest": rest, "resumed": resumed_losses,
+            "whole_state": whole.full_state_dict(), "resumed_state": resumed.full_state_dict()}
+
+
+@pytest.mark.timeout(300)  # safety net for the shared 2-core machine
+def test_bridged_client_scheduler_resumes_its_lr(tmp_path):
+    (r,) = run_ranks(bridge_cases, world_size=1, args=(str(tmp_path),), timeout_s=240)
+    assert r["lr"] == r["whole_lr"] == [6.25e-5]  # 1e-3 * 0.5**4: it went on from step 3, not from 1e-3
+    assert r["resumed"] == r["rest"]
+    for k, v in r["whole_state"].items():
+        assert torch.equal(v, r["resumed_state"][k]), k
