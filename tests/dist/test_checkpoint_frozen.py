@@ -26,13 +26,13 @@ def _model(seed: int) -> torch.nn.Module:
     return m
 
 
-def _engine(seed: int):
+def _engine(seed: int, *, stage: int = 3):
     import ztune
 
-    cfg = {"zero": {"stage": 3}, "precision": "fp32", "batch": {"micro": 2, "grad_accum": 1},
+    cfg = {"zero": {"stage": stage}, "precision": "fp32", "batch": {"micro": 2, "grad_accum": 1},
            "optimizer": {"type": "AdamW", "lr": 1e-2}}
     engine, _, _, _ = ztune.initialize(_model(seed), cfg)
-    assert len(engine.frozen_groups) == 1
+    assert len(engine.frozen_groups) == (1 if stage == 3 else 0)
     return engine
 
 
@@ -54,6 +54,7 @@ def frozen_cases(rank: int, world_size: int, root: str) -> dict:
     whole = _engine(0)
     first = _train(whole, rank, range(SAVE_AT))
     whole.save_checkpoint(root)
+    saved = whole.full_state_dict(rank0_only=False)
     rest = _train(whole, rank, range(SAVE_AT, STEPS))
     final = whole.full_state_dict(rank0_only=False)
 
@@ -66,7 +67,7 @@ def frozen_cases(rank: int, world_size: int, root: str) -> dict:
     with torch.no_grad():
         probe = loaded(_batch(rank, 99))
         probe_ref = whole(_batch(rank, 99))
-    return {"first": first, "rest": rest, "final": final, "resumed_losses": resumed_losses,
+    return {"saved": saved, "first": first, "rest": rest, "final": final, "resumed_losses": resumed_losses,
             "resumed_final": resumed.full_state_dict(rank0_only=False), "initial": _model(1).state_dict(),
             "loaded_final": loaded.full_state_dict(rank0_only=False), "missing": list(result.missing_keys),
             "probe": probe, "probe_ref": probe_ref}
@@ -82,3 +83,13 @@ def test_stage3_frozen_exact_resume_and_load_state_dict(tmp_path):
             assert torch.equal(v, r["loaded_final"][k]), k
         assert r["missing"] == []
         assert torch.equal(r["probe"], r["probe_ref"])
+    # The same checkpoint into 1 rank at stage 1, where the frozen weight is a plain module tensor.
+    (restaged,) = run_ranks(load_stage1, world_size=1, args=(str(tmp_path),), timeout_s=120)
+    for k, v in r["saved"].items():
+        assert torch.equal(v, restaged[k]), k
+
+
+def load_stage1(rank: int, world_size: int, root: str) -> dict:
+    engine = _engine(1, stage=1)
+    engine.load_checkpoint(root)
+    return engine.full_state_dict()
