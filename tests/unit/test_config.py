@@ -200,7 +200,6 @@ def test_loader_never_raises_anything_but_config_error(doc):
     ({"optimizer": {"type": "SGD", "eps": 1e-6}}, "optimizer.eps: SGD has no eps"),
     ({"optimizer": {"type": "SGD", "bias_correction": False}}, "optimizer.bias_correction: SGD has no"),
     ({"optimizer": {"type": "AdamW", "momentum": 0.9}}, "optimizer.momentum: AdamW has no momentum"),
-    ({"precision": "bf16", "loss_scaling": {"loss_scale": 128}}, "loss_scaling: applies to fp16 only"),
 ])
 def test_settings_the_run_would_not_use_are_errors(doc, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,7 +17,6 @@ from ztune.config.schema import (
     Offload,
     OptimizerConfig,
     OptimizerType,
-    Precision,
     TrainConfig,
 )
 from ztune.errors import ConfigError
@@ -160,9 +159,6 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
     _check_optimizer_fields(cfg.optimizer)
     check_loss_scaling(cfg.loss_scaling, prefix="loss_scaling.")
-    if cfg.precision is not Precision.FP16 and cfg.loss_scaling != LossScaleConfig():
-        raise ConfigError(f"loss_scaling: applies to fp16 only, and precision is {cfg.precision.value}; remove "
-                          "it or set precision: fp16")
     from ztune.runtime.compat.lr_schedules import check_scheduler  # torch-free
 
     check_scheduler(cfg.scheduler.type, cfg.scheduler.params)
