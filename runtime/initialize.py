@@ -103,6 +103,10 @@ def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: to
         for u in units:
             if not isinstance(u, nn.Module) or id(u) not in members or u is model:
                 raise ConfigError("units: every unit must be a submodule of the model (not the model itself)")
+            if type(u).forward is nn.Module.forward:  # ModuleList / ModuleDict: never called, so never gathered
+                raise ConfigError(f"units: a {type(u).__name__} is never called itself (it has no forward), so it "
+                                  "cannot be gathered as a unit; pass the module that calls its members (e.g. the "
+                                  "MoE layer), or the members themselves")
             inner = {id(m) for m in u.modules()}
             if inner & seen:
                 raise ConfigError("units: units must not overlap (one unit is inside another, or listed twice)")

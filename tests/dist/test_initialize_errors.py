@@ -44,16 +44,19 @@ def _frozen() -> nn.Module:
         (Tiny, "/nonexistent/ztune.yaml", {}, "does not exist"),
         (Tiny, {"zero": {"stage": 3}}, {"units": [nn.Linear(2, 2)]}, "submodule of the model"),
         (Tiny, {"zero": {"stage": 3}}, {"units": "self"}, "must not overlap"),
+        (Tiny, {"zero": {"stage": 3}}, {"units": "list"}, "a ModuleList is never called itself"),
         (Tiny, None, {"model_parameters": "two-groups"}, "more than one parameter group"),
         (Tiny, None, {"model_parameters": [nn.Parameter(torch.zeros(1))]}, "parameter of the model"),
     ],
     ids=["no-params", "all-frozen", "not-a-module", "unknown-key", "bad-stage", "bad-topk-ratio", "missing-file",
-         "foreign-unit", "overlapping-units", "param-groups", "foreign-param"],
+         "foreign-unit", "overlapping-units", "module-list-unit", "param-groups", "foreign-param"],
 )
 def test_bad_input_raises_config_error(make_model, config, kwargs, message):
     model = make_model()
     if kwargs.get("units") == "self":
         kwargs = {"units": [model.blocks[0], model.blocks[0]]}
+    if kwargs.get("units") == "list":
+        kwargs = {"units": [model.blocks]}
     if kwargs.get("model_parameters") == "two-groups":
         kwargs = {"model_parameters": [{"params": model.head.parameters()}, {"params": [model.head.bias]}]}
     with pytest.raises(ConfigError, match=message):

@@ -193,3 +193,23 @@ def test_loader_never_raises_anything_but_config_error(doc):
     else:
         assert isinstance(cfg, TrainConfig)
         assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"optimizer": {"type": "SGD", "betas": [0.8, 0.9]}}, "optimizer.betas: SGD has no betas"),
+    ({"optimizer": {"type": "SGD", "eps": 1e-6}}, "optimizer.eps: SGD has no eps"),
+    ({"optimizer": {"type": "SGD", "bias_correction": False}}, "optimizer.bias_correction: SGD has no"),
+    ({"optimizer": {"type": "AdamW", "momentum": 0.9}}, "optimizer.momentum: AdamW has no momentum"),
+])
+def test_settings_the_run_would_not_use_are_errors(doc, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(doc)
+
+
+def test_deepspeed_sgd_with_adam_only_params_names_the_key_as_written():
+    with pytest.raises(ConfigError, match=r"^optimizer\.params\.betas: SGD has no betas"):
+        from_deepspeed({"train_batch_size": 8,
+                        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}})
+    cfg, _ = from_deepspeed({"train_batch_size": 8,
+                             "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}})
+    assert cfg.optimizer.momentum == 0.9

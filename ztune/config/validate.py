@@ -11,7 +11,14 @@ import types
 import typing
 from typing import Any
 
-from ztune.config.schema import BatchConfig, LossScaleConfig, Offload, OptimizerType, TrainConfig
+from ztune.config.schema import (
+    BatchConfig,
+    LossScaleConfig,
+    Offload,
+    OptimizerConfig,
+    OptimizerType,
+    TrainConfig,
+)
 from ztune.errors import ConfigError
 from ztune.inputs import MAX_BATCH, MAX_SEQ
 
@@ -150,6 +157,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"compression.topk_ratio: got {cfg.compression.topk_ratio}; must be in (0, 1]")
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
         raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
+    _check_optimizer_fields(cfg.optimizer)
     check_loss_scaling(cfg.loss_scaling, prefix="loss_scaling.")
     from ztune.runtime.compat.lr_schedules import check_scheduler  # torch-free
 
@@ -161,6 +169,16 @@ def check(cfg: TrainConfig) -> TrainConfig:
             f"batch: global {b.global_} is not a multiple of micro {b.micro} x grad_accum {b.grad_accum}"
         )
     return cfg
+
+
+def _check_optimizer_fields(o: OptimizerConfig) -> None:
+    """A hyper-parameter the chosen optimizer has no use for is an error, never silently unused (SGD has no
+    betas / eps / bias_correction; Adam and AdamW have no momentum)."""
+    unused = ("betas", "eps", "bias_correction") if o.type is OptimizerType.SGD else ("momentum",)
+    default = OptimizerConfig()
+    for name in unused:
+        if getattr(o, name) != getattr(default, name):
+            raise ConfigError(f"optimizer.{name}: {o.type.value} has no {name}; remove it")
 
 
 def check_loss_scaling(ls: LossScaleConfig, *, prefix: str) -> None:
