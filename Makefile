@@ -29,7 +29,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not dist and not e2e" $(PYTEST_ARGS)
