@@ -35,6 +35,7 @@ This module does not import torch, so the config layer can check a `scheduler` b
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 import warnings
@@ -80,14 +81,15 @@ def _warmup_type(value: Any) -> str:
     return value
 
 
-class _Schedule:
+class _Schedule(abc.ABC):
     """Shared protocol: step(), get_lr(), get_last_lr(), state_dict(), load_state_dict()."""
 
     last_batch_iteration: int
     _last_lr: list[float]
 
-    def get_lr(self) -> list[float]:  # pragma: no cover - every schedule defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get_lr(self) -> list[float]:
+        """The lrs (one per param group) at the current last_batch_iteration."""
 
     def get_last_lr(self) -> list[float]:
         """The lrs written by the latest step (or by construction)."""
