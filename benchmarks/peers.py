@@ -81,7 +81,7 @@ class Trainer:
         self.owner = owner
         self.memory_report = memory_report
         # Storages this process can see but another rank owns (ztune's mappings of its peers' shared-memory
-        # buffers, runtime/shm.py): left out of this rank's tensor census.
+        # buffers, runtime/comm/shm.py): left out of this rank's tensor census.
         self.foreign_storages = foreign_storages or set
 
     def step(self, batch: Sequence[torch.Tensor]) -> float:
@@ -202,7 +202,7 @@ def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: in
         "optimizer": optim,
         "gradient_clipping": 0.0,
     }
-    from ztune.runtime.shm import ENV_SWITCH
+    from ztune.runtime.comm.shm import ENV_SWITCH
 
     saved = os.environ.get(ENV_SWITCH)
     if system.family == "ztune-gloo":

@@ -11,7 +11,7 @@ of the slower rank's time. Writes docs/bench/runtime_vs_peers.md; `make bench` a
 docs/benchmarks.md. 436 s on the 2-core dev machine when quiet (load average ~1.5); `--quick` (1 timed step)
 only checks that everything runs.
 
-ztune runs with its default shared-memory transport for single-host CPU ranks (runtime/shm.py); stages 0
+ztune runs with its default shared-memory transport for single-host CPU ranks (runtime/comm/shm.py); stages 0
 and 1 also run with gloo only (ZTUNE_SHM=0) to show what the transport contributes.
 
 Matching: ztune stage 0 vs DDP; 1 vs DDP + ZeroRedundancyOptimizer and DeepSpeed ZeRO-1; 2 vs DeepSpeed
@@ -375,7 +375,7 @@ def render_summary(jobs_results: list[tuple[Job, dict]]) -> list[str]:
             lines.append(f"| {peer.name} | {peer.stage} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### ztune with gloo only (`ZTUNE_SHM=0`) / peer step-time ratio", "",
-              "Without the shared-memory transport (runtime/shm.py) ztune's collectives all go through gloo, as "
+              "Without the shared-memory transport (runtime/comm/shm.py) ztune's collectives all go through gloo, as "
               "the peers' do; this isolates what the transport contributes.", "", head, rule]
     for system in peers.ZTUNE_GLOO:
         peer = next(p for p in peers.PEERS if p.stage == system.stage and p.family in ("ddp", "zero_redundancy"))

@@ -245,7 +245,7 @@ class Engine:
         self._reducer.finish()
         if self._gatherer is not None:
             self._gatherer.release_all()
-        self.comm.settle()  # the gradient buckets' last references (runtime/comm.py: tensor lifetimes)
+        self.comm.settle()  # the gradient buckets' last references (runtime/comm/collectives.py: tensor lifetimes)
         if self.trial_reporter is not None:
             self.trial_reporter.note_loss(loss.detach())
 

@@ -12,7 +12,7 @@
 
 Compression (compression.method) changes only what goes on the wire:
 - bf16: the same collectives on a bf16 copy of the bucket (reduced in bf16), cast back into the gradient.
-- int8 / onebit / topk (runtime/compress.py): a compressed gradient cannot be summed hop by hop in a ring,
+- int8 / onebit / topk (runtime/comm/compress.py): a compressed gradient cannot be summed hop by hop in a ring,
   so the exchange is 1-bit Adam's (Tang et al. 2021, section 4.1): phase 1, an all-to-all in which rank r
   receives every rank's compressed copy of shard r (each sender with its own error feedback) and sums the
   decompressed copies: the reduced shard, which is all stages 1-3 need; phase 2 (stage 0 only, whose
@@ -45,7 +45,7 @@ import torch
 
 from ztune.config.schema import Compression
 from ztune.runtime.comm import Comm
-from ztune.runtime.compress import Codec, ErrorFeedback
+from ztune.runtime.comm.compress import Codec, ErrorFeedback
 from ztune.runtime.partition import FlatGroup
 
 

@@ -20,7 +20,7 @@ from ztune.config.deepspeed_auto import context_from_model
 from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
-from ztune.runtime.shm import SharedMemoryTransport
+from ztune.runtime.comm.shm import SharedMemoryTransport
 
 DEFAULT_PORT = 29500  # DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT (deepspeed/constants.py)
 
@@ -105,7 +105,7 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
         device = torch.device("cpu")  # a gloo group on a GPU machine: keep the run on the CPU
     rank, world_size = dist.get_rank(), dist.get_world_size()
     shm = None
-    if device.type == "cpu":  # CPU ranks on one host move buffers through shared memory (runtime/shm.py)
+    if device.type == "cpu":  # CPU ranks on one host move buffers through shared memory (runtime/comm/shm.py)
         shm = SharedMemoryTransport.connect(group=dist.group.WORLD, rank=rank, world_size=world_size)
     return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm), device
 

@@ -4,7 +4,7 @@ Stage 3 all-gathers a unit when this rank calls it (runtime/param_gather.py). Ra
 (data-dependent routing with the experts as units) or a different number of forwards (evaluation or
 generation of different lengths) would pair their all-gathers wrongly: equal-sized units silently swap
 shards, unequal ones abort inside gloo, and a gather left without a partner waits for the process group's
-timeout (30 minutes by default). With shared-memory shards (runtime/shm.py) a gather reads the other ranks'
+timeout (30 minutes by default). With shared-memory shards (runtime/comm/shm.py) a gather reads the other ranks'
 shards without them, so none of this arises; the mechanism here covers gathers through the process group
 (gloo: ranks on different hosts, or ZTUNE_SHM=0):
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from ztune.errors import ConfigError
 
-# torch >= 2.12 renamed the flat all-gather (as in runtime/comm.py).
+# torch >= 2.12 renamed the flat all-gather (as in runtime/comm/collectives.py).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 TIMEOUT_ENV = "ZTUNE_GATHER_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
@@ -86,7 +86,7 @@ class Lockstep:
         self._issued = 0
         self._unverified: deque = deque()  # stamps in issue order, not yet waited for
         # The last stamps stay referenced a while after their wait: gloo's worker thread may drop its own
-        # references only after wait() returned (runtime/comm.py, tensor lifetimes).
+        # references only after wait() returned (runtime/comm/collectives.py, tensor lifetimes).
         self._recent: deque = deque(maxlen=16)
 
     @classmethod

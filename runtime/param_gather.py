@@ -106,7 +106,7 @@ class ParamGatherer:
             return
         alloc_storage_(g.param_full)
         if self.fetch_shard is None and self.comm.gather_stable_shards(g.param_full, g.param_shard):
-            return  # copied from the shared shards (runtime/shm.py); nothing in flight
+            return  # copied from the shared shards (runtime/comm/shm.py); nothing in flight
         shard = g.param_shard if self.fetch_shard is None else self.fetch_shard(g)
         stamp, group = None, None
         if self.lockstep is not None:

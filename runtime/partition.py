@@ -115,7 +115,7 @@ class FlatGroup:
 
     `zeros(numel, dtype)` allocates the buffers collectives read from other ranks (the unsharded gradient
     buffer, the parameter buffer that stages 1/2 all-gather after each step, stage 3's parameter shard):
-    Comm.zeros, which puts them in shared memory where the ranks share a host (runtime/shm.py). Default:
+    Comm.zeros, which puts them in shared memory where the ranks share a host (runtime/comm/shm.py). Default:
     ordinary zeroed memory.
     """
 

@@ -10,7 +10,7 @@ The tuner starts each trial with these environment variables (docs/autotune.md):
 The engine calls ``record_step`` once per optimizer step (at the gradient-accumulation boundary). A step's
 time is the wall time since the previous call, so it covers forward, backward, communication and the
 optimizer step. Peak memory is the device high-water mark on GPU and the peak RSS on CPU, less the pages
-of other ranks' shared-memory buffers this rank has read (runtime/shm.py): those are the other ranks'
+of other ranks' shared-memory buffers this rank has read (runtime/comm/shm.py): those are the other ranks'
 memory, resident in this process only because it maps them.
 """
 

@@ -277,7 +277,7 @@ class CollectiveResult:
     sizes_bytes: tuple[int, ...]
     times_s: tuple[float, ...]  # per all_reduce, slowest rank, best trial
     fit: AlphaBeta
-    transport: str = ""  # what carried the buffers: the backend, or "gloo + shared memory" (runtime/shm.py)
+    transport: str = ""  # what carried the buffers: the backend, or "gloo + shared memory" (runtime/comm/shm.py)
 
     def busbw_bytes_per_s(self, i: int) -> float:
         n = self.world_size
@@ -307,10 +307,10 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, **bound)
         sync = (lambda: torch.cuda.synchronize(device)) if backend == "nccl" else (lambda: None)
-        # CPU ranks on one host: measure what the runtime will use for its buffers (runtime/shm.py).
+        # CPU ranks on one host: measure what the runtime will use for its buffers (runtime/comm/shm.py).
         shm = None
         if backend == "gloo":
-            from ztune.runtime.shm import SharedMemoryTransport
+            from ztune.runtime.comm.shm import SharedMemoryTransport
 
             shm = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
         transport = backend if shm is None else f"{backend} + shared memory"
@@ -370,7 +370,7 @@ def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backe
     """Spawn `world_size` local ranks (127.0.0.1, a free port; gloo on CPU, nccl with one GPU per rank),
     time all_reduce of fp32 buffers of each size in `sizes` (bytes) for about `target_s` per trial, and
     fit the alpha-beta model. On CPU the buffers are in shared memory when the ranks can share it, as the
-    runtime's are (runtime/shm.py; ZTUNE_SHM=0 measures gloo alone); the result's `transport` says which."""
+    runtime's are (runtime/comm/shm.py; ZTUNE_SHM=0 measures gloo alone); the result's `transport` says which."""
     import multiprocessing as mp
 
     if world_size < 2:

@@ -42,7 +42,7 @@ def test_json_keys(probed):
     assert set(data) == {"output", "profile", "provenance", "host", "gpus", "measured"}
     assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device"}
     coll = data["measured"]["collective"]
-    # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/shm.py).
+    # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).
     assert coll["backend"] == "gloo" and coll["transport"] == "gloo + shared memory" and coll["world_size"] == 2
     assert len(coll["times_s"]) == len(coll["sizes_bytes"])
     assert data["profile"]["intra_node_bw_bytes_per_s"] == pytest.approx(coll["fit"]["busbw_bytes_per_s"])

@@ -2,7 +2,7 @@
 
 gloo's worker threads release a collective's tensors after `wait()` has returned; one that frees the last
 reference to a tensor's Python object needs the GIL, and during interpreter shutdown that kills the thread
-inside a destructor: SIGABRT, "terminate called without an active exception" (runtime/comm.py's module
+inside a destructor: SIGABRT, "terminate called without an active exception" (runtime/comm/collectives.py's module
 docstring). Before Comm kept those tensors referenced, 11 ranks aborted in 50 four-rank runs of this test's
 script on the dev machine (all_gather 6 in 20 runs, reduce_scatter 3 in 10, all_reduce 1 in 10, all_to_all 1
 in 10); the race is timing-dependent, so each case runs several times.

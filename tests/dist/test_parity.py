@@ -221,7 +221,7 @@ CASES = (
 
 
 # These models are small: without ZTUNE_SHM_MIN_BYTES=0 most of their collectives would go through gloo
-# (runtime/shm.py MIN_BYTES); here every one goes through shared memory, below (GLOO_CASES) none does.
+# (runtime/comm/shm.py MIN_BYTES); here every one goes through shared memory, below (GLOO_CASES) none does.
 ALL_SHARED = {"ZTUNE_SHM_MIN_BYTES": "0"}
 
 
@@ -244,7 +244,7 @@ def test_parity(world_results, index):
 
 
 # The same training through gloo alone (ZTUNE_SHM=0): on one host the engine otherwise moves gradient and
-# parameter buffers (stage 3: parameter shards) through shared memory (runtime/shm.py); ranks on different
+# parameter buffers (stage 3: parameter shards) through shared memory (runtime/comm/shm.py); ranks on different
 # hosts use the gloo path, which must stay right.
 GLOO_CASES = [c for c in CASES if c["offload"] == "none" and not c["overflow"]
               and (c["model"] == "llama" or c["precision"] == "bf16" or c["clip"] or c["sometimes"])]

@@ -55,7 +55,7 @@ def measure(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
 def reports(request):
-    # Every collective through shared memory however small (runtime/shm.py): its accounting must hold too.
+    # Every collective through shared memory however small (runtime/comm/shm.py): its accounting must hold too.
     return request.param, run_ranks(measure, world_size=request.param, args=(CASES,), timeout_s=180,
                                     env={"ZTUNE_SHM_MIN_BYTES": "0"})
 

@@ -1,4 +1,4 @@
-"""The shared-memory transport (runtime/shm.py) against gloo, its fallbacks, and that it leaves nothing behind.
+"""The shared-memory transport (runtime/comm/shm.py) against gloo, its fallbacks, and that it leaves nothing behind.
 
 Every collective must give what gloo gives on the same inputs (exactly for sums of two, within fp32 rounding
 for four, since the summation order differs) and identical bytes on every rank.
@@ -26,7 +26,7 @@ def _filled(shape: int, *, rank: int, seed: int, dtype=torch.float32) -> torch.T
 def collectives(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from ztune.runtime.shm import SharedMemoryTransport
+    from ztune.runtime.comm.shm import SharedMemoryTransport
 
     tr = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
     assert tr is not None, "ranks of one host must be able to share memory"
@@ -105,7 +105,7 @@ def test_collectives_match_gloo(world_size):
 
 
 def separate_roots(rank: int, world_size: int, base: str) -> bool:
-    from ztune.runtime.shm import SharedMemoryTransport
+    from ztune.runtime.comm.shm import SharedMemoryTransport
 
     root = os.path.join(base, f"host{rank}")  # as if each rank had its own /dev/shm (another host)
     os.makedirs(root, exist_ok=True)
@@ -120,7 +120,7 @@ def test_ranks_that_cannot_see_each_other_fall_back(tmp_path):
 def full_shm_on_one_rank(rank: int, world_size: int) -> dict:
     import errno
 
-    from ztune.runtime.shm import SharedMemoryTransport
+    from ztune.runtime.comm.shm import SharedMemoryTransport
 
     tr = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
     if rank == 1:
@@ -189,7 +189,7 @@ def test_engine_transport(env, stage):
 
 def threshold(rank: int, world_size: int) -> dict:
     from ztune.runtime.comm import Comm
-    from ztune.runtime.shm import MIN_BYTES, SharedMemoryTransport
+    from ztune.runtime.comm.shm import MIN_BYTES, SharedMemoryTransport
 
     tr = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
     import torch.distributed as dist
@@ -205,7 +205,7 @@ def threshold(rank: int, world_size: int) -> dict:
 
 
 def test_small_collectives_go_through_gloo():
-    from ztune.runtime.shm import MIN_BYTES
+    from ztune.runtime.comm.shm import MIN_BYTES
 
     for r in run_ranks(threshold, world_size=2):
         assert r["owned"] and r["shm_calls"] == [MIN_BYTES // 4]
@@ -214,7 +214,7 @@ def test_small_collectives_go_through_gloo():
 
 def bad_min_bytes(rank: int, world_size: int) -> str:
     from ztune.errors import ConfigError
-    from ztune.runtime.shm import SharedMemoryTransport
+    from ztune.runtime.comm.shm import SharedMemoryTransport
 
     try:
         SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)

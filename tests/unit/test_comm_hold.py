@@ -1,4 +1,4 @@
-"""Comm keeps the tensors of gloo collectives referenced after they complete (runtime/comm.py, "tensor
+"""Comm keeps the tensors of gloo collectives referenced after they complete (runtime/comm/collectives.py, "tensor
 lifetimes"): until the call after the one that first sees the collective completed, or until `settle()`.
 tests/dist/test_exit.py shows what this prevents; here the policy itself is checked, call by call."""
 

@@ -1,4 +1,4 @@
-"""Gradient compressors (runtime/compress.py): round-trip error bounds, byte sizes against the cost model,
+"""Gradient compressors (runtime/comm/compress.py): round-trip error bounds, byte sizes against the cost model,
 byte packing, and error feedback (the sum of what was sent tracks the sum of the inputs)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from ztune.config.schema import Compression
 from ztune.cost.comm import INT8_CHUNK_NUMEL, ONEBIT_CHUNK_NUMEL, wire_bytes_per_element
-from ztune.runtime.compress import (
+from ztune.runtime.comm.compress import (
     Codec,
     ErrorFeedback,
     bf16_compress,

@@ -15,7 +15,7 @@ with a barrier before each phase and one after the last, so that nobody still re
 about to change. Stage 3's parameter shards are shared too, and change only in the optimizer step, which
 the engine brackets with barriers: its per-unit all-gathers are then plain copies from every rank's shard
 (`gather_shards`), with no synchronisation at all. Each rank reads (n-1)/n of the buffer from its peers
-per phase: what comm.py's ring accounting charges, so comm_report and the cost model hold unchanged.
+per phase: what collectives.py's ring accounting charges, so comm_report and the cost model hold unchanged.
 
 Every rank gets identical results (each chunk is summed once, by its owner, and copied by everyone else).
 The summation order differs from gloo's ring (own chunk first, then the other ranks in rank order), which

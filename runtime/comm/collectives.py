@@ -12,7 +12,7 @@ reduce_scatter_tensor 100 ms vs one reduce per rank 73 ms; 4 ranks: 180 vs 84 an
 group they run as n broadcasts (rank r sends its shard) and n reduces (chunk r to rank r), asynchronously.
 Each rank sends the same bytes as with the ring algorithm, so the accounting does not change.
 
-Transport: a collective whose tensors live in a shared-memory buffer (`Comm.zeros`, runtime/shm.py: CPU
+Transport: a collective whose tensors live in a shared-memory buffer (`Comm.zeros`, runtime/comm/shm.py: CPU
 ranks on one host) runs as memory copies between barriers, synchronously; everything else goes to the
 process group (gloo or NCCL). Byte accounting is the same either way.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ztune.runtime.shm import SharedMemoryTransport
+from ztune.runtime.comm.shm import SharedMemoryTransport
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
 ALL_TO_ALL = "all_to_all"
