@@ -32,20 +32,17 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ztune.runtime.kernel_loader import DTYPE_CODES, Backend, LazyBackend, check_adam_tensors
 
 __all__ = ["CudaAdamFallbackWarning", "KERNELS", "adam_step_", "find_nvcc", "kernel_backend"]
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("ztune", "torch")
-# Kept in step with csrc/cpu_adam.h (enum DType).
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _SOURCES = ("cuda/adam.cu", "cpu_adam.h")
 _GENCODE = ("arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90")
 _NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
@@ -60,14 +57,13 @@ class CudaAdamFallbackWarning(UserWarning):
     """ztune's CUDA Adam kernel is unavailable; torch's fused Adam runs instead."""
 
 
-@dataclass(frozen=True)
-class _Backend:
-    lib: ctypes.CDLL | None
-    reason: str  # why the fallback runs; empty when lib is set
+# The library, built on first use; tests reset it (_LOADER.reset()). The lambda reads _build_library at call time.
+_LOADER = LazyBackend(lambda: _build_library(), disable_env=_DISABLE_ENV, warning=CudaAdamFallbackWarning,
+                      kernel="CUDA Adam kernel", fallback="torch's fused Adam")
 
 
-_backend: _Backend | None = None
-_backend_lock = threading.Lock()
+def _get_backend() -> Backend:
+    return _LOADER.get()
 
 
 def kernel_backend() -> str:
@@ -104,7 +100,8 @@ def adam_step_(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {list(KERNELS)}")
-    _check_args(param, grad, exp_avg, exp_avg_sq, out=out, step=step)
+    check_adam_tensors(param, grad, exp_avg, exp_avg_sq, out=out, step=step, device_type="cuda",
+                       other_path="; CPU shards go through ztune.runtime.ops.adam_step_")
     lib = _get_backend().lib if kernel == "ztune" else None
     if lib is None:
         _torch_fused_step(param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
@@ -113,36 +110,13 @@ def adam_step_(
     with torch.cuda.device(param.device):  # makes the device's primary context current for the launch
         stream = torch.cuda.current_stream(param.device).cuda_stream
         rc = lib.zt_adam_step_cuda(
-            param.data_ptr(), grad.data_ptr(), _DTYPE_CODES[grad.dtype], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-            out.data_ptr() if out is not None else None, _DTYPE_CODES[out.dtype] if out is not None else 0,
+            param.data_ptr(), grad.data_ptr(), DTYPE_CODES[grad.dtype], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+            out.data_ptr() if out is not None else None, DTYPE_CODES[out.dtype] if out is not None else 0,
             param.numel(), step, lr, beta1, beta2, eps, weight_decay, int(adamw), grad_scale, stream,
         )
     if rc != 0:  # -2: the dtype codes above drifted from cpu_adam.h; > 0: the launch's cudaError_t
         raise RuntimeError(f"zt_adam_step_cuda failed with code {rc} (grad dtype {grad.dtype}, numel "
                            f"{param.numel()}, device {param.device})")
-
-
-def _check_args(param, grad, exp_avg, exp_avg_sq, *, out, step) -> None:
-    tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if out is not None:
-        tensors["out"] = out
-    for name, t in tensors.items():
-        if t.device.type != "cuda" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CUDA tensor (got device {t.device}, "
-                             f"contiguous={t.is_contiguous()}); CPU shards go through ztune.runtime.ops.adam_step_")
-        if t.device != param.device:
-            raise ValueError(f"{name} is on {t.device}, param on {param.device}: all must be on one device")
-        if t.numel() != param.numel():
-            raise ValueError(f"{name} has {t.numel()} elements, param has {param.numel()}")
-    for name in ("param", "exp_avg", "exp_avg_sq"):
-        if tensors[name].dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {tensors[name].dtype}")
-    if grad.dtype not in _DTYPE_CODES:
-        raise TypeError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
-    if out is not None and out.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"out must be bfloat16 or float16, got {out.dtype}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the count after this update), got {step}")
 
 
 def _torch_fused_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, adamw,
@@ -175,30 +149,6 @@ def find_nvcc() -> str | None:
     candidates = [str(Path(home) / "bin" / "nvcc")] if home else []
     candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
-def _get_backend() -> _Backend:
-    global _backend
-    if _backend is None:
-        with _backend_lock:
-            if _backend is None:
-                _backend = _load_backend()
-    return _backend
-
-
-def _load_backend() -> _Backend:
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-        log.info("%s is set: using torch's fused Adam on CUDA", _DISABLE_ENV)
-        return _Backend(lib=None, reason=f"{_DISABLE_ENV} is set")
-    try:
-        lib = _build_library()
-    except Exception as exc:  # noqa: BLE001 -- any build failure means "use torch's fused op", and says why
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = f"{type(exc).__name__}: {first_line}"
-        warnings.warn(f"ztune: CUDA Adam kernel unavailable ({reason}); using torch's fused Adam instead",
-                      CudaAdamFallbackWarning, stacklevel=4)
-        return _Backend(lib=None, reason=reason)
-    return _Backend(lib=lib, reason="")
 
 
 def _build_library() -> ctypes.CDLL:

@@ -24,14 +24,12 @@ import importlib.resources
 import logging
 import os
 import shutil
-import threading
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ztune.errors import UserError
+from ztune.runtime.kernel_loader import DTYPE_CODES, Backend, LazyBackend, check_adam_tensors
 
 __all__ = [
     "CppAdamFallbackWarning",
@@ -42,8 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Kept in step with csrc/cpu_adam.h (enum DType) and csrc/cpu_adam.cpp (enum Simd).
-_DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+# Kept in step with csrc/cpu_adam.cpp (enum Simd).
 _SIMD_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
 # /proc/cpuinfo flags each path needs; mirrors cpu_has() in csrc/cpu_adam.cpp.
 _SIMD_CPU_FLAGS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx2", "fma", "f16c")}
@@ -60,14 +57,13 @@ class CppAdamFallbackWarning(UserWarning):
     """The fused C++ Adam kernel is unavailable; the pure-torch fallback runs instead."""
 
 
-@dataclass(frozen=True)
-class _Backend:
-    lib: ctypes.CDLL | None
-    reason: str  # why the fallback runs; empty when lib is set
+# The library, built on first use; tests reset it (_LOADER.reset()). The lambda reads _build_library at call time.
+_LOADER = LazyBackend(lambda: _build_library(), disable_env=_DISABLE_ENV, warning=CppAdamFallbackWarning,
+                      kernel="fused C++ Adam kernel", fallback="the slower pure-torch step")
 
 
-_backend: _Backend | None = None
-_backend_lock = threading.Lock()
+def _get_backend() -> Backend:
+    return _LOADER.get()
 
 
 def available_simd() -> list[str]:
@@ -127,7 +123,7 @@ def adam_step_(
     `simd` forces "avx512", "avx2" or "portable" (UserError if this CPU lacks it); None picks the best.
     Uses torch.get_num_threads() threads.
     """
-    _check_args(param, grad, exp_avg, exp_avg_sq, out=out, step=step)
+    check_adam_tensors(param, grad, exp_avg, exp_avg_sq, out=out, step=step, device_type="cpu")
     if simd is not None and simd not in _cpu_simd_paths():
         raise UserError(f"simd={simd!r} is not available on this CPU; choose one of {available_simd()}")
     lib = _get_backend().lib
@@ -137,34 +133,13 @@ def adam_step_(
                         bias_correction=bias_correction)
         return
     rc = lib.zt_adam_step(
-        param.data_ptr(), grad.data_ptr(), _DTYPE_CODES[grad.dtype], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-        out.data_ptr() if out is not None else None, _DTYPE_CODES[out.dtype] if out is not None else 0,
+        param.data_ptr(), grad.data_ptr(), DTYPE_CODES[grad.dtype], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+        out.data_ptr() if out is not None else None, DTYPE_CODES[out.dtype] if out is not None else 0,
         param.numel(), step, lr, beta1, beta2, eps, weight_decay, int(adamw), grad_scale,
         -1 if simd is None else _SIMD_CODES[simd], torch.get_num_threads(), int(bias_correction),
     )
     if rc != 0:  # only reachable if /proc/cpuinfo and cpuid disagree, or the codes above drift
         raise RuntimeError(f"zt_adam_step failed with code {rc} (simd={simd!r}, grad dtype {grad.dtype})")
-
-
-def _check_args(param, grad, exp_avg, exp_avg_sq, *, out, step) -> None:
-    tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if out is not None:
-        tensors["out"] = out
-    for name, t in tensors.items():
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CPU tensor (got device {t.device}, "
-                             f"contiguous={t.is_contiguous()})")
-        if t.numel() != param.numel():
-            raise ValueError(f"{name} has {t.numel()} elements, param has {param.numel()}")
-    for name in ("param", "exp_avg", "exp_avg_sq"):
-        if tensors[name].dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {tensors[name].dtype}")
-    if grad.dtype not in _DTYPE_CODES:
-        raise TypeError(f"grad must be float32, bfloat16 or float16, got {grad.dtype}")
-    if out is not None and out.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"out must be bfloat16 or float16, got {out.dtype}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the count after this update), got {step}")
 
 
 def torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, adamw,
@@ -191,30 +166,6 @@ def torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2,
     param.addcdiv_(exp_avg, denom, value=-step_size)
     if out is not None:
         out.copy_(param)
-
-
-def _get_backend() -> _Backend:
-    global _backend
-    if _backend is None:
-        with _backend_lock:
-            if _backend is None:
-                _backend = _load_backend()
-    return _backend
-
-
-def _load_backend() -> _Backend:
-    if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-        log.info("%s is set: using the pure-torch Adam step", _DISABLE_ENV)
-        return _Backend(lib=None, reason=f"{_DISABLE_ENV} is set")
-    try:
-        lib = _build_library()
-    except Exception as exc:  # noqa: BLE001 -- any build failure means "use the fallback", and says why
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        reason = f"{type(exc).__name__}: {first_line}"
-        warnings.warn(f"ztune: fused C++ Adam kernel unavailable ({reason}); using the slower pure-torch step",
-                      CppAdamFallbackWarning, stacklevel=4)
-        return _Backend(lib=None, reason=reason)
-    return _Backend(lib=lib, reason="")
 
 
 def _build_library() -> ctypes.CDLL:

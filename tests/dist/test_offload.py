@@ -55,7 +55,7 @@ def _train(rank: int, world_size: int, c: dict) -> dict:
     from ztune.runtime.data import batches
 
     if c["fallback"]:  # this case only: the kernel's torch fallback (the backend is chosen once per process)
-        saved, ops._backend = ops._backend, None
+        saved = ops._LOADER.reset()
         os.environ["ZTUNE_DISABLE_CPP_ADAM"] = "1"
     try:
         cfg = tp.config_for(c, world_size)
@@ -76,7 +76,7 @@ def _train(rank: int, world_size: int, c: dict) -> dict:
         backend = ops.kernel_backend() if c["offload"] == "cpu" else None
     finally:
         if c["fallback"]:
-            ops._backend = saved
+            ops._LOADER.restore(saved)
             del os.environ["ZTUNE_DISABLE_CPP_ADAM"]
     local = None
     if c["stage"] < 3:

@@ -165,7 +165,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("Error building extension 'ztune_cpu_adam': c++: not found")
 
     monkeypatch.setattr(ops, "_build_library", broken_build)
-    monkeypatch.setattr(ops, "_backend", None)
+    monkeypatch.setattr(ops._LOADER, "_backend", None)
     monkeypatch.delenv("ZTUNE_DISABLE_CPP_ADAM", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -183,7 +183,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
 
 def test_disable_env_forces_fallback_without_warning(monkeypatch):
     monkeypatch.setenv("ZTUNE_DISABLE_CPP_ADAM", "1")
-    monkeypatch.setattr(ops, "_backend", None)
+    monkeypatch.setattr(ops._LOADER, "_backend", None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ops.CppAdamFallbackWarning)
         assert ops.kernel_backend() == "torch-fallback"

@@ -142,7 +142,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("nvcc failed (exit 1): adam.cu(3): error: something")
 
     monkeypatch.setattr(cuda_adam, "_build_library", broken_build)
-    monkeypatch.setattr(cuda_adam, "_backend", None)
+    monkeypatch.setattr(cuda_adam._LOADER, "_backend", None)
     monkeypatch.delenv("ZTUNE_DISABLE_CUDA_ADAM", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -154,7 +154,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
 
 def test_disable_env_falls_back_without_warning(monkeypatch):
     monkeypatch.setenv("ZTUNE_DISABLE_CUDA_ADAM", "1")
-    monkeypatch.setattr(cuda_adam, "_backend", None)
+    monkeypatch.setattr(cuda_adam._LOADER, "_backend", None)
     monkeypatch.setattr(cuda_adam, "_build_library", lambda: pytest.fail("must not build"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", cuda_adam.CudaAdamFallbackWarning)
