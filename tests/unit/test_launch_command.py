@@ -253,3 +253,32 @@ def test_ambiguous_ipv6_filter_is_one_line_with_the_bracketed_form(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     code, out = _cli(["launch", "-H", "hosts", "--include", "fd00::1:0,1", "--dry-run", "t.py"], capsys)
     assert code == 2 and len(out.strip().splitlines()) == 1 and "'[fd00::1]:0,1'" in out, out
+
+
+@pytest.mark.parametrize("hosts", [None, "n1 slots=1\nn2 slots=1\n"])
+def test_dry_run_never_prints_credentials(tmp_path, monkeypatch, capsys, hosts) -> None:
+    # Values of variables named like credentials (from --env, .ztune_env or the forwarded environment) are
+    # shown as <redacted>, locally and inside the ssh remote command; other values are shown as sent.
+    (tmp_path / "t.py").write_text("")
+    (tmp_path / ".ztune_env").write_text("WANDB_API_KEY=wandb-s3cret\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZTUNE_AUTH_TOKEN", "env-s3cret")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    args = ["launch", "--dry-run", "--env", "HF_TOKEN=flag-s3cret", "--env", "MY_LR=0.5", "t.py"]
+    if hosts:
+        (tmp_path / "hosts").write_text(hosts)
+        args[1:1] = ["-H", "hosts"]
+    code, out = _cli(args, capsys)
+    assert code == 0, out
+    assert "s3cret" not in out
+    for name in ("HF_TOKEN", "WANDB_API_KEY", "ZTUNE_AUTH_TOKEN"):
+        assert f"{name}=<redacted>" in out, name
+    assert "MY_LR=0.5" in out and "NCCL_DEBUG=INFO" in out
+
+
+def test_redact_argv_only_touches_credential_assignments() -> None:
+    from ztune.launch.command import redact_argv
+
+    argv = ["env", "AWS_SECRET_ACCESS_KEY=x", "PASSWORD=y", "OMP_NUM_THREADS=1", "--token=z", "a=b=c"]
+    assert redact_argv(argv) == ["env", "AWS_SECRET_ACCESS_KEY=<redacted>", "PASSWORD=<redacted>",
+                                 "OMP_NUM_THREADS=1", "--token=z", "a=b=c"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 from typing import Annotated
@@ -86,6 +87,7 @@ def launch(
 
 def _print_dry_run(plan) -> None:
     from ztune.launch import node_commands, start_argv
+    from ztune.launch.command import redact_argv
     from ztune.launch.hostfile import format_endpoint
 
     interfaces = [(None, None)] * len(plan.hosts)
@@ -101,7 +103,8 @@ def _print_dry_run(plan) -> None:
                       f"to $ZTUNE_CONFIG", markup=False, soft_wrap=True)
     for cmd in node_commands(plan, interfaces=interfaces):
         console.print(f"# node {cmd.node_rank}: {cmd.host}", markup=False, soft_wrap=True)
-        console.print(shlex.join(start_argv(plan, cmd)), markup=False, soft_wrap=True, highlight=False)
+        shown = dataclasses.replace(cmd, argv=tuple(redact_argv(cmd.argv)))  # credentials never printed
+        console.print(shlex.join(start_argv(plan, shown)), markup=False, soft_wrap=True, highlight=False)
 
 
 def _preflight(plan) -> list[tuple[str | None, str | None]]:

@@ -67,6 +67,26 @@ def left_behind_warning(names: Sequence[str]) -> str | None:
             f"(e.g. --env {names[0]}=...)")
 
 
+# Names whose values are credentials: printed commands (`ztune launch --dry-run`) show them as REDACTED.
+_SECRET_NAME_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH",
+                             re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name says its value is a credential (HF_TOKEN, WANDB_API_KEY, ...)."""
+    return bool(_SECRET_NAME_RE.search(name))
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` for display: each KEY=VALUE element whose KEY names a credential has its value replaced."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        out.append(f"{key}={REDACTED}" if sep and _ENV_KEY_RE.match(key) and is_secret_name(key) else arg)
+    return out
+
+
 def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
     """`KEY=VALUE` -> (KEY, VALUE). The value is kept byte for byte (it may hold '=', quotes, `;`)."""
     key, sep, value = text.partition("=")
