@@ -70,10 +70,10 @@ def test_torchrun_command_is_an_argv_list() -> None:
     argv = torchrun_command(nproc=2, script="train.py", script_args=["--lr", "1e-3"])
     # torchrun through the lifeline (SIGTERM when the tuner dies), every worker through it too (SIGKILL
     # when torchrun dies).
-    assert argv[1:4] == ["-m", "ztune.launch.lifeline", "TERM"]
+    assert argv[1:4] == ["-m", "ztune.launch.lifeline_run", "TERM"]
     run = argv.index("torch.distributed.run")
     assert argv[run + 1:run + 3] == ["--standalone", "--nproc-per-node=2"]
-    assert argv[run + 3:] == ["-m", "ztune.launch.lifeline", "KILL", "__python__", "-u", "train.py", "--lr",
+    assert argv[run + 3:] == ["-m", "ztune.launch.lifeline_run", "KILL", "__python__", "-u", "train.py", "--lr",
                               "1e-3"]
 
 

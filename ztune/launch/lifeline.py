@@ -6,9 +6,9 @@ when the thread that forked it exits; it survives execve (of non-set-user-ID pro
 a small wrapper that then execs the real program in the same pid. Two uses:
 
 - `die_with_parent(sig)`: a `preexec_fn` for subprocess.Popen (ssh clients, node wrappers);
-- `python -m ztune.launch.lifeline SIG PROGRAM ARGS...`: the same as a program. It is the form torchrun can
+- `python -m ztune.launch.lifeline_run SIG PROGRAM ARGS...`: the same as a program. It is the form torchrun can
   run: the tuner and the node wrapper start `lifeline TERM torchrun ...` (torchrun turns SIGTERM into its
-  own teardown of the workers), and torchrun starts every worker as `-m ztune.launch.lifeline KILL python
+  own teardown of the workers), and torchrun starts every worker as `-m ztune.launch.lifeline_run KILL python
   -u SCRIPT ...`, so a rank dies even when torchrun itself was SIGKILLed (torchrun starts each worker in a
   session of its own, which a process-group kill never reaches).
 
@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_ENV = "ZTUNE_LIFELINE_PARENT"
-MODULE = "ztune.launch.lifeline"
+MODULE = "ztune.launch.lifeline_run"  # the program form (see lifeline_run.py)
 EXIT_PARENT_GONE = 125  # the wrapper's own failure, as `env`/`timeout` use 125
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0].upper().removeprefix("SIG") not in ("TERM", "KILL", "INT", "HUP"):
-        sys.stderr.write("usage: python -m ztune.launch.lifeline TERM|KILL PROGRAM [ARGS...]\n")
+        sys.stderr.write("usage: python -m ztune.launch.lifeline_run TERM|KILL PROGRAM [ARGS...]\n")
         return 2
     sig = signal.Signals["SIG" + args[0].upper().removeprefix("SIG")]
     program = [sys.executable if args[1] == "__python__" else args[1], *args[2:]]
@@ -97,6 +97,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 127
     return 0  # pragma: no cover - execvp does not return
 
-
-if __name__ == "__main__":
-    sys.exit(main())
