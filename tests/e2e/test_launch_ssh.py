@@ -223,7 +223,9 @@ def test_hostile_strings_arrive_literally(clean: Cluster, tmp_path: Path) -> Non
     (work / ".ztune_env").write_text(f"# comment\nZTUNE_CHECK_FROM_FILE={evil}\n")
     hosts = _hostfile(tmp_path, ["node1 slots=1", "node2 slots=1"])
     job = Job(clean, ["-H", hosts, "--workdir", str(work), "--config", _config(tmp_path, world=2),
-                      "--master-port", "29631", "--env", f"ZTUNE_CHECK_EVIL={evil}", SCRIPT, "--",
+                      "--master-port", "29631", "--env", f"ZTUNE_CHECK_EVIL={evil}",
+                      # named like a credential: it travels in the stdin header, not on the ssh command line
+                      "--env", f"ZTUNE_CHECK_TOKEN={evil}", SCRIPT, "--",
                       "--steps", "1", evil, f"--name={evil}"])
     rc = job.finish()
     assert rc == 0, job.transcript()
@@ -233,6 +235,7 @@ def test_hostile_strings_arrive_literally(clean: Cluster, tmp_path: Path) -> Non
         assert rep["extra"] == [evil, f"--name={evil}"]
         assert rep["env"]["ZTUNE_CHECK_EVIL"] == evil
         assert rep["env"]["ZTUNE_CHECK_FROM_FILE"] == evil
+        assert rep["env"]["ZTUNE_CHECK_TOKEN"] == evil
     assert not marker.exists()
 
 

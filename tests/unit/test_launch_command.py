@@ -271,9 +271,25 @@ def test_dry_run_never_prints_credentials(tmp_path, monkeypatch, capsys, hosts) 
     code, out = _cli(args, capsys)
     assert code == 0, out
     assert "s3cret" not in out
-    for name in ("HF_TOKEN", "WANDB_API_KEY", "ZTUNE_AUTH_TOKEN"):
-        assert f"{name}=<redacted>" in out, name
+    carried = [line for line in out.splitlines() if line.startswith("# stdin of each command also carries")]
+    assert carried and all(n in carried[0] for n in ("HF_TOKEN", "WANDB_API_KEY", "ZTUNE_AUTH_TOKEN")), out
     assert "MY_LR=0.5" in out and "NCCL_DEBUG=INFO" in out
+
+
+def test_credentials_travel_in_the_stdin_header_not_argv(tmp_path) -> None:
+    # argv is readable by every user of a host (ps): credentials go in the node wrapper's stdin header.
+    from ztune.launch import LaunchRequest, header_line, node_commands, plan_launch
+
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "hosts").write_text("n1 slots=1\nn2 slots=1\n")
+    req = LaunchRequest(script="train.py", hostfile=str(tmp_path / "hosts"), workdir=str(tmp_path),
+                        env=("HF_TOKEN=tok-1",))
+    plan = plan_launch(req, environ={"ZTUNE_HUB_TOKEN": "k-2", "NCCL_DEBUG": "INFO"})
+    for cmd in node_commands(plan, interfaces=[(None, None)] * 2):
+        assert not any("tok-1" in a or "k-2" in a for a in cmd.argv), cmd.argv
+        assert "NCCL_DEBUG=INFO" in cmd.argv
+    header = json.loads(header_line(plan))
+    assert header["env"] == {"HF_TOKEN": "tok-1", "ZTUNE_HUB_TOKEN": "k-2"}
 
 
 def test_redact_argv_only_touches_credential_assignments() -> None:

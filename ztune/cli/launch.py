@@ -86,7 +86,7 @@ def launch(
 
 
 def _print_dry_run(plan) -> None:
-    from ztune.launch import node_commands, start_argv
+    from ztune.launch import node_commands, secret_env, start_argv
     from ztune.launch.command import redact_argv
     from ztune.launch.hostfile import format_endpoint
 
@@ -101,6 +101,10 @@ def _print_dry_run(plan) -> None:
     if plan.config_text is not None:
         console.print(f"# stdin of each command carries the config ({len(plan.config_text)} chars) written "
                       f"to $ZTUNE_CONFIG", markup=False, soft_wrap=True)
+    credentials = secret_env(plan.env)
+    if credentials:
+        console.print(f"# stdin of each command also carries {', '.join(sorted(credentials))} (named like "
+                      "credentials: kept off command lines)", markup=False, soft_wrap=True)
     for cmd in node_commands(plan, interfaces=interfaces):
         console.print(f"# node {cmd.node_rank}: {cmd.host}", markup=False, soft_wrap=True)
         shown = dataclasses.replace(cmd, argv=tuple(redact_argv(cmd.argv)))  # credentials never printed

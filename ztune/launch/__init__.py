@@ -225,11 +225,22 @@ def ssh_options(req: LaunchRequest) -> SshOptions:
     return req.ssh or SshOptions()
 
 
+def secret_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `env` sent over stdin instead of argv (command.is_secret_name)."""
+    from ztune.launch.command import is_secret_name
+
+    return {k: v for k, v in env.items() if is_secret_name(k)}
+
+
 def header_line(plan: LaunchPlan) -> bytes:
-    """The first stdin line for every node wrapper: the config file's name and text."""
+    """The first stdin line for every node wrapper: the config file's name and text, and the variables whose
+    names mark them as credentials (`secret_env`), which stay off every command line."""
     import json
 
     doc = {}
     if plan.config_text is not None:
         doc = {"config_name": f"config{plan.config_suffix}", "config_text": plan.config_text}
+    credentials = secret_env(plan.env)
+    if credentials:
+        doc["env"] = credentials
     return (json.dumps(doc) + "\n").encode()

@@ -180,7 +180,9 @@ def build_command(*, python: str, host: str, node_rank: int, num_nodes: int, npr
         python=python, num_nodes=num_nodes, node_rank=node_rank, nproc_per_node=nproc_per_node,
         master_addr=master_addr, master_port=master_port, run_id=run_id, local_addr=local_addr,
         log_dir=f"{run_dir}/torchrun", script=script, script_args=script_args, max_restarts=max_restarts)
-    assignments = [f"{k}={v}" for k, v in sorted(node_env.items())]
+    # Credentials travel in the node wrapper's stdin header (header_line), never in argv: argv is readable by
+    # every user of a host (ps, /proc/<pid>/cmdline).
+    assignments = [f"{k}={v}" for k, v in sorted(node_env.items()) if not is_secret_name(k)]
     argv = [python, "-m", "ztune.launch.ssh", "run", "--tag", f"{run_id}:{node_rank}", "--run-dir", run_dir,
             "--grace-s", f"{grace_s:g}", "--", "env", *assignments, *torchrun]
     return NodeCommand(host=host, node_rank=node_rank, workdir=workdir, argv=tuple(argv), run_dir=run_dir,

@@ -174,6 +174,13 @@ def _write_header_files(header: dict, run_dir: str) -> None:
             f.write(header.get("config_text", ""))
 
 
+def _header_env(header: dict) -> dict[str, str]:
+    env = header.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise SystemExit("ztune node: bad env in the launcher's header")
+    return env
+
+
 def _read_line_fd0() -> bytes:
     """One line from fd 0, unbuffered, so nothing after it is swallowed by a buffer."""
     buf = bytearray()
@@ -191,11 +198,13 @@ def run_node(*, tag: str, run_dir: str, grace_s: float, argv: Sequence[str]) -> 
     if not header_line:
         return 1  # the launcher went away before sending anything
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    _write_header_files(json.loads(header_line), run_dir)
+    header = json.loads(header_line)
+    _write_header_files(header, run_dir)
     node = _Node(tag=tag, run_dir=run_dir, grace_s=grace_s)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: node.halt(f"signal {signal.Signals(signum).name}"))
     env = dict(os.environ)
+    env.update(_header_env(header))  # credentials: sent over stdin so that no command line shows them
     env[TAG_ENV] = tag
     # torchrun gets SIGTERM (its own orderly teardown) if this wrapper dies, even of SIGKILL; its workers
     # are wrapped by the lifeline too (command.py), so they end with it.
