@@ -2,7 +2,9 @@
 
 The tuner starts each trial with these environment variables (docs/autotune.md):
 - ``ZTUNE_CONFIG``: path of the trial's config (read by ``ztune.initialize``);
-- ``ZTUNE_TRIAL_REPORT``: path of a JSONL file that rank 0 appends to;
+- ``ZTUNE_TRIAL_REPORT``: path of a JSONL file that rank 0 appends to; ``-`` means rank 0 prints each record
+  to stdout as one line starting with ``@@ztune-trial@@ `` instead (trials on other hosts, whose files the
+  tuner cannot read: `ztune launch` relays the line, the tuner writes it to its own report file);
 - ``ZTUNE_TRIAL_WARMUP`` / ``ZTUNE_TRIAL_STEPS``: optimizer steps to skip, then to measure;
 - ``ZTUNE_TRIAL_EXIT``: "1" (default) ends the process with ``SystemExit(0)`` once the measured steps
   are done; "0" only sets ``should_stop`` for a script that polls it.
@@ -28,6 +30,8 @@ REPORT_ENV = "ZTUNE_TRIAL_REPORT"
 WARMUP_ENV = "ZTUNE_TRIAL_WARMUP"
 STEPS_ENV = "ZTUNE_TRIAL_STEPS"
 EXIT_ENV = "ZTUNE_TRIAL_EXIT"
+STDOUT_PATH = "-"  # REPORT_ENV value: records go to stdout, each line prefixed by STDOUT_MARKER
+STDOUT_MARKER = "@@ztune-trial@@ "
 
 
 def _peak_memory_bytes(engine: Any = None) -> int:
@@ -115,6 +119,10 @@ class TrialReporter:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
+            return
+        if self.path == STDOUT_PATH:
+            sys.stdout.write(STDOUT_MARKER + json.dumps(record) + "\n")
+            sys.stdout.flush()
             return
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -51,6 +51,42 @@ def _ints(text: str | None, flag: str, *, lo: int = 0, hi: int = MAX_BATCH) -> t
     return values
 
 
+def _host_trials(*, hostfile: str | None, include: str | None, exclude: str | None, master_port: int,
+                 workdir: str | None, python: str | None, ssh_config: str | None, ssh_option: list[str] | None,
+                 insecure_no_host_key_check: bool, nproc: int | None, memory_cap: str | None,
+                 ) -> tuple[Any, int | None, int]:
+    """(HostTrials, ranks per host, number of hosts) when trials run on hosts (-H, or a Slurm allocation of
+    several nodes), else (None, None, 1). Every host must offer the same number of slots."""
+    import os
+
+    from ztune.launch import LaunchRequest, resolve_hosts
+    from ztune.launch.hostfile import hosts_from_slurm
+    from ztune.tune.hosts import HostTrials
+
+    slurm = hosts_from_slurm(dict(os.environ)) if hostfile is None else None
+    if hostfile is None and (slurm is None or len(slurm) < 2):
+        if include or exclude:
+            raise UserError("--include/--exclude select hosts: give them with -H/--hostfile")
+        return None, None, 1
+    int_flag("--master-port", master_port, lo=1, hi=65535 - 1000)
+    hosts, _local = resolve_hosts(LaunchRequest(script="", hostfile=hostfile, include=include, exclude=exclude),
+                                  os.environ)
+    slots = {h.num_slots for h in hosts}
+    if len(slots) != 1:
+        raise UserError(f"autotune -H needs the same number of slots on every host, got "
+                        f"{', '.join(f'{h.name}={h.num_slots}' for h in hosts)}; use --include/--exclude")
+    per_host = slots.pop()
+    if nproc is not None and nproc != per_host:
+        raise UserError(f"--nproc {nproc}: with hosts, each trial runs the hostfile's {per_host} slot(s) per "
+                        "host; drop --nproc or change the slots")
+    if memory_cap is not None:
+        raise UserError("--memory-cap caps local trial processes only; it cannot be combined with -H")
+    trials = HostTrials(hostfile=hostfile, include=include, exclude=exclude, ssh_config=ssh_config,
+                        ssh_options=tuple(ssh_option or ()), insecure_no_host_key_check=insecure_no_host_key_check,
+                        workdir=workdir, python=python, base_port=master_port)
+    return trials, per_host, len(hosts)
+
+
 def _event_handler(progress: Any, state: dict) -> Any:
     def on_event(kind: str, **data: Any) -> None:
         if kind == "plan":
@@ -229,6 +265,21 @@ def autotune(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="CI smoke: tiny search of the demo model on 2 CPU "
                                                         "ranks; exit 0 only if the chosen config trained.")] = False,
+    hostfile: Annotated[str | None, typer.Option("--hostfile", "-H", help="Run every trial on these hosts "
+                                                 "through `ztune launch` (DeepSpeed-style hostfile; inside a "
+                                                 "Slurm allocation of several nodes, its nodes).")] = None,
+    include: Annotated[str | None, typer.Option(help="With -H: only these hosts/slots.")] = None,
+    exclude: Annotated[str | None, typer.Option(help="With -H: drop these hosts/slots.")] = None,
+    master_port: Annotated[int, typer.Option(help="With -H: rendezvous port of the first trial (trial i uses "
+                                                  "port + i).")] = 29500,
+    workdir: Annotated[str | None, typer.Option(help="With -H: working directory on every host.")] = None,
+    python: Annotated[str | None, typer.Option(help="With -H: python on the hosts.")] = None,
+    ssh_config: Annotated[str | None, typer.Option("--ssh-config", "-F", help="With -H: ssh config file.")]
+    = None,
+    ssh_option: Annotated[list[str] | None, typer.Option("--ssh-option", "-o",
+                                                         help="With -H: extra ssh -o KEY=VALUE.")] = None,
+    insecure_no_host_key_check: Annotated[bool, typer.Option(
+        help="With -H: do not check ssh host keys. Only on networks you trust.")] = False,
 ) -> None:
     """Estimate, prune and rank configs, measure the leaders with short trials, calibrate, and write the
     fastest one that fits. Rerunning the same command resumes from the journal."""
@@ -267,7 +318,11 @@ def autotune(
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32")
     spec = load_model(model)
     hw_profile = load_hardware(hardware)
-    nproc = int_flag("--nproc", nproc or hw_profile.gpus_per_node, hi=MAX_RANKS)
+    host_trials, per_host, num_nodes = _host_trials(
+        hostfile=hostfile, include=include, exclude=exclude, master_port=master_port, workdir=workdir,
+        python=python, ssh_config=ssh_config, ssh_option=ssh_option,
+        insecure_no_host_key_check=insecure_no_host_key_check, nproc=nproc, memory_cap=memory_cap)
+    nproc = int_flag("--nproc", per_host or nproc or hw_profile.gpus_per_node, hi=MAX_RANKS)
     cpu_profile = hw_profile.name.lower().startswith("cpu")
     seq = seq or min(spec.max_seq_len, 128)
     if seq > spec.max_seq_len:
@@ -275,13 +330,14 @@ def autotune(
     precision = (precision or ("fp32" if cpu_profile else "bf16")).lower()
     knobs = tuple(k.strip() for k in vary.split(",")) if vary else (
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
-    constraints = Constraints(num_ranks=nproc, global_batch=global_batch, seq_len=seq, vary=knobs,
+    constraints = Constraints(num_ranks=nproc * num_nodes, global_batch=global_batch, seq_len=seq, vary=knobs,
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
                               micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
-    workload = Workload(model=spec, hardware=hw, base=base, global_batch=global_batch, seq_len=seq)
+    workload = Workload(model=spec, hardware=hw, base=base, global_batch=global_batch, seq_len=seq,
+                        num_nodes=num_nodes)
     if script is not None:
         if not script.is_file():
             raise UserError(f"--script {str(script)!r} does not exist")
@@ -292,6 +348,9 @@ def autotune(
         run_args = ("--model", model)
         desc = {"script": "built-in", "args": list(run_args)}
     desc |= {"warmup_steps": warmup, "measured_steps": steps}
+    if host_trials is not None:
+        desc["hosts"] = {"nodes": num_nodes, "ranks_per_node": nproc, "hostfile": hostfile,
+                         "include": include, "exclude": exclude}
     cap = parse_size(memory_cap) if memory_cap else None
     if cap is not None:
         desc["memory_cap_bytes"] = cap
@@ -307,7 +366,8 @@ def autotune(
     settings = Settings(nproc=nproc, script=run_script, script_args=run_args, warmup_steps=warmup,
                         measured_steps=steps, threshold=threshold, memory_margin=memory_margin,
                         memory_cap_bytes=cap, trial_timeout_s=trial_timeout, stall_timeout_s=stall_timeout,
-                        time_budget_s=time_budget, max_trials=max_trials, min_trials=min_trials)
+                        time_budget_s=time_budget, max_trials=max_trials, min_trials=min_trials,
+                        hosts=host_trials)
     limit = min(hw.gpu_memory_bytes, cap) if cap else hw.gpu_memory_bytes
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import time
 from typing import Annotated
@@ -50,6 +51,10 @@ def launch(
     run_root: Annotated[str, typer.Option(help="Directory on each host for the run's files.")]
     = "/tmp/ztune-runs",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each host's command and exit.")] = False,
+    preflight_cache: Annotated[str | None, typer.Option(help="Reuse the preflight result in FILE when it was "
+                                                        "made for the same hosts, python, workdir and script; "
+                                                        "else run the preflight and write it there (autotune "
+                                                        "-H: one preflight for all trials).")] = None,
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restart every host's ranks up to N times "
                                                                    "when one fails (torchrun elastic); the "
                                                                    "script resumes from its checkpoint.")] = 0,
@@ -81,7 +86,7 @@ def launch(
     if dry_run:
         _print_dry_run(plan)
         return
-    interfaces = _preflight(plan)
+    interfaces = _preflight(plan, cache=preflight_cache)
     raise typer.Exit(_supervise(plan, interfaces, log_dir=log_dir))
 
 
@@ -111,7 +116,33 @@ def _print_dry_run(plan) -> None:
         console.print(shlex.join(start_argv(plan, shown)), markup=False, soft_wrap=True, highlight=False)
 
 
-def _preflight(plan) -> list[tuple[str | None, str | None]]:
+def _preflight_key(plan) -> dict:
+    return {"hosts": [h.name for h in plan.hosts], "local": plan.local, "python": plan.python,
+            "workdir": plan.workdir, "script": plan.request.script, "ifname": plan.request.ifname}
+
+
+def _preflight(plan, *, cache: str | None = None) -> list[tuple[str | None, str | None]]:
+    """Interfaces (name, address) per host from the preflight, or from `cache` when it matches this plan."""
+    import json
+    from pathlib import Path
+
+    if cache is not None:
+        try:
+            saved = json.loads(Path(cache).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == _preflight_key(plan):
+            err_console.print(f"preflight: reusing {cache}", markup=False, soft_wrap=True)
+            return [tuple(i) for i in saved["interfaces"]]
+    interfaces = _run_preflight(plan)
+    if cache is not None:
+        tmp = Path(f"{cache}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": _preflight_key(plan), "interfaces": interfaces}), encoding="utf-8")
+        os.replace(tmp, cache)
+    return interfaces
+
+
+def _run_preflight(plan) -> list[tuple[str | None, str | None]]:
     from ztune.launch import ssh_options
     from ztune.launch.preflight import find_failures, local_versions, run_preflight
 

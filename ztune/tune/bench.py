@@ -48,8 +48,8 @@ _NOISE = re.compile(r"ChildFailedError|torch\.distributed\.elastic|^\s*(Tracebac
                     r"Root Cause|Failures:|<NO_OTHER_FAILURES>|time\s*:|host\s*:|rank\s*:|exitcode|"
                     r"error_file|traceback|raise |return |\w+\(|warnings\.warn)")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt|Exit))\b(?::\s*(.*))?$")
-# torchrun prefixes each rank's stderr lines with "[rank3]:".
-_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+# torchrun prefixes each rank's stderr lines with "[rank3]:"; `ztune launch` (trials on hosts) with "[host:3] ".
+_RANK_PREFIX = re.compile(r"^(?:\[[^\]\s]+:\d+\] |\[(?:default)?rank\d+\]:\s?)")
 
 
 @dataclass(frozen=True)
@@ -238,16 +238,22 @@ def run_trial(*, config_path: str | os.PathLike, report_path: str | os.PathLike,
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    wall_s = time.monotonic() - t0
+    return trial_outcome(exit_code=proc.returncode, wall_s=time.monotonic() - t0, log_path=log_path,
+                         report_path=report_path, timed_out=timed_out, memory_capped=bool(memory_cap_bytes))
+
+
+def trial_outcome(*, exit_code: int | None, wall_s: float, log_path: Path, report_path: Path, timed_out: str,
+                  memory_capped: bool) -> TrialOutcome:
+    """The outcome of a finished trial from its output (log) and rank 0's report file."""
     output = log_path.read_text(errors="replace")
-    report = tr.read_report(report_path)
-    status, reason = classify(exit_code=proc.returncode, output=output, report=report, timed_out=timed_out,
-                              memory_capped=bool(memory_cap_bytes))
+    report = _protocol().read_report(report_path)
+    status, reason = classify(exit_code=exit_code, output=output, report=report, timed_out=timed_out,
+                              memory_capped=memory_capped)
     done = report.get("done") or {}
     steps = report.get("steps", [])
     peak = done.get("peak_memory_bytes") or max((s.get("peak_memory_bytes") or 0 for s in steps), default=None)
     return TrialOutcome(
-        status=status, reason=reason, wall_s=wall_s, exit_code=proc.returncode,
+        status=status, reason=reason, wall_s=wall_s, exit_code=exit_code,
         step_time_s=done.get("step_time_s") if status == "ok" else None,
         step_times_s=tuple(done.get("step_times_s", ())), peak_memory_bytes=peak or None,
         steps_done=len(steps), first_loss=done.get("first_loss"), last_loss=done.get("last_loss"),

@@ -32,16 +32,18 @@ class Workload:
     """What every candidate shares: the model, the ranks' hardware and the fixed batch geometry."""
 
     model: ModelSpec
-    hardware: Hardware  # gpus_per_node = ranks of the trial (one node)
+    hardware: Hardware  # gpus_per_node = ranks of the trial on each node
     base: TrainConfig
     global_batch: int
     seq_len: int
+    num_nodes: int = 1  # hosts a trial spans (autotune -H)
 
     def config(self, c: Candidate) -> TrainConfig:
         return c.to_config(self.base, global_batch=self.global_batch, seq_len=self.seq_len)
 
     def estimate(self, c: Candidate, efficiency: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
-        return estimate(self.model, self.hardware, self.config(c), num_nodes=1, efficiency=efficiency)
+        return estimate(self.model, self.hardware, self.config(c), num_nodes=self.num_nodes,
+                        efficiency=efficiency)
 
     def step_time_s(self, c: Candidate, calibration: Calibration) -> float:
         """Calibrated seconds per optimizer step: the cost model's, plus the fitted fixed cost of each

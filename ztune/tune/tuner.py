@@ -26,6 +26,7 @@ from ztune.config.schema import TrainConfig
 from ztune.cost.compute import DEFAULT_EFFICIENCY, Efficiency
 from ztune.tune.bench import TrialOutcome, kill_stale_group, run_trial
 from ztune.tune.calibrate import Calibration, Fit, fit_calibration
+from ztune.tune.hosts import HostTrials, run_trial_on_hosts
 from ztune.tune.journal import Journal
 from ztune.tune.rank import Assessment, MemoryModel, Workload, assess, fit_memory
 from ztune.tune.space import Candidate
@@ -91,6 +92,7 @@ class Settings:
     # Trials to run before the convergence test may stop the search: one measurement fits the model to
     # itself, so its ranking of the rest is still the uncalibrated one.
     min_trials: int = 3
+    hosts: HostTrials | None = None  # trials through `ztune launch` on these hosts (autotune -H); None: local
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,9 @@ class Tuner:
         self.out_dir = Path(out_dir)
         self.trial_dir = self.out_dir / "trials"
         self.trial_dir.mkdir(parents=True, exist_ok=True)
+        # Host trials: the first trial's preflight serves the rest of this run (never an earlier run's).
+        self.preflight_cache = self.trial_dir / "preflight.json"
+        self.preflight_cache.unlink(missing_ok=True)
         self.memory_limit_bytes = memory_limit_bytes
         self.prior = prior
         self.on_event = on_event
@@ -246,8 +251,8 @@ class Tuner:
         """Trials that started but never finished belong to a tuner that was killed: end their process
         group if it still runs, so they neither steal cores nor write into the new trial's files."""
         for key, rec in list(self.journal.state.unfinished.items()):
-            pgid, report = rec.get("pgid"), rec.get("report")
-            if pgid and report and kill_stale_group(int(pgid), marker=str(report)):
+            pgid, marker = rec.get("pgid"), rec.get("marker") or rec.get("report")
+            if pgid and marker and kill_stale_group(int(pgid), marker=str(marker)):
                 self.on_event("stale", key=key, pgid=pgid)
 
     def _run_one(self, a: Assessment, *, fit: Fit, budget_left_s: float | None) -> TrialRecord:
@@ -264,18 +269,23 @@ class Tuner:
         self.on_event("trial_start", index=index, candidate=c, estimate_s=a.step_time_s,
                       total_steps=s.warmup_steps + s.measured_steps)
 
+        # What identifies the trial's processes for a later tuner (kill_stale_group): the report path is in
+        # a local trial's environment; the config path is on a host trial's launcher command line.
+        marker = str(report_path if s.hosts is None else config_path)
+
         def started(pgid: int) -> None:
             self.journal.append({"kind": "start", "key": c.key, "index": index, "pgid": pgid,
-                                 "report": str(report_path), "time": time.time()})
+                                 "report": str(report_path), "marker": marker, "time": time.time()})
 
-        outcome: TrialOutcome = run_trial(
-            config_path=config_path, report_path=report_path, log_path=self.trial_dir / f"{c.key}.log",
-            nproc=s.nproc, script=s.script, script_args=s.script_args, warmup_steps=s.warmup_steps,
-            measured_steps=s.measured_steps, timeout_s=timeout_s, stall_s=stall_s,
-            memory_cap_bytes=s.memory_cap_bytes,
-            on_start=started,
-            on_poll=lambda report: self.on_event("trial_poll", index=index, steps=len(report["steps"])),
-        )
+        common = dict(config_path=config_path, report_path=report_path, log_path=self.trial_dir / f"{c.key}.log",
+                      script=s.script, script_args=s.script_args, warmup_steps=s.warmup_steps,
+                      measured_steps=s.measured_steps, timeout_s=timeout_s, stall_s=stall_s, on_start=started,
+                      on_poll=lambda report: self.on_event("trial_poll", index=index, steps=len(report["steps"])))
+        if s.hosts is None:
+            outcome: TrialOutcome = run_trial(nproc=s.nproc, memory_cap_bytes=s.memory_cap_bytes, **common)
+        else:
+            outcome = run_trial_on_hosts(hosts=s.hosts, index=index, preflight_cache=self.preflight_cache,
+                                         **common)
         record = TrialRecord(
             index=index, candidate=c, status=outcome.status, reason=outcome.reason,
             step_time_s=outcome.step_time_s, peak_memory_bytes=outcome.peak_memory_bytes,
