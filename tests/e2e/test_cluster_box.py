@@ -5,6 +5,7 @@ a teardown that leaves nothing, and a 2 hosts x 2 ranks ztune run that trains as
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,28 @@ def test_two_hosts_train_like_one_host(box, tmp_path):
     fp32_model_bytes = 4 * count_params(model_spec("box-test-llama")).total
     assert run2["tx_bytes_per_step"] > fp32_model_bytes, run2["tx_bytes_per_step"]
     assert run1["tx_bytes_per_step"] < 0.01 * fp32_model_bytes, run1["tx_bytes_per_step"]
+
+
+def test_probe_measures_the_inter_host_link(box, tmp_path):
+    """`ztune probe --inter-node-master` on both hosts measures the shaped link (not an assumed 10 Gbit/s):
+    the profile's inter-node bandwidth is at most the shaped rate (with the same margin) and a fair share of
+    it, and says it was measured."""
+    rate_mbit = 200
+    box.set_rate(rate_mbit)
+    procs = []
+    for k in range(2):
+        argv = [sys.executable, "-m", "ztune", "probe", "--quick", "--ranks", "1", "--json", "--force",
+                "--output", str(tmp_path / f"host{k}.yaml"), "--inter-node-master", f"{box.hosts[0].addr}:29511",
+                "--node-rank", str(k)]
+        procs.append(box.popen(k, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=scaled_limit_s(180)) for p in procs]
+    rate_bytes = rate_mbit * 1e6 / 8
+    for k, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"host {k}: {err[-3000:]}"
+        data = json.loads(out)
+        link = data["measured"]["inter_node"]
+        assert link["transport"] == "gloo between hosts"
+        assert data["provenance"]["inter_node_bw_bytes_per_s"].startswith("measured:")
+        bw = data["profile"]["inter_node_bw_bytes_per_s"]  # per rank; one rank per host here
+        assert 0.2 * rate_bytes < bw < MAX_OVER_RATE * rate_bytes, f"host {k}: {bw * 8 / 1e6:.0f} Mbit/s"
+        assert data["profile"]["inter_node_latency_s"] > 0
