@@ -47,6 +47,36 @@ def test_box_hosts_are_separate_and_teardown_leaves_nothing():
     assert box.leftovers() == []
 
 
+_HOLDER = """
+import sys
+from benchmarks.cluster_box import ClusterBox
+box = ClusterBox(num_hosts=2).start()
+child = box.popen(1, ["sleep", "300"])
+print(box.network.prefix, child.pid, flush=True)
+box.run(0, ["sleep", "300"], timeout_s=600)  # SIGTERM arrives while the box is in use
+"""
+
+
+def test_sigterm_of_the_owner_tears_the_box_down():
+    """A process that holds a box and gets SIGTERM (no `with`, no cleanup of its own) leaves nothing."""
+    if (reason := cluster_box.why_unavailable()) is not None:
+        pytest.skip(f"cluster-in-a-box tests skipped: {reason}")
+    owner = subprocess.Popen([sys.executable, "-c", _HOLDER], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        prefix, child_pid = owner.stdout.readline().split()
+        owner.terminate()
+        owner.wait(timeout=scaled_limit_s(30))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    assert owner.returncode == -15, owner.stderr.read()[-2000:]  # re-raised with the default action
+    assert not cluster_box.net.alive(int(child_pid))
+    assert not [n for n in cluster_box.net.family_namespaces() if n.startswith(prefix)]
+    assert not list(Path("/etc/netns").glob(f"{prefix}*"))
+
+
 def test_shaping_limits_throughput(box):
     box.set_rate(None)
     unshaped = box.measure_transfer_mbit(0, 1)
