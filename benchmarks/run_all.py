@@ -53,20 +53,28 @@ LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
 OPT_IN = {"--cluster": "bench_cluster"}
 
 
-def main(argv: list[str]) -> int:
+def select_scripts(argv: list[str]) -> list[Path]:
+    """The benchmark scripts `argv` asks for (see the module docstring). ValueError on an unknown option."""
     flags = {a for a in argv if a.startswith("--")}
     unknown = flags - set(OPT_IN)
     if unknown:
-        print(f"run_all.py: unknown option(s) {sorted(unknown)}; known: {sorted(OPT_IN)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(OPT_IN)}")
     only = {a for a in argv if not a.startswith("--")}
     opted_in = {OPT_IN[f] for f in flags} | only
-    # Every script here but this one, peers.py (a library of the runtime-vs-peers benchmark) and the GPU check
-    # (`make gpu-check`: needs a CUDA GPU, writes its own report; docs/gpu-check.md).
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py")
-                     if p.name not in {"run_all.py", "peers.py"} | LIBRARIES and not p.name.startswith("gpu_check")
-                     and (not only or p.stem in only)
-                     and (p.stem not in OPT_IN.values() or p.stem in opted_in))
+    # Every script here but this one, the libraries and the GPU check (`make gpu-check`: needs a CUDA GPU,
+    # writes its own report; docs/gpu-check.md).
+    return sorted(p for p in BENCH_DIR.glob("*.py")
+                  if p.name not in {"run_all.py", "peers.py"} | LIBRARIES and not p.name.startswith("gpu_check")
+                  and (not only or p.stem in only)
+                  and (p.stem not in OPT_IN.values() or p.stem in opted_in))
+
+
+def main(argv: list[str]) -> int:
+    try:
+        scripts = select_scripts(argv)
+    except ValueError as exc:
+        print(f"run_all.py: {exc}", file=sys.stderr)
+        return 2
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
