@@ -279,6 +279,8 @@ class ClusterBox:
         self.network.close()
         for h in self.hosts:
             if h.keeper is not None:
+                if h.keeper.poll() is None:  # the keeper is `sleep` itself (ip, unshare and sh all exec)
+                    h.keeper.kill()
                 h.keeper.wait(timeout=10)
                 h.keeper.stdout.close()
                 h.keeper.stderr.close()
