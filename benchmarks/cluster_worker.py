@@ -111,6 +111,8 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
         model = build_model(spec, dtype=torch.float32, seed=SEED)
         trainer = peers.build(system, model, bf16=args.precision == "bf16", micro_batch=args.micro_batch,
                               seq_len=args.seq_len, extra_config=variant.config or None)
+        if variant.family == "ztune":  # did the engine move its buffers through shared memory?
+            rec["engine_shared_memory"] = getattr(trainer.owner.comm, "shm", None) is not None
         for step in range(args.warmup):
             rec["losses"].append(trainer.step(data[step]))
         dist.barrier()
