@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast demo bench gpu-check lint clean
+.PHONY: install install-bench test test-fast demo bench bench-cluster gpu-check lint clean
 
 install: $(STAMP)
 
@@ -49,8 +49,17 @@ demo: install
 	$(VENV)/bin/ztune launch --nproc-per-node 2 --config $(DEMO_OUT)/autotune/best.yaml \
 		examples/train_tiny.py -- --steps 20
 
+# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmark (needs root; see bench-cluster).
+BENCH_ARGS ?=
+
 bench: install-bench
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# 2 hosts x 2 ranks in network namespaces behind 1 and 10 Gbit/s tbf-shaped links (benchmarks/cluster_box.py):
+# builds the box, runs ztune flat stages 1-3, DDP and DeepSpeed ZeRO-1/2/3, tears it down, writes
+# docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
+bench-cluster: install-bench
+	$(PY) benchmarks/run_all.py bench_cluster
 
 # One prepared check of the CUDA paths on one GPU, within 8 minutes (docs/gpu-check.md). It runs on a bare GPU
 # machine's own python3 (torch with CUDA, transformers, ... preinstalled), not on .venv: the editable install

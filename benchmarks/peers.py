@@ -162,8 +162,17 @@ def import_deepspeed():
     return deepspeed
 
 
+def merge_config(base: dict, extra: dict | None) -> dict:
+    """`base` with `extra` merged in, recursively for nested dicts (extra wins); neither is modified."""
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 def build_deepspeed(model: nn.Module, *, system: System, bf16: bool, micro_batch: int,
-                    group=None) -> Trainer:
+                    group=None, extra_config: dict | None = None) -> Trainer:
     deepspeed = import_deepspeed()
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -176,6 +185,7 @@ def build_deepspeed(model: nn.Module, *, system: System, bf16: bool, micro_batch
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    config = merge_config(config, extra_config)
     optimizer = torch.optim.AdamW(model.parameters(), fused=True, **OPTIM)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
@@ -189,7 +199,7 @@ def build_deepspeed(model: nn.Module, *, system: System, bf16: bool, micro_batch
 
 
 def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: int, seq_len: int,
-                group=None) -> Trainer:
+                group=None, extra_config: dict | None = None) -> Trainer:
     import ztune
 
     optim = {"type": "AdamW", "lr": OPTIM["lr"], "betas": list(OPTIM["betas"]), "eps": OPTIM["eps"],
@@ -202,6 +212,7 @@ def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: in
         "optimizer": optim,
         "gradient_clipping": 0.0,
     }
+    config = merge_config(config, extra_config)
     from ztune.runtime.comm.shm import ENV_SWITCH
 
     saved = os.environ.get(ENV_SWITCH)
@@ -231,15 +242,20 @@ def build_ztune(model: nn.Module, *, system: System, bf16: bool, micro_batch: in
 
 
 def build(system: System, model: nn.Module, *, bf16: bool, micro_batch: int, seq_len: int,
-          group=None) -> Trainer:
-    """Wrap `model` (fp32, already on every rank with the same weights) as `system` trains it."""
+          group=None, extra_config: dict | None = None) -> Trainer:
+    """Wrap `model` (fp32, already on every rank with the same weights) as `system` trains it.
+    `extra_config` is merged into the config of ztune (its `initialize` config) and DeepSpeed (its JSON);
+    DDP, ZeroRedundancyOptimizer and FSDP2 take none (ValueError)."""
+    if extra_config and system.family not in ("deepspeed", "ztune", "ztune-gloo"):
+        raise ValueError(f"{system.name}: extra_config is only for ztune and DeepSpeed, got {extra_config}")
     if system.family in ("ddp", "zero_redundancy"):
         return build_ddp(model, system=system, bf16=bf16, group=group)
     if system.family == "fsdp2":
         return build_fsdp2(model, system=system, bf16=bf16, group=group)
     if system.family == "deepspeed":
-        return build_deepspeed(model, system=system, bf16=bf16, micro_batch=micro_batch, group=group)
+        return build_deepspeed(model, system=system, bf16=bf16, micro_batch=micro_batch, group=group,
+                               extra_config=extra_config)
     if system.family in ("ztune", "ztune-gloo"):
         return build_ztune(model, system=system, bf16=bf16, micro_batch=micro_batch, seq_len=seq_len,
-                           group=group)
+                           group=group, extra_config=extra_config)
     raise ValueError(f"unknown system family {system.family!r}")

@@ -2,6 +2,12 @@
 
 Each benchmark script is standalone (`python benchmarks/bench_X.py`) and writes docs/bench/<name>.md; this
 script runs them in sequence and concatenates the sections under one header with the machine and date.
+
+    python benchmarks/run_all.py [--cluster] [NAME ...]
+
+NAMEs (script stems, e.g. bench_cluster) run only those. The cluster-in-a-box benchmark (bench_cluster.py:
+network namespaces, needs root) runs only with --cluster or by name (`make bench-cluster`); the section it
+wrote last is assembled either way.
 """
 
 from __future__ import annotations
@@ -39,15 +45,36 @@ def machine_line() -> str:
 # benchmark's own default is DESIGN.md's 200 steps (about 20 minutes here, int8/1-bit coding being slow on
 # CPU); run it alone for the full figure.
 SCRIPT_ARGS = {"bench_compression.py": ["--steps", "60"]}
+# Modules the benchmarks import, not benchmarks themselves.
+LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
+
+
+# Scripts that `make bench` runs only when asked (--cluster, or by name): they need root.
+OPT_IN = {"--cluster": "bench_cluster"}
+
+
+def select_scripts(argv: list[str]) -> list[Path]:
+    """The benchmark scripts `argv` asks for (see the module docstring). ValueError on an unknown option."""
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - set(OPT_IN)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(OPT_IN)}")
+    only = {a for a in argv if not a.startswith("--")}
+    opted_in = {OPT_IN[f] for f in flags} | only
+    # Every script here but this one, the libraries and the GPU check (`make gpu-check`: needs a CUDA GPU,
+    # writes its own report; docs/gpu-check.md).
+    return sorted(p for p in BENCH_DIR.glob("*.py")
+                  if p.name not in {"run_all.py", "peers.py"} | LIBRARIES and not p.name.startswith("gpu_check")
+                  and (not only or p.stem in only)
+                  and (p.stem not in OPT_IN.values() or p.stem in opted_in))
 
 
 def main(argv: list[str]) -> int:
-    only = set(argv)
-    # Every script here but this one, peers.py (a library of the runtime-vs-peers benchmark) and the GPU check
-    # (`make gpu-check`: needs a CUDA GPU, writes its own report; docs/gpu-check.md).
-    scripts = sorted(p for p in BENCH_DIR.glob("*.py")
-                     if p.name not in {"run_all.py", "peers.py"} and not p.name.startswith("gpu_check")
-                     and (not only or p.stem in only))
+    try:
+        scripts = select_scripts(argv)
+    except ValueError as exc:
+        print(f"run_all.py: {exc}", file=sys.stderr)
+        return 2
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)

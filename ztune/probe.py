@@ -291,8 +291,10 @@ def _free_port() -> int:
 
 
 def _collective_worker(rank: int, world_size: int, port: int, backend: str, sizes: Sequence[int],
-                       target_s: float, threads: int, queue) -> None:
-    """One rank: time back-to-back all_reduces per size; rank 0 reports the slowest rank's time."""
+                       target_s: float, threads: int, queue, *, addr: str = "127.0.0.1", report_rank: int = 0,
+                       shared_memory: bool = True) -> None:
+    """One rank: time back-to-back all_reduces per size; rank `report_rank` reports the slowest rank's time.
+    `addr`:`port` is rank 0's rendezvous; `shared_memory` lets CPU ranks use runtime/comm/shm.py."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
@@ -304,12 +306,12 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
             bound = {"device_id": device}  # binds the communicator to this GPU (barrier needs to know it)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                 world_size=world_size, **bound)
         sync = (lambda: torch.cuda.synchronize(device)) if backend == "nccl" else (lambda: None)
         # CPU ranks on one host: measure what the runtime will use for its buffers (runtime/comm/shm.py).
         shm = None
-        if backend == "gloo":
+        if backend == "gloo" and shared_memory:
             from ztune.runtime.comm.shm import SharedMemoryTransport
 
             shm = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
@@ -343,7 +345,7 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             times.append(slowest.item())
         dist.destroy_process_group()
-        if rank == 0:
+        if rank == report_rank:
             queue.put(("ok", {"times": times, "transport": transport}))
     except BaseException as exc:  # reported to the parent, which decides; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
@@ -412,6 +414,9 @@ class Measurements:
     flops: FlopRates
     collective: CollectiveResult | None
     host_device: HostDeviceBandwidth | None
+    # gloo all_reduce between this host and another, one process on each (ztune.probe_link); None: a
+    # single-host probe, which measures no inter-host link.
+    inter_node: CollectiveResult | None = None
 
 
 def inter_node_link(gbps: float | None, *, ranks: int) -> tuple[float, float]:
@@ -440,7 +445,13 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         intra_bw, intra_latency = m.collective.fit.busbw_bytes_per_s, m.collective.fit.latency_s
     else:  # one rank: no intra-node collective ever runs; keep the fields positive and harmless
         intra_bw, intra_latency = host_device, SINGLE_RANK_LATENCY_S
-    inter_bw, inter_latency = inter_node_link(inter_node_gbps, ranks=m.ranks)
+    if m.inter_node is not None:
+        # One process per host moves a 2-rank all_reduce: busbw = bytes / time = one direction of the link,
+        # the node's whole NIC, shared by its ranks as the profile's per-GPU figure is (specs.Hardware).
+        inter_bw = m.inter_node.fit.busbw_bytes_per_s / m.ranks
+        inter_latency = m.inter_node.fit.latency_s
+    else:
+        inter_bw, inter_latency = inter_node_link(inter_node_gbps, ranks=m.ranks)
     gpu_names = sorted({g.name for g in m.gpus.gpus[: m.ranks]}) if on_gpu else []
     what = f"{m.ranks}x {' / '.join(gpu_names)}" if on_gpu else f"{m.ranks} CPU ranks on {m.host.cpu_cores} cores"
     return Hardware(
@@ -466,8 +477,8 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
     on_gpu = m.host_device is not None
     gbps = DEFAULT_INTER_NODE_GBPS if inter_node_gbps is None else inter_node_gbps
     given = "--inter-node-gbps" if inter_node_gbps is not None else "default, pass --inter-node-gbps"
-    inter = (f"assumed: one host cannot measure it; {gbps:g} Gbit/s per node ({given}) x {NIC_EFFICIENCY:.0%} "
-             f"achievable / {m.ranks} ranks")
+    inter = (f"assumed: this single-host probe measured no inter-host link; {gbps:g} Gbit/s per node ({given}) x "
+             f"{NIC_EFFICIENCY:.0%} achievable / {m.ranks} ranks")
     c = m.collective
     f = m.flops
     notes = {
@@ -487,6 +498,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         "train_flops_efficiency": "assumed: 0 = the cost model's generic fraction of the peak above; "
         "`ztune autotune` calibrates it from trials",
     }
+    if m.inter_node is not None:
+        link = m.inter_node
+        notes["inter_node_bw_bytes_per_s"] = (f"measured: {link.transport} all_reduce busbw "
+                                              f"{link.fit.busbw_bytes_per_s * 8 / 1e9:.3g} Gbit/s, one process per "
+                                              f"host, {len(link.sizes_bytes)} sizes, / {m.ranks} ranks")
+        notes["inter_node_latency_s"] = f"measured: alpha per ring step between the hosts ({link.fit.latency_from})"
     if c is not None:
         notes["intra_node_bw_bytes_per_s"] = (f"measured: {c.transport or c.backend} all_reduce busbw, "
                                               f"{c.world_size} ranks, "
@@ -547,10 +564,12 @@ def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
     return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5, 5.0)
 
 
-def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None
-                ) -> Measurements:
+def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None,
+                inter_node_master: tuple[str, int] | None = None, node_rank: int = 0) -> Measurements:
     """Read the host, then measure memory, matmul, collectives and (with CUDA) host<->device copies.
-    `on_step(label)` is called before each measurement (the CLI drives a progress bar with it)."""
+    `on_step(label)` is called before each measurement (the CLI drives a progress bar with it). With
+    `inter_node_master` (host, port), first the link to another host running the same probe as the other
+    `node_rank` (ztune.probe_link)."""
     from ztune.errors import UserError
 
     on_step("reading GPUs (NVML) and host (psutil)")
@@ -571,6 +590,15 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         gpus = GpuScan(tuple(GpuInfo(i, p.name, p.total_memory) for i, p in enumerate(props)),
                        f"{available} CUDA GPU(s) (NVML unavailable)")
     plan = plan_for(quick=quick, on_gpu=on_gpu)
+    inter_node = None
+    if inter_node_master is not None:
+        from ztune.probe_link import measure_inter_node_link
+
+        on_step(f"gloo all_reduce with {inter_node_master[0]}:{inter_node_master[1]}, node {node_rank} of 2, "
+                f"{len(plan.collective_sizes)} sizes")
+        inter_node = measure_inter_node_link(master_addr=inter_node_master[0], master_port=inter_node_master[1],
+                                             node_rank=node_rank, sizes=plan.collective_sizes,
+                                             target_s=plan.collective_target_s)
     threads_per_rank = 1 if on_gpu else max(1, host.cpu_cores // ranks)
 
     on_step(f"host memory bandwidth ({plan.memory_bytes >> 20} MiB arrays)")
@@ -596,4 +624,4 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
     if on_gpu:
         on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")
         host_device = measure_host_device_bandwidth(size_bytes=plan.host_device_bytes, repeats=plan.repeats)
-    return Measurements(host, gpus, ranks, memory, flops, collective, host_device)
+    return Measurements(host, gpus, ranks, memory, flops, collective, host_device, inter_node)

@@ -40,13 +40,14 @@ def test_json_keys(probed):
     d, out = probed
     data = json.loads(out.stdout)
     assert set(data) == {"output", "profile", "provenance", "host", "gpus", "measured"}
-    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device"}
+    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device", "inter_node"}
+    assert data["measured"]["inter_node"] is None  # a single-host probe measures no inter-host link
     coll = data["measured"]["collective"]
     # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).
     assert coll["backend"] == "gloo" and coll["transport"] == "gloo + shared memory" and coll["world_size"] == 2
     assert len(coll["times_s"]) == len(coll["sizes_bytes"])
     assert data["profile"]["intra_node_bw_bytes_per_s"] == pytest.approx(coll["fit"]["busbw_bytes_per_s"])
-    assert data["provenance"]["inter_node_bw_bytes_per_s"].startswith("assumed:")
+    assert data["provenance"]["inter_node_bw_bytes_per_s"].startswith("assumed: this single-host probe measured no")
     assert data["provenance"]["intra_node_bw_bytes_per_s"].startswith("measured:")
 
 
@@ -75,12 +76,15 @@ def test_table_says_what_was_measured_and_what_assumed(monkeypatch, tmp_path):
     monkeypatch.setattr(console_mod, "console", recorder)
     _render(m, hw, probe.field_notes(m), tmp_path / "x.yaml")
     text = recorder.export_text()
-    assert "measured" in text and "assumed" in text and "cannot be measured on one host" in text
+    assert "measured" in text and "assumed" in text and "single-host probe measured no inter-host link" in text
     assert "1.049" in text  # 1 MiB all_reduce in 1 ms over 2 ranks: busbw = 2(2-1)/2 x 2**20 B / 1 ms
 
 
 @pytest.mark.parametrize("args", [["--ranks", "0"], ["--inter-node-gbps", "-1"], ["--output", "nodir/x.yaml"],
-                                  ["--output", "x.txt"]])
+                                  ["--output", "x.txt"], ["--node-rank", "1"], ["--inter-node-master", "h0"],
+                                  ["--inter-node-master", "h0:x", "--node-rank", "0"],
+                                  ["--inter-node-master", "h0", "--node-rank", "2"],
+                                  ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"]])
 def test_bad_flags_exit_2_before_measuring(tmp_path, args):
     out = run(*args, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("error:")

@@ -1,5 +1,6 @@
-"""Fixtures for end-to-end tests: a two-host cluster of network namespaces with real sshd servers, and the
-stray-process check that runs after every test here (autotune and launch alike)."""
+"""Fixtures for end-to-end tests: a two-host cluster of network namespaces with real sshd servers, the
+cluster in a box (benchmarks/cluster_box.py: hosts with their own /dev/shm and hostname behind shaped
+links), and the stray-process check that runs after every test here (autotune and launch alike)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import uuid
 
 import pytest
 
+from benchmarks import cluster_box
 from tests.e2e.netns import Cluster, why_unavailable
 from tests.e2e.strays import MARKER_ENV, wait_none_marked
 
@@ -22,6 +24,16 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def box():
+    """A 2-host cluster in a box, links shaped to 1 Gbit/s; torn down after the test, also on failure."""
+    reason = cluster_box.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"cluster-in-a-box tests skipped: {reason}")
+    with cluster_box.ClusterBox(num_hosts=2, rate_mbit=1000) as b:
+        yield b
 
 
 @pytest.fixture(autouse=True)

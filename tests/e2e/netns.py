@@ -8,7 +8,8 @@ The root namespace gets `blackhole 10.77.0.0/24`, so no test packet can leave th
 interfaces. Names resolve through /etc/netns/<ns>/hosts (which `ip netns exec` bind-mounts over /etc/hosts):
 in the launcher namespace node1 -> 10.77.0.11; on every host its own name *and* the machine's hostname resolve
 to 127.0.0.1, the case that breaks gloo without GLOO_SOCKET_IFNAME. Everything is torn down by `close()`,
-which kills every process still inside the namespaces.
+which kills every process still inside the namespaces. The bridge, veth and blackhole plumbing is
+benchmarks/netns.py's, shared with the cluster in a box (benchmarks/cluster_box.py).
 """
 
 from __future__ import annotations
@@ -16,36 +17,28 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import netns as net
+from benchmarks.netns import alive as _alive
+
 SUBNET = "10.77.0.0/24"
 CTL_ADDR = "10.77.0.1"
 UNREACHABLE_ADDR = "10.77.0.99"  # in the subnet, but nothing answers ARP there
-
-
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+_run = net.run
 
 
 def why_unavailable() -> str | None:
     """None if this machine can build the cluster, else the reason (for a skip message)."""
-    if os.geteuid() != 0:
-        return "network-namespace tests need root (ip netns add)"
-    for tool in ("ip", "ssh", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt-get install iproute2 openssh-client)"
+    reason = net.why_unavailable(("ssh", "ssh-keygen"))
+    if reason is not None:
+        return reason if "not installed" not in reason else f"{reason} (apt-get install iproute2 openssh-client)"
     if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
         return "sshd not installed (apt-get install openssh-server)"
-    probe = f"ztprobe{os.getpid()}"
-    res = _run("ip", "netns", "add", probe, check=False)
-    if res.returncode != 0:
-        return f"cannot create network namespaces: {res.stderr.strip()}"
-    _run("ip", "netns", "del", probe, check=False)
     return None
 
 
@@ -59,7 +52,7 @@ class Cluster:
     hostnames: list[str] = field(default_factory=list)
     sshd: list[subprocess.Popen] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
-    added_blackhole: bool = False
+    network: net.Network | None = None
 
     @property
     def ctl(self) -> str:
@@ -78,32 +71,16 @@ class Cluster:
     # ------------------------------------------------------------------ build
     def start(self) -> Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
-        routes = _run("ip", "route", "show", "type", "blackhole").stdout
-        if SUBNET not in routes:
-            _run("ip", "route", "add", "blackhole", SUBNET)
-            self.added_blackhole = True
-        sw = f"{self.prefix}sw"
-        self._add_ns(sw)
-        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        self.network = net.Network(prefix=self.prefix, subnet=SUBNET)
+        self.network.start()
         self.hostnames = [f"node{i + 1}" for i in range(self.num_hosts)]
         members = [(self.ctl, CTL_ADDR)] + [(self.host_ns(i), self.host_addr(i)) for i in range(self.num_hosts)]
         for k, (ns, addr) in enumerate(members):
-            self._add_ns(ns)
-            inner, outer = f"{self.prefix}i{k}", f"{self.prefix}o{k}"
-            _run("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", sw)
-            _run("ip", "-n", sw, "link", "set", outer, "master", "br0", "up")
-            _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
-            _run("ip", "-n", ns, "link", "set", inner, "up")
+            self.network.add_member(ns, addr, k)
+        self.namespaces = list(self.network.namespaces)
         self._write_hosts_files()
         self._keys_and_sshd()
         return self
-
-    def _add_ns(self, ns: str) -> None:
-        _run("ip", "netns", "del", ns, check=False)  # a leftover of a killed earlier run with our pid
-        _run("ip", "netns", "add", ns)
-        self.namespaces.append(ns)
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
 
     def _write_hosts_files(self) -> None:
         me = socket.gethostname()
@@ -117,9 +94,7 @@ class Cluster:
 
     @staticmethod
     def _etc(ns: str, hosts_text: str) -> None:
-        d = Path("/etc/netns") / ns
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "hosts").write_text(hosts_text)
+        net.Network.write_etc(ns, "hosts", hosts_text)
 
     def _keys_and_sshd(self) -> None:
         key = self.root / "id_ed25519"
@@ -170,8 +145,7 @@ class Cluster:
         return subprocess.run(self.ctl_argv(argv), capture_output=True, text=True, check=check, timeout=timeout_s)
 
     def ns_pids(self, ns: str) -> set[int]:
-        out = _run("ip", "netns", "pids", ns, check=False).stdout
-        return {int(p) for p in out.split()}
+        return net.ns_pids(ns)
 
     def stray_pids(self) -> dict[str, set[int]]:
         """Processes in the launcher and host namespaces other than the sshd listeners: after a clean
@@ -189,23 +163,8 @@ class Cluster:
         for p in self.sshd:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
-        for ns in self.namespaces:
-            for pid in self.ns_pids(ns):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        if self.network is not None:
+            self.network.close()  # kills what is left in the namespaces, deletes them and the blackhole
         for p in self.sshd:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
-        for ns in self.namespaces:
-            _run("ip", "netns", "del", ns, check=False)
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-        if self.added_blackhole and not any(n.startswith("zt") for n in _run("ip", "netns", "list").stdout.split()):
-            _run("ip", "route", "del", "blackhole", SUBNET, check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

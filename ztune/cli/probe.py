@@ -89,6 +89,9 @@ def _summary(m: Any, hw: Any, notes: dict[str, str], output: Path) -> dict:
                 "busbw_bytes_per_s": [c.busbw_bytes_per_s(i) for i in range(len(c.times_s))],
                 "fit": dataclasses.asdict(c.fit)},
             "host_device": None if m.host_device is None else dataclasses.asdict(m.host_device),
+            "inter_node": None if m.inter_node is None else {
+                "transport": m.inter_node.transport, "sizes_bytes": list(m.inter_node.sizes_bytes),
+                "times_s": list(m.inter_node.times_s), "fit": dataclasses.asdict(m.inter_node.fit)},
         },
     }
 
@@ -115,8 +118,14 @@ def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
                             ["size", "time us", "busbw GB/s"], coll, justify_right=["size", "time us", "busbw GB/s"]))
     console.print(f"memory: copy {m.memory.copy_bytes_per_s / 1e9:.2f} GB/s, triad "
                   f"{m.memory.triad_bytes_per_s / 1e9:.2f} GB/s (STREAM convention, {m.memory.threads} threads)")
-    console.print("[yellow]inter-node numbers cannot be measured on one host[/]: they are assumed "
-                  "(see the table); pass --inter-node-gbps with the node's NIC line rate to set them.")
+    if m.inter_node is None:
+        console.print("[yellow]this single-host probe measured no inter-host link[/]: its numbers are assumed "
+                      "(see the table); pass --inter-node-gbps with the node's NIC line rate, or run "
+                      "`ztune probe --inter-node-master HOST --node-rank 0|1` on two hosts to measure it.")
+    else:
+        link = m.inter_node.fit
+        console.print(f"inter-host link (gloo, one process per host): {link.busbw_bytes_per_s * 8 / 1e9:.3f} "
+                      f"Gbit/s, {link.latency_s * 1e6:,.1f} us per ring step")
     console.print(f"wrote {output}; use it with: ztune estimate --hardware {output} --model <model>")
 
 
@@ -130,6 +139,11 @@ def probe(
     inter_node_gbps: Annotated[float | None, typer.Option("--inter-node-gbps", help="NIC line rate per node "
                                                           "in Gbit/s (not measurable on one host; default 10).")
                                ] = None,
+    inter_node_master: Annotated[str | None, typer.Option(
+        "--inter-node-master", help="HOST[:PORT] of node 0: measure the link between this host and another "
+        "that runs the same command with the other --node-rank.")] = None,
+    node_rank: Annotated[int | None, typer.Option("--node-rank", help="0 on HOST of --inter-node-master, 1 on "
+                                                  "the other host.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Measure this host (GPUs, memory, matmul FLOP/s, collectives, host<->device copies) and write a
@@ -141,6 +155,17 @@ def probe(
         raise UserError(f"--ranks must be >= 1, got {ranks}")
     if inter_node_gbps is not None and not inter_node_gbps > 0:
         raise UserError(f"--inter-node-gbps must be a positive line rate in Gbit/s, got {inter_node_gbps}")
+    master = None
+    if inter_node_master is not None or node_rank is not None:
+        from ztune.probe_link import parse_master
+
+        if inter_node_master is None or node_rank is None:
+            raise UserError("--inter-node-master and --node-rank go together: give both, on both hosts")
+        if inter_node_gbps is not None:
+            raise UserError("--inter-node-gbps assumes the link that --inter-node-master measures; give one of them")
+        if node_rank not in (0, 1):
+            raise UserError(f"--node-rank {node_rank}: the inter-node probe joins two hosts, 0 and 1")
+        master = parse_master(inter_node_master)
     output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)
 
@@ -151,7 +176,7 @@ def probe(
                   transient=True) as progress:
         task = progress.add_task("probing", total=None)
         try:
-            m = lib.measure_all(quick=quick, ranks=ranks,
+            m = lib.measure_all(quick=quick, ranks=ranks, inter_node_master=master, node_rank=node_rank or 0,
                                 on_step=lambda label: progress.update(task, description=label))
         except lib.ProbeFailed as exc:
             error(str(exc))

@@ -1,0 +1,206 @@
+"""One rank of a cluster-in-a-box run (benchmarks/bench_cluster.py, tests/e2e/test_cluster_box.py).
+
+    torchrun --nnodes 2 --node-rank K --nproc-per-node 2 --master-addr ADDR benchmarks/cluster_worker.py \
+        --model tiny-llama --precision bf16 --out result.json
+
+Every rank builds each variant in turn (VARIANTS: the same seeded model and synthetic corpus for each),
+trains `--warmup` steps, then times `--steps` steps. Around the timed steps (between barriers) local rank 0
+of every host reads the kernel's byte counters of the host's network interfaces other than `lo`
+(/sys/class/net/*/statistics/tx_bytes): in the box that is the host's veth, so the difference is what the
+host sent to the other hosts, IP/TCP headers and the few bytes of the barriers included, measured
+outside ztune's own accounting. Rank 0 writes the JSON result.
+
+Adding a variant is one line in VARIANTS: a name, a peers.py family ("ztune", "ddp", "deepspeed"), a
+ZeRO stage, and a config dict merged into that system's config, e.g. for features on other branches
+    Variant("ztune hierarchical, stage 3", "ztune", 3, {"comm": {"hierarchical": True}}),
+    Variant("ztune ZeRO++ (qwZ+hpZ+qgZ)", "ztune", 3, {"zero": {"zero_quantized_weights": True, ...}}),
+A variant that fails to build or to step is reported as failed with its error, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration to run: peers.py's `family` and `stage`, plus `config` merged into its config."""
+
+    name: str
+    family: str
+    stage: int
+    config: dict = field(default_factory=dict)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("ztune flat, stage 1", "ztune", 1),
+    Variant("ztune flat, stage 2", "ztune", 2),
+    Variant("ztune flat, stage 3", "ztune", 3),
+    Variant("DDP", "ddp", 0),
+    Variant("DeepSpeed ZeRO-1", "deepspeed", 1),
+    Variant("DeepSpeed ZeRO-2", "deepspeed", 2),
+    Variant("DeepSpeed ZeRO-3", "deepspeed", 3),
+)
+# A small Llama for tests: seconds per step on one core, still every kind of layer.
+TEST_SHAPE = dict(name="box-test-llama", architecture="llama", vocab_size=128, hidden_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
+
+
+def model_spec(name: str):
+    from ztune.specs import Architecture, ModelSpec
+
+    if name == TEST_SHAPE["name"]:
+        return ModelSpec(**{**TEST_SHAPE, "architecture": Architecture(TEST_SHAPE["architecture"])})
+    from ztune.profiles import load_model
+
+    return load_model(name)
+
+
+def nic_tx_bytes() -> int:
+    """Bytes sent so far on every interface of this network namespace but `lo`."""
+    total = 0
+    for dev in Path("/sys/class/net").iterdir():
+        if dev.name != "lo":
+            total += int((dev / "statistics" / "tx_bytes").read_text())
+    return total
+
+
+def host_separation(dist, layout) -> dict:
+    """Whether runtime/comm/shm.py finds shared memory across the whole job (it must not when the job spans
+    hosts) and among the ranks of the first host (it must). Only the first host is asked:
+    `SharedMemoryTransport.connect` broadcasts from global rank 0, so it serves groups holding rank 0."""
+    from ztune.runtime.comm.shm import SharedMemoryTransport
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    whole = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world) is not None
+    first_host = None
+    if layout.multi_node and layout.ranks_per_node > 1:
+        group = dist.new_group(layout.intra_node_ranks(0))  # every rank takes part in creating it
+        if layout.node_of(rank) == 0:
+            first_host = SharedMemoryTransport.connect(group=group, rank=rank,
+                                                       world_size=layout.ranks_per_node) is not None
+    flags: list = [None] * world
+    dist.all_gather_object(flags, first_host)
+    return {"whole_job": whole, "first_host": flags[0]}
+
+
+def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
+    import peers
+    import torch
+
+    from ztune.runtime.models import build_model
+
+    rank = dist.get_rank()
+    rec = {"name": variant.name, "family": variant.family, "stage": variant.stage, "config": variant.config,
+           "error": None, "losses": [], "times_s": [], "tx_bytes": None}
+    counters_here = layout.local_rank_of(rank) == 0
+    try:
+        system = peers.System(variant.name, variant.family, variant.stage)
+        model = build_model(spec, dtype=torch.float32, seed=SEED)
+        trainer = peers.build(system, model, bf16=args.precision == "bf16", micro_batch=args.micro_batch,
+                              seq_len=args.seq_len, extra_config=variant.config or None)
+        if variant.family == "ztune":  # did the engine move its buffers through shared memory?
+            rec["engine_shared_memory"] = getattr(trainer.owner.comm, "shm", None) is not None
+        for step in range(args.warmup):
+            rec["losses"].append(trainer.step(data[step]))
+        dist.barrier()
+        before = nic_tx_bytes() if counters_here else 0
+        for step in range(args.warmup, args.warmup + args.steps):
+            start = time.perf_counter()
+            rec["losses"].append(trainer.step(data[step]))
+            rec["times_s"].append(time.perf_counter() - start)
+        dist.barrier()
+        sent = nic_tx_bytes() - before if counters_here else 0
+        del trainer
+    except Exception as exc:  # reported in the table; one broken variant must not hide the others
+        rec["error"] = f"{exc.__class__.__name__}: {exc}"[:300]
+        sent = 0
+    # Every rank gets here (a failing rank too), so the gathers below line up; a rank stuck inside a
+    # collective is caught by the harness's timeout instead.
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"times": rec["times_s"], "losses": rec["losses"], "error": rec["error"],
+                                      "sent": sent})
+    errors = [g["error"] for g in gathered if g["error"]]
+    rec["error"] = errors[0] if errors else None
+    if rec["error"] is None:
+        rec["times_s"] = [max(col) for col in zip(*(g["times"] for g in gathered), strict=True)]
+        rec["median_ms"] = statistics.median(rec["times_s"]) * 1e3
+        rec["tx_bytes"] = sum(g["sent"] for g in gathered)
+        rec["tx_bytes_per_step"] = rec["tx_bytes"] / args.steps
+        rec["losses_by_rank"] = [g["losses"] for g in gathered]
+    return rec
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variant", action="append", default=None,
+                        help="a VARIANTS name to run (repeat for several; default: all)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    names = [v.name for v in VARIANTS]
+    wanted = args.variant or names
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        print(f"unknown variant(s) {unknown}; known: {names}", file=sys.stderr)
+        return 2
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+
+    from ztune.runtime.comm.topology import layout_from_env
+    from ztune.runtime.data import batches, synthetic_corpus
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=dt.timedelta(seconds=300))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        layout = layout_from_env(world_size=world)
+        separation = host_separation(dist, layout)
+        spec = model_spec(args.model)
+        total = args.warmup + args.steps
+        corpus = synthetic_corpus(vocab_size=spec.vocab_size, num_tokens=(total + 1) * args.micro_batch * world *
+                                  args.seq_len, seed=SEED)
+        data = list(batches(corpus, batch_size=args.micro_batch, seq_len=args.seq_len, rank=rank, world_size=world,
+                            seed=SEED, steps=total))
+        records = []
+        for variant in VARIANTS:
+            if variant.name in wanted:
+                records.append(run_variant(variant, args=args, spec=spec, data=data, layout=layout, dist=dist))
+                if rank == 0:
+                    r = records[-1]
+                    print(f"[box] {r['name']}: {r.get('median_ms') or 0:.0f} ms/step, "
+                          f"{(r.get('tx_bytes_per_step') or 0) / 2**20:.1f} MiB/step across hosts "
+                          f"{r['error'] or ''}", flush=True)
+        if rank == 0:
+            result = {"world_size": world, "ranks_per_node": layout.ranks_per_node, "num_nodes": layout.num_nodes,
+                      "model": spec.name, "precision": args.precision, "micro_batch": args.micro_batch,
+                      "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
+                      "shared_memory": separation, "variants": records}
+            args.out.write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py sits next to this script
+    sys.exit(main(sys.argv[1:]))

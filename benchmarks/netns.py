@@ -1,0 +1,142 @@
+"""Network namespaces wired through a bridge: the plumbing shared by the launch tests' ssh cluster
+(tests/e2e/netns.py) and the cluster in a box (benchmarks/cluster_box.py).
+
+    <prefix>sw      : the "switch", a namespace holding bridge br0 with one veth port per member
+    <member ns>     : any namespace added with `add_member`, its end of the veth addressed in `subnet`
+
+The root namespace gets `ip route add blackhole <subnet>`, so a packet for the test subnet can never leave
+through the machine's real interfaces (it is removed again once no namespace named zt* is left, as other
+ztune test clusters may share it). `close()` kills every process still inside the namespaces, deletes them
+(which deletes their veths and qdiscs with them) and their /etc/netns files; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Every namespace a ztune test or benchmark creates starts with this, so that leftovers are easy to find.
+FAMILY_PREFIX = "zt"
+
+
+def run(*argv: str, check: bool = True, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=timeout_s)
+
+
+def why_unavailable(tools: tuple[str, ...] = ("ip",)) -> str | None:
+    """None if this machine can build namespaces (root, iproute2 and `tools` present), else the reason."""
+    if os.geteuid() != 0:
+        return "network-namespace tests need root (ip netns add)"
+    for tool in ("ip", *tools):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    probe = f"{FAMILY_PREFIX}probe{os.getpid()}"
+    res = run("ip", "netns", "add", probe, check=False)
+    if res.returncode != 0:
+        return f"cannot create network namespaces: {res.stderr.strip()}"
+    run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def alive(pid: int) -> bool:
+    """True for a live process (zombies count as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ns_pids(ns: str) -> set[int]:
+    """Pids of the processes inside network namespace `ns` (empty when it does not exist)."""
+    out = run("ip", "netns", "pids", ns, check=False).stdout
+    return {int(p) for p in out.split()}
+
+
+def family_namespaces() -> list[str]:
+    """Every network namespace whose name starts with FAMILY_PREFIX (ours or another ztune test's)."""
+    return [n for n in run("ip", "netns", "list").stdout.split() if n.startswith(FAMILY_PREFIX)]
+
+
+@dataclass
+class Network:
+    """A bridge namespace and member namespaces on `subnet` (an IPv4 /24 such as "10.77.0.0/24").
+
+    `prefix` must start with FAMILY_PREFIX and be unique per live network (it names every namespace and
+    veth; veth names are at most 15 characters, so keep it under 10)."""
+
+    prefix: str
+    subnet: str
+    namespaces: list[str] = field(default_factory=list)
+    added_blackhole: bool = False
+
+    @property
+    def switch(self) -> str:
+        return f"{self.prefix}sw"
+
+    def addr(self, last_octet: int) -> str:
+        return self.subnet.rsplit(".", 1)[0] + f".{last_octet}"
+
+    def start(self) -> None:
+        """The blackhole route and the switch namespace with its bridge."""
+        if not self.prefix.startswith(FAMILY_PREFIX):
+            raise ValueError(f"namespace prefix {self.prefix!r} must start with {FAMILY_PREFIX!r}")
+        if self.subnet not in run("ip", "route", "show", "type", "blackhole").stdout:
+            run("ip", "route", "add", "blackhole", self.subnet)
+            self.added_blackhole = True
+        self.add_namespace(self.switch)
+        run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", self.switch, "link", "set", "br0", "up")
+
+    def add_namespace(self, ns: str) -> None:
+        run("ip", "netns", "del", ns, check=False)  # a leftover of a killed earlier run with our pid
+        run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def add_member(self, ns: str, addr: str, index: int) -> tuple[str, str]:
+        """A new namespace `ns` whose veth (`<prefix>i<index>`, addressed `addr`/24) is plugged into the
+        bridge through port `<prefix>o<index>` in the switch namespace. Returns (inner, port) names."""
+        self.add_namespace(ns)
+        inner, port = f"{self.prefix}i{index}", f"{self.prefix}o{index}"
+        run("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", "name", port, "netns", self.switch)
+        run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+        run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", inner)
+        run("ip", "-n", ns, "link", "set", inner, "up")
+        return inner, port
+
+    @staticmethod
+    def write_etc(ns: str, name: str, text: str) -> None:
+        """/etc/netns/<ns>/<name>: `ip netns exec` bind-mounts it over /etc/<name> (e.g. hosts)."""
+        d = Path("/etc/netns") / ns
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+
+    def kill_all(self, *, wait_s: float = 5.0) -> None:
+        """SIGKILL every process inside any of the namespaces, and wait (bounded) until they are gone."""
+        pids: set[int] = set()
+        for ns in self.namespaces:
+            pids |= ns_pids(ns)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Kill, delete the namespaces and their files, drop the blackhole if no ztune namespace is left."""
+        self.kill_all()
+        for ns in self.namespaces:
+            run("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        self.namespaces = []
+        if self.added_blackhole and not family_namespaces():
+            run("ip", "route", "del", "blackhole", self.subnet, check=False)
+            self.added_blackhole = False

@@ -1,0 +1,37 @@
+"""Parsing of `ztune probe --inter-node-master` and the profile built from a measured inter-host link."""
+
+from __future__ import annotations
+
+import pytest
+
+from ztune import probe
+from ztune.errors import UserError
+from ztune.probe_link import DEFAULT_PORT, TRANSPORT, parse_master
+
+
+def test_parse_master():
+    assert parse_master("10.0.0.1") == ("10.0.0.1", DEFAULT_PORT)
+    assert parse_master("node0:1234") == ("node0", 1234)
+    for bad in ("node0:", ":1234", "node0:x", "node0:70000"):
+        with pytest.raises(UserError, match="--inter-node-master"):
+            parse_master(bad)
+
+
+def test_measured_link_replaces_the_assumption():
+    host = probe.HostInfo("h", 2, 8 << 30)
+    gpus = probe.GpuScan((), "no NVIDIA GPU/driver found")
+    mem = probe.MemoryBandwidth(10e9, 12e9, 2)
+    flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
+    sizes, times = (1 << 20, 8 << 20), (0.01, 0.07)
+    link = probe.CollectiveResult("gloo", 2, sizes, times, probe.fit_alpha_beta(sizes, times, world_size=2),
+                                  transport=TRANSPORT)
+    m = probe.Measurements(host, gpus, 2, mem, flops, None, None, inter_node=link)
+    hw = probe.build_profile(m)
+    notes = probe.field_notes(m)
+    # 2-rank all_reduce busbw = bytes / time; 7 MiB more in 60 ms more; split over the host's 2 ranks.
+    assert hw.inter_node_bw_bytes_per_s == pytest.approx((7 << 20) / 0.06 / 2)
+    assert hw.inter_node_latency_s == pytest.approx(link.fit.latency_s)
+    assert notes["inter_node_bw_bytes_per_s"].startswith("measured:")
+    assert notes["inter_node_latency_s"].startswith("measured:")
+    single = probe.field_notes(probe.Measurements(host, gpus, 2, mem, flops, None, None))
+    assert single["inter_node_bw_bytes_per_s"].startswith("assumed: this single-host probe measured no")
