@@ -99,7 +99,8 @@ def predict(row: dict, mpt_shapes: dict) -> Result:
     if row["gpus"] % hw.gpus_per_node:
         raise ValueError(f"{row['id']}: {row['gpus']} GPUs is not a whole number of {hw.name} nodes")
     framework = Framework(selective_policy=row.get("selective_policy", "attention"),
-                          reduce_bytes=row.get("reduce_bytes"), loss_mode=row.get("loss", "upcast"))
+                          reduce_bytes=row.get("reduce_bytes"), loss_mode=row.get("loss", "upcast"),
+                          checkpoint_impl=row.get("checkpoint_impl", "non_reentrant"))
     est = estimate(spec, hw, _config(row), num_nodes=row["gpus"] // hw.gpus_per_node, framework=framework)
     if row.get("metric", "tokens_per_s_per_gpu") == "tflops_per_gpu":
         predicted = est.hardware_flops_per_step / est.step_time_s / 1e12
