@@ -210,6 +210,29 @@ def measure_matmul_flops(*, device: str, matrix_size: int, repeats: int, threads
                      smaller[torch.float32], smaller[torch.bfloat16])
 
 
+# `ztune autotune` on a CPU profile: the matmul size and the cap per product of `probe --quick` (plan_for).
+LOCAL_CPU_MATMUL_SIZE, LOCAL_CPU_MATMUL_MAX_PRODUCT_S, LOCAL_CPU_MATMUL_REPEATS = 1024, 0.25, 3
+
+
+def with_measured_cpu_compute(hw: Hardware, *, threads: int = 1,
+                              measure: Callable[..., FlopRates] | None = None) -> tuple[Hardware, FlopRates]:
+    """`hw` (a CPU profile: one "GPU" = one CPU rank) with its peak FLOP/s replaced by what this host's
+    cores measure now, and the measurement.
+
+    What is measured: the best of LOCAL_CPU_MATMUL_REPEATS dense N x N products (torch.mm, 2*N^3 FLOP each,
+    N = 1024 or smaller where a product would exceed 0.25 s) on `threads` torch threads, fp32 and bf16: the
+    rate the BLAS (oneDNN / MKL sgemm) reaches on one rank's cores, which a shipped profile can only guess
+    for another CPU (cpu-local.yaml's figures are a different machine's). The cost model then applies the
+    profile's train_flops_efficiency (or its generic fraction) to this rate, as for any profile.
+    `measure` replaces measure_matmul_flops in tests."""
+    rates = (measure or measure_matmul_flops)(device="cpu", matrix_size=LOCAL_CPU_MATMUL_SIZE,
+                                              repeats=LOCAL_CPU_MATMUL_REPEATS, threads=threads,
+                                              max_product_s=LOCAL_CPU_MATMUL_MAX_PRODUCT_S)
+    measured = dataclasses.replace(hw, peak_flops_fp32=rates.fp32_flops_per_s,
+                                   peak_flops_bf16=rates.bf16_flops_per_s)
+    return measured, rates
+
+
 @dataclass(frozen=True)
 class HostDeviceBandwidth:
     h2d_bytes_per_s: float

@@ -27,6 +27,24 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
           "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
 
 
+def _measured_cpu_compute(hw: Any, err_console: Any) -> Any:
+    """A CPU profile with the FLOP rates this host measures now (probe.with_measured_cpu_compute) for the cost
+    model's ranking; the journal's fingerprint keeps the profile as written, so a rerun still resumes. The
+    trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so does the matmul."""
+    import os
+
+    from ztune.probe import with_measured_cpu_compute
+
+    raw = os.environ.get("OMP_NUM_THREADS", "1")
+    threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    measured, rates = with_measured_cpu_compute(hw, threads=threads)
+    err_console.print(
+        f"compute per rank, measured now ({rates.size_for('fp32')}^2 matmul, {threads} thread(s)): fp32 "
+        f"{rates.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {rates.bf16_flops_per_s / 1e9:.0f} GFLOP/s "
+        f"(profile {hw.name}: {hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f})", soft_wrap=True)
+    return measured
+
+
 def parse_size(text: str) -> int:
     """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30), from 1 byte to 1 EiB."""
     m = _SIZE_RE.match(text)
@@ -281,7 +299,8 @@ def autotune(
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
-    workload = Workload(model=spec, hardware=hw, base=base, global_batch=global_batch, seq_len=seq)
+    model_hw = _measured_cpu_compute(hw, err_console) if cpu_profile else hw
+    workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq)
     if script is not None:
         if not script.is_file():
             raise UserError(f"--script {str(script)!r} does not exist")
