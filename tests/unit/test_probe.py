@@ -196,7 +196,8 @@ def test_autotune_cpu_compute_comes_from_a_measured_matmul():
         seen.update(kwargs)
         return probe.FlopRates(50e9, 20e9, "cpu", kwargs["matrix_size"])
 
-    measured, rates = probe.with_measured_cpu_compute(cpu, threads=1, measure=fake)
+    measured, got = probe.with_measured_cpu_compute(cpu, threads=1, measure=fake)
+    assert got.train_flops_efficiency is None
     assert (measured.peak_flops_fp32, measured.peak_flops_bf16) == (50e9, 20e9)
     assert dataclasses.replace(measured, peak_flops_fp32=cpu.peak_flops_fp32,
                                peak_flops_bf16=cpu.peak_flops_bf16) == cpu
@@ -206,7 +207,24 @@ def test_autotune_cpu_compute_comes_from_a_measured_matmul():
     assert slow.step.compute_s == pytest.approx(fast.step.compute_s * cpu.peak_flops_bf16 / 20e9)
 
 
+    # With the workload: its timed training rate over the matmul rate becomes the achieved fraction.
+    trained, got = probe.with_measured_cpu_compute(cpu, threads=1, measure=fake, model=load_model("tiny-gpt"),
+                                                   seq_len=64, micro_batch=2, measure_train=lambda *a, **k: 40e9)
+    assert got.train_flops_efficiency == trained.train_flops_efficiency == pytest.approx(0.8)
+    assert dataclasses.replace(trained, train_flops_efficiency=0.0) == measured
+
+
 def test_measured_cpu_compute_is_a_real_rate():
-    measured, rates = probe.with_measured_cpu_compute(load_hardware("cpu-local"), threads=1)
-    assert measured.peak_flops_fp32 == rates.fp32_flops_per_s > 1e8  # any CPU core of this decade
-    assert rates.size_for("fp32") <= 1024
+    from ztune.cost.compute import model_flops_per_token
+    from ztune.profiles import load_model
+    from ztune.specs import count_params
+
+    spec = load_model("tiny-llama")
+    small = lambda **k: probe.measure_matmul_flops(**{**k, "matrix_size": 256, "repeats": 1})  # noqa: E731
+    measured, got = probe.with_measured_cpu_compute(load_hardware("cpu-local"), threads=1, model=spec, seq_len=32,
+                                                    micro_batch=1, measure=small)
+    assert measured.peak_flops_fp32 == got.rates.fp32_flops_per_s > 1e8  # any CPU core of this decade
+    assert 0 < measured.train_flops_efficiency == got.train_flops_efficiency <= 1
+    per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
+                                      attention_width=spec.num_heads * spec.head_size, seq_len=32)
+    assert got.train_flops_per_s > 0 and per_token > 0

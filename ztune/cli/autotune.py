@@ -27,21 +27,28 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
           "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
 
 
-def _measured_cpu_compute(hw: Any, err_console: Any) -> Any:
-    """A CPU profile with the FLOP rates this host measures now (probe.with_measured_cpu_compute) for the cost
-    model's ranking; the journal's fingerprint keeps the profile as written, so a rerun still resumes. The
-    trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so does the matmul."""
+def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int, precision: str,
+                          micro_batch: int) -> Any:
+    """A CPU profile with the compute this host measures now (probe.with_measured_cpu_compute: a timed matmul
+    for the peak, one timed training step of `model` at the middle candidate micro-batch for the achieved
+    fraction) for the cost model's ranking; the journal's fingerprint keeps the profile as written, so a
+    rerun still resumes. Trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so
+    do the measurements."""
     import os
 
     from ztune.probe import with_measured_cpu_compute
 
     raw = os.environ.get("OMP_NUM_THREADS", "1")
     threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
-    measured, rates = with_measured_cpu_compute(hw, threads=threads)
+    measured, cpu = with_measured_cpu_compute(hw, threads=threads, model=model, seq_len=seq_len,
+                                              micro_batch=micro_batch, dtype=precision)
+    r = cpu.rates
     err_console.print(
-        f"compute per rank, measured now ({rates.size_for('fp32')}^2 matmul, {threads} thread(s)): fp32 "
-        f"{rates.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {rates.bf16_flops_per_s / 1e9:.0f} GFLOP/s "
-        f"(profile {hw.name}: {hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f})", soft_wrap=True)
+        f"compute per rank, measured now ({threads} thread(s)): {r.size_for('fp32')}^2 matmul fp32 "
+        f"{r.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {r.bf16_flops_per_s / 1e9:.0f} GFLOP/s (profile {hw.name}: "
+        f"{hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f}); {model.name} training step at "
+        f"micro-batch {micro_batch} {precision}: {cpu.train_flops_per_s / 1e9:.0f} GFLOP/s = "
+        f"{cpu.train_flops_efficiency:.0%} of the matmul rate", soft_wrap=True)
     return measured
 
 
@@ -299,7 +306,12 @@ def autotune(
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
-    model_hw = _measured_cpu_compute(hw, err_console) if cpu_profile else hw
+    if cpu_profile:
+        micros = sorted({c.micro for c in candidates})
+        model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
+                                         micro_batch=micros[len(micros) // 2] if micros else 1)
+    else:
+        model_hw = hw
     workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq)
     if script is not None:
         if not script.is_file():

@@ -308,6 +308,10 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         notes.append(f"{split.description}: frozen parameters hold only the {cfg.precision.value} parameter "
                      "(sharded at stage 3), send no gradients and skip their weight-gradient FLOPs "
                      "(6 Psi_trainable + 4 Psi_frozen)")
+    if cfg.activations.checkpointing is Checkpointing.FULL:
+        notes.append("full checkpointing re-runs each block's forward in backward" + (
+            " less its last matmul (non-reentrant torch.utils.checkpoint stops early)"
+            if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
     if cfg.seq_len > model.max_seq_len:
         notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
     return Estimate(
