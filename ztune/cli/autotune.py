@@ -36,19 +36,26 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
     do the measurements."""
     import os
 
+    import psutil
+
     from ztune.probe import with_measured_cpu_compute
+    from ztune.specs import count_params
 
     raw = os.environ.get("OMP_NUM_THREADS", "1")
     threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
-    measured, cpu = with_measured_cpu_compute(hw, threads=threads, model=model, seq_len=seq_len,
-                                              micro_batch=micro_batch, dtype=precision)
+    # The timed step holds the whole model unsharded with its gradients, no optimizer: 8 bytes a parameter in
+    # fp32, 16 with headroom for activations. Where that would crowd this host's memory, time no step.
+    timed = count_params(model).total * 16 <= psutil.virtual_memory().available // 4
+    measured, cpu = with_measured_cpu_compute(hw, threads=threads, model=model if timed else None,
+                                              seq_len=seq_len, micro_batch=micro_batch, dtype=precision)
     r = cpu.rates
+    step = (f"{model.name} training step at micro-batch {micro_batch} {precision}: "
+            f"{cpu.train_flops_per_s / 1e9:.0f} GFLOP/s = {cpu.train_flops_efficiency:.0%} of the matmul rate"
+            if timed else f"{model.name} too large to time a step here: the profile's achieved fraction is kept")
     err_console.print(
         f"compute per rank, measured now ({threads} thread(s)): {r.size_for('fp32')}^2 matmul fp32 "
         f"{r.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {r.bf16_flops_per_s / 1e9:.0f} GFLOP/s (profile {hw.name}: "
-        f"{hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f}); {model.name} training step at "
-        f"micro-batch {micro_batch} {precision}: {cpu.train_flops_per_s / 1e9:.0f} GFLOP/s = "
-        f"{cpu.train_flops_efficiency:.0%} of the matmul rate", soft_wrap=True)
+        f"{hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f}); {step}", soft_wrap=True)
     return measured
 
 
