@@ -108,3 +108,19 @@ def test_estimate_runs_without_typer_or_pydantic():
     assert out.returncode == 0, out.stderr
     assert "recommended: #1 stage 3" in out.stdout
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_plain_lines_equal_rich_without_a_terminal(monkeypatch, capsys):
+    from ztune.cost.estimate import sweep
+    from ztune.profiles import load_hardware, load_model
+
+    estimates = sweep(load_model("gpt2"), load_hardware("dgx-h100"), num_nodes=1, seq_len=1024, global_batch=64)
+    lines = [estimate_run.table_segments(estimates, show_compression=False),
+             [("recommended: #1 [not markup]", "bold"), (" - why", None)], [("assumptions: a; b", "dim")]]
+    out = {}
+    for plain in (True, False):
+        monkeypatch.setattr(estimate_run, "_plain_stdout", lambda plain=plain: plain)
+        estimate_run.print_lines(lines)
+        out[plain] = capsys.readouterr().out
+    assert out[True] == out[False]
+    assert "recommended: #1 [not markup] - why\n" in out[True]

@@ -82,13 +82,14 @@ def _table_rows(estimates: list, *, show_compression: bool) -> tuple[list[str], 
 TEXT_COLUMNS = ("offload", "ckpt", "compress", "fits")  # left-justified; every other column is a number
 
 
-def render_table(estimates: list, *, show_compression: bool) -> Any:
-    """The estimate table as one rich Text, laid out as rich's Table with box.SIMPLE_HEAD, padding (0, 1),
-    no wrapping, a bold header and the title above (tests/cli/test_estimate_fast.py compares the two).
-    Composed here because rich's table layout pass measures every cell several times: for the ~30 x 18
-    cells of a sweep it cost more than the whole estimate."""
-    from rich.text import Text
+Segments = list[tuple[str, str | None]]  # (text, rich style or None), printed one after another
 
+
+def table_segments(estimates: list, *, show_compression: bool) -> Segments:
+    """The estimate table laid out as rich's Table with box.SIMPLE_HEAD, padding (0, 1), no wrapping, a bold
+    header and the title above (tests/cli/test_estimate_fast.py compares the two). Composed here because
+    rich's table layout pass measures every cell several times: for the ~30 x 18 cells of a sweep it cost
+    more than the whole estimate."""
     cols, rows = _table_rows(estimates, show_compression=show_compression)
     widths = [max([len(c)] + [len(r[j]) for r in rows]) for j, c in enumerate(cols)]
     total = sum(widths) + 3 * len(widths) + 1  # padding 1 + cell + padding 1 per column, one divider between
@@ -101,14 +102,47 @@ def render_table(estimates: list, *, show_compression: bool) -> Any:
     e = estimates[0]
     title = (f"{e.model.name} on {e.num_nodes} x {e.hardware.name} ({e.world_size} GPUs, seq {e.config.seq_len}); "
              "memory in GiB per GPU, host GiB per node, comm GiB sent per GPU per step")
-    text = Text(no_wrap=True, overflow="ignore")
-    text.append(title.ljust(total), style="table.title")
-    text.append("\n" + " " * total + "\n")
-    text.append(line(cols), style="bold")
-    text.append("\n " + "\u2500" * (total - 2) + " \n")
-    text.append("\n".join(line(r) for r in rows))
-    text.append("\n" + " " * total)
-    return text
+    return [(title.ljust(total), "table.title"), ("\n" + " " * total + "\n", None), (line(cols), "bold"),
+            ("\n " + "\u2500" * (total - 2) + " \n", None), ("\n".join(line(r) for r in rows), None),
+            ("\n" + " " * total, None)]
+
+
+def render_table(estimates: list, *, show_compression: bool) -> Any:
+    """table_segments as one rich Text (no wrapping)."""
+    from rich.text import Text
+
+    return Text.assemble(*table_segments(estimates, show_compression=show_compression), no_wrap=True,
+                         overflow="ignore")
+
+
+def _plain_stdout() -> bool:
+    """True where rich would print without styles anyway (stdout not a terminal, no FORCE_COLOR /
+    TTY_COMPATIBLE, no notebook): the lines are then written directly and rich is never imported."""
+    import os
+    import sys
+
+    if os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE") or "IPython" in sys.modules:
+        return False
+    isatty = getattr(sys.stdout, "isatty", None)
+    return isatty is not None and not isatty()
+
+
+def print_lines(lines: list[Segments]) -> None:
+    """Each line's segments, styled through the one rich console on a terminal, as plain text otherwise.
+    Text is never markup (a model path may hold brackets)."""
+    import sys
+
+    if _plain_stdout():
+        sys.stdout.write("".join("".join(text for text, _ in line) + "\n" for line in lines))
+        sys.stdout.flush()
+        return
+    from rich.text import Text
+
+    from ztune.console import console
+
+    for line in lines:
+        # soft_wrap: never squeeze or wrap (pipes and CI logs default to 80 columns)
+        console.print(Text.assemble(*line, no_wrap=True, overflow="ignore"), soft_wrap=True)
 
 
 def _split_models(model: str | None, params: str | None) -> Any:
@@ -304,20 +338,17 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
             "ignored_deepspeed_keys": list(ignored),
         })
     else:
-        from ztune.console import console
-
-        rendered = render_table(estimates, show_compression=compression)
-        # Never squeeze columns into ellipses (pipes and CI logs default to 80 columns): lines never wrap.
-        console.print(rendered, soft_wrap=True)
         head = f"recommended: #{best_index + 1} {best.label}" if best else "recommended: none"
-        console.print(f"[bold]{head}[/] - {reason}", soft_wrap=True)
+        lines: list[Segments] = [table_segments(estimates, show_compression=compression),
+                                 [(head, "bold"), (f" - {reason}", None)]]
         if params is not None:
-            console.print(f"[dim]model shape: {spec.source or 'derived from --params ' + params}[/]", soft_wrap=True)
-        console.print("[dim]assumptions: " + "; ".join(estimates[0].notes) + "[/]", soft_wrap=True)
+            lines.append([(f"model shape: {spec.source or 'derived from --params ' + params}", "dim")])
+        lines.append([("assumptions: " + "; ".join(estimates[0].notes), "dim")])
         if ignored:
-            console.print("ignored DeepSpeed keys: " + ", ".join(ignored), soft_wrap=True, markup=False)
+            lines.append([("ignored DeepSpeed keys: " + ", ".join(ignored), None)])
         if plot is not None:
-            console.print(f"wrote {plot}")
+            lines.append([(f"wrote {plot}", None)])
+        print_lines(lines)
     if check and not estimates[0].fits:
         from ztune.console import error
 
