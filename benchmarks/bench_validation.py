@@ -47,7 +47,9 @@ class Result:
 
 def load_rows(path: Path = ROWS_PATH) -> tuple[list[dict], dict]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return data["rows"], data["mpt_shapes"]
+    shapes = {name: {"architecture": "gpt2", **s} for name, s in data["mpt_shapes"].items()}
+    shapes |= {name: {"architecture": "llama", **s} for name, s in data.get("llama_shapes", {}).items()}
+    return data["rows"], shapes
 
 
 def _model(row: dict, mpt_shapes: dict):
@@ -55,6 +57,13 @@ def _model(row: dict, mpt_shapes: dict):
     from ztune.specs import Architecture, ModelSpec
 
     name = row["model"]
+    if mpt_shapes.get(name, {}).get("architecture") == "llama":
+        s = mpt_shapes[name]
+        return ModelSpec(name=name, architecture=Architecture.LLAMA, vocab_size=s.get("vocab_size", 32000),
+                         hidden_size=s["hidden_size"], num_layers=s["num_layers"], num_heads=s["num_heads"],
+                         num_kv_heads=s["num_kv_heads"], intermediate_size=s["intermediate_size"],
+                         max_seq_len=row["seq"], tied_embeddings=False, attention_bias=False,
+                         attention_out_bias=False)
     if name in mpt_shapes or name == "gpt-10b":
         shape = mpt_shapes[name] if name in mpt_shapes else GPT_10B
         h = shape["hidden_size"]
@@ -99,7 +108,8 @@ def predict(row: dict, mpt_shapes: dict) -> Result:
     if row["gpus"] % hw.gpus_per_node:
         raise ValueError(f"{row['id']}: {row['gpus']} GPUs is not a whole number of {hw.name} nodes")
     framework = Framework(selective_policy=row.get("selective_policy", "attention"),
-                          reduce_bytes=row.get("reduce_bytes"), loss_mode=row.get("loss", "upcast"))
+                          reduce_bytes=row.get("reduce_bytes"), loss_mode=row.get("loss", "upcast"),
+                          checkpoint_impl=row.get("checkpoint_impl", "non_reentrant"))
     est = estimate(spec, hw, _config(row), num_nodes=row["gpus"] // hw.gpus_per_node, framework=framework)
     if row.get("metric", "tokens_per_s_per_gpu") == "tflops_per_gpu":
         predicted = est.hardware_flops_per_step / est.step_time_s / 1e12
@@ -147,6 +157,8 @@ def render(results: list[Result]) -> str:
     lines.append("")
     for label, subset in (("all rows", results), ("issue #14 rows", [r for r in results if r.row["set"] == "issue14"]),
                           ("own rows", [r for r in results if r.row["set"] == "own"]),
+                          ("held-out rows (read after the model's last change)",
+                           [r for r in results if r.row["set"] == "heldout"]),
                           ("verified rows only", [r for r in results if r.row.get("verified", True) is True])):
         mean, worst = _stats([r.error for r in subset])
         lines.append(f"- Throughput, {label} ({len(subset)}): mean |error| {mean:.1%}, max {worst:.1%}.")

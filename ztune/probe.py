@@ -210,6 +210,82 @@ def measure_matmul_flops(*, device: str, matrix_size: int, repeats: int, threads
                      smaller[torch.float32], smaller[torch.bfloat16])
 
 
+# `ztune autotune` on a CPU profile: the matmul size and the cap per product of `probe --quick` (plan_for).
+LOCAL_CPU_MATMUL_SIZE, LOCAL_CPU_MATMUL_MAX_PRODUCT_S, LOCAL_CPU_MATMUL_REPEATS = 1024, 0.25, 3
+TRAIN_STEP_REPEATS = 2  # forward + backward timings after one warm-up; the best counts
+
+
+def measure_train_flops_per_s(spec, *, seq_len: int, micro_batch: int, threads: int, dtype: str = "fp32",
+                              repeats: int = TRAIN_STEP_REPEATS) -> float:
+    """FLOP/s one CPU rank reaches training `spec`: forward + loss + backward of one micro-batch of random
+    tokens (runtime.models.build_model, `threads` torch threads, best of `repeats` after a warm-up), counted
+    as the cost model counts them (ztune.cost.compute.model_flops_per_token: 6 Psi + 12 L h s per token).
+    Divided by the matmul rate it is the achieved fraction a profile's train_flops_efficiency stands for."""
+    import torch
+
+    from ztune.cost.compute import model_flops_per_token
+    from ztune.runtime.models import build_model
+    from ztune.specs import count_params
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(spec, seed=0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                 "fp16": torch.float16}[dtype])
+        ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
+
+        def step() -> None:
+            model(ids, labels=ids).backward()
+
+        step()  # warm-up: allocator, oneDNN primitive caches
+        seconds = _best_time_s(step, repeats=repeats)
+    finally:
+        torch.set_num_threads(saved)
+    per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
+                                      attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
+    return micro_batch * seq_len * per_token / seconds
+
+
+@dataclass(frozen=True)
+class CpuCompute:
+    """What `with_measured_cpu_compute` measured: the matmul rates, and the training rate of the workload
+    with the fraction of the matmul rate it reached (None when no workload was timed)."""
+
+    rates: FlopRates
+    train_flops_per_s: float | None = None
+    train_flops_efficiency: float | None = None
+
+
+def with_measured_cpu_compute(hw: Hardware, *, threads: int = 1, measure: Callable[..., FlopRates] | None = None,
+                              model=None, seq_len: int = 0, micro_batch: int = 1, dtype: str = "fp32",
+                              measure_train: Callable[..., float] | None = None) -> tuple[Hardware, CpuCompute]:
+    """`hw` (a CPU profile: one "GPU" = one CPU rank) with its compute replaced by what this host's cores
+    measure now, and the measurements.
+
+    Peak: the best of LOCAL_CPU_MATMUL_REPEATS dense N x N products (torch.mm, 2*N^3 FLOP each, N = 1024 or
+    smaller where a product would exceed 0.25 s) on `threads` torch threads, fp32 and bf16: the rate the
+    BLAS (oneDNN / MKL sgemm) reaches on one rank's cores, which a shipped profile can only guess for
+    another CPU (cpu-local.yaml's figures are a different machine's). With `model`, also its training rate
+    at `micro_batch` x `seq_len` in `dtype` (measure_train_flops_per_s); that rate over the matmul rate of
+    the same dtype becomes train_flops_efficiency, so the estimate of this workload on this core is measured
+    end to end rather than a GPU fraction (GENERIC_TRAIN_FLOPS_EFFICIENCY) applied to a CPU.
+    `measure` / `measure_train` replace the timed functions in tests."""
+    rates = (measure or measure_matmul_flops)(device="cpu", matrix_size=LOCAL_CPU_MATMUL_SIZE,
+                                              repeats=LOCAL_CPU_MATMUL_REPEATS, threads=threads,
+                                              max_product_s=LOCAL_CPU_MATMUL_MAX_PRODUCT_S)
+    measured = dataclasses.replace(hw, peak_flops_fp32=rates.fp32_flops_per_s,
+                                   peak_flops_bf16=rates.bf16_flops_per_s)
+    if model is None:
+        return measured, CpuCompute(rates)
+    train = (measure_train or measure_train_flops_per_s)(model, seq_len=seq_len, micro_batch=micro_batch,
+                                                         threads=threads, dtype=dtype)
+    peak = rates.fp32_flops_per_s if dtype == "fp32" else rates.bf16_flops_per_s
+    # Above 1 (elementwise work is free, or the matmul was preempted) the matmul rate is the better bound.
+    efficiency = min(1.0, train / peak)
+    measured = dataclasses.replace(measured, train_flops_efficiency=efficiency)
+    return measured, CpuCompute(rates, train, efficiency)
+
+
 @dataclass(frozen=True)
 class HostDeviceBandwidth:
     h2d_bytes_per_s: float

@@ -177,10 +177,15 @@ def test_gpt_block_is_korthikanti_without_dropout_masks():
 
 
 def test_recompute_fraction_and_every():
-    full = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=FULL)
+    full = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=FULL, checkpoint_impl="reentrant")
     assert full.recompute_fraction == 1.0
-    half = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=FULL, every=2)
+    half = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=FULL, every=2,
+                             checkpoint_impl="reentrant")
     assert half.recompute_fraction == 0.5
+    # Non-reentrant (the default) skips the MLP down projection: 2 * 4h^2 of the block's FLOPs per token.
+    early = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=FULL, every=2)
+    block = 2 * (12 * 1024**2 + 13 * 1024) + 4 * 2048 * 1024
+    assert early.recompute_fraction == pytest.approx(0.5 * (1 - 8 * 1024**2 / block))
     none = activation_memory(GPT, micro_batch=1, seq_len=2048, checkpointing=NONE)
     assert none.recompute_fraction == 0.0
     assert half.layers_bytes == 12 * full.kept_per_layer_bytes + 12 * none.per_layer_bytes

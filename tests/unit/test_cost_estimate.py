@@ -16,7 +16,7 @@ from ztune.config.schema import (
 )
 from ztune.cost.comm import zero_traffic_elements
 from ztune.cost.compute import Efficiency, OffloadTime, step_time
-from ztune.cost.estimate import estimate, max_micro_batch, recommend, sweep
+from ztune.cost.estimate import Framework, estimate, max_micro_batch, recommend, sweep
 from ztune.profiles import load_hardware, load_model
 from ztune.specs import count_params
 
@@ -53,7 +53,16 @@ def test_flops_follow_6psi_plus_attention_and_full_recompute_adds_a_forward():
     assert none.model_flops_per_step == pytest.approx(tokens * per_token)
     assert none.hardware_flops_per_step == none.model_flops_per_step
     ratio = full.hardware_flops_per_step / full.model_flops_per_step
-    assert 1.30 < ratio < 4 / 3  # x4/3 less the embedding/head, which are not recomputed
+    # x4/3 less the embedding/head (not recomputed) and each block's down projection (non-reentrant
+    # checkpointing stops before it: tests/unit/test_checkpoint_recompute.py).
+    down_proj = 2 * 8192 * 28672 * 80 * tokens
+    assert full.hardware_flops_per_step == pytest.approx(
+        none.hardware_flops_per_step * 4 / 3 - tokens * 2 * (c.embedding + c.lm_head + c.final_norm)
+        - down_proj, rel=1e-3)
+    assert 1.20 < ratio < 1.26
+    reentrant = estimate(LLAMA70, H100, cfg(stage=0, ckpt=Checkpointing.FULL, global_=256), num_nodes=4,
+                         framework=Framework(checkpoint_impl="reentrant"))
+    assert 1.30 < reentrant.hardware_flops_per_step / reentrant.model_flops_per_step < 4 / 3
     assert full.step.compute_s == pytest.approx(none.step.compute_s * ratio)
     # Compute-bound at stage 0: recomputation costs step time, and MFU (model FLOPs only) drops.
     assert full.mfu < none.mfu <= 0.5 + 1e-12  # MFU never exceeds the compute efficiency

@@ -32,7 +32,7 @@ def test_published_runs_are_predicted_to_fit(row):
 def test_rows_name_their_source():
     assert len(ROWS) >= 15
     for row in ROWS:
-        assert row["source"] and row["read"] and row["set"] in ("issue14", "own"), row["id"]
+        assert row["source"] and row["read"] and row["set"] in ("issue14", "own", "heldout"), row["id"]
     assert len({r["id"] for r in ROWS}) == len(ROWS)
 
 

@@ -181,3 +181,50 @@ def test_slow_matmuls_are_measured_at_a_smaller_size():
     assert (plain.fp32_size, plain.bf16_size, plain.size_for("bf16")) == (None, None, 128)
     notes = probe.field_notes(dataclasses.replace(_measurements(gpu=False), flops=capped))
     assert "bf16 64^2 matmul" in notes["peak_flops_bf16"] and "fp32 64^2" in notes["peak_flops_fp32"]
+
+
+def test_autotune_cpu_compute_comes_from_a_measured_matmul():
+    # `ztune autotune` on a CPU profile ranks with this host's measured matmul rate, not the profile's guess.
+    from ztune.config.schema import BatchConfig, TrainConfig
+    from ztune.cost.estimate import estimate
+    from ztune.profiles import load_model
+
+    cpu = load_hardware("cpu-local")
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return probe.FlopRates(50e9, 20e9, "cpu", kwargs["matrix_size"])
+
+    measured, got = probe.with_measured_cpu_compute(cpu, threads=1, measure=fake)
+    assert got.train_flops_efficiency is None
+    assert (measured.peak_flops_fp32, measured.peak_flops_bf16) == (50e9, 20e9)
+    assert dataclasses.replace(measured, peak_flops_fp32=cpu.peak_flops_fp32,
+                               peak_flops_bf16=cpu.peak_flops_bf16) == cpu
+    assert seen == {"device": "cpu", "matrix_size": 1024, "repeats": 3, "threads": 1, "max_product_s": 0.25}
+    cfg = TrainConfig(batch=BatchConfig(micro=2, global_=8), seq_len=64)
+    slow, fast = (estimate(load_model("tiny-gpt"), hw, cfg, num_nodes=1) for hw in (measured, cpu))
+    assert slow.step.compute_s == pytest.approx(fast.step.compute_s * cpu.peak_flops_bf16 / 20e9)
+
+
+    # With the workload: its timed training rate over the matmul rate becomes the achieved fraction.
+    trained, got = probe.with_measured_cpu_compute(cpu, threads=1, measure=fake, model=load_model("tiny-gpt"),
+                                                   seq_len=64, micro_batch=2, measure_train=lambda *a, **k: 40e9)
+    assert got.train_flops_efficiency == trained.train_flops_efficiency == pytest.approx(0.8)
+    assert dataclasses.replace(trained, train_flops_efficiency=0.0) == measured
+
+
+def test_measured_cpu_compute_is_a_real_rate():
+    from ztune.cost.compute import model_flops_per_token
+    from ztune.profiles import load_model
+    from ztune.specs import count_params
+
+    spec = load_model("tiny-llama")
+    small = lambda **k: probe.measure_matmul_flops(**{**k, "matrix_size": 256, "repeats": 1})  # noqa: E731
+    measured, got = probe.with_measured_cpu_compute(load_hardware("cpu-local"), threads=1, model=spec, seq_len=32,
+                                                    micro_batch=1, measure=small)
+    assert measured.peak_flops_fp32 == got.rates.fp32_flops_per_s > 1e8  # any CPU core of this decade
+    assert 0 < measured.train_flops_efficiency == got.train_flops_efficiency <= 1
+    per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
+                                      attention_width=spec.num_heads * spec.head_size, seq_len=32)
+    assert got.train_flops_per_s > 0 and per_token > 0

@@ -27,6 +27,38 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
           "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
 
 
+def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int, precision: str,
+                          micro_batch: int) -> Any:
+    """A CPU profile with the compute this host measures now (probe.with_measured_cpu_compute: a timed matmul
+    for the peak, one timed training step of `model` at the middle candidate micro-batch for the achieved
+    fraction) for the cost model's ranking; the journal's fingerprint keeps the profile as written, so a
+    rerun still resumes. Trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so
+    do the measurements."""
+    import os
+
+    import psutil
+
+    from ztune.probe import with_measured_cpu_compute
+    from ztune.specs import count_params
+
+    raw = os.environ.get("OMP_NUM_THREADS", "1")
+    threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    # The timed step holds the whole model unsharded with its gradients, no optimizer: 8 bytes a parameter in
+    # fp32, 16 with headroom for activations. Where that would crowd this host's memory, time no step.
+    timed = count_params(model).total * 16 <= psutil.virtual_memory().available // 4
+    measured, cpu = with_measured_cpu_compute(hw, threads=threads, model=model if timed else None,
+                                              seq_len=seq_len, micro_batch=micro_batch, dtype=precision)
+    r = cpu.rates
+    step = (f"{model.name} training step at micro-batch {micro_batch} {precision}: "
+            f"{cpu.train_flops_per_s / 1e9:.0f} GFLOP/s = {cpu.train_flops_efficiency:.0%} of the matmul rate"
+            if timed else f"{model.name} too large to time a step here: the profile's achieved fraction is kept")
+    err_console.print(
+        f"compute per rank, measured now ({threads} thread(s)): {r.size_for('fp32')}^2 matmul fp32 "
+        f"{r.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {r.bf16_flops_per_s / 1e9:.0f} GFLOP/s (profile {hw.name}: "
+        f"{hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f}); {step}", soft_wrap=True)
+    return measured
+
+
 def parse_size(text: str) -> int:
     """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30), from 1 byte to 1 EiB."""
     m = _SIZE_RE.match(text)
@@ -336,7 +368,13 @@ def autotune(
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
-    workload = Workload(model=spec, hardware=hw, base=base, global_batch=global_batch, seq_len=seq,
+    if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
+        micros = sorted({c.micro for c in candidates})
+        model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
+                                         micro_batch=micros[len(micros) // 2] if micros else 1)
+    else:
+        model_hw = hw
+    workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,
                         num_nodes=num_nodes)
     if script is not None:
         if not script.is_file():

@@ -37,6 +37,18 @@ INDEX_BYTES = 8  # int64 token ids, targets, routing indices
 #   recompute everything else (norms, RoPE, activations, the skipped matmuls).
 SELECTIVE_POLICIES = ("attention", "op")
 
+# How a fully checkpointed block is re-run in backward (PyTorch's CheckpointImpl names):
+# - "non_reentrant" (torch.utils.checkpoint(use_reentrant=False); ztune's runtime, torchtitan, llm-foundry's
+#   `activation_checkpointing_reentrant: false` in its MPT yamls, fms-fsdp's CheckpointImpl.NO_REENTRANT):
+#   recomputation stops as soon as the last tensor the block saved has been rebuilt ("early stop", on by
+#   default; torch.utils.checkpoint.set_checkpoint_early_stop). An op saves its inputs before it runs, so
+#   the block's last matmul (the MLP down projection, whose input is the last saved tensor) is never re-run:
+#   the recomputation is one block forward less that matmul (measured with FlopCounterMode on CPU in
+#   tests/unit/test_checkpoint_recompute.py: 2/3 of a GPT-2 block's matmul FLOPs, 1 - w2's share for Llama).
+# - "reentrant" (use_reentrant=True, DeepSpeed's and Megatron's activation checkpointing): the whole block
+#   forward runs again.
+CHECKPOINT_IMPLS = ("non_reentrant", "reentrant")
+
 # Cross-entropy over V classes, per token, computed the way PyTorch trainers write it
 # (F.cross_entropy(logits.float(), targets); torchtitan train.py, llm-foundry, HF): log_softmax saves its
 # fp32 output (V x 4 bytes, counted in logits_bytes). Its backward holds that saved output, the incoming
@@ -163,6 +175,15 @@ def _block_matmuls(m: ModelSpec) -> list[tuple[float, float]]:
     return attention + [(k * i, k * h * i), (k * i, k * h * i), (k * h, k * i * h)]  # w1 (gate), w3 (up), w2
 
 
+def _last_matmul_flops_per_token(m: ModelSpec) -> float:
+    """Forward FLOPs per token of the block's last matmul that an early-stopping recomputation skips (the
+    MLP down projection). 0 for MoE blocks: the last op that saves a tensor there is the routed index_add
+    after every expert's down projection, so nothing is skipped."""
+    if m.is_moe:
+        return 0.0
+    return 2.0 * _block_matmuls(m)[-1][1]
+
+
 def _selective_op_terms(m: ModelSpec, *, d: int) -> tuple[float, float]:
     """torchtitan's per-op policy: (kept elements per token in units of d, recomputed matmul FLOPs per token).
     Kept: the block input (the checkpoint's argument), every odd-numbered matmul's output, and the fused
@@ -216,6 +237,7 @@ def activation_memory(
     selective_policy: str = "attention",
     loss_chunk_tokens: int = 0,
     loss_mode: str = "upcast",
+    checkpoint_impl: str = "non_reentrant",
 ) -> ActivationEstimate:
     """Activation bytes of one micro-batch (micro_batch sequences of seq_len tokens) of `model`.
 
@@ -224,6 +246,8 @@ def activation_memory(
     k-th block keeps only its input and recomputes the rest in backward (k = `every`).
     loss_chunk_tokens: 0 = cross-entropy over all logits at once; > 0 = chunked / fused (loss_head_bytes).
     loss_mode: how the loss is computed (LOSS_MODES, loss_head_bytes).
+    checkpoint_impl: how a fully checkpointed block is recomputed (CHECKPOINT_IMPLS): "non_reentrant"
+    skips the block's last matmul, "reentrant" re-runs all of it.
     offload=cpu models `runtime.checkpointing.offload_activations` wrapped around forward and loss:
     everything saved goes to host (host_bytes); the device holds one block's working set at a time, at most
     the larger of a block's full activations (produced in forward, rebuilt or copied back in backward) and
@@ -237,6 +261,8 @@ def activation_memory(
         raise UserError(f"selective policy {selective_policy!r}: allowed: {', '.join(SELECTIVE_POLICIES)}")
     if loss_mode not in LOSS_MODES:
         raise UserError(f"loss mode {loss_mode!r}: allowed: {', '.join(LOSS_MODES)}")
+    if checkpoint_impl not in CHECKPOINT_IMPLS:
+        raise UserError(f"checkpoint implementation {checkpoint_impl!r}: allowed: {', '.join(CHECKPOINT_IMPLS)}")
     if loss_mode == "chunked" and loss_chunk_tokens <= 0:
         raise UserError("loss mode 'chunked' needs loss_chunk_tokens > 0 (tokens per chunk)")
     if loss_chunk_tokens < 0:
@@ -293,7 +319,10 @@ def activation_memory(
     selective_share = core_flops / block_flops
     if checkpointing is Checkpointing.SELECTIVE and selective_policy == "op":
         selective_share = op_recompute_flops / block_flops
-    share = {Checkpointing.NONE: 0.0, Checkpointing.SELECTIVE: selective_share, Checkpointing.FULL: 1.0}
+    full_share = 1.0
+    if checkpoint_impl == "non_reentrant":
+        full_share -= _last_matmul_flops_per_token(m) / block_flops
+    share = {Checkpointing.NONE: 0.0, Checkpointing.SELECTIVE: selective_share, Checkpointing.FULL: full_share}
     return ActivationEstimate(
         per_layer_bytes=per_layer,
         kept_per_layer_bytes=kept,

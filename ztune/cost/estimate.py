@@ -96,6 +96,9 @@ class Framework:
       trains, or LoRA adapters of that rank on PEFT's default targets over a frozen base (0: no LoRA).
     construction: how the model is built before `ztune.initialize`, for stage 3's init peak: "meta"
       (`ztune.zero_init`, one unit materialised at a time) or "eager" (the whole model built, then sharded).
+    checkpoint_impl: how full checkpointing re-runs a block (activations.CHECKPOINT_IMPLS): "non_reentrant"
+      (torch.utils.checkpoint(use_reentrant=False): ztune's runtime, FSDP trainers) stops before the block's
+      last matmul; "reentrant" (DeepSpeed / Megatron checkpointing) re-runs the whole block.
     """
 
     selective_policy: str = "attention"
@@ -105,6 +108,7 @@ class Framework:
     trainable_fraction: float = 1.0
     lora_rank: int = 0
     construction: str = "meta"
+    checkpoint_impl: str = "non_reentrant"
 
 
 DEFAULT_FRAMEWORK = Framework()
@@ -208,7 +212,8 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
                             checkpointing=cfg.activations.checkpointing, every=cfg.activations.every,
                             offload=cfg.activations.offload, dtype_bytes=cfg.precision.bytes,
                             selective_policy=framework.selective_policy,
-                            loss_chunk_tokens=framework.loss_chunk_tokens, loss_mode=framework.loss_mode)
+                            loss_chunk_tokens=framework.loss_chunk_tokens, loss_mode=framework.loss_mode,
+                            checkpoint_impl=framework.checkpoint_impl)
     buffers = buffer_memory(stage=z.stage, num_params=split.total, trainable_params=split.trainable,
                             largest_unit_numel=counts.largest_layer,
                             reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
@@ -303,6 +308,10 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         notes.append(f"{split.description}: frozen parameters hold only the {cfg.precision.value} parameter "
                      "(sharded at stage 3), send no gradients and skip their weight-gradient FLOPs "
                      "(6 Psi_trainable + 4 Psi_frozen)")
+    if cfg.activations.checkpointing is Checkpointing.FULL:
+        notes.append("full checkpointing re-runs each block's forward in backward" + (
+            " less its last matmul (non-reentrant torch.utils.checkpoint stops early)"
+            if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
     if cfg.seq_len > model.max_seq_len:
         notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
     return Estimate(
