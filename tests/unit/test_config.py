@@ -122,6 +122,8 @@ def test_onebit_adam_maps_to_compression():
         ({"zero": {"stage": "two"}}, "zero.stage: expected an integer"),
         ({"zero": {"stage": 2, "offload_params": "cpu"}}, "offload_params: cpu needs zero.stage 3"),
         ({"zero": {"stage": 0, "offload_optimizer": "cpu"}}, "offload_optimizer: cpu needs zero.stage 1, 2 or 3"),
+        ({"zero": {"stage": 2, "quantized_weights": True}}, "zero.quantized_weights: ZeRO++ needs zero.stage 3"),
+        ({"zero": {"stage": 3, "hpz_partition_size": 0}}, "zero.hpz_partition_size: got 0"),
         ({"precision": "int4"}, "precision: got 'int4'; allowed: bf16, fp16, fp32"),
         ({"batch": {"micro": 0}}, "batch.micro: got 0"),
         ({"batch": {"micro": 3, "grad_accum": 2, "global": 16}}, "not a multiple of micro 3 x grad_accum 2"),

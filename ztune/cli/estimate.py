@@ -31,6 +31,13 @@ def _offload_label(est: Any) -> str:
     return "+".join(names) or "none"
 
 
+def _zero_label(z: Any) -> str:
+    """The stage, with ZeRO++'s parts where on: "3 qwZ+hpZ8"."""
+    parts = (["qwZ"] if z.quantized_weights else []) + ([f"hpZ{z.hpz_partition_size}"] if z.hpz_partition_size > 1
+                                                         else [])
+    return f"{z.stage} {'+'.join(parts)}" if parts else str(z.stage)
+
+
 def row_dict(est: Any) -> dict:
     """One row of the stable --json schema."""
     c = est.config
@@ -40,6 +47,8 @@ def row_dict(est: Any) -> dict:
         "offload_params": c.zero.offload_params.value,
         "checkpointing": c.activations.checkpointing.value,
         "compression": c.compression.method.value,
+        # ZeRO++ (stage 3): qwZ (int8 weight all-gather), hpZ partition size (1 = off)
+        "zeropp": {"quantized_weights": c.zero.quantized_weights, "hpz_partition_size": c.zero.hpz_partition_size},
         "micro_batch": est.micro_batch,
         "memory_per_gpu": est.memory_per_gpu.as_dict(),
         "init_peak": est.init_peak_bytes,  # bytes per GPU during initialize, only where above the steady state
@@ -67,7 +76,7 @@ def _render(estimates: list, *, show_compression: bool) -> Any:
     rows = []
     for i, e in enumerate(estimates, 1):
         m = e.memory_per_gpu
-        rows.append([i, e.config.zero.stage, _offload_label(e), e.config.activations.checkpointing.value]
+        rows.append([i, _zero_label(e.config.zero), _offload_label(e), e.config.activations.checkpointing.value]
                     + ([e.config.compression.method.value] if show_compression else [])
                     + [e.micro_batch, e.grad_accum, _gib(m.params), _gib(m.grads), _gib(m.optimizer),
                        _gib(m.activations), _gib(m.buffers), _gib(m.total)]
@@ -161,6 +170,9 @@ def estimate(
                                                                       "config's, else bf16).")] = None,
     compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient "
                                                                     "compression.")] = False,
+    zeropp: Annotated[bool, typer.Option("--zeropp", help="Also sweep ZeRO++ at stage 3 (qwZ int8 weight "
+                                                          "all-gather + hpZ inside each node) on several "
+                                                          "nodes.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of memory per GPU by "
                                                              "category.")] = None,
@@ -231,7 +243,8 @@ def estimate(
         methods = tuple(Compression) if compression else (Compression.NONE,)
         estimates = sweep(spec, hw, num_nodes=nodes, seq_len=seq_len, global_batch=global_batch,
                           micro_batch=micro_batch, stages=(stage,) if stage is not None else (0, 1, 2, 3),
-                          compression=methods, precision=prec or Precision.BF16, framework=framework)
+                          compression=methods, precision=prec or Precision.BF16, framework=framework,
+                          zeropp=(False, True) if zeropp else (False,))
     best, reason = recommend(estimates)
     best_index = next((i for i, e in enumerate(estimates) if e is best), None)
 

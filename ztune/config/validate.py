@@ -146,6 +146,12 @@ def check(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value > most:
             raise ConfigError(f"{key}: got {value}; at most {most} (is it a typo?)")
     _check_positive("zero.prefetch_units", z.prefetch_units, allow_zero=True)
+    _check_positive("zero.hpz_partition_size", z.hpz_partition_size)
+    for key, on in (("zero.quantized_weights", z.quantized_weights),
+                    ("zero.hpz_partition_size", z.hpz_partition_size > 1)):
+        if on and z.stage != 3:  # ZeRO++ changes stage 3's parameter gathers (runtime/zeropp.py)
+            raise ConfigError(f"{key}: ZeRO++ needs zero.stage 3 (got stage {z.stage}); set zero.stage: 3 or "
+                              "turn it off")
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     _check_positive("optimizer.momentum", cfg.optimizer.momentum, allow_zero=True)
