@@ -241,15 +241,16 @@ def test_fp16_scaler_keys_read_with_deepspeeds_meaning():
 def test_zeropp_keys_map_at_stage_3_and_are_ignored_below():
     """DeepSpeed reads zero_quantized_weights / zero_hpz_partition_size in its stage-3 code only; hpZ is on for
     a size > 1 (0 and 1: off)."""
-    cfg, ignored = from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 3, "zero_quantized_weights": True,
-                                                         "zero_hpz_partition_size": 8}})
+    def load(stage, qwz, hpz):
+        return from_deepspeed({"train_batch_size": 8, "zero_optimization": {
+            "stage": stage, "zero_quantized_weights": qwz, "zero_hpz_partition_size": hpz}})
+
+    cfg, ignored = load(3, True, 8)
     assert cfg.zero.quantized_weights and cfg.zero.hpz_partition_size == 8 and ignored == []
     for stage, qwz, hpz in ((2, True, 8), (3, False, 1), (3, False, 0)):
-        cfg, ignored = from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": stage, "zero_quantized_weights": qwz,
-                                                             "zero_hpz_partition_size": hpz}})
+        cfg, ignored = load(stage, qwz, hpz)
         assert not cfg.zero.quantized_weights and cfg.zero.hpz_partition_size == 1
         assert ignored == ["zero_optimization.zero_quantized_weights", "zero_optimization.zero_hpz_partition_size"]
-    doc = to_deepspeed(from_deepspeed({"train_batch_size": 8, "zero_optimization": {"stage": 3, "zero_quantized_weights": True,
-                                                              "zero_hpz_partition_size": 4}})[0])
+    doc = to_deepspeed(load(3, True, 4)[0])
     assert doc["zero_optimization"]["zero_quantized_weights"] is True
     assert doc["zero_optimization"]["zero_hpz_partition_size"] == 4
