@@ -85,9 +85,9 @@ class Engine:
         from ztune.runtime.trial_report import TrialReporter
 
         self.trial_reporter = TrialReporter.from_env(rank=comm.rank, world_size=comm.world_size)
-        self._zeropp = None  # ZeRO++ qwZ / hpZ gathers (runtime/zeropp.py), stage 3 only
+        self._zeropp = None  # ZeRO++ qwZ / hpZ gathers, qgZ reductions (runtime/zeropp.py), stage 3 only
         self.node_layout = None  # which ranks share a host (runtime/comm/topology.py), read for ZeRO++ only
-        if cfg.zero.quantized_weights or cfg.zero.hpz_partition_size > 1:
+        if cfg.zero.quantized_weights or cfg.zero.hpz_partition_size > 1 or cfg.zero.quantized_gradients:
             from ztune.runtime.comm.topology import layout_from_env
             from ztune.runtime.zeropp import check_zeropp
 
@@ -176,22 +176,28 @@ class Engine:
                                     on_reduced=self._gatherer.release if self._gatherer else None,
                                     compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
                                     # stage 3: units in reverse (backward) order, the root (first) last
-                                    launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None)
+                                    launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None,
+                                    exchanges=self._zeropp.qgz_exchanges(self.groups) if self._zeropp else None)
         comm.phase = "train"
 
     def _build_zeropp(self, groups):
         """ZeRO++'s qwZ / hpZ state for stage 3's gathers, or None when the config asks for neither."""
         z = self.config.zero
-        if not (z.quantized_weights or z.hpz_partition_size > 1):
+        if not (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients):
             return None
         from ztune.runtime.lockstep import timeout_from_env
         from ztune.runtime.zeropp import ZeroPlusPlus, build_hpz_comm
 
-        hpz = None
+        hpz = qgz = None
         if z.hpz_partition_size > 1:
             hpz = build_hpz_comm(layout=self.node_layout, partition_size=z.hpz_partition_size, rank=self.rank,
                                  timeout_s=timeout_from_env())
-        return ZeroPlusPlus(groups, comm=self.comm, quantized_weights=z.quantized_weights, hpz_comm=hpz)
+        if z.quantized_gradients:
+            from ztune.runtime.qgz import build_qgz_comms
+
+            qgz = build_qgz_comms(layout=self.node_layout, rank=self.rank, timeout_s=timeout_from_env())
+        return ZeroPlusPlus(groups, comm=self.comm, quantized_weights=z.quantized_weights, hpz_comm=hpz,
+                            qgz_comms=qgz)
 
     def _build_sharded(self, model: nn.Module, specs, layouts, *, units, device: torch.device, meta_init) -> None:
         """Stage 3: self.groups and self.frozen_groups built unit by unit (runtime/construct/shards.py)."""

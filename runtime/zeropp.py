@@ -1,17 +1,17 @@
 """ZeRO++ (Wang et al. 2023, "ZeRO++: Extremely Efficient Collective Communication for Giant Model Training",
-arXiv 2306.10209) for stage 3's parameter gathers: qwZ and hpZ. (qgZ, the quantized hierarchical gradient
-reduce-scatter, is not implemented; its key is rejected, ztune/config/deepspeed_keys.py.)
+arXiv 2306.10209) for stage 3: qwZ and hpZ change the parameter gathers (here), qgZ the gradient reduce-scatter
+(runtime/qgz.py, set up from here).
 
-qwZ (`zero.quantized_weights`, DeepSpeed's `zero_quantized_weights`; paper section 3.1): the forward
-all-gather of a unit sends each rank's parameter shard as block-quantized int8 instead of the compute dtype.
-Each rank quantizes its own shard in blocks of QWZ_BLOCK_NUMEL elements (the blocks start at the shard's first
-element; the last block of a shard may be short), one fp32 scale per block: scale = absmax(block) / 127,
-q = round(x / scale) clamped to [-127, 127] (symmetric round-to-nearest, runtime/comm/compress.py). Every rank,
-the owner included, dequantizes all gathered shards, so all ranks compute with identical weights. Per element,
-|dequantized - x| <= scale / 2 = absmax(block) / 254 (round to nearest; then rounded once more to the compute
-dtype). The fp32 master weights and the optimizer never see the quantization: it only changes the weights the
-forward and backward compute with (the gradient is taken at the quantized weights, as in the paper).
-Wire bytes per element: 1 + 4 / QWZ_BLOCK_NUMEL (ztune/cost/zeropp.py charges the same).
+qwZ (`zero.quantized_weights`, DeepSpeed's `zero_quantized_weights`; paper section 3.1): the all-gathers of a
+unit in forward (and in backward, without hpZ) send each rank's parameter shard as block-quantized int8 instead
+of the compute dtype. Each rank quantizes its own shard in blocks of QWZ_BLOCK_NUMEL elements (the blocks start
+at the shard's first element; the last block of a shard may be short), one fp32 scale per block: scale =
+absmax(block) / 127, q = round(x / scale) clamped to [-127, 127] (symmetric round-to-nearest,
+runtime/comm/compress.py). Every rank, the owner included, dequantizes all gathered shards, so all ranks compute
+with identical weights. Per element, |dequantized - x| <= scale / 2 = absmax(block) / 254 (round to nearest; then
+rounded once more to the compute dtype). The fp32 master weights and the optimizer never see the quantization: it
+only changes the weights the forward and backward compute with (the gradient is taken at the quantized weights,
+as in the paper). Wire bytes per element: 1 + 4 / QWZ_BLOCK_NUMEL (ztune/cost/zeropp.py charges the same).
 
 hpZ (`zero.hpz_partition_size` = k, DeepSpeed's `zero_hpz_partition_size`; paper section 3.2): after a unit's
 forward all-gather, each rank keeps a secondary shard: its 1/k slice of the unit's full (dequantized, with qwZ)
@@ -55,11 +55,15 @@ _INT8_MAX = 127
 # zero.hpz_partition_size).
 QWZ_KEY = "zero_optimization.zero_quantized_weights"
 HPZ_KEY = "zero_optimization.zero_hpz_partition_size"
+QGZ_KEY = "zero_optimization.zero_quantized_gradients"
 
 
 def check_zeropp(cfg: TrainConfig, *, layout: NodeLayout) -> None:
     """ConfigError (one line naming the key) for ZeRO++ settings this run cannot honour."""
     z = cfg.zero
+    if z.quantized_gradients and not layout.uniform:
+        raise ConfigError(f"{QGZ_KEY}: qgZ needs the same number of ranks on every host ({layout.ranks_per_node} "
+                          f"per host does not divide {layout.world_size} ranks); turn it off")
     if not (z.quantized_weights or z.hpz_partition_size > 1):
         return
     if z.offload_params is Offload.CPU:
@@ -138,10 +142,13 @@ def build_hpz_comm(*, layout: NodeLayout, partition_size: int, rank: int, timeou
 class ZeroPlusPlus:
     """qwZ and hpZ gathers for the parameter gatherer (runtime/param_gather.py); see the module docstring."""
 
-    def __init__(self, groups: Sequence, *, comm: Comm, quantized_weights: bool, hpz_comm: Comm | None):
+    def __init__(self, groups: Sequence, *, comm: Comm, quantized_weights: bool, hpz_comm: Comm | None,
+                 qgz_comms: tuple[Comm, Comm] | None = None):
+        """qgz_comms: (intra-host, inter-host) Comm for qgZ (runtime/qgz.py), or None."""
         self.comm = comm
         self.quantized_weights = quantized_weights
         self.hpz_comm = hpz_comm
+        self.qgz_comms = qgz_comms
         self._secondary: dict[int, torch.Tensor] = {}
         self._valid: set[int] = set()
         if hpz_comm is not None:
@@ -149,6 +156,15 @@ class ZeroPlusPlus:
             for g in groups:
                 self._secondary[id(g)] = torch.zeros(g.layout.padded_numel // k, dtype=g.param_full.dtype,
                                                      device=g.param_full.device)
+
+    def qgz_exchanges(self, groups: Sequence) -> list | None:
+        """One qgZ reduce-scatter per trainable group, or None without qgZ."""
+        if self.qgz_comms is None:
+            return None
+        from ztune.runtime.qgz import QgzExchange
+
+        intra, inter = self.qgz_comms
+        return [QgzExchange(intra=intra, inter=inter, padded_numel=g.layout.padded_numel) for g in groups]
 
     def secondary_tensors(self) -> list[torch.Tensor]:
         return list(self._secondary.values())
@@ -202,5 +218,11 @@ def zeropp_report(zpp: ZeroPlusPlus, report: dict, *, layout: NodeLayout, steps:
         hpz = zpp.hpz_comm.report(steps=steps)
         out["hpz_group"] = hpz
         intra += hpz["bytes_sent_per_step"]
+    out["quantized_gradients"] = zpp.qgz_comms is not None
+    if zpp.qgz_comms is not None:  # runtime/qgz.py: an all-to-all inside the host, then one across hosts
+        q_intra, q_inter = (c.report(steps=steps) for c in zpp.qgz_comms)
+        out.update(qgz_intra_host=q_intra, qgz_inter_host=q_inter)
+        intra += q_intra["bytes_sent_per_step"]
+        cross += q_inter["bytes_sent_per_step"]
     out.update(cross_host_bytes_per_step=cross, intra_host_bytes_per_step=intra)
     return out

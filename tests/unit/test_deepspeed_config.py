@@ -113,9 +113,9 @@ def test_precision_blocks_deepspeed_accepts_load():
      "fp16.fp16_master_weights_and_grads: ztune keeps fp32 master weights"),
     ({"bf16": {"enabled": True, "loss_scale": 128}}, "bf16.loss_scale: bf16 is never loss-scaled"),
     ({"bf16": {"enabled": True, "bf16_optimizer_states": True}}, "bf16.bf16_optimizer_states"),
-    ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}},
-     "zero_optimization.zero_quantized_gradients: ZeRO++ qgZ (quantized hierarchical gradient reduce-scatter) is "
-     "not supported yet"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True},
+      "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
+     "zero_optimization.zero_quantized_gradients: ZeRO++ qgZ quantizes the gradient exchange itself"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": -1}}, "zero_optimization.zero_hpz_partition_size"),
     ({"zero_optimization": {"stage": 2, "zenflow": {}}}, "zero_optimization.zenflow: ZenFlow"),
     ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage: got 5"),
@@ -243,14 +243,19 @@ def test_zeropp_keys_map_at_stage_3_and_are_ignored_below():
     a size > 1 (0 and 1: off)."""
     def load(stage, qwz, hpz):
         return from_deepspeed({"train_batch_size": 8, "zero_optimization": {
-            "stage": stage, "zero_quantized_weights": qwz, "zero_hpz_partition_size": hpz}})
+            "stage": stage, "zero_quantized_weights": qwz, "zero_hpz_partition_size": hpz,
+            "zero_quantized_gradients": qwz}})
 
     cfg, ignored = load(3, True, 8)
-    assert cfg.zero.quantized_weights and cfg.zero.hpz_partition_size == 8 and ignored == []
+    z = cfg.zero
+    assert z.quantized_weights and z.hpz_partition_size == 8 and z.quantized_gradients and ignored == []
     for stage, qwz, hpz in ((2, True, 8), (3, False, 1), (3, False, 0)):
         cfg, ignored = load(stage, qwz, hpz)
-        assert not cfg.zero.quantized_weights and cfg.zero.hpz_partition_size == 1
-        assert ignored == ["zero_optimization.zero_quantized_weights", "zero_optimization.zero_hpz_partition_size"]
-    doc = to_deepspeed(load(3, True, 4)[0])
-    assert doc["zero_optimization"]["zero_quantized_weights"] is True
-    assert doc["zero_optimization"]["zero_hpz_partition_size"] == 4
+        z = cfg.zero
+        assert not z.quantized_weights and z.hpz_partition_size == 1 and not z.quantized_gradients
+        assert sorted(ignored) == ["zero_optimization.zero_hpz_partition_size",
+                                   "zero_optimization.zero_quantized_gradients",
+                                   "zero_optimization.zero_quantized_weights"]
+    doc = to_deepspeed(load(3, True, 4)[0])["zero_optimization"]
+    assert doc["zero_quantized_weights"] is True and doc["zero_quantized_gradients"] is True
+    assert doc["zero_hpz_partition_size"] == 4
