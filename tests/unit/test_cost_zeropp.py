@@ -48,7 +48,9 @@ def test_each_part_saves_what_the_paper_says():
     assert hpz_secondary_bytes(num_params=P, hpz_partition_size=8, param_bytes=2) == P / 8 * 2
     # qgZ (section 3.3): int4 gradients, reduced inside the node before anything crosses
     qgz = zeropp_traffic(**kw, quantized_gradients=True)
-    assert qgz.grad_cross_bytes == pytest.approx(15 / 16 * P * qgz_bytes_per_element())
+    assert qgz.grad_cross_bytes == pytest.approx(15 / 16 * P / 8 * qgz_bytes_per_element())  # per rank
+    assert qgz.cross_host_bytes_per_host - qgz.param_gather_cross_bytes == pytest.approx(
+        15 / 16 * P * qgz_bytes_per_element())  # the host's 8 ranks
     assert qgz.grad_intra_bytes == pytest.approx(7 / 8 * P * (0.5 + 4 / 2048))
     with pytest.raises(ValueError, match="must divide"):
         zeropp_traffic(**kw, hpz_partition_size=3)
@@ -61,19 +63,21 @@ def test_all_three_cut_cross_node_traffic_4x(nodes):
     nodes: the scales add 0.2-0.4%, and qgZ's inter-node all-to-all sends (N-1)/N where a flat ring sends
     (n-1)/n, a little less on few nodes."""
     kw = dict(num_params=P, num_nodes=nodes, ranks_per_node=8, param_bytes=2, grad_bytes=2)
-    plain = zeropp_traffic(**kw).cross_host_bytes
+    plain = zeropp_traffic(**kw).cross_host_bytes_per_host
     plus = zeropp_traffic(**kw, quantized_weights=True, hpz_partition_size=8, quantized_gradients=True)
-    assert plain / plus.cross_host_bytes == pytest.approx(4.0, rel=0.02)
+    assert plain / plus.cross_host_bytes_per_host == pytest.approx(4.0, rel=0.02)
     # the runtime's parts (qwZ + hpZ, no qgZ): 3 -> 1.5 bf16 gathers' worth: 2x
     both = zeropp_traffic(**kw, quantized_weights=True, hpz_partition_size=8)
-    assert plain / both.cross_host_bytes == pytest.approx(2.0, rel=0.01)
+    assert plain / both.cross_host_bytes_per_host == pytest.approx(2.0, rel=0.01)
+    assert zeropp_traffic(**kw).cross_host_bytes == plain  # a flat ring: per rank = per host
 
 
 def test_estimate_offers_zeropp_on_several_nodes_and_charges_its_memory():
     model, hw = load_model("llama-2-7b"), load_hardware("dgx-h100")
     rows = sweep(model, hw, num_nodes=4, seq_len=2048, global_batch=256, stages=(3,), zeropp=(False, True))
     pp = [e for e in rows if e.config.zero.quantized_weights]
-    assert pp and all(e.config.zero.hpz_partition_size == hw.gpus_per_node and "ZeRO++" in e.label for e in pp)
+    assert pp and all(e.config.zero.hpz_partition_size == hw.gpus_per_node and e.config.zero.quantized_gradients
+                      and "ZeRO++ qwZ+hpZ 8+qgZ" in e.label for e in pp)
     assert all(e.config.zero.offload_params.value == "none" for e in pp)
     assert not [e for e in sweep(model, hw, num_nodes=1, seq_len=2048, global_batch=256, stages=(3,),
                                  zeropp=(False, True)) if e.config.zero.quantized_weights]
@@ -83,7 +87,29 @@ def test_estimate_offers_zeropp_on_several_nodes_and_charges_its_memory():
                                                                           hpz_partition_size=8)), num_nodes=4)
     assert plus.comm.bytes_per_rank < plain.comm.bytes_per_rank
     assert plus.step_time_s <= plain.step_time_s
+    all3 = estimate(model, hw, dataclasses.replace(base, zero=ZeroConfig(
+        stage=3, quantized_weights=True, hpz_partition_size=8, quantized_gradients=True)), num_nodes=4)
+    ops = [o.op for o in all3.comm.ops]
+    assert ops == ["all_gather", "all_gather", "all_to_all", "all_to_all"]
+    assert all3.comm.time_in_phase_s("micro") < plus.comm.time_in_phase_s("micro")
     secondary = plus.memory_per_gpu.params - plain.memory_per_gpu.params
     assert secondary == int(hpz_secondary_bytes(num_params=plain.num_params, hpz_partition_size=8, param_bytes=2))
     with pytest.raises(UserError, match="hpz_partition_size 3 must divide"):
         estimate(model, hw, dataclasses.replace(base, zero=ZeroConfig(stage=3, hpz_partition_size=3)), num_nodes=4)
+
+
+def test_estimate_cli_sweeps_zeropp_on_request():
+    import json
+
+    from typer.testing import CliRunner
+
+    from ztune.cli import app
+
+    args = ["estimate", "--model", "llama-2-7b", "--hardware", "dgx-h100", "--nodes", "2", "--stage", "3",
+            "--global-batch", "128", "--json"]
+    plain = json.loads(CliRunner().invoke(app, args).output)["rows"]
+    rows = json.loads(CliRunner().invoke(app, [*args, "--zeropp"]).output)["rows"]
+    pp = [r for r in rows if r["zeropp"]["quantized_weights"]]
+    assert len(rows) == len(plain) + len(pp) and pp
+    assert all(r["zeropp"] == {"quantized_weights": True, "hpz_partition_size": 8, "quantized_gradients": True}
+               for r in pp)

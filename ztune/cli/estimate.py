@@ -34,7 +34,7 @@ def _offload_label(est: Any) -> str:
 def _zero_label(z: Any) -> str:
     """The stage, with ZeRO++'s parts where on: "3 qwZ+hpZ8"."""
     parts = (["qwZ"] if z.quantized_weights else []) + ([f"hpZ{z.hpz_partition_size}"] if z.hpz_partition_size > 1
-                                                         else [])
+                                                         else []) + (["qgZ"] if z.quantized_gradients else [])
     return f"{z.stage} {'+'.join(parts)}" if parts else str(z.stage)
 
 
@@ -47,8 +47,9 @@ def row_dict(est: Any) -> dict:
         "offload_params": c.zero.offload_params.value,
         "checkpointing": c.activations.checkpointing.value,
         "compression": c.compression.method.value,
-        # ZeRO++ (stage 3): qwZ (int8 weight all-gather), hpZ partition size (1 = off)
-        "zeropp": {"quantized_weights": c.zero.quantized_weights, "hpz_partition_size": c.zero.hpz_partition_size},
+        # ZeRO++ (stage 3): qwZ (int8 weight all-gather), hpZ partition size (1 = off), qgZ (int4 gradients)
+        "zeropp": {"quantized_weights": c.zero.quantized_weights, "hpz_partition_size": c.zero.hpz_partition_size,
+                   "quantized_gradients": c.zero.quantized_gradients},
         "micro_batch": est.micro_batch,
         "memory_per_gpu": est.memory_per_gpu.as_dict(),
         "init_peak": est.init_peak_bytes,  # bytes per GPU during initialize, only where above the steady state
@@ -171,8 +172,8 @@ def estimate(
     compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient "
                                                                     "compression.")] = False,
     zeropp: Annotated[bool, typer.Option("--zeropp", help="Also sweep ZeRO++ at stage 3 (qwZ int8 weight "
-                                                          "all-gather + hpZ inside each node) on several "
-                                                          "nodes.")] = False,
+                                                          "all-gather + hpZ inside each node + qgZ int4 "
+                                                          "gradients) on several nodes.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of memory per GPU by "
                                                              "category.")] = None,

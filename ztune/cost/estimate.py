@@ -171,9 +171,11 @@ class Estimate:
         parts.append("no checkpointing" if ckpt is Checkpointing.NONE else f"{ckpt.value} checkpointing")
         if c.compression.method is not Compression.NONE:
             parts.append(f"{c.compression.method.value} compression")
-        if z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1):
-            parts.append("ZeRO++ " + "+".join((["qwZ"] if z.quantized_weights else [])
-                                              + ([f"hpZ {z.hpz_partition_size}"] if z.hpz_partition_size > 1 else [])))
+        zpp = (["qwZ"] if z.quantized_weights else []) + (
+            [f"hpZ {z.hpz_partition_size}"] if z.hpz_partition_size > 1 else []) + (
+            ["qgZ"] if z.quantized_gradients else [])
+        if z.stage == 3 and zpp:
+            parts.append("ZeRO++ " + "+".join(zpp))
         parts.append(f"micro {self.micro_batch}")
         return ", ".join(parts)
 
@@ -273,7 +275,7 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
     split = mem.split
-    if z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1):  # ZeRO++ (cost/zeropp.py)
+    if z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients):  # ZeRO++
         from ztune.cost.zeropp import zeropp_comm_estimate
 
         comm = zeropp_comm_estimate(
@@ -281,7 +283,7 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             ranks_per_node=hw.gpus_per_node, grad_accum=accum, link=link,
             intra_link=ring_link(hw, num_nodes=1, bandwidth_efficiency=efficiency.bandwidth),
             param_bytes=per_param.param, num_units=model.num_layers + 2, quantized_weights=z.quantized_weights,
-            hpz_partition_size=z.hpz_partition_size,
+            hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients,
             grad_bytes=wire_bytes_per_element(method=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
                                               grad_bytes=framework.reduce_bytes or per_param.grad))
     else:
@@ -388,7 +390,8 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
     that are already 16-bit. With `micro_batch` None each candidate gets the largest micro-batch that fits
     (and divides global_batch / GPUs); if none fits it is shown at micro-batch 1. Fields not swept (the
     optimizer, bucket sizes) come from `base`. zeropp (True): also stage 3 with ZeRO++ qwZ + hpZ over each
-    node's GPUs, where it can pay: several nodes of several GPUs, no parameter offload (cost/zeropp.py).
+    node's GPUs + qgZ, where it can pay: several nodes of several GPUs, no parameter offload, no other gradient
+    compression (cost/zeropp.py).
     """
     base = base or TrainConfig()
     results = []
@@ -400,13 +403,15 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
                 for method, pp in itertools.product(compression, zeropp):
                     if method is Compression.BF16 and precision is not Precision.FP32:
                         continue
-                    if pp and (stage != 3 or off_par is Offload.CPU or num_nodes < 2 or hw.gpus_per_node < 2):
+                    if pp and (stage != 3 or off_par is Offload.CPU or num_nodes < 2 or hw.gpus_per_node < 2
+                               or method is not Compression.NONE):
                         continue
                     cfg = dataclasses.replace(
                         base,
                         zero=dataclasses.replace(base.zero, stage=stage, offload_optimizer=off_opt,
                                                  offload_params=off_par, quantized_weights=pp,
-                                                 hpz_partition_size=hw.gpus_per_node if pp else 1),
+                                                 hpz_partition_size=hw.gpus_per_node if pp else 1,
+                                                 quantized_gradients=pp),
                         precision=precision,
                         seq_len=seq_len,
                         batch=BatchConfig(micro=micro_batch or 1, global_=global_batch),

@@ -15,14 +15,14 @@ payload). Per micro-step, with P parameters, n = N hosts x L ranks:
   values in the compute dtype);
 - qgZ (section 3.3): the gradient reduce-scatter becomes an intra-host all-to-all of int4 chunks
   ((L-1)/L P q4 per rank, q4 = 1/2 + 4/QGZ_BLOCK_NUMEL bytes per element), a reduction, and an all-to-all among
-  the ranks with the same local rank on each host of the re-quantized 1/L slice ((N-1)/N P/L q4 per rank, so
-  (N-1)/N P q4 through each host's NICs, which is what ring accounting charges a flat collective; cross-host
-  bytes below are per host and divided by L for the per-rank figure that compares with the others).
-With all three at bf16 (b = 2) and many hosts the cross-host volume per micro-step goes from 3 P b = 6P to
-P (1 + 4/2048) + P (1/2 + 4/2048) ~ 1.5P: the paper's 4x (its abstract: "reduces communication volume of ZeRO
-by 4x"; section 3: 3M -> 0.75M).
+  the ranks with the same local rank on each host of the re-quantized 1/L slice ((N-1)/N P/L q4 per rank;
+  all L ranks of a host send theirs, so (N-1)/N P q4 leave each host: `cross_host_bytes_per_host`).
+With all three at bf16 (b = 2) and many hosts the volume leaving each host per micro-step goes from 3 P b = 6P
+to P (1 + 4/2048) + P (1/2 + 4/2048) ~ 1.5P: the paper's 4x (its abstract: "reduces communication volume of
+ZeRO by 4x"; section 3: 3M -> 0.75M). Per rank (what comm_report measures) qgZ's share is another L times
+smaller.
 
-The runtime implements qwZ and hpZ; qgZ is modelled here but not offered by the estimate (its key is rejected).
+The runtime implements all three (runtime/zeropp.py, runtime/qgz.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ztune.cost.comm import ALL_GATHER, REDUCE_SCATTER, CommEstimate, Link, OpEstimate, latency_steps
+
+ALL_TO_ALL = "all_to_all"
 
 # runtime/zeropp.py QWZ_BLOCK_NUMEL: int8 values, one fp32 scale per block.
 QWZ_BLOCK_NUMEL = 2048
@@ -49,22 +51,30 @@ def qgz_bytes_per_element() -> float:
 
 @dataclass(frozen=True)
 class ZeroPPTraffic:
-    """Stage 3's bytes per optimizer step with the given ZeRO++ parts, by where they travel: cross-host bytes
-    are what leaves each host through its NICs (per host), intra-host bytes what each rank sends inside its host
-    (per rank). For a flat ring collective both equal one rank's ring bytes (module docstring)."""
+    """Stage 3's bytes per rank per optimizer step with the given ZeRO++ parts, by where they travel (what
+    `Engine.comm_report()["zeropp"]` measures). `ranks_per_host_cross` is how many of a host's ranks send
+    `grad_cross_bytes` through its NICs: 1 for a flat ring (its per-rank ring bytes are also what each host
+    boundary carries), L for qgZ's inter-host all-to-all (every rank sends its own slice)."""
 
-    param_gather_cross_bytes: float  # forward (and, without hpZ, backward) all-gathers, per host
-    param_gather_intra_bytes: float  # hpZ's backward all-gather inside the host group, per rank
-    grad_cross_bytes: float  # reduce-scatter, or qgZ's inter-host all-to-all, per host
-    grad_intra_bytes: float  # qgZ's intra-host all-to-all, per rank
+    param_gather_cross_bytes: float  # forward (and, without hpZ, backward) all-gathers over every rank
+    param_gather_intra_bytes: float  # hpZ's backward all-gather inside the host group
+    grad_cross_bytes: float  # reduce-scatter over every rank, or qgZ's inter-host all-to-all
+    grad_intra_bytes: float  # qgZ's intra-host all-to-all
+    ranks_per_host_cross: int = 1
 
     @property
     def cross_host_bytes(self) -> float:
+        """Per rank, on collectives that span hosts."""
         return self.param_gather_cross_bytes + self.grad_cross_bytes
 
     @property
     def intra_host_bytes(self) -> float:
         return self.param_gather_intra_bytes + self.grad_intra_bytes
+
+    @property
+    def cross_host_bytes_per_host(self) -> float:
+        """What leaves each host through its NICs per step (the paper's cross-node volume)."""
+        return self.param_gather_cross_bytes + self.grad_cross_bytes * self.ranks_per_host_cross
 
 
 def zeropp_traffic(*, num_params: int, num_nodes: int, ranks_per_node: int, grad_accum: int = 1,
@@ -73,7 +83,7 @@ def zeropp_traffic(*, num_params: int, num_nodes: int, ranks_per_node: int, grad
                    trainable_params: int | None = None) -> ZeroPPTraffic:
     """Stage 3's traffic per optimizer step (module docstring). All-False is plain stage 3, whose cross-host
     bytes equal cost/comm.py's zero_traffic_elements x the element size. On one host nothing crosses: the
-    flat collectives count as intra-host, per rank.
+    flat collectives count as intra-host.
 
     Raises ValueError when hpz_partition_size does not divide ranks_per_node."""
     if hpz_partition_size < 1 or ranks_per_node % hpz_partition_size:
@@ -90,13 +100,13 @@ def zeropp_traffic(*, num_params: int, num_nodes: int, ranks_per_node: int, grad
     if quantized_gradients:
         q4 = qgz_bytes_per_element()
         grad_intra = a * (L - 1) / L * t * q4
-        # each of the host's L ranks sends its reduced 1/L slice to its N-1 peers on other hosts
-        grad_flat = a * (N - 1) / N * t * q4
+        grad_flat = a * (N - 1) / N * t / L * q4  # this rank's 1/L slice, to its N-1 peers on other hosts
     else:
         grad_intra, grad_flat = 0.0, a * ring * t * grad_bytes
+    per_host = L if quantized_gradients else 1
     if N <= 1:  # one host: nothing crosses
-        return ZeroPPTraffic(0.0, fwd + bwd_flat + bwd_intra, 0.0, grad_flat + grad_intra)
-    return ZeroPPTraffic(fwd + bwd_flat, bwd_intra, grad_flat, grad_intra)
+        return ZeroPPTraffic(0.0, fwd + bwd_flat + bwd_intra, 0.0, grad_flat + grad_intra, per_host)
+    return ZeroPPTraffic(fwd + bwd_flat, bwd_intra, grad_flat, grad_intra, per_host)
 
 
 def hpz_secondary_bytes(*, num_params: int, hpz_partition_size: int, param_bytes: float) -> float:
@@ -106,28 +116,37 @@ def hpz_secondary_bytes(*, num_params: int, hpz_partition_size: int, param_bytes
 
 def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int, grad_accum: int, link: Link,
                          intra_link: Link, param_bytes: float, grad_bytes: float, num_units: int,
-                         quantized_weights: bool, hpz_partition_size: int,
+                         quantized_weights: bool, hpz_partition_size: int, quantized_gradients: bool = False,
                          trainable_params: int | None = None) -> CommEstimate:
-    """cost/comm.py's CommEstimate for stage 3 with qwZ / hpZ: the flat collectives on `link` (all ranks), hpZ's
-    backward all-gather on `intra_link` over its k ranks. One launch per unit and micro-step, as comm_estimate
-    charges stage 3 (the runtime gathers and reduces per module unit)."""
-    n, k, a = num_nodes * ranks_per_node, hpz_partition_size, grad_accum
-    tr = zeropp_traffic(num_params=num_params, num_nodes=num_nodes, ranks_per_node=ranks_per_node, grad_accum=a,
-                        param_bytes=param_bytes, grad_bytes=grad_bytes, quantized_weights=quantized_weights,
-                        hpz_partition_size=k, trainable_params=trainable_params)
-    flat_gather = tr.param_gather_cross_bytes if num_nodes > 1 else tr.param_gather_intra_bytes - (
-        a * (k - 1) / k * num_params * param_bytes if k > 1 else 0.0)
-    grad = tr.grad_cross_bytes if num_nodes > 1 else tr.grad_intra_bytes
+    """cost/comm.py's CommEstimate for stage 3 with ZeRO++: the flat collectives on `link` (all ranks); hpZ's
+    backward all-gather (k ranks) and qgZ's first all-to-all (L ranks) on `intra_link`; qgZ's second all-to-all
+    (N ranks, one per host) on `link`. One launch per unit and micro-step, as comm_estimate charges stage 3 (the
+    runtime gathers and reduces per module unit); an all-to-all pays n-1 latency steps (pairwise exchanges)."""
+    L, N, k, a = ranks_per_node, num_nodes, hpz_partition_size, grad_accum
+    n = N * L
+    tr = zeropp_traffic(num_params=num_params, num_nodes=N, ranks_per_node=L, grad_accum=a, param_bytes=param_bytes,
+                        grad_bytes=grad_bytes, quantized_weights=quantized_weights, hpz_partition_size=k,
+                        quantized_gradients=quantized_gradients, trainable_params=trainable_params)
+    t = num_params if trainable_params is None else trainable_params
+    hpz_bytes = a * (k - 1) / k * num_params * param_bytes if k > 1 else 0.0
+    qgz_intra = a * (L - 1) / L * t * qgz_bytes_per_element() if quantized_gradients else 0.0
+    flat_gather = tr.param_gather_cross_bytes if N > 1 else tr.param_gather_intra_bytes - hpz_bytes
+    grad = tr.grad_cross_bytes if N > 1 else tr.grad_intra_bytes - qgz_intra
     launches = a * num_units
 
     def op(name: str, kind: str, wire: float, group: int, on: Link, per_step: int) -> OpEstimate:
         if group <= 1 or wire <= 0:
             return OpEstimate(name, kind, "micro", 0, 0.0, 0.0)
-        time_s = per_step * latency_steps(name, group, on) * on.latency_s + wire / on.bw_bytes_per_s
+        steps = latency_steps(REDUCE_SCATTER if name == ALL_TO_ALL else name, group, on)
+        time_s = per_step * steps * on.latency_s + wire / on.bw_bytes_per_s
         return OpEstimate(name, kind, "micro", per_step, wire, time_s)
 
     ops = [op(ALL_GATHER, "param", flat_gather, n, link, launches * (1 if k > 1 else 2))]
     if k > 1:
-        ops.append(op(ALL_GATHER, "param", a * (k - 1) / k * num_params * param_bytes, k, intra_link, launches))
-    ops.append(op(REDUCE_SCATTER, "grad", grad, n, link, launches))
+        ops.append(op(ALL_GATHER, "param", hpz_bytes, k, intra_link, launches))
+    if quantized_gradients:
+        ops.append(op(ALL_TO_ALL, "grad", qgz_intra, L, intra_link, launches))
+        ops.append(op(ALL_TO_ALL, "grad", grad, N, link, launches))
+    else:
+        ops.append(op(REDUCE_SCATTER, "grad", grad, n, link, launches))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)
