@@ -1,5 +1,5 @@
-"""ZeRO++ qwZ, hpZ (runtime/zeropp.py) and qgZ (runtime/qgz.py) against a single-process reference, on 4 gloo ranks as 2 hosts x 2
-(ZTUNE_LOCAL_WORLD_SIZE=2) and on 2 ranks (one host), each world in one spawn.
+"""ZeRO++ qwZ, hpZ (runtime/zeropp.py) and qgZ (runtime/qgz.py) against a single-process reference, on 4 gloo
+ranks as 2 hosts x 2 (ZTUNE_LOCAL_WORLD_SIZE=2) and on 2 ranks (one host), each world in one spawn.
 
 Tolerances:
 - hpZ alone changes only where the backward gather reads from (the secondary shards hold exactly the values
@@ -9,8 +9,8 @@ Tolerances:
   same transformation (written here independently of the runtime) to its fp32 master before every forward,
   and the engine must match it within 1e-4 (not 1e-5: the sharded master differs from the reference's by
   summation order, ~1e-7 relative, and an element sitting on a rounding tie, x / s = k + 1/2, then rounds the
-  other way, one quantum off for one step; the reference meets such a tie exactly in the accum=2 case, where
-  the engine ends 1.4e-5 away, and 4.5e-8 in the cases without one).
+  other way, one quantum off for one step; a qwZ-only accum=2 run that met an exact tie ended 1.4e-5 away,
+  runs without one 4.5e-8).
 - Against the plain (unquantized) reference the error is the quantization's own. Per element
   |w_q - w| <= absmax(block) / 254 (round to nearest), checked directly on the gathered weights. Over training,
   Adam's first steps are about lr x sign(gradient), so elements whose gradient is smaller than the change the
@@ -181,20 +181,25 @@ def _qgz_sum(grads: list[torch.Tensor], *, num_nodes: int, per_node: int) -> tor
     return torch.cat(shards)
 
 
-def _qgz_gradients(model, units, layouts, per_rank, *, world_size: int, ranks_per_node: int) -> None:
-    """Leave in each parameter's .grad the mean over ranks of their gradients, summed as qgZ sums them."""
+def _qgz_gradients(model, units, layouts, per_rank, *, world_size: int, ranks_per_node: int, accum: int) -> None:
+    """Leave in each parameter's .grad the mean over ranks of their gradients, summed as qgZ sums them (each
+    micro-step reduced on its own, of loss / accum, and the reduced shards added up, as the engine does)."""
     from ztune.runtime.partition import flatten_to, views_of
 
-    flats: list[list[torch.Tensor]] = [[] for _ in units]
-    for data in per_rank:
-        ids, labels = next(data)
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=labels).backward()
-        for u, ((_, ps), lay) in enumerate(zip(units, layouts, strict=True)):
-            flats[u].append(flatten_to([p.grad for p in ps], lay, dtype=torch.float32, device="cpu"))
-    for ((_, ps), lay), grads in zip(zip(units, layouts, strict=True), flats, strict=True):
-        total = _qgz_sum(grads, num_nodes=world_size // ranks_per_node, per_node=ranks_per_node) / world_size
-        for p, v in zip(ps, views_of(total, lay), strict=True):
+    totals: list[torch.Tensor | None] = [None] * len(units)
+    for _ in range(accum):
+        flats: list[list[torch.Tensor]] = [[] for _ in units]
+        for data in per_rank:
+            ids, labels = next(data)
+            model.zero_grad(set_to_none=True)
+            (model(ids, labels=labels) / accum).backward()
+            for u, ((_, ps), lay) in enumerate(zip(units, layouts, strict=True)):
+                flats[u].append(flatten_to([p.grad for p in ps], lay, dtype=torch.float32, device="cpu"))
+        for u, grads in enumerate(flats):
+            reduced = _qgz_sum(grads, num_nodes=world_size // ranks_per_node, per_node=ranks_per_node)
+            totals[u] = reduced if totals[u] is None else totals[u] + reduced
+    for ((_, ps), lay), total in zip(zip(units, layouts, strict=True), totals, strict=True):
+        for p, v in zip(ps, views_of(total / world_size, lay), strict=True):
             p.grad = v.clone()
 
 
@@ -226,8 +231,9 @@ def reference(c: dict, world_size: int) -> tuple[dict, dict]:
                     flat = _fake_quantize(flat, world_size)
                 for p, v in zip(ps, views_of(flat, lay), strict=True):
                     p.copy_(v)
-        if c["qgz"]:  # every rank's gradient, reduced as qgZ does (accum 1)
-            _qgz_gradients(model, units, layouts, per_rank, world_size=world_size, ranks_per_node=ranks_per_node)
+        if c["qgz"]:  # every rank's gradient, reduced as qgZ does
+            _qgz_gradients(model, units, layouts, per_rank, world_size=world_size, ranks_per_node=ranks_per_node,
+                           accum=c["accum"])
         else:
             for _ in range(c["accum"]):
                 ids, labels = next(data)
@@ -251,7 +257,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 PLAIN, QWZ, HPZ, QGZ, ALL3 = case(), case(qwz=True), case(hpz=2), case(qgz=True), case(qwz=True, hpz=2, qgz=True)
 BF16_PLAIN, BF16_ALL3 = case(precision="bf16"), case(qwz=True, hpz=2, qgz=True, precision="bf16")
-FOUR = [PLAIN, QWZ, HPZ, QGZ, ALL3, case(qwz=True, hpz=2, accum=2, ckpt="full"), BF16_PLAIN, BF16_ALL3]
+FOUR = [PLAIN, QWZ, HPZ, QGZ, ALL3, case(qwz=True, hpz=2, qgz=True, accum=2, ckpt="full"), BF16_PLAIN, BF16_ALL3]
 TWO = [QWZ, HPZ, QGZ]
 
 
