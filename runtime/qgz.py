@@ -85,7 +85,7 @@ def build_qgz_comms(*, layout: NodeLayout, rank: int, timeout_s: float) -> tuple
         mine = None
         for ranks in all_ranks:
             if size > 1:
-                group = dist.new_group(ranks, timeout=timeout, backend="gloo")
+                group = dist.new_group(ranks, timeout=timeout)  # the default backend (gloo or NCCL)
                 if rank in ranks:
                     mine = group
         return Comm(group=mine, rank=my_index, world_size=size)

@@ -133,7 +133,7 @@ def build_hpz_comm(*, layout: NodeLayout, partition_size: int, rank: int, timeou
     mine = None
     for first in range(0, layout.world_size, k):
         ranks = list(range(first, first + k))
-        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend="gloo")
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))  # the default backend
         if rank in ranks:
             mine = group
     return Comm(group=mine, rank=rank % k, world_size=k)
