@@ -85,6 +85,14 @@ class Engine:
         from ztune.runtime.trial_report import TrialReporter
 
         self.trial_reporter = TrialReporter.from_env(rank=comm.rank, world_size=comm.world_size)
+        self._zeropp = None  # ZeRO++ qwZ / hpZ gathers, qgZ reductions (runtime/zeropp.py), stage 3 only
+        self.node_layout = None  # which ranks share a host (runtime/comm/topology.py), read for ZeRO++ only
+        if cfg.zero.quantized_weights or cfg.zero.hpz_partition_size > 1 or cfg.zero.quantized_gradients:
+            from ztune.runtime.comm.topology import layout_from_env
+            from ztune.runtime.zeropp import check_zeropp
+
+            self.node_layout = layout_from_env(world_size=comm.world_size)
+            check_zeropp(cfg, layout=self.node_layout)
         self.offload_activations = cfg.activations.offload is Offload.CPU
         if cfg.activations.checkpointing is not Checkpointing.NONE:
             from ztune.runtime.checkpointing import apply_activation_checkpointing
@@ -148,14 +156,16 @@ class Engine:
             if fetch is not None and self.frozen_groups:  # frozen shards stay on the device
                 fetch = _frozen_in_place(fetch)
             gathered_groups = self.groups + self.frozen_groups
+            self._zeropp = self._build_zeropp(gathered_groups)
             lockstep = None
-            if comm.gloo and (fetch is not None or not self._shared_shards):  # gathers through the group
+            quantized = self._zeropp is not None and self._zeropp.quantized_weights  # never from shared shards
+            if comm.gloo and (fetch is not None or not self._shared_shards or quantized):  # gathers through the group
                 from ztune.runtime.lockstep import Lockstep, unit_names
 
                 lockstep = Lockstep.create(rank=self.rank, world_size=self.world_size,
                                            names=unit_names(model, [g.module for g in gathered_groups]))
             self._gatherer = ParamGatherer(gathered_groups, comm=comm, prefetch_units=cfg.zero.prefetch_units,
-                                           fetch_shard=fetch, lockstep=lockstep)
+                                           fetch_shard=fetch, lockstep=lockstep, zeropp=self._zeropp)
             from ztune.runtime.construct.gathered import guard_outside_forward
             from ztune.runtime.construct.shards import release_frozen_after_input_grads
 
@@ -166,8 +176,28 @@ class Engine:
                                     on_reduced=self._gatherer.release if self._gatherer else None,
                                     compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
                                     # stage 3: units in reverse (backward) order, the root (first) last
-                                    launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None)
+                                    launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None,
+                                    exchanges=self._zeropp.qgz_exchanges(self.groups) if self._zeropp else None)
         comm.phase = "train"
+
+    def _build_zeropp(self, groups):
+        """ZeRO++'s qwZ / hpZ state for stage 3's gathers, or None when the config asks for neither."""
+        z = self.config.zero
+        if not (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients):
+            return None
+        from ztune.runtime.lockstep import timeout_from_env
+        from ztune.runtime.zeropp import ZeroPlusPlus, build_hpz_comm
+
+        hpz = qgz = None
+        if z.hpz_partition_size > 1:
+            hpz = build_hpz_comm(layout=self.node_layout, partition_size=z.hpz_partition_size, rank=self.rank,
+                                 timeout_s=timeout_from_env())
+        if z.quantized_gradients:
+            from ztune.runtime.qgz import build_qgz_comms
+
+            qgz = build_qgz_comms(layout=self.node_layout, rank=self.rank, timeout_s=timeout_from_env())
+        return ZeroPlusPlus(groups, comm=self.comm, quantized_weights=z.quantized_weights, hpz_comm=hpz,
+                            qgz_comms=qgz)
 
     def _build_sharded(self, model: nn.Module, specs, layouts, *, units, device: torch.device, meta_init) -> None:
         """Stage 3: self.groups and self.frozen_groups built unit by unit (runtime/construct/shards.py)."""
@@ -325,6 +355,10 @@ class Engine:
         """Training traffic: per-op calls / payload bytes / sent bytes (ring accounting, comm.py), and the
         bytes this rank sends per optimizer step."""
         report = self.comm.report(steps=self.global_steps)
+        if self._zeropp is not None:
+            from ztune.runtime.zeropp import zeropp_report
+
+            report["zeropp"] = zeropp_report(self._zeropp, report, layout=self.node_layout, steps=self.global_steps)
         report.update(stage=self.plan.stage, grad_accum=self.grad_accum, num_params=self.num_flat_params,
                       padded_params=sum(g.layout.padded_numel for g in self.groups),
                       dtype_bytes=torch.tensor([], dtype=self.dtype).element_size())
@@ -335,7 +369,8 @@ class Engine:
         params: flat parameter buffers (full, or the shard at stage 3 plus any unit gathered right now) and
         frozen parameters; grads: gradient buffers or shard accumulators, plus reduce buckets in flight;
         optimizer: fp32 masters that do not alias the parameters, and optimizer state (moments, step);
-        buffers: the model's registered buffers (masks, rotary tables, norm statistics), replicated.
+        buffers: the model's registered buffers (masks, rotary tables, norm statistics), replicated;
+        secondary_params: ZeRO++ hpZ's secondary shards (runtime/zeropp.py; 0 without hpZ).
         These are device bytes; host_params / host_grads / host_optimizer / host_buffers (upload staging) /
         host_total are what offload keeps in host memory (runtime/offload.py), counted first."""
         seen: set[int] = set()
@@ -359,8 +394,9 @@ class Engine:
 
         optimizer = _storage_bytes([g.master for g in self.groups] + optimizer_state_tensors(self.optimizer), seen)
         buffers = _storage_bytes(list(self.module.buffers()), seen)
+        secondary = _storage_bytes(self._zeropp.secondary_tensors(), seen) if self._zeropp is not None else 0
         return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers,
-                "total": params + grads + optimizer + buffers,
+                "secondary_params": secondary, "total": params + grads + optimizer + buffers + secondary,
                 **{f"host_{k}": v for k, v in host.items()}, "host_total": sum(host.values())}
 
     def full_state_dict(self, *, rank0_only: bool = True) -> dict | None:

@@ -93,7 +93,9 @@ class GradReducer:
     def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, shard_states: bool, shard_grads: bool,
                  on_reduced: Callable[[FlatGroup], None] | None = None, max_inflight: int = 2,
                  compression: Compression | str = Compression.NONE, topk_ratio: float = 0.01,
-                 launch_order: Sequence[int] | None = None):
+                 launch_order: Sequence[int] | None = None, exchanges: Sequence | None = None):
+        """exchanges: one reduction per group with CompressedExchange's interface (start, reduce, residuals)
+        to use instead of the collectives and of `compression` (ZeRO++ qgZ, runtime/qgz.py), or None."""
         self.groups = list(groups)
         # Group indices in the order their collectives go out (module docstring: Order); identical on every rank.
         self._order = list(range(len(self.groups))) if launch_order is None else list(launch_order)
@@ -121,6 +123,9 @@ class GradReducer:
             codec = Codec(method, topk_ratio=topk_ratio, value_dtype=dtype)
             self._exchanges = [CompressedExchange(codec, comm=comm, padded_numel=g.layout.padded_numel,
                                                   device=g.grad_owned.device) for g in self.groups]
+        if exchanges is not None:
+            self._wire_dtype = None
+            self._exchanges = list(exchanges)
         self._handles = []
         for gi, g in enumerate(self.groups):
             for pi, p in enumerate(g.params):

@@ -19,6 +19,7 @@ saved as views of a weight (e.g. `weight.t()`) see the refilled storage in backw
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -74,20 +75,32 @@ def _tensors_needing_grad(value) -> list[torch.Tensor]:
     return []
 
 
+def _then(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        if first is not None:
+            first()
+        second()
+    return both
+
+
 class ParamGatherer:
     """fetch_shard(group) -> the shard to all-gather from, when it is not `group.param_shard` on the device
     (offload_params: runtime/offload.py uploads the host shard; kept alive until the all-gather completes)."""
 
     def __init__(self, groups: Sequence[FlatGroup], *, comm: Comm, prefetch_units: int,
-                 fetch_shard: Callable[[FlatGroup], torch.Tensor] | None = None, lockstep: Lockstep | None = None):
+                 fetch_shard: Callable[[FlatGroup], torch.Tensor] | None = None, lockstep: Lockstep | None = None,
+                 zeropp=None):
         self.groups = list(groups)
+        # runtime/zeropp.py (qwZ, hpZ): the gathers of a training pass (engine forward, backward) only.
+        self.zeropp = zeropp
+        self._in_forward = False
         self.comm = comm
         self.lockstep = lockstep  # process-group gathers: own group, stamps, bounded wait (runtime/lockstep.py)
         self.prefetch_units = prefetch_units
         self.fetch_shard = fetch_shard
         self.in_backward = False
-        # group -> (all-gather work, source shard, stamp handle or None)
-        self._works: dict[int, tuple[object, torch.Tensor, object]] = {}
+        # group -> (all-gather work, source shard, stamp handle or None, what to run once it completed or None)
+        self._works: dict[int, tuple] = {}
         self._index = {id(g): i for i, g in enumerate(self.groups)}
         # Orders from the previous forward (initially: root, then the units as listed).
         self._fwd_order: list[int] = list(range(len(self.groups)))
@@ -105,23 +118,40 @@ class ParamGatherer:
         if g.gathered or i in self._works:
             return
         alloc_storage_(g.param_full)
-        if self.fetch_shard is None and self.comm.gather_stable_shards(g.param_full, g.param_shard):
-            return  # copied from the shared shards (runtime/comm/shm.py); nothing in flight
+        pp = self.zeropp if (self._in_forward or self.in_backward) else None
+        if pp is not None and self.in_backward and pp.has_secondary(g):  # hpZ: inside the host group only
+            self._works[i] = (pp.gather_secondary(g), None, None, None)
+            return
+        keep = pp.keep_secondary if pp is not None and not self.in_backward else None
+        if pp is None or not pp.quantized_weights:
+            if self.fetch_shard is None and self.comm.gather_stable_shards(g.param_full, g.param_shard):
+                if keep is not None:
+                    keep(g)
+                return  # copied from the shared shards (runtime/comm/shm.py); nothing in flight
         shard = g.param_shard if self.fetch_shard is None else self.fetch_shard(g)
         stamp, group = None, None
         if self.lockstep is not None:
             phase = BACKWARD if self.in_backward else FORWARD if torch.is_grad_enabled() else FORWARD_NO_GRAD
             stamp, group = self.lockstep.stamp(i, phase=phase), self.lockstep.group
-        self._works[i] = (self.comm.all_gather(g.param_full, shard, async_op=True, group=group), shard, stamp)
+        finish = None
+        if pp is not None and pp.quantized_weights:  # qwZ: int8 blocks on the wire
+            work, finish = pp.start_quantized(g, shard=shard, group=group)
+        else:
+            work = self.comm.all_gather(g.param_full, shard, async_op=True, group=group)
+        if keep is not None:
+            finish = _then(finish, partial(keep, g))
+        self._works[i] = (work, shard, stamp, finish)
 
     def _wait(self, i: int) -> None:
-        work, _shard, stamp = self._works.pop(i, (None, None, None))
+        work, _shard, stamp, finish = self._works.pop(i, (None, None, None, None))
         if work is None:
             return
         if stamp is None:
             work.wait()
         else:
             self.lockstep.wait(work, stamp)
+        if finish is not None:
+            finish()
 
     def gather(self, i: int) -> None:
         self._start(i)
@@ -146,8 +176,12 @@ class ParamGatherer:
     # -- hooks --------------------------------------------------------------------------------------------
     def begin_forward(self) -> None:
         self._fwd_seen, self._done_seen = [], []
+        self._in_forward = True
+        if self.zeropp is not None:
+            self.zeropp.invalidate()
 
     def end_forward(self) -> None:
+        self._in_forward = False
         if self._fwd_seen:
             self._fwd_order = self._fwd_seen
             self._bwd_order = list(reversed(self._done_seen))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ztune.cli import app
 
-ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "micro_batch",
+ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "zeropp", "micro_batch",
             "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
             "mfu", "fits", "init_peak", "trainable_params"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}

@@ -81,6 +81,7 @@ def test_memory_report_matches_zero_formulas(reports, index):
         assert got["grads"] == pytest.approx(want.grads_bytes, rel=0.02)
         assert got["optimizer"] == pytest.approx(want.optimizer_bytes, rel=0.02)
         assert got["buffers"] == 0  # this model registers no buffers
+        assert got["secondary_params"] == 0  # ZeRO++ hpZ only (tests/dist/test_zeropp.py)
         assert got["total"] == got["params"] + got["grads"] + got["optimizer"] + got["buffers"]
 
 

@@ -19,6 +19,7 @@ from ztune.config import (
     load_detailed,
     resolve_batch,
 )
+from ztune.config.deepspeed import to_deepspeed
 from ztune.config.deepspeed_keys import IGNORED, KEYS, NEUTRAL, REJECTED
 from ztune.errors import ConfigError
 
@@ -112,7 +113,10 @@ def test_precision_blocks_deepspeed_accepts_load():
      "fp16.fp16_master_weights_and_grads: ztune keeps fp32 master weights"),
     ({"bf16": {"enabled": True, "loss_scale": 128}}, "bf16.loss_scale: bf16 is never loss-scaled"),
     ({"bf16": {"enabled": True, "bf16_optimizer_states": True}}, "bf16.bf16_optimizer_states"),
-    ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "zero_optimization.zero_quantized_weights"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True},
+      "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
+     "zero_optimization.zero_quantized_gradients: ZeRO++ qgZ quantizes the gradient exchange itself"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": -1}}, "zero_optimization.zero_hpz_partition_size"),
     ({"zero_optimization": {"stage": 2, "zenflow": {}}}, "zero_optimization.zenflow: ZenFlow"),
     ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage: got 5"),
     ({"zero_optimization": {"reduce_bucket_size": "big"}}, "zero_optimization.reduce_bucket_size: expected an integer"),
@@ -232,3 +236,26 @@ def test_fp16_scaler_keys_read_with_deepspeeds_meaning():
     assert cfg.precision is Precision.FP32 and "fp16.loss_scale" in ignored
     with pytest.raises(ConfigError, match="unknown key 'fp16.scale'"):
         from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False, "scale": 1}})
+
+
+def test_zeropp_keys_map_at_stage_3_and_are_ignored_below():
+    """DeepSpeed reads zero_quantized_weights / zero_hpz_partition_size in its stage-3 code only; hpZ is on for
+    a size > 1 (0 and 1: off)."""
+    def load(stage, qwz, hpz):
+        return from_deepspeed({"train_batch_size": 8, "zero_optimization": {
+            "stage": stage, "zero_quantized_weights": qwz, "zero_hpz_partition_size": hpz,
+            "zero_quantized_gradients": qwz}})
+
+    cfg, ignored = load(3, True, 8)
+    z = cfg.zero
+    assert z.quantized_weights and z.hpz_partition_size == 8 and z.quantized_gradients and ignored == []
+    for stage, qwz, hpz in ((2, True, 8), (3, False, 1), (3, False, 0)):
+        cfg, ignored = load(stage, qwz, hpz)
+        z = cfg.zero
+        assert not z.quantized_weights and z.hpz_partition_size == 1 and not z.quantized_gradients
+        assert sorted(ignored) == ["zero_optimization.zero_hpz_partition_size",
+                                   "zero_optimization.zero_quantized_gradients",
+                                   "zero_optimization.zero_quantized_weights"]
+    doc = to_deepspeed(load(3, True, 4)[0])["zero_optimization"]
+    assert doc["zero_quantized_weights"] is True and doc["zero_quantized_gradients"] is True
+    assert doc["zero_hpz_partition_size"] == 4

@@ -40,6 +40,9 @@ def estimate(
                                                                       "config's, else bf16).")] = None,
     compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient "
                                                                     "compression.")] = False,
+    zeropp: Annotated[bool, typer.Option("--zeropp", help="Also sweep ZeRO++ at stage 3 (qwZ int8 weight "
+                                                          "all-gather + hpZ inside each node + qgZ int4 "
+                                                          "gradients) on several nodes.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of memory per GPU by "
                                                              "category.")] = None,

@@ -34,6 +34,13 @@ def _offload_label(est: Any) -> str:
     return "+".join(names) or "none"
 
 
+def _zero_label(z: Any) -> str:
+    """The stage, with ZeRO++'s parts where on: "3 qwZ+hpZ8"."""
+    parts = (["qwZ"] if z.quantized_weights else []) + ([f"hpZ{z.hpz_partition_size}"] if z.hpz_partition_size > 1
+                                                         else []) + (["qgZ"] if z.quantized_gradients else [])
+    return f"{z.stage} {'+'.join(parts)}" if parts else str(z.stage)
+
+
 def row_dict(est: Any) -> dict:
     """One row of the stable --json schema."""
     c = est.config
@@ -43,6 +50,9 @@ def row_dict(est: Any) -> dict:
         "offload_params": c.zero.offload_params.value,
         "checkpointing": c.activations.checkpointing.value,
         "compression": c.compression.method.value,
+        # ZeRO++ (stage 3): qwZ (int8 weight all-gather), hpZ partition size (1 = off), qgZ (int4 gradients)
+        "zeropp": {"quantized_weights": c.zero.quantized_weights, "hpz_partition_size": c.zero.hpz_partition_size,
+                   "quantized_gradients": c.zero.quantized_gradients},
         "micro_batch": est.micro_batch,
         "memory_per_gpu": est.memory_per_gpu.as_dict(),
         "init_peak": est.init_peak_bytes,  # bytes per GPU during initialize, only where above the steady state
@@ -68,7 +78,7 @@ def _table_rows(estimates: list, *, show_compression: bool) -> tuple[list[str], 
     for i, e in enumerate(estimates, 1):
         m = e.memory_per_gpu
         rows.append([str(c) for c in
-                     [i, e.config.zero.stage, _offload_label(e), e.config.activations.checkpointing.value]
+                     [i, _zero_label(e.config.zero), _offload_label(e), e.config.activations.checkpointing.value]
                      + ([e.config.compression.method.value] if show_compression else [])
                      + [e.micro_batch, e.grad_accum, _gib(m.params), _gib(m.grads), _gib(m.optimizer),
                         _gib(m.activations), _gib(m.buffers), _gib(m.total)]
@@ -214,6 +224,7 @@ ESTIMATE_FLAGS: dict[str, tuple[str, str, Any]] = {
     "--stage": ("stage", "int", None),
     "--precision": ("precision", "str", None),
     "--compression": ("compression", "flag", False),
+    "--zeropp": ("zeropp", "flag", False),
     "--json": ("json_out", "flag", False),
     "--plot": ("plot", "path", None),
     "--check": ("check", "flag", False),
@@ -264,7 +275,7 @@ def parse_fast(argv: list[str]) -> dict[str, Any] | None:
 
 def run_estimate(*, hardware: str | None, model: str | None, params: str | None, nodes: int, seq: int | None,
                  micro_batch: int | None, global_batch: int | None, config: Path | None, stage: int | None,
-                 precision: str | None, compression: bool, json_out: bool, plot: Path | None, check: bool,
+                 precision: str | None, compression: bool, zeropp: bool, json_out: bool, plot: Path | None, check: bool,
                  selective_policy: str, reduce_fp32: bool, loss: str, loss_chunk: int, trainable: str | None,
                  lora_rank: int | None, init: str) -> int:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration. Prints
@@ -317,7 +328,8 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         methods = tuple(Compression) if compression else (Compression.NONE,)
         estimates = sweep(spec, hw, num_nodes=nodes, seq_len=seq_len, global_batch=global_batch,
                           micro_batch=micro_batch, stages=(stage,) if stage is not None else (0, 1, 2, 3),
-                          compression=methods, precision=prec or Precision.BF16, framework=framework)
+                          compression=methods, precision=prec or Precision.BF16, framework=framework,
+                          zeropp=(False, True) if zeropp else (False,))
     best, reason = recommend(estimates)
     best_index = next((i for i, e in enumerate(estimates) if e is best), None)
 

@@ -67,6 +67,9 @@ _OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0}
 # ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
 _DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
              "zero.offload_params": "zero_optimization.offload_param", "zero.stage": "zero_optimization.stage",
+             "zero.quantized_weights": "zero_optimization.zero_quantized_weights",
+             "zero.hpz_partition_size": "zero_optimization.zero_hpz_partition_size",
+             "zero.quantized_gradients": "zero_optimization.zero_quantized_gradients",
              "optimizer.lr": "optimizer.params.lr", "optimizer.eps": "optimizer.params.eps",
              "optimizer.betas": "optimizer.params.betas", "optimizer.weight_decay": "optimizer.params.weight_decay",
              "optimizer.momentum": "optimizer.params.momentum", "activations.": "ztune.activations.",
@@ -160,8 +163,27 @@ def _zero(block: Any, ignored: list[str]) -> dict[str, Any]:
                           ("allgather_bucket_size", "allgather_bucket_numel")):
         if ds_key in block:
             zero[field] = _number(int, block[ds_key], f"{key}.{ds_key}")
+    # ZeRO++ (runtime/zeropp.py). DeepSpeed reads both keys in its stage-3 code only (runtime/zero/stage3.py,
+    # partition_parameters.py), so at stages 0-2 they are listed as ignored; hpZ is on for a size > 1
+    # (0 and 1: off; the pydantic field is ge=0, runtime/zero/config.py).
+    for ds_key, field in (("zero_quantized_weights", "quantized_weights"),
+                          ("zero_quantized_gradients", "quantized_gradients")):
+        if ds_key in block:
+            if _convert(bool, block[ds_key], f"{key}.{ds_key}") and stage == 3:
+                zero[field] = True
+            else:
+                ignored.append(f"{key}.{ds_key}")
+    if "zero_hpz_partition_size" in block:
+        hpz = _convert(int, block["zero_hpz_partition_size"], f"{key}.zero_hpz_partition_size")
+        if hpz < 0:
+            raise ConfigError(f"{key}.zero_hpz_partition_size: got {hpz}; must be >= 0 (1 = off)")
+        if hpz > 1 and stage == 3:
+            zero["hpz_partition_size"] = hpz
+        else:
+            ignored.append(f"{key}.zero_hpz_partition_size")
     handled = {"stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
-               "reduce_bucket_size", "allgather_bucket_size"}
+               "reduce_bucket_size", "allgather_bucket_size", "zero_quantized_weights", "zero_hpz_partition_size",
+               "zero_quantized_gradients"}
     _apply_rules(block, key, handled=handled, ignored=ignored)
     return zero
 
@@ -352,6 +374,9 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
         zero["offload_optimizer"] = {"device": z.offload_optimizer.value}
     if z.stage == 3:
         zero["offload_param"] = {"device": z.offload_params.value}
+        zero["zero_quantized_weights"] = z.quantized_weights
+        zero["zero_hpz_partition_size"] = z.hpz_partition_size
+        zero["zero_quantized_gradients"] = z.quantized_gradients
     o = cfg.optimizer
     params: dict[str, Any] = {"lr": o.lr, "weight_decay": o.weight_decay}
     if o.type is OptimizerType.SGD:

@@ -129,16 +129,22 @@ KEYS: dict[str, KeyRule] = {
     "zero_optimization.leaf_module": _i("stage-3 hook granularity; ztune gathers per unit (initialize(units=))"),
     "zero_optimization.compute_grad_norm": _i("ztune computes the global norm itself when it needs it"),
     "zero_optimization.save_muon_momentum_buffer_in_memory": _i(_PERF),
-    "zero_optimization.zero_hpz_partition_size": _i("hierarchical partitioning (ZeRO++ hpZ): memory layout only"),
+    "zero_optimization.zero_hpz_partition_size": _s("ZeRO++ hpZ at stage 3 (k > 1): a secondary parameter partition "
+                                                    "over k ranks of one host serves the backward all-gather; k "
+                                                    "must divide the ranks per host; 0/1 = off; ignored at stages "
+                                                    "0-2, as in DeepSpeed"),
     "zero_optimization.mics_shard_size": _i("MiCS shard groups: memory layout only"),
     "zero_optimization.mics_hierarchical_params_gather": _i(_PERF),
-    "zero_optimization.zero_quantized_weights": _n(False, "quantized weight all-gather (ZeRO++ qwZ) is not "
-                                                          "implemented"),
+    "zero_optimization.zero_quantized_weights": _s("ZeRO++ qwZ at stage 3: the forward all-gather sends int8 "
+                                                   "weights in blocks of 2048 with one fp32 scale each; master "
+                                                   "weights stay full precision; ignored at stages 0-2, as in "
+                                                   "DeepSpeed"),
     "zero_optimization.zero_quantized_nontrainable_weights": _n(False, "quantized frozen weights are not "
                                                                        "implemented"),
-    "zero_optimization.zero_quantized_gradients": _n(False, "quantized gradient reduction (ZeRO++ qgZ) is not "
-                                                            "implemented; ztune's compression: use the \"ztune\" "
-                                                            "block"),
+    "zero_optimization.zero_quantized_gradients": _s("ZeRO++ qgZ at stage 3: the gradient reduce-scatter as int4 "
+                                                     "all-to-alls (blocks of 2048, fp32 scales) inside each host, "
+                                                     "then across hosts; not with ztune's compression; ignored at "
+                                                     "stages 0-2, as in DeepSpeed"),
     "zero_optimization.zenflow": _r("ZenFlow's delayed CPU updates are not implemented"),
     "zero_optimization.offload_optimizer.pin_memory": _i(_OFFLOAD_IO),
     "zero_optimization.offload_optimizer.buffer_count": _i(_OFFLOAD_IO),

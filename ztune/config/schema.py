@@ -3,7 +3,8 @@
 YAML form (every key optional; unknown keys are an error):
 
     zero: {stage: 2, offload_optimizer: none, offload_params: none,
-           reduce_bucket_numel: 25000000, allgather_bucket_numel: 25000000, prefetch_units: 1}
+           reduce_bucket_numel: 25000000, allgather_bucket_numel: 25000000, prefetch_units: 1,
+           quantized_weights: false, hpz_partition_size: 1, quantized_gradients: false}  # ZeRO++, stage 3
     precision: bf16            # bf16 | fp16 | fp32
     batch: {micro: 4, grad_accum: 8, global: 256}
     seq_len: 2048
@@ -70,6 +71,13 @@ class ZeroConfig:
     allgather_bucket_numel: int = 25_000_000
     # Stage 3: how many module units ahead to gather.
     prefetch_units: int = 1
+    # Stage 3, ZeRO++ (Wang et al. 2023; runtime/zeropp.py): qwZ, the forward all-gather sends block-quantized
+    # int8 weights (DeepSpeed's zero_quantized_weights); hpZ, a secondary partition over groups of this many
+    # ranks inside a host serves the backward all-gather (zero_hpz_partition_size; 1 = off); qgZ, the
+    # gradient reduce-scatter as int4 all-to-alls inside, then across hosts (zero_quantized_gradients).
+    quantized_weights: bool = False
+    hpz_partition_size: int = 1
+    quantized_gradients: bool = False
 
 
 @dataclass(frozen=True)

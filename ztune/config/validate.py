@@ -13,6 +13,7 @@ from typing import Any
 
 from ztune.config.schema import (
     BatchConfig,
+    Compression,
     LossScaleConfig,
     Offload,
     OptimizerConfig,
@@ -146,6 +147,13 @@ def check(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value > most:
             raise ConfigError(f"{key}: got {value}; at most {most} (is it a typo?)")
     _check_positive("zero.prefetch_units", z.prefetch_units, allow_zero=True)
+    _check_positive("zero.hpz_partition_size", z.hpz_partition_size)
+    for key, on in (("zero.quantized_weights", z.quantized_weights),
+                    ("zero.hpz_partition_size", z.hpz_partition_size > 1),
+                    ("zero.quantized_gradients", z.quantized_gradients)):
+        if on and z.stage != 3:  # ZeRO++ changes stage 3's parameter gathers (runtime/zeropp.py)
+            raise ConfigError(f"{key}: ZeRO++ needs zero.stage 3 (got stage {z.stage}); set zero.stage: 3 or "
+                              "turn it off")
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     _check_positive("optimizer.momentum", cfg.optimizer.momentum, allow_zero=True)
@@ -153,6 +161,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     for i, beta in enumerate(cfg.optimizer.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optimizer.betas[{i}]: got {beta}; must be in [0, 1)")
+    if z.quantized_gradients and cfg.compression.method is not Compression.NONE:
+        raise ConfigError(f"zero.quantized_gradients: ZeRO++ qgZ quantizes the gradient exchange itself; it does "
+                          f"not combine with compression.method {cfg.compression.method.value}: turn one off")
     if not 0.0 < cfg.compression.topk_ratio <= 1.0:
         raise ConfigError(f"compression.topk_ratio: got {cfg.compression.topk_ratio}; must be in (0, 1]")
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:

@@ -7,6 +7,7 @@ Leaf formulas live in memory.py, comm.py, compute.py and activations.py; this fi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from ztune.config.schema import (
 )
 from ztune.config.validate import resolve_batch
 from ztune.cost.activations import ActivationEstimate, activation_memory
-from ztune.cost.comm import CommEstimate, comm_estimate, ring_link
+from ztune.cost.comm import CommEstimate, comm_estimate, ring_link, wire_bytes_per_element
 from ztune.cost.compute import (
     DEFAULT_EFFICIENCY,
     Efficiency,
@@ -174,6 +175,11 @@ class Estimate:
         parts.append("no checkpointing" if ckpt is Checkpointing.NONE else f"{ckpt.value} checkpointing")
         if c.compression.method is not Compression.NONE:
             parts.append(f"{c.compression.method.value} compression")
+        zpp = (["qwZ"] if z.quantized_weights else []) + (
+            [f"hpZ {z.hpz_partition_size}"] if z.hpz_partition_size > 1 else []) + (
+            ["qgZ"] if z.quantized_gradients else [])
+        if z.stage == 3 and zpp:
+            parts.append("ZeRO++ " + "+".join(zpp))
         parts.append(f"micro {self.micro_batch}")
         return ", ".join(parts)
 
@@ -219,13 +225,22 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
                             reduce_bucket_numel=z.reduce_bucket_numel, prefetch_units=z.prefetch_units,
                             param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                             reserve_bytes=framework_reserve_bytes(hw))
+    breakdown = memory_per_gpu(states=states, activation_device_bytes=act.device_bytes, buffers=buffers)
+    if z.stage == 3 and z.hpz_partition_size > 1:  # hpZ's secondary shards (cost/zeropp.py), with the params
+        if hw.gpus_per_node % z.hpz_partition_size:
+            raise UserError(f"zero.hpz_partition_size {z.hpz_partition_size} must divide the GPUs per node "
+                            f"({hw.gpus_per_node}) of {hw.name}")
+        from ztune.cost.zeropp import hpz_secondary_bytes
+
+        breakdown = dataclasses.replace(breakdown, params=breakdown.params + int(hpz_secondary_bytes(
+            num_params=split.total, hpz_partition_size=z.hpz_partition_size, param_bytes=per_param.param)))
     init = None
     if z.stage == 3:
         init = init_peak(construction=framework.construction, num_params=split.total,
                          unit_numel=init_unit_numel(counts), states_bytes=states.device_bytes,
                          reserve_bytes=buffers.reserve_bytes)
     return _Memory(
-        breakdown=memory_per_gpu(states=states, activation_device_bytes=act.device_bytes, buffers=buffers),
+        breakdown=breakdown,
         host_per_node=host_memory_per_node(states=states, activation_host_bytes=act.host_bytes,
                                            gpus_per_node=hw.gpus_per_node),
         activations=act,
@@ -265,12 +280,24 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
     split = mem.split
-    comm = comm_estimate(num_params=split.total, trainable_params=split.trainable, world_size=world,
-                         stage=z.stage, grad_accum=accum, link=link,
-                         param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
-                         reduce_bucket_numel=z.reduce_bucket_numel,
-                         allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
-                         compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
+    if z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients):  # ZeRO++
+        from ztune.cost.zeropp import zeropp_comm_estimate
+
+        comm = zeropp_comm_estimate(
+            num_params=split.total, trainable_params=split.trainable, num_nodes=num_nodes,
+            ranks_per_node=hw.gpus_per_node, grad_accum=accum, link=link,
+            intra_link=ring_link(hw, num_nodes=1, bandwidth_efficiency=efficiency.bandwidth),
+            param_bytes=per_param.param, num_units=model.num_layers + 2, quantized_weights=z.quantized_weights,
+            hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients,
+            grad_bytes=wire_bytes_per_element(method=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
+                                              grad_bytes=framework.reduce_bytes or per_param.grad))
+    else:
+        comm = comm_estimate(num_params=split.total, trainable_params=split.trainable, world_size=world,
+                             stage=z.stage, grad_accum=accum, link=link,
+                             param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
+                             reduce_bucket_numel=z.reduce_bucket_numel,
+                             allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
+                             compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
 
     width = model.num_heads * model.head_size
     tokens_per_gpu = micro * accum * cfg.seq_len
@@ -364,14 +391,16 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
           checkpointing: Sequence[Checkpointing] = CHECKPOINTING_CHOICES,
           compression: Sequence[Compression] = (Compression.NONE,), precision: Precision = Precision.BF16,
           base: TrainConfig | None = None, efficiency: Efficiency = DEFAULT_EFFICIENCY,
-          framework: Framework = DEFAULT_FRAMEWORK) -> list[Estimate]:
+          framework: Framework = DEFAULT_FRAMEWORK, zeropp: Sequence[bool] = (False,)) -> list[Estimate]:
     """Estimates for every valid combination, fitting ones first, fastest first.
 
     `offload` holds (offload_optimizer, offload_params) pairs; pairs a stage cannot run (params offload
     below stage 3, optimizer offload at stage 0) are not generated, nor is bf16 compression of gradients
     that are already 16-bit. With `micro_batch` None each candidate gets the largest micro-batch that fits
     (and divides global_batch / GPUs); if none fits it is shown at micro-batch 1. Fields not swept (the
-    optimizer, bucket sizes) come from `base`.
+    optimizer, bucket sizes) come from `base`. zeropp (True): also stage 3 with ZeRO++ qwZ + hpZ over each
+    node's GPUs + qgZ, where it can pay: several nodes of several GPUs, no parameter offload, no other gradient
+    compression (cost/zeropp.py).
     """
     base = base or TrainConfig()
     results = []
@@ -380,13 +409,18 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
             if (off_par is Offload.CPU and stage != 3) or (off_opt is Offload.CPU and stage == 0):
                 continue
             for ckpt in checkpointing:
-                for method in compression:
+                for method, pp in itertools.product(compression, zeropp):
                     if method is Compression.BF16 and precision is not Precision.FP32:
+                        continue
+                    if pp and (stage != 3 or off_par is Offload.CPU or num_nodes < 2 or hw.gpus_per_node < 2
+                               or method is not Compression.NONE):
                         continue
                     cfg = dataclasses.replace(
                         base,
                         zero=dataclasses.replace(base.zero, stage=stage, offload_optimizer=off_opt,
-                                                 offload_params=off_par),
+                                                 offload_params=off_par, quantized_weights=pp,
+                                                 hpz_partition_size=hw.gpus_per_node if pp else 1,
+                                                 quantized_gradients=pp),
                         precision=precision,
                         seq_len=seq_len,
                         batch=BatchConfig(micro=micro_batch or 1, global_=global_batch),
