@@ -7,7 +7,8 @@
 - bytes after the warm-up: exactly the all-to-all + all-gather of 1-bit pieces, and under 0.05x an fp32
   all-reduce of the same gradients;
 - checkpoint: saved after the freeze, loaded into a fresh engine, the next steps are bitwise the
-  uninterrupted run's (momentum, frozen variance, both error buffers and the step restored).
+  uninterrupted run's (momentum, frozen variance, both error buffers and the step restored);
+- fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both.
 """
 
 from __future__ import annotations
@@ -132,11 +133,39 @@ def _run(rank: int, world_size: int, ckpt_dir: str) -> dict:
     resumed.load_checkpoint(ckpt_dir)
     resumed_traj = _train(resumed, rank, range(SAVE_AT, STEPS))
     ref_traj, adamw_traj = _reference(rank, world_size, ref_model, engine, init)
-    return {"traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
+    mixed = _mixed_precision(rank)
+    return {"mixed": mixed, "traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
             "sent_per_step": report["bytes_sent_total"] / (STEPS - SAVE_AT), "padded": padded,
             "num_params": report["num_params"],
             "num_groups": len(engine.groups), "errors_nonzero": errors_nonzero,
             "compressing": engine.optimizer.compressing}
+
+
+def _mixed_precision(rank: int) -> dict:
+    """fp16 with dynamic loss scaling and 2 micro-steps per step: local gradients accumulate unreduced after
+    the freeze, an overflow on one rank (inf in its batch) is skipped on both, and the memory report counts
+    the error buffers."""
+    import ztune
+
+    torch.manual_seed(0)
+    cfg = _config()
+    cfg.update(precision="fp16", batch={"micro": 3, "grad_accum": 2})
+    engine, *_ = ztune.initialize(_Net(), cfg)
+    applied = []
+    for step in range(6):
+        for micro in range(2):
+            x, y = _batch(10 * step + micro, rank)
+            if step == 4 and rank == 1 and micro == 0:
+                x[0, 0] = float("inf")
+            engine.backward(_loss(engine(x), y))
+            applied.append(engine.step())
+    master = engine.groups[0].master
+    state = engine.optimizer.state[master]
+    return {"applied": applied, "flat": _flat(engine), "step": int(state["step"]),
+            "memory_optimizer": engine.memory_report()["optimizer"],
+            "state_bytes": sum(t.numel() * t.element_size() for t in (master, state["exp_avg"], state["exp_avg_sq"],
+                                                                       state["worker_error"], state["server_error"])),
+            "norm": engine.last_grad_norm}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,6 +191,12 @@ def test_onebit_adam_two_ranks(tmp_path):
     # Bytes per rank per compression-stage step: one all-to-all and one all-gather of 1-bit pieces (sign bits
     # + one fp32 scale per block, padded to 4 bytes) per flat group, (n - 1)/n of each on the wire; nothing else.
     assert set(r0["ops"]) == {"all_to_all", "all_gather"}
+    m0, m1 = r0["mixed"], r1["mixed"]
+    assert m0["applied"] == m1["applied"] and m0["applied"][1::2] == [True] * 4 + [False, True]
+    assert m0["step"] == 5 and m0["norm"] is None  # no global gradient norm exists after the freeze
+    torch.testing.assert_close(m0["flat"], m1["flat"], rtol=0, atol=0)
+    assert bool(torch.isfinite(m0["flat"]).all())
+    assert m0["memory_optimizer"] == m0["state_bytes"]  # fp32 master, m, v, both error buffers
     piece = r0["padded"] // 2  # one group here
     assert r0["num_groups"] == 1
     piece_bytes = -(-(4 * -(-piece // ONEBIT_CHUNK_NUMEL) + -(-piece // 8)) // 4) * 4
