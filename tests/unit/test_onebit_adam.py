@@ -171,3 +171,13 @@ def test_onebit_adam_config_errors(doc, fragment):
     with pytest.raises(ConfigError) as err:
         from_dict(doc)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_client_optimizer_with_onebit_adam_config_is_an_error():
+    from ztune.runtime.compat.optimizers import plan_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    cfg = from_dict({"optimizer": {"type": "OneBitAdam", "freeze_step": 5}})
+    with pytest.raises(ConfigError, match="the config's optimizer is OneBitAdam"):
+        plan_optimizer(model, cfg, optimizer=torch.optim.Adam(model.parameters()))
+    assert plan_optimizer(model, cfg).kind is OptimizerType.ONEBIT_ADAM
