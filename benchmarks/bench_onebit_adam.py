@@ -118,6 +118,14 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
     bytes_ratio = max(by[(s, "OneBitAdam")]["bytes_per_step_after"] / by[(s, "Adam")]["bytes_per_step_after"]
                       for s in opts["seeds"])
     loss_ok, bytes_ok = abs(loss_ratio - 1) <= LOSS_TARGET, bytes_ratio <= BYTES_TARGET
+
+    def window(optimizer: str, end: int) -> float:  # mean over seeds of the TAIL_STEPS losses ending at `end`
+        return sum(sum(by[(s, optimizer)]["losses"][end - TAIL_STEPS:end]) / TAIL_STEPS for s in opts["seeds"]) / n
+
+    ends = sorted({opts["freeze_step"], *range(TAIL_STEPS, opts["steps"] + 1, max(TAIL_STEPS, opts["steps"] // 5))}
+                  - {0} | {opts["steps"]})
+    ends = [e for e in ends if e >= TAIL_STEPS]
+    curve = ", ".join(f"{e}: {window('Adam', e):.3f} / {window('OneBitAdam', e):.3f}" for e in ends)
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -149,6 +157,8 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         f"Mean over {n} seeds: Adam {adam_loss:.4f}, 1-bit Adam {onebit_loss:.4f}, ratio {loss_ratio:.4f} "
         f"({'pass' if loss_ok else 'FAIL'}); bytes after the warm-up {bytes_ratio:.4f}x the fp32 all-reduce "
         f"({'pass' if bytes_ok else 'FAIL'}).", "",
+        f"Loss curve (mean over seeds of the {TAIL_STEPS} step losses ending at step k; k: Adam / 1-bit Adam): "
+        f"{curve}.", "",
     ]
     return "\n".join(lines)
 
