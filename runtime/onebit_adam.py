@@ -24,7 +24,7 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
   one fp32 scale (the block's mean |x|).
 - The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
   every worker's compressed piece r (rank r is piece r's server), then an all-gather of the compressed
-  averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), about 1/29 of an
+  averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), 0.039x (1/25.6) of an
   fp32 all-reduce's 2 (n-1)/n x 4 numel at the 128-element block.
 
 State per master (optimizer.state[master]): step, exp_avg (m), exp_avg_sq (v; frozen after freeze_step),
