@@ -29,8 +29,8 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
 
 State per master (optimizer.state[master]): step, exp_avg (m), exp_avg_sq (v; frozen after freeze_step),
 and from the first compressed step worker_error (d, the master's numel) and server_error (e, numel / n). m
-and v are the same on every rank; the two errors are this rank's own (RANK_LOCAL_STATE): a checkpoint
-stores them per rank and restores them at the same world size (runtime/state/).
+and v are the same on every rank; the two errors are this rank's own (RANK_LOCAL_KEYS in
+runtime/state/capture.py): a checkpoint stores them per rank and restores them at the same world size.
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ import torch
 from ztune.config.schema import Compression
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.compress import Codec
-
-# State entries that differ between ranks (error-feedback residuals): saved whole by each rank.
-RANK_LOCAL_STATE = ("worker_error", "server_error")
 
 
 def bias_corrections(*, step: int, variance_step: int, beta1: float, beta2: float, enabled: bool
