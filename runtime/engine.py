@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ztune.config.schema import Checkpointing, Offload, TrainConfig
+from ztune.config.schema import Checkpointing, Offload, OptimizerType, TrainConfig
 from ztune.runtime.comm import Comm
 from ztune.runtime.grad_reduce import GradReducer
 from ztune.runtime.param_gather import ParamGatherer, assign_params, find_units
@@ -140,9 +140,19 @@ class Engine:
         from ztune.runtime.optim_shard import build_shard_optimizer
 
         masters = [g.master for g in self.groups]
-        self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **shard_optimizer_args(
-            cfg, optimizer_plan, masters=masters, group_index=group_index))
         self.optimizer_kind = optimizer_plan.kind if optimizer_plan is not None else cfg.optimizer.type  # client's
+        optim_args = shard_optimizer_args(cfg, optimizer_plan, masters=masters, group_index=group_index)
+        self._onebit = None  # 1-bit Adam (runtime/onebit_adam.py): its own momentum exchange replaces reduction
+        if self.optimizer_kind is OptimizerType.ONEBIT_ADAM:
+            from ztune.runtime.onebit_adam import build_onebit_adam
+
+            for unused in ("kind", "momentum"):
+                optim_args.pop(unused)
+            self.optimizer = self._onebit = build_onebit_adam(
+                masters, valid_numels=[g.layout.numel for g in self.groups], comm=comm,
+                freeze_step=cfg.optimizer.freeze_step, **optim_args)
+        else:
+            self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **optim_args)
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
         # rank may rewrite its shard while another could still read it (barriers around the step), and the
         # first gather must see every rank's initial shard (barrier now).
@@ -174,7 +184,10 @@ class Engine:
         self._reducer = GradReducer(self.groups, comm=comm, shard_states=self.plan.optimizer_states,
                                     shard_grads=self.plan.gradients,
                                     on_reduced=self._gatherer.release if self._gatherer else None,
-                                    compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
+                                    # 1-bit Adam: warm-up all-reduces uncompressed, then nothing (its momentum
+                                    # exchange is the optimizer's); compression.method names its wire format
+                                    compression=cfg.compression.method if self._onebit is None else "none",
+                                    topk_ratio=cfg.compression.topk_ratio,
                                     # stage 3: units in reverse (backward) order, the root (first) last
                                     launch_order=range(len(self.groups))[::-1] if self.plan.parameters else None,
                                     exchanges=self._zeropp.qgz_exchanges(self.groups) if self._zeropp else None)
@@ -263,6 +276,8 @@ class Engine:
         factor = self.scaler.scale / self.grad_accum
         if self._offload is not None:
             self._offload.before_backward()
+        # 1-bit Adam's compression stage: every rank keeps its own gradient (runtime/onebit_adam.py, eq. (4)).
+        self._reducer.skip_reduction = self._onebit is not None and self._onebit.compressing
         self._reducer.begin(boundary=self.is_gradient_accumulation_boundary())
         if self._gatherer is not None:
             self._gatherer.in_backward = True
@@ -286,14 +301,19 @@ class Engine:
         if self.micro_steps % self.grad_accum:
             return False
         grads = [g.grad_owned for g in self.groups]
-        divisor = self.world_size * self.scaler.scale  # reductions summed the ranks' scaled gradients
+        # 1-bit Adam after its warm-up: each rank's own gradient, not reduced (no global norm exists then).
+        local = self._onebit is not None and self._onebit.compressing
+        # reductions summed the ranks' scaled gradients
+        divisor = (1 if local else self.world_size) * self.scaler.scale
         clip = self.config.gradient_clipping
         clip_coef, overflow = 1.0, False
-        if clip > 0 or self.scaler.checks_overflow or self.want_grad_norm:
+        if clip > 0 or self.scaler.checks_overflow or (self.want_grad_norm and not local):
             sq = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
             for g in grads:
                 sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
-            if self.plan.optimizer_states:  # each rank holds a disjoint shard: sum the squares
+            # each rank holds a disjoint shard, or (1-bit Adam, fp16) its own gradient: an overflow on any rank
+            # must skip the step on all (4 bytes on the wire)
+            if self.plan.optimizer_states or local:
                 # Only for get_global_grad_norm: counted as monitoring, not training traffic (comm_report).
                 monitor_only = not (clip > 0 or self.scaler.checks_overflow)
                 self.comm.phase = "monitor" if monitor_only else "train"
@@ -301,7 +321,7 @@ class Engine:
                 self.comm.phase = "train"
             norm = math.sqrt(sq.item()) / divisor
             overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.checks_overflow)  # as w/o want_grad_norm
-            self.last_grad_norm = norm
+            self.last_grad_norm = None if local else norm
             if clip > 0 and not overflow:
                 clip_coef = min(1.0, clip / (norm + _CLIP_EPS))
         if overflow:

@@ -110,6 +110,9 @@ class GradReducer:
         self.max_inflight = max_inflight
         self.in_backward = False
         self._active = False
+        # True: gradients stay local, nothing is reduced (1-bit Adam's compression stage; stages 0-1 only, whose
+        # buffers hold the whole gradient). The engine sets it before each backward.
+        self.skip_reduction = False
         self._ready = [0] * len(self.groups)
         self._buckets: list[torch.Tensor | None] = [None] * len(self.groups)
         self._fired: list[bytearray] = [bytearray(len(g.params)) for g in self.groups]
@@ -133,7 +136,7 @@ class GradReducer:
 
     def begin(self, *, boundary: bool) -> None:
         """Start one backward pass; `boundary`: the last micro-step before an optimizer step."""
-        self._active = self.shard_grads or boundary
+        self._active = (self.shard_grads or boundary) and not self.skip_reduction
         self._ready = [0] * len(self.groups)
         self._next = 0
         self._fired = [bytearray(len(g.params)) for g in self.groups]

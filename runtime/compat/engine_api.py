@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ztune.config.schema import Compression, Precision
+from ztune.config.schema import Precision
 from ztune.config.validate import resolve_batch
 from ztune.errors import UserError
 from ztune.runtime.engine import Engine
@@ -115,9 +115,7 @@ class CompatEngine(Engine):
         return self.config.zero.stage
 
     def optimizer_name(self) -> str:
-        if self.config.compression.method is Compression.ONEBIT:
-            return "onebitadam"
-        return self.optimizer_kind.value.lower()  # a client optimizer's kind, else the config's
+        return self.optimizer_kind.value.lower()  # a client optimizer's kind, else the config's ("onebitadam")
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]

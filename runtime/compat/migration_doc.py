@@ -78,11 +78,17 @@ def _optimizer_rows() -> list[str]:
     from ztune.config import deepspeed as importer
 
     types = ", ".join(sorted(importer._OPTIMIZERS))
-    rows = [f"| `optimizer.type` | supported | one of (any case): {types} |"]
-    rows += [f"| `optimizer.params.{k}` | supported | the optimizer's {k} |"
+    rows = [f"| `optimizer.type` | supported | one of (any case): {types}. onebitadam: 1-bit Adam (Tang et al. "
+            "2021; runtime/onebit_adam.py), `freeze_step` full-precision Adam steps, then frozen variance and 1-bit "
+            "momentum with worker and server error feedback; ZeRO stage 0 only and `gradient_clipping` 0 (errors "
+            "otherwise, as DeepSpeed rejects it with ZeRO); weight decay decoupled, as DeepSpeed's OnebitAdam. "
+            "DeepSpeed 0.19.8 no longer ships OneBitAdam |"]
+    only = {k: f" ({v} only)" for k, v in importer._TYPE_ONLY_PARAMS.items()}
+    rows += [f"| `optimizer.params.{k}` | supported | the optimizer's {k}{only.get(k, '')} |"
              for k in sorted(importer._OPTIMIZER_PARAMS)]
-    rows += [f"| `optimizer.params.{k}` | ignored | not read by ztune's optimizer importer |"
-             for k in sorted(importer._IGNORED_OPTIMIZER_PARAMS)]
+    rows += [f"| `optimizer.params.{k}` | ignored | {_cell(why)} |"
+             for k, why in sorted(importer._IGNORED_OPTIMIZER_PARAMS.items())]
+    rows += ["| `optimizer.params.max_grad_norm` | rejected | use `gradient_clipping` (DeepSpeed rejects it too) |"]
     rows += [f"| `optimizer.params.{k}` | ignored when `{_json(off)}`, else rejected | not implemented by ztune's "
              "optimizers |" for k, off in sorted(importer._OFF_OPTIMIZER_PARAMS.items())]
     return rows

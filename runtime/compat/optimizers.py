@@ -183,6 +183,10 @@ def plan_optimizer(model: nn.Module, cfg: TrainConfig, *, model_parameters: Iter
     is not a model parameter, a parameter in two groups, nothing trainable."""
     if not list(model.parameters()):
         raise ConfigError(f"{type(model).__name__} has no parameters: there is nothing for ZeRO to shard or train")
+    if optimizer is not None and cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
+        # Overriding it (DeepSpeed's rule for a client optimizer) would silently drop 1-bit Adam's communication.
+        raise ConfigError("optimizer: a client optimizer was passed to initialize, but the config's optimizer is "
+                          "OneBitAdam (ztune's own, runtime/onebit_adam.py); pass one of the two")
     if optimizer is not None:
         client = _client_optimizer(optimizer, model=model, model_parameters=model_parameters)
         kind = _CLIENT_KINDS.get(type(client))

@@ -96,11 +96,22 @@ def restore_hyper(optimizer: torch.optim.Optimizer, hyper: dict | list, *, where
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
+# State that differs from rank to rank (1-bit Adam's error-feedback residuals, runtime/onebit_adam.py): not
+# a shard of a replicated or sharded vector, so each rank saves its own whole tensors (rank_local_state).
+RANK_LOCAL_KEYS = frozenset({"worker_error", "server_error"})
+
+
 def shard_state_keys(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> list[str]:
     """Per-element state tensors of `master` (Adam's exp_avg / exp_avg_sq, SGD's momentum_buffer), sorted."""
     state = optimizer.state.get(master, {})
-    return sorted(k for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
-                  and v.shape == master.shape)
+    return sorted(k for k, v in state.items() if k != "step" and k not in RANK_LOCAL_KEYS
+                  and isinstance(v, torch.Tensor) and v.shape == master.shape)
+
+
+def rank_local_state(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This rank's own state tensors of `master` (RANK_LOCAL_KEYS present), by key."""
+    state = optimizer.state.get(master, {})
+    return {k: v for k, v in sorted(state.items()) if k in RANK_LOCAL_KEYS and isinstance(v, torch.Tensor)}
 
 
 def step_count(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> float | None:

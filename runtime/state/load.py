@@ -183,11 +183,20 @@ def _restore(engine, reader: TagReader, *, objects: dict, with_optimizer: bool, 
     if with_optimizer:
         keys, step = reader.state_keys(), reader.step()
         states = []
+        # Per-rank state (1-bit Adam's error feedback) maps onto the same rank of the same layout only; at
+        # another world size it starts again from zero, as DeepSpeed's OnebitAdam always restarts it.
+        same_layout = reader.world_size == engine.world_size and reader.stage == engine.plan.stage
         for i, g in enumerate(engine.groups):
             tensors = {}
             for key in keys:
                 tensors[key] = torch.zeros_like(g.master)
                 _load_into(engine, reader, key=key, i=i, dst=tensors[key])
+            saved_groups = reader.metas[engine.rank]["groups"] if same_layout else []
+            if i < len(saved_groups):
+                f = reader.shard_file(engine.rank)
+                for key in saved_groups[i].get("rank_local_keys", []):
+                    name = f"g{i}.local.{key}"
+                    tensors[key] = f.read(name).reshape(f.shape(name))
             states.append(tensors)
         capture.restore_optimizer(engine.optimizer, masters=[g.master for g in engine.groups], states=states,
                                   steps=[step] * len(engine.groups), hyper=reader.meta0["optimizer"]["hyper"],

@@ -66,10 +66,15 @@ def _rank_tensors(engine) -> tuple[dict[str, torch.Tensor], list[dict]]:
         keys = capture.shard_state_keys(engine.optimizer, g.master)
         for key in keys:
             tensors[f"g{i}.{key}"] = engine.optimizer.state[g.master][key].detach()[cut].cpu()
+        # Per-rank state (1-bit Adam's error feedback): whole, under a name no fragment reader asks for.
+        local = capture.rank_local_state(engine.optimizer, g.master)
+        for key, t in local.items():
+            tensors[f"g{i}.local.{key}"] = t.detach().cpu()
         frags = fragments_of(g.layout, names, owned=(lo, hi), rank=engine.rank, group=i)
         groups.append({"owned": [lo, hi], "padded_numel": g.layout.padded_numel,
                        "params": [[n, list(s.shape)] for n, s in zip(names, g.layout.slots, strict=True)],
-                       "state_keys": keys, "step": capture.step_count(engine.optimizer, g.master),
+                       "state_keys": keys, "rank_local_keys": list(local),
+                       "step": capture.step_count(engine.optimizer, g.master),
                        "fragments": [f.as_json() for f in frags]})
     return tensors, groups
 

@@ -109,6 +109,7 @@ def test_yaml_to_deepspeed_to_yaml_round_trip(stage, precision, tmp_path):
 
 def test_onebit_adam_maps_to_compression():
     cfg = from_dict({"train_batch_size": 8, "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}})
+    assert cfg.optimizer.type is OptimizerType.ONEBIT_ADAM and cfg.optimizer.freeze_step == 100_000
     assert cfg.compression.method is Compression.ONEBIT
     assert to_deepspeed(cfg)["optimizer"]["type"] == "OneBitAdam"
 

@@ -56,14 +56,25 @@ _OPTIMIZERS = {
     "adamw": (OptimizerType.ADAMW, Compression.NONE),
     "adam": (OptimizerType.ADAM, Compression.NONE),
     "sgd": (OptimizerType.SGD, Compression.NONE),
-    # 1-bit Adam (Tang et al. 2021) is DeepSpeed's compressed-communication Adam.
-    "onebitadam": (OptimizerType.ADAM, Compression.ONEBIT),
+    # 1-bit Adam (Tang et al. 2021): DeepSpeed's OnebitAdam (deepspeed/runtime/fp16/onebit/adam.py until its
+    # removal; DeepSpeed 0.19.8 no longer ships it). runtime/onebit_adam.py; its wire format is compression onebit.
+    "onebitadam": (OptimizerType.ONEBIT_ADAM, Compression.ONEBIT),
 }
-_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode"}
-# torch_adam / fused / cuda_aware / comm_backend_name pick an implementation, not the math.
-_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "freeze_step", "cuda_aware", "comm_backend_name", "fused"}
+_OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode",
+                     "freeze_step"}
+# Implementation choices, not the math, with the reason each is ignored (docs/deepspeed-migration.md).
+_IGNORED_OPTIMIZER_PARAMS = {
+    "torch_adam": "picks DeepSpeed's Adam kernel; ztune picks its own",
+    "fused": "picks DeepSpeed's Adam kernel; ztune picks its own",
+    "cuda_aware": "OneBitAdam: whether MPI may send CUDA buffers; ztune's exchange goes through its own "
+                  "collective wrapper (gloo or NCCL)",
+    "comm_backend_name": "OneBitAdam: DeepSpeed's nccl/mpi/hccl backend for the compressed exchange; ztune's goes "
+                         "through the engine's process group",
+}
+# Parameters only one optimizer type has (any other type: an error naming the key).
+_TYPE_ONLY_PARAMS = {"freeze_step": "onebitadam", "cuda_aware": "onebitadam", "comm_backend_name": "onebitadam"}
 # Options ztune's optimizers do not implement: accepted (and listed as ignored) only at their "off" value.
-_OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0}
+_OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0, "eps_inside_sqrt": False}
 # ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
 _DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
              "zero.offload_params": "zero_optimization.offload_param", "zero.stage": "zero_optimization.stage",
@@ -72,7 +83,8 @@ _DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
              "zero.quantized_gradients": "zero_optimization.zero_quantized_gradients",
              "optimizer.lr": "optimizer.params.lr", "optimizer.eps": "optimizer.params.eps",
              "optimizer.betas": "optimizer.params.betas", "optimizer.weight_decay": "optimizer.params.weight_decay",
-             "optimizer.momentum": "optimizer.params.momentum", "activations.": "ztune.activations.",
+             "optimizer.momentum": "optimizer.params.momentum", "optimizer.freeze_step": "optimizer.params.freeze_step",
+             "activations.": "ztune.activations.",
              "loss_scaling.": "fp16."}
 
 
@@ -315,8 +327,12 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     if not isinstance(v, bool):
                         raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
                     adam_w_mode = v
-                elif k == "adam_w_mode" or (k == "bias_correction" and opt_type is OptimizerType.SGD):
+                elif (k == "adam_w_mode" or (k == "bias_correction" and opt_type is OptimizerType.SGD)
+                      or _TYPE_ONLY_PARAMS.get(k, name.lower()) != name.lower()):
                     raise ConfigError(f"optimizer.params.{k}: not a parameter of {name}; remove it")
+                elif k == "max_grad_norm":  # DeepSpeed's engine raises for it too (_configure_basic_optimizer)
+                    raise ConfigError("optimizer.params.max_grad_norm: not supported as an optimizer parameter; "
+                                      "use the top-level gradient_clipping key")
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
@@ -332,6 +348,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                         f"unknown key 'optimizer.params.{k}'; allowed here: " + ", ".join(sorted(_OPTIMIZER_PARAMS))
                     )
             # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
+            # (OneBitAdam's weight decay is decoupled too: it adds weight_decay x p to the update.)
             if name.lower() == "adam" and adam_w_mode:
                 opt["type"] = OptimizerType.ADAMW.value
         elif key == "scheduler":
@@ -385,9 +402,9 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
         params.update(betas=list(o.betas), eps=o.eps, bias_correction=o.bias_correction)
         if o.type is OptimizerType.ADAM:
             params["adam_w_mode"] = False  # DeepSpeed's Adam is AdamW unless told otherwise
+        if o.type is OptimizerType.ONEBIT_ADAM:
+            params["freeze_step"] = o.freeze_step
     opt_type = o.type.value
-    if cfg.compression.method is Compression.ONEBIT and o.type is OptimizerType.ADAM:
-        opt_type = "OneBitAdam"
     doc: dict[str, Any] = {}
     if cfg.batch.global_ is not None:
         doc["train_batch_size"] = cfg.batch.global_

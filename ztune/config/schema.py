@@ -11,7 +11,7 @@ YAML form (every key optional; unknown keys are an error):
     activations: {checkpointing: full, every: 1, offload: none}   # none | selective | full
     compression: {method: none, topk_ratio: 0.01}                 # none | bf16 | int8 | onebit | topk
     optimizer: {type: AdamW, lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, momentum: 0.0,
-                bias_correction: true}
+                bias_correction: true}    # type: AdamW | Adam | SGD | OneBitAdam (+ freeze_step: 1000)
     gradient_clipping: 1.0     # 0 disables
     loss_scaling: {loss_scale: 0, initial_scale_power: 16, loss_scale_window: 1000, hysteresis: 2,
                    consecutive_hysteresis: false, min_loss_scale: 1}      # fp16 only; DeepSpeed's fp16 keys
@@ -58,6 +58,9 @@ class OptimizerType(str, enum.Enum):
     ADAMW = "AdamW"
     ADAM = "Adam"
     SGD = "SGD"
+    # 1-bit Adam (Tang et al. 2021): Adam for freeze_step warm-up steps, then frozen variance and 1-bit
+    # compressed momentum (runtime/onebit_adam.py). ZeRO stage 0 only; compression.method onebit.
+    ONEBIT_ADAM = "OneBitAdam"
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class OptimizerConfig:
     momentum: float = 0.0
     # False: Adam without the 1 - beta**step corrections (DeepSpeed's Adam `bias_correction`).
     bias_correction: bool = True
+    # OneBitAdam only: full-precision Adam steps before the variance is frozen and the momentum goes 1-bit
+    # (DeepSpeed's OneBitAdam `freeze_step`, same default).
+    freeze_step: int = 100_000
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
         raise ConfigError("optimizer.type: SGD with zero.offload_optimizer: cpu is not supported; use AdamW")
     _check_optimizer_fields(cfg.optimizer)
+    if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
+        cfg = _check_onebit_adam(cfg)
     check_loss_scaling(cfg.loss_scaling, prefix="loss_scaling.")
     from ztune.runtime.compat.lr_schedules import check_scheduler  # torch-free
 
@@ -182,10 +184,39 @@ def check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _check_onebit_adam(cfg: TrainConfig) -> TrainConfig:
+    """1-bit Adam's limits (runtime/onebit_adam.py). Returns cfg with compression.method onebit (what goes on
+    the wire after the warm-up, so the cost model charges 1-bit traffic) when it was left at none."""
+    if cfg.zero.stage != 0:
+        # Tang et al. 2021, Algorithm 1: every worker keeps the whole momentum (it compresses m_t^(i) over the
+        # full vector) and updates every parameter from the all-gathered average, so there is no optimizer
+        # state to shard; DeepSpeed refuses it with ZeRO too ("1bit-Adam is not compatible with ZeRO").
+        raise ConfigError(f"optimizer.type: OneBitAdam needs zero.stage 0, got zero.stage {cfg.zero.stage} (every "
+                          "rank keeps the whole momentum and updates every parameter; DeepSpeed also rejects "
+                          "1-bit Adam with ZeRO); set zero.stage: 0 or use AdamW")
+    if cfg.gradient_clipping > 0:
+        raise ConfigError(f"gradient_clipping: {cfg.gradient_clipping} with OneBitAdam is not supported (after "
+                          "freeze_step only the compressed momentum is exchanged, so no rank has the global "
+                          "gradient norm); set it to 0")
+    if cfg.optimizer.freeze_step < 1:
+        raise ConfigError(f"optimizer.freeze_step: got {cfg.optimizer.freeze_step}; must be >= 1 (the frozen "
+                          "variance comes from the full-precision warm-up steps)")
+    method = cfg.compression.method.value
+    if method not in ("none", "onebit"):
+        raise ConfigError(f"compression.method: {method} with OneBitAdam is not supported (1-bit Adam compresses "
+                          "the momentum itself); set it to onebit or none")
+    from ztune.config.schema import Compression, CompressionConfig
+
+    return dataclasses.replace(cfg, compression=CompressionConfig(method=Compression.ONEBIT,
+                                                                  topk_ratio=cfg.compression.topk_ratio))
+
+
 def _check_optimizer_fields(o: OptimizerConfig) -> None:
     """A hyper-parameter the chosen optimizer has no use for is an error, never silently unused (SGD has no
-    betas / eps / bias_correction; Adam and AdamW have no momentum)."""
+    betas / eps / bias_correction; Adam and AdamW have no momentum; only OneBitAdam has freeze_step)."""
     unused = ("betas", "eps", "bias_correction") if o.type is OptimizerType.SGD else ("momentum",)
+    if o.type is not OptimizerType.ONEBIT_ADAM:
+        unused += ("freeze_step",)
     default = OptimizerConfig()
     for name in unused:
         if getattr(o, name) != getattr(default, name):

@@ -60,6 +60,7 @@ def state_bytes_per_param(*, precision: Precision, optimizer: OptimizerType, mom
 
     - bf16/fp16 + Adam(W): 2 + 2 + K=12 (fp32 master 4 + m 4 + v 4): the ZeRO paper's 16 bytes/param.
     - fp32 + Adam(W): 4 + 4 + K=8 (m, v; the params themselves are the fp32 master, no copy).
+    - OneBitAdam: Adam's plus the fp32 worker error-feedback buffer (K = 16 at bf16/fp16, 12 at fp32).
     - SGD: one fp32 momentum buffer when momentum > 0, none otherwise; mixed precision adds the fp32 master
       (K = 8 or 4 at bf16/fp16; K = 4 or 0 at fp32).
     """
@@ -71,6 +72,10 @@ def state_bytes_per_param(*, precision: Precision, optimizer: OptimizerType, mom
         name = "SGD" + (" with momentum" if momentum > 0 else "")
     else:
         moments = 2 * FP32_BYTES  # Adam's m and v (Kingma & Ba 2015), fp32
+        if optimizer is OptimizerType.ONEBIT_ADAM:
+            # 1-bit Adam's worker error-feedback buffer, fp32 over every parameter (Tang et al. 2021, Algorithm
+            # 1; runtime/onebit_adam.py). Its server buffer adds 4/n bytes/param, left out of this per-param K.
+            moments += FP32_BYTES
         name = optimizer.value
     k = master + moments
     what = "fp32 master + moments" if low else "moments (params are the fp32 master)"

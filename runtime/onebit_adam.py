@@ -1,0 +1,184 @@
+"""1-bit Adam (Tang et al. 2021, "1-bit Adam: Communication Efficient Large-Scale Training with Adam's
+Convergence Speed", arXiv 2102.02888) over the engine's flat fp32 masters, at ZeRO stage 0.
+
+The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
+- Warm-up, steps 1 .. freeze_step: the original Adam on the all-reduced (averaged) gradient g_t:
+      (1) m_t = b1 m_{t-1} + (1 - b1) g_t        (2) v_t = b2 v_{t-1} + (1 - b2) g_t^2
+      (3) x_{t+1} = x_t (1 - lr wd) - lr (m_t / c1_t) / (sqrt(v_t / c2_t) + eps)
+  with c1_t = 1 - b1^t, c2_t = 1 - b2^t when bias_correction is on (Kingma & Ba 2015), else 1, and
+  decoupled weight decay wd (Loshchilov & Hutter 2019; DeepSpeed's OnebitAdam adds wd x p to the update,
+  which is the same). With bias_correction on, (1)-(3) are torch.optim.AdamW's single-tensor update.
+- Compression stage, steps t > freeze_step = T_w: v is frozen at v_{T_w} and nothing else is all-reduced.
+  On worker i, from its local gradient g_t^(i) (not averaged):
+      (4) m_t^(i) = b1 m_{t-1} + (1 - b1) g_t^(i)                      (local momentum)
+      (5) mh_t^(i) = C[m_t^(i) + d_{t-1}^(i)],  d_t^(i) = m_t^(i) + d_{t-1}^(i) - mh_t^(i)    (worker error
+                                                                                           feedback)
+  the server of each 1/n piece averages what it received and compresses again:
+      (6) mb_t = C[(1/n) sum_i mh_t^(i) + e_{t-1}],  e_t = (1/n) sum_i mh_t^(i) + e_{t-1} - mb_t    (server
+                                                                                           error feedback)
+  and every worker sets m_t = mb_t (the same bytes everywhere, so replicas stay identical) and applies
+      (7) x_{t+1} = x_t (1 - lr wd) - lr (m_t / c1_t) / (sqrt(v_{T_w} / c2_{T_w}) + eps)
+  The paper writes (7) without bias corrections or eps (x_{t+1} = x_t - lr m_t / sqrt(v_{T_w})); with
+  bias_correction false (7) is exactly DeepSpeed's OnebitAdam update, m / (sqrt(v) + eps) + wd x p.
+- C[.] is runtime/comm/compress.py's 1-bit codec: per block of ONEBIT_CHUNK_NUMEL elements, the signs and
+  one fp32 scale (the block's mean |x|).
+- The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
+  every worker's compressed piece r (rank r is piece r's server), then an all-gather of the compressed
+  averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), 0.039x (1/25.6) of an
+  fp32 all-reduce's 2 (n-1)/n x 4 numel at the 128-element block.
+
+State per master (optimizer.state[master]): step, exp_avg (m), exp_avg_sq (v; frozen after freeze_step),
+and from the first compressed step worker_error (d, the master's numel) and server_error (e, numel / n). m
+and v are the same on every rank; the two errors are this rank's own (RANK_LOCAL_KEYS in
+runtime/state/capture.py): a checkpoint stores them per rank and restores them at the same world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ztune.config.schema import Compression
+from ztune.runtime.comm import Comm
+from ztune.runtime.comm.compress import Codec
+
+
+def bias_corrections(*, step: int, variance_step: int, beta1: float, beta2: float, enabled: bool
+                     ) -> tuple[float, float]:
+    """(c1, c2) of equations (3) and (7): 1 - b1^step and 1 - b2^variance_step, or (1, 1) when disabled."""
+    if not enabled:
+        return 1.0, 1.0
+    return 1.0 - beta1 ** step, 1.0 - beta2 ** variance_step
+
+
+def momentum_(m: torch.Tensor, grad: torch.Tensor, *, beta1: float) -> torch.Tensor:
+    """Equations (1) / (4) in place: m <- b1 m + (1 - b1) grad. Returns m."""
+    return m.lerp_(grad, 1.0 - beta1)
+
+
+def variance_(v: torch.Tensor, grad: torch.Tensor, *, beta2: float) -> torch.Tensor:
+    """Equation (2) in place: v <- b2 v + (1 - b2) grad^2. Returns v."""
+    return v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
+                 weight_decay: float, c1: float, c2: float) -> None:
+    """Equations (3) / (7) in place on p (fp32, same shape as m and v)."""
+    if weight_decay:
+        p.mul_(1.0 - lr * weight_decay)
+    denom = (v.sqrt() / c2 ** 0.5).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / c1)
+
+
+def onebit_codec() -> Codec:
+    return Codec(Compression.ONEBIT)
+
+
+class OneBitAdam(torch.optim.Optimizer):
+    """1-bit Adam over flat fp32 masters whose numel is a multiple of the world size (module docstring).
+
+    `step()` reads each master's `.grad`: the averaged gradient while `compressing` is False (warm-up: the
+    engine all-reduces and divides by world size x loss scale), this rank's own gradient (divided by the loss
+    scale only) once it is True. Every rank must call step() with the same masters in the same order: in the
+    compression stage each master's step is a collective. Param groups carry lr, betas, eps, weight_decay,
+    bias_correction (a scheduler may move lr); `freeze_step` is the optimizer's, as in DeepSpeed."""
+
+    def __init__(self, params: Iterable, *, comm: Comm, freeze_step: int, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 bias_correction: bool = True, valid_numel: dict[int, int] | None = None):
+        """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all)."""
+        if freeze_step < 1:
+            raise ValueError(f"freeze_step must be >= 1, got {freeze_step}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      bias_correction=bias_correction))
+        self.comm = comm
+        self.freeze_step = freeze_step
+        self.codec = onebit_codec()
+        self.valid_numel = dict(valid_numel or {})
+        self._exchanges: dict[int, object] = {}
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps applied so far (the same for every master)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if step is not None:
+                    return int(step)  # load_state_dict may have made it a tensor
+        return 0
+
+    @property
+    def compressing(self) -> bool:
+        """Whether the next step is a compression-stage step (local gradients, 1-bit momentum exchange)."""
+        return self.steps_done >= self.freeze_step
+
+    def _exchange(self, p: torch.Tensor):
+        from ztune.runtime.grad_reduce import CompressedExchange
+
+        ex = self._exchanges.get(id(p))
+        if ex is None:
+            if p.numel() % self.comm.world_size:
+                raise ValueError(f"1-bit Adam: a master of {p.numel()} elements does not split into "
+                                 f"{self.comm.world_size} equal pieces")
+            ex = CompressedExchange(self.codec, comm=self.comm, padded_numel=p.numel(), device=p.device)
+            self._exchanges[id(p)] = ex
+        return ex
+
+    def exchange_momentum_(self, p: torch.Tensor, m: torch.Tensor, state: dict) -> None:
+        """Equations (5)-(6): replace local momentum `m` (fp32 [numel]) by the all-gathered compressed average,
+        updating this rank's worker and server errors in `state`. Collective."""
+        ex = self._exchange(p)
+        n = self.comm.world_size
+        if "worker_error" not in state:
+            state["worker_error"] = torch.zeros_like(m)
+            state["server_error"] = torch.zeros(m.numel() // n, dtype=m.dtype, device=m.device)
+        # The residuals live in the optimizer state (checkpointed; load_state_dict replaces the tensors).
+        ex.worker.residual, ex.server.residual = state["worker_error"], state["server_error"]
+        work, recv = ex.start(m)  # (5): compress m + d piece by piece, all-to-all
+        work.wait()
+        avg = ex.reduce(recv).div_(n)  # the server's mean of the n decompressed pieces
+        ex.gather(avg, m)  # (6): compress avg + e, all-gather, decompress every piece into m
+        # A 1-bit code has no zero: the padding after the parameters (zero gradient) would receive +-scale
+        # momentum and, with a zero frozen variance there, m / eps updates. Keep it at exactly zero (the role of
+        # DeepSpeed's exp_avg_mask for entries whose gradient is always zero); the parameters are untouched.
+        m[self.valid_numel.get(id(p), m.numel()):].zero_()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    raise RuntimeError("1-bit Adam: every master needs a gradient at every step (a missing one "
+                                       "would desynchronise the collective exchange)")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                compress = int(state["step"]) >= self.freeze_step
+                state["step"] = int(state["step"]) + 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                momentum_(m, p.grad, beta1=beta1)  # (1), or (4) with this rank's gradient
+                if compress:
+                    self.exchange_momentum_(p, m, state)
+                else:
+                    variance_(v, p.grad, beta2=beta2)  # (2); frozen afterwards
+                c1, c2 = bias_corrections(step=state["step"], variance_step=min(state["step"], self.freeze_step),
+                                          beta1=beta1, beta2=beta2, enabled=group["bias_correction"])
+                adam_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                             c1=c1, c2=c2)
+        return loss
+
+
+def build_onebit_adam(masters: list[torch.Tensor], *, valid_numels: list[int], comm: Comm, freeze_step: int,
+                      lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
+                      param_groups: list[dict] | None = None) -> OneBitAdam:
+    """OneBitAdam over `masters` (valid_numels[i]: master i's elements before its padding), or over torch-style
+    `param_groups` of them (per-group overrides)."""
+    params = list(param_groups) if param_groups is not None else list(masters)
+    return OneBitAdam(params, comm=comm, freeze_step=freeze_step, lr=lr, betas=betas, eps=eps,
+                      weight_decay=weight_decay, bias_correction=bias_correction,
+                      valid_numel={id(m): n for m, n in zip(masters, valid_numels, strict=True)})

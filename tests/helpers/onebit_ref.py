@@ -1,0 +1,87 @@
+"""A single-process reference of 1-bit Adam (Tang et al. 2021, Algorithm 1) over n simulated workers.
+
+It takes every worker's gradient at once and runs equations (1)-(7) of runtime/onebit_adam.py's docstring
+with its own bookkeeping of the exchange: per worker, compress each server's piece of m + d (error feedback
+d), per server, average the decompressed pieces and compress again (error feedback e). Only the element-wise
+update formulas (momentum_, variance_, adam_update_, bias_corrections; unit-tested against torch.optim.AdamW)
+and the 1-bit codec's pure functions are shared with the runtime; the collectives, the wire packing and the
+error buffers are not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ztune.cost.comm import ONEBIT_CHUNK_NUMEL
+from ztune.runtime.comm.compress import onebit_compress, onebit_decompress
+from ztune.runtime.onebit_adam import adam_update_, bias_corrections, momentum_, variance_
+
+
+def compress_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """C[x]: signs times each block's mean |x| (the value the receiver decodes)."""
+    packed, scales = onebit_compress(x, chunk_numel=ONEBIT_CHUNK_NUMEL)
+    return onebit_decompress(packed, scales, numel=x.numel(), chunk_numel=ONEBIT_CHUNK_NUMEL)
+
+
+def exchange(local_m: list[torch.Tensor], worker_err: list[torch.Tensor], server_err: list[torch.Tensor], *,
+             worker_feedback: bool = True, server_feedback: bool = True) -> torch.Tensor:
+    """Equations (5)-(6) for n workers: the averaged momentum every worker receives. worker_err[i] (numel) and
+    server_err[r] (numel / n) are updated in place; *_feedback=False drops that side's error feedback."""
+    n = len(local_m)
+    piece = local_m[0].numel() // n
+    received: list[list[torch.Tensor]] = [[] for _ in range(n)]  # received[r][i]: worker i's piece r
+    for i in range(n):
+        y = worker_err[i] + local_m[i] if worker_feedback else local_m[i].clone()
+        sent = [compress_roundtrip(y[r * piece:(r + 1) * piece]) for r in range(n)]
+        for r in range(n):
+            received[r].append(sent[r])
+        if worker_feedback:
+            worker_err[i].copy_(y - torch.cat(sent))
+    out = []
+    for r in range(n):
+        total = received[r][0].clone()
+        for t in received[r][1:]:
+            total += t
+        avg = total.div_(n)
+        z = server_err[r] + avg if server_feedback else avg
+        mb = compress_roundtrip(z)
+        if server_feedback:
+            server_err[r].copy_(z - mb)
+        out.append(mb)
+    return torch.cat(out)
+
+
+class ReferenceOneBitAdam:
+    """The whole optimizer over one flat fp32 vector `x` (modified in place) for n workers."""
+
+    def __init__(self, x: torch.Tensor, *, world_size: int, freeze_step: int, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float, bias_correction: bool = True, valid_numel: int | None = None):
+        """valid_numel: elements of x before its padding, whose momentum is held at zero (default: all)."""
+        self.x, self.n, self.freeze_step = x, world_size, freeze_step
+        self.valid_numel = x.numel() if valid_numel is None else valid_numel
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.bias_correction = bias_correction
+        self.m, self.v = torch.zeros_like(x), torch.zeros_like(x)
+        self.worker_err = [torch.zeros_like(x) for _ in range(world_size)]
+        self.server_err = [torch.zeros(x.numel() // world_size) for _ in range(world_size)]
+        self.step_count = 0
+
+    def step(self, grads: list[torch.Tensor], **feedback) -> None:
+        """One step from every worker's own gradient (the warm-up averages them as the all-reduce does)."""
+        beta1, beta2 = self.betas
+        compress = self.step_count >= self.freeze_step
+        self.step_count += 1
+        if compress:
+            local = [momentum_(self.m.clone(), g, beta1=beta1) for g in grads]
+            self.m = exchange(local, self.worker_err, self.server_err, **feedback)
+            self.m[self.valid_numel:] = 0
+        else:
+            total = grads[0].clone()
+            for g in grads[1:]:
+                total += g
+            avg = total.mul_(1.0 / self.n)
+            momentum_(self.m, avg, beta1=beta1)
+            variance_(self.v, avg, beta2=beta2)
+        c1, c2 = bias_corrections(step=self.step_count, variance_step=min(self.step_count, self.freeze_step),
+                                  beta1=beta1, beta2=beta2, enabled=self.bias_correction)
+        adam_update_(self.x, self.m, self.v, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, c1=c1, c2=c2)
