@@ -65,6 +65,22 @@ def ring_wire_factor(op: str, world_size: int) -> float:
     return (n - 1) / n
 
 
+def split_levels(op: str, nbytes: float, *, layout: NodeLayout, rank: int, hierarchical: bool
+                 ) -> tuple[float, float]:
+    """(intra-host, inter-host) bytes `rank` sends for `op` on a full buffer of `nbytes` (module docstring:
+    Hosts). Their sum is ring_wire_factor(op, n) x nbytes."""
+    n = layout.world_size
+    sent = nbytes * ring_wire_factor(op, n) if n > 1 else 0.0
+    if not layout.multi_node or n <= 1:
+        return sent, 0.0
+    if hierarchical and op in HIERARCHICAL_OPS:
+        return level_bytes(op, nbytes, layout)
+    if op == ALL_TO_ALL:
+        return (layout.ranks_per_node - 1) / n * nbytes, (n - layout.ranks_per_node) / n * nbytes
+    crosses = layout.node_of(rank) != layout.node_of((rank + 1) % n)
+    return (0.0, sent) if crosses else (sent, 0.0)
+
+
 def _finish(work, async_op: bool):
     if async_op:
         return work
@@ -167,18 +183,8 @@ class Comm:
         c.inter_sent_bytes += inter
 
     def level_split(self, op: str, nbytes: float) -> tuple[float, float]:
-        """(intra-host, inter-host) bytes this rank sends for `op` on a full buffer of `nbytes` (module
-        docstring: Hosts)."""
-        n, lay = self.world_size, self.layout
-        sent = nbytes * ring_wire_factor(op, n) if n > 1 else 0.0
-        if not lay.multi_node or n <= 1:
-            return sent, 0.0
-        if self.hierarchy is not None and op in HIERARCHICAL_OPS:
-            return level_bytes(op, nbytes, lay)
-        if op == ALL_TO_ALL:
-            return (lay.ranks_per_node - 1) / n * nbytes, (n - lay.ranks_per_node) / n * nbytes
-        crosses = lay.node_of(self.rank) != lay.node_of((self.rank + 1) % n)
-        return (0.0, sent) if crosses else (sent, 0.0)
+        """(intra-host, inter-host) bytes this rank sends for `op` on a full buffer of `nbytes`."""
+        return split_levels(op, nbytes, layout=self.layout, rank=self.rank, hierarchical=self.hierarchy is not None)
 
     def counters(self, phase: str = "train") -> dict[str, OpCounter]:
         return {op: c for (ph, op), c in self._counts.items() if ph == phase}

@@ -40,8 +40,10 @@ def _collectives(rank: int, world_size: int) -> dict:
     n = world_size
     for dtype in (torch.float32, torch.bfloat16):
         for where in ("shared", "private"):
-            def buf(numel):
-                return comm.zeros(numel, dtype=dtype, device="cpu") if where == "shared" else torch.zeros(numel, dtype=dtype)
+            def buf(numel, dtype=dtype, where=where):
+                if where == "shared":
+                    return comm.zeros(numel, dtype=dtype, device="cpu")
+                return torch.zeros(numel, dtype=dtype)
             key = f"{dtype}-{where}"
             t = buf(1000)  # not a multiple of 16 x ranks: ragged pieces
             t.copy_(_filled(1000, rank=rank, seed=1, dtype=dtype))
