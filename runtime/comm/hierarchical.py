@@ -156,6 +156,7 @@ class TwoLevel:
         self.inter_group = inter_group
         self.shm = shm
         self._worker = _Worker()
+        self._staging: dict[torch.dtype, torch.Tensor] = {}  # (worker thread only)
 
     @classmethod
     def connect(cls, *, layout: NodeLayout, rank: int, use_shm: bool) -> TwoLevel:
@@ -191,6 +192,25 @@ class TwoLevel:
     def _shared(self, tensor: torch.Tensor) -> bool:
         return self.shm is not None and self.shm.worth_it(tensor)
 
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A shared buffer of `tensor`'s size and dtype for a collective on a private CPU tensor (staging),
+        or None where the host has no transport or the buffer is below its threshold. One per dtype, grown
+        to the largest collective seen (a gradient bucket or a stage-3 unit); collective: every rank calls
+        it at the same collective, so every rank grows it together."""
+        if self.shm is None or tensor.device.type != "cpu" or \
+                tensor.numel() * tensor.element_size() < self.shm.min_bytes or tensor.numel() == 0:
+            return None
+        buf = self._staging.get(tensor.dtype)
+        if buf is None or buf.numel() < tensor.numel():
+            if buf is not None:
+                self.shm.release(buf)
+            buf = self.shm.zeros(tensor.numel(), dtype=tensor.dtype)
+            if buf is None:  # /dev/shm full on some rank: the host group instead, on every rank
+                self._staging.pop(tensor.dtype, None)
+                return None
+            self._staging[tensor.dtype] = buf
+        return buf[:tensor.numel()]
+
     def _barrier(self) -> None:
         dist.barrier(group=self.intra_group)
 
@@ -210,6 +230,10 @@ class TwoLevel:
         if full.numel() % n:
             raise ValueError(f"reduce_scatter: {full.numel()} elements do not split over {n} ranks")
         size = full.numel() // n
+        stage = None if self._shared(full) else self._stage(full)
+        if stage is not None:  # a private bucket: through the host's shared staging buffer
+            stage.copy_(full)
+            full = stage
         chunks = full.split(size)
         column = [chunks[k * per_node + j] for k in range(n_nodes)]
         if self._shared(full):
@@ -236,6 +260,10 @@ class TwoLevel:
         if output.numel() != n_nodes * per_node * size:
             raise ValueError(f"all_gather: output has {output.numel()} elements, expected "
                              f"{n_nodes * per_node} x {size}")
+        target = output
+        stage = None if self._shared(output) else self._stage(output)
+        if stage is not None:  # a private buffer (a stage-3 unit): gathered in the staging buffer, then copied
+            output = stage
         chunks = output.split(size)
         column = [chunks[k * per_node + j] for k in range(n_nodes)]
         if column[self.node].data_ptr() != shard.data_ptr():
@@ -247,6 +275,8 @@ class TwoLevel:
             for p, grid in enumerate(grids):
                 if p != j:
                     grids[j][:, p].copy_(grid[:, p])
+            if stage is not None:
+                target.copy_(stage)  # before the barrier after which a peer may reuse its staging buffer
             self._barrier()
         else:
             _wait_all([dist.broadcast(c, src=self.intra_ranks[r % per_node], group=self.intra_group,
@@ -255,6 +285,11 @@ class TwoLevel:
 
     def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tuple:
         per_node, j = self.layout.ranks_per_node, self.local_rank
+        target = tensor
+        stage = None if op != dist.ReduceOp.SUM or self._shared(tensor) else self._stage(tensor)
+        if stage is not None:
+            stage.copy_(tensor)
+            tensor = stage
         bounds = chunk_bounds(tensor.numel(), per_node)
         pieces = [tensor[lo:hi] for lo, hi in bounds]
         if op == dist.ReduceOp.SUM and self._shared(tensor):
@@ -271,6 +306,8 @@ class TwoLevel:
                 plo, phi = bounds[p]
                 if p != j and phi > plo:
                     pieces[p].copy_(v[plo:phi])
+            if stage is not None:
+                target.copy_(stage)
             self._barrier()
         else:
             _wait_all([dist.reduce(pc, dst=self.intra_ranks[p], op=op, group=self.intra_group, async_op=True)

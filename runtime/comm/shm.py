@@ -155,6 +155,11 @@ class SharedMemoryTransport:
         self._regions.append(_Region(mine=mine, ranks=ranks))
         return mine
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Forget the shared buffer `tensor` (from `zeros`): its mappings go when the last reference does.
+        Collective in effect: every rank must release the same buffers (indices are not reused)."""
+        self._regions = [r for r in self._regions if r.mine is not tensor]
+
     def own_bytes(self) -> int:
         """Bytes of this rank's own shared buffers, in whole pages (how they are resident)."""
         page = os.sysconf("SC_PAGE_SIZE")
