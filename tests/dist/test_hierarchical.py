@@ -18,6 +18,8 @@ pytestmark = pytest.mark.dist
 
 TWO_HOSTS = {"ZTUNE_LOCAL_WORLD_SIZE": "2", "ZTUNE_SHM_MIN_BYTES": "0"}
 CASES = [case(stage=s) for s in range(4)] + [case(model="llama", stage=3, accum=2)]
+# comm.hierarchical: false on the same layout: flat gloo, and no shared memory across the "hosts"
+CASES += [dict(case(stage=1), flat=True)]
 
 
 def _filled(numel: int, *, rank: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -78,7 +80,10 @@ def _train(rank: int, world_size: int, cases: list[dict]) -> dict:
 
     out = {"collectives": _collectives(rank, world_size), "runs": []}
     for c in cases:
-        engine, _, _, _ = ztune.initialize(build(c), config_for(c, world_size))
+        cfg = config_for(c, world_size)
+        if c.get("flat"):
+            cfg["comm"] = {"hierarchical": False}
+        engine, _, _, _ = ztune.initialize(build(c), cfg)
         data = batches(corpus(), batch_size=MICRO, seq_len=16, rank=rank, world_size=world_size, seed=SEED)
         for _ in range(STEPS):
             for _ in range(c["accum"]):
@@ -90,7 +95,7 @@ def _train(rank: int, world_size: int, cases: list[dict]) -> dict:
             local = torch.cat([p.detach().float().reshape(-1) for p in engine.module.parameters()])
         out["runs"].append({"state": engine.full_state_dict(), "local": local, "skipped": engine.skipped_steps,
                             "steps": engine.global_steps, "norms": [], "scale": engine.scaler.scale,
-                            "report": engine.comm_report()})
+                            "report": engine.comm_report(), "shm": engine.comm.shm is not None})
     return out
 
 
@@ -124,8 +129,14 @@ def test_parity_and_level_bytes(two_hosts):
     for i, c in enumerate(CASES):
         runs = [res["runs"][i] for res in results]
         check(c, runs, 4)
-        for run in runs:
+        for rank, run in enumerate(runs):
             report = run["report"]
+            if c.get("flat"):
+                assert not report["hierarchical"] and not run["shm"] and report["transport"] == "process group"
+                for v in report["ops"].values():  # a ring rank sends to rank + 1: across for ranks 1 and 3
+                    want = (0.0, v["sent_bytes"]) if rank % 2 else (v["sent_bytes"], 0.0)
+                    assert (v["intra_sent_bytes"], v["inter_sent_bytes"]) == want
+                continue
             assert report["hierarchical"], c
             for op, v in report["ops"].items():
                 if op not in ("all_reduce", "reduce_scatter", "all_gather"):
