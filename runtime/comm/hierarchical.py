@@ -31,11 +31,11 @@ ztune/cost/comm.py (`hierarchical_level_bytes`) holds the same formulas for the 
 
 Ordering: the levels of one collective depend on each other (the inter level reads what the intra level
 wrote), which gloo's asynchronous work handles cannot express across two process groups. So every
-hierarchical collective runs, whole, on one worker thread per Comm, in the order the ranks issued them:
-identical on every rank, as each group's collectives must be. The caller gets a handle (`wait`,
-`is_completed`) and goes on computing, as with an asynchronous gloo collective. The intra and inter groups
-(and the host's shared-memory transport) are used by the worker only; `drain` lets the main thread use the
-transport for allocations (`Comm.zeros`) with nothing in flight.
+hierarchical collective runs, whole, on a worker thread, in the order the ranks issued them: identical on
+every rank, as each group's collectives must be. There are two such lanes (`TwoLevel`: gathers, and
+reductions), each with groups of its own. The caller gets a handle (`wait`, `is_completed`) and goes on
+computing, as with an asynchronous gloo collective. The host's transport for the engine's shared buffers is
+read by the lanes and allocated from by the main thread (`Comm.zeros`) only after `drain`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -141,179 +142,219 @@ def _wait_all(works: list) -> None:
         w.wait()
 
 
-class TwoLevel:
-    """The groups and the worker of hierarchical collectives over one NodeLayout. Create it with `connect`."""
+@dataclass
+class _Lane:
+    """One worker thread and the groups it alone uses: the host's ranks (`intra`, with a shared-memory
+    transport `shm` for its barriers and staging buffers) and the ranks with this local rank (`inter`)."""
 
-    def __init__(self, *, layout: NodeLayout, rank: int, intra_group: dist.ProcessGroup,
-                 inter_group: dist.ProcessGroup, shm: SharedMemoryTransport | None):
+    worker: _Worker
+    intra: dist.ProcessGroup
+    inter: dist.ProcessGroup
+    shm: SharedMemoryTransport | None
+    staging: dict = field(default_factory=dict)  # dtype -> shared staging buffer (this lane's thread only)
+
+
+def _new_groups(layout: NodeLayout, rank: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(this host's group, this local rank's group across hosts); collective over the default group
+    (torch.distributed.new_group must be called by every rank for every group, in the same order)."""
+    intra = inter = None
+    for node in range(layout.num_nodes):
+        g = dist.new_group(layout.intra_node_ranks(node), backend="gloo")
+        if node == layout.node_of(rank):
+            intra = g
+    for local in range(layout.ranks_per_node):
+        g = dist.new_group(layout.inter_node_ranks(local), backend="gloo")
+        if local == layout.local_rank_of(rank):
+            inter = g
+    return intra, inter
+
+
+class TwoLevel:
+    """Hierarchical collectives over one NodeLayout (module docstring). Create it with `connect`.
+
+    Two lanes, each a worker thread with groups of its own: gathers on one, reductions (all-reduce,
+    reduce-scatter) on the other, so that stage 3's parameter gathers overlap its gradient reductions as they
+    do on the flat path (where they use different groups too). Each lane runs its collectives in issue order,
+    the same on every rank; the two kinds never share a buffer in the engine, and every collective ends with
+    a barrier after its last read of a peer's buffer, so the lanes need no ordering between them. `shm` is the
+    host's transport for the engine's buffers (`Comm.zeros`), used by the main thread with both lanes idle."""
+
+    GATHER, REDUCE = 0, 1
+
+    def __init__(self, *, layout: NodeLayout, rank: int, shm: SharedMemoryTransport | None, lanes: list[_Lane]):
         self.layout = layout
         self.rank = rank
         self.node = layout.node_of(rank)
         self.local_rank = layout.local_rank_of(rank)
         self.intra_ranks = layout.intra_node_ranks(self.node)  # global ranks of this host, by local rank
         self.inter_ranks = layout.inter_node_ranks(self.local_rank)  # global ranks with this local rank, by host
-        self.intra_group = intra_group
-        self.inter_group = inter_group
         self.shm = shm
-        self._worker = _Worker()
-        self._staging: dict[torch.dtype, torch.Tensor] = {}  # (worker thread only)
+        self.lanes = lanes
 
     @classmethod
     def connect(cls, *, layout: NodeLayout, rank: int, use_shm: bool) -> TwoLevel:
-        """Collective over the default group: every rank must call it. Creates every host's intra group and
-        every local rank's inter group (torch.distributed.new_group must be called by all ranks for every
-        group, in the same order), then the host's shared-memory transport when `use_shm` (None where the
-        host's ranks cannot share memory or ZTUNE_SHM=0)."""
-        intra = inter = None
-        for node in range(layout.num_nodes):
-            g = dist.new_group(layout.intra_node_ranks(node), backend="gloo")
-            if node == layout.node_of(rank):
-                intra = g
-        for local in range(layout.ranks_per_node):
-            g = dist.new_group(layout.inter_node_ranks(local), backend="gloo")
-            if local == layout.local_rank_of(rank):
-                inter = g
-        shm = None
-        if use_shm:
-            shm = SharedMemoryTransport.connect(group=intra, rank=layout.local_rank_of(rank),
-                                                world_size=layout.ranks_per_node)
-        return cls(layout=layout, rank=rank, intra_group=intra, inter_group=inter, shm=shm)
+        """Collective over the default group: every rank must call it. Creates the host groups and the
+        groups across hosts (one set for the engine's shared buffers, one per lane), and the host's
+        shared-memory transports when `use_shm` (None where the host's ranks cannot share memory or
+        ZTUNE_SHM=0: the host groups then carry the intra-host level)."""
+        local, per_node = layout.local_rank_of(rank), layout.ranks_per_node
+        host_group, _ = _new_groups(layout, rank)
+        shm = SharedMemoryTransport.connect(group=host_group, rank=local, world_size=per_node) if use_shm else None
+        lanes = []
+        for _ in (cls.GATHER, cls.REDUCE):
+            intra, inter = _new_groups(layout, rank)
+            lane_shm = None
+            if shm is not None:
+                lane_shm = SharedMemoryTransport.connect(group=intra, rank=local, world_size=per_node)
+            lanes.append(_Lane(worker=_Worker(), intra=intra, inter=inter, shm=lane_shm))
+        return cls(layout=layout, rank=rank, shm=shm, lanes=lanes)
 
     # -- scheduling ---------------------------------------------------------------------------------------
     def submit(self, op: str, *args, **kwargs) -> _Future:
-        """Run collective `op` ("all_reduce", "reduce_scatter", "all_gather") on the worker; the handle."""
+        """Run collective `op` ("all_reduce", "reduce_scatter", "all_gather") on its lane; the handle."""
+        lane = self.lanes[self.GATHER if op == ALL_GATHER else self.REDUCE]
         run = {ALL_REDUCE: self._all_reduce, REDUCE_SCATTER: self._reduce_scatter, ALL_GATHER: self._all_gather}[op]
-        return self._worker.submit(lambda: run(*args, **kwargs))
+        return lane.worker.submit(lambda: run(lane, *args, **kwargs))
 
     def drain(self) -> None:
         """Wait until every collective submitted so far has completed."""
-        self._worker.submit(tuple).wait()
+        for lane in self.lanes:
+            lane.worker.submit(tuple).wait()
 
-    def _shared(self, tensor: torch.Tensor) -> bool:
-        return self.shm is not None and self.shm.worth_it(tensor)
+    def _owner(self, lane: _Lane, tensor: torch.Tensor) -> SharedMemoryTransport | None:
+        """The transport whose shared buffer holds `tensor` (the engine's, or the lane's staging), if any and
+        if the collective is large enough to go through shared memory."""
+        for tr in (self.shm, lane.shm):
+            if tr is not None and tr.worth_it(tensor):
+                return tr
+        return None
 
-    def _stage(self, tensor: torch.Tensor) -> torch.Tensor | None:
+    def _shared(self, lane: _Lane, tensor: torch.Tensor) -> bool:
+        return self._owner(lane, tensor) is not None
+
+    def _views(self, lane: _Lane, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return self._owner(lane, tensor).views(tensor)
+
+    def _stage(self, lane: _Lane, tensor: torch.Tensor) -> torch.Tensor | None:
         """A shared buffer of `tensor`'s size and dtype for a collective on a private CPU tensor (staging),
-        or None where the host has no transport or the buffer is below its threshold. One per dtype, grown
-        to the largest collective seen (a gradient bucket or a stage-3 unit); collective: every rank calls
-        it at the same collective, so every rank grows it together."""
-        if self.shm is None or tensor.device.type != "cpu" or \
-                tensor.numel() * tensor.element_size() < self.shm.min_bytes or tensor.numel() == 0:
+        or None where the host has no transport or the buffer is below its threshold. One per lane and dtype,
+        grown to the largest collective seen (a gradient bucket or a stage-3 unit); collective: every rank
+        calls it at the same collective of the lane, so every rank grows it together."""
+        tr = lane.shm
+        if tr is None or tensor.device.type != "cpu" or \
+                tensor.numel() * tensor.element_size() < tr.min_bytes or tensor.numel() == 0:
             return None
-        buf = self._staging.get(tensor.dtype)
+        buf = lane.staging.get(tensor.dtype)
         if buf is None or buf.numel() < tensor.numel():
             if buf is not None:
-                self.shm.release(buf)
-            buf = self.shm.zeros(tensor.numel(), dtype=tensor.dtype)
+                tr.release(buf)
+            buf = tr.zeros(tensor.numel(), dtype=tensor.dtype)
             if buf is None:  # /dev/shm full on some rank: the host group instead, on every rank
-                self._staging.pop(tensor.dtype, None)
+                lane.staging.pop(tensor.dtype, None)
                 return None
-            self._staging[tensor.dtype] = buf
+            lane.staging[tensor.dtype] = buf
         return buf[:tensor.numel()]
 
-    def _barrier(self) -> None:
-        dist.barrier(group=self.intra_group)
-
     # -- the collectives (on the worker thread) -----------------------------------------------------------
-    def _inter_reduce_scatter(self, cols: list[torch.Tensor]) -> list:
+    def _inter_reduce_scatter(self, lane: _Lane, cols: list[torch.Tensor]) -> list:
         """Reduce chunk k of this rank's column to the rank of host k (inter group); launched, not waited."""
-        return [dist.reduce(c, dst=dst, group=self.inter_group, async_op=True)
+        return [dist.reduce(c, dst=dst, group=lane.inter, async_op=True)
                 for c, dst in zip(cols, self.inter_ranks, strict=True)]
 
-    def _inter_all_gather(self, cols: list[torch.Tensor]) -> list:
-        return [dist.broadcast(c, src=src, group=self.inter_group, async_op=True)
+    def _inter_all_gather(self, lane: _Lane, cols: list[torch.Tensor]) -> list:
+        return [dist.broadcast(c, src=src, group=lane.inter, async_op=True)
                 for c, src in zip(cols, self.inter_ranks, strict=True)]
 
-    def _reduce_scatter(self, output: torch.Tensor, full: torch.Tensor) -> tuple:
+    def _reduce_scatter(self, lane: _Lane, output: torch.Tensor, full: torch.Tensor) -> tuple:
         n_nodes, per_node, j = self.layout.num_nodes, self.layout.ranks_per_node, self.local_rank
         n = n_nodes * per_node
         if full.numel() % n:
             raise ValueError(f"reduce_scatter: {full.numel()} elements do not split over {n} ranks")
         size = full.numel() // n
-        stage = None if self._shared(full) else self._stage(full)
+        stage = None if self._shared(lane, full) else self._stage(lane, full)
         if stage is not None:  # a private bucket: through the host's shared staging buffer
             stage.copy_(full)
             full = stage
         chunks = full.split(size)
         column = [chunks[k * per_node + j] for k in range(n_nodes)]
-        if self._shared(full):
-            grids = [v.view(n_nodes, per_node, size) for v in self.shm.views(full)]
+        if self._shared(lane, full):
+            grids = [v.view(n_nodes, per_node, size) for v in self._views(lane, full)]
             mine = grids[j][:, j]
-            self._barrier()  # every host peer's buffer is ready
+            dist.barrier(group=lane.intra)  # every host peer's buffer is ready
             for p, grid in enumerate(grids):
                 if p != j:
                     mine.add_(grid[:, j])
-            _wait_all(self._inter_reduce_scatter(column))
-            self._barrier()  # no peer still reads this buffer when the caller reuses it
+            _wait_all(self._inter_reduce_scatter(lane, column))
+            dist.barrier(group=lane.intra)  # no peer still reads this buffer when the caller reuses it
         else:  # gloo inside the host: chunk r to the host peer with local rank r % L (one reduce per chunk)
-            _wait_all([dist.reduce(c, dst=self.intra_ranks[r % per_node], group=self.intra_group, async_op=True)
+            _wait_all([dist.reduce(c, dst=self.intra_ranks[r % per_node], group=lane.intra, async_op=True)
                        for r, c in enumerate(chunks)])
-            _wait_all(self._inter_reduce_scatter(column))
+            _wait_all(self._inter_reduce_scatter(lane, column))
         own = column[self.node]
         if own.data_ptr() != output.data_ptr():
             output.copy_(own)
         return tuple(chunks)
 
-    def _all_gather(self, output: torch.Tensor, shard: torch.Tensor) -> tuple:
+    def _all_gather(self, lane: _Lane, output: torch.Tensor, shard: torch.Tensor) -> tuple:
         n_nodes, per_node, j = self.layout.num_nodes, self.layout.ranks_per_node, self.local_rank
         size = shard.numel()
         if output.numel() != n_nodes * per_node * size:
             raise ValueError(f"all_gather: output has {output.numel()} elements, expected "
                              f"{n_nodes * per_node} x {size}")
         target = output
-        stage = None if self._shared(output) else self._stage(output)
+        stage = None if self._shared(lane, output) else self._stage(lane, output)
         if stage is not None:  # a private buffer (a stage-3 unit): gathered in the staging buffer, then copied
             output = stage
         chunks = output.split(size)
         column = [chunks[k * per_node + j] for k in range(n_nodes)]
         if column[self.node].data_ptr() != shard.data_ptr():
             column[self.node].copy_(shard)
-        _wait_all(self._inter_all_gather(column))
-        if self._shared(output):
-            grids = [v.view(n_nodes, per_node, size) for v in self.shm.views(output)]
-            self._barrier()  # every host peer holds its column
+        _wait_all(self._inter_all_gather(lane, column))
+        if self._shared(lane, output):
+            grids = [v.view(n_nodes, per_node, size) for v in self._views(lane, output)]
+            dist.barrier(group=lane.intra)  # every host peer holds its column
             for p, grid in enumerate(grids):
                 if p != j:
                     grids[j][:, p].copy_(grid[:, p])
             if stage is not None:
                 target.copy_(stage)  # before the barrier after which a peer may reuse its staging buffer
-            self._barrier()
+            dist.barrier(group=lane.intra)
         else:
-            _wait_all([dist.broadcast(c, src=self.intra_ranks[r % per_node], group=self.intra_group,
+            _wait_all([dist.broadcast(c, src=self.intra_ranks[r % per_node], group=lane.intra,
                                       async_op=True) for r, c in enumerate(chunks)])
         return tuple(chunks) + (shard,)
 
-    def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tuple:
+    def _all_reduce(self, lane: _Lane, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> tuple:
         per_node, j = self.layout.ranks_per_node, self.local_rank
         target = tensor
-        stage = None if op != dist.ReduceOp.SUM or self._shared(tensor) else self._stage(tensor)
+        stage = None if op != dist.ReduceOp.SUM or self._shared(lane, tensor) else self._stage(lane, tensor)
         if stage is not None:
             stage.copy_(tensor)
             tensor = stage
         bounds = chunk_bounds(tensor.numel(), per_node)
         pieces = [tensor[lo:hi] for lo, hi in bounds]
-        if op == dist.ReduceOp.SUM and self._shared(tensor):
-            views = self.shm.views(tensor)
+        if op == dist.ReduceOp.SUM and self._shared(lane, tensor):
+            views = self._views(lane, tensor)
             lo, hi = bounds[j]
-            self._barrier()
+            dist.barrier(group=lane.intra)
             for p, v in enumerate(views):
                 if p != j:
                     pieces[j].add_(v[lo:hi])
             if hi > lo:  # peers read only their own piece of this buffer meanwhile
-                dist.all_reduce(pieces[j], group=self.inter_group)
-            self._barrier()  # every piece is globally reduced
+                dist.all_reduce(pieces[j], group=lane.inter)
+            dist.barrier(group=lane.intra)  # every piece is globally reduced
             for p, v in enumerate(views):
                 plo, phi = bounds[p]
                 if p != j and phi > plo:
                     pieces[p].copy_(v[plo:phi])
             if stage is not None:
                 target.copy_(stage)
-            self._barrier()
+            dist.barrier(group=lane.intra)
         else:
-            _wait_all([dist.reduce(pc, dst=self.intra_ranks[p], op=op, group=self.intra_group, async_op=True)
+            _wait_all([dist.reduce(pc, dst=self.intra_ranks[p], op=op, group=lane.intra, async_op=True)
                        for p, pc in enumerate(pieces) if pc.numel()])
             if pieces[j].numel():
-                dist.all_reduce(pieces[j], op=op, group=self.inter_group)
-            _wait_all([dist.broadcast(pc, src=self.intra_ranks[p], group=self.intra_group, async_op=True)
+                dist.all_reduce(pieces[j], op=op, group=lane.inter)
+            _wait_all([dist.broadcast(pc, src=self.intra_ranks[p], group=lane.intra, async_op=True)
                        for p, pc in enumerate(pieces) if pc.numel()])
         return tuple(pieces) + (tensor,)
