@@ -312,7 +312,9 @@ class Comm:
             self._issue(dist.broadcast(tensor, src=src, group=self.group, async_op=True), (tensor,), False)
 
     def report(self, *, steps: int, phase: str = "train") -> dict:
-        """Per-op calls / payload bytes / sent bytes, and bytes each rank sends per optimizer step."""
+        """Per-op calls / payload bytes / sent bytes (of which intra_sent_bytes to this host's ranks and
+        inter_sent_bytes to other hosts', module docstring: Hosts), and bytes this rank sends per optimizer
+        step, in all and to other hosts. `hierarchical`: two-level collectives (runtime/comm/hierarchical.py)."""
         ops = {
             op: {"calls": c.calls, "payload_bytes": c.payload_bytes, "sent_bytes": c.sent_bytes,
                  "intra_sent_bytes": c.intra_sent_bytes, "inter_sent_bytes": c.inter_sent_bytes}
