@@ -312,13 +312,14 @@ class TwoLevel:
         _wait_all(self._inter_all_gather(lane, column))
         if self._shared(lane, output):
             grids = [v.view(n_nodes, per_node, size) for v in self._views(lane, output)]
+            dest = target.view(n_nodes, per_node, size)  # staged: the peers' columns straight into the target
             dist.barrier(group=lane.intra)  # every host peer holds its column
             for p, grid in enumerate(grids):
                 if p != j:
-                    grids[j][:, p].copy_(grid[:, p])
+                    dest[:, p].copy_(grid[:, p])
             if stage is not None:
-                target.copy_(stage)  # before the barrier after which a peer may reuse its staging buffer
-            dist.barrier(group=lane.intra)
+                dest[:, j].copy_(grids[j][:, j])
+            dist.barrier(group=lane.intra)  # no peer still reads this buffer when it is reused
         else:
             _wait_all([dist.broadcast(c, src=self.intra_ranks[r % per_node], group=lane.intra,
                                       async_op=True) for r, c in enumerate(chunks)])
@@ -343,12 +344,10 @@ class TwoLevel:
             if hi > lo:  # peers read only their own piece of this buffer meanwhile
                 dist.all_reduce(pieces[j], group=lane.inter)
             dist.barrier(group=lane.intra)  # every piece is globally reduced
-            for p, v in enumerate(views):
+            for p, v in enumerate(views):  # staged: the peers' pieces straight into the target
                 plo, phi = bounds[p]
-                if p != j and phi > plo:
-                    pieces[p].copy_(v[plo:phi])
-            if stage is not None:
-                target.copy_(stage)
+                if (p != j or stage is not None) and phi > plo:
+                    target[plo:phi].copy_(v[plo:phi])
             dist.barrier(group=lane.intra)
         else:
             _wait_all([dist.reduce(pc, dst=self.intra_ranks[p], op=op, group=lane.intra, async_op=True)
