@@ -120,3 +120,16 @@ def test_config_key(value, want, tmp_path):
 def test_bad_config_names_the_key(doc, fragment):
     with pytest.raises(ConfigError, match=fragment):
         from_dict(doc)
+
+
+def test_worker_runs_in_issue_order_and_hands_errors_to_the_waiter():
+    from ztune.runtime.comm.hierarchical import _Worker
+
+    worker, order = _Worker(), []
+    futures = [worker.submit(lambda i=i: (order.append(i),)) for i in range(5)]
+    futures[-1].wait()
+    assert order == list(range(5)) and all(f.is_completed() for f in futures)
+    failed = worker.submit(lambda: (1 / 0,))
+    with pytest.raises(ZeroDivisionError):
+        failed.wait()
+    assert worker.submit(tuple).wait()  # the lane goes on after a failed collective's error reached its waiter
