@@ -110,6 +110,27 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], *, argv: list[str]) -> str:
+    import datetime as dt
+
+    load = os.getloadavg()[0]
+    first = rows[0]
+    out = [f"# Flat vs hierarchical collectives ({first['num_nodes']} hosts x {first['ranks_per_node']} ranks)", "",
+           f"`python benchmarks/bench_hierarchical.py {' '.join(argv)}` on {dt.date.today()}, load average "
+           f"{load:.1f} at the end (2-core machine shared with other jobs: step times are noisy).", "",
+           "Step: the slowest rank's median. Bytes across hosts: what a host's ranks send to other hosts per step, "
+           "ring accounting (runtime/comm/collectives.py); a flat ring sends from one rank per host, the two "
+           "levels from every rank on 1/L of the buffer.", "",
+           "| stage | collectives | step ms | MB sent per rank per step | MB across hosts per host per step |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        mode = "hierarchical" if r["hierarchical"] else "flat"
+        out.append(f"| {r['stage']} | {mode} | {r['step_s'] * 1e3:.0f} | {r['bytes_per_rank_per_step'] / 1e6:.2f} | "
+                   f"{r['inter_bytes_per_host_per_step'] / 1e6:.2f} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-llama")
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, help="also write the table here (e.g. docs/bench/hierarchical.md)")
     args = ap.parse_args(argv)
     opts = {"model": args.model, "stages": [int(s) for s in args.stages.split(",")], "steps": args.steps,
             "warmup": args.warmup, "micro": args.micro, "seq": args.seq, "precision": args.precision}
@@ -142,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                             env={"ZTUNE_LOCAL_WORLD_SIZE": "2"})
     rows = summarise(results)
     print(render(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows, argv=sys.argv[1:] if argv is None else argv))
     if args.json:
         Path(args.json).write_text(json.dumps({"options": opts, "rows": rows, "load_avg": os.getloadavg()},
                                               indent=2))
