@@ -156,7 +156,8 @@ class Engine:
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
         # rank may rewrite its shard while another could still read it (barriers around the step), and the
         # first gather must see every rank's initial shard (barrier now).
-        self._shared_shards = self.plan.parameters and comm.shm is not None and all(
+        # (Not with hierarchical collectives: their gathers cross hosts, runtime/comm/hierarchical.py.)
+        self._shared_shards = self.plan.parameters and comm.shm is not None and comm.hierarchy is None and all(
             comm.shm.owns(g.param_shard) for g in self.groups + self.frozen_groups)
         if self._shared_shards:
             comm.shard_barrier()

@@ -20,7 +20,9 @@ from ztune.config.deepspeed_auto import context_from_model
 from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
+from ztune.runtime.comm.hierarchical import TwoLevel, wants_hierarchy
 from ztune.runtime.comm.shm import SharedMemoryTransport
+from ztune.runtime.comm.topology import layout_from_env
 
 DEFAULT_PORT = 29500  # DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT (deepspeed/constants.py)
 
@@ -86,10 +88,11 @@ def _restart_safe_store(*, world_size: int, timeout) -> dist.Store | None:
     return dist.PrefixStore(f"/ztune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
-def _process_group(*, dist_init_required: bool | None = None, distributed_port: int = DEFAULT_PORT
-                   ) -> tuple[Comm, torch.device]:
+def _process_group(*, dist_init_required: bool | None = None, distributed_port: int = DEFAULT_PORT,
+                   hierarchical: str = "auto") -> tuple[Comm, torch.device]:
     """The Comm over the default group, initialising it from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT) when needed; a world of one without any env."""
+    MASTER_PORT) when needed; a world of one without any env. `hierarchical`: comm.hierarchical (two-level
+    collectives where the ranks span several hosts, runtime/comm/topology.py)."""
     use_cuda = torch.cuda.is_available()
     if use_cuda:  # before the group exists: NCCL binds each rank to the current device
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -104,10 +107,19 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
     if use_cuda and dist.get_backend() != "nccl":
         device = torch.device("cpu")  # a gloo group on a GPU machine: keep the run on the CPU
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        layout = layout_from_env(world_size=world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if wants_hierarchy(hierarchical, layout=layout, backend=dist.get_backend()):  # runtime/comm/hierarchical.py
+        hierarchy = TwoLevel.connect(layout=layout, rank=rank, use_shm=device.type == "cpu")
+        return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, layout=layout,
+                    hierarchy=hierarchy), device
     shm = None
-    if device.type == "cpu":  # CPU ranks on one host move buffers through shared memory (runtime/comm/shm.py)
+    # CPU ranks on one host move buffers through shared memory (runtime/comm/shm.py); never across hosts.
+    if device.type == "cpu" and not layout.multi_node:
         shm = SharedMemoryTransport.connect(group=dist.group.WORLD, rank=rank, world_size=world_size)
-    return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm), device
+    return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm, layout=layout), device
 
 
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:
@@ -209,7 +221,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     from ztune.runtime.compat.optimizers import plan_optimizer, resolve_scheduler
 
     plan = plan_optimizer(model, loaded.config, model_parameters=model_parameters, optimizer=optimizer)
-    comm, device = _process_group(dist_init_required=dist_init_required, distributed_port=distributed_port)
+    comm, device = _process_group(dist_init_required=dist_init_required, distributed_port=distributed_port,
+                                  hierarchical=loaded.config.comm.hierarchical)
     batch = resolve_batch(loaded.config.batch, comm.world_size, keys=loaded.batch_keys)
     cfg = dataclasses.replace(loaded.config, batch=batch)
     _validate(cfg, model=model, world_size=comm.world_size, device=device, units=units)

@@ -16,6 +16,14 @@ Transport: a collective whose tensors live in a shared-memory buffer (`Comm.zero
 ranks on one host) runs as memory copies between barriers, synchronously; everything else goes to the
 process group (gloo or NCCL). Byte accounting is the same either way.
 
+Hosts: where the layout (runtime/comm/topology.py) has several hosts of more than one rank each, the Comm may
+hold a `TwoLevel` (runtime/comm/hierarchical.py): all_reduce, reduce_scatter and all_gather then run in two
+levels (inside the host over its shared memory or a host group, across hosts on 1/L of the buffer), with the
+same results and shard layout; callers do not change. broadcast and all_to_all stay flat. Each op's sent
+bytes are also split by level, intra-host and inter-host: hierarchical ops by the formulas in
+hierarchical.py; flat ring ops by where this rank's ring successor (rank + 1 mod n) lives, since a ring rank
+sends everything to its successor; all_to_all by where each 1/n piece goes. On one host everything is intra.
+
 Tensor lifetimes: a gloo worker thread drops its references to a collective's tensors only after the
 collective has completed, i.e. possibly after `wait()` has returned. If it holds the last reference to a
 tensor whose Python object has died (a chunk view made for the call), it needs the GIL to free that object,
@@ -37,7 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ztune.runtime.comm.hierarchical import HIERARCHICAL_OPS, TwoLevel, level_bytes
 from ztune.runtime.comm.shm import SharedMemoryTransport
+from ztune.runtime.comm.topology import NodeLayout
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
 ALL_TO_ALL = "all_to_all"
@@ -55,6 +65,22 @@ def ring_wire_factor(op: str, world_size: int) -> float:
     return (n - 1) / n
 
 
+def split_levels(op: str, nbytes: float, *, layout: NodeLayout, rank: int, hierarchical: bool
+                 ) -> tuple[float, float]:
+    """(intra-host, inter-host) bytes `rank` sends for `op` on a full buffer of `nbytes` (module docstring:
+    Hosts). Their sum is ring_wire_factor(op, n) x nbytes."""
+    n = layout.world_size
+    sent = nbytes * ring_wire_factor(op, n) if n > 1 else 0.0
+    if not layout.multi_node or n <= 1:
+        return sent, 0.0
+    if hierarchical and op in HIERARCHICAL_OPS:
+        return level_bytes(op, nbytes, layout)
+    if op == ALL_TO_ALL:
+        return (layout.ranks_per_node - 1) / n * nbytes, (n - layout.ranks_per_node) / n * nbytes
+    crosses = layout.node_of(rank) != layout.node_of((rank + 1) % n)
+    return (0.0, sent) if crosses else (sent, 0.0)
+
+
 def _finish(work, async_op: bool):
     if async_op:
         return work
@@ -67,6 +93,8 @@ class OpCounter:
     calls: int = 0
     payload_bytes: int = 0  # the full (unsharded) buffer each call moves
     sent_bytes: float = 0.0  # what this rank puts on the wire, ring accounting
+    intra_sent_bytes: float = 0.0  # of which to ranks on this rank's host
+    inter_sent_bytes: float = 0.0  # of which to ranks on other hosts
 
 
 class _Works:
@@ -109,13 +137,21 @@ class Comm:
     """Collectives over one process group (None with world_size 1: every collective is local)."""
 
     def __init__(self, *, group: dist.ProcessGroup | None, rank: int, world_size: int,
-                 shm: SharedMemoryTransport | None = None):
+                 shm: SharedMemoryTransport | None = None, layout: NodeLayout | None = None,
+                 hierarchy: TwoLevel | None = None):
+        """shm: the transport over every rank of `group` (one host); layout: which ranks share a host (None:
+        one host); hierarchy: two-level collectives over `layout` (its host's transport is then `self.shm`,
+        and `shm` must be None)."""
         if world_size > 1 and group is None:
             raise ValueError("a process group is needed for world_size > 1")
+        if hierarchy is not None and shm is not None:
+            raise ValueError("a hierarchical Comm's shared memory is its host's (hierarchy.shm), not shm=")
         self.group = group
         self.rank = rank
         self.world_size = world_size
-        self.shm = shm
+        self.layout = layout if layout is not None else NodeLayout(world_size=world_size, ranks_per_node=world_size)
+        self.hierarchy = hierarchy
+        self.shm = hierarchy.shm if hierarchy is not None else shm
         self.gloo = world_size > 1 and dist.get_backend(group) == "gloo"
         self.phase = "train"
         self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
@@ -125,6 +161,8 @@ class Comm:
         """A zeroed flat buffer for collectives to move: in shared memory when the transport has one
         (collective then: every rank must call it in the same order), else ordinary memory on `device`."""
         if self.shm is not None and torch.device(device).type == "cpu":
+            if self.hierarchy is not None:  # its transport belongs to the worker thread: nothing in flight
+                self.hierarchy.drain()
             shared = self.shm.zeros(numel, dtype=dtype)
             if shared is not None:
                 return shared
@@ -140,6 +178,13 @@ class Comm:
         c.calls += 1
         c.payload_bytes += nbytes
         c.sent_bytes += nbytes * ring_wire_factor(op, self.world_size)
+        intra, inter = self.level_split(op, nbytes)
+        c.intra_sent_bytes += intra
+        c.inter_sent_bytes += inter
+
+    def level_split(self, op: str, nbytes: float) -> tuple[float, float]:
+        """(intra-host, inter-host) bytes this rank sends for `op` on a full buffer of `nbytes`."""
+        return split_levels(op, nbytes, layout=self.layout, rank=self.rank, hierarchical=self.hierarchy is not None)
 
     def counters(self, phase: str = "train") -> dict[str, OpCounter]:
         return {op: c for (ph, op), c in self._counts.items() if ph == phase}
@@ -176,6 +221,8 @@ class Comm:
         self._count(ALL_REDUCE, tensor)
         if self.world_size == 1:
             return _Done() if async_op else None
+        if self.hierarchy is not None:
+            return _finish(self._hold(self.hierarchy.submit(ALL_REDUCE, tensor, op)), async_op)
         if op == dist.ReduceOp.SUM and self._shared(tensor):
             self.shm.all_reduce(tensor)
             return _Done() if async_op else None
@@ -192,6 +239,8 @@ class Comm:
             if output.data_ptr() != shard.data_ptr():
                 output.copy_(shard)
             return _Done() if async_op else None
+        if self.hierarchy is not None:  # (its own groups; `group` only orders flat gathers)
+            return _finish(self._hold(self.hierarchy.submit(ALL_GATHER, output, shard)), async_op)
         if self._shared(output):
             self.shm.all_gather(output, shard)
             return _Done() if async_op else None
@@ -210,7 +259,7 @@ class Comm:
         `output`, with no synchronisation, which is only right while no rank writes its shard (the engine
         brackets each optimizer step with barriers, `shard_barrier`). Returns False, doing nothing, where the
         shard is not shared (the caller then uses `all_gather`)."""
-        if self.world_size == 1 or self.shm is None or not self.shm.owns(shard):
+        if self.world_size == 1 or self.shm is None or self.hierarchy is not None or not self.shm.owns(shard):
             return False
         self._count(ALL_GATHER, output)
         self.shm.gather_shards(output, shard)
@@ -232,6 +281,8 @@ class Comm:
             if output.data_ptr() != full.data_ptr():
                 output.copy_(full)
             return _Done() if async_op else None
+        if self.hierarchy is not None:
+            return _finish(self._hold(self.hierarchy.submit(REDUCE_SCATTER, output, full)), async_op)
         if self._shared(full):
             self.shm.reduce_scatter(output, full)
             return _Done() if async_op else None
@@ -261,17 +312,31 @@ class Comm:
             self._issue(dist.broadcast(tensor, src=src, group=self.group, async_op=True), (tensor,), False)
 
     def report(self, *, steps: int, phase: str = "train") -> dict:
-        """Per-op calls / payload bytes / sent bytes, and bytes each rank sends per optimizer step."""
+        """Per-op calls / payload bytes / sent bytes (of which intra_sent_bytes to this host's ranks and
+        inter_sent_bytes to other hosts', module docstring: Hosts), and bytes this rank sends per optimizer
+        step, in all and to other hosts. `hierarchical`: two-level collectives (runtime/comm/hierarchical.py)."""
         ops = {
-            op: {"calls": c.calls, "payload_bytes": c.payload_bytes, "sent_bytes": c.sent_bytes}
+            op: {"calls": c.calls, "payload_bytes": c.payload_bytes, "sent_bytes": c.sent_bytes,
+                 "intra_sent_bytes": c.intra_sent_bytes, "inter_sent_bytes": c.inter_sent_bytes}
             for op, c in sorted(self.counters(phase).items())
         }
         total = sum(v["sent_bytes"] for v in ops.values())
+        inter = sum(v["inter_sent_bytes"] for v in ops.values())
+        if self.hierarchy is not None:
+            transport = "hierarchical: " + ("shared memory" if self.shm is not None else "host group") \
+                + " inside each host + process group across hosts"
+        else:
+            transport = "shared memory + process group" if self.shm is not None else "process group"
         return {
             "world_size": self.world_size,
-            "transport": "shared memory + process group" if self.shm is not None else "process group",
+            "transport": transport,
+            "hierarchical": self.hierarchy is not None,
+            "num_nodes": self.layout.num_nodes,
+            "ranks_per_node": self.layout.ranks_per_node if self.layout.uniform else self.world_size,
             "steps": steps,
             "bytes_sent_total": total,
             "bytes_sent_per_step": total / steps if steps else 0.0,
+            "inter_node_bytes_sent_total": inter,
+            "inter_node_bytes_sent_per_step": inter / steps if steps else 0.0,
             "ops": ops,
         }

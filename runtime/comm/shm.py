@@ -93,7 +93,8 @@ class SharedMemoryTransport:
         if world_size < 2:
             return None
         names = [f"ztune-{uuid.uuid4().hex[:16]}-{os.getpid()}" if rank == 0 else None]
-        dist.broadcast_object_list(names, src=0, group=group)
+        first = 0 if group is None or group is dist.group.WORLD else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(names, src=first, group=group)  # (src is a global rank)
         prefix = names[0]
         ok = enabled_by_env() and os.path.isdir(root) and os.access(root, os.W_OK)
         probe = os.path.join(root, f"{prefix}-probe-{rank}")
@@ -154,6 +155,11 @@ class SharedMemoryTransport:
         self._regions.append(_Region(mine=mine, ranks=ranks))
         return mine
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Forget the shared buffer `tensor` (from `zeros`): its mappings go when the last reference does.
+        Collective in effect: every rank must release the same buffers (indices are not reused)."""
+        self._regions = [r for r in self._regions if r.mine is not tensor]
+
     def own_bytes(self) -> int:
         """Bytes of this rank's own shared buffers, in whole pages (how they are resident)."""
         page = os.sysconf("SC_PAGE_SIZE")
@@ -185,7 +191,7 @@ class SharedMemoryTransport:
                 return region, (ptr - region.base) // tensor.element_size()
         return None
 
-    def _views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+    def views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's copy of the piece `tensor` is of this rank's buffer (same offset on every rank)."""
         found = self._find(tensor)
         if found is None:
@@ -194,10 +200,7 @@ class SharedMemoryTransport:
         return [t[offset:offset + tensor.numel()] for t in region.ranks]
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
-        n = self.world_size
-        size = -(-numel // n)
-        size = -(-size // _CHUNK_ALIGN) * _CHUNK_ALIGN
-        return [(min(r * size, numel), min((r + 1) * size, numel)) for r in range(n)]
+        return chunk_bounds(numel, self.world_size)
 
     def _barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -216,7 +219,7 @@ class SharedMemoryTransport:
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` (in a shared buffer) over the group, in place."""
-        views = self._views(tensor)
+        views = self.views(tensor)
         chunks = self._chunks(tensor.numel())
         self._barrier()
         self._reduce_own_chunk(views, *chunks[self.rank])
@@ -232,7 +235,7 @@ class SharedMemoryTransport:
             raise ValueError(f"reduce_scatter: {full.numel()} elements do not split over {n} ranks")
         shard = full.numel() // n
         lo, hi = self.rank * shard, (self.rank + 1) * shard
-        views = self._views(full)
+        views = self.views(full)
         self._barrier()
         self._reduce_own_chunk(views, lo, hi)
         if output.data_ptr() != views[self.rank][lo:hi].data_ptr():
@@ -245,7 +248,7 @@ class SharedMemoryTransport:
         size = shard.numel()
         if output.numel() != n * size:
             raise ValueError(f"all_gather: output has {output.numel()} elements, expected {n} x {size}")
-        views = self._views(output)
+        views = self.views(output)
         own = views[self.rank][self.rank * size:(self.rank + 1) * size]
         if own.data_ptr() != shard.data_ptr():
             own.copy_(shard)
@@ -260,8 +263,16 @@ class SharedMemoryTransport:
         if output.numel() != self.world_size * size:
             raise ValueError(f"gather_shards: output has {output.numel()} elements, expected "
                              f"{self.world_size} x {size}")
-        for r, v in enumerate(self._views(shard)):
+        for r, v in enumerate(self.views(shard)):
             output[r * size:(r + 1) * size].copy_(v)
+
+
+def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) of n chunks covering `numel` elements: equal, aligned to _CHUNK_ALIGN, the last ones ragged or
+    empty (an all-reduce's pieces; any split works as long as every rank uses the same one)."""
+    size = -(-numel // n)
+    size = -(-size // _CHUNK_ALIGN) * _CHUNK_ALIGN
+    return [(min(r * size, numel), min((r + 1) * size, numel)) for r in range(n)]
 
 
 def _min_bytes_from_env() -> int:

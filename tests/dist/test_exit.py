@@ -27,13 +27,14 @@ WORLD = 4
 RUNS = 3
 
 
-def _run_once(op: str) -> list[tuple[int, str]]:
+def _run_once(op: str, extra_env: dict[str, str] | None = None) -> list[tuple[int, str]]:
     port = free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                   **(extra_env or {}))
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), op], env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     out = []
@@ -52,4 +53,13 @@ def _run_once(op: str) -> list[tuple[int, str]]:
 def test_exit_right_after_a_collective_is_clean(op: str) -> None:
     for attempt in range(RUNS):
         for rank, (rc, text) in enumerate(_run_once(op)):
+            assert rc == 0 and "terminate called" not in text, f"run {attempt}, rank {rank}: exit {rc}\n{text}"
+
+
+def test_exit_right_after_a_hierarchical_step_is_clean() -> None:
+    """The same with 2 "hosts" x 2: the engine's collectives run on the hierarchical lanes' worker threads
+    (runtime/comm/hierarchical.py), idle but alive at shutdown."""
+    two_hosts = {"ZTUNE_LOCAL_WORLD_SIZE": "2", "ZTUNE_SHM_MIN_BYTES": "0"}
+    for attempt in range(RUNS):
+        for rank, (rc, text) in enumerate(_run_once("engine", two_hosts)):
             assert rc == 0 and "terminate called" not in text, f"run {attempt}, rank {rank}: exit {rc}\n{text}"

@@ -10,6 +10,7 @@ YAML form (every key optional; unknown keys are an error):
     seq_len: 2048
     activations: {checkpointing: full, every: 1, offload: none}   # none | selective | full
     compression: {method: none, topk_ratio: 0.01}                 # none | bf16 | int8 | onebit | topk
+    comm: {hierarchical: auto}  # auto | true | false: two-level collectives on multi-host CPU (gloo) jobs
     optimizer: {type: AdamW, lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1, momentum: 0.0,
                 bias_correction: true}    # type: AdamW | Adam | SGD | OneBitAdam (+ freeze_step: 1000)
     gradient_clipping: 1.0     # 0 disables
@@ -52,6 +53,16 @@ class Compression(str, enum.Enum):
     INT8 = "int8"
     ONEBIT = "onebit"
     TOPK = "topk"
+
+
+class Hierarchical(str, enum.Enum):
+    """comm.hierarchical: two-level collectives (runtime/comm/hierarchical.py). auto: on where the job spans
+    several hosts with more than one rank each and the ranks use gloo; true: the same, and an error where
+    that cannot be (NCCL groups, one host); false: flat collectives everywhere."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
 
 
 class OptimizerType(str, enum.Enum):
@@ -105,6 +116,13 @@ class CompressionConfig:
     method: Compression = Compression.NONE
     # Fraction of gradient elements sent by top-k.
     topk_ratio: float = 0.01
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How collectives move: the result is the same whichever way (parity within fp32 rounding)."""
+
+    hierarchical: Hierarchical = Hierarchical.AUTO
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,7 @@ class TrainConfig:
     seq_len: int = 2048
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_clipping: float = 0.0
     loss_scaling: LossScaleConfig = field(default_factory=LossScaleConfig)

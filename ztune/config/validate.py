@@ -54,7 +54,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return build(tp, value, prefix=key + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         for member in tp:
-            if isinstance(value, str) and value.lower() == str(member.value).lower():
+            # (YAML's true / false arrive as bools: an enum may spell its members "true" / "false")
+            if isinstance(value, (str, bool)) and str(value).lower() == str(member.value).lower():
                 return member
         if tp is Offload and value in (None, False):
             return Offload.NONE

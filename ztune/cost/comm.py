@@ -22,6 +22,18 @@ inter-node, "add more NICs and you should get more bandwidth, up to ... the NVLi
   same bandwidth bound, 2 (log2(nodes) + gpus_per_node - 1) latency steps; NCCL picks the faster, so do we.
   all_gather and reduce_scatter are ring-only (the collectives FSDP / ZeRO-3 use).
 The profile bandwidths are achievable nccl-tests busbw figures, hence no further derating by default.
+
+Hierarchical (two-level) collectives, as the runtime runs them on CPU ranks over gloo
+(runtime/comm/hierarchical.py; Jia et al. 2018, "Highly Scalable Deep Learning Training System with
+Mixed-Precision", section 4.2): with L ranks per node on N nodes and a payload of S bytes,
+  all_reduce     = intra reduce-scatter (S) + inter all-reduce (S/L) + intra all-gather (S)
+  reduce_scatter = intra reduce-scatter (S) + inter reduce-scatter (S/L);  all_gather: the reverse.
+Each level is a ring costed with alpha-beta (Thakur, Rabenseifner & Gropp 2005, "Optimization of
+Collective Communication Operations in MPICH", section 4: reduce-scatter/all-gather (p-1)alpha +
+(p-1)/p n beta, ring all-reduce twice that), intra-node at the profile's intra-node latency and busbw, inter-node
+at its inter-node latency and per-GPU share of the NICs (the L inter rings of a node run at once, one per local
+rank, and share them). Bytes per rank: intra 2(L-1)/L S and inter 2(N-1)/N S/L for all_reduce, half of each
+for the others.
 """
 
 from __future__ import annotations
@@ -81,6 +93,53 @@ def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0
     latency = (num_nodes * hw.inter_node_latency_s + (n - num_nodes) * hw.intra_node_latency_s) / n
     return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency, num_nodes=num_nodes,
                 gpus_per_node=g)
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Two levels of a hierarchical collective: `intra` inside a node (L = ranks_per_node ranks), `inter`
+    across the num_nodes nodes (one ring per local rank, each at its share of the node's NICs)."""
+
+    intra: Link
+    inter: Link
+    num_nodes: int
+    ranks_per_node: int
+
+
+def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = None) -> Hierarchy:
+    """The two levels on `hw`: intra-node busbw and latency; inter-node per-GPU bandwidth and latency."""
+    per_node = hw.gpus_per_node if ranks_per_node is None else ranks_per_node
+    return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s),
+                     inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s),
+                     num_nodes=num_nodes, ranks_per_node=per_node)
+
+
+def hierarchical_level_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int
+                             ) -> tuple[float, float]:
+    """(intra-node, inter-node) bytes one rank sends in a hierarchical `op` on `payload_bytes` (module
+    docstring). Their sum is the flat ring's ring_factor(op, N x L) x payload."""
+    n_nodes, per_node = num_nodes, ranks_per_node
+    intra = (per_node - 1) / per_node * payload_bytes
+    inter = (n_nodes - 1) / n_nodes * payload_bytes / per_node
+    if op == ALL_REDUCE:
+        return 2 * intra, 2 * inter
+    if op in (ALL_GATHER, REDUCE_SCATTER):
+        return intra, inter
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def hierarchical_collective_time_s(*, op: str, payload_bytes: float, hierarchy: Hierarchy) -> float:
+    """Alpha-beta time of one hierarchical collective on `payload_bytes` (full tensor): the sum of its levels'
+    ring times (module docstring). 0 on one rank."""
+    h = hierarchy
+    if h.num_nodes * h.ranks_per_node <= 1 or payload_bytes <= 0:
+        return 0.0
+    intra_bytes, inter_bytes = hierarchical_level_bytes(op, payload_bytes, num_nodes=h.num_nodes,
+                                                        ranks_per_node=h.ranks_per_node)
+    intra_steps = (2 if op == ALL_REDUCE else 1) * (h.ranks_per_node - 1)  # RS (+ AG) inside the node
+    inter_steps = _STEPS[op](h.num_nodes)
+    return (intra_steps * h.intra.latency_s + intra_bytes / h.intra.bw_bytes_per_s
+            + inter_steps * h.inter.latency_s + inter_bytes / h.inter.bw_bytes_per_s)
 
 
 def latency_steps(op: str, world_size: int, link: Link) -> float:
@@ -204,7 +263,7 @@ class CommEstimate:
 def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,
                   param_bytes: int, grad_bytes: int, reduce_bucket_numel: int, allgather_bucket_numel: int,
                   num_units: int, compression: Compression = Compression.NONE, topk_ratio: float = 0.01,
-                  trainable_params: int | None = None) -> CommEstimate:
+                  trainable_params: int | None = None, hierarchy: Hierarchy | None = None) -> CommEstimate:
     """Bytes and alpha-beta time of every collective of one optimizer step.
 
     Launch counts: gradient collectives run per reduce bucket; stage 1/2 parameter refreshes per
@@ -216,6 +275,8 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
     chunks (each rank sums its chunk), then an all-gather of the re-compressed sums. Its wire bytes equal
     the ring all-reduce's 2(n-1)/n factor on the compressed size (a reduce-scatter is the first half).
     trainable_params: see zero_collectives (None: every parameter trains).
+    hierarchy: run every collective in two levels (hierarchical_collective_time_s); bytes per rank are the
+    same as the flat ring's, only their split between the levels and hence the time differ.
     """
     n = world_size
     ops = []
@@ -233,7 +294,13 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             ops.append(OpEstimate(c.op, c.kind, c.phase, 0, 0.0, 0.0))
             continue
         wire = payload_bytes * ring_factor(c.op, n) * c.per_step
-        steps = latency_steps(c.op, n, link)
-        time_s = c.per_step * (launches * steps * link.latency_s) + wire / link.bw_bytes_per_s
+        # (compressed gradients go through a flat all-to-all in the runtime: not hierarchical)
+        if hierarchy is not None and not (c.kind == "grad" and compression is not Compression.NONE):
+            # per launch: its levels' latency, and its share of the payload's bytes
+            one = hierarchical_collective_time_s(op=c.op, payload_bytes=payload_bytes / launches, hierarchy=hierarchy)
+            time_s = c.per_step * launches * one
+        else:
+            steps = latency_steps(c.op, n, link)
+            time_s = c.per_step * (launches * steps * link.latency_s) + wire / link.bw_bytes_per_s
         ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)
