@@ -44,10 +44,19 @@ class Variant:
     config: dict = field(default_factory=dict)
 
 
+FLAT = {"comm": {"hierarchical": False}}  # ztune's default (auto) is hierarchical across several hosts
+HIER = {"comm": {"hierarchical": True}}
 VARIANTS: tuple[Variant, ...] = (
-    Variant("ztune flat, stage 1", "ztune", 1),
-    Variant("ztune flat, stage 2", "ztune", 2),
-    Variant("ztune flat, stage 3", "ztune", 3),
+    Variant("ztune flat, stage 1", "ztune", 1, FLAT),
+    Variant("ztune flat, stage 2", "ztune", 2, FLAT),
+    Variant("ztune flat, stage 3", "ztune", 3, FLAT),
+    Variant("ztune hierarchical, stage 1", "ztune", 1, HIER),
+    Variant("ztune hierarchical, stage 2", "ztune", 2, HIER),
+    Variant("ztune hierarchical, stage 3", "ztune", 3, HIER),
+    Variant("ztune ZeRO++ (qwZ+hpZ2+qgZ), stage 3", "ztune", 3,
+            {"zero": {"quantized_weights": True, "hpz_partition_size": 2, "quantized_gradients": True}}),
+    # 1-bit Adam after its warm-up: freeze_step 1, so every timed step exchanges the compressed momentum.
+    Variant("ztune 1-bit Adam, stage 0", "ztune", 0, {"optimizer": {"type": "OneBitAdam", "freeze_step": 1}}),
     Variant("DDP", "ddp", 0),
     Variant("DeepSpeed ZeRO-1", "deepspeed", 1),
     Variant("DeepSpeed ZeRO-2", "deepspeed", 2),

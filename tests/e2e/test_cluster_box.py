@@ -89,9 +89,9 @@ def test_shaping_limits_throughput(box):
         f"shaped to {SHAPED_MBIT} Mbit/s, measured {shaped:.0f} (0->1) and {reverse:.0f} (1->0) Mbit/s"
 
 
-def _train(box, *, hosts: list[int], nproc: int, out: Path) -> dict:
+def _train(box, *, hosts: list[int], nproc: int, out: Path, variants: tuple[str, ...]) -> dict:
     args = [WORKER, "--model", "box-test-llama", "--precision", "fp32", "--seq-len", "32", "--warmup", "1",
-            "--steps", "2", "--variant", "ztune flat, stage 3", "--out", str(out)]
+            "--steps", "2", *(a for v in variants for a in ("--variant", v)), "--out", str(out)]
     # ZTUNE_SHM_MIN_BYTES=0: this small model's buffers go through shared memory wherever the ranks share it.
     results = box.torchrun(args, nproc_per_node=nproc, hosts=hosts, env={"OMP_NUM_THREADS": "1",
                                                                          "ZTUNE_SHM_MIN_BYTES": "0"},
@@ -110,16 +110,24 @@ def test_two_hosts_train_like_one_host(box, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from cluster_worker import model_spec
 
-    two = _train(box, hosts=[0, 1], nproc=2, out=tmp_path / "two.json")
-    one = _train(box, hosts=[0], nproc=4, out=tmp_path / "one.json")
+    flat, hier = "ztune flat, stage 3", "ztune hierarchical, stage 3"
+    two = _train(box, hosts=[0, 1], nproc=2, out=tmp_path / "two.json", variants=(flat, hier))
+    one = _train(box, hosts=[0], nproc=4, out=tmp_path / "one.json", variants=(flat,))
     assert (two["num_nodes"], two["ranks_per_node"], one["num_nodes"]) == (2, 2, 1)
     assert two["shared_memory"] == {"whole_job": False, "first_host": True}
     assert one["shared_memory"]["whole_job"] is True
-    (run2,), (run1,) = two["variants"], one["variants"]
-    assert run2["error"] is None and run1["error"] is None, (run2["error"], run1["error"])
+    (run2, run2h), (run1,) = two["variants"], one["variants"]
+    assert run2["error"] is None and run2h["error"] is None and run1["error"] is None, \
+        (run2["error"], run2h["error"], run1["error"])
     assert (run2["engine_shared_memory"], run1["engine_shared_memory"]) == (False, True)
-    for rank, (a, b) in enumerate(zip(run2["losses_by_rank"], run1["losses_by_rank"], strict=True)):
-        assert len(a) == 3 and a == pytest.approx(b, rel=1e-5), f"rank {rank}: {a} vs {b}"
+    # Flat gloo across hosts, and the two-level path (shared memory inside each host, gloo across), both
+    # train as the one-host run does.
+    for run in (run2, run2h):
+        for rank, (a, b) in enumerate(zip(run["losses_by_rank"], run1["losses_by_rank"], strict=True)):
+            assert len(a) == 3 and a == pytest.approx(b, rel=1e-5), f"{run['name']} rank {rank}: {a} vs {b}"
+    # Each host's share crosses once: the hierarchical run sends less across hosts than the flat one.
+    assert run2h["tx_bytes_per_step"] < run2["tx_bytes_per_step"], (run2h["tx_bytes_per_step"],
+                                                                      run2["tx_bytes_per_step"])
     # Stage 3 gathers every parameter across hosts at least once per step: at least one fp32 copy of the
     # model must have crossed the links per step, by the kernel's counters; on one host, next to nothing.
     fp32_model_bytes = 4 * count_params(model_spec("box-test-llama")).total
