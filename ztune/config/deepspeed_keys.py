@@ -209,7 +209,10 @@ KEYS: dict[str, KeyRule] = {
     "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
                     "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
-                    "optimizer step"),
+                    "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
+                    "as keyword arguments, as DeepSpeed does (at every stage here; DeepSpeed 0.19.8 manages it "
+                    "only at stage 0 in fp32). LambdaLR, MultiplicativeLR, SequentialLR, ChainedScheduler and "
+                    "ReduceLROnPlateau are rejected: they need functions, scheduler objects or a metric"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
