@@ -81,6 +81,7 @@ def _optimizer_rows() -> list[str]:
     rows = [f"| `optimizer.type` | supported | one of (any case): {types} |"]
     rows += [f"| `optimizer.params.{k}` | supported | the optimizer's {k} |"
              for k in sorted(importer._OPTIMIZER_PARAMS)]
+    rows.append(f"| `optimizer.params.torch_adam` | supported | {importer.TORCH_ADAM_NOTE} |")
     rows += [f"| `optimizer.params.{k}` | ignored | not read by ztune's optimizer importer |"
              for k in sorted(importer._IGNORED_OPTIMIZER_PARAMS)]
     rows += [f"| `optimizer.params.{k}` | ignored when `{_json(off)}`, else rejected | not implemented by ztune's "

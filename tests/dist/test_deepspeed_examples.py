@@ -22,16 +22,39 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "deepspeed"
 RUNNER = ROOT / "tests" / "helpers" / "run_script.py"
 LOSS_RTOL = 1e-5
+README_OUT_ENV = "ZTUNE_TEST_README_OUT"
+README_IMPORT = "import ztune as deepspeed            # was: import deepspeed"
+# Appended to both versions of the README snippet: rank 0's last loss and its parameters' sum, as JSON.
+README_EPILOGUE = f"""
+import json, os
+if engine.global_rank == 0:
+    with open(os.environ["{README_OUT_ENV}"], "w") as f:
+        json.dump([loss.item(), sum(p.double().sum().item() for p in engine.module.parameters())], f)
+"""
+# No gradient_clipping: DeepSpeed 0.19.8's default (1.0) applies, under both.
+README_CONFIG = {"train_batch_size": 32, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+                 "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}}
 
 
 def _torchrun(script: Path, args: list[str], out: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", README_OUT_ENV: str(out),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if script.name != "readme_snippet.py":  # the README's snippet has no --losses_out (see README_EPILOGUE)
+        args = [*args, "--losses_out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(RUNNER), str(script), *args, "--losses_out", str(out)]
+           str(RUNNER), str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def _convert(original: str) -> str:
+    """The ztune version of a DeepSpeed script: its import line changed, and nothing else (asserted)."""
+    converted = original.replace("\nimport deepspeed\n", "\nimport ztune as deepspeed\n")
+    changed = [line for line in difflib.unified_diff(original.splitlines(), converted.splitlines(), lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed == ["-import deepspeed", "+import ztune as deepspeed"]
+    return converted
 
 
 def _config_args(config: str):
@@ -51,13 +74,8 @@ SCRIPTS = {
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_example_runs_under_both_with_the_same_losses(script, tmp_path):
     pytest.importorskip("deepspeed")
-    original = (EXAMPLES / script).read_text()
-    converted = original.replace("\nimport deepspeed\n", "\nimport ztune as deepspeed\n")
-    changed = [line for line in difflib.unified_diff(original.splitlines(), converted.splitlines(), lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    assert changed == ["-import deepspeed", "+import ztune as deepspeed"]
     ztune_script = tmp_path / script
-    ztune_script.write_text(converted)
+    ztune_script.write_text(_convert((EXAMPLES / script).read_text()))
     runs = {}
     for name, path in (("deepspeed", EXAMPLES / script), ("ztune", ztune_script)):
         (tmp_path / name).mkdir()
@@ -72,3 +90,26 @@ def test_example_runs_under_both_with_the_same_losses(script, tmp_path):
     assert len(ours) == len(theirs) >= 6
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     assert ours[-1] < ours[0]  # it learns
+
+
+def test_readme_snippet_is_a_deepspeed_script_converted_by_its_import_line(tmp_path):
+    """The README's runtime section: its snippet, with the import line put back to `import deepspeed`, runs
+    under DeepSpeed, and as written under ztune, to the same last loss and parameters."""
+    pytest.importorskip("deepspeed")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("A DeepSpeed script runs by changing its import line"):]
+    body = section[section.index("```python\n") + len("```python\n"):]
+    snippet = body[:body.index("\n```")] + "\n"
+    assert snippet.count(README_IMPORT) == 1 and "deepspeed.initialize(args=args" in snippet
+    original = snippet.replace(README_IMPORT, "import deepspeed") + README_EPILOGUE
+    assert _convert(original) == snippet.replace(README_IMPORT, "import ztune as deepspeed") + README_EPILOGUE
+    config = tmp_path / "ds_config.json"
+    config.write_text(json.dumps(README_CONFIG))
+    runs = {}
+    for name, text in (("deepspeed", original), ("ztune", _convert(original))):
+        (tmp_path / name).mkdir()
+        script = tmp_path / name / "readme_snippet.py"
+        script.write_text(text)
+        runs[name] = _torchrun(script, ["--deepspeed", "--deepspeed_config", str(config)],
+                               tmp_path / name / "losses.json")
+    assert runs["ztune"] == pytest.approx(runs["deepspeed"], rel=LOSS_RTOL)

@@ -233,3 +233,33 @@ def test_fp16_scaler_keys_read_with_deepspeeds_meaning():
     assert cfg.precision is Precision.FP32 and "fp16.loss_scale" in ignored
     with pytest.raises(ConfigError, match="unknown key 'fp16.scale'"):
         from_deepspeed({"train_batch_size": 8, "fp16": {"enabled": False, "scale": 1}})
+
+
+@pytest.mark.parametrize("doc", [{"train_batch_size": 8}, {"train_batch_size": 8, "gradient_clipping": 0},
+                                 {"train_batch_size": 8, "gradient_clipping": 0.5}])
+def test_gradient_clipping_default_is_deepspeeds(doc):
+    """DeepSpeed 0.19.8 clips at 1.0 when the key is absent (its GRADIENT_CLIPPING_DEFAULT)."""
+    from unittest import mock
+
+    from tests.helpers.deepspeed_ref import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.runtime.config as ds_config
+
+    with mock.patch.object(ds_config.dist, "get_rank", lambda *a, **k: 0), \
+            mock.patch.object(ds_config.dist, "get_world_size", lambda *a, **k: 2):
+        want = ds_config.DeepSpeedConfig(dict(doc)).gradient_clipping
+    cfg, _ = from_deepspeed(dict(doc))
+    assert cfg.gradient_clipping == want == doc.get("gradient_clipping", 1.0)
+
+
+@pytest.mark.parametrize(("params", "want"), [
+    ({"torch_adam": True}, 0.01),  # torch.optim.AdamW(lr=...) with torch's default weight_decay
+    ({"torch_adam": True, "weight_decay": 0.0}, 0.0),
+    ({"torch_adam": True, "adam_w_mode": False}, 0.0),  # torch.optim.Adam: default 0
+    ({}, 0.0),  # DeepSpeed's own Adam: 0
+])
+def test_torch_adam_default_weight_decay_is_torchs(params, want):
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "optimizer": {"type": "Adam", "params": params}})
+    assert cfg.optimizer.weight_decay == want
+    assert "optimizer.params.torch_adam" not in ignored

@@ -61,7 +61,12 @@ _OPTIMIZERS = {
 }
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode"}
 # torch_adam / fused / cuda_aware / comm_backend_name pick an implementation, not the math.
-_IGNORED_OPTIMIZER_PARAMS = {"torch_adam", "freeze_step", "cuda_aware", "comm_backend_name", "fused"}
+_IGNORED_OPTIMIZER_PARAMS = {"freeze_step", "cuda_aware", "comm_backend_name", "fused"}
+# torch_adam picks torch's class, which DeepSpeed builds without a weight_decay (engine.py,
+# get_optimizer_configuration): torch.optim.AdamW's default 0.01 then applies instead of DeepSpeed's 0.0.
+TORCH_ADAMW_WEIGHT_DECAY_DEFAULT = 0.01
+TORCH_ADAM_NOTE = ("true: torch's Adam/AdamW; its math is ztune's, but a decoupled (AdamW) optimizer without "
+                   "weight_decay then decays at torch.optim.AdamW's default 0.01 instead of 0.0, as in DeepSpeed")
 # Options ztune's optimizers do not implement: accepted (and listed as ignored) only at their "off" value.
 _OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0}
 # ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
@@ -240,6 +245,9 @@ def _renamed(exc: ConfigError) -> ConfigError:
     return ConfigError(text)
 
 
+DS_GRADIENT_CLIPPING_DEFAULT = 1.0
+
+
 def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[TrainConfig, list[str]]:
     """Convert a DeepSpeed config dict. Returns the config and the DeepSpeed keys that were ignored (as written).
 
@@ -248,7 +256,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     doc = resolve_auto(doc, context=context)
     ignored: list[str] = []
     zero: dict[str, Any] = {}
-    top: dict[str, Any] = {}
+    # DeepSpeed 0.19.8 clips at global norm 1.0 when the key is absent (runtime/constants.py,
+    # GRADIENT_CLIPPING_DEFAULT = 1.0); 0 turns clipping off.
+    top: dict[str, Any] = {"gradient_clipping": DS_GRADIENT_CLIPPING_DEFAULT}
     # DeepSpeed's optimizers default to no weight decay (FusedAdam / DeepSpeedCPUAdam weight_decay=0.0).
     opt: dict[str, Any] = {"weight_decay": 0.0}
     loss_scaling: dict[str, Any] = {}
@@ -288,7 +298,8 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             opt_type, compression = _OPTIMIZERS[name.lower()]
             opt["type"] = opt_type.value
             adam_w_mode = True  # DeepSpeed's default (runtime/config.py ADAM_W_MODE_DEFAULT)
-            for k, v in _mapping(block.get("params", {}), "optimizer.params").items():
+            params_block = _mapping(block.get("params", {}), "optimizer.params")
+            for k, v in params_block.items():
                 if k == "adam_w_mode" and name.lower() in ("adam", "adamw"):
                     if not isinstance(v, bool):
                         raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
@@ -297,6 +308,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     raise ConfigError(f"optimizer.params.{k}: not a parameter of {name}; remove it")
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
+                elif k == "torch_adam":
+                    if not isinstance(v, bool):
+                        raise ConfigError(f"optimizer.params.torch_adam: expected true or false, got {v!r}")
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
                     ignored.append(f"optimizer.params.{k}")
                 elif k in _OFF_OPTIMIZER_PARAMS:
@@ -312,6 +326,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
             if name.lower() == "adam" and adam_w_mode:
                 opt["type"] = OptimizerType.ADAMW.value
+            if params_block.get("torch_adam") is True and "weight_decay" not in params_block \
+                    and opt["type"] == OptimizerType.ADAMW.value:
+                opt["weight_decay"] = TORCH_ADAMW_WEIGHT_DECAY_DEFAULT
         elif key == "scheduler":
             block = _mapping(value, key)
             for k in block:

@@ -58,7 +58,7 @@ KEYS: dict[str, KeyRule] = {
     "train_micro_batch_size_per_gpu": _s("micro-batch per rank; also the returned dataloader's batch size; "
                                          "\"auto\" = derive"),
     "gradient_accumulation_steps": _s("micro-steps per optimizer step; \"auto\" = derive"),
-    "gradient_clipping": _s("global-norm clipping (0 disables)"),
+    "gradient_clipping": _s("global-norm clipping (0 disables); absent = 1.0, DeepSpeed 0.19.8's default"),
     # -- precision ----------------------------------------------------------------------------------------------
     "fp16": _s("block"),
     "fp16.enabled": _s("precision fp16; \"auto\" = on when the model's parameters are fp16"),
