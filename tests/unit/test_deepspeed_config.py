@@ -123,6 +123,7 @@ def test_precision_blocks_deepspeed_accepts_load():
     ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP"),
     ({"scheduler": {"type": "StepLr", "params": {}}}, "scheduler.type: got 'StepLr'"),
     ({"scheduler": {"type": "LambdaLR", "params": {}}}, "scheduler.type: LambdaLR needs lr_lambda"),
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation: DeepSpeed 0.19.8's unmanaged mode"),
     ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 10}}},
      "unknown key 'scheduler.params.warmup_num_step'"),
     ({"fp16": {"enabled": True, "hysteresis": 0}}, "fp16.hysteresis: got 0"),

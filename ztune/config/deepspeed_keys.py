@@ -58,6 +58,10 @@ KEYS: dict[str, KeyRule] = {
     "train_micro_batch_size_per_gpu": _s("micro-batch per rank; also the returned dataloader's batch size; "
                                          "\"auto\" = derive"),
     "gradient_accumulation_steps": _s("micro-steps per optimizer step; \"auto\" = derive"),
+    "managed_gradient_accumulation": _n(True, "DeepSpeed 0.19.8's unmanaged mode (false: every step() is a "
+                                              "boundary and global_samples counts backward calls) is not "
+                                              "implemented; set_gradient_accumulation_boundary covers "
+                                              "caller-controlled boundaries"),
     "gradient_clipping": _s("global-norm clipping (0 disables); absent = 1.0, DeepSpeed 0.19.8's default"),
     # -- precision ----------------------------------------------------------------------------------------------
     "fp16": _s("block"),
