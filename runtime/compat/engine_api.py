@@ -43,8 +43,9 @@ MEMBERS: dict[str, str] = {
     "zero_optimization_stage()": "the ZeRO stage",
     "optimizer_name()": "the optimizer type, lower-cased as DeepSpeed reports its own optimizers",
     "global_samples": "samples consumed by optimizer steps: steps x train_batch_size()",
-    "global_steps / micro_steps / skipped_steps": "optimizer steps (skipped ones included), micro-steps, "
-                                                  "fp16-overflow skips",
+    "global_steps / micro_steps / skipped_steps": "optimizer steps (skipped ones included), step() calls (as "
+                                                  "in DeepSpeed, also where set_gradient_accumulation_boundary "
+                                                  "forced a boundary), fp16-overflow skips",
     "local_rank / global_rank / world_size": "from the process group ($LOCAL_RANK for local_rank)",
     "device": "the training device",
     "module / optimizer / lr_scheduler": "the wrapped model, the sharded optimizer, the scheduler",
@@ -75,6 +76,7 @@ class CompatEngine(Engine):
         self._boundary_override: bool | None = None
         self._in_no_sync = False
         self._step_applied = False
+        self._micro_steps_at_boundary = 0  # micro_steps after the last step() that applied the optimizer
 
     # -- ranks, batch, config -------------------------------------------------------------------------------
     @property
@@ -234,15 +236,32 @@ class CompatEngine(Engine):
             self.micro_steps += 1
             self._step_applied = False
             return False
+        calls = self.micro_steps + 1
         if self._boundary_override is True:
-            # Make this call the one that completes an accumulation window (DeepSpeed steps whenever the
-            # boundary is set, however many micro-steps ran).
+            # Make this call the one that completes an accumulation window: DeepSpeed steps whenever the
+            # boundary is set, however many micro-steps ran. Its counter still counts calls (engine.py, step:
+            # micro_steps += 1), and once the boundary is back to None its windows end where
+            # (micro_steps + 1) % gradient_accumulation_steps() == 0: restored below, so they end there here too.
             self.micro_steps = (self.micro_steps // self.grad_accum + 1) * self.grad_accum - 1
         steps_before = self.global_steps
         self._step_applied = super().step()
+        self.micro_steps = calls
         if self.global_steps != steps_before:  # an accumulation boundary: DeepSpeed's monitor events
+            self._micro_steps_at_boundary = calls
             self.monitor.after_step(self)
         return self._step_applied
+
+    def save_checkpoint(self, save_dir, *args, **kwargs) -> bool:
+        """As Engine.save_checkpoint. Right after a boundary forced by set_gradient_accumulation_boundary no
+        gradients are pending even when micro_steps is not a multiple of gradient_accumulation_steps() (the
+        checkpoint code refuses a save between the micro-steps of an accumulation by that count)."""
+        calls = self.micro_steps
+        if calls == self._micro_steps_at_boundary:
+            self.micro_steps = self.global_steps * self.grad_accum
+        try:
+            return super().save_checkpoint(save_dir, *args, **kwargs)
+        finally:
+            self.micro_steps = calls
 
     def was_step_applied(self) -> bool:
         return self._step_applied

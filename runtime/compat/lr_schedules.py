@@ -30,7 +30,9 @@ overflow, as DeepSpeed's engine does). `it` below is `last_batch_iteration`: -1 
 
 Per-group values: every `*_lr`, `*_mom` and `*_ratio` bound may be a list with one value per param group.
 Deliberate difference: an unknown `warmup_type` is an error here (DeepSpeed logs a warning and uses "log").
-This module does not import torch, so the config layer can check a `scheduler` block cheaply.
+A `type` naming a torch scheduler (StepLR, ...) is built from torch.optim.lr_scheduler, as DeepSpeed does
+(torch_schedules.py). This module does not import torch, so the config layer can check a `scheduler` block
+cheaply.
 """
 
 from __future__ import annotations
@@ -330,9 +332,14 @@ def check_scheduler(type_name: str | None, params: dict) -> None:
             raise ConfigError("scheduler.params: given without scheduler.type; set type to one of "
                               + ", ".join(SCHEDULES))
         return
+    from ztune.runtime.compat.torch_schedules import FROM_CONFIG, check_torch_scheduler, is_torch_schedule
+
+    if is_torch_schedule(type_name):  # DeepSpeed builds it from torch.optim.lr_scheduler (torch_schedules.py)
+        check_torch_scheduler(type_name)
+        return
     if type_name not in SCHEDULES:
         raise ConfigError(f"scheduler.type: got {type_name!r}; allowed: {', '.join(SCHEDULES)} (DeepSpeed's "
-                          "schedules; pass a torch scheduler to initialize(lr_scheduler=...) instead)")
+                          f"schedules) or torch's {', '.join(FROM_CONFIG)}")
     allowed = _parameters(SCHEDULES[type_name])
     for key in params:
         if key not in allowed:
@@ -371,7 +378,12 @@ def _check_value(key: str, value: Any) -> None:
         raise ConfigError(f"scheduler.params.{key}: expected a number, got {value!r}")
 
 
-def build_scheduler(type_name: str, params: dict, *, optimizer) -> _Schedule:
-    """Schedule `type_name` over `optimizer` (any object with param_groups and defaults)."""
+def build_scheduler(type_name: str, params: dict, *, optimizer):
+    """Schedule `type_name` over `optimizer` (any object with param_groups and defaults; a torch Optimizer for a
+    torch scheduler, see torch_schedules.py)."""
     check_scheduler(type_name, params)
+    if type_name not in SCHEDULES:
+        from ztune.runtime.compat.torch_schedules import build_torch_scheduler
+
+        return build_torch_scheduler(type_name, params, optimizer=optimizer)
     return SCHEDULES[type_name](optimizer, **params)

@@ -86,6 +86,7 @@ def _optimizer_rows() -> list[str]:
     only = {k: f" ({v} only)" for k, v in importer._TYPE_ONLY_PARAMS.items()}
     rows += [f"| `optimizer.params.{k}` | supported | the optimizer's {k}{only.get(k, '')} |"
              for k in sorted(importer._OPTIMIZER_PARAMS)]
+    rows.append(f"| `optimizer.params.torch_adam` | supported | {importer.TORCH_ADAM_NOTE} |")
     rows += [f"| `optimizer.params.{k}` | ignored | {_cell(why)} |"
              for k, why in sorted(importer._IGNORED_OPTIMIZER_PARAMS.items())]
     rows += ["| `optimizer.params.max_grad_norm` | rejected | use `gradient_clipping` (DeepSpeed rejects it too) |"]

@@ -112,6 +112,9 @@ def test_onebit_adam_maps_to_compression():
     assert cfg.optimizer.type is OptimizerType.ONEBIT_ADAM and cfg.optimizer.freeze_step == 100_000
     assert cfg.compression.method is Compression.ONEBIT
     assert to_deepspeed(cfg)["optimizer"]["type"] == "OneBitAdam"
+    # DeepSpeed's absent-key clipping default (1.0) cannot apply to 1-bit Adam: off, and said so.
+    _, ignored = from_deepspeed({"train_batch_size": 8, "optimizer": {"type": "OneBitAdam"}})
+    assert cfg.gradient_clipping == 0.0 and any(k.startswith("gradient_clipping") for k in ignored)
 
 
 @pytest.mark.parametrize(

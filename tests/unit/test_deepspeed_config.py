@@ -125,7 +125,9 @@ def test_precision_blocks_deepspeed_accepts_load():
     ({"bf16": {"enabled": True, "bogus": 1}}, "unknown key 'bf16.bogus'; allowed here: "),
     ({"pipeline": {"stages": 2}}, "pipeline: pipeline parallelism is not implemented"),
     ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP"),
-    ({"scheduler": {"type": "StepLR", "params": {}}}, "scheduler.type: got 'StepLR'"),
+    ({"scheduler": {"type": "StepLr", "params": {}}}, "scheduler.type: got 'StepLr'"),
+    ({"scheduler": {"type": "LambdaLR", "params": {}}}, "scheduler.type: LambdaLR needs lr_lambda"),
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation: DeepSpeed 0.19.8's unmanaged mode"),
     ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 10}}},
      "unknown key 'scheduler.params.warmup_num_step'"),
     ({"fp16": {"enabled": True, "hysteresis": 0}}, "fp16.hysteresis: got 0"),
@@ -259,3 +261,33 @@ def test_zeropp_keys_map_at_stage_3_and_are_ignored_below():
     doc = to_deepspeed(load(3, True, 4)[0])["zero_optimization"]
     assert doc["zero_quantized_weights"] is True and doc["zero_quantized_gradients"] is True
     assert doc["zero_hpz_partition_size"] == 4
+
+
+@pytest.mark.parametrize("doc", [{"train_batch_size": 8}, {"train_batch_size": 8, "gradient_clipping": 0},
+                                 {"train_batch_size": 8, "gradient_clipping": 0.5}])
+def test_gradient_clipping_default_is_deepspeeds(doc):
+    """DeepSpeed 0.19.8 clips at 1.0 when the key is absent (its GRADIENT_CLIPPING_DEFAULT)."""
+    from unittest import mock
+
+    from tests.helpers.deepspeed_ref import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.runtime.config as ds_config
+
+    with mock.patch.object(ds_config.dist, "get_rank", lambda *a, **k: 0), \
+            mock.patch.object(ds_config.dist, "get_world_size", lambda *a, **k: 2):
+        want = ds_config.DeepSpeedConfig(dict(doc)).gradient_clipping
+    cfg, _ = from_deepspeed(dict(doc))
+    assert cfg.gradient_clipping == want == doc.get("gradient_clipping", 1.0)
+
+
+@pytest.mark.parametrize(("params", "want"), [
+    ({"torch_adam": True}, 0.01),  # torch.optim.AdamW(lr=...) with torch's default weight_decay
+    ({"torch_adam": True, "weight_decay": 0.0}, 0.0),
+    ({"torch_adam": True, "adam_w_mode": False}, 0.0),  # torch.optim.Adam: default 0
+    ({}, 0.0),  # DeepSpeed's own Adam: 0
+])
+def test_torch_adam_default_weight_decay_is_torchs(params, want):
+    cfg, ignored = from_deepspeed({"train_batch_size": 8, "optimizer": {"type": "Adam", "params": params}})
+    assert cfg.optimizer.weight_decay == want
+    assert "optimizer.params.torch_adam" not in ignored

@@ -90,7 +90,11 @@ def test_schedule_state_dict_resumes_the_sequence():
 
 @pytest.mark.parametrize(("name", "params", "message"), [
     ("Warmup", {}, "scheduler.type: got 'Warmup'"),
-    ("StepLR", {"step_size": 2}, "scheduler.type: got 'StepLR'"),
+    ("StepLR", {"step_size": 2, "gama": 0.5}, "unknown key 'scheduler.params.gama' for torch's StepLR"),
+    ("CosineAnnealingLR", {}, "scheduler.params.T_max: required by torch's CosineAnnealingLR"),
+    ("OneCycleLR", {"max_lr": 0.1}, "scheduler.params: torch's OneCycleLR refused them: "),
+    ("LambdaLR", {}, "scheduler.type: LambdaLR needs lr_lambda, a Python function"),
+    ("ReduceLROnPlateau", {}, "scheduler.type: ReduceLROnPlateau needs the watched metric"),
     ("WarmupLR", {"warmup_max": 1e-3}, "unknown key 'scheduler.params.warmup_max' for WarmupLR"),
     ("WarmupDecayLR", {"warmup_num_steps": 5}, "scheduler.params.total_num_steps: required"),
     ("OneCycle", {"cycle_max_lr": 1e-2}, "scheduler.params.cycle_min_lr: required"),
@@ -104,6 +108,40 @@ def test_schedule_state_dict_resumes_the_sequence():
 def test_bad_scheduler_is_a_config_error_naming_the_key(name, params, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         lr_schedules.build_scheduler(name, params, optimizer=_optimizer())
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("StepLR", {"step_size": 3, "gamma": 0.5}),
+    ("MultiStepLR", {"milestones": [2, 5], "gamma": 0.3}),
+    ("CosineAnnealingLR", {"T_max": 10, "eta_min": 1e-5}),
+    ("CyclicLR", {"base_lr": 1e-4, "max_lr": 1e-2, "step_size_up": 4}),  # also cycles beta1
+])
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_torch_scheduler_type_is_torchs_class_as_in_deepspeed(name, params):
+    """DeepSpeed builds a type that is not its own from torch.optim.lr_scheduler with the params as keyword
+    arguments (engine.py, _scheduler_from_config): the same object, the same lrs and betas."""
+    import_deepspeed_cpu()
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    ours_opt, ref_opt = _optimizer(), _optimizer()
+    ours = lr_schedules.build_scheduler(name, dict(params), optimizer=ours_opt)
+    fake_engine = type("E", (), {"scheduler_name": lambda self: name, "scheduler_params": lambda self: params})()
+    ref = DeepSpeedEngine._scheduler_from_config(fake_engine, ref_opt)
+    assert type(ours) is type(ref) is getattr(torch.optim.lr_scheduler, name)
+    got, want = _trace(ours, ours_opt), _trace(ref, ref_opt)
+    assert len({lr for lrs, _ in want for lr in lrs}) > 2
+    assert got == want
+
+
+def test_torch_scheduler_name_is_checked_when_the_config_loads():
+    from ztune.config import from_dict
+
+    cfg = from_dict({"train_batch_size": 8, "scheduler": {"type": "StepLR", "params": {"step_size": 2}}})
+    assert cfg.scheduler.type == "StepLR"
+    with pytest.raises(ConfigError, match="scheduler.type: SequentialLR needs scheduler objects"):
+        from_dict({"train_batch_size": 8, "scheduler": {"type": "SequentialLR", "params": {}}})
+    with pytest.raises(ConfigError, match="scheduler.type: got 'StepLr'; allowed: WarmupLR, .* or torch's StepLR"):
+        from_dict({"train_batch_size": 8, "scheduler": {"type": "StepLr", "params": {}}})
 
 
 def test_scheduler_block_is_checked_when_the_config_loads():

@@ -64,7 +64,6 @@ _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_cor
                      "freeze_step"}
 # Implementation choices, not the math, with the reason each is ignored (docs/deepspeed-migration.md).
 _IGNORED_OPTIMIZER_PARAMS = {
-    "torch_adam": "picks DeepSpeed's Adam kernel; ztune picks its own",
     "fused": "picks DeepSpeed's Adam kernel; ztune picks its own",
     "cuda_aware": "OneBitAdam: whether MPI may send CUDA buffers; ztune's exchange goes through its own "
                   "collective wrapper (gloo or NCCL)",
@@ -73,6 +72,11 @@ _IGNORED_OPTIMIZER_PARAMS = {
 }
 # Parameters only one optimizer type has (any other type: an error naming the key).
 _TYPE_ONLY_PARAMS = {"freeze_step": "onebitadam", "cuda_aware": "onebitadam", "comm_backend_name": "onebitadam"}
+# torch_adam picks torch's class, which DeepSpeed builds without a weight_decay (engine.py,
+# get_optimizer_configuration): torch.optim.AdamW's default 0.01 then applies instead of DeepSpeed's 0.0.
+TORCH_ADAMW_WEIGHT_DECAY_DEFAULT = 0.01
+TORCH_ADAM_NOTE = ("true: torch's Adam/AdamW; its math is ztune's, but a decoupled (AdamW) optimizer without "
+                   "weight_decay then decays at torch.optim.AdamW's default 0.01 instead of 0.0, as in DeepSpeed")
 # Options ztune's optimizers do not implement: accepted (and listed as ignored) only at their "off" value.
 _OFF_OPTIMIZER_PARAMS = {"amsgrad": False, "nesterov": False, "dampening": 0, "eps_inside_sqrt": False}
 # ztune's names in cross-key check messages -> the DeepSpeed key the user wrote.
@@ -274,6 +278,9 @@ def _renamed(exc: ConfigError) -> ConfigError:
     return ConfigError(text)
 
 
+DS_GRADIENT_CLIPPING_DEFAULT = 1.0
+
+
 def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[TrainConfig, list[str]]:
     """Convert a DeepSpeed config dict. Returns the config and the DeepSpeed keys that were ignored (as written).
 
@@ -282,7 +289,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     doc = resolve_auto(doc, context=context)
     ignored: list[str] = []
     zero: dict[str, Any] = {}
-    top: dict[str, Any] = {}
+    # DeepSpeed 0.19.8 clips at global norm 1.0 when the key is absent (runtime/constants.py,
+    # GRADIENT_CLIPPING_DEFAULT = 1.0); 0 turns clipping off.
+    top: dict[str, Any] = {"gradient_clipping": DS_GRADIENT_CLIPPING_DEFAULT}
     # DeepSpeed's optimizers default to no weight decay (FusedAdam / DeepSpeedCPUAdam weight_decay=0.0).
     opt: dict[str, Any] = {"weight_decay": 0.0}
     loss_scaling: dict[str, Any] = {}
@@ -322,7 +331,8 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             opt_type, compression = _OPTIMIZERS[name.lower()]
             opt["type"] = opt_type.value
             adam_w_mode = True  # DeepSpeed's default (runtime/config.py ADAM_W_MODE_DEFAULT)
-            for k, v in _mapping(block.get("params", {}), "optimizer.params").items():
+            params_block = _mapping(block.get("params", {}), "optimizer.params")
+            for k, v in params_block.items():
                 if k == "adam_w_mode" and name.lower() in ("adam", "adamw"):
                     if not isinstance(v, bool):
                         raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
@@ -335,6 +345,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                                       "use the top-level gradient_clipping key")
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
+                elif k == "torch_adam":
+                    if not isinstance(v, bool):
+                        raise ConfigError(f"optimizer.params.torch_adam: expected true or false, got {v!r}")
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
                     ignored.append(f"optimizer.params.{k}")
                 elif k in _OFF_OPTIMIZER_PARAMS:
@@ -351,6 +364,9 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             # (OneBitAdam's weight decay is decoupled too: it adds weight_decay x p to the update.)
             if name.lower() == "adam" and adam_w_mode:
                 opt["type"] = OptimizerType.ADAMW.value
+            if params_block.get("torch_adam") is True and "weight_decay" not in params_block \
+                    and opt["type"] == OptimizerType.ADAMW.value:
+                opt["weight_decay"] = TORCH_ADAMW_WEIGHT_DECAY_DEFAULT
         elif key == "scheduler":
             block = _mapping(value, key)
             for k in block:
@@ -359,6 +375,11 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         else:
             _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="")
+    if opt.get("type") == OptimizerType.ONEBIT_ADAM.value and "gradient_clipping" not in doc:
+        # DeepSpeed's absent-key default (1.0) cannot apply: after freeze_step no rank has the global gradient
+        # norm (validate.py rejects clipping with OneBitAdam). Off, and listed once with the ignored keys.
+        top["gradient_clipping"] = 0.0
+        ignored.append("gradient_clipping (DeepSpeed's default 1.0; OneBitAdam has no global gradient norm)")
     try:
         loss_scale_cfg = build(LossScaleConfig, loss_scaling, prefix="fp16.")
         check_loss_scaling(loss_scale_cfg, prefix="fp16.")

@@ -58,7 +58,11 @@ KEYS: dict[str, KeyRule] = {
     "train_micro_batch_size_per_gpu": _s("micro-batch per rank; also the returned dataloader's batch size; "
                                          "\"auto\" = derive"),
     "gradient_accumulation_steps": _s("micro-steps per optimizer step; \"auto\" = derive"),
-    "gradient_clipping": _s("global-norm clipping (0 disables)"),
+    "managed_gradient_accumulation": _n(True, "DeepSpeed 0.19.8's unmanaged mode (false: every step() is a "
+                                              "boundary and global_samples counts backward calls) is not "
+                                              "implemented; set_gradient_accumulation_boundary covers "
+                                              "caller-controlled boundaries"),
+    "gradient_clipping": _s("global-norm clipping (0 disables); absent = 1.0, DeepSpeed 0.19.8's default"),
     # -- precision ----------------------------------------------------------------------------------------------
     "fp16": _s("block"),
     "fp16.enabled": _s("precision fp16; \"auto\" = on when the model's parameters are fp16"),
@@ -215,7 +219,10 @@ KEYS: dict[str, KeyRule] = {
     "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
                     "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
-                    "optimizer step"),
+                    "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
+                    "as keyword arguments, as DeepSpeed does (at every stage here; DeepSpeed 0.19.8 manages it "
+                    "only at stage 0 in fp32). LambdaLR, MultiplicativeLR, SequentialLR, ChainedScheduler and "
+                    "ReduceLROnPlateau are rejected: they need functions, scheduler objects or a metric"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
