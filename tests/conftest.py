@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: pytest-timeout is a test extra
 def pytest_timeout_set_timer(item, settings):
     """pytest-timeout's limit (pyproject's `timeout`, or a test's `timeout` marker) is what an idle machine
     needs; here it follows the load as tests/helpers/load.py's other limits do: when it trips, it is re-armed
