@@ -7,6 +7,7 @@ import sys
 
 from typer.testing import CliRunner
 
+from tests.helpers.load import scaled_limit_s
 from ztune.cli import app
 
 ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "zeropp", "micro_batch",
@@ -19,7 +20,7 @@ LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4"
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "ztune", "estimate", *args], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=scaled_limit_s(60))
 
 
 def test_table_and_recommendation():
@@ -119,7 +120,7 @@ def test_estimate_path_does_not_import_torch_or_matplotlib():
         "assert r.exit_code == 0, r.output\n"
         "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled_limit_s(60))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -135,7 +136,7 @@ def test_running_estimate_imports_no_other_command():
         "others = ('ztune.cli.autotune', 'ztune.cli.launch', 'ztune.cli.probe', 'torch', 'ztune.config.deepspeed')\n"
         "print(sorted(m for m in others if m in sys.modules), file=sys.stderr)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled_limit_s(60))
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]"
 
@@ -163,7 +164,7 @@ def test_bad_framework_flags_are_one_line_errors():
     for extra in (["--selective-policy", "layer"], ["--loss", "liger"], ["--loss", "chunked"],
                   ["--loss-chunk", "512"]):
         out = subprocess.run([sys.executable, "-m", "ztune", "estimate", "--model", "gpt2", "--hardware",
-                              "cpu-local", *extra], capture_output=True, text=True, timeout=60)
+                              "cpu-local", *extra], capture_output=True, text=True, timeout=scaled_limit_s(60))
         assert out.returncode == 2, (extra, out.stderr)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 

@@ -5,10 +5,12 @@ import json
 import subprocess
 import sys
 
+from tests.helpers.load import scaled_limit_s
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "ztune", "estimate", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=scaled_limit_s(120))
 
 
 def _estimate(tmp_path, doc, *extra):

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
+from tests.helpers.load import scaled_limit_s
 from ztune.profiles import load_hardware
 
 
 def run(*args, cwd):
     return subprocess.run([sys.executable, "-m", "ztune", "probe", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=scaled_limit_s(120), cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -92,4 +93,4 @@ def test_bad_flags_exit_2_before_measuring(tmp_path, args):
 
 def test_cli_import_does_not_load_torch():
     code = "import sys, ztune.cli, ztune.probe; assert 'torch' not in sys.modules, 'torch imported'"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=scaled_limit_s(60)).returncode == 0

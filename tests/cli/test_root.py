@@ -4,11 +4,13 @@ import importlib.util
 import subprocess
 import sys
 
+from tests.helpers.load import scaled_limit_s
 from ztune.cli import _COMMANDS
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "ztune", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "ztune", *args], capture_output=True, text=True,
+                          timeout=scaled_limit_s(60))
 
 
 def test_help_lists_every_built_command_and_nothing_else():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.spawn import free_port
+from tests.helpers.load import scaled_limit_s
 
 pytestmark = pytest.mark.dist
 
@@ -27,7 +28,7 @@ def _launch(out: Path, *, kill: bool, max_restarts: int) -> subprocess.Completed
     argv = [sys.executable, "-m", "ztune", "launch", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "--max-restarts", str(max_restarts), "--run-root", str(out / "runs"), *env,
             "tests/dist/ckpt_worker.py", "--", str(out / "ckpt"), str(out), "3", "none"]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=scaled_limit_s(900))
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:

@@ -111,11 +111,32 @@ def _run(rank: int, world_size: int, system: str, stage: int, pattern: str):
     return static, log, params
 
 
-@pytest.mark.parametrize(("stage", "pattern"), [(2, "managed"), (1, "boundary"), (0, "no_sync")])
-def test_members_and_parameters_match_deepspeed(stage, pattern):
+CASES = [(2, "managed"), (1, "boundary"), (0, "no_sync")]
+
+
+def _all(rank: int, world_size: int) -> dict:
+    """Every case on both engines in one spawn (each spawn re-imports DeepSpeed in every rank): ztune's first,
+    so that nothing DeepSpeed sets up process-wide can reach them."""
+    import torch.distributed as dist
+
+    out = {}
+    for system in ("ztune", "deepspeed"):
+        for stage, pattern in CASES:
+            out[(system, stage, pattern)] = _run(rank, world_size, system, stage, pattern)
+            dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
     pytest.importorskip("deepspeed")
-    ours = run_ranks(_run, world_size=WORLD, args=("ztune", stage, pattern), timeout_s=240)
-    theirs = run_ranks(_run, world_size=WORLD, args=("deepspeed", stage, pattern), timeout_s=240)
+    return run_ranks(_all, world_size=WORLD, timeout_s=480)
+
+
+@pytest.mark.parametrize(("stage", "pattern"), CASES)
+def test_members_and_parameters_match_deepspeed(runs, stage, pattern):
+    ours = [r[("ztune", stage, pattern)] for r in runs]
+    theirs = [r[("deepspeed", stage, pattern)] for r in runs]
     for (s_ours, log_ours, p_ours), (s_ds, log_ds, p_ds) in zip(ours, theirs, strict=True):
         assert s_ours == s_ds
         assert len(log_ours) == len(log_ds)

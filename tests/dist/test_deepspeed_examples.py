@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.spawn import free_port
+from tests.helpers.load import scaled_limit_s
 
 pytestmark = pytest.mark.dist
 
@@ -43,7 +44,7 @@ def _torchrun(script: Path, args: list[str], out: Path):
         args = [*args, "--losses_out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(RUNNER), str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=scaled_limit_s(420))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

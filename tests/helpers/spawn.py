@@ -3,12 +3,24 @@
     results = run_ranks(fn, world_size=2, args=(config,))   # [rank0_result, rank1_result]
 
 `fn(rank, world_size, *args)` must be importable by name (a module-level function of a test module) and
-return something picklable (tensors are fine). Each rank runs in a fresh `spawn` process with torchrun's
-environment (MASTER_ADDR/PORT on a free port, RANK, WORLD_SIZE, LOCAL_RANK) and OMP_NUM_THREADS=1; with
+return something picklable (tensors are fine). Each rank runs in a fresh process with torchrun's environment
+(MASTER_ADDR/PORT on a free port, RANK, WORLD_SIZE, LOCAL_RANK) and OMP_NUM_THREADS=1; with
 init_process_group=True (default) the gloo group is created before `fn` runs, otherwise `fn` can let
 ztune.initialize create it from that environment. A rank's exception is re-raised in the test as
 RankFailure with its traceback; the other ranks (likely blocked in a collective) are killed at once, as
-are all ranks when `timeout_s` passes.
+are all ranks when the time limit passes.
+
+Start-up: ranks are forked from a multiprocessing forkserver that has imported torch once (STYLE 9: "one spawn
+helper"). A `spawn` start pays python + `import torch` (~1.8 CPU-s) in every rank of every call, which on the
+2-core CI machine was most of a small test's time; a rank forked from the server starts with torch imported
+and imports only its test module. A forked rank is still a fresh interpreter state for the test: nothing of
+the test process is inherited (the server was started from a bare interpreter), its environment is set to the
+test process's at the call (as spawn would), and only modules with no import-time configuration are preloaded
+(PRELOAD). ZTUNE_TEST_START_METHOD=spawn goes back to plain spawn (e.g. to rule the server out).
+
+Time limit: `timeout_s` is what an idle machine needs, with margin; it is stretched by the machine's load
+while the ranks run (tests/helpers/load.py LoadScaledDeadline). A timeout names the ranks that had not
+finished, what each was doing (starting, creating the process group, running `fn`) and the load average.
 """
 
 from __future__ import annotations
@@ -24,7 +36,17 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from tests.helpers.load import LoadScaledDeadline
+
 _GRACE_S = 1.0  # how long the other ranks get to report after one rank failed
+START_METHOD_ENV = "ZTUNE_TEST_START_METHOD"
+# Imported once by the forkserver. Only modules whose import reads no environment and starts no thread: torch
+# (its thread pools start at the first parallel op, after the fork), torch.distributed and ztune's own
+# modules (none reads the environment at import; grep `os.environ` in runtime/ and ztune/).
+PRELOAD = ["torch", "torch.distributed", "ztune", "ztune.runtime.engine", "ztune.runtime.initialize"]
+# gloo's own collective timeout, as a multiple of the (load-scaled) limit: the limit below must trip first,
+# with its message, rather than a rank's "Timed out waiting" from a collective whose peer is merely slow.
+_GLOO_TIMEOUT_FACTOR = 4.0
 
 
 class RankFailure(AssertionError):
@@ -38,19 +60,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, results, args: tuple, init_group: bool,
-            env: dict[str, str], timeout_s: float) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", **env,
-    )
+def _context() -> mp.context.BaseContext:
+    method = os.environ.get(START_METHOD_ENV, "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: expected 'forkserver' or 'spawn'")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _worker(fn: Callable, rank: int, world_size: int, port: int, results, phases, args: tuple, init_group: bool,
+            environ: dict[str, str], env: dict[str, str], gloo_timeout_s: float) -> None:
+    t0 = time.monotonic()
+    # The test process's environment at the call (a forked rank would otherwise keep the server's, from when
+    # the server started), then torchrun's variables, then the call's `env`.
+    os.environ.clear()
+    os.environ.update(environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    os.environ.update(env)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
         if init_group:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+            phases.send(("creating the process group", time.monotonic() - t0))
+            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=gloo_timeout_s))
+        phases.send((f"running {fn.__name__}", time.monotonic() - t0))
         out = fn(rank, world_size, *args)
         results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 -- every failure goes back to the test, with its traceback
@@ -62,25 +101,41 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, results, args: 
 
 def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: float = 120.0,
               init_process_group: bool = True, env: dict[str, str] | None = None) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` processes; return the results in rank order."""
-    ctx = mp.get_context("spawn")
+    """Run `fn(rank, world_size, *args)` on `world_size` processes; return the results in rank order.
+
+    timeout_s: the limit on an idle machine (seconds), stretched by the load (module docstring)."""
+    ctx = _context()
+    # Results go through a queue, touched once per rank after `fn` returns; progress goes through a plain pipe
+    # per rank: a queue's semaphores are shared-memory pages, and tests/dist/test_shm.py measures the rank's
+    # resident shared memory while `fn` runs.
     results = ctx.Queue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     port = free_port()
+    deadline = LoadScaledDeadline(timeout_s)
+    environ = dict(os.environ)
+    gloo_timeout_s = deadline.limit_s * _GLOO_TIMEOUT_FACTOR
     procs = [
         ctx.Process(target=_worker, daemon=True, name=f"rank{r}",
-                    args=(fn, r, world_size, port, results, args, init_process_group, dict(env or {}), timeout_s))
+                    args=(fn, r, world_size, port, results, pipes[r][1], args, init_process_group, environ,
+                          dict(env or {}), gloo_timeout_s))
         for r in range(world_size)
     ]
-    for p in procs:
+    for p, (_, sender) in zip(procs, pipes, strict=True):
         p.start()
-    deadline = time.monotonic() + timeout_s
+        sender.close()
     got: dict[int, tuple[bool, Any]] = {}
+    phase: dict[int, tuple[str, float]] = {}  # rank -> (what it started doing, seconds after its start)
     failed_at: float | None = None
+    timed_out = False
     try:
         while len(got) < world_size:
             now = time.monotonic()
-            if now > deadline or (failed_at is not None and now > failed_at + _GRACE_S):
+            if failed_at is not None and now > failed_at + _GRACE_S:
                 break
+            if deadline.expired():
+                timed_out = True
+                break
+            _read_phases(pipes, phase)
             try:
                 rank, ok, payload = results.get(timeout=0.2)
             except queue_mod.Empty:
@@ -99,11 +154,37 @@ def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: flo
                 p.kill()
                 p.join(timeout=5)
         results.close()
+        _read_phases(pipes, phase)
+        for receiver, _ in pipes:
+            receiver.close()
     errors = [f"--- rank {r} ---\n{payload}" for r, (ok, payload) in sorted(got.items()) if not ok]
     missing = [r for r in range(world_size) if r not in got]
     if errors or missing:
-        why = "timed out" if time.monotonic() > deadline else "did not report (killed: another rank failed or died)"
-        codes = [procs[r].exitcode for r in missing]
-        lines = errors + ([f"ranks {missing} {why}; exit codes {codes}"] if missing else [])
+        lines = errors
+        if missing:
+            codes = [procs[r].exitcode for r in missing]
+            if timed_out:
+                lines.append(deadline.explain(f"{fn.__name__} on {world_size} ranks") + f"; ranks {missing} had not "
+                             f"finished: " + "; ".join(_doing(r, phase) for r in missing)
+                             + f"; finished: {sorted(got) or 'none'}")
+            else:
+                lines.append(f"ranks {missing} did not report (killed: another rank failed or died); "
+                             f"exit codes {codes}; last seen: " + "; ".join(_doing(r, phase) for r in missing))
         raise RankFailure(f"{fn.__name__} failed on {world_size} ranks:\n" + "\n".join(lines))
     return [pickle.loads(got[r][1]) for r in range(world_size)]
+
+
+def _read_phases(pipes: list, phase: dict[int, tuple[str, float]]) -> None:
+    for rank, (receiver, _) in enumerate(pipes):
+        try:
+            while receiver.poll():
+                phase[rank] = receiver.recv()
+        except (EOFError, OSError):  # the rank exited: nothing more to read
+            pass
+
+
+def _doing(rank: int, phase: dict[int, tuple[str, float]]) -> str:
+    if rank not in phase:
+        return f"rank {rank} still starting (python and imports)"
+    what, at_s = phase[rank]
+    return f"rank {rank} {what} (since {at_s:.1f} s after its start)"
