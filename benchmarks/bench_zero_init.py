@@ -1,26 +1,35 @@
 """Peak memory per rank while building, initialising and training a transformers Llama at ZeRO stage 3 on CPU ranks.
 
-    python benchmarks/bench_zero_init.py [--hidden 768] [--layers 12] [--ranks 2,4] [--precisions fp32,bf16]
+    python benchmarks/bench_zero_init.py [--hidden 1024] [--layers 21] [--ranks 2,4] [--precisions bf16]
+                                         [--systems ztune-meta,deepspeed-zero-init,fsdp2-meta]
 
 Systems, each on the same model config and data:
 - ztune-meta: `with ztune.zero_init(): model = LlamaForCausalLM(cfg)`, then `ztune.initialize` (each rank
   materialises one unit at a time and keeps its shards; runtime/construct/);
 - ztune-eager: the model built in full on every rank, then `ztune.initialize` (broadcast from rank 0 one unit
   at a time, no full fp32 master);
+- deepspeed-zero-init: DeepSpeed 0.19.8 as its docs describe: `with deepspeed.zero.Init(config_dict_or_path=
+  ds_config, dtype=...)`: model = LlamaForCausalLM(cfg)` (each parameter partitioned as its module's __init__
+  returns), then `deepspeed.initialize` with a client torch AdamW (benchmarks/peers.py says why);
 - fsdp2-meta: PyTorch FSDP2 as its docs describe: model on the meta device, `fully_shard` per decoder layer and
   the root, `to_empty(device="cpu")`, then the model's init (`model.apply(model._init_weights)`) on the DTensors.
 Per rank and phase (after construction, after initialisation, after 3 training steps, seq 64, micro-batch 1):
 the process's peak resident set (getrusage ru_maxrss, a high-water mark), minus the baseline measured after
-imports. Shared memory is switched off (ZTUNE_SHM=0) so that no rank's RSS counts pages its peers own.
-DeepSpeed zero.Init is not measured here (not run on this machine within this script's budget).
-Writes docs/bench/zero_init.md.
+imports (torch, transformers, and the system's own package). Shared memory is switched off (ZTUNE_SHM=0) so that
+no rank's RSS counts pages its peers own.
+
+Each invocation adds its rows to docs/bench/zero_init.json (keyed by model, precision, ranks, system), so the
+systems can be run one at a time on a machine without the memory for all of them at once, and then writes
+docs/bench/zero_init.md from every stored row of the current model.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -29,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SEQ, MICRO, STEPS = 64, 1, 3
+JSON_PATH = ROOT / "docs" / "bench" / "zero_init.json"
+MD_PATH = ROOT / "docs" / "bench" / "zero_init.md"
+SYSTEMS = ("ztune-meta", "ztune-eager", "deepspeed-zero-init", "fsdp2-meta")
 
 
 def _peak_mib() -> float:
@@ -44,11 +56,34 @@ def _config(*, hidden: int, layers: int):
                                     use_cache=False, tie_word_embeddings=False)
 
 
+def _sizes(cfg) -> dict:
+    """Parameter counts of the untied Llama `cfg` (transformers' modeling_llama layout, no biases)."""
+    h, v, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q,o + k,v + gate/up/down + two RMSNorms
+    root = 2 * v * h + h  # embed_tokens, lm_head, final norm: ztune's root unit, FSDP2's root
+    return {"params": cfg.num_hidden_layers * layer + root, "layer": layer, "root": root}
+
+
+def _ds_config(precision: str) -> dict:
+    from benchmarks.peers import DS_BUCKET_NUMEL
+
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": 3, "reduce_bucket_size": DS_BUCKET_NUMEL},
+            "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
 def measure(rank: int, world_size: int, system: str, precision: str, hidden: int, layers: int) -> dict:
     import torch
     import transformers
 
-    import ztune
+    if system == "deepspeed-zero-init":
+        from benchmarks.peers import import_deepspeed
+
+        deepspeed = import_deepspeed()
+    else:
+        import ztune
 
     base = _peak_mib()
     cfg = _config(hidden=hidden, layers=layers)
@@ -75,6 +110,21 @@ def measure(rank: int, world_size: int, system: str, precision: str, hidden: int
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+    elif system == "deepspeed-zero-init":
+        ds_config = _ds_config(precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # Resolve transformers' lazy import (it pulls in torch._dynamo) before zero.Init patches tensor
+        # creation: importing dynamo under zero.Init fails with a signature mismatch (DeepSpeed 0.19.8).
+        llama = transformers.LlamaForCausalLM
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = llama(cfg)
+        built = _peak_mib()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        inited = _peak_mib()
+        for _ in range(STEPS):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
     else:
         if system == "ztune-meta":
             with ztune.zero_init():
@@ -90,53 +140,88 @@ def measure(rank: int, world_size: int, system: str, precision: str, hidden: int
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
     trained = _peak_mib()
-    return {"built": built - base, "inited": inited - base, "trained": trained - base,
-            "params": sum(p.numel() for p in model.parameters()) if system != "ztune-meta" else None}
+    return {"baseline": base, "built": built - base, "inited": inited - base, "trained": trained - base}
+
+
+def _load_rows() -> dict:
+    return json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+
+
+def _render(rows: dict, *, model_key: str, sizes: dict) -> list[str]:
+    psi = sizes["params"]
+    unit_mib = max(sizes["layer"], sizes["root"]) * 4 / 2**20  # materialised in the construction dtype, fp32
+    lines = [
+        "## ZeRO-3 construction: peak memory per rank", "",
+        f"transformers Llama {model_key}, {psi / 1e6:.0f}M parameters (fp32 model {psi * 4 / 2**20:.0f} MiB; one "
+        f"decoder layer {sizes['layer'] * 4 / 2**20:.0f} MiB, the root unit (embedding, head, final norm) "
+        f"{sizes['root'] * 4 / 2**20:.0f} MiB in fp32), stage 3, {STEPS} AdamW steps at seq {SEQ}, micro-batch "
+        f"{MICRO}, CPU ranks over gloo (ZTUNE_SHM=0). Peak RSS above the process baseline (ru_maxrss, a high-water "
+        "mark, so each column includes the earlier phases; the baseline is the RSS after importing torch, "
+        "transformers and the system), worst rank, MiB. Target (DESIGN.md, stage-3 init): init peak ≤ 16Ψ/n + the "
+        f"largest unit ({unit_mib:.0f} MiB, the fp32 root unit) + the baseline; whole-run peak ≤ FSDP2's. "
+        "16Ψ/n is the steady-state model-state bound of mixed-precision Adam at stage 3 (ZeRO paper).", "",
+        "| precision | ranks | system | baseline | construction | + initialise | + 3 steps | init target "
+        "16Ψ/n + unit | init ≤ target | when, load average |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted((k for k in rows if k.startswith(model_key + "|")),
+                  key=lambda k: (k.split("|")[1], int(k.split("|")[2]), SYSTEMS.index(k.split("|")[3])))
+    for key in keys:
+        _, precision, world, system = key.split("|")
+        row = rows[key]
+        target = 16 * psi / int(world) / 2**20 + unit_mib
+        lines.append(f"| {precision} | {world} | {system} | {row['baseline']:.0f} | {row['built']:.0f} | "
+                     f"{row['inited']:.0f} | {row['trained']:.0f} | {target:.0f} | "
+                     f"{'yes' if row['inited'] <= target else 'no'} | {row['when']}, {row['load']:.1f} |")
+    commands = sorted({rows[k]["command"] for k in keys})
+    lines += ["", "Commands (one framework per run, so that the 4-rank runs fit the machine's free memory):", ""]
+    lines += [f"    {c}" for c in commands]
+    machines = sorted({rows[k]["machine"] for k in keys})
+    lines += ["", "Machine: " + "; ".join(machines) + "."]
+    return lines
 
 
 def main(argv: list[str]) -> int:
+    import psutil
+
     from tests.helpers.spawn import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=21)
     parser.add_argument("--ranks", default="2,4")
-    parser.add_argument("--precisions", default="fp32")
-    parser.add_argument("--systems", default="ztune-meta,ztune-eager,fsdp2-meta")
+    parser.add_argument("--precisions", default="bf16")
+    parser.add_argument("--systems", default="ztune-meta,deepspeed-zero-init,fsdp2-meta")
     args = parser.parse_args(argv)
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        print(f"error: unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})", file=sys.stderr)
+        return 2
     cfg = _config(hidden=args.hidden, layers=args.layers)
-    h, v, n_layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-    num_params = 2 * v * h + n_layers * (4 * h * h + 3 * h * cfg.intermediate_size + 2 * h) + h
-    layer_mib = (4 * h * h + 3 * h * cfg.intermediate_size) * 4 / 2**20
-    rows = []
+    sizes = _sizes(cfg)
+    model_key = f"hidden {args.hidden}, {args.layers} layers"
+    command = f"python benchmarks/bench_zero_init.py --hidden {args.hidden} --layers {args.layers} " \
+              f"--ranks {args.ranks} --precisions {args.precisions} --systems {args.systems}"
+    machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, " \
+              f"{platform.system()} {platform.release()}"
+    rows = _load_rows()
     for precision in args.precisions.split(","):
         for world in [int(x) for x in args.ranks.split(",")]:
-            for system in args.systems.split(","):
+            for system in systems:
+                load = os.getloadavg()[0]
                 out = run_ranks(measure, world_size=world, args=(system, precision, args.hidden, args.layers),
-                                timeout_s=1800, env={"ZTUNE_SHM": "0"})
-                worst = {k: max(o[k] for o in out) for k in ("built", "inited", "trained")}
-                rows.append((precision, world, system, worst))
-                print(precision, world, system, {k: round(x) for k, x in worst.items()}, flush=True)
-    psi_mib = num_params * 4 / 2**20
-    lines = [
-        "## ZeRO-3 construction: peak memory per rank", "",
-        f"`python benchmarks/bench_zero_init.py --hidden {args.hidden} --layers {args.layers} --ranks {args.ranks} "
-        f"--precisions {args.precisions}` on {dt.date.today().isoformat()}, load average "
-        f"{os.getloadavg()[0]:.1f}.", "",
-        f"transformers Llama, {num_params / 1e6:.0f}M parameters (fp32 model {psi_mib:.0f} MiB; one decoder "
-        f"layer {layer_mib:.0f} MiB, the embedding and head {2 * v * h * 4 / 2**20:.0f} MiB), stage 3, "
-        f"{STEPS} AdamW steps at seq {SEQ}, micro-batch {MICRO}. Peak RSS above the post-import baseline "
-        "(ru_maxrss, a high-water mark, so each column includes the earlier phases), worst rank, MiB. "
-        "16Ψ/n is the steady-state model-state bound of mixed-precision Adam at stage 3.", "",
-        "| precision | ranks | system | construction | + initialise | + 3 steps | 16Ψ/n |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for precision, world, system, worst in rows:
-        lines.append(f"| {precision} | {world} | {system} | {worst['built']:.0f} | {worst['inited']:.0f} | "
-                     f"{worst['trained']:.0f} | {4 * psi_mib / world:.0f} |")
-    out_path = ROOT / "docs" / "bench" / "zero_init.md"
-    out_path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out_path}")
+                                timeout_s=3600, env={"ZTUNE_SHM": "0"})
+                worst = {k: max(o[k] for o in out) for k in ("baseline", "built", "inited", "trained")}
+                load = max(load, os.getloadavg()[0])
+                worst.update(when=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load=load,
+                             command=command, machine=machine)
+                rows[f"{model_key}|{precision}|{world}|{system}"] = worst
+                JSON_PATH.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+                print(precision, world, system, {k: round(worst[k]) for k in ("baseline", "built", "inited",
+                                                                              "trained")}, flush=True)
+    MD_PATH.write_text("\n".join(_render(rows, model_key=model_key, sizes=sizes)) + "\n")
+    print(f"wrote {MD_PATH}")
     return 0
 
 

@@ -66,18 +66,23 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
         kwargs["init_method"] = init_method
     r = rank if rank >= 0 else int(os.environ.get("RANK", "0"))
     if init_method is None:
-        store = _restart_safe_store(world_size=max(world, 1), timeout=timeout)
+        store = _restart_safe_store(rank=r, world_size=max(world, 1), timeout=timeout)
         if store is not None:
             kwargs["store"] = store
     dist.init_process_group(backend, rank=r, world_size=max(world, 1), **kwargs)
 
 
-def _restart_safe_store(*, world_size: int, timeout) -> dist.Store | None:
+def _restart_safe_store(*, rank: int, world_size: int, timeout) -> dist.Store | None:
     """Under torchrun's agent store, a client of that store with keys prefixed by the restart attempt; else None.
 
     torchrun (torch 2.13) hands restarted workers the same agent TCPStore, and torch's env:// handler adds no
     per-attempt prefix (it assumes a new store per retry): a restarted rank could then read the gloo address
     a killed rank of the previous attempt published, and fail connecting to it ("Connection refused").
+    The attempt is counted in the store itself (how many times this rank has joined it), not read from
+    TORCHELASTIC_RESTART_COUNT: on several hosts that count differs between agents (the agent whose worker
+    failed counts a restart; an agent that restarts because a peer re-joined the rendezvous does not, torch's
+    "membership changes do not count as retries"), so the ranks would wait under different prefixes forever.
+    Every rank joins once per attempt (the whole group restarts), so the counts agree.
     Every group created later (dist.new_group) inherits the prefix through the default store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in os.environ:
         return None
@@ -85,7 +90,8 @@ def _restart_safe_store(*, world_size: int, timeout) -> dist.Store | None:
 
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                            is_master=False, timeout=timeout or timedelta(minutes=30))
-    return dist.PrefixStore(f"/ztune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+    attempt = client.add(f"/ztune/joins/rank{rank}", 1)
+    return dist.PrefixStore(f"/ztune/attempt_{attempt}", client)
 
 
 def _process_group(*, dist_init_required: bool | None = None, distributed_port: int = DEFAULT_PORT,

@@ -93,6 +93,41 @@ def test_consolidate_loads_in_transformers(saved, tmp_path, capsys):
     assert len(set(index["weight_map"].values())) > 1
 
 
+def load_consolidated(rank: int, world_size: int, sharded_dir: str, single_dir: str) -> list[dict]:
+    """Stage 3: a zero_init model with weights=<consolidated, sharded with an index>, and an eager model then
+    ztune.load_pretrained(engine, <consolidated single file>); each one's full state."""
+    import transformers
+
+    import ztune
+
+    with ztune.zero_init():
+        model = transformers.LlamaForCausalLM(build("llama").config)
+    engine, _, _, _ = ztune.initialize(model, CONFIG, weights=sharded_dir)
+    out = [engine.full_state_dict()]
+    engine, _, _, _ = ztune.initialize(build("llama"), CONFIG)
+    ztune.load_pretrained(engine, single_dir)
+    out.append(engine.full_state_dict())
+    return out
+
+
+def test_consolidated_checkpoint_loads_through_weights_and_load_pretrained(saved, tmp_path, capsys):
+    """`ztune checkpoint consolidate` output is a pretrained-weights directory for ztune too: 2 ranks at stage 3
+    each read their shards' slices of it and hold exactly the saved parameters."""
+    root, states = saved
+    for name, limit in (("sharded", "20KB"), ("single", "5GB")):
+        code, _, err = _cli(["checkpoint", "consolidate", str(root / "ckpt"), "--out", str(tmp_path / name),
+                             "--max-shard-size", limit], capsys)
+        assert code == 0, err
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "single" / "model.safetensors").exists()
+    got = run_ranks(load_consolidated, world_size=2, args=(str(tmp_path / "sharded"), str(tmp_path / "single")),
+                    timeout_s=300)[0]
+    for state in got:
+        assert state.keys() == states[3].keys()
+        differ = [k for k, v in states[3].items() if not torch.equal(state[k], v)]
+        assert not differ, differ[:5]
+
+
 def test_save_16bit_model_matches_full_state(saved):
     from safetensors.torch import load_file
 

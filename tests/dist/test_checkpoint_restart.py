@@ -1,7 +1,7 @@
 """A dead rank under `ztune launch --max-restarts 1` (local host, 2 ranks): rank 1 kills itself (SIGKILL)
 after its 5th step; torchrun restarts the group, the script resumes from `latest` (saved after step 4) and
 finishes with the losses and final parameters of an uninterrupted launch, bitwise; no rank is left running.
-(The two-host variant with network-namespace hosts is not automated here.)"""
+(The two-host variant: tests/e2e/test_checkpoint_restart_hosts.py.)"""
 
 from __future__ import annotations
 
