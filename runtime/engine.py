@@ -295,9 +295,11 @@ class Engine:
         if self.trial_reporter is not None:
             self.trial_reporter.note_loss(loss.detach())
 
-    def step(self) -> bool:
+    def step(self, lr_kwargs: dict | None = None) -> bool:
         """Count a micro-step; at the accumulation boundary update the parameters. Returns True if an
-        optimizer step was applied (False between boundaries or when fp16 overflowed and the step was skipped)."""
+        optimizer step was applied (False between boundaries or when fp16 overflowed and the step was skipped).
+        `lr_kwargs` go to the scheduler's step() after an applied step (DeepSpeed's engine.step(lr_kwargs=...),
+        e.g. {"metrics": val_loss} for torch's ReduceLROnPlateau)."""
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return False
@@ -344,7 +346,7 @@ class Engine:
                 for w in works:
                     w.wait()
             if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+                self.lr_scheduler.step(**(lr_kwargs or {}))
         self.scaler.update(overflow=overflow)
         self._reducer.zero_grads()
         self.global_steps += 1

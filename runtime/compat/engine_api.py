@@ -23,7 +23,9 @@ from ztune.runtime.state.frozen import frozen_ids, write_frozen_slices
 MEMBERS: dict[str, str] = {
     "forward / __call__": "runs the module (floating-point inputs cast to the compute dtype)",
     "backward(loss)": "backward of loss / gradient_accumulation_steps (x the fp16 loss scale), reducing gradients",
-    "step()": "counts a micro-step; applies the optimizer at the accumulation boundary; returns whether it did",
+    "step(lr_kwargs=None)": "counts a micro-step; applies the optimizer at the accumulation boundary, then steps the "
+                            "scheduler with lr_kwargs (e.g. {\"metrics\": val_loss} for ReduceLROnPlateau); returns "
+                            "whether it applied a step",
     "is_gradient_accumulation_boundary()": "whether the next step() applies the optimizer",
     "set_gradient_accumulation_boundary(b)": "overrides the boundary until set back to None (DeepSpeed's "
                                               "call-step-once style)",
@@ -227,9 +229,6 @@ class CompatEngine(Engine):
             self._in_no_sync, self._boundary_override = False, saved
 
     def step(self, lr_kwargs: dict | None = None) -> bool:
-        if lr_kwargs:
-            raise UserError("engine.step(lr_kwargs=...) is not supported: ztune steps the scheduler without "
-                            "arguments; step your scheduler yourself if it needs them")
         if self._in_no_sync:
             raise UserError("engine.step() inside engine.no_sync(): leave the no_sync block first")
         if self._boundary_override is False:
@@ -244,7 +243,7 @@ class CompatEngine(Engine):
             # (micro_steps + 1) % gradient_accumulation_steps() == 0: restored below, so they end there here too.
             self.micro_steps = (self.micro_steps // self.grad_accum + 1) * self.grad_accum - 1
         steps_before = self.global_steps
-        self._step_applied = super().step()
+        self._step_applied = super().step(lr_kwargs=lr_kwargs)
         self.micro_steps = calls
         if self.global_steps != steps_before:  # an accumulation boundary: DeepSpeed's monitor events
             self._micro_steps_at_boundary = calls

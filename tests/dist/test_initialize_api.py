@@ -186,3 +186,23 @@ def _loader_sizes(rank: int, world_size: int) -> list:
 def test_issue_inputs_1_and_2_on_two_ranks():
     for sizes in run_ranks(_loader_sizes, world_size=2, timeout_s=120):
         assert sizes == [(16, 1, {16}), (4, 2, {4})]  # DeepSpeed 0.19.8's derivation
+
+
+def test_client_reduce_lr_on_plateau_steps_with_lr_kwargs():
+    # DeepSpeed: engine.step(lr_kwargs={"metrics": m}) passes the metric to the scheduler's step after an
+    # applied optimizer step. The lr must follow torch's own ReduceLROnPlateau driven the same way.
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    engine, _, _, got = ztune.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                         config={"train_micro_batch_size_per_gpu": 3,
+                                                 "zero_optimization": {"stage": 0}})
+    ref_opt = torch.optim.AdamW(_tiny().parameters(), lr=0.05, weight_decay=0.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, factor=0.5, patience=1)
+    metrics = [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]  # plateaus, so the lr halves twice
+    for i, m in enumerate(metrics):
+        engine.backward(engine(_x(i)))
+        engine.step(lr_kwargs={"metrics": m})
+        ref.step(m)
+        assert engine.get_lr() == [g["lr"] for g in ref_opt.param_groups], i
+    assert engine.get_lr()[0] == pytest.approx(0.05 / 4)
