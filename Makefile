@@ -56,8 +56,8 @@ bench: install-bench
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 # 2 hosts x 2 ranks in network namespaces behind 1 and 10 Gbit/s tbf-shaped links (benchmarks/cluster_box.py):
-# builds the box, runs ztune flat stages 1-3, DDP and DeepSpeed ZeRO-1/2/3, tears it down, writes
-# docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
+# builds the box, runs ztune flat and hierarchical stages 1-3, ZeRO++, 1-bit Adam, DDP and DeepSpeed ZeRO-1/2/3,
+# tears it down, writes docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
 bench-cluster: install-bench
 	$(PY) benchmarks/run_all.py bench_cluster
 
