@@ -55,7 +55,7 @@ def _config(c: dict) -> dict:
     return {"zero_optimization": {"stage": 3, "zero_quantized_weights": c["qwz"],
                                   "zero_hpz_partition_size": c["hpz"], "zero_quantized_gradients": c["qgz"]},
             "bf16": {"enabled": c["precision"] == "bf16"}, "train_micro_batch_size_per_gpu": MICRO,
-            "gradient_accumulation_steps": c["accum"],
+            "gradient_accumulation_steps": c["accum"], "gradient_clipping": 0.0,  # the reference does not clip
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
             "ztune": {"activations": {"checkpointing": c["ckpt"]}}}
 
