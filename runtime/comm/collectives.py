@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ztune.runtime.comm.groups import GroupRef
 from ztune.runtime.comm.shm import SharedMemoryTransport
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, BROADCAST = "all_reduce", "all_gather", "reduce_scatter", "broadcast"
@@ -112,7 +113,7 @@ class Comm:
                  shm: SharedMemoryTransport | None = None):
         if world_size > 1 and group is None:
             raise ValueError("a process group is needed for world_size > 1")
-        self.group = group
+        self._group = GroupRef(group)  # not owned: destroy_process_group() must end it (runtime/comm/groups.py)
         self.rank = rank
         self.world_size = world_size
         self.shm = shm
@@ -120,6 +121,10 @@ class Comm:
         self.phase = "train"
         self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
         self._held: list[_Held] = []
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self._group.get()
 
     def zeros(self, numel: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed flat buffer for collectives to move: in shared memory when the transport has one
