@@ -4,6 +4,7 @@
 - shm.py: the shared-memory transport for CPU ranks on one host.
 - compress.py: gradient codecs (bf16, int8, 1-bit, top-k) and error feedback.
 - topology.py: which ranks share a host (`NodeLayout`), for collectives in two levels.
+- groups.py: holding process groups so that `dist.destroy_process_group()` still ends them.
 """
 
 from ztune.runtime.comm.collectives import Comm

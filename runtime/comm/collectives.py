@@ -25,6 +25,7 @@ exception", SIGABRT; 6 ranks aborted in 20 four-rank runs of an all-gather follo
 gloo every tensor handed to the process group stays referenced here until the call after the one that first
 saw its collective completed (`Comm._hold`), or until `settle()` (the engine calls it after each backward,
 so that no gradient bucket outlives its backward); at exit the last ones are freed by the main thread.
+The group itself is not kept alive here (runtime/comm/groups.py): destroy_process_group() joins its workers.
 NCCL groups are left as they were: their tensors are released by the watchdog thread, and holding CUDA
 buffers longer would cost device memory.
 """

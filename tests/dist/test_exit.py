@@ -12,7 +12,8 @@ memory, then torch's `dist.all_gather_object`, `dist.destroy_process_group()`, e
 of that benchmark, and 2 of 7 with core dumps, all showing the gloo worker in ~AsyncAllgatherWork (the
 all_gather_object's tensors) at interpreter shutdown, because the default group outlived
 destroy_process_group() (runtime/comm/groups.py). The scripts therefore also exit 3 whenever the default group
-survives destroy_process_group(): that check fails on every run of the old code, not by chance.
+survives destroy_process_group(): that check fails on every run of the old code, not by chance. With the fix,
+0 of 27 runs of that benchmark aborted.
 """
 
 from __future__ import annotations
