@@ -20,6 +20,7 @@ from ztune.config.deepspeed_auto import context_from_model
 from ztune.config.schema import Offload, OptimizerType, Precision, TrainConfig
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
+from ztune.runtime.comm.groups import unpin_default_group
 from ztune.runtime.comm.hierarchical import TwoLevel, wants_hierarchy
 from ztune.runtime.comm.shm import SharedMemoryTransport
 from ztune.runtime.comm.topology import layout_from_env
@@ -112,6 +113,7 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
         return Comm(group=None, rank=0, world_size=1), device
     if use_cuda and dist.get_backend() != "nccl":
         device = torch.device("cpu")  # a gloo group on a GPU machine: keep the run on the CPU
+    unpin_default_group()  # before the optimizer's lazy imports bind the group for good (runtime/comm/groups.py)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
         layout = layout_from_env(world_size=world_size)

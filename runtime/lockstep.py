@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ztune.errors import ConfigError
+from ztune.runtime.comm.groups import GroupRef
 
 # torch >= 2.12 renamed the flat all-gather (as in runtime/comm/collectives.py).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -78,7 +79,7 @@ class Lockstep:
 
     def __init__(self, *, group: dist.ProcessGroup, rank: int, world_size: int, names: list[str],
                  timeout_s: float):
-        self.group = group
+        self._group = GroupRef(group)  # torch's registry owns it until destroy_process_group (comm/groups.py)
         self.rank = rank
         self.world_size = world_size
         self.names = names
@@ -88,6 +89,10 @@ class Lockstep:
         # The last stamps stay referenced a while after their wait: gloo's worker thread may drop its own
         # references only after wait() returned (runtime/comm/collectives.py, tensor lifetimes).
         self._recent: deque = deque(maxlen=16)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self._group.get()
 
     @classmethod
     def create(cls, *, rank: int, world_size: int, names: list[str]) -> Lockstep:

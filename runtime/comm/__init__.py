@@ -5,6 +5,7 @@
 - compress.py: gradient codecs (bf16, int8, 1-bit, top-k) and error feedback.
 - topology.py: which ranks share a host (`NodeLayout`), for collectives in two levels.
 - hierarchical.py: `TwoLevel`, all-reduce / reduce-scatter / all-gather inside each host, then across hosts.
+- groups.py: holding process groups so that `dist.destroy_process_group()` still ends them.
 """
 
 from ztune.runtime.comm.collectives import Comm

@@ -33,6 +33,7 @@ exception", SIGABRT; 6 ranks aborted in 20 four-rank runs of an all-gather follo
 gloo every tensor handed to the process group stays referenced here until the call after the one that first
 saw its collective completed (`Comm._hold`), or until `settle()` (the engine calls it after each backward,
 so that no gradient bucket outlives its backward); at exit the last ones are freed by the main thread.
+The group itself is not kept alive here (runtime/comm/groups.py): destroy_process_group() joins its workers.
 NCCL groups are left as they were: their tensors are released by the watchdog thread, and holding CUDA
 buffers longer would cost device memory.
 """
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ztune.runtime.comm.groups import GroupRef
 from ztune.runtime.comm.hierarchical import HIERARCHICAL_OPS, TwoLevel, level_bytes
 from ztune.runtime.comm.shm import SharedMemoryTransport
 from ztune.runtime.comm.topology import NodeLayout
@@ -146,7 +148,7 @@ class Comm:
             raise ValueError("a process group is needed for world_size > 1")
         if hierarchy is not None and shm is not None:
             raise ValueError("a hierarchical Comm's shared memory is its host's (hierarchy.shm), not shm=")
-        self.group = group
+        self._group = GroupRef(group)  # not owned: destroy_process_group() must end it (runtime/comm/groups.py)
         self.rank = rank
         self.world_size = world_size
         self.layout = layout if layout is not None else NodeLayout(world_size=world_size, ranks_per_node=world_size)
@@ -156,6 +158,10 @@ class Comm:
         self.phase = "train"
         self._counts: dict[tuple[str, str], OpCounter] = defaultdict(OpCounter)
         self._held: list[_Held] = []
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self._group.get()
 
     def zeros(self, numel: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A zeroed flat buffer for collectives to move: in shared memory when the transport has one

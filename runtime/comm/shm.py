@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ztune.errors import ConfigError
+from ztune.runtime.comm.groups import GroupRef
 
 SHM_ROOT = "/dev/shm"
 ENV_SWITCH = "ZTUNE_SHM"  # "0" turns the transport off (gloo only)
@@ -76,7 +77,7 @@ class SharedMemoryTransport:
 
     def __init__(self, *, group: dist.ProcessGroup | None, rank: int, world_size: int, prefix: str,
                  root: str = SHM_ROOT):
-        self.group = group
+        self._group = GroupRef(group)  # not owned (runtime/comm/groups.py)
         self.rank = rank
         self.world_size = world_size
         self.prefix = prefix
@@ -84,6 +85,10 @@ class SharedMemoryTransport:
         self._regions: list[_Region] = []
         self._count = 0
         self.min_bytes = _min_bytes_from_env()
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self._group.get()
 
     # -- set-up -------------------------------------------------------------------------------------------
     @classmethod
