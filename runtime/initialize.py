@@ -23,7 +23,7 @@ from ztune.runtime.comm import Comm
 from ztune.runtime.comm.groups import unpin_default_group
 from ztune.runtime.comm.hierarchical import TwoLevel, wants_hierarchy
 from ztune.runtime.comm.shm import SharedMemoryTransport
-from ztune.runtime.comm.topology import layout_from_env
+from ztune.runtime.comm.topology import NodeLayout, layout_from_env
 
 DEFAULT_PORT = 29500  # DeepSpeed's TORCH_DISTRIBUTED_DEFAULT_PORT (deepspeed/constants.py)
 
@@ -116,7 +116,7 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
     unpin_default_group()  # before the optimizer's lazy imports bind the group for good (runtime/comm/groups.py)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
-        layout = layout_from_env(world_size=world_size)
+        layout = _agreed_layout(layout_from_env(world_size=world_size))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if wants_hierarchy(hierarchical, layout=layout, backend=dist.get_backend()):  # runtime/comm/hierarchical.py
@@ -128,6 +128,18 @@ def _process_group(*, dist_init_required: bool | None = None, distributed_port: 
     if device.type == "cpu" and not layout.multi_node:
         shm = SharedMemoryTransport.connect(group=dist.group.WORLD, rank=rank, world_size=world_size)
     return Comm(group=dist.group.WORLD, rank=rank, world_size=world_size, shm=shm, layout=layout), device
+
+
+def _agreed_layout(layout: NodeLayout) -> NodeLayout:
+    """`layout` if every rank read the same ranks per host, else the one-group layout: hosts that run different
+    numbers of ranks (hostfile slots 2 and 1) see different LOCAL_WORLD_SIZE values, and every rank must take
+    the same branch below (the shared-memory transport's connect is collective; it finds by itself which ranks
+    share files and falls back to gloo when not all do)."""
+    sizes: list = [None] * layout.world_size
+    dist.all_gather_object(sizes, layout.ranks_per_node)
+    if len(set(sizes)) == 1:
+        return layout
+    return NodeLayout(world_size=layout.world_size, ranks_per_node=layout.world_size)
 
 
 def _validate(cfg: TrainConfig, *, model: nn.Module, world_size: int, device: torch.device, units) -> None:

@@ -368,14 +368,6 @@ def autotune(
     candidates = build_space(constraints)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
-    if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
-        micros = sorted({c.micro for c in candidates})
-        model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
-                                         micro_batch=micros[len(micros) // 2] if micros else 1)
-    else:
-        model_hw = hw
-    workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,
-                        num_nodes=num_nodes)
     if script is not None:
         if not script.is_file():
             raise UserError(f"--script {str(script)!r} does not exist")
@@ -397,6 +389,15 @@ def autotune(
     if smoke:
         out = out / "smoke" if out == Path("ztune-autotune") else out
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
+    # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
+    if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
+        micros = sorted({c.micro for c in candidates})
+        model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
+                                         micro_batch=micros[len(micros) // 2] if micros else 1)
+    else:
+        model_hw = hw
+    workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,
+                        num_nodes=num_nodes)
     if journal.moved_aside is not None and not smoke:
         warn(f"--fresh: the previous journal was kept as {journal.moved_aside}")
     if smoke:
