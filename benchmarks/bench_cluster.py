@@ -132,6 +132,9 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, loads: tuple, st
                 loss = f"{rec['losses_by_rank'][0][-1]:.4f}"
         config = f" `{json.dumps(v.config)}`" if v.config else ""
         lines.append(f"| {v.name}{config} | {v.stage} | " + " | ".join(cells) + f" | {loss} |")
+    lines += ["", "1-bit Adam runs with freeze_step 1 so that every timed step sends the compressed momentum: its "
+              "variance is frozen after a single step, which diverges here (its loss column); the algorithm's "
+              "convergence with a real warm-up is measured in docs/bench/onebit_adam.md."]
     sep = runs[0].get("shared_memory") if runs else None
     if sep:
         lines += ["", f"Shared memory (runtime/comm/shm.py's own check, in the job): across the whole job "
