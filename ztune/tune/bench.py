@@ -214,25 +214,10 @@ def run_trial(*, config_path: str | os.PathLike, report_path: str | os.PathLike,
                                 preexec_fn=_preexec(memory_cap_bytes))
         if on_start is not None:
             on_start(proc.pid)
-        timed_out = ""
-        last_poll = 0.0
-        try:
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - t0 > timeout_s:
-                    timed_out = f"no result after {timeout_s:.0f} s"
-                elif stall_s is not None and _stalled_s(report_path) > stall_s:
-                    timed_out = f"no new step for {stall_s:.0f} s"
-                if timed_out:
-                    _kill_group(proc)
-                    break
-                if on_poll is not None and now - last_poll >= 1.0:
-                    last_poll = now
-                    on_poll(tr.read_report(report_path))
-                time.sleep(POLL_S)
-        finally:
-            if proc.poll() is None:  # interrupted (Ctrl-C): never leave a group behind
-                _kill_group(proc)
+        # interrupted (Ctrl-C): watch_trial never leaves a group behind
+        timed_out = watch_trial(proc, t0=t0, timeout_s=timeout_s, stall_s=stall_s,
+                                stalled_s=lambda: _stalled_s(report_path), stop=_kill_group,
+                                on_poll=on_poll, report_path=report_path)
         # Ranks the agent did not reap (e.g. after it crashed) go with the group.
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -240,6 +225,35 @@ def run_trial(*, config_path: str | os.PathLike, report_path: str | os.PathLike,
             pass
     return trial_outcome(exit_code=proc.returncode, wall_s=time.monotonic() - t0, log_path=log_path,
                          report_path=report_path, timed_out=timed_out, memory_capped=bool(memory_cap_bytes))
+
+
+def watch_trial(proc: subprocess.Popen, *, t0: float, timeout_s: float, stall_s: float | None,
+                stalled_s: Callable[[], float], stop: Callable[[subprocess.Popen], None],
+                on_poll: Callable[[dict[str, Any]], None] | None, report_path: Path) -> str:
+    """Wait for a started trial; `stop(proc)` it after `timeout_s` in all, or when `stalled_s()` (seconds since
+    the last reported step, 0 before the first) exceeds `stall_s`, or when interrupted. `on_poll` gets the
+    report about every second. Returns why it was stopped ("" when it ended by itself)."""
+    tr = _protocol()
+    timed_out = ""
+    last_poll = 0.0
+    try:
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now - t0 > timeout_s:
+                timed_out = f"no result after {timeout_s:.0f} s"
+            elif stall_s is not None and stalled_s() > stall_s:
+                timed_out = f"no new step for {stall_s:.0f} s"
+            if timed_out:
+                stop(proc)
+                break
+            if on_poll is not None and now - last_poll >= 1.0:
+                last_poll = now
+                on_poll(tr.read_report(report_path))
+            time.sleep(POLL_S)
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C): never leave the trial behind
+            stop(proc)
+    return timed_out
 
 
 def trial_outcome(*, exit_code: int | None, wall_s: float, log_path: Path, report_path: Path, timed_out: str,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ztune.launch.lifeline import die_with_parent
-from ztune.tune.bench import POLL_S, TrialOutcome, trial_outcome
+from ztune.tune.bench import TrialOutcome, trial_outcome, watch_trial
 
 # Seconds the launcher gets for its teardown after SIGTERM before it is killed; its own grace (SIGTERM to
 # SIGKILL on the hosts) plus the reap over a second ssh (supervise.py allows grace + 20 s).
@@ -132,26 +132,14 @@ def run_trial_on_hosts(*, hosts: HostTrials, index: int, config_path: str | os.P
         relay = threading.Thread(target=_relay, args=(proc.stdout, log, report_path, tr.STDOUT_MARKER),
                                  daemon=True)
         relay.start()
-        timed_out = ""
-        last_poll = 0.0
-        try:
-            while proc.poll() is None:
-                now = time.monotonic()
-                mtime = report_path.stat().st_mtime
-                if now - t0 > timeout_s:
-                    timed_out = f"no result after {timeout_s:.0f} s"
-                elif stall_s is not None and mtime != start_mtime and time.time() - mtime > stall_s:
-                    timed_out = f"no new step for {stall_s:.0f} s"
-                if timed_out:
-                    _stop_launcher(proc)
-                    break
-                if on_poll is not None and now - last_poll >= 1.0:
-                    last_poll = now
-                    on_poll(tr.read_report(report_path))
-                time.sleep(POLL_S)
-        finally:
-            if proc.poll() is None:  # interrupted (Ctrl-C): the hosts are torn down before we go on
-                _stop_launcher(proc)
+
+        def stalled_s() -> float:  # the report file exists from the start: count from its first relayed line
+            mtime = report_path.stat().st_mtime
+            return time.time() - mtime if mtime != start_mtime else 0.0
+
+        # interrupted (Ctrl-C): the hosts are torn down before we go on
+        timed_out = watch_trial(proc, t0=t0, timeout_s=timeout_s, stall_s=stall_s, stalled_s=stalled_s,
+                                stop=_stop_launcher, on_poll=on_poll, report_path=report_path)
         relay.join(timeout=10.0)
     return trial_outcome(exit_code=proc.returncode, wall_s=time.monotonic() - t0, log_path=log_path,
                          report_path=report_path, timed_out=timed_out, memory_capped=False)
