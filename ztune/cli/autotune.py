@@ -278,6 +278,9 @@ def autotune(
     max_trials: Annotated[int | None, typer.Option("--max-trials", help="Most trials in the journal.")] = None,
     min_trials: Annotated[int, typer.Option("--min-trials", help="Successful trials before the search may "
                                                                  "stop on convergence.")] = 3,
+    exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Measure every candidate that fits, with no "
+                                             "convergence stop (--max-trials, --time-budget still apply): the "
+                                             "whole grid's ground truth, to check a search against.")] = False,
     threshold: Annotated[float, typer.Option("--threshold", help="Stop when nothing is predicted to beat "
                                                                  "the best by more than this fraction.")] = 0.05,
     memory_margin: Annotated[float, typer.Option("--memory-margin", help="Safety margin on predicted "
@@ -366,6 +369,8 @@ def autotune(
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
                               micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
     candidates = build_space(constraints)
+    if exhaustive:  # the convergence test never passes before every candidate has run (tuner._stop_reason)
+        min_trials = len(candidates)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
     if script is not None:
