@@ -283,6 +283,10 @@ def top_keys(exhaustive: dict, *, pick: str, k: int = 3) -> list[str]:
     return sorted({key for _, key in ok[:k]} | {pick})
 
 
+def phases_rounds(repeats: dict) -> int:
+    return 1 + max(tr["round"] for tr in repeats["result"]["trials"])
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
@@ -307,9 +311,11 @@ def summarize(tuned: dict, exhaustive: dict, repeats: dict | None) -> dict:
         "repeats": None,
     }
     if repeats is not None and repeats["result"] is not None:
+        # Each repeated candidate's samples: its exhaustive-run trial, then its repeats (3 with 2 rounds, so the
+        # median ignores one trial that a burst of load on the shared machine slowed down).
         runs: dict[str, list[float]] = {}
         for tr in repeats["result"]["trials"]:
-            runs.setdefault(tr["key"], [])
+            runs.setdefault(tr["key"], [ok[tr["key"]]] if tr["key"] in ok else [])
             if tr["status"] == "ok" and tr["step_time_s"]:
                 runs[tr["key"]].append(tr["step_time_s"])
         med = {k: _median(v) for k, v in runs.items() if v}
@@ -359,8 +365,8 @@ def render(*, s: dict, tuned: dict, exhaustive: dict, repeats: dict | None, kill
         + (f"{s['pick_exhaustive_s'] * 1e3:,.0f} ms/step in the exhaustive run, rank {s['pick_rank']} of "
            f"{len([1 for tr in e['trials'] if tr['status'] == 'ok'])}. **Grid best (exhaustive run): "
            f"{s['best_key']} at {s['best_s'] * 1e3:,.0f} ms/step; pick / best = {s['pick_ratio']:.3f}**"
-           + (f". **Repeated ({len(next(iter(rep['runs'].values())))} interleaved trials each of the exhaustive "
-              f"run's top 3 and the pick, medians): best {rep['best_key']}, pick / best = "
+           + (f". **Repeated (the exhaustive run's top 3 and the pick, each its exhaustive trial plus "
+              f"{phases_rounds(repeats)} interleaved repeats; medians): best {rep['best_key']}, pick / best = "
               f"{rep['pick_ratio']:.3f}**" if rep else "")
            + f" (target <= {TARGET_PICK_RATIO}, judged on the "
            + ("repeats" if rep else "single measurements") + f": **{'met' if ok_pick else 'MISSED'}**)."
@@ -389,12 +395,17 @@ def render(*, s: dict, tuned: dict, exhaustive: dict, repeats: dict | None, kill
                      + f" | {tr['status']} | {mine['index'] if mine else ''} | "
                      + (f"{mine['step_time_s'] * 1e3:,.0f}" if mine and mine["step_time_s"] else "") + " |")
     if rep:
-        lines += ["", "Interleaved repeats (round r runs the candidates in order, reversed on odd rounds; each a trial "
-                  "as the tuner runs it on the hosts), ms/step:", "",
+        lines += ["", "Repeats (each candidate's exhaustive-run trial first, then the interleaved repeats: round r "
+                  "runs the candidates in order, reversed on odd rounds, each a trial as the tuner runs it on the "
+                  "hosts), ms/step:", "",
                   "| candidate | trials | median |", "|---|---|---:|"]
         for key in sorted(rep["median"], key=rep["median"].get):
             lines.append(f"| {key} | {', '.join(f'{x * 1e3:,.0f}' for x in rep['runs'][key])} | "
                          f"{rep['median'][key] * 1e3:,.0f} |")
+        spread = max(max(v) / min(v) for v in rep["runs"].values() if v)
+        lines.append(f"\nOne candidate's trials differ by up to {spread:.2f}x (slowest / fastest) here, against "
+                     "a 5% target: on this shared machine the pick is decided by the load each trial met as much "
+                     "as by the configuration.")
         lines.append(f"\nRepeats: {repeats['wall_s']:.0f} s, load {repeats['load'][0]:.1f} -> "
                      f"{repeats['load'][1]:.1f}, {len(repeats['trial_leftovers'])} leftover(s) after trials, box "
                      f"empty {repeats['settle_s']:.1f} s after the last"
