@@ -11,13 +11,16 @@ host, then does what a user of two such machines would, all from host 0 (the hea
    candidates it measured and which it picked;
 3. the same command with `--exhaustive` and a fresh journal: every candidate of the same grid measured with
    the same trial settings, the ground truth;
-4. a third tuner killed with SIGKILL while its first trial runs on both hosts.
-During 2 and 3 a watcher samples every process in the box's namespaces: a process that existed when a trial
+4. the exhaustive run's 3 fastest candidates and the tuner's pick again, `--rounds` times each, interleaved
+   (each trial run exactly as the tuner runs one: ztune.tune.hosts.run_trial_on_hosts), since a single trial
+   on a shared machine is one sample of a load that changes by the minute;
+5. a third tuner killed with SIGKILL while its first trial runs on both hosts (run right after step 2).
+During 2, 3 and 4 a watcher samples every process in the box's namespaces: a process that existed when a trial
 was journalled as finished and is still alive afterwards is a leftover of that trial. After each tuner ends
 (and after the SIGKILL) the box must hold nothing but its keepers and sshd listeners.
 
 Reports the grid, the fraction the tuner measured (target <= 30%), the pick's step time against the grid's
-best, both from the exhaustive run (target within 5%), and the process checks; writes
+best (target within 5%; judged on the medians of step 4), and the process checks; writes
 docs/bench/autotune_cluster.md. Exit 1 if a target or a check fails.
 """
 
