@@ -388,6 +388,11 @@ def autotune(
                                base=base, workload=desc)
     if smoke:
         out = out / "smoke" if out == Path("ztune-autotune") else out
+    try:  # a file (or a file above it) where the folder should be is one line, not a traceback from the journal
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {str(out)!r} cannot be used as the results folder ({exc.strerror or exc}); "
+                        "give a folder path") from None
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
     # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
     if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
