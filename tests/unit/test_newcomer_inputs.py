@@ -4,6 +4,8 @@ lists, `ztune checkpoint consolidate --out` onto earlier weights, and a DeepSpee
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ztune.cli import main
@@ -158,3 +160,22 @@ def test_stage3_knobs_by_field_name_are_ignored_like_their_aliases() -> None:
     assert loaded.config.zero.stage == 3
     assert set(loaded.ignored) == {"zero_optimization.max_live_parameters", "zero_optimization.prefetch_bucket_size",
                                    "zero_optimization.gather_16bit_weights_on_model_save"}
+
+
+def test_launch_accepts_auto_values_that_need_the_model(tmp_path) -> None:
+    """`ztune launch --config` checks the config before starting anything; the "auto" values ztune.initialize
+    derives from the model on the ranks (the Hugging Face ZeRO configs) must pass that check, the others not."""
+    from ztune.launch import LaunchRequest, plan_launch
+
+    (tmp_path / "train.py").write_text("")
+    cfg = tmp_path / "ds.json"
+    doc = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": "auto", "fp16": {"enabled": "auto"},
+           "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    cfg.write_text(json.dumps(doc))
+    req = LaunchRequest(script="train.py", config=str(cfg), workdir=str(tmp_path), nproc_per_node=2)
+    assert json.loads(plan_launch(req, environ={}).config_text) == doc  # sent as written: the ranks resolve it
+    with pytest.raises(ConfigError, match="fp16.enabled: \"auto\" is derived from the model"):
+        load(cfg)  # where no model comes later (the default), it still needs a value
+    cfg.write_text(json.dumps({**doc, "gradient_clipping": "auto"}))
+    with pytest.raises(ConfigError, match="gradient_clipping: \"auto\" is filled in by the Hugging Face Trainer"):
+        plan_launch(req, environ={})

@@ -34,6 +34,10 @@ class AutoContext:
 
     hidden_size: int | None = None
     precision: Precision | None = None
+    # True where the model is not here but will be when the config is used (`ztune launch` checks a config that
+    # ztune.initialize reads on the ranks): the values that need the model are left at their defaults for the
+    # check (fp16 / bf16 off, the default bucket size) instead of refused.
+    model_later: bool = False
 
 
 def context_from_model(model: Any) -> AutoContext:
@@ -101,15 +105,21 @@ def resolve_auto(doc: dict, *, context: AutoContext | None) -> dict:
         if key in _BATCH_KEYS:
             del parent[last]
         elif key in ("fp16.enabled", "bf16.enabled"):
-            if context.precision is None:
+            if context.precision is None and context.model_later:
+                parent[last] = False
+            elif context.precision is None:
                 raise _cannot(path, "is derived from the model's parameter dtype, which is not known here "
                                     "(ztune.initialize knows it; ztune estimate takes --precision)")
-            parent[last] = context.precision.value == key.split(".")[0]
+            else:
+                parent[last] = context.precision.value == key.split(".")[0]
         elif key == "zero_optimization.reduce_bucket_size":
-            if context.hidden_size is None:
+            if context.hidden_size is None and context.model_later:
+                del parent[last]
+            elif context.hidden_size is None:
                 raise _cannot(path, "is hidden_size * hidden_size, and the model's hidden size is not known here "
                                     "(no model.config.hidden_size)")
-            parent[last] = context.hidden_size * context.hidden_size
+            else:
+                parent[last] = context.hidden_size * context.hidden_size
         elif key is not None and (r := rule(key)) is not None and r.status == IGNORED:
             continue
         else:

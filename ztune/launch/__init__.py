@@ -165,9 +165,11 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
     env_left_behind = () if local else tuple(left_behind(environ, env))
     config_suffix = config_text = None
     if req.config:
-        from ztune.config.io import load
+        from ztune.config import AutoContext, load_detailed
 
-        load(req.config)  # fail here, with the loader's message, not on every host
+        # Fail here, with the loader's message, not on every host. "auto" values that need the model (DeepSpeed
+        # fp16/bf16 enabled, reduce_bucket_size) are resolved by ztune.initialize on the ranks, which has it.
+        load_detailed(req.config, context=AutoContext(model_later=True))
         config_text = Path(req.config).read_text()
         config_suffix = ".json" if req.config.endswith(".json") else ".yaml"
     master_addr = canonical_host(req.master_addr, where="--master-addr") if req.master_addr else None
