@@ -179,3 +179,23 @@ def test_launch_accepts_auto_values_that_need_the_model(tmp_path) -> None:
     cfg.write_text(json.dumps({**doc, "gradient_clipping": "auto"}))
     with pytest.raises(ConfigError, match="gradient_clipping: \"auto\" is filled in by the Hugging Face Trainer"):
         plan_launch(req, environ={})
+
+
+def test_nproc_beyond_the_slots_a_filter_selects_is_refused(tmp_path) -> None:
+    from ztune.launch import LaunchRequest, plan_launch
+    from ztune.launch.hostfile import HostfileError
+
+    (tmp_path / "train.py").write_text("")
+    (tmp_path / "hosts").write_text("node1 slots=4\nnode2 slots=4\n")
+    base = {"script": "train.py", "hostfile": str(tmp_path / "hosts"), "workdir": str(tmp_path),
+            "master_addr": "10.0.0.1"}
+    # was: CUDA_VISIBLE_DEVICES=0,1 on node1, dropping the --include selection of device 1
+    with pytest.raises(HostfileError, match=r"--nproc-per-node 2 is more than the 1 slot\(s\) --include leaves on "
+                                            r"node1 \[1\]"):
+        plan_launch(LaunchRequest(**base, include="node1:1", nproc_per_node=2), environ={})
+    with pytest.raises(HostfileError, match="--exclude leaves on node1"):
+        plan_launch(LaunchRequest(**base, exclude="node1:0,1,2", nproc_per_node=2), environ={})
+    plan = plan_launch(LaunchRequest(**base, include="node1:1,3@node2:0,2", nproc_per_node=2), environ={})
+    assert [h.slots for h in plan.hosts] == [(1, 3), (0, 2)]
+    plan = plan_launch(LaunchRequest(**base, include="node1:1,2,3", nproc_per_node=2), environ={})
+    assert [h.slots for h in plan.hosts] == [(1, 2)]
