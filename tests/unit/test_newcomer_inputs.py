@@ -199,3 +199,15 @@ def test_nproc_beyond_the_slots_a_filter_selects_is_refused(tmp_path) -> None:
     assert [h.slots for h in plan.hosts] == [(1, 3), (0, 2)]
     plan = plan_launch(LaunchRequest(**base, include="node1:1,2,3", nproc_per_node=2), environ={})
     assert [h.slots for h in plan.hosts] == [(1, 2)]
+
+
+def test_global_batch_alone_not_divisible_names_what_was_given() -> None:
+    from ztune.config import resolve_batch
+
+    loaded = load_detailed({"train_batch_size": 7})
+    # was: "train_micro_batch_size_per_gpu 3 x ... = 6, but train_batch_size is 7" (a micro the user never set)
+    with pytest.raises(ConfigError, match=r"^train_batch_size 7 is not divisible by gradient_accumulation_steps "
+                                          r"1 x 2 ranks = 2; change train_batch_size or set "
+                                          r"train_micro_batch_size_per_gpu"):
+        resolve_batch(loaded.config.batch, 2, keys=loaded.batch_keys)
+    assert resolve_batch(loaded.config.batch, 7, keys=loaded.batch_keys).micro == 1
