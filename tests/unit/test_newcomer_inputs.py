@@ -211,3 +211,12 @@ def test_global_batch_alone_not_divisible_names_what_was_given() -> None:
                                           r"train_micro_batch_size_per_gpu"):
         resolve_batch(loaded.config.batch, 2, keys=loaded.batch_keys)
     assert resolve_batch(loaded.config.batch, 7, keys=loaded.batch_keys).micro == 1
+
+
+@pytest.mark.parametrize("extra, named", [(["--model", "llama-3-8b"], "--model"),
+                                          (["--global-batch", "64", "--steps", "10"], "--global-batch, --steps")])
+def test_smoke_with_a_flag_it_sets_is_refused(tmp_path, capsys, extra, named) -> None:
+    # was: the flag was dropped and the smoke search of tiny-gpt ran instead
+    code, err = _cli(["autotune", "--smoke", "--out", str(tmp_path), *extra], capsys)
+    assert code == 2 and f"--smoke sets {named} itself" in err, err
+    assert not (tmp_path / "journal.jsonl").exists()

@@ -8,6 +8,7 @@ subprocesses.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import shutil
 import sys
@@ -328,6 +329,15 @@ def autotune(
     if script_args and script is None:
         raise UserError(f"unexpected arguments {' '.join(script_args)!r}: arguments after -- go to --script")
     if smoke:
+        # --smoke fixes these; a value given with it would be dropped without a word.
+        given = {"--model": model, "--hardware": hardware, "--nproc": nproc, "--global-batch": global_batch,
+                 "--seq": seq, "--stages": stages, "--warmup": warmup, "--steps": steps, "--vary": vary}
+        defaults = inspect.signature(autotune).parameters
+        clash = [flag for flag, value in given.items()
+                 if value != defaults[flag.lstrip("-").replace("-", "_")].default]
+        if clash:
+            raise UserError(f"--smoke sets {', '.join(clash)} itself; drop {'them' if len(clash) > 1 else 'it'} "
+                            "or drop --smoke")
         model, hardware, nproc = _SMOKE["model"], _SMOKE["hardware"], _SMOKE["nproc"]
         global_batch, seq, stages = _SMOKE["global_batch"], _SMOKE["seq"], _SMOKE["stages"]
         warmup, steps, vary = _SMOKE["warmup"], _SMOKE["steps"], "stage,micro"
