@@ -54,6 +54,10 @@ def inspect(load_dir: str | Path, *, verify: bool = False) -> dict:
     if not names and latest is None:
         raise UserError(f"{load_dir} holds no ztune checkpoint (no tag folders, no 'latest' file)")
     rows = [_tag_summary(load_dir / n, verify=verify) for n in names]
+    if latest is not None and latest not in names:
+        # What a load would read (a missing folder, a DeepSpeed tag, or the `.old-` copy of a crashed re-save):
+        # listed with its status, so that a directory no load can use is not an empty table and exit 0.
+        rows.append(_tag_summary(resolve(load_dir, latest), verify=verify))
     rows.sort(key=lambda r: (r.get("step", -1), r["tag"]))
     return {"dir": str(load_dir), "latest": latest, "tags": rows, "incomplete": staging}
 

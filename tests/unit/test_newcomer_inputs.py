@@ -119,6 +119,19 @@ def test_deepspeed_checkpoint_folder_is_named(tmp_path, capsys) -> None:
     code, err = _cli(["checkpoint", "consolidate", str(ckpt), "--out", str(tmp_path / "hf")], capsys)
     assert code == 2 and "was written by DeepSpeed (mp_rank_00_model_states.pt)" in err, err
     assert "zero_to_fp32.py" in err and len(err.strip().splitlines()) == 1
+    # inspect: the tag `latest` names is listed as unusable (was: an empty table and exit 0)
+    code = main_exit(["checkpoint", "inspect", str(ckpt), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and [r["tag"] for r in report["tags"]] == ["global_step5"]
+    assert "written by DeepSpeed" in report["tags"][0]["error"]
+
+
+def main_exit(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
 
 
 def test_dotted_key_hint_shows_the_nesting() -> None:
