@@ -233,3 +233,19 @@ def test_smoke_with_a_flag_it_sets_is_refused(tmp_path, capsys, extra, named) ->
     code, err = _cli(["autotune", "--smoke", "--out", str(tmp_path), *extra], capsys)
     assert code == 2 and f"--smoke sets {named} itself" in err, err
     assert not (tmp_path / "journal.jsonl").exists()
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_ztune_tag(tmp_path) -> None:
+    from ztune.errors import UserError
+    from ztune.runtime.state import tags
+
+    (tmp_path / "global_step5").mkdir()
+    (tmp_path / "global_step5" / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed's")
+    with pytest.raises(UserError, match="global_step5 exists and is not a ztune checkpoint"):
+        tags.begin(tmp_path, "global_step5")
+    assert (tmp_path / "global_step5" / "mp_rank_00_model_states.pt").read_bytes() == b"deepspeed's"
+    (tmp_path / "global_step6").write_text("x")
+    with pytest.raises(UserError, match="global_step6 is a file"):
+        tags.begin(tmp_path, "global_step6")
+    (tmp_path / "global_step7").mkdir()  # empty: nothing to lose
+    assert tags.begin(tmp_path, "global_step7") == tmp_path / ".tmp-global_step7"
