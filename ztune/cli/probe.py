@@ -168,6 +168,8 @@ def probe(
         master = parse_master(inter_node_master)
     output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)
+    if ranks is not None:
+        lib.check_ranks(ranks)  # before the progress display: a bad --ranks is one line
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
