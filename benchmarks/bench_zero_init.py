@@ -61,8 +61,10 @@ def _sizes(cfg) -> dict:
     h, v, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
     layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q,o + k,v + gate/up/down + two RMSNorms
-    root = 2 * v * h + h  # embed_tokens, lm_head, final norm: ztune's root unit, FSDP2's root
-    return {"params": cfg.num_hidden_layers * layer + root, "layer": layer, "root": root}
+    embed = v * h  # embed_tokens; lm_head (untied) is as large
+    # ztune's units (runtime/param_gather.py): one per decoder layer, the untied embed_tokens and lm_head each
+    # a unit of their own, and the root (the final norm); the largest is what construction holds whole at once
+    return {"params": cfg.num_hidden_layers * layer + 2 * embed + h, "layer": layer, "embed": embed}
 
 
 def _ds_config(precision: str) -> dict:
@@ -149,16 +151,19 @@ def _load_rows() -> dict:
 
 def _render(rows: dict, *, model_key: str, sizes: dict) -> list[str]:
     psi = sizes["params"]
-    unit_mib = max(sizes["layer"], sizes["root"]) * 4 / 2**20  # materialised in the construction dtype, fp32
+    largest = max(sizes["layer"], sizes["embed"])
+    unit_mib = largest * 4 / 2**20  # materialised in the construction dtype, fp32
+    unit_name = "the embedding or the head" if sizes["embed"] >= sizes["layer"] else "a decoder layer"
     lines = [
         "## ZeRO-3 construction: peak memory per rank", "",
         f"transformers Llama {model_key}, {psi / 1e6:.0f}M parameters (fp32 model {psi * 4 / 2**20:.0f} MiB; one "
-        f"decoder layer {sizes['layer'] * 4 / 2**20:.0f} MiB, the root unit (embedding, head, final norm) "
-        f"{sizes['root'] * 4 / 2**20:.0f} MiB in fp32), stage 3, {STEPS} AdamW steps at seq {SEQ}, micro-batch "
+        f"decoder layer {sizes['layer'] * 4 / 2**20:.0f} MiB, the embedding and the (untied) head "
+        f"{sizes['embed'] * 4 / 2**20:.0f} MiB each in fp32, each a unit of its own in ztune), stage 3, "
+        f"{STEPS} AdamW steps at seq {SEQ}, micro-batch "
         f"{MICRO}, CPU ranks over gloo (ZTUNE_SHM=0). Peak RSS above the process baseline (ru_maxrss, a high-water "
         "mark, so each column includes the earlier phases; the baseline is the RSS after importing torch, "
         "transformers and the system), worst rank, MiB. Target (DESIGN.md, stage-3 init): init peak ≤ 16Ψ/n + the "
-        f"largest unit ({unit_mib:.0f} MiB, the fp32 root unit) + the baseline; whole-run peak ≤ FSDP2's. "
+        f"largest unit ({unit_mib:.0f} MiB, {unit_name} in fp32) + the baseline; whole-run peak ≤ FSDP2's. "
         "16Ψ/n is the steady-state model-state bound of mixed-precision Adam at stage 3 (ZeRO paper).", "",
         "| precision | ranks | system | baseline | construction | + initialise | + 3 steps | init target "
         "16Ψ/n + unit | init ≤ target | when, load average |",

@@ -34,7 +34,7 @@ def test_table_and_recommendation():
 
 
 def test_json_schema():
-    result = CliRunner().invoke(app, ["estimate", *LLAMA_ARGS, "--json"])
+    result = CliRunner().invoke(app, ["estimate", *LLAMA_ARGS, "--json", "--no-zeropp"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert set(doc) == {"model", "hardware", "rows", "recommendation", "ignored_deepspeed_keys"}
@@ -48,6 +48,38 @@ def test_json_schema():
         assert mem["total"] == sum(mem[k] for k in MEMORY_KEYS - {"total"})
     best = doc["rows"][doc["recommendation"]["index"]]
     assert best["fits"] and best["tokens_per_s"] == max(r["tokens_per_s"] for r in doc["rows"] if r["fits"])
+
+
+def _rows(*args: str) -> list[dict]:
+    result = CliRunner().invoke(app, ["estimate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)["rows"]
+
+
+def test_several_nodes_sweep_zeropp_by_default():
+    """Issue 15: estimate includes ZeRO++ where the network makes it pay: across nodes by default, not on one
+    node; --no-zeropp takes it out. Gradient compression stays opt-in (--compression)."""
+    rows = _rows(*LLAMA_ARGS)
+    assert any(r["zeropp"]["quantized_weights"] for r in rows) and {r["compression"] for r in rows} == {"none"}
+    assert not any(r["zeropp"]["quantized_weights"] for r in _rows(*LLAMA_ARGS, "--no-zeropp"))
+    one_node = _rows("--model", "llama-2-7b", "--hardware", "dgx-h100", "--seq", "4096", "--global-batch", "64")
+    assert not any(r["zeropp"]["quantized_weights"] for r in one_node)
+
+
+def test_recommendation_says_why_zeropp_pays_or_not():
+    from ztune.cost.estimate import recommend, sweep
+    from ztune.profiles import load_hardware, load_model
+
+    slow = sweep(load_model("llama-2-7b"), load_hardware("a100-40g-roce"), num_nodes=4, seq_len=4096,
+                 global_batch=64, zeropp=(False, True))
+    best, reason = recommend(slow)
+    assert best is not None and "ZeRO++" in best.label, best.label
+    assert "the network makes it pay" in reason and "MiB per GPU per step" in reason
+    # GPT-2 (124M) trains fastest at stage 0; ZeRO++ (stage 3 only) has nothing to win there, and the reason says so
+    small = sweep(load_model("gpt2"), load_hardware("dgx-h100"), num_nodes=2, seq_len=1024, global_batch=64,
+                  zeropp=(False, True))
+    best, reason = recommend(small)
+    assert "ZeRO++" not in best.label and "do not pay here" in reason, reason
 
 
 def test_params_stage_and_compression_flags():

@@ -29,7 +29,10 @@ def _option_table() -> dict[str, tuple[str, str, object]]:
         base, option = typing.get_args(hints[name])[:2]
         (kind,) = {KINDS[t] for t in typing.get_args(base) or (base,) if t is not type(None)}
         (flag,) = option.param_decls or (option.default,)  # Annotated: the first argument is the name
-        table[flag] = (name, kind, param.default)
+        on, _, off = flag.partition("/")  # "--x/--no-x": a flag and its negation
+        table[on] = (name, kind, param.default)
+        if off:
+            table[off] = (name, "off", param.default)
     return table
 
 
@@ -41,6 +44,8 @@ def test_flag_table_matches_the_typer_command():
 @pytest.mark.parametrize("argv", [
     ["estimate", *LLAMA],
     ["estimate", "--params=7B", "--hardware", "cpu-local", "--json", "--compression", "--stage", "3"],
+    ["estimate", *LLAMA, "--compression", "--zeropp"],
+    ["estimate", *LLAMA, "--zeropp", "--no-zeropp"],
     ["estimate", *LLAMA, "--nodes", "2", "--reduce-fp32", "--loss", "chunked", "--loss-chunk", "1024",
      "--selective-policy", "op", "--trainable", "2%", "--init", "eager", "--check", "--config", "x.yaml",
      "--plot=m.png", "--precision", "fp32", "--micro-batch", "3"],

@@ -38,11 +38,12 @@ def estimate(
     stage: Annotated[int | None, typer.Option("--stage", help="Only this ZeRO stage.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="bf16, fp16 or fp32 (default: the "
                                                                       "config's, else bf16).")] = None,
-    compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient "
-                                                                    "compression.")] = False,
-    zeropp: Annotated[bool, typer.Option("--zeropp", help="Also sweep ZeRO++ at stage 3 (qwZ int8 weight "
-                                                          "all-gather + hpZ inside each node + qgZ int4 "
-                                                          "gradients) on several nodes.")] = False,
+    compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient compression (its "
+                                              "codec's compute is not in the step time).")] = False,
+    zeropp: Annotated[bool | None, typer.Option("--zeropp/--no-zeropp", help="Also sweep ZeRO++ at stage 3 "
+                                                "(qwZ int8 weight all-gather + hpZ inside each node + qgZ int4 "
+                                                "gradients; default: on with --nodes > 1).",
+                                                show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of memory per GPU by "
                                                              "category.")] = None,

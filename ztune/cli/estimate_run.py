@@ -224,7 +224,8 @@ ESTIMATE_FLAGS: dict[str, tuple[str, str, Any]] = {
     "--stage": ("stage", "int", None),
     "--precision": ("precision", "str", None),
     "--compression": ("compression", "flag", False),
-    "--zeropp": ("zeropp", "flag", False),
+    "--zeropp": ("zeropp", "flag", None),
+    "--no-zeropp": ("zeropp", "off", None),
     "--json": ("json_out", "flag", False),
     "--plot": ("plot", "path", None),
     "--check": ("check", "flag", False),
@@ -253,10 +254,10 @@ def parse_fast(argv: list[str]) -> dict[str, Any] | None:
         if spec is None:
             return None
         name, kind, _ = spec
-        if kind == "flag":
+        if kind in ("flag", "off"):
             if eq:
                 return None
-            kwargs[name] = True
+            kwargs[name] = kind == "flag"
             continue
         if not eq:
             value = next(words, None)
@@ -275,12 +276,16 @@ def parse_fast(argv: list[str]) -> dict[str, Any] | None:
 
 def run_estimate(*, hardware: str | None, model: str | None, params: str | None, nodes: int, seq: int | None,
                  micro_batch: int | None, global_batch: int | None, config: Path | None, stage: int | None,
-                 precision: str | None, compression: bool, zeropp: bool, json_out: bool, plot: Path | None, check: bool,
+                 precision: str | None, compression: bool, zeropp: bool | None, json_out: bool,
+                 plot: Path | None, check: bool,
                  selective_policy: str, reduce_fp32: bool, loss: str, loss_chunk: int, trainable: str | None,
                  lora_rank: int | None, init: str) -> int:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration. Prints
     the table (or JSON); returns the exit code (1: --check and the config does not fit). Bad input raises
-    UserError."""
+    UserError. compression: sweep gradient compression too (opt-in: the model does not charge its codec's
+    compute, so on its own it would always look free). zeropp: sweep ZeRO++ at stage 3 too; None (the default)
+    sweeps it on several nodes, where the inter-node link is what it saves (issue 15: "estimate includes these
+    choices where the network makes them pay"), and leaves it out on one node."""
     from ztune.config.schema import Compression, Precision
     from ztune.cost.estimate import estimate as estimate_one
     from ztune.cost.estimate import recommend, sweep
@@ -300,6 +305,8 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         prec = Precision(precision.lower()) if precision is not None else None
     except ValueError:
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32") from None
+    if zeropp is None:
+        zeropp = nodes > 1
     framework = _framework(selective_policy=selective_policy, reduce_fp32=reduce_fp32, loss=loss,
                            loss_chunk=loss_chunk, trainable=trainable, lora_rank=lora_rank, init=init)
     spec = _split_models(model, params)

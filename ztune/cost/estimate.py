@@ -456,7 +456,35 @@ def recommend(estimates: Sequence[Estimate]) -> tuple[Estimate | None, str]:
     gain_pct = 100 * (best.tokens_per_s / runner.tokens_per_s - 1)
     why = _why(best, runner)
     margin = f"{gain_pct:.1f}% more than" if gain_pct >= 0.05 else "within 0.05% of"
-    return best, f"{best.tokens_per_s:,.0f} tokens/s, {margin} the runner-up ({runner.label}): {why}; {used}"
+    return best, (f"{best.tokens_per_s:,.0f} tokens/s, {margin} the runner-up ({runner.label}): {why}; {used}"
+                  + _network_why(best, fitting))
+
+
+def _saves_traffic(est: Estimate) -> bool:
+    """Gradient compression or any part of ZeRO++ (qwZ, hpZ, qgZ) on: the choices that trade compute or
+    memory for fewer bytes on the network."""
+    z = est.config.zero
+    zeropp = z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients)
+    return zeropp or est.config.compression.method is not Compression.NONE
+
+
+def _network_why(best: Estimate, fitting: Sequence[Estimate]) -> str:
+    """Where the sweep held both kinds: why compression / ZeRO++ pays for the network here, or why not.
+    `fitting` is sorted fastest first."""
+    plain = next((e for e in fitting if not _saves_traffic(e)), None)
+    saver = next((e for e in fitting if _saves_traffic(e)), None)
+    if plain is None or saver is None:
+        return ""
+    mib = 2**20
+    if best is saver:
+        ms = (plain.step.exposed_comm_s - best.step.exposed_comm_s) * 1e3
+        return (f"; the network makes it pay: against the fastest configuration without compression or ZeRO++ "
+                f"({plain.label}) it sends {best.comm_bytes_per_step / mib:,.0f} instead of "
+                f"{plain.comm_bytes_per_step / mib:,.0f} MiB per GPU per step and exposes {ms:,.0f} ms/step less "
+                "communication")
+    pct = 100 * (1 - saver.tokens_per_s / best.tokens_per_s)
+    return (f"; compression and ZeRO++ do not pay here: the fastest of them ({saver.label}) is {pct:.1f}% "
+            "slower (the network hides what they would save, or their extra work costs more)")
 
 
 def _why(best: Estimate, runner: Estimate) -> str:
