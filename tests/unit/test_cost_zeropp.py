@@ -98,7 +98,7 @@ def test_estimate_offers_zeropp_on_several_nodes_and_charges_its_memory():
         estimate(model, hw, dataclasses.replace(base, zero=ZeroConfig(stage=3, hpz_partition_size=3)), num_nodes=4)
 
 
-def test_estimate_cli_sweeps_zeropp_on_request():
+def test_estimate_cli_sweeps_zeropp_on_several_nodes():
     import json
 
     from typer.testing import CliRunner
@@ -107,8 +107,8 @@ def test_estimate_cli_sweeps_zeropp_on_request():
 
     args = ["estimate", "--model", "llama-2-7b", "--hardware", "dgx-h100", "--nodes", "2", "--stage", "3",
             "--global-batch", "128", "--json"]
-    plain = json.loads(CliRunner().invoke(app, args).output)["rows"]
-    rows = json.loads(CliRunner().invoke(app, [*args, "--zeropp"]).output)["rows"]
+    plain = json.loads(CliRunner().invoke(app, [*args, "--no-zeropp"]).output)["rows"]
+    rows = json.loads(CliRunner().invoke(app, args).output)["rows"]  # several nodes: ZeRO++ is swept by default
     pp = [r for r in rows if r["zeropp"]["quantized_weights"]]
     assert len(rows) == len(plain) + len(pp) and pp
     assert all(r["zeropp"] == {"quantized_weights": True, "hpz_partition_size": 8, "quantized_gradients": True}
