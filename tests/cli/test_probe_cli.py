@@ -85,7 +85,9 @@ def test_table_says_what_was_measured_and_what_assumed(monkeypatch, tmp_path):
                                   ["--output", "x.txt"], ["--node-rank", "1"], ["--inter-node-master", "h0"],
                                   ["--inter-node-master", "h0:x", "--node-rank", "0"],
                                   ["--inter-node-master", "h0", "--node-rank", "2"],
-                                  ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"]])
+                                  ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"],
+                                  ["--model", "tiny-llama", "--precision", "int8"], ["--model", "no-such-model"],
+                                  ["--model", "tiny-llama", "--seq", "0"]])
 def test_bad_flags_exit_2_before_measuring(tmp_path, args):
     out = run(*args, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("error:")

@@ -155,18 +155,31 @@ class StepTime:
     step_s: float
 
 
+def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
+    """Share of the backward that passes before the first gradient bucket is full and can go on the wire:
+    buckets fill in the order backward produces gradients (reverse registration order, as PyTorch DDP does:
+    Li et al. 2020, "PyTorch Distributed", VLDB, section 3.2.3), so only the backward after the first bucket,
+    1 - bucket / trainable of it, can hide the reduction. 1 when one bucket holds every gradient."""
+    if trainable_params <= 0:
+        return 1.0
+    return min(1.0, reduce_bucket_numel / trainable_params)
+
+
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
-              comm_after_step_s: float, offload: OffloadTime, overlap: float) -> StepTime:
+              comm_after_step_s: float, offload: OffloadTime, overlap: float,
+              boundary_ready_fraction: float = 0.0) -> StepTime:
     """Step time = compute + communication not hidden + offload not hidden.
 
     Overlap windows: per-micro-step collectives and prefetch transfers hide behind all the step's compute;
-    the once-per-step gradient reduction (stages 0/1) only behind the last micro-step's backward; the
+    the once-per-step gradient reduction (stages 0/1) only behind the last micro-step's backward, and of that
+    only the part after the first bucket is ready (`boundary_ready_fraction`, first_bucket_fraction); the
     parameter refresh after the optimizer step and the CPU optimizer path (transfers + CPU Adam) are serial.
     """
     micro_compute_s = compute_s / grad_accum
+    boundary_window_s = BACKWARD_SHARE * micro_compute_s * (1.0 - boundary_ready_fraction)
     exposed_comm = (
         exposed_s(work_s=comm_micro_s, window_s=compute_s, overlap=overlap)
-        + exposed_s(work_s=comm_boundary_s, window_s=BACKWARD_SHARE * micro_compute_s, overlap=overlap)
+        + exposed_s(work_s=comm_boundary_s, window_s=boundary_window_s, overlap=overlap)
         + comm_after_step_s
     )
     exposed_offload = (exposed_s(work_s=offload.prefetch_transfer_s, window_s=compute_s, overlap=overlap)
