@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast demo bench bench-cluster gpu-check lint clean
+.PHONY: install install-bench test test-fast demo bench bench-cluster bench-cost-cluster gpu-check lint clean
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ bench: install-bench
 # tears it down, writes docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
 bench-cluster: install-bench
 	$(PY) benchmarks/run_all.py bench_cluster
+
+# The cost model against the same box: `ztune probe` on both hosts, the ztune variants measured, `ztune estimate`
+# on the probed profile per variant; writes docs/bench/cost_cluster.md (+ .json). Needs root.
+bench-cost-cluster: install-bench
+	$(PY) benchmarks/bench_cost_cluster.py
 
 # One prepared check of the CUDA paths on one GPU, within 8 minutes (docs/gpu-check.md). It runs on a bare GPU
 # machine's own python3 (torch with CUDA, transformers, ... preinstalled), not on .venv: the editable install

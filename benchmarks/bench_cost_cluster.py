@@ -156,6 +156,28 @@ def measure(*, rates: list[int], repeats: int, warmup: int, steps: int, save=lam
 
 
 # --------------------------------------------------------------------------------------------- report
+NOTES = [
+    "What the cost model charges here, and why (each from a measurement or a source, none fitted per row):",
+    "- compute: the probe's measured training rate of this model with the host's ranks all busy "
+    "(ztune/probe_workload.py); of the two hosts' profiles the slower host's, as a lockstep step runs at its pace;",
+    "- bytes across hosts: gloo's own algorithms (ztune/cost/gloo.py, from gloo's reduce.cc / broadcast.cc): the "
+    "runtime's flat reduce_scatter (n reduces) and all_gather (n broadcasts) send 1.0x and 1.25x the payload out "
+    "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "
+    "gradient bytes both ways, stage 3: 7.0 x);",
+    "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
+    "qgZ's inter-host all-to-all leaves each host once per local rank;",
+    "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
+    "buckets only the last 19% of the backward can hide the reduction (stage 2 with one micro-step likewise).",
+    "",
+    "Not in the model, and visible above: (1) ZeRO++'s and 1-bit Adam's quantisation is CPU work (int8/int4 "
+    "blocks, signs and scales over every parameter each step) that a GPU hides and these 2 cores do not; (2) "
+    "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
+    "how much communication really overlaps (flat stage 3's loopback broadcasts most); (3) the machine is shared: "
+    "between the probe and a variant's steps the load changes by 2-5x, and the same configuration measured "
+    "twice in one run differs by up to 30%.",
+]
+
+
 def _measured_ms(run: dict, name: str) -> float | None:
     rec = next((x for x in run["job"]["variants"] if x["name"] == name), None)
     return None if rec is None or rec["error"] else rec["median_ms"]
@@ -221,7 +243,7 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
             spread = f" ({min(errs):+.0%}..{max(errs):+.0%})" if len(errs) > 1 else ""
             cells.append(f"{med_m:,.0f} | {med_p:,.0f} | {err:+.1%}{spread}")
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Largest |error| (median over repeats): {worst:.1%}; target {TARGET:.0%}."]
+    lines += ["", f"Largest |error| (median over repeats): {worst:.1%}; target {TARGET:.0%}.", "", *NOTES]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from ztune.config.schema import BatchConfig, CommConfig, Hierarchical, Precision, TrainConfig, ZeroConfig
-from ztune.cost.comm import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, is_gloo_profile, ring_factor
+from ztune.cost.comm import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, is_gloo_profile, ring_factor, zero_collectives
+from ztune.cost.compute import OffloadTime, first_bucket_fraction, step_time
 from ztune.cost.estimate import estimate, uses_hierarchical
 from ztune.cost.gloo import broadcast_transfers, host_egress_bytes, reduce_transfers
 from ztune.profiles import load_hardware, load_model
@@ -68,3 +69,19 @@ def test_estimate_follows_comm_hierarchical_on_cpu_profiles():
         auto = estimate(model, probed, _cfg(stage, Hierarchical.AUTO), num_nodes=2)
         assert hier.comm.bytes_per_rank == pytest.approx(flat.comm.bytes_per_rank)  # same bytes per rank
         assert hier.comm.time_s < flat.comm.time_s and auto.comm.time_s == hier.comm.time_s, stage
+
+
+def test_gradient_reduction_hides_only_after_the_first_bucket():
+    # tiny-llama (30.9M) in 25M-element buckets: the first bucket is full after 81% of the backward
+    assert first_bucket_fraction(reduce_bucket_numel=25_000_000, trainable_params=30_941_696) == pytest.approx(
+        25 / 30.941696)
+    assert first_bucket_fraction(reduce_bucket_numel=25_000_000, trainable_params=70_000_000_000) < 1e-3
+    assert first_bucket_fraction(reduce_bucket_numel=25_000_000, trainable_params=1_000) == 1.0
+    kw = dict(compute_s=3.0, grad_accum=1, comm_micro_s=0.0, comm_after_step_s=0.0, offload=OffloadTime(),
+              overlap=1.0, comm_boundary_s=1.5)
+    assert step_time(**kw).step_s == pytest.approx(3.0)  # the whole backward (2 s) hides it
+    assert step_time(**kw, boundary_ready_fraction=0.75).step_s == pytest.approx(3.0 + 1.5 - 0.5)
+    assert step_time(**kw, boundary_ready_fraction=1.0).step_s == pytest.approx(4.5)  # one bucket: nothing hides
+    # stage 2 with one micro-step reduces at the boundary; with several, during each micro-step
+    phase = {a: zero_collectives(num_params=10, stage=2, grad_accum=a)[0].phase for a in (1, 4)}
+    assert phase == {1: "boundary", 4: "micro"}
