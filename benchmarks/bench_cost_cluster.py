@@ -214,8 +214,9 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
         f"{MODEL}, {PRECISION}, micro batch {MICRO_BATCH} x seq {SEQ_LEN}, one thread per rank. Per link rate: "
         "`ztune probe --quick --ranks 2 --inter-node-master ... --model tiny-llama --seq 128 --micro-batch 1 "
         "--precision bf16` on both hosts, then the measured job (cluster_worker.py: slower rank's median step), "
-        "then `ztune estimate --hardware <host 0's profile> --model tiny-llama --nodes 2 --config <the variant's "
-        "config> --json` per variant. Error = (predicted - measured) / measured.",
+        "then `ztune estimate --hardware <the slower host's profile> --model tiny-llama --nodes 2 --config <the "
+        "variant's config> --json` per variant. Error = (predicted - measured) / measured; with several repeats, "
+        "the median and (in brackets) the range of the repeats' errors.",
         "",
     ]
     for r in runs:
