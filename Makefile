@@ -49,7 +49,7 @@ demo: install
 	$(VENV)/bin/ztune launch --nproc-per-node 2 --config $(DEMO_OUT)/autotune/best.yaml \
 		examples/train_tiny.py -- --steps 20
 
-# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmark (needs root; see bench-cluster).
+# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-cost-cluster).
 BENCH_ARGS ?=
 
 bench: install-bench
