@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast demo bench bench-cluster bench-cost-cluster gpu-check lint clean
+.PHONY: install install-bench test test-fast demo bench bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
 
 install: $(STAMP)
 
@@ -49,7 +49,8 @@ demo: install
 	$(VENV)/bin/ztune launch --nproc-per-node 2 --config $(DEMO_OUT)/autotune/best.yaml \
 		examples/train_tiny.py -- --steps 20
 
-# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-cost-cluster).
+# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-autotune-cluster,
+# bench-cost-cluster).
 BENCH_ARGS ?=
 
 bench: install-bench
@@ -60,6 +61,11 @@ bench: install-bench
 # tears it down, writes docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
 bench-cluster: install-bench
 	$(PY) benchmarks/run_all.py bench_cluster
+
+# `ztune autotune -H` on a 2 x 2-rank box at 1 Gbit/s (probe, tune, the whole grid with --exhaustive, a SIGKILLed
+# tuner; nothing may be left on any host): writes docs/bench/autotune_cluster.md. Needs root, sshd.
+bench-autotune-cluster: install-bench
+	$(PY) benchmarks/run_all.py bench_autotune_cluster
 
 # The cost model against the same box: `ztune probe` on both hosts, the ztune variants measured, `ztune estimate`
 # on the probed profile per variant; writes docs/bench/cost_cluster.md (+ .json). Needs root.

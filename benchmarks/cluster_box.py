@@ -5,6 +5,7 @@
         box.popen(1, [... "--node-rank", "1" ...])
         box.set_rate(10_000)                 # tc qdisc replace: 10 Gbit/s from here on
         box.uplink_tx_bytes()                # bytes each host has sent to the others so far
+        ssh_config = box.start_sshd(tmp)     # sshd on every host: `ztune launch -H` / `autotune -H` from host 0
 
 Wiring (benchmarks/netns.py, the same bridge namespace, veths and blackhole route as the launch tests'
 ssh cluster in tests/e2e/netns.py): hosts `<prefix>h0..` at 10.78.0.11, .12, ... plugged into bridge br0 of
@@ -100,6 +101,7 @@ class ClusterBox:
         self._closed = False
         self._lock = threading.Lock()
         self._old_handlers: dict[int, object] = {}
+        self.sshd: list[subprocess.Popen] = []  # listeners started by start_sshd
 
     # ------------------------------------------------------------------ build
     def __enter__(self) -> ClusterBox:
@@ -173,6 +175,36 @@ class ClusterBox:
             for ns, dev in ((h.ns, h.uplink), (self.network.switch, h.port)):
                 out += net.run("tc", "-n", ns, "qdisc", "show", "dev", dev, check=False).stdout.splitlines()
         return out
+
+    def start_sshd(self, root: Path, *, timeout_s: float = 30.0) -> Path:
+        """sshd on every host (inside its namespaces, listening on its address), so that `ztune launch -H` and
+        `ztune autotune -H` reach the hosts over ssh as on a real cluster, by their hostnames. Keys and configs
+        go under `root`; returns the ssh config for `ssh -F`/`-F`. The listeners are box services
+        (`service_pids`) like the keepers; `close()` ends them with everything else."""
+        root.mkdir(parents=True, exist_ok=True)
+        key = net.ssh_client_key(root)
+        known = []
+        for h in self.hosts:
+            config, host_key = net.sshd_files(root / h.hostname, listen_addr=h.addr, client_key=key)
+            known.append(f"{h.hostname},{h.addr} {host_key}")
+            self.sshd.append(self.popen(h.index, net.sshd_argv(config), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ssh_config = net.write_ssh_config(root, client_key=key, known_hosts=known)
+        deadline = time.monotonic() + timeout_s
+        for h in self.hosts:  # from host 0, as the tuner and launcher will
+            while True:
+                res = self.run(0, ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
+                                   h.hostname, "true"], check=False, timeout_s=timeout_s)
+                if res.returncode == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd on {h.hostname} did not come up: {res.stderr.strip()}")
+                time.sleep(0.2)
+        return ssh_config
+
+    def service_pids(self) -> set[int]:
+        """The box's own processes: the keepers and the sshd listeners. Anything else in it belongs to a job."""
+        return {h.keeper.pid for h in self.hosts if h.keeper is not None} | {p.pid for p in self.sshd}
 
     # ------------------------------------------------------------------ use
     def host_argv(self, i: int, argv: list[str], *, cwd: str | os.PathLike | None = None) -> list[str]:
@@ -250,9 +282,9 @@ class ClusterBox:
         return num_bytes * 8 / float(out.strip()) / 1e6
 
     def kill_jobs(self) -> None:
-        """SIGKILL every process in the box but the keepers (which hold the hosts' namespaces)."""
-        keepers = {h.keeper.pid for h in self.hosts if h.keeper is not None}
-        for pid in self.pids() - keepers:
+        """SIGKILL every process in the box but its services (keepers, which hold the hosts' namespaces, and
+        sshd listeners)."""
+        for pid in self.pids() - self.service_pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -277,6 +309,9 @@ class ClusterBox:
                 return
             self._closed = True
         self.network.close()
+        for p in self.sshd:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
         for h in self.hosts:
             if h.keeper is not None:
                 if h.keeper.poll() is None:  # the keeper is `sleep` itself (ip, unshare and sh all exec)

@@ -59,6 +59,48 @@ def ns_pids(ns: str) -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def ssh_client_key(root: Path) -> Path:
+    """A fresh passphrase-less ed25519 key pair `root/id_ed25519{,.pub}` for ssh into test hosts."""
+    key = root / "id_ed25519"
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ztune-netns", "-f", str(key))
+    return key
+
+
+def sshd_files(d: Path, *, listen_addr: str, client_key: Path) -> tuple[Path, str]:
+    """Host key, authorized_keys (`client_key`'s public half) and sshd_config for one test host in directory
+    `d` (created), listening on `listen_addr`:22, root login by key only. Returns (sshd_config path, the host
+    key as "type base64" for a known_hosts line). Start it with `sshd_argv`."""
+    d.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
+    shutil.copy(f"{client_key}.pub", d / "authorized_keys")
+    (d / "sshd_config").write_text("\n".join([
+        f"ListenAddress {listen_addr}", "Port 22", f"HostKey {d / 'host_key'}",
+        f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
+        "PermitRootLogin yes", "PubkeyAuthentication yes", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no",
+        "LogLevel ERROR", "MaxStartups 100", ""]))
+    pub = (d / "host_key.pub").read_text().split()
+    return d / "sshd_config", f"{pub[0]} {pub[1]}"
+
+
+def sshd_argv(config: Path) -> list[str]:
+    """sshd in the foreground with `config` (run it inside the host's namespace)."""
+    return [shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(config)]
+
+
+def write_ssh_config(root: Path, *, client_key: Path, known_hosts: list[str]) -> Path:
+    """`root/ssh_config` (and `root/known_hosts`, one "names type key" line per host) for `ssh -F`: root
+    with `client_key`, host keys checked against those lines only."""
+    (root / "known_hosts").write_text("\n".join(known_hosts) + "\n")
+    path = root / "ssh_config"
+    path.write_text("\n".join([
+        "Host *", "  User root", f"  IdentityFile {client_key}", "  IdentitiesOnly yes",
+        f"  UserKnownHostsFile {root / 'known_hosts'}", "  GlobalKnownHostsFile /dev/null",
+        "  StrictHostKeyChecking yes", "  CheckHostIP no", ""]))
+    return path
+
+
 def family_namespaces() -> list[str]:
     """Every network namespace whose name starts with FAMILY_PREFIX (ours or another ztune test's)."""
     return [n for n in run("ip", "netns", "list").stdout.split() if n.startswith(FAMILY_PREFIX)]

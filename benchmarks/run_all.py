@@ -5,9 +5,10 @@ script runs them in sequence and concatenates the sections under one header with
 
     python benchmarks/run_all.py [--cluster] [NAME ...]
 
-NAMEs (script stems, e.g. bench_cluster) run only those. The cluster-in-a-box benchmarks (bench_cluster.py and
-bench_cost_cluster.py: network namespaces, need root) run only with --cluster or by name (`make bench-cluster`,
-`make bench-cost-cluster`); the sections they wrote last are assembled either way.
+NAMEs (script stems, e.g. bench_cluster) run only those. The cluster-in-a-box benchmarks (bench_cluster.py,
+bench_autotune_cluster.py, bench_cost_cluster.py: network namespaces, need root) run only with --cluster or by name
+(`make bench-cluster`, `make bench-autotune-cluster`, `make bench-cost-cluster`); the sections they wrote last are
+assembled either way.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
 
 
 # Scripts that `make bench` runs only when asked (--cluster, or by name): they need root.
-OPT_IN = {"--cluster": ("bench_cluster", "bench_cost_cluster")}
-_OPT_IN_STEMS = {stem for stems in OPT_IN.values() for stem in stems}
+OPT_IN = {"--cluster": ("bench_cluster", "bench_autotune_cluster", "bench_cost_cluster")}
 
 
 def select_scripts(argv: list[str]) -> list[Path]:
@@ -64,12 +64,13 @@ def select_scripts(argv: list[str]) -> list[Path]:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(OPT_IN)}")
     only = {a for a in argv if not a.startswith("--")}
     opted_in = {stem for f in flags for stem in OPT_IN[f]} | only
+    opt_in_stems = {stem for stems in OPT_IN.values() for stem in stems}
     # Every script here but this one, the libraries and the GPU check (`make gpu-check`: needs a CUDA GPU,
     # writes its own report; docs/gpu-check.md).
     return sorted(p for p in BENCH_DIR.glob("*.py")
                   if p.name not in {"run_all.py", "peers.py"} | LIBRARIES and not p.name.startswith("gpu_check")
                   and (not only or p.stem in only)
-                  and (p.stem not in _OPT_IN_STEMS or p.stem in opted_in))
+                  and (p.stem not in opt_in_stems or p.stem in opted_in))
 
 
 def main(argv: list[str]) -> int:

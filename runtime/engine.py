@@ -238,6 +238,10 @@ class Engine:
             for b in model.buffers():
                 self.comm.broadcast(b.data)
         cast_buffers_(model, device=device, dtype=self.dtype)
+        if device.type == "cpu":
+            from ztune.runtime.construct.shards import trim_host_heap
+
+            trim_host_heap()
 
     def _group_specs(self, model: nn.Module, trainable: list[nn.Parameter], units
                      ) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
@@ -256,13 +260,24 @@ class Engine:
             args, kwargs = _cast_floats(args, self.dtype), _cast_floats(kwargs, self.dtype)
         if self._gatherer is not None:
             self._gatherer.begin_forward()
-        if self.offload_activations:
-            from ztune.runtime.checkpointing import offload_activations
+        try:
+            if self.offload_activations:
+                from ztune.runtime.checkpointing import offload_activations
 
-            with offload_activations(True):
+                with offload_activations(True):
+                    out = self.module(*args, **kwargs)
+            else:
                 out = self.module(*args, **kwargs)
-        else:
-            out = self.module(*args, **kwargs)
+        except RuntimeError as exc:
+            if self._gatherer is None or "out of bounds for storage of size 0" not in str(exc):
+                raise
+            from ztune.runtime.construct.gathered import ParamsNotGatheredError
+
+            raise ParamsNotGatheredError(
+                "a ZeRO-3 parameter was read outside the forward of the unit that holds it (e.g. a parent module "
+                "using `self.lm_head.weight` directly), so it was not gathered: pass initialize(units=[...]) "
+                f"so that the module reading it and the parameter are in one unit ({str(exc).splitlines()[0]})"
+            ) from exc
         if self._gatherer is not None:
             self._gatherer.end_forward()
         return out

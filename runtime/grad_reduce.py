@@ -46,7 +46,7 @@ import torch
 from ztune.config.schema import Compression
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.compress import Codec, ErrorFeedback
-from ztune.runtime.partition import FlatGroup
+from ztune.runtime.partition import FlatGroup, free_storage_
 
 
 class CompressedExchange:
@@ -158,9 +158,12 @@ class GradReducer:
         g = self.groups[gi]
         self._fired[gi][pi] = 1
         if self.shard_grads:
-            bucket = self._bucket(gi)
-            slot = g.layout.slots[pi]
-            bucket[slot.offset:slot.offset + slot.numel].copy_(p.grad.reshape(-1))
+            if self._buckets[gi] is None and self._grad_is_bucket(g, p.grad):
+                self._buckets[gi] = p.grad.view(-1)  # no copy: the group is this one gradient
+            else:
+                bucket = self._bucket(gi)
+                slot = g.layout.slots[pi]
+                bucket[slot.offset:slot.offset + slot.numel].copy_(p.grad.reshape(-1))
             p.grad = None
         else:
             # A fresh gradient (first micro-step), or autograd replaced the view with the accumulated sum:
@@ -197,6 +200,16 @@ class GradReducer:
             elif self.comm.rank != 0:
                 g.grad_full.zero_()
         self._reduced = False
+
+    def _grad_is_bucket(self, g: FlatGroup, grad: torch.Tensor) -> bool:
+        """Whether `grad` can be reduce-scattered as the group's bucket itself: the group is this one parameter
+        with no padding, in the wire dtype, and the gradient owns its whole storage (autograd's fresh tensor,
+        not a view into a buffer something else still reads), so using it as the collective's scratch harms
+        nothing. Saves a bucket-sized copy, e.g. for an untied embedding or head unit (runtime/param_gather.py)."""
+        return (len(g.params) == 1 and g.layout.numel == g.layout.padded_numel and self._wire_dtype is None
+                and self._exchanges is None and grad.dtype == g.dtype and grad.is_contiguous()
+                and grad.storage_offset() == 0 and grad.device == g.grad_owned.device
+                and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
 
     def _bucket(self, gi: int) -> torch.Tensor:
         """The group's transient flat gradient bucket. Every parameter's slot is overwritten by its hook (or
@@ -259,7 +272,12 @@ class GradReducer:
             else:
                 g.grad_owned.add_(out)
         g.grad_fresh = False
-        self._buckets[gi] = None
+        bucket, self._buckets[gi] = self._buckets[gi], None
+        if bucket is not None and bucket._base is None:
+            # A bucket of our own (not a gradient used in place, which is a view): free its memory now.
+            # Comm keeps the collective's views referenced a while longer (runtime/comm/collectives.py, tensor
+            # lifetimes), which would otherwise keep each bucket alive for two more collectives.
+            free_storage_(bucket)
 
     def finish(self) -> None:
         """After backward: reduce groups whose hooks did not all fire (unused parameters count as zero

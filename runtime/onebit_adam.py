@@ -20,6 +20,8 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
       (7) x_{t+1} = x_t (1 - lr wd) - lr (m_t / c1_t) / (sqrt(v_{T_w} / c2_{T_w}) + eps)
   The paper writes (7) without bias corrections or eps (x_{t+1} = x_t - lr m_t / sqrt(v_{T_w})); with
   bias_correction false (7) is exactly DeepSpeed's OnebitAdam update, m / (sqrt(v) + eps) + wd x p.
+  Before (7):
+      (8) m_t <- 0 where v_{T_w} = 0 (an element without a warm-up gradient has no step size; mask_unfrozen_)
 - C[.] is runtime/comm/compress.py's 1-bit codec: per block of ONEBIT_CHUNK_NUMEL elements, the signs and
   one fp32 scale (the block's mean |x|).
 - The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
@@ -69,6 +71,20 @@ def adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float
         p.mul_(1.0 - lr * weight_decay)
     denom = (v.sqrt() / c2 ** 0.5).add_(eps)
     p.addcdiv_(m, denom, value=-lr / c1)
+
+
+def mask_unfrozen_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Equation (8) in place: m <- 0 where the frozen variance v is exactly 0. Returns m.
+
+    An element whose gradient was zero at every warm-up step has v_{T_w} = 0, so (7) would move it by
+    lr m / eps (1e8 m at eps 1e-8) the first time its gradient is not zero: e.g. the input-embedding row of
+    a token first seen after the freeze (tiny-llama's untied embedding on the synthetic corpus: ~1,450 of 8,192
+    rows first seen between steps 60 and 300). Adam would have given that element its own variance; frozen,
+    it has none, and the compression stage exchanges no gradients to build one. So its momentum is held at
+    zero and the element stays where the warm-up left it (weight decay aside): what DeepSpeed's OnebitAdam
+    does for the entries a user lists in `exp_avg_mask` ("parameters with constant zero gradients"), here
+    found from the frozen variance itself. Elements with any warm-up gradient (v > 0) are untouched."""
+    return m.masked_fill_(v == 0, 0.0)
 
 
 def onebit_codec() -> Codec:
@@ -143,6 +159,7 @@ class OneBitAdam(torch.optim.Optimizer):
         # momentum and, with a zero frozen variance there, m / eps updates. Keep it at exactly zero (the role of
         # DeepSpeed's exp_avg_mask for entries whose gradient is always zero); the parameters are untouched.
         m[self.valid_numel.get(id(p), m.numel()):].zero_()
+        mask_unfrozen_(m, state["exp_avg_sq"])
 
     @torch.no_grad()
     def step(self, closure=None):

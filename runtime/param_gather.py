@@ -1,15 +1,20 @@
 """Stage 3 parameter gathering: all-gather a module unit's flat buffer right before it runs, free it after.
 
 Units are found structurally (the largest nn.ModuleList of same-typed blocks: `model.blocks`,
-`transformer.h`, `model.layers`) or given by the user; every parameter outside them belongs to the root
-unit (the model itself). A parameter shared by two units also goes to the root.
+`transformer.h`, `model.layers`, plus each module outside the blocks that alone holds at least a block's
+worth of parameters: an untied token embedding, an untied output head) or given by the user; every parameter
+outside them belongs to the root unit (the model itself). A parameter shared by two units also goes to the
+root. Splitting the embedding and the head off the root matters for memory: the root is gathered from the
+first forward hook to the end of backward, so on a Llama with a 32k vocabulary a root holding both would keep
+5 blocks' worth of weights (and, in backward, of gradients) alive through the whole step.
 
 Lifecycle per unit and micro-step:
 - forward pre-hook: gather (or wait for the prefetch already in flight), then prefetch the next
   `prefetch_units` units in last iteration's forward order;
 - forward post-hook: free the buffer, and hook the unit's outputs (register_multi_grad_hook, mode "any"):
   the first gradient reaching an output fires before any of the unit's backward nodes run, and re-gathers
-  the unit (prefetching the units whose backward comes next: reverse order of forward completion);
+  the unit (prefetching the units whose backward comes next: reverse order of forward completion), unless
+  its backward reads no weight (a plain nn.Embedding);
 - after the unit's gradients are all accumulated the reducer launches their reduce-scatter and calls
   `release`, freeing the buffer again.
 Freeing resizes the flat buffer's storage to zero instead of swapping `param.data`, so tensors autograd
@@ -29,7 +34,7 @@ from ztune.runtime.lockstep import BACKWARD, FORWARD, FORWARD_NO_GRAD, Lockstep
 from ztune.runtime.partition import FlatGroup, alloc_storage_, free_storage_
 
 
-def find_units(model: nn.Module) -> list[nn.Module]:
+def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The children of the largest nn.ModuleList of same-typed modules (by parameter count); [] if none."""
     best: list[nn.Module] = []
     best_numel = 0
@@ -43,6 +48,38 @@ def find_units(model: nn.Module) -> list[nn.Module]:
         if numel > best_numel:
             best, best_numel = children, numel
     return best
+
+
+def find_units(model: nn.Module) -> list[nn.Module]:
+    """The stage-3 units in module registration order: the blocks (`find_blocks`) and every large leaf outside
+    them (module docstring); [] when the model has no blocks.
+
+    A leaf qualifies when its parameters are all its own (none in a child module, none registered in another
+    module too: a tied embedding stays in the root), it has a forward of its own (so its hooks run), and it
+    holds at least as many parameters as the smallest block."""
+    blocks = find_blocks(model)
+    if not blocks:
+        return []
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    smallest = min(sum(p.numel() for p in b.parameters()) for b in blocks)
+    registrations: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                registrations[id(p)] = registrations.get(id(p), 0) + 1
+    units = []
+    for module in model.modules():
+        if id(module) in in_blocks:
+            if any(module is b for b in blocks):
+                units.append(module)
+            continue
+        own = [p for p in module._parameters.values() if p is not None]
+        if (module is model or not own or type(module).forward is nn.Module.forward
+                or len(own) != len(list(module.parameters())) or any(registrations[id(p)] > 1 for p in own)):
+            continue
+        if sum(p.numel() for p in own) >= smallest:
+            units.append(module)
+    return units
 
 
 def assign_params(model: nn.Module, units: Sequence[nn.Module], trainable: Sequence[nn.Parameter]
@@ -107,6 +144,11 @@ class ParamGatherer:
         self._bwd_order: list[int] = list(reversed(self._fwd_order))
         self._fwd_seen: list[int] = []
         self._done_seen: list[int] = []
+        # Units whose backward reads no weight: a plain nn.Embedding (its gradient needs only the indices and the
+        # output's gradient, aten::embedding_backward), so backward does not gather it. A recomputed forward
+        # (activation checkpointing) still does.
+        self._no_backward_gather = {i for i, g in enumerate(self.groups)
+                                    if type(g.module).forward is nn.Embedding.forward}
         self._hooks = []
         for i, g in enumerate(self.groups):
             self._hooks.append(g.module.register_forward_pre_hook(lambda m, a, i=i: self._pre_forward(i)))
@@ -171,7 +213,8 @@ class ParamGatherer:
             return
         pos = order.index(after)
         for j in order[pos + 1:pos + 1 + self.prefetch_units]:
-            self._start(j)
+            if not (self.in_backward and j in self._no_backward_gather):
+                self._start(j)
 
     # -- hooks --------------------------------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -206,5 +249,6 @@ class ParamGatherer:
         self.release(self.groups[i])
 
     def _pre_backward(self, i: int) -> None:
-        self.gather(i)
+        if i not in self._no_backward_gather:
+            self.gather(i)
         self._prefetch(self._bwd_order, i)

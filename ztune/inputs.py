@@ -30,7 +30,49 @@ MAX_DEPTH = 64
 # Files ztune reads are small; this keeps a wrong path (a dataset, /dev/zero) from filling memory.
 MAX_FILE_BYTES = 16 << 20
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StrictYamlLoader(_BASE_YAML_LOADER):  # type: ignore[misc, valid-type]
+    """The safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one silently, so
+    `zero: {stage: 3}` followed later by `zero: {stage: 1}` would train at stage 1). Merge keys (`<<: *base`)
+    may still be overridden by explicit keys, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first_line.get(key)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if line is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first at line {line}); keep one",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_YAML_LOADER = StrictYamlLoader
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object that names a key twice (raised by `_unique_pairs` while parsing)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    # JSON keeps the last of duplicate keys; DeepSpeed refuses them (runtime/config_utils.py,
+    # dict_raise_error_on_duplicate_keys), and a silent choice between two settings is worse than an error.
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
 
 
 class _NonFinite:
@@ -115,9 +157,11 @@ def parse_json(text: str, *, error: type[UserError], where: str) -> Any:
         return value if math.isfinite(value) else _NonFinite(token)
 
     try:
-        doc = json.loads(text, parse_constant=constant, parse_float=number)
+        doc = json.loads(text, parse_constant=constant, parse_float=number, object_pairs_hook=_unique_pairs)
     except json.JSONDecodeError as exc:
         raise error(f"{where} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except DuplicateKeyError as exc:
+        raise error(f"{where}: key {exc.args[0]!r} is given twice in one object; keep one") from None
     except (RecursionError, ValueError) as exc:  # ValueError: an integer literal of > 4300 digits
         what = "nested too deeply" if isinstance(exc, RecursionError) else "holds an absurdly long number"
         raise error(f"{where} is not usable JSON: {what}") from None

@@ -29,6 +29,10 @@ def plot_memory(estimates: Sequence[Any], path: str | Path) -> Path:
         raise UserError("nothing to plot: no estimates")
     if not path.parent.exists():
         raise UserError(f"--plot: directory {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise UserError(f"--plot {str(path)!r} is a directory; give a file name such as {str(path / 'mem.png')!r}")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {str(path)!r}: the plot is a PNG; give a file name ending in .png")
     try:
         import matplotlib
 
@@ -52,6 +56,10 @@ def plot_memory(estimates: Sequence[Any], path: str | Path) -> Path:
     ax.set_title(f"{rows[0].model.name} on {rows[0].world_size} GPUs: memory per GPU")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, format="png")
+    except OSError as exc:
+        raise UserError(f"--plot {str(path)!r} cannot be written ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        plt.close(fig)
     return path

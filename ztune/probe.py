@@ -661,6 +661,24 @@ def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
     return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5, 5.0)
 
 
+def check_ranks(ranks: int | None) -> int:
+    """The local ranks to probe: `ranks`, or by default the visible GPUs (2 on a CPU host). UserError when
+    `ranks` is below 1 or above the visible GPUs, or on a CPU host above twice the logical CPUs: more would
+    time-slice (the all_reduce then measures the scheduler, not the transport), and each rank is a process
+    with torch loaded, so a typo such as --ranks 500 must not spawn them. Imports torch."""
+    import torch
+
+    from ztune.errors import UserError
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else None
+    ranks = ranks if ranks is not None else (available or 2)
+    cpu_limit = max(2, 2 * (os.cpu_count() or 1))
+    if ranks < 1 or (available is not None and ranks > available) or (available is None and ranks > cpu_limit):
+        limit = f"1..{available} (GPUs visible)" if available else f"1..{cpu_limit} (2 x the logical CPUs here)"
+        raise UserError(f"--ranks {ranks}: must be {limit}")
+    return ranks
+
+
 def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None,
                 inter_node_master: tuple[str, int] | None = None, node_rank: int = 0,
                 workload: dict | None = None) -> Measurements:
@@ -681,10 +699,7 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         raise ProbeFailed(f"{gpus.status} but torch.cuda is not available (a CPU-only torch build, or "
                           "CUDA_VISIBLE_DEVICES hides them): install a CUDA build of torch to probe the GPUs")
     available = torch.cuda.device_count() if on_gpu else None
-    ranks = ranks if ranks is not None else (available or 2)
-    if ranks < 1 or (available is not None and ranks > available):
-        limit = f"1..{available} (GPUs visible)" if available else ">= 1"
-        raise UserError(f"--ranks {ranks}: must be {limit}")
+    ranks = check_ranks(ranks)
     if on_gpu and not gpus.gpus:  # CUDA without NVML (unusual): take sizes from torch instead
         props = [torch.cuda.get_device_properties(i) for i in range(available)]
         gpus = GpuScan(tuple(GpuInfo(i, p.name, p.total_memory) for i, p in enumerate(props)),

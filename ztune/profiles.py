@@ -20,11 +20,10 @@ from typing import Any
 import yaml
 
 from ztune.errors import ProfileError
-from ztune.inputs import check_plain
+from ztune.inputs import StrictYamlLoader, check_plain
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
 # The C loader parses a profile ~10x faster than the pure-Python one; both give the same data.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PACKAGE = "ztune.profiles_data"
 _SUPPORTED_HF_TYPES = ("gpt2", "llama", "mistral", "mixtral", "qwen2")
 
@@ -85,7 +84,7 @@ def _read_text(path: Path) -> str:
 
 def _parse_yaml(text: str, origin: str) -> dict:
     try:
-        data = yaml.load(text, Loader=_YAML_LOADER)
+        data = yaml.load(text, Loader=StrictYamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

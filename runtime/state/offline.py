@@ -54,6 +54,10 @@ def inspect(load_dir: str | Path, *, verify: bool = False) -> dict:
     if not names and latest is None:
         raise UserError(f"{load_dir} holds no ztune checkpoint (no tag folders, no 'latest' file)")
     rows = [_tag_summary(load_dir / n, verify=verify) for n in names]
+    if latest is not None and latest not in names:
+        # What a load would read (a missing folder, a DeepSpeed tag, or the `.old-` copy of a crashed re-save):
+        # listed with its status, so that a directory no load can use is not an empty table and exit 0.
+        rows.append(_tag_summary(resolve(load_dir, latest), verify=verify))
     rows.sort(key=lambda r: (r.get("step", -1), r["tag"]))
     return {"dir": str(load_dir), "latest": latest, "tags": rows, "incomplete": staging}
 
@@ -109,10 +113,11 @@ def consolidate(load_dir: str | Path, *, out_dir: str | Path, tag: str | None = 
         raise UserError(f"--dtype {dtype!r} is not supported; use one of {', '.join(OUT_DTYPES)}")
     if max_shard_bytes <= 0:
         raise UserError(f"--max-shard-size must be > 0 bytes, got {max_shard_bytes}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     path = resolve(load_dir, tag)
     if path is None:
         raise UserError(f"{load_dir} has no 'latest' file; pass --tag (see `ztune checkpoint inspect {load_dir}`)")
-    out_dir = Path(out_dir)
     with TagReader(path) as reader:
         reader.verify()
         items = _plan_items(reader, OUT_DTYPES[dtype])
@@ -140,6 +145,22 @@ def consolidate(load_dir: str | Path, *, out_dir: str | Path, tag: str | None = 
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         replace_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
         return written + [out_dir / INDEX_FILE]
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that is a file, or a folder already holding weights: overwriting them would lose what was
+    written there before, and a stale `model.safetensors` beside new shards is what from_pretrained would load
+    (it prefers the single file to the index)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder (it is created if missing)")
+    if not out_dir.is_dir():
+        return
+    existing = sorted(p.name for p in out_dir.iterdir()
+                      if p.name in (SINGLE_FILE, INDEX_FILE) or (p.name.startswith("model-")
+                                                                  and p.name.endswith(".safetensors")))
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UserError(f"--out {out_dir} already holds {shown}; choose an empty folder or remove them first")
 
 
 def parse_size(text: str) -> int:

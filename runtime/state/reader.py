@@ -14,6 +14,22 @@ from ztune.runtime.state import tags
 from ztune.runtime.state.files import CheckpointError, TensorFile, read_checked_json, verify_file
 from ztune.runtime.state.layout import Fragment, index_fragments, plan_reads
 
+# File names DeepSpeed's engine writes into a tag folder (runtime/engine.py: _get_ckpt_name, _get_zero_ckpt_name).
+_DEEPSPEED_FILE_PATTERNS = ("mp_rank_*_model_states.pt", "*_optim_states.pt", "zero_pp_rank_*_model_states.pt")
+
+
+def _refuse_deepspeed_tag(path: Path) -> None:
+    """A DeepSpeed tag folder (e.g. a save_dir reused after moving a script to ztune) is named as such, instead of
+    being reported as a ztune checkpoint with missing files."""
+    if (path / tags.rank_meta_name(0)).exists():
+        return
+    found = next((p.name for pattern in _DEEPSPEED_FILE_PATTERNS for p in sorted(path.glob(pattern))), None)
+    if found is not None:
+        raise CheckpointError(f"checkpoint {path} was written by DeepSpeed ({found}), not by ztune; ztune cannot "
+                              "resume it: export its weights with DeepSpeed's zero_to_fp32.py "
+                              "(--safe_serialization) and load them with ztune.load_pretrained, or use another "
+                              "save directory")
+
 
 class TagReader:
     """One tag folder. Construction reads and checks every rank's metadata (checksums, format, consistency);
@@ -24,6 +40,7 @@ class TagReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint {self.path} does not exist (no such tag folder)")
+        _refuse_deepspeed_tag(self.path)
         self.meta0 = read_checked_json(self.path / tags.rank_meta_name(0))
         if self.meta0.get("format") != tags.FORMAT or self.meta0.get("format_version") != tags.FORMAT_VERSION:
             raise CheckpointError(f"checkpoint file {self.path / tags.rank_meta_name(0)} is not a ztune checkpoint "

@@ -48,6 +48,15 @@ def check_tag(tag: str) -> str:
 def begin(save_dir: Path, tag: str) -> Path:
     """Create a fresh staging folder for `tag` (removing one an earlier crash left) and return it."""
     save_dir.mkdir(parents=True, exist_ok=True)
+    final = save_dir / tag
+    # commit() replaces a tag folder of the same name: only ever one of ours (a DeepSpeed save_dir reused after
+    # moving a script to ztune holds global_step<N> folders of its own).
+    if final.exists() and not final.is_dir():
+        raise UserError(f"save_checkpoint: {final} is a file; ztune saves tag {tag!r} as a folder there: use "
+                        "another save_dir or tag")
+    if final.is_dir() and not (final / rank_meta_name(0)).exists() and any(final.iterdir()):
+        raise UserError(f"save_checkpoint: {final} exists and is not a ztune checkpoint, and saving tag {tag!r} "
+                        "would replace it; use another save_dir or tag")
     staging = save_dir / f"{TMP_PREFIX}{tag}"
     if staging.exists():
         shutil.rmtree(staging)

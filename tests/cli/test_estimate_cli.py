@@ -89,6 +89,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         ["--model", "gpt2", "--hardware", "dgx-h100", "--precision", "fp8"],
         ["--model", "gpt2", "--hardware", "dgx-h100", "--config", str(tmp_path / "missing.yaml")],
         ["--model", "gpt2", "--hardware", "dgx-h100", "--plot", str(tmp_path / "no" / "dir.png")],
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--plot", str(tmp_path / "mem.txt")],  # matplotlib: no txt
+        ["--model", "gpt2", "--hardware", "dgx-h100", "--plot", str(tmp_path)],  # a directory
         ["--model", "gpt2"],  # --hardware missing
         *(["--model", "gpt2", "--hardware", "dgx-h100", "--trainable", v] for v in ("0", "0%", "150%", "1.5", "-2%",
                                                                                   "nan", "abc", "%")),

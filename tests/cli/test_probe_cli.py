@@ -102,8 +102,9 @@ def test_table_says_what_was_measured_and_what_assumed(monkeypatch, tmp_path):
     assert "1.049" in text  # 1 MiB all_reduce in 1 ms over 2 ranks: busbw = 2(2-1)/2 x 2**20 B / 1 ms
 
 
-@pytest.mark.parametrize("args", [["--ranks", "0"], ["--inter-node-gbps", "-1"], ["--output", "nodir/x.yaml"],
-                                  ["--output", "x.txt"], ["--node-rank", "1"], ["--inter-node-master", "h0"],
+@pytest.mark.parametrize("args", [["--ranks", "0"], ["--ranks", "100000"], ["--inter-node-gbps", "-1"],
+                                  ["--output", "nodir/x.yaml"], ["--output", "x.txt"], ["--node-rank", "1"],
+                                  ["--inter-node-master", "h0"],
                                   ["--inter-node-master", "h0:x", "--node-rank", "0"],
                                   ["--inter-node-master", "h0", "--node-rank", "2"],
                                   ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"],

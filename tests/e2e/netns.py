@@ -97,32 +97,15 @@ class Cluster:
         net.Network.write_etc(ns, "hosts", hosts_text)
 
     def _keys_and_sshd(self) -> None:
-        key = self.root / "id_ed25519"
-        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ztune-e2e", "-f", str(key))
+        key = net.ssh_client_key(self.root)
         known = []
-        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         for i, name in enumerate(self.hostnames):
-            d = self.root / name
-            d.mkdir()
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
-            shutil.copy(f"{key}.pub", d / "authorized_keys")
-            (d / "sshd_config").write_text("\n".join([
-                f"ListenAddress {self.host_addr(i)}", "Port 22", f"HostKey {d / 'host_key'}",
-                f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                "PermitRootLogin yes", "PubkeyAuthentication yes", "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PrintMotd no",
-                "LogLevel ERROR", "MaxStartups 100", ""]))
-            pub = (d / "host_key.pub").read_text().split()
-            known.append(f"{name},{self.host_addr(i)} {pub[0]} {pub[1]}")
+            config, host_key = net.sshd_files(self.root / name, listen_addr=self.host_addr(i), client_key=key)
+            known.append(f"{name},{self.host_addr(i)} {host_key}")
             self.sshd.append(subprocess.Popen(
-                ["ip", "netns", "exec", self.host_ns(i), sshd, "-D", "-e", "-f", str(d / "sshd_config")],
+                ["ip", "netns", "exec", self.host_ns(i), *net.sshd_argv(config)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        (self.root / "known_hosts").write_text("\n".join(known) + "\n")
-        self.ssh_config.write_text("\n".join([
-            "Host *", "  User root", f"  IdentityFile {key}", "  IdentitiesOnly yes",
-            f"  UserKnownHostsFile {self.root / 'known_hosts'}", "  GlobalKnownHostsFile /dev/null",
-            "  StrictHostKeyChecking yes", "  CheckHostIP no", ""]))
+        net.write_ssh_config(self.root, client_key=key, known_hosts=known)
         self._wait_for_sshd()
 
     def _wait_for_sshd(self, timeout_s: float = 15.0) -> None:

@@ -66,8 +66,9 @@ class ReferenceOneBitAdam:
         self.server_err = [torch.zeros(x.numel() // world_size) for _ in range(world_size)]
         self.step_count = 0
 
-    def step(self, grads: list[torch.Tensor], **feedback) -> None:
-        """One step from every worker's own gradient (the warm-up averages them as the all-reduce does)."""
+    def step(self, grads: list[torch.Tensor], *, mask_zero_variance: bool = True, **feedback) -> None:
+        """One step from every worker's own gradient (the warm-up averages them as the all-reduce does).
+        mask_zero_variance=False leaves out equation (8) (for the test that shows why it is there)."""
         beta1, beta2 = self.betas
         compress = self.step_count >= self.freeze_step
         self.step_count += 1
@@ -75,6 +76,8 @@ class ReferenceOneBitAdam:
             local = [momentum_(self.m.clone(), g, beta1=beta1) for g in grads]
             self.m = exchange(local, self.worker_err, self.server_err, **feedback)
             self.m[self.valid_numel:] = 0
+            if mask_zero_variance:  # equation (8): no momentum where the frozen variance is zero
+                self.m[self.v == 0] = 0
         else:
             total = grads[0].clone()
             for g in grads[1:]:

@@ -13,11 +13,13 @@ def _names(argv):
 
 def test_cluster_bench_is_opt_in():
     default = _names([])
-    assert "bench_cluster" not in default and "bench_cost_cluster" not in default and "runtime_vs_peers" in default
+    assert not {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster"} & set(default)
+    assert "runtime_vs_peers" in default
     assert not {"netns", "cluster_box", "cluster_worker", "peers", "run_all"} & set(default)
-    assert "bench_cluster" in _names(["--cluster"]) and "runtime_vs_peers" in _names(["--cluster"])
-    assert "bench_cost_cluster" in _names(["--cluster"])
+    with_cluster = _names(["--cluster"])
+    assert {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster", "runtime_vs_peers"} <= set(with_cluster)
     assert _names(["bench_cluster"]) == ["bench_cluster"]
+    assert _names(["bench_autotune_cluster"]) == ["bench_autotune_cluster"]
 
 
 def test_unknown_option_is_refused():

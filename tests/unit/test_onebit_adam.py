@@ -123,6 +123,35 @@ def test_optimizer_one_rank_matches_reference():
     torch.testing.assert_close(state["server_error"], ref.server_err[0], rtol=0, atol=0)
 
 
+def test_elements_without_warmup_gradient_keep_zero_momentum():
+    """Equation (8): elements whose gradient was zero through the warm-up (an embedding row of a token first
+    seen after the freeze) have a frozen variance of 0; without the mask their first update would be
+    lr m / eps (the reference shows it: a move of ~1e5), with it they only decay, as Adam leaves an element it
+    never saw. The other elements still follow the reference, and two 128-element blocks keep the scales apart."""
+    numel, freeze, lr, wd = 256, 3, 1e-2, 0.01
+    late = slice(128, 256)  # one whole 1-bit block, so its scale comes from its own (late) gradients
+    grads = _grads(7, numel, seed=8)
+    for g in grads[:freeze]:
+        g[late] = 0.0
+    x0 = torch.randn(numel, generator=torch.Generator().manual_seed(9))
+    master = x0.clone()
+    opt = OneBitAdam([master], comm=Comm(group=None, rank=0, world_size=1), freeze_step=freeze, lr=lr,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    kw = dict(world_size=1, freeze_step=freeze, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    ref, unmasked = ReferenceOneBitAdam(x0.clone(), **kw), ReferenceOneBitAdam(x0.clone(), **kw)
+    for g in grads:
+        master.grad = g.clone()
+        opt.step()
+        ref.step([g.clone()])
+        unmasked.step([g.clone()], mask_zero_variance=False)
+    torch.testing.assert_close(master, ref.x, rtol=1e-6, atol=0)
+    assert (opt.state[master]["exp_avg"][late] == 0).all()
+    decayed = x0[late] * (1 - lr * wd) ** len(grads)
+    torch.testing.assert_close(master[late], decayed, rtol=1e-6, atol=1e-7)
+    assert (unmasked.x[late] - x0[late]).abs().max() > 1e3  # what the mask prevents
+    torch.testing.assert_close(unmasked.x[:128], ref.x[:128], rtol=1e-6, atol=0)
+
+
 # -- config ------------------------------------------------------------------------------------------------
 def test_native_config_selects_onebit_adam():
     cfg = from_dict({"optimizer": {"type": "OneBitAdam", "freeze_step": 50}})

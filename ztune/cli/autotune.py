@@ -8,6 +8,7 @@ subprocesses.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import shutil
 import sys
@@ -278,6 +279,9 @@ def autotune(
     max_trials: Annotated[int | None, typer.Option("--max-trials", help="Most trials in the journal.")] = None,
     min_trials: Annotated[int, typer.Option("--min-trials", help="Successful trials before the search may "
                                                                  "stop on convergence.")] = 3,
+    exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Measure every candidate that fits, with no "
+                                             "convergence stop (--max-trials, --time-budget still apply): the "
+                                             "whole grid's ground truth, to check a search against.")] = False,
     threshold: Annotated[float, typer.Option("--threshold", help="Stop when nothing is predicted to beat "
                                                                  "the best by more than this fraction.")] = 0.05,
     memory_margin: Annotated[float, typer.Option("--memory-margin", help="Safety margin on predicted "
@@ -328,6 +332,15 @@ def autotune(
     if script_args and script is None:
         raise UserError(f"unexpected arguments {' '.join(script_args)!r}: arguments after -- go to --script")
     if smoke:
+        # --smoke fixes these; a value given with it would be dropped without a word.
+        given = {"--model": model, "--hardware": hardware, "--nproc": nproc, "--global-batch": global_batch,
+                 "--seq": seq, "--stages": stages, "--warmup": warmup, "--steps": steps, "--vary": vary}
+        defaults = inspect.signature(autotune).parameters
+        clash = [flag for flag, value in given.items()
+                 if value != defaults[flag.lstrip("-").replace("-", "_")].default]
+        if clash:
+            raise UserError(f"--smoke sets {', '.join(clash)} itself; drop {'them' if len(clash) > 1 else 'it'} "
+                            "or drop --smoke")
         model, hardware, nproc = _SMOKE["model"], _SMOKE["hardware"], _SMOKE["nproc"]
         global_batch, seq, stages = _SMOKE["global_batch"], _SMOKE["seq"], _SMOKE["stages"]
         warmup, steps, vary = _SMOKE["warmup"], _SMOKE["steps"], "stage,micro"
@@ -366,6 +379,8 @@ def autotune(
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
                               micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
     candidates = build_space(constraints)
+    if exhaustive:  # the convergence test never passes before every candidate has run (tuner._stop_reason)
+        min_trials = len(candidates)
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
     if script is not None:
@@ -388,6 +403,11 @@ def autotune(
                                base=base, workload=desc)
     if smoke:
         out = out / "smoke" if out == Path("ztune-autotune") else out
+    try:  # a file (or a file above it) where the folder should be is one line, not a traceback from the journal
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {str(out)!r} cannot be used as the results folder ({exc.strerror or exc}); "
+                        "give a folder path") from None
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
     # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
     if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts

@@ -197,6 +197,8 @@ def probe(
     workload = _workload(model, seq=seq, micro_batch=micro_batch, precision=precision)
     output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)
+    if ranks is not None:
+        lib.check_ranks(ranks)  # before the progress display: a bad --ranks is one line
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

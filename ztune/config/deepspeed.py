@@ -118,12 +118,19 @@ def _apply_rules(block: dict, prefix: str, *, handled: set[str], ignored: list[s
         if k in handled:
             continue
         _apply_rule(f"{canonical}.{k}" if canonical else str(k), f"{prefix}.{k}" if prefix else str(k), v,
-                    ignored=ignored, parent=canonical)
+                    ignored=ignored, parent=canonical, name=str(k))
 
 
-def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], parent: str) -> None:
-    r = rule(key)
+def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], parent: str, name: str) -> None:
+    """`name`: the key itself, as written (the last part of `user_key`)."""
+    r = None if "." in name else rule(key)  # the table's keys are dotted paths; a key with a '.' is none of them
     if r is None:
+        if "." in name:
+            nested = "..."
+            for part in reversed(name.split(".")):
+                nested = f'{{"{part}": {nested}}}'
+            raise ConfigError(f"unknown key '{user_key}': DeepSpeed config keys are nested, not dotted; write "
+                              f"{nested}")
         if parent:
             raise ConfigError(f"unknown key '{user_key}'; allowed here: " + ", ".join(children(parent)))
         raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "
@@ -300,6 +307,11 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     monitor: dict[str, Any] = {}
     compression = Compression.NONE
     precision = Precision.FP32
+    if "bf16" in doc and "bfloat16" in doc:
+        # DeepSpeed reads "bfloat16" only when "bf16" is absent (precision_config.get_bfloat16_config), so the
+        # older block would be dropped without a word.
+        raise ConfigError("bf16 and bfloat16 (bf16's older name) are both given; DeepSpeed reads only bf16: keep "
+                          "one of them")
     for key, value in doc.items():
         if not isinstance(key, str):
             raise ConfigError(f"{key!r}: keys must be strings")
@@ -374,7 +386,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     raise ConfigError(f"unknown key 'scheduler.{k}'; allowed here: type, params")
             scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         else:
-            _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="")
+            _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="", name=key)
     if opt.get("type") == OptimizerType.ONEBIT_ADAM.value and "gradient_clipping" not in doc:
         # DeepSpeed's absent-key default (1.0) cannot apply: after freeze_step no rank has the global gradient
         # norm (validate.py rejects clipping with OneBitAdam). Off, and listed once with the ignored keys.

@@ -34,6 +34,10 @@ class AutoContext:
 
     hidden_size: int | None = None
     precision: Precision | None = None
+    # True where the model is not here but will be when the config is used (`ztune launch` checks a config that
+    # ztune.initialize reads on the ranks): the values that need the model are left at their defaults for the
+    # check (fp16 / bf16 off, the default bucket size) instead of refused.
+    model_later: bool = False
 
 
 def context_from_model(model: Any) -> AutoContext:
@@ -60,15 +64,17 @@ def _cannot(key: str, why: str) -> ConfigError:
     return ConfigError(f'{key}: "auto" {why}; set a value')
 
 
-def _find_autos(value: Any, path: str, found: list[str]) -> None:
+def _find_autos(value: Any, path: str, steps: tuple, found: list[tuple[str, tuple]]) -> None:
+    """Every "auto" under `value`: (the key as written, "a.b[0]"; the dict keys and list indexes leading to
+    it). The steps, not the text, locate the value: a key may itself hold a '.' ("zero_optimization.stage")."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _find_autos(v, f"{path}.{k}" if path else str(k), found)
+            _find_autos(v, f"{path}.{k}" if path else str(k), (*steps, k), found)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _find_autos(v, f"{path}[{i}]", found)
+            _find_autos(v, f"{path}[{i}]", (*steps, i), found)
     elif isinstance(value, str) and value == AUTO:
-        found.append(path)
+        found.append((path, steps))
 
 
 def _canonical(path: str) -> str:
@@ -81,37 +87,45 @@ def resolve_auto(doc: dict, *, context: AutoContext | None) -> dict:
     """A copy of DeepSpeed config `doc` with every "auto" resolved or dropped (see the module docstring).
 
     Raises ConfigError naming the first key whose "auto" ztune cannot derive."""
-    found: list[str] = []
-    _find_autos(doc, "", found)
+    found: list[tuple[str, tuple]] = []
+    _find_autos(doc, "", (), found)
     if not found:
         return doc
     context = context or AutoContext()
     out = copy.deepcopy(doc)
-    for path in found:
-        key = _canonical(path)
-        parts = path.split(".")
+    for path, steps in found:
+        if any(isinstance(s, str) and "." in s for s in steps):
+            continue  # a dotted key is no DeepSpeed key: the parser rejects it by name (deepspeed.py)
+        # Only a value reached through keys alone (no list index) can be a DeepSpeed key ztune derives or ignores.
+        key = _canonical(path) if all(isinstance(s, str) for s in steps) else None
         parent = out
-        for p in parts[:-1]:
-            parent = parent[p]
-        last = parts[-1]
+        for step in steps[:-1]:
+            parent = parent[step]
+        last = steps[-1]
         if key in _BATCH_KEYS:
             del parent[last]
         elif key in ("fp16.enabled", "bf16.enabled"):
-            if context.precision is None:
+            if context.precision is None and context.model_later:
+                parent[last] = False
+            elif context.precision is None:
                 raise _cannot(path, "is derived from the model's parameter dtype, which is not known here "
                                     "(ztune.initialize knows it; ztune estimate takes --precision)")
-            parent[last] = context.precision.value == key.split(".")[0]
+            else:
+                parent[last] = context.precision.value == key.split(".")[0]
         elif key == "zero_optimization.reduce_bucket_size":
-            if context.hidden_size is None:
+            if context.hidden_size is None and context.model_later:
+                del parent[last]
+            elif context.hidden_size is None:
                 raise _cannot(path, "is hidden_size * hidden_size, and the model's hidden size is not known here "
                                     "(no model.config.hidden_size)")
-            parent[last] = context.hidden_size * context.hidden_size
-        elif (r := rule(key)) is not None and r.status == IGNORED:
+            else:
+                parent[last] = context.hidden_size * context.hidden_size
+        elif key is not None and (r := rule(key)) is not None and r.status == IGNORED:
             continue
         else:
             raise _cannot(path, "is filled in by the Hugging Face Trainer from its arguments, which ztune does not "
                                 "see")
-    autos = [k for k in _BATCH_KEYS if k in found]
+    autos = [k for k in _BATCH_KEYS if any(path == k for path, _ in found)]
     if autos and "train_batch_size" not in out and "train_micro_batch_size_per_gpu" not in out:
         raise _cannot(autos[0], "cannot be derived: neither train_batch_size nor train_micro_batch_size_per_gpu "
                                 "has a value (DeepSpeed needs one of them)")

@@ -119,6 +119,18 @@ KEYS: dict[str, KeyRule] = {
     "zero_optimization.stage3_use_all_reduce_for_fetch_params": _i(_PERF),
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": _i(_CKPT),
     "zero_optimization.stage3_gather_fp16_weights_on_model_save": _i(_CKPT),
+    # The same knobs under their pydantic field names, which DeepSpeed accepts too (runtime/zero/config.py: each
+    # stage3_* key is the alias of one of these fields, and config_utils.DeepSpeedConfigModel sets
+    # populate_by_name=True).
+    "zero_optimization.prefetch_bucket_size": _i("ztune prefetches whole units (its zero.prefetch_units)"),
+    "zero_optimization.param_persistence_threshold": _i(_PERF),
+    "zero_optimization.model_persistence_threshold": _i(_PERF),
+    "zero_optimization.max_live_parameters": _i(_PERF),
+    "zero_optimization.max_reuse_distance": _i(_PERF),
+    "zero_optimization.allgather_sequential": _i(_PERF),
+    "zero_optimization.module_granularity_threshold": _i(_PERF),
+    "zero_optimization.use_all_reduce_for_fetch_params": _i(_PERF),
+    "zero_optimization.gather_16bit_weights_on_model_save": _i(_CKPT),
     "zero_optimization.elastic_checkpoint": _i(_CKPT),
     "zero_optimization.load_from_fp32_weights": _i(_CKPT),
     "zero_optimization.pipeline_loading_checkpoint": _i(_CKPT),

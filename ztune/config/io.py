@@ -76,7 +76,14 @@ def load_detailed(source: str | os.PathLike | dict | TrainConfig | None, *,
     text = read_text(path, error=ConfigError, what="config file")
     # Parsed strictly (ztune/inputs.py): NaN, Infinity and absurd numbers are refused here, by key.
     parse = parse_json if path.suffix == ".json" else parse_yaml
-    doc = parse(text, error=ConfigError, where=f"config file {str(path)!r}")
+    try:
+        doc = parse(text, error=ConfigError, where=f"config file {str(path)!r}")
+    except ConfigError as exc:
+        if parse is parse_json and " is not valid JSON at " in str(exc):
+            # DeepSpeed reads its JSON with hjson (runtime/config.py), so its configs may hold what JSON does not.
+            raise ConfigError(f"{exc} (ztune reads strict JSON: no comments, trailing commas or unquoted keys, "
+                              "which DeepSpeed's hjson reader allows)") from None
+        raise
     try:
         return _from_doc(doc, context)
     except ConfigError as exc:

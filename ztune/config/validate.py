@@ -284,6 +284,11 @@ def resolve_batch(batch: BatchConfig, world_size: int, *, keys: BatchKeys = ZTUN
     elif total is None:
         accum = 1 if accum is None else accum
         total = micro * accum * world_size
+    if micro * accum * world_size != total and batch.micro is None:  # micro was derived: name what was given
+        raise ConfigError(
+            f"{keys.global_} {total} is not divisible by {keys.grad_accum} {accum} x {world_size} ranks = "
+            f"{accum * world_size}; change {keys.global_} or set {keys.micro}"
+        )
     if micro * accum * world_size != total:
         raise ConfigError(
             f"batch sizes do not multiply out: {keys.micro} {micro} x {keys.grad_accum} {accum} x {world_size} "

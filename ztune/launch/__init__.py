@@ -102,6 +102,15 @@ def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[
     else:
         hosts, local = [Host(name=LOCAL_HOST, slots=(0,))], True
     hosts = apply_filters(hosts, include=req.include, exclude=req.exclude)
+    if (req.include or req.exclude) and req.nproc_per_node is not None:
+        # Slots named by a filter are device ids (CUDA_VISIBLE_DEVICES); more ranks than that would replace the
+        # selection with 0..K-1. (DeepSpeed refuses --num_gpus with --include/--exclude altogether.)
+        short = next((h for h in hosts if h.num_slots < req.nproc_per_node), None)
+        if short is not None:
+            flag = "--include" if req.include else "--exclude"
+            raise HostfileError(f"--nproc-per-node {req.nproc_per_node} is more than the {short.num_slots} slot(s) "
+                                f"{flag} leaves on {short.name} {list(short.slots)}; select more slots or lower "
+                                "--nproc-per-node")
     hosts = limit_hosts(hosts, num_nodes=req.num_nodes, nproc_per_node=req.nproc_per_node)
     return hosts, local
 
@@ -165,9 +174,11 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
     env_left_behind = () if local else tuple(left_behind(environ, env))
     config_suffix = config_text = None
     if req.config:
-        from ztune.config.io import load
+        from ztune.config import AutoContext, load_detailed
 
-        load(req.config)  # fail here, with the loader's message, not on every host
+        # Fail here, with the loader's message, not on every host. "auto" values that need the model (DeepSpeed
+        # fp16/bf16 enabled, reduce_bucket_size) are resolved by ztune.initialize on the ranks, which has it.
+        load_detailed(req.config, context=AutoContext(model_later=True))
         config_text = Path(req.config).read_text()
         config_suffix = ".json" if req.config.endswith(".json") else ".yaml"
     master_addr = canonical_host(req.master_addr, where="--master-addr") if req.master_addr else None

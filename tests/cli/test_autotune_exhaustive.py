@@ -1,0 +1,34 @@
+"""`ztune autotune --exhaustive`: the search may not stop on convergence before every candidate has run (the
+ground truth bench_autotune_cluster.py checks the tuner's pick against). No trial runs here: the tuner is
+replaced by one that records its settings."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from ztune.cli import build_app
+from ztune.tune import tuner
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_exhaustive_sets_min_trials_to_the_grid(tmp_path, monkeypatch, exhaustive):
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *, candidates, settings, **_):
+            seen.update(grid=len(candidates), settings=settings)
+            raise _Stop
+
+    monkeypatch.setattr(tuner, "Tuner", Recorder)
+    # A GPU profile: the CLI times no CPU step for it, so only the space and the settings are built.
+    args = ["autotune", "--model", "tiny-gpt", "--hardware", "dgx-h100", "--nproc", "2", "--global-batch", "8",
+            "--stages", "0,1,2,3", "--vary", "stage,micro", "--out", str(tmp_path / "out"), "--no-plot"]
+    result = CliRunner().invoke(build_app(("autotune",)), args + (["--exhaustive"] if exhaustive else []))
+    assert isinstance(result.exception, _Stop), result.output
+    assert seen["grid"] == 4 * 3  # stages x micro-batches 1, 2, 4
+    assert seen["settings"].min_trials == (12 if exhaustive else 3)
