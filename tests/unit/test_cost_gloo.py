@@ -80,8 +80,29 @@ def test_gradient_reduction_hides_only_after_the_first_bucket():
     kw = dict(compute_s=3.0, grad_accum=1, comm_micro_s=0.0, comm_after_step_s=0.0, offload=OffloadTime(),
               overlap=1.0, comm_boundary_s=1.5)
     assert step_time(**kw).step_s == pytest.approx(3.0)  # the whole backward (2 s) hides it
-    assert step_time(**kw, boundary_ready_fraction=0.75).step_s == pytest.approx(3.0 + 1.5 - 0.5)
-    assert step_time(**kw, boundary_ready_fraction=1.0).step_s == pytest.approx(4.5)  # one bucket: nothing hides
+    assert step_time(**kw, grad_ready_fraction=0.75).step_s == pytest.approx(3.0 + 1.5 - 0.5)
+    assert step_time(**kw, grad_ready_fraction=1.0).step_s == pytest.approx(4.5)  # one bucket: nothing hides
     # stage 2 with one micro-step reduces at the boundary; with several, during each micro-step
     phase = {a: zero_collectives(num_params=10, stage=2, grad_accum=a)[0].phase for a in (1, 4)}
     assert phase == {1: "boundary", 4: "micro"}
+
+
+def test_gradient_reductions_of_every_micro_step_hide_only_behind_their_backward():
+    # The runtime waits for every reduction at the end of each backward (runtime/grad_reduce.py finish): a
+    # stage-2/3 reduce-scatter per micro-step hides behind the backward after its first bucket, never behind
+    # the forward; parameter gathers (stage 3, prefetched) hide behind all compute.
+    kw = dict(compute_s=3.0, grad_accum=4, comm_micro_s=0.0, comm_boundary_s=0.0, comm_after_step_s=0.0,
+              offload=OffloadTime(), overlap=1.0)
+    assert step_time(**kw, comm_micro_grad_s=2.5).step_s == pytest.approx(3.0 + 0.5)  # backward: 2 of the 3 s
+    assert step_time(**kw, comm_micro_grad_s=2.5, grad_ready_fraction=1.0).step_s == pytest.approx(5.5)
+    assert step_time(**{**kw, "comm_micro_s": 2.5}).step_s == pytest.approx(3.0)  # gathers: the whole compute
+    # both kinds together never hide more than the compute window
+    assert step_time(**{**kw, "comm_micro_s": 2.0}, comm_micro_grad_s=1.5).step_s == pytest.approx(3.0 + 0.5)
+    # tiny-gpt (21M parameters) fits one 25M-element bucket: its stage-2 reduce-scatters at 4 micro-steps hide
+    # nothing, the same as stage 0's one all-reduce, so stage 2 (4 of them) is not predicted faster than stage 0
+    model, hw = load_model("tiny-gpt"), load_hardware("cpu-local")
+    cfg = TrainConfig(precision=Precision.FP32, seq_len=32, batch=BatchConfig(global_=8, micro=1))
+    s2 = estimate(model, hw, dataclasses.replace(cfg, zero=ZeroConfig(stage=2)), num_nodes=1)
+    s0 = estimate(model, hw, dataclasses.replace(cfg, zero=ZeroConfig(stage=0)), num_nodes=1)
+    assert s2.grad_accum == 4 and s2.step.exposed_comm_s == pytest.approx(s2.step.comm_s)
+    assert s2.step_time_s > s0.step_time_s

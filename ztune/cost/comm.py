@@ -273,8 +273,10 @@ class CommEstimate:
     def time_s(self) -> float:
         return sum(o.time_s for o in self.ops)
 
-    def time_in_phase_s(self, phase: str) -> float:
-        return sum(o.time_s for o in self.ops if o.phase == phase)
+    def time_in_phase_s(self, phase: str, kind: str | None = None) -> float:
+        """Seconds of the ops in `phase` ("micro", "boundary", "after_step"), of one `kind` ("grad", "param")
+        when given."""
+        return sum(o.time_s for o in self.ops if o.phase == phase and (kind is None or o.kind == kind))
 
 
 def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -344,12 +345,19 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                        host_memory_bw_bytes_per_s=hw.host_memory_bw_bytes_per_s,
                        host_bandwidth_efficiency=efficiency.host_bandwidth,
                        param_shard_numel=mem.param_shard_numel)
-    step = step_time(compute_s=compute_s, grad_accum=accum, comm_micro_s=comm.time_in_phase_s("micro"),
-                     comm_boundary_s=comm.time_in_phase_s("boundary"),
+    # The groups backward reduces in turn: reduce buckets, or at stage 3 the module units (runtime/engine.py
+    # _group_specs; comm_estimate's launch count), each at most one bucket.
+    grad_group_numel = z.reduce_bucket_numel
+    if z.stage == 3:
+        grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / (model.num_layers + 2)))
+    comm_micro_grad_s = comm.time_in_phase_s("micro", "grad")
+    step = step_time(compute_s=compute_s, grad_accum=accum,
+                     comm_micro_s=comm.time_in_phase_s("micro") - comm_micro_grad_s,
+                     comm_micro_grad_s=comm_micro_grad_s, comm_boundary_s=comm.time_in_phase_s("boundary"),
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
                      overlap=efficiency.overlap,
-                     boundary_ready_fraction=first_bucket_fraction(reduce_bucket_numel=z.reduce_bucket_numel,
-                                                                   trainable_params=split.trainable))
+                     grad_ready_fraction=first_bucket_fraction(reduce_bucket_numel=grad_group_numel,
+                                                               trainable_params=split.trainable))
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]
