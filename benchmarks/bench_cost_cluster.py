@@ -196,9 +196,12 @@ NOTES = [
     "Not in the model, and visible above: (1) ZeRO++'s and 1-bit Adam's quantisation is CPU work (int8/int4 "
     "blocks, signs and scales over every parameter each step) that a GPU hides and these 2 cores do not; (2) "
     "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
-    "how much communication really overlaps (flat stage 3's loopback broadcasts most); (3) the machine is shared: "
-    "between the probe and a variant's steps the load changes by 2-5x, and the same configuration measured "
-    "twice in one run differs by up to 30%.",
+    "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
+    "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "
+    "than the probe's, whose 4 ranks compute without pause (twice so far, load 4-13, flat stage 0's whole "
+    "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
+    "machine is shared: between the probe and a variant's steps the load changes by 2-5x, and the same "
+    "configuration measured twice in one run differs by up to 30%.",
 ]
 
 
