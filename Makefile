@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-bench test test-fast demo bench bench-cluster bench-autotune-cluster gpu-check lint clean
+.PHONY: install install-bench test test-fast demo bench bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
 
 install: $(STAMP)
 
@@ -49,7 +49,8 @@ demo: install
 	$(VENV)/bin/ztune launch --nproc-per-node 2 --config $(DEMO_OUT)/autotune/best.yaml \
 		examples/train_tiny.py -- --steps 20
 
-# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-autotune-cluster).
+# BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-autotune-cluster,
+# bench-cost-cluster).
 BENCH_ARGS ?=
 
 bench: install-bench
@@ -65,6 +66,11 @@ bench-cluster: install-bench
 # tuner; nothing may be left on any host): writes docs/bench/autotune_cluster.md. Needs root, sshd.
 bench-autotune-cluster: install-bench
 	$(PY) benchmarks/run_all.py bench_autotune_cluster
+
+# The cost model against the same box: `ztune probe` on both hosts, the ztune variants measured, `ztune estimate`
+# on the probed profile per variant; writes docs/bench/cost_cluster.md (+ .json). Needs root.
+bench-cost-cluster: install-bench
+	$(PY) benchmarks/bench_cost_cluster.py
 
 # One prepared check of the CUDA paths on one GPU, within 8 minutes (docs/gpu-check.md). It runs on a bare GPU
 # machine's own python3 (torch with CUDA, transformers, ... preinstalled), not on .venv: the editable install

@@ -6,8 +6,9 @@ script runs them in sequence and concatenates the sections under one header with
     python benchmarks/run_all.py [--cluster] [NAME ...]
 
 NAMEs (script stems, e.g. bench_cluster) run only those. The cluster-in-a-box benchmarks (bench_cluster.py,
-bench_autotune_cluster.py: network namespaces, need root) run only with --cluster or by name (`make
-bench-cluster`, `make bench-autotune-cluster`); the sections they wrote last are assembled either way.
+bench_autotune_cluster.py, bench_cost_cluster.py: network namespaces, need root) run only with --cluster or by name
+(`make bench-cluster`, `make bench-autotune-cluster`, `make bench-cost-cluster`); the sections they wrote last are
+assembled either way.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
 
 
 # Scripts that `make bench` runs only when asked (--cluster, or by name): they need root.
-OPT_IN = {"--cluster": ("bench_cluster", "bench_autotune_cluster")}
+OPT_IN = {"--cluster": ("bench_cluster", "bench_autotune_cluster", "bench_cost_cluster")}
 
 
 def select_scripts(argv: list[str]) -> list[Path]:

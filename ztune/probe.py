@@ -493,6 +493,9 @@ class Measurements:
     # gloo all_reduce between this host and another, one process on each (ztune.probe_link); None: a
     # single-host probe, which measures no inter-host link.
     inter_node: CollectiveResult | None = None
+    # ztune.probe_workload: one model's training rate per CPU rank with every local rank busy (probe --model);
+    # None: not asked for.
+    workload: object | None = None
 
 
 def inter_node_link(gbps: float | None, *, ranks: int) -> tuple[float, float]:
@@ -545,7 +548,19 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         host_memory_bw_bytes_per_s=max(m.memory.copy_bytes_per_s, m.memory.triad_bytes_per_s),
         cpu_cores=m.host.cpu_cores,
         source=f"ztune probe on {m.host.hostname} ({what}); see the comment on each field",
+        train_flops_efficiency=workload_efficiency(m),
     )
+
+
+def workload_efficiency(m: Measurements) -> float:
+    """train_flops_efficiency from the measured workload (probe --model): its rate per rank over the matmul
+    rate of its dtype, so that peak x efficiency is the measured rate; 0 (unknown) without one. Capped at 1:
+    above it the matmul measurement, not the workload, was the slow one (with_measured_cpu_compute does the same)."""
+    w = m.workload
+    if w is None:
+        return 0.0
+    peak = m.flops.fp32_flops_per_s if w.dtype == "fp32" else m.flops.bf16_flops_per_s
+    return min(1.0, w.flops_per_s / peak)
 
 
 def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dict[str, str]:
@@ -574,6 +589,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         "train_flops_efficiency": "assumed: 0 = the cost model's generic fraction of the peak above; "
         "`ztune autotune` calibrates it from trials",
     }
+    if m.workload is not None:
+        w = m.workload
+        notes["train_flops_efficiency"] = (
+            f"measured: {w.model} {w.dtype} forward+backward, micro {w.micro_batch} x seq {w.seq_len}, "
+            f"{w.ranks} ranks at once: {w.flops_per_s / 1e9:.3g} GFLOP/s per rank (median step "
+            f"{w.step_s * 1e3:.0f} ms, slowest rank) / the {w.dtype} matmul rate")
     if m.inter_node is not None:
         link = m.inter_node
         notes["inter_node_bw_bytes_per_s"] = (f"measured: {link.transport} all_reduce busbw "
@@ -659,11 +680,15 @@ def check_ranks(ranks: int | None) -> int:
 
 
 def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None] = lambda label: None,
-                inter_node_master: tuple[str, int] | None = None, node_rank: int = 0) -> Measurements:
+                inter_node_master: tuple[str, int] | None = None, node_rank: int = 0,
+                workload: dict | None = None) -> Measurements:
     """Read the host, then measure memory, matmul, collectives and (with CUDA) host<->device copies.
     `on_step(label)` is called before each measurement (the CLI drives a progress bar with it). With
     `inter_node_master` (host, port), first the link to another host running the same probe as the other
-    `node_rank` (ztune.probe_link)."""
+    `node_rank` (ztune.probe_link). With `workload` (ztune.probe_workload.measure_workload_rate's spec, seq_len,
+    micro_batch, dtype; CPU hosts only), next that model's training rate on all local ranks at once: right after
+    the inter-host measurement, so that two hosts' probes that share a machine measure it together."""
+    from ztune.errors import UserError
 
     on_step("reading GPUs (NVML) and host (psutil)")
     gpus, host = read_gpus(), read_host()
@@ -690,6 +715,15 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
                                              node_rank=node_rank, sizes=plan.collective_sizes,
                                              target_s=plan.collective_target_s)
     threads_per_rank = 1 if on_gpu else max(1, host.cpu_cores // ranks)
+    workload_rate = None
+    if workload is not None:
+        if on_gpu:
+            raise UserError("--model: the workload's training rate is measured on CPU ranks; on GPUs the profile's "
+                            "matmul peak and train_flops_efficiency stand for it")
+        from ztune.probe_workload import measure_workload_rate
+
+        on_step(f"training {workload['spec'].name} on {ranks} CPU ranks at once")
+        workload_rate = measure_workload_rate(ranks=ranks, threads=threads_per_rank, **workload)
 
     on_step(f"host memory bandwidth ({plan.memory_bytes >> 20} MiB arrays)")
     memory = measure_host_memory_bandwidth(size_bytes=plan.memory_bytes, repeats=plan.repeats)
@@ -714,4 +748,4 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
     if on_gpu:
         on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")
         host_device = measure_host_device_bandwidth(size_bytes=plan.host_device_bytes, repeats=plan.repeats)
-    return Measurements(host, gpus, ranks, memory, flops, collective, host_device, inter_node)
+    return Measurements(host, gpus, ranks, memory, flops, collective, host_device, inter_node, workload_rate)

@@ -12,7 +12,7 @@ from ztune.cli import app
 
 ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "zeropp", "micro_batch",
             "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
-            "mfu", "fits", "init_peak", "trainable_params"}
+            "mfu", "fits", "init_peak", "trainable_params", "step"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}
 LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--seq", "4096",
               "--global-batch", "1024"]

@@ -15,14 +15,28 @@ def run(*args, cwd):
                           timeout=scaled_limit_s(120), cwd=cwd)
 
 
+# A Llama small enough that --model's two ranks train it in well under a second per step.
+SMALL_MODEL = """name: probe-small-llama
+architecture: llama
+vocab_size: 128
+hidden_size: 64
+num_layers: 2
+num_heads: 4
+num_kv_heads: 2
+intermediate_size: 128
+max_seq_len: 64
+"""
+
+
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
     """One quick probe with --json and --force over an existing file, shared by the tests below (each probe
     costs seconds: two ranks start and import torch)."""
     d = tmp_path_factory.mktemp("probe")
     (d / "probed.yaml").write_text("old: file\n")
+    (d / "small.yaml").write_text(SMALL_MODEL)
     out = run("--quick", "--output", "probed.yaml", "--json", "--ranks", "2", "--force", "--inter-node-gbps", "100",
-              cwd=d)
+              "--model", "small.yaml", "--seq", "32", cwd=d)
     return d, out
 
 
@@ -41,7 +55,14 @@ def test_json_keys(probed):
     d, out = probed
     data = json.loads(out.stdout)
     assert set(data) == {"output", "profile", "provenance", "host", "gpus", "measured"}
-    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device", "inter_node"}
+    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device", "inter_node", "workload"}
+    # --model: the small model trained on both ranks at once, its rate / the bf16 matmul rate in the profile
+    work = data["measured"]["workload"]
+    assert work["model"] == "probe-small-llama" and work["ranks"] == 2 and work["seq_len"] == 32
+    assert work["step_s"] > 0 and work["flops_per_s"] > 0
+    assert data["profile"]["train_flops_efficiency"] == pytest.approx(
+        min(1.0, work["flops_per_s"] / data["measured"]["matmul"]["bf16_flops_per_s"]))
+    assert data["provenance"]["train_flops_efficiency"].startswith("measured:")
     assert data["measured"]["inter_node"] is None  # a single-host probe measures no inter-host link
     coll = data["measured"]["collective"]
     # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).
@@ -86,7 +107,9 @@ def test_table_says_what_was_measured_and_what_assumed(monkeypatch, tmp_path):
                                   ["--inter-node-master", "h0"],
                                   ["--inter-node-master", "h0:x", "--node-rank", "0"],
                                   ["--inter-node-master", "h0", "--node-rank", "2"],
-                                  ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"]])
+                                  ["--inter-node-master", "h0", "--node-rank", "0", "--inter-node-gbps", "10"],
+                                  ["--model", "tiny-llama", "--precision", "int8"], ["--model", "no-such-model"],
+                                  ["--model", "tiny-llama", "--seq", "0"]])
 def test_bad_flags_exit_2_before_measuring(tmp_path, args):
     out = run(*args, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("error:")

@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A user training script speaking the trial protocol: it reads its config from $ZTUNE_CONFIG and reports
 # every step through TrialReporter. Step time grows with the ZeRO stage and the number of micro-steps;
-# --crash-stage raises, --hang-stage blocks forever, and every micro-step holds micro x --alloc-mib MiB of
-# real memory (a tensor), so a memory cap makes large micro-batches run out of memory for real.
+# --crash-stage raises, --hang-stage blocks forever, and every micro-step of --alloc-stage holds micro x
+# --alloc-mib MiB of real memory (a tensor), so a memory cap makes its large micro-batches run out of memory
+# for real.
 FAKE_SCRIPT = textwrap.dedent('''
     import argparse, os, time
     import torch, torch.distributed as dist
@@ -43,6 +44,7 @@ FAKE_SCRIPT = textwrap.dedent('''
     p.add_argument("--crash-stage", type=int, default=-1)
     p.add_argument("--hang-stage", type=int, default=-1)
     p.add_argument("--alloc-mib", type=int, default=0)
+    p.add_argument("--alloc-stage", type=int, default=-1)  # -1: every stage
     p.add_argument("--step-s", type=float, default=0.02)
     a = p.parse_args()
     dist.init_process_group("gloo")
@@ -58,7 +60,8 @@ FAKE_SCRIPT = textwrap.dedent('''
         if cfg.zero.stage == a.hang_stage and step == 2:
             time.sleep(3600)
         for _ in range(accum):
-            held = torch.ones(cfg.batch.micro * a.alloc_mib * 2**18) if a.alloc_mib else None
+            alloc = a.alloc_mib if a.alloc_stage in (-1, cfg.zero.stage) else 0
+            held = torch.ones(cfg.batch.micro * alloc * 2**18) if alloc else None
             time.sleep(a.step_s * (1 + 0.5 * cfg.zero.stage) / accum + 0.01)
             del held
         t = torch.ones(1)
@@ -109,8 +112,11 @@ def fake_script(tmp_path: Path) -> Path:
 
 def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fake_script: Path) -> None:
     out = tmp_path / "out"
-    # Stage 1 crashes, stage 2 hangs with no step for 10 s, micro-batch 4 needs 4 x 128 MiB on top of a
-    # ~200 MiB process under a 560 MiB cap (RLIMIT_DATA): a real allocation failure.
+    # Stage 1 crashes, stage 2 hangs with no step for 10 s, stage 0 at micro-batch 4 needs 4 x 128 MiB on top
+    # of a ~200 MiB process under a 560 MiB cap (RLIMIT_DATA): a real allocation failure. Each failure is
+    # planted in one family (stage), whatever order the estimate ranks them in: an OOM tells the tuner that
+    # every candidate the model predicts to need more memory would run out too (tune/rank.py), and the model
+    # predicts stage 0 needs the most, so an OOM planted at stage 1 or 2 would rightly rule stage 0 out.
     # The stall limit that marks the hang is given explicitly (given limits are not load-scaled by the
     # tuner): 10 s on an idle machine, stretched by the load here, or a slow crash or OOM trial on a busy
     # machine would end as a "timeout" before it could crash.
@@ -121,7 +127,7 @@ def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fa
                    "--trial-timeout", "600", "--stall-timeout", str(stall_s), "--memory-cap", "560MiB",
                    "--out", str(out), "--json",
                    "--script", str(fake_script), "--", "--crash-stage", "1", "--hang-stage", "2",
-                   "--alloc-mib", "128"], cwd=tmp_path)
+                   "--alloc-mib", "128", "--alloc-stage", "0"], cwd=tmp_path)
     wall_s = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -134,11 +140,11 @@ def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fa
     hang = next(t for t in result["trials"] if t["status"] == "timeout")
     assert hang["stage"] == 2 and f"no new step for {stall_s} s" in hang["reason"], hang["reason"]
     oom = next(t for t in result["trials"] if t["status"] == "oom")
-    assert oom["micro"] == 4 and "memory" in oom["reason"]
+    assert oom["stage"] == 0 and oom["micro"] == 4 and "memory" in oom["reason"]
     # Failures never ended the search: it ran until nothing was left, and after the OOM at micro-batch 4
     # the family's next trial bisected down to a smaller micro-batch.
     assert result["stop_reason"].startswith("every candidate"), result["stop_reason"]
-    assert all(t["status"] == "oom" for t in result["trials"] if t["micro"] == 4)
+    assert all(t["status"] == "oom" for t in result["trials"] if t["micro"] == 4 and t["stage"] == 0)
     after_oom = [t for t in result["trials"][result["trials"].index(oom) + 1:] if t["stage"] == oom["stage"]]
     assert after_oom and after_oom[0]["micro"] < 4
     best = result["best"]

@@ -13,10 +13,11 @@ def _names(argv):
 
 def test_cluster_bench_is_opt_in():
     default = _names([])
-    assert not {"bench_cluster", "bench_autotune_cluster"} & set(default) and "runtime_vs_peers" in default
+    assert not {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster"} & set(default)
+    assert "runtime_vs_peers" in default
     assert not {"netns", "cluster_box", "cluster_worker", "peers", "run_all"} & set(default)
     with_cluster = _names(["--cluster"])
-    assert {"bench_cluster", "bench_autotune_cluster", "runtime_vs_peers"} <= set(with_cluster)
+    assert {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster", "runtime_vs_peers"} <= set(with_cluster)
     assert _names(["bench_cluster"]) == ["bench_cluster"]
     assert _names(["bench_autotune_cluster"]) == ["bench_autotune_cluster"]
 

@@ -228,3 +228,18 @@ def test_measured_cpu_compute_is_a_real_rate():
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=32)
     assert got.train_flops_per_s > 0 and per_token > 0
+
+
+def test_measured_workload_sets_train_flops_efficiency():
+    # probe --model: the workload's rate per rank over the matmul rate of its dtype (bf16 here: 1e12 FLOP/s)
+    from ztune.probe_workload import WorkloadRate
+
+    m = _measurements(gpu=False)
+    assert probe.build_profile(m).train_flops_efficiency == 0.0  # not measured: the generic default applies
+    w = WorkloadRate("tiny-llama", 2, 128, 1, "bf16", 1, step_s=0.5, flops_per_s=4e10)
+    hw = probe.build_profile(dataclasses.replace(m, workload=w))
+    assert hw.train_flops_efficiency == pytest.approx(0.04)
+    assert hw.peak_flops_bf16 * hw.train_flops_efficiency == pytest.approx(4e10)  # the measured rate, exactly
+    assert probe.field_notes(dataclasses.replace(m, workload=w))["train_flops_efficiency"].startswith("measured:")
+    fast = dataclasses.replace(w, dtype="fp32", flops_per_s=5e11)  # above the fp32 matmul rate: capped at 1
+    assert probe.build_profile(dataclasses.replace(m, workload=fast)).train_flops_efficiency == 1.0

@@ -60,6 +60,10 @@ def row_dict(est: Any) -> dict:
         "cpu_memory_per_host": est.cpu_memory_per_host,
         "comm_bytes_per_step": est.comm_bytes_per_step,
         "step_time_s": est.step_time_s,
+        # the step's parts, seconds (cost/compute.py StepTime): compute, all communication, the part of it not
+        # hidden behind compute, offload
+        "step": {"compute_s": est.step.compute_s, "comm_s": est.step.comm_s,
+                 "exposed_comm_s": est.step.exposed_comm_s, "offload_s": est.step.offload_s},
         "tokens_per_s": est.tokens_per_s,
         "mfu": est.mfu,
         "fits": est.fits,

@@ -89,6 +89,7 @@ def _summary(m: Any, hw: Any, notes: dict[str, str], output: Path) -> dict:
                 "busbw_bytes_per_s": [c.busbw_bytes_per_s(i) for i in range(len(c.times_s))],
                 "fit": dataclasses.asdict(c.fit)},
             "host_device": None if m.host_device is None else dataclasses.asdict(m.host_device),
+            "workload": None if m.workload is None else dataclasses.asdict(m.workload),
             "inter_node": None if m.inter_node is None else {
                 "transport": m.inter_node.transport, "sizes_bytes": list(m.inter_node.sizes_bytes),
                 "times_s": list(m.inter_node.times_s), "fit": dataclasses.asdict(m.inter_node.fit)},
@@ -118,6 +119,11 @@ def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
                             ["size", "time us", "busbw GB/s"], coll, justify_right=["size", "time us", "busbw GB/s"]))
     console.print(f"memory: copy {m.memory.copy_bytes_per_s / 1e9:.2f} GB/s, triad "
                   f"{m.memory.triad_bytes_per_s / 1e9:.2f} GB/s (STREAM convention, {m.memory.threads} threads)")
+    if m.workload is not None:
+        w = m.workload
+        console.print(f"{w.model} ({w.dtype}, micro {w.micro_batch} x seq {w.seq_len}) forward+backward with "
+                      f"{w.ranks} ranks at once: {w.step_s * 1e3:,.0f} ms per step, {w.flops_per_s / 1e9:,.2f} "
+                      f"GFLOP/s per rank -> train_flops_efficiency {hw.train_flops_efficiency:.3f}")
     if m.inter_node is None:
         console.print("[yellow]this single-host probe measured no inter-host link[/]: its numbers are assumed "
                       "(see the table); pass --inter-node-gbps with the node's NIC line rate, or run "
@@ -127,6 +133,22 @@ def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
         console.print(f"inter-host link (gloo, one process per host): {link.busbw_bytes_per_s * 8 / 1e9:.3f} "
                       f"Gbit/s, {link.latency_s * 1e6:,.1f} us per ring step")
     console.print(f"wrote {output}; use it with: ztune estimate --hardware {output} --model <model>")
+
+
+def _workload(model: str | None, *, seq: int, micro_batch: int, precision: str) -> dict | None:
+    """measure_all's `workload` from --model/--seq/--micro-batch/--precision; None without --model."""
+    from ztune.inputs import MAX_BATCH, MAX_SEQ, int_flag
+    from ztune.probe_workload import DTYPES
+
+    if model is None:
+        return None
+    int_flag("--seq", seq, hi=MAX_SEQ)
+    int_flag("--micro-batch", micro_batch, hi=MAX_BATCH)
+    if precision not in DTYPES:
+        raise UserError(f"--precision: got {precision!r}; allowed: {', '.join(DTYPES)}")
+    from ztune.profiles import load_model
+
+    return {"spec": load_model(model), "seq_len": seq, "micro_batch": micro_batch, "dtype": precision}
 
 
 def probe(
@@ -144,6 +166,12 @@ def probe(
         "that runs the same command with the other --node-rank.")] = None,
     node_rank: Annotated[int | None, typer.Option("--node-rank", help="0 on HOST of --inter-node-master, 1 on "
                                                   "the other host.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="CPU hosts: also measure this model's training "
+                                              "rate (profile, YAML or HF config.json) on all local ranks at once; "
+                                              "it becomes train_flops_efficiency.")] = None,
+    seq: Annotated[int, typer.Option("--seq", help="With --model: sequence length.")] = 128,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="With --model: micro-batch per rank.")] = 1,
+    precision: Annotated[str, typer.Option("--precision", help="With --model: bf16, fp16 or fp32.")] = "bf16",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Measure this host (GPUs, memory, matmul FLOP/s, collectives, host<->device copies) and write a
@@ -166,6 +194,7 @@ def probe(
         if node_rank not in (0, 1):
             raise UserError(f"--node-rank {node_rank}: the inter-node probe joins two hosts, 0 and 1")
         master = parse_master(inter_node_master)
+    workload = _workload(model, seq=seq, micro_batch=micro_batch, precision=precision)
     output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)
     if ranks is not None:
@@ -179,7 +208,7 @@ def probe(
         task = progress.add_task("probing", total=None)
         try:
             m = lib.measure_all(quick=quick, ranks=ranks, inter_node_master=master, node_rank=node_rank or 0,
-                                on_step=lambda label: progress.update(task, description=label))
+                                workload=workload, on_step=lambda label: progress.update(task, description=label))
         except lib.ProbeFailed as exc:
             error(str(exc))
             raise typer.Exit(1) from None

@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 
 from ztune.config.schema import Compression
+from ztune.cost.gloo import host_egress_bytes
 from ztune.specs import Hardware
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
@@ -79,6 +80,9 @@ class Link:
     latency_s: float
     num_nodes: int = 1
     gpus_per_node: int = 1
+    # CPU ranks on gloo (is_gloo_profile): across hosts, reduce_scatter / all_gather move the bytes of gloo's
+    # reduce and broadcast algorithms (cost/gloo.py), not the ring's.
+    gloo: bool = False
 
 
 def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
@@ -92,7 +96,7 @@ def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0
     n = num_nodes * g
     latency = (num_nodes * hw.inter_node_latency_s + (n - num_nodes) * hw.intra_node_latency_s) / n
     return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency, num_nodes=num_nodes,
-                gpus_per_node=g)
+                gpus_per_node=g, gloo=is_gloo_profile(hw))
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class Hierarchy:
     inter: Link
     num_nodes: int
     ranks_per_node: int
+    gloo: bool = False  # the inter level runs gloo's reduce / broadcast algorithms (cost/gloo.py)
 
 
 def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = None) -> Hierarchy:
@@ -111,7 +116,13 @@ def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = 
     per_node = hw.gpus_per_node if ranks_per_node is None else ranks_per_node
     return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s),
                      inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s),
-                     num_nodes=num_nodes, ranks_per_node=per_node)
+                     num_nodes=num_nodes, ranks_per_node=per_node, gloo=is_gloo_profile(hw))
+
+
+def is_gloo_profile(hw: Hardware) -> bool:
+    """A profile of CPU ranks, whose collectives run on gloo: a shipped cpu-* profile, or one `ztune probe` wrote
+    on a host without GPUs (its source says "N CPU ranks", ztune/probe.py build_profile)."""
+    return hw.name.lower().startswith("cpu") or "CPU ranks" in hw.source
 
 
 def hierarchical_level_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int
@@ -138,8 +149,13 @@ def hierarchical_collective_time_s(*, op: str, payload_bytes: float, hierarchy: 
                                                         ranks_per_node=h.ranks_per_node)
     intra_steps = (2 if op == ALL_REDUCE else 1) * (h.ranks_per_node - 1)  # RS (+ AG) inside the node
     inter_steps = _STEPS[op](h.num_nodes)
+    if h.gloo:  # the bytes through the host's NICs (its L ranks' share of them together), per gloo's algorithms
+        inter_s = host_egress_bytes(op, payload_bytes, num_nodes=h.num_nodes, ranks_per_node=h.ranks_per_node,
+                                    level="inter") / (h.ranks_per_node * h.inter.bw_bytes_per_s)
+    else:
+        inter_s = inter_bytes / h.inter.bw_bytes_per_s
     return (intra_steps * h.intra.latency_s + intra_bytes / h.intra.bw_bytes_per_s
-            + inter_steps * h.inter.latency_s + inter_bytes / h.inter.bw_bytes_per_s)
+            + inter_steps * h.inter.latency_s + inter_s)
 
 
 def latency_steps(op: str, world_size: int, link: Link) -> float:
@@ -213,7 +229,8 @@ def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_
         return [ZeroCollective(REDUCE_SCATTER, "grad", "boundary", t, 1),
                 ZeroCollective(ALL_GATHER, "param", "after_step", t, 1)]
     if stage == 2:
-        return [ZeroCollective(REDUCE_SCATTER, "grad", "micro", t, a),
+        # With one micro-step its reduction is the boundary's: it can only hide behind that one backward.
+        return [ZeroCollective(REDUCE_SCATTER, "grad", "micro" if a > 1 else "boundary", t, a),
                 ZeroCollective(ALL_GATHER, "param", "after_step", t, 1)]
     if stage == 3:
         return [ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # forward
@@ -256,8 +273,10 @@ class CommEstimate:
     def time_s(self) -> float:
         return sum(o.time_s for o in self.ops)
 
-    def time_in_phase_s(self, phase: str) -> float:
-        return sum(o.time_s for o in self.ops if o.phase == phase)
+    def time_in_phase_s(self, phase: str, kind: str | None = None) -> float:
+        """Seconds of the ops in `phase` ("micro", "boundary", "after_step"), of one `kind` ("grad", "param")
+        when given."""
+        return sum(o.time_s for o in self.ops if o.phase == phase and (kind is None or o.kind == kind))
 
 
 def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,
@@ -301,6 +320,11 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             time_s = c.per_step * launches * one
         else:
             steps = latency_steps(c.op, n, link)
-            time_s = c.per_step * (launches * steps * link.latency_s) + wire / link.bw_bytes_per_s
+            transfer = wire
+            if link.gloo and link.num_nodes > 1 and (c.kind != "grad" or compression is Compression.NONE):
+                # per host, through its NICs (link: the node's aggregate), as gloo's algorithms move it
+                transfer = c.per_step * host_egress_bytes(c.op, payload_bytes, num_nodes=link.num_nodes,
+                                                          ranks_per_node=link.gpus_per_node)
+            time_s = c.per_step * (launches * steps * link.latency_s) + transfer / link.bw_bytes_per_s
         ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -155,18 +155,38 @@ class StepTime:
     step_s: float
 
 
+def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
+    """Share of the backward that passes before the first gradient bucket is full and can go on the wire:
+    buckets fill in the order backward produces gradients (reverse registration order, as PyTorch DDP does:
+    Li et al. 2020, "PyTorch Distributed", VLDB, section 3.2.3), so only the backward after the first bucket,
+    1 - bucket / trainable of it, can hide the reduction. 1 when one bucket holds every gradient."""
+    if trainable_params <= 0:
+        return 1.0
+    return min(1.0, reduce_bucket_numel / trainable_params)
+
+
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
-              comm_after_step_s: float, offload: OffloadTime, overlap: float) -> StepTime:
+              comm_after_step_s: float, offload: OffloadTime, overlap: float, comm_micro_grad_s: float = 0.0,
+              grad_ready_fraction: float = 0.0) -> StepTime:
     """Step time = compute + communication not hidden + offload not hidden.
 
-    Overlap windows: per-micro-step collectives and prefetch transfers hide behind all the step's compute;
-    the once-per-step gradient reduction (stages 0/1) only behind the last micro-step's backward; the
-    parameter refresh after the optimizer step and the CPU optimizer path (transfers + CPU Adam) are serial.
+    Overlap windows: per-micro-step parameter collectives (stage-3 gathers, prefetched) and prefetch transfers
+    hide behind all the step's compute. Gradient reductions hide only behind the backward that produces them,
+    and of each backward only the part after the first bucket (or stage-3 unit) is ready
+    (`grad_ready_fraction`, first_bucket_fraction): the runtime waits for every reduction in flight at the end
+    of each backward (runtime/grad_reduce.py `finish`), so none hides behind the next forward. That holds for
+    the per-micro-step reductions (`comm_micro_grad_s`, stages 2/3, a backward each) and for the once-per-step
+    one (`comm_boundary_s`, stages 0/1 and stage 2 with one micro-step: the last backward only). Everything
+    hidden per micro-step together never exceeds the compute window. The parameter refresh after the
+    optimizer step and the CPU optimizer path (transfers + CPU Adam) are serial.
     """
     micro_compute_s = compute_s / grad_accum
+    ready = 1.0 - grad_ready_fraction
+    hidden_grad = min(overlap * comm_micro_grad_s, BACKWARD_SHARE * compute_s * ready)
+    hidden_micro = min(overlap * comm_micro_s + hidden_grad, compute_s)
     exposed_comm = (
-        exposed_s(work_s=comm_micro_s, window_s=compute_s, overlap=overlap)
-        + exposed_s(work_s=comm_boundary_s, window_s=BACKWARD_SHARE * micro_compute_s, overlap=overlap)
+        comm_micro_s + comm_micro_grad_s - hidden_micro
+        + exposed_s(work_s=comm_boundary_s, window_s=BACKWARD_SHARE * micro_compute_s * ready, overlap=overlap)
         + comm_after_step_s
     )
     exposed_offload = (exposed_s(work_s=offload.prefetch_transfer_s, window_s=compute_s, overlap=overlap)
@@ -175,7 +195,7 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
     offload_s = offload.serial_s + exposed_offload
     return StepTime(
         compute_s=compute_s,
-        comm_s=comm_micro_s + comm_boundary_s + comm_after_step_s,
+        comm_s=comm_micro_s + comm_micro_grad_s + comm_boundary_s + comm_after_step_s,
         exposed_comm_s=exposed_comm,
         offload_s=offload_s,
         step_s=compute_s + exposed_comm + offload_s,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -17,19 +18,28 @@ from ztune.config.schema import (
     Checkpointing,
     Compression,
     CompressionConfig,
+    Hierarchical,
     Offload,
     Precision,
     TrainConfig,
 )
 from ztune.config.validate import resolve_batch
 from ztune.cost.activations import ActivationEstimate, activation_memory
-from ztune.cost.comm import CommEstimate, comm_estimate, ring_link, wire_bytes_per_element
+from ztune.cost.comm import (
+    CommEstimate,
+    comm_estimate,
+    hierarchy_for,
+    is_gloo_profile,
+    ring_link,
+    wire_bytes_per_element,
+)
 from ztune.cost.compute import (
     DEFAULT_EFFICIENCY,
     Efficiency,
     OffloadTime,
     StepTime,
     achieved_flops_per_s,
+    first_bucket_fraction,
     model_flops_per_token,
     offload_time,
     recompute_flops_per_token,
@@ -184,6 +194,14 @@ class Estimate:
         return ", ".join(parts)
 
 
+def uses_hierarchical(setting: Hierarchical, hw: Hardware, *, num_nodes: int) -> bool:
+    """Whether the runtime runs this job's collectives in two levels (config/schema.py `Hierarchical`): several
+    nodes of several ranks each, and `true`, or `auto` on a gloo (CPU) profile."""
+    if num_nodes <= 1 or hw.gpus_per_node <= 1 or setting is Hierarchical.OFF:
+        return False
+    return setting is Hierarchical.ON or is_gloo_profile(hw)
+
+
 def _check_cluster(hw: Hardware, num_nodes: int) -> int:
     if num_nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {num_nodes}")
@@ -280,6 +298,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)
     split = mem.split
+    hierarchy = None
+    if uses_hierarchical(cfg.comm.hierarchical, hw, num_nodes=num_nodes):
+        hierarchy = hierarchy_for(hw, num_nodes=num_nodes)
     if z.stage == 3 and (z.quantized_weights or z.hpz_partition_size > 1 or z.quantized_gradients):  # ZeRO++
         from ztune.cost.zeropp import zeropp_comm_estimate
 
@@ -288,12 +309,12 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             ranks_per_node=hw.gpus_per_node, grad_accum=accum, link=link,
             intra_link=ring_link(hw, num_nodes=1, bandwidth_efficiency=efficiency.bandwidth),
             param_bytes=per_param.param, num_units=model.num_layers + 2, quantized_weights=z.quantized_weights,
-            hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients,
+            hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients, hierarchy=hierarchy,
             grad_bytes=wire_bytes_per_element(method=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
                                               grad_bytes=framework.reduce_bytes or per_param.grad))
     else:
         comm = comm_estimate(num_params=split.total, trainable_params=split.trainable, world_size=world,
-                             stage=z.stage, grad_accum=accum, link=link,
+                             stage=z.stage, grad_accum=accum, link=link, hierarchy=hierarchy,
                              param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                              reduce_bucket_numel=z.reduce_bucket_numel,
                              allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
@@ -324,10 +345,19 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                        host_memory_bw_bytes_per_s=hw.host_memory_bw_bytes_per_s,
                        host_bandwidth_efficiency=efficiency.host_bandwidth,
                        param_shard_numel=mem.param_shard_numel)
-    step = step_time(compute_s=compute_s, grad_accum=accum, comm_micro_s=comm.time_in_phase_s("micro"),
-                     comm_boundary_s=comm.time_in_phase_s("boundary"),
+    # The groups backward reduces in turn: reduce buckets, or at stage 3 the module units (runtime/engine.py
+    # _group_specs; comm_estimate's launch count), each at most one bucket.
+    grad_group_numel = z.reduce_bucket_numel
+    if z.stage == 3:
+        grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / (model.num_layers + 2)))
+    comm_micro_grad_s = comm.time_in_phase_s("micro", "grad")
+    step = step_time(compute_s=compute_s, grad_accum=accum,
+                     comm_micro_s=comm.time_in_phase_s("micro") - comm_micro_grad_s,
+                     comm_micro_grad_s=comm_micro_grad_s, comm_boundary_s=comm.time_in_phase_s("boundary"),
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
-                     overlap=efficiency.overlap)
+                     overlap=efficiency.overlap,
+                     grad_ready_fraction=first_bucket_fraction(reduce_bucket_numel=grad_group_numel,
+                                                               trainable_params=split.trainable))
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]

@@ -29,7 +29,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ztune.cost.comm import ALL_GATHER, REDUCE_SCATTER, CommEstimate, Link, OpEstimate, latency_steps
+from ztune.cost.comm import (
+    ALL_GATHER,
+    REDUCE_SCATTER,
+    CommEstimate,
+    Hierarchy,
+    Link,
+    OpEstimate,
+    hierarchical_collective_time_s,
+    latency_steps,
+)
+from ztune.cost.gloo import host_egress_bytes
 
 ALL_TO_ALL = "all_to_all"
 
@@ -117,11 +127,16 @@ def hpz_secondary_bytes(*, num_params: int, hpz_partition_size: int, param_bytes
 def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int, grad_accum: int, link: Link,
                          intra_link: Link, param_bytes: float, grad_bytes: float, num_units: int,
                          quantized_weights: bool, hpz_partition_size: int, quantized_gradients: bool = False,
-                         trainable_params: int | None = None) -> CommEstimate:
+                         trainable_params: int | None = None, hierarchy: Hierarchy | None = None) -> CommEstimate:
     """cost/comm.py's CommEstimate for stage 3 with ZeRO++: the flat collectives on `link` (all ranks); hpZ's
     backward all-gather (k ranks) and qgZ's first all-to-all (L ranks) on `intra_link`; qgZ's second all-to-all
     (N ranks, one per host) on `link`. One launch per unit and micro-step, as comm_estimate charges stage 3 (the
-    runtime gathers and reduces per module unit); an all-to-all pays n-1 latency steps (pairwise exchanges)."""
+    runtime gathers and reduces per module unit); an all-to-all pays n-1 latency steps (pairwise exchanges).
+
+    Time through the hosts' NICs (`link`: a node's aggregate): qgZ's inter-host all-to-all is sent by all L ranks
+    of a host at once, so a host's NICs carry L x one rank's bytes. With `hierarchy` the flat parameter
+    all-gathers run in two levels (runtime/comm/hierarchical.py; comm.hierarchical auto on CPU hosts); on a gloo
+    link without it they move gloo's broadcast bytes (cost/gloo.py)."""
     L, N, k, a = ranks_per_node, num_nodes, hpz_partition_size, grad_accum
     n = N * L
     tr = zeropp_traffic(num_params=num_params, num_nodes=N, ranks_per_node=L, grad_accum=a, param_bytes=param_bytes,
@@ -141,12 +156,27 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         time_s = per_step * steps * on.latency_s + wire / on.bw_bytes_per_s
         return OpEstimate(name, kind, "micro", per_step, wire, time_s)
 
-    ops = [op(ALL_GATHER, "param", flat_gather, n, link, launches * (1 if k > 1 else 2))]
+    gathers = launches * (1 if k > 1 else 2)
+    ops = [op(ALL_GATHER, "param", flat_gather, n, link, gathers)]
+    if N > 1 and flat_gather > 0:
+        payload = flat_gather / (n - 1) * n / gathers  # one launch's full tensor, from its ring bytes
+        if hierarchy is not None:
+            one = hierarchical_collective_time_s(op=ALL_GATHER, payload_bytes=payload, hierarchy=hierarchy)
+            ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather, gathers * one)
+        elif link.gloo:
+            egress = host_egress_bytes(ALL_GATHER, payload, num_nodes=N, ranks_per_node=L)
+            ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather,
+                                gathers * (latency_steps(ALL_GATHER, n, link) * link.latency_s
+                                           + egress / link.bw_bytes_per_s))
     if k > 1:
         ops.append(op(ALL_GATHER, "param", hpz_bytes, k, intra_link, launches))
     if quantized_gradients:
         ops.append(op(ALL_TO_ALL, "grad", qgz_intra, L, intra_link, launches))
-        ops.append(op(ALL_TO_ALL, "grad", grad, N, link, launches))
+        cross = op(ALL_TO_ALL, "grad", grad, N, link, launches)
+        if N > 1 and cross.calls:  # every rank of the host sends its slice through the host's NICs at once
+            cross = OpEstimate(ALL_TO_ALL, "grad", "micro", cross.calls, grad,
+                               cross.time_s + (L - 1) * grad / link.bw_bytes_per_s)
+        ops.append(cross)
     else:
         ops.append(op(REDUCE_SCATTER, "grad", grad, n, link, launches))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -1,0 +1,352 @@
+"""Does the cost model predict the cluster in a box? `ztune probe` in the box, then every ztune configuration of
+bench_cluster.py measured and estimated from that probe, side by side.
+
+    python benchmarks/bench_cost_cluster.py [--rates 1000,10000] [--steps 4] [--repeats 1]   (root)
+    python benchmarks/bench_cost_cluster.py --rerender          (predictions again from the stored run, no box)
+    python benchmarks/bench_cost_cluster.py --smoke             (root; one rate, 2 variants, 1 step: checks that
+                                                                 it runs, writes under /tmp, never docs/)
+
+The issue-15 check ("after `ztune probe` on the cluster in a box, the cost model predicts each configuration's
+measured step time there within 15%"), on a quiet machine, as root from the repository root:
+
+    .venv/bin/python benchmarks/bench_cost_cluster.py --rates 1000,10000 --repeats 1 --steps 4
+
+(= `make bench-cost-cluster`; about 10 minutes on an idle machine, longer under load). It writes
+docs/bench/cost_cluster.md: per configuration and link rate the measured and predicted step time, the error,
+and PASS or FAIL against 15%, then one verdict line for the whole check (PASS only when every configuration is
+within 15% at both rates).
+
+Per link rate, in one box (benchmarks/cluster_box.py, 2 hosts x 2 ranks) and close together in time:
+1. `ztune probe --ranks 2 --inter-node-master <host 0>:PORT --node-rank K --model tiny-llama --seq 128
+   --micro-batch 1 --precision bf16` on both hosts, as a user would on two machines: the profile (host 0's) holds
+   the measured inter-host link, the shared-memory collective inside a host, and the model's training rate with
+   both of the host's ranks computing (ztune/probe_workload.py);
+2. the torchrun job of bench_cluster.py (cluster_worker.py) over the ztune variants: the slower rank's median step;
+3. `ztune estimate --hardware <that profile> --model tiny-llama --nodes 2 --config <the variant's config> --json`
+   for each variant: the config is the one the worker gave `ztune.initialize` (peers.build_ztune's, with the
+   variant's keys merged), so the user path is what is checked.
+`--repeats R` runs 1-2 R times per rate (median and spread reported). The raw run (profiles, measured steps,
+estimates, load) goes to docs/bench/cost_cluster.json, the table to docs/bench/cost_cluster.md; `--rerender`
+recomputes the estimates from the stored profiles (after a cost-model change) without rebuilding the box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks.cluster_worker import EXTRA_VARIANTS, VARIANTS, Variant  # noqa: E402
+
+OUT_MD = ROOT / "docs" / "bench" / "cost_cluster.md"
+OUT_JSON = ROOT / "docs" / "bench" / "cost_cluster.json"
+WORKER = str(ROOT / "benchmarks" / "cluster_worker.py")
+MODEL, PRECISION, MICRO_BATCH, SEQ_LEN, RANKS_PER_HOST, NUM_HOSTS = "tiny-llama", "bf16", 1, 128, 2, 2
+PROBE_PORT = 29511
+TARGET = 0.15  # issue 15: predicted within 15% of measured
+SMOKE_VARIANTS = ("ztune flat, stage 0", "ztune hierarchical, stage 3")
+SMOKE_RATE_MBIT = 1000
+# The ztune variants bench_cluster measures, and ztune stage 0 (DDP's counterpart).
+COST_VARIANTS: tuple[Variant, ...] = tuple(v for v in EXTRA_VARIANTS + VARIANTS if v.family == "ztune")
+
+
+def variant_config(v: Variant) -> dict:
+    """The config cluster_worker gives ztune.initialize for `v` (peers.build_ztune's, `v.config` merged)."""
+    from peers import OPTIM, merge_config
+
+    base = {"zero": {"stage": v.stage}, "precision": PRECISION, "batch": {"micro": MICRO_BATCH, "grad_accum": 1},
+            "seq_len": SEQ_LEN, "gradient_clipping": 0.0,
+            "optimizer": {"type": "AdamW", "lr": OPTIM["lr"], "betas": list(OPTIM["betas"]), "eps": OPTIM["eps"],
+                          "weight_decay": OPTIM["weight_decay"]}}
+    return merge_config(base, v.config)
+
+
+def probe_in_box(box, tmp: Path) -> dict:
+    """`ztune probe` on both hosts at once; host 0's profile text and JSON summary (or the error)."""
+    procs = []
+    for k in range(NUM_HOSTS):
+        argv = [sys.executable, "-m", "ztune", "probe", "--quick", "--ranks", str(RANKS_PER_HOST), "--json",
+                "--force", "--output", str(tmp / f"host{k}.yaml"), "--inter-node-master",
+                f"{box.hosts[0].addr}:{PROBE_PORT}", "--node-rank", str(k), "--model", MODEL, "--seq", str(SEQ_LEN),
+                "--micro-batch", str(MICRO_BATCH), "--precision", PRECISION]
+        procs.append(box.popen(k, argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    if any(p.returncode for p in procs):
+        k = next(i for i, p in enumerate(procs) if p.returncode)
+        return {"error": f"host {k}: ztune probe exit {procs[k].returncode}: {outs[k][1].strip()[-300:]}"}
+    return {"profile_yaml": (tmp / "host0.yaml").read_text(), "summary": json.loads(outs[0][0]),
+            "summary_host1": json.loads(outs[1][0])}
+
+
+def run_variants(run: dict) -> tuple[Variant, ...]:
+    """The variants `run` measured (all of COST_VARIANTS unless it names them: --smoke)."""
+    names = run.get("variants")
+    return COST_VARIANTS if names is None else tuple(v for v in COST_VARIANTS if v.name in names)
+
+
+def run_job(box, *, warmup: int, steps: int, variants: tuple[Variant, ...]) -> dict:
+    """cluster_worker.py over `variants`; its JSON (variants with times, bytes, errors)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [WORKER, "--model", MODEL, "--precision", PRECISION, "--micro-batch", str(MICRO_BATCH),
+                "--seq-len", str(SEQ_LEN), "--warmup", str(warmup), "--steps", str(steps), "--out", str(out)]
+        for v in variants:
+            argv += ["--variant", v.name]
+        results = box.torchrun(argv, nproc_per_node=RANKS_PER_HOST, env={"OMP_NUM_THREADS": "1"}, timeout_s=2400)
+        for r in results:
+            print(r.output[-2000:] if r.returncode else "\n".join(
+                line for line in r.output.splitlines() if line.startswith("[box]")), flush=True)
+        failed = [f"host {r.host}: exit {r.returncode}" for r in results if r.returncode]
+        result = json.loads(out.read_text()) if out.exists() else {"variants": []}
+    result["failed"] = failed
+    return result
+
+
+def estimate_variant(profile_yaml: str, v: Variant) -> dict:
+    """`ztune estimate --json` for `v` on the probed profile: its row, or {"error": ...}."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hw, cfg = Path(tmp) / "probed.yaml", Path(tmp) / "config.yaml"
+        hw.write_text(profile_yaml)
+        cfg.write_text(yaml.safe_dump(variant_config(v)))
+        argv = [sys.executable, "-m", "ztune", "estimate", "--hardware", str(hw), "--model", MODEL, "--nodes",
+                str(NUM_HOSTS), "--config", str(cfg), "--json"]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if res.returncode:
+        return {"error": res.stderr.strip()[-300:]}
+    return json.loads(res.stdout)["rows"][0]
+
+
+def slower_host_profile(probe: dict) -> tuple[int, str]:
+    """(host, profile YAML) of the host whose ranks trained the workload slower in the probe. A data-parallel
+    step runs in lockstep, so the slower host sets its pace: a user with two hosts' profiles estimates with the
+    slower one. (In the box both hosts share one machine; their measurements differ by when each ran.)"""
+    from ztune.probe import to_yaml
+    from ztune.specs import Hardware
+
+    steps = [probe[key]["measured"]["workload"]["step_s"] for key in ("summary", "summary_host1")]
+    host = max(range(2), key=lambda k: steps[k])
+    if host == 0:
+        return 0, probe["profile_yaml"]
+    summary = probe["summary_host1"]
+    return 1, to_yaml(Hardware(**summary["profile"]), summary["provenance"])
+
+
+def predict(run: dict) -> None:
+    """Fill run["estimates"] from run["probe"] (in place), on the slower host's profile."""
+    probe = run["probe"]
+    if "error" in probe:
+        run["estimates"] = {v.name: {"error": probe["error"]} for v in run_variants(run)}
+        return
+    run["profile_host"], profile = slower_host_profile(probe)
+    run["estimates"] = {v.name: estimate_variant(profile, v) for v in run_variants(run)}
+
+
+def measure(*, rates: list[int], repeats: int, warmup: int, steps: int, variants: tuple[Variant, ...],
+            save=lambda runs: None) -> list[dict]:
+    from benchmarks.cluster_box import ClusterBox
+
+    runs = []
+    with ClusterBox(num_hosts=NUM_HOSTS, rate_mbit=rates[0]) as box, tempfile.TemporaryDirectory() as tmp:
+        for rep in range(repeats):
+            for rate in rates:
+                print(f"== repeat {rep + 1}/{repeats}, link {rate} Mbit/s", flush=True)
+                box.set_rate(rate)
+                load0, t0 = os.getloadavg()[0], time.perf_counter()
+                probe = probe_in_box(box, Path(tmp))
+                t1 = time.perf_counter()
+                job = run_job(box, warmup=warmup, steps=steps, variants=variants)
+                runs.append({"rate_mbit": rate, "repeat": rep, "variants": [v.name for v in variants],
+                             "probe": probe, "job": job,
+                             "probe_s": t1 - t0, "job_s": time.perf_counter() - t1,
+                             "load": [load0, os.getloadavg()[0]]})
+                predict(runs[-1])
+                save(runs)  # each finished rate is kept, should a later one be interrupted
+    return runs
+
+
+# --------------------------------------------------------------------------------------------- report
+NOTES = [
+    "What the cost model charges here, and why (each from a measurement or a source, none fitted per row):",
+    "- compute: the probe's measured training rate of this model with the host's ranks all busy "
+    "(ztune/probe_workload.py); of the two hosts' profiles the slower host's, as a lockstep step runs at its pace;",
+    "- bytes across hosts: gloo's own algorithms (ztune/cost/gloo.py, from gloo's reduce.cc / broadcast.cc): the "
+    "runtime's flat reduce_scatter (n reduces) and all_gather (n broadcasts) send 1.0x and 1.25x the payload out "
+    "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "
+    "gradient bytes both ways, stage 3: 7.0 x);",
+    "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
+    "qgZ's inter-host all-to-all leaves each host once per local rank;",
+    "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
+    "buckets only the last 19% of the backward can hide the reduction (stage 2 with one micro-step likewise); "
+    "gradient reductions never hide behind a forward, since the runtime waits for them at the end of each "
+    "backward (runtime/grad_reduce.py finish); stage 3's parameter gathers hide behind all compute.",
+    "",
+    "Not in the model, and visible above: (1) ZeRO++'s and 1-bit Adam's quantisation is CPU work (int8/int4 "
+    "blocks, signs and scales over every parameter each step) that a GPU hides and these 2 cores do not; (2) "
+    "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
+    "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
+    "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "
+    "than the probe's, whose 4 ranks compute without pause (twice so far, load 4-13, flat stage 0's whole "
+    "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
+    "machine is shared: between the probe and a variant's steps the load changes by 2-5x, and the same "
+    "configuration measured twice in one run differs by up to 30%.",
+]
+
+
+def _measured_ms(run: dict, name: str) -> float | None:
+    rec = next((x for x in run["job"]["variants"] if x["name"] == name), None)
+    return None if rec is None or rec["error"] else rec["median_ms"]
+
+
+def _link(run: dict) -> str:
+    p = run["probe"]
+    if "error" in p:
+        return f"probe failed: {p['error']}"
+    k = run.get("profile_host", 0)
+    m = p["summary"]["measured"]
+    fit, prof = m["inter_node"]["fit"], p["summary" if k == 0 else "summary_host1"]["profile"]
+    works = [p[key]["measured"]["workload"]["step_s"] * 1e3 for key in ("summary", "summary_host1")]
+    return (f"link {fit['busbw_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s, {fit['latency_s'] * 1e6:,.0f} us/step; "
+            f"in-host {m['collective']['fit']['busbw_bytes_per_s'] / 1e9:.2f} GB/s; {MODEL} fwd+bwd "
+            f"{works[0]:,.0f} / {works[1]:,.0f} ms per rank on host 0 / 1 with both ranks busy: host {k}'s "
+            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul) is used")
+
+
+def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool) -> str:
+    from run_all import machine_line
+
+    rates = sorted({r["rate_mbit"] for r in runs})
+    loads = [x for r in runs for x in r["load"]]
+    lines = [
+        "## Cost model vs the cluster in a box (2 hosts x 2 ranks), after `ztune probe` there",
+        "",
+        f"Command: `{command}` (as root). Date: {runs[0].get('date', dt.date.today().isoformat())}. Machine: "
+        f"{machine_line()}. Load average (1 min) {min(loads):.1f}-{max(loads):.1f} during the run (shared with "
+        f"other work: absolute times drift). Whole run: {elapsed_s:.0f} s."
+        + (" Predictions recomputed from the stored probes (`--rerender`) after a cost-model change; the "
+           "measurements and probes are the run's." if rerendered else ""),
+        "",
+        f"{MODEL}, {PRECISION}, micro batch {MICRO_BATCH} x seq {SEQ_LEN}, one thread per rank. Per link rate: "
+        "`ztune probe --quick --ranks 2 --inter-node-master ... --model tiny-llama --seq 128 --micro-batch 1 "
+        "--precision bf16` on both hosts, then the measured job (cluster_worker.py: slower rank's median step), "
+        "then `ztune estimate --hardware <the slower host's profile> --model tiny-llama --nodes 2 --config <the "
+        "variant's config> --json` per variant. Error = (predicted - measured) / measured; with several repeats, "
+        "the median and (in brackets) the range of the repeats' errors.",
+        "",
+    ]
+    for r in runs:
+        lines.append(f"- {r['rate_mbit'] / 1000:g} Gbit/s, repeat {r['repeat'] + 1}: {_link(r)}; load "
+                     f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}; probe {r['probe_s']:.0f} s, job {r['job_s']:.0f} s"
+                     + (f"; **failed: {', '.join(r['job']['failed'])}**" if r["job"]["failed"] else ""))
+    head = "| variant | " + " | ".join(f"{x / 1000:g} Gbit/s: measured ms | predicted ms | error | within "
+                                       f"{TARGET:.0%}" for x in rates) + " |"
+    lines += ["", head, "|---|" + "---:|---:|---:|:---:|" * len(rates)]
+    measured_names = {name for r in runs for name in (r.get("variants") or [v.name for v in COST_VARIANTS])}
+    worst, misses, cells_total = 0.0, [], 0
+    for v in (v for v in COST_VARIANTS if v.name in measured_names):
+        cells = []
+        for rate in rates:
+            cells_total += 1
+            pairs = []
+            for r in (x for x in runs if x["rate_mbit"] == rate):
+                got, est = _measured_ms(r, v.name), r["estimates"].get(v.name, {})
+                if got is not None and "step_time_s" in est:
+                    pairs.append((got, est["step_time_s"] * 1e3))
+            if not pairs:
+                cells.append("failed | - | - | FAIL")
+                misses.append(f"{v.name} at {rate / 1000:g} Gbit/s (not measured or not estimated)")
+                continue
+            errs = [(p - m) / m for m, p in pairs]
+            med_m, med_p = statistics.median(m for m, _ in pairs), statistics.median(p for _, p in pairs)
+            err = statistics.median(errs)
+            worst = max(worst, abs(err))
+            ok = abs(err) <= TARGET
+            if not ok:
+                misses.append(f"{v.name} at {rate / 1000:g} Gbit/s ({err:+.0%})")
+            spread = f" ({min(errs):+.0%}..{max(errs):+.0%})" if len(errs) > 1 else ""
+            cells.append(f"{med_m:,.0f} | {med_p:,.0f} | {err:+.1%}{spread} | {'PASS' if ok else 'FAIL'}")
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    verdict = (f"**PASS**: every configuration's predicted step time is within {TARGET:.0%} of the measured one at "
+               "every rate" if not misses else
+               f"**FAIL**: {len(misses)} of {cells_total} (configuration, rate) pairs are outside {TARGET:.0%}: "
+               + "; ".join(misses))
+    lines += ["", f"Largest |error| (median over repeats): {worst:.1%}; target {TARGET:.0%}.", "",
+              f"Verdict (issue 15): {verdict}.", "", *NOTES]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="1000,10000", help="link rates in Mbit/s, comma-separated")
+    parser.add_argument("--repeats", type=int, default=1, help="probe + job per rate, this many times")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--rerender", action="store_true", help="re-estimate the stored run's probes, no box")
+    parser.add_argument("--data", type=Path, default=OUT_JSON, help="the raw run to write (or --rerender)")
+    parser.add_argument("--out", type=Path, default=OUT_MD, help="the markdown table to write")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"check that it runs: {SMOKE_RATE_MBIT} Mbit/s, {', '.join(SMOKE_VARIANTS)}, 1 warm-up "
+                             "and 1 timed step; writes under a temporary folder (its numbers mean nothing)")
+    args = parser.parse_args(argv)
+    warmup, variants = 2, COST_VARIANTS
+    if args.smoke:
+        if args.rerender:
+            print("--smoke and --rerender exclude each other", file=sys.stderr)
+            return 2
+        smoke_dir = Path(tempfile.mkdtemp(prefix="bench_cost_cluster_smoke_"))
+        args.rates, args.repeats, args.steps, warmup = str(SMOKE_RATE_MBIT), 1, 1, 1
+        args.data, args.out = smoke_dir / OUT_JSON.name, smoke_dir / OUT_MD.name
+        variants = tuple(v for v in COST_VARIANTS if v.name in SMOKE_VARIANTS)
+    start = time.perf_counter()
+    if args.rerender:
+        doc = json.loads(args.data.read_text())
+        for r in doc["runs"]:
+            predict(r)
+        command, elapsed = doc["command"], doc["elapsed_s"]
+    else:
+        try:
+            rates = [int(r) for r in args.rates.split(",")]
+        except ValueError:
+            print(f"--rates {args.rates!r}: give Mbit/s as integers, e.g. 1000,10000", file=sys.stderr)
+            return 2
+        from benchmarks.cluster_box import why_unavailable
+
+        if (reason := why_unavailable()) is not None:
+            print(f"bench_cost_cluster: cannot build the cluster in a box: {reason}", file=sys.stderr)
+            return 2
+        command = "python benchmarks/bench_cost_cluster.py" + (" --smoke" if args.smoke else " ".join(
+            [""] + [f"--{k} {getattr(args, k)}" for k in ("rates", "repeats", "steps")]))
+
+        def save(runs: list[dict]) -> None:
+            for r in runs:
+                r.setdefault("date", dt.date.today().isoformat())
+            doc = {"command": command, "elapsed_s": time.perf_counter() - start, "runs": runs}
+            args.data.write_text(json.dumps(doc, indent=1))
+
+        runs = measure(rates=rates, repeats=args.repeats, warmup=warmup, steps=args.steps, variants=variants,
+                       save=save)
+        save(runs)
+        elapsed = time.perf_counter() - start
+        doc = {"command": command, "elapsed_s": elapsed, "runs": runs}
+    args.data.write_text(json.dumps(doc, indent=1))
+    text = render(doc["runs"], command=command, elapsed_s=elapsed, rerendered=args.rerender)
+    args.out.write_text(text)
+    print(text)
+    if args.smoke:
+        print(f"smoke run: wrote {args.out} and {args.data} (docs/ untouched)")
+    return 1 if any(r["job"]["failed"] for r in doc["runs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

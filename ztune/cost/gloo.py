@@ -1,0 +1,104 @@
+"""Bytes that leave a host when the runtime's collectives run on gloo across hosts, from gloo's own algorithms.
+
+The cost model's ring accounting (cost/comm.py, nccl-tests convention) charges each host boundary the ring's
+per-rank bytes: a ring over hosts of L consecutive ranks crosses each boundary once per direction. That holds
+for NCCL and for gloo's all_reduce (a ring), but the runtime runs reduce_scatter and all_gather on a gloo group
+as n reduces and n broadcasts (runtime/comm/collectives.py: faster on one host than gloo's own reduce_scatter
+and all_gather), and their algorithms send some data across hosts more than once:
+
+- gloo::reduce (gloo/reduce.cc): a ring reduce-scatter in which every rank sends (n-1)/n of the buffer to rank
+  - 1, then every rank other than the root sends its reduced 1/n chunk straight to the root;
+- gloo::broadcast (gloo/broadcast.cc): a binomial tree over virtual ranks (rank - root) mod n: in round i
+  every virtual rank below 2^i that holds the buffer sends it whole to virtual rank + 2^i;
+- gloo's all_reduce: a ring (each rank sends 2(n-1)/n of the buffer to rank + 1), as the ring accounting says.
+
+Measured on the cluster in a box (2 hosts x 2 ranks, docs/bench/cluster.md, veth counters): flat stages 1-2 sent
+4.5 x the bf16 gradient bytes across hosts per step and flat stage 3 7.0 x; these rules give 4.5 (reduce_scatter
+2 x 1.0 + all_gather 2 x 1.25) and 7.0 (+ one more all_gather), where the ring accounting gives 3.0 and 4.5.
+The hierarchical path (runtime/comm/hierarchical.py) runs the same reduces and broadcasts, over the N ranks
+with one local rank (one group per local rank, all L at once), on 1/L of the buffer.
+
+`host_egress_bytes` returns the bytes the busiest host sends to other hosts (a shaped NIC is full duplex, and
+these patterns are symmetric between hosts up to rounding), for a payload of `payload_bytes` (the full tensor).
+Pure arithmetic over at most a few thousand transfers; no torch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
+_MAX_SIMULATED_RANKS = 256  # beyond this the n^2 transfer list is not worth it: the ring accounting is used
+
+Transfer = tuple[int, int, float]  # (sending group rank, receiving group rank, bytes)
+
+
+def reduce_transfers(n: int, root: int, chunk_bytes: float) -> list[Transfer]:
+    """gloo::reduce of `chunk_bytes` over n ranks to `root` (module docstring)."""
+    ring = [(r, (r - 1) % n, (n - 1) / n * chunk_bytes) for r in range(n)]
+    return ring + [(r, root, chunk_bytes / n) for r in range(n) if r != root]
+
+
+def broadcast_transfers(n: int, root: int, nbytes: float) -> list[Transfer]:
+    """gloo::broadcast of `nbytes` from `root` over n ranks: the binomial tree (module docstring)."""
+    out, step = [], 1
+    while step < n:
+        for v in range(step):  # virtual ranks that hold the buffer send to v + step
+            if v + step < n:
+                out.append(((v + root) % n, (v + step + root) % n, nbytes))
+        step *= 2
+    return out
+
+
+def ring_all_reduce_transfers(n: int, nbytes: float) -> list[Transfer]:
+    return [(r, (r + 1) % n, 2 * (n - 1) / n * nbytes) for r in range(n)]
+
+
+def _group_transfers(op: str, n: int, payload_bytes: float) -> list[Transfer]:
+    """One group's transfers for the runtime's `op` on a payload (full tensor) over n ranks."""
+    if op == ALL_REDUCE:
+        return ring_all_reduce_transfers(n, payload_bytes)
+    chunk = payload_bytes / n
+    if op == REDUCE_SCATTER:
+        return [t for root in range(n) for t in reduce_transfers(n, root, chunk)]
+    if op == ALL_GATHER:
+        return [t for root in range(n) for t in broadcast_transfers(n, root, chunk)]
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
+                      level: str = "flat") -> float:
+    """Bytes the busiest host sends to other hosts for one runtime collective on gloo.
+
+    level "flat": `op` over all N x L ranks (host of rank r: r // L) on `payload_bytes`. level "inter": the inter-host
+    level of a hierarchical `op` (the L groups of N ranks, one rank per host, each on its 1/L of the payload; for
+    all_reduce its inter level is an all_reduce of the 1/L piece, for the others the same op over the group's
+    column, chunks of payload / (N x L)). 0 on one host. Raises ValueError on an unknown op or level."""
+    n_nodes, per_node = num_nodes, ranks_per_node
+    if n_nodes <= 1 or payload_bytes <= 0:
+        return 0.0
+    if level == "flat":
+        n = n_nodes * per_node
+        if n > _MAX_SIMULATED_RANKS:
+            return _ring_egress(op, payload_bytes, n)
+        transfers, host = _group_transfers(op, n, payload_bytes), (lambda r: r // per_node)
+        groups = 1
+    elif level == "inter":
+        if n_nodes > _MAX_SIMULATED_RANKS:
+            return per_node * _ring_egress(op, payload_bytes / per_node, n_nodes)
+        # the group's buffer: a 1/L piece for all_reduce; for reduce_scatter / all_gather the column of N chunks
+        # of payload / (N L), i.e. also payload / L in all
+        transfers, host = _group_transfers(op, n_nodes, payload_bytes / per_node), (lambda r: r)
+        groups = per_node  # the L groups run at once through the same hosts
+    else:
+        raise ValueError(f"level must be 'flat' or 'inter', got {level!r}")
+    egress: dict[int, float] = defaultdict(float)
+    for src, dst, nbytes in transfers:
+        if host(src) != host(dst):
+            egress[host(src)] += nbytes
+    return groups * max(egress.values(), default=0.0)
+
+
+def _ring_egress(op: str, payload_bytes: float, n: int) -> float:
+    """Ring accounting's bytes across one host boundary (cost/comm.py ring_factor), for very large groups."""
+    return (2 if op == ALL_REDUCE else 1) * (n - 1) / n * payload_bytes

@@ -1,0 +1,108 @@
+"""The training rate of one workload on this host's CPU ranks, all of them busy at once: what
+`ztune probe --model NAME --seq S --micro-batch B --precision P` measures, so that the profile's compute
+(peak x train_flops_efficiency) is this workload's measured rate rather than a GPU fraction of a matmul peak.
+
+Why all ranks at once: in training every rank of the host computes at the same time, on cores (and memory
+bandwidth, caches, boost clocks) that the probe's one-process matmul has to itself. A rank's rate with its
+peers busy is what a step sees. On a host with one core per rank the difference is the memory system's; where
+ranks outnumber cores (the cluster in a box runs 2 hosts x 2 ranks on one 2-core machine, and the hosts' probes
+run together, as they leave the inter-host measurement together) it is the core share itself.
+
+Counting: forward + loss + backward of one micro-batch of random tokens, counted as the cost model counts
+training FLOPs (ztune.cost.compute.model_flops_per_token, 6 Psi + 12 L h s per token: PaLM appendix B). Each
+rank times `repeats` steps after a warm-up; the step's rate is the slowest rank's *median* (ranks run in
+lockstep, and on a shared machine the best run is the exception, not the step a job sees).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from ztune.probe import ProbeFailed, _wait_for_result
+
+DTYPES = ("fp32", "bf16", "fp16")
+WORKLOAD_REPEATS = 5  # timed steps per rank after one warm-up (tiny-llama at seq 128: ~0.5 s each per core)
+
+
+@dataclass(frozen=True)
+class WorkloadRate:
+    """`flops_per_s` per rank (model FLOPs / the slowest rank's median step) while `ranks` ranks train
+    `model` at micro_batch x seq_len in `dtype` at once; `step_s` that median step (forward + backward)."""
+
+    model: str
+    ranks: int
+    seq_len: int
+    micro_batch: int
+    dtype: str
+    threads: int
+    step_s: float
+    flops_per_s: float
+
+
+def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
+                     barrier, queue) -> None:
+    """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        import torch
+
+        from ztune.runtime.models import build_model
+
+        torch.set_num_threads(threads)
+        model = build_model(spec, seed=0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                 "fp16": torch.float16}[dtype])
+        ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len),
+                            generator=torch.Generator().manual_seed(rank))
+        model(ids, labels=ids).backward()  # warm-up: allocator, oneDNN primitive caches
+        barrier.wait(timeout=300)  # all ranks compute together, as in training
+        times = []
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            model(ids, labels=ids).backward()
+            times.append(time.perf_counter() - start)
+        queue.put(("ok", (rank, times)))
+    except BaseException as exc:  # reported to the parent; a rank must not hang silently
+        queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
+                          repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0) -> WorkloadRate:
+    """Spawn `ranks` processes that train `spec` (a ModelSpec) at once on `threads` torch threads each and
+    return the per-rank rate (module docstring). Raises ProbeFailed when a rank fails or hangs."""
+    import multiprocessing as mp
+
+    from ztune.cost.compute import model_flops_per_token
+    from ztune.specs import count_params
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(ranks)
+    procs = [ctx.Process(target=_workload_worker, daemon=True,
+                         args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue))
+             for r in range(ranks)]
+    for p in procs:
+        p.start()
+    medians = []
+    try:
+        for _ in range(ranks):
+            status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
+            if status != "ok":
+                raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
+            medians.append(statistics.median(payload[1]))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    step_s = max(medians)
+    per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
+                                      attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
+    flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
+    return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops)
