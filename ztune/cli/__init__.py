@@ -70,6 +70,13 @@ def build_app(names: tuple[str, ...] | None = None) -> typer.Typer:
             built.command(name, **getattr(mod, "COMMAND_SETTINGS", {}))(getattr(mod, name))
     return built
 
+# Commands whose ranks read the ZTUNE_* variables (ztune/envvars.py) of this environment.
+_STARTS_RANKS = ("probe", "autotune", "launch")
+
+
+def _asks_for_help(args: list[str]) -> bool:
+    return "--help" in args[:args.index("--")] if "--" in args else "--help" in args
+
 
 def _command_named(argv: list[str]) -> str | None:
     """The command `argv` runs, if it names one before any other word (root options come first)."""
@@ -94,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "estimate" and _run_estimate_fast(args):
             return
+        if command in _STARTS_RANKS and not _asks_for_help(args):
+            from ztune.envvars import check_environment
+
+            check_environment()  # a bad ZTUNE_* value: one line here, not a failure in every rank
         app = build_app((command,) if command else None)
         # standalone_mode=False (click's documented switch, passed through by typer): usage errors come back
         # as exceptions instead of typer's multi-line rich box, and typer.Exit(n) as the return value n.

@@ -35,15 +35,13 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
     fraction) for the cost model's ranking; the journal's fingerprint keeps the profile as written, so a
     rerun still resumes. Trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so
     do the measurements."""
-    import os
-
     import psutil
 
+    from ztune import envvars
     from ztune.probe import with_measured_cpu_compute
     from ztune.specs import count_params
 
-    raw = os.environ.get("OMP_NUM_THREADS", "1")
-    threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    threads = envvars.omp_num_threads()
     # The timed step holds the whole model unsharded with its gradients, no optimizer: 8 bytes a parameter in
     # fp32, 16 with headroom for activations. Where that would crowd this host's memory, time no step.
     timed = count_params(model).total * 16 <= psutil.virtual_memory().available // 4

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ztune.envvars import check_environment
 from ztune.errors import UserError
 from ztune.inputs import read_text
 from ztune.launch.command import (
@@ -170,6 +171,9 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
     if not 1 <= req.master_port <= 65535:
         raise LaunchError(f"--master-port {req.master_port} is not a TCP port (1-65535)")
     env = merged_env(req, environ, workdir=workdir)
+    # What the ranks will see (local ranks inherit `environ` too): a bad ZTUNE_* value, here or in --env, is
+    # one line now rather than a failure on every host.
+    check_environment({**environ, **env})
     # Local mode: the ranks inherit this environment whole; only other hosts see just `env`.
     env_left_behind = () if local else tuple(left_behind(environ, env))
     config_suffix = config_text = None
