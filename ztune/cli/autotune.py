@@ -320,6 +320,7 @@ def autotune(
     from ztune.config import load
     from ztune.console import console, err_console, warn
     from ztune.profiles import load_hardware, load_model
+    from ztune.tune import rundir
     from ztune.tune.journal import Journal
     from ztune.tune.rank import Workload, local_hardware
     from ztune.tune.space import Constraints, build_space, fingerprint
@@ -391,6 +392,8 @@ def autotune(
         run_args = ("--model", model)
         desc = {"script": "built-in", "args": list(run_args)}
     desc |= {"warmup_steps": warmup, "measured_steps": steps}
+    if smoke:
+        desc[rundir.SMOKE_MARK] = True  # the folder is a smoke run's: a later --smoke may replace it
     if host_trials is not None:
         desc["hosts"] = {"nodes": num_nodes, "ranks_per_node": nproc, "hostfile": hostfile,
                          "include": include, "exclude": exclude}
@@ -401,11 +404,13 @@ def autotune(
                                base=base, workload=desc)
     if smoke:
         out = out / "smoke" if out == Path("ztune-autotune") else out
+    rundir.check_out(out, smoke=smoke, fresh=fresh, describe=describe)  # earlier results are never lost
     try:  # a file (or a file above it) where the folder should be is one line, not a traceback from the journal
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {str(out)!r} cannot be used as the results folder ({exc.strerror or exc}); "
                         "give a folder path") from None
+    kept = rundir.keep_previous_run(out) if fresh and not smoke else None
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
     # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
     if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
@@ -416,8 +421,8 @@ def autotune(
         model_hw = hw
     workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,
                         num_nodes=num_nodes)
-    if journal.moved_aside is not None and not smoke:
-        warn(f"--fresh: the previous journal was kept as {journal.moved_aside}")
+    if kept is not None:
+        warn(f"--fresh: the previous run (journal, trials, exported config) was kept in {kept}")
     if smoke:
         shutil.rmtree(out / "trials", ignore_errors=True)
     settings = Settings(nproc=nproc, script=run_script, script_args=run_args, warmup_steps=warmup,
