@@ -74,6 +74,8 @@ def _ints(text: str | None, flag: str, *, lo: int = 0, hi: int = MAX_BATCH) -> t
     if text is None:
         return None
     items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:  # was: --stages '' silently meant stage 0 only, --micro '' every micro-batch
+        raise UserError(f"{flag}: empty; give comma-separated integers (e.g. {flag} 1,2,4), or leave it out")
     if len(items) > 1024 or not all(x.isascii() and x.lstrip("-").isdigit() and len(x) <= 12 for x in items):
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}")
     values = tuple(int(x) for x in items)
@@ -372,7 +374,7 @@ def autotune(
     if seq > spec.max_seq_len:
         raise UserError(f"--seq {seq} exceeds {spec.name}'s max_seq_len {spec.max_seq_len}")
     precision = (precision or ("fp32" if cpu_profile else "bf16")).lower()
-    knobs = tuple(k.strip() for k in vary.split(",")) if vary else (
+    knobs = tuple(k.strip() for k in vary.split(",")) if vary is not None else (
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
     constraints = Constraints(num_ranks=nproc * num_nodes, global_batch=global_batch, seq_len=seq, vary=knobs,
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
