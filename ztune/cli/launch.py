@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ztune.console import console, err_console, table
+from ztune.errors import UserError
 
 # Everything after SCRIPT belongs to the script (like torchrun): no interspersed options, unknown ones kept.
 COMMAND_SETTINGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
@@ -83,11 +84,27 @@ def launch(
     plan = plan_launch(req)
     if (note := left_behind_warning(plan.env_left_behind)) is not None:
         warn(note)
+    if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir!r} is a file; give a folder (it is created if missing)")
     if dry_run:
         _print_dry_run(plan)
         return
+    if log_dir is not None:
+        _make_log_dir(log_dir)
     interfaces = _preflight(plan, cache=preflight_cache)
     raise typer.Exit(_supervise(plan, interfaces, log_dir=log_dir))
+
+
+def _make_log_dir(log_dir: str) -> None:
+    """Create --log-dir before anything starts: a folder that cannot be made or written is one line (exit 2),
+    not a traceback once the hosts are being started."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--log-dir {log_dir!r} cannot be created ({exc.strerror or exc}); give a folder path "
+                        "you can write") from None
+    if not os.access(log_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--log-dir {log_dir!r} is not writable; give a folder you can write")
 
 
 def _print_dry_run(plan) -> None:

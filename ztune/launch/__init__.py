@@ -168,6 +168,9 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
         raise LaunchError(f"script {req.script!r} not found in {workdir}; check the path")
     if req.script.startswith("-"):
         raise LaunchError(f"script {req.script!r} looks like an option; put ztune's options before the script")
+    if not req.run_root.rstrip("/").strip():  # "" or "/": each run's files would land in the filesystem root
+        raise LaunchError(f"--run-root {req.run_root!r}: give a directory for the run's files, such as "
+                          "/tmp/ztune-runs")
     if not 1 <= req.master_port <= 65535:
         raise LaunchError(f"--master-port {req.master_port} is not a TCP port (1-65535)")
     env = merged_env(req, environ, workdir=workdir)
