@@ -52,8 +52,9 @@ def test_every_command_is_covered():
 
 
 def test_help_and_no_arguments_unchanged(capsys):
-    main(["checkpoint", "--help"])  # help on stdout, exit 0: main returns
-    assert "Usage" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["checkpoint", "--help"])
+    assert exc.value.code == 0 and "Usage" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main([])
     out, err = capsys.readouterr()
@@ -79,7 +80,9 @@ def test_command_exit_codes_pass_through(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fail"])
     assert exc.value.code == 3
-    main(["done"])  # returns: exit 0
+    with pytest.raises(SystemExit) as exc:
+        main(["done"])
+    assert exc.value.code == 0
     with pytest.raises(SystemExit) as exc:
         main(["fail", "--code", "x"])
     assert exc.value.code == 2 and "(got 'x')" in capsys.readouterr().err

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
         error(str(exc))
         sys.exit(2)
-    if isinstance(code, int) and not isinstance(code, bool) and code:
-        sys.exit(code)
+    # As typer's standalone mode: SystemExit on success too (in-process callers and tests rely on it).
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 def _run_app(app: typer.Typer, args: list[str]) -> object:
