@@ -1,6 +1,6 @@
 """`ztune launch` output paths refused before anything starts (one line, exit 2): --log-dir on a file was a
 FileExistsError traceback once the hosts were being started; --run-root '' or '/' put each run's files in the
-filesystem root of every host."""
+filesystem root of every host; --preflight-cache (below)."""
 
 from pathlib import Path
 
@@ -17,12 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
     (["--log-dir", "{file}/sub"], "cannot be created (Not a directory)"),
     (["--run-root", "", "--dry-run"], "--run-root '': give a directory"),
     (["--run-root", "/", "--dry-run"], "--run-root '/': give a directory"),
+    # --preflight-cache: a folder or a missing folder were tracebacks after the preflight; a file that is not
+    # a cache (a hostfile given by mistake) was silently replaced.
+    (["--preflight-cache", "{dir}"], "is a folder; give a file name"),
+    (["--preflight-cache", "{dir}/nope/p.json"], "does not exist"),
+    (["--preflight-cache", "{file}"], "is not a ztune preflight cache"),
 ])
 def test_bad_output_path_is_one_line_exit_2(extra, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     afile = tmp_path / "afile"
     afile.write_text("keep me\n")
-    argv = ["launch", "--nproc-per-node", "1", *[a.format(file=afile) for a in extra], "examples/train_tiny.py"]
+    argv = ["launch", "--nproc-per-node", "1", *[a.format(file=afile, dir=tmp_path) for a in extra],
+            "examples/train_tiny.py"]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     out, err = capsys.readouterr()

@@ -144,19 +144,47 @@ def _preflight(plan, *, cache: str | None = None) -> list[tuple[str | None, str 
     from pathlib import Path
 
     if cache is not None:
-        try:
-            saved = json.loads(Path(cache).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and saved.get("key") == _preflight_key(plan):
+        saved = _read_preflight_cache(cache)
+        if saved is not None and saved.get("key") == _preflight_key(plan):
             err_console.print(f"preflight: reusing {cache}", markup=False, soft_wrap=True)
             return [tuple(i) for i in saved["interfaces"]]
     interfaces = _run_preflight(plan)
     if cache is not None:
         tmp = Path(f"{cache}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": _preflight_key(plan), "interfaces": interfaces}), encoding="utf-8")
-        os.replace(tmp, cache)
+        try:
+            tmp.write_text(json.dumps({"key": _preflight_key(plan), "interfaces": interfaces}), encoding="utf-8")
+            os.replace(tmp, cache)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"--preflight-cache {cache!r} cannot be written ({exc.strerror or exc}); give a file "
+                            "path you can write") from None
     return interfaces
+
+
+def _read_preflight_cache(cache: str) -> dict | None:
+    """The saved preflight in `cache`; None when there is none yet. A path that is a folder, whose folder does
+    not exist, or a file that is not a preflight cache (a hostfile given by mistake: it would be replaced) is
+    a UserError, before the preflight runs."""
+    import json
+
+    path = os.path.abspath(cache)
+    if os.path.isdir(path):
+        raise UserError(f"--preflight-cache {cache!r} is a folder; give a file name such as "
+                        f"{os.path.join(cache, 'preflight.json')!r}")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UserError(f"--preflight-cache {cache!r}: folder {os.path.dirname(path)!r} does not exist")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
+            and isinstance(saved.get("interfaces"), list)):
+        raise UserError(f"--preflight-cache {cache!r} exists and is not a ztune preflight cache (it would be "
+                        "replaced); give a new file name, or remove that file")
+    return saved
 
 
 def _run_preflight(plan) -> list[tuple[str | None, str | None]]:
