@@ -135,3 +135,12 @@ def omp_num_threads(environ: Mapping[str, str] | None = None) -> int:
     """
     raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
     return int(raw) if raw.isdigit() and 0 < int(raw) <= 1 << 16 else 1
+
+
+def markdown_table() -> str:
+    """docs/environment.md's table of VARS (a test keeps the page in step with this module)."""
+    rows = ["| variable | value | default | what it sets |", "|---|---|---|---|"]
+    for var in VARS.values():
+        default = "(see text)" if var.default is None else _show(var.default)
+        rows.append(f"| `{var.name}` | {var.expected()} | {default} | {var.help} |")
+    return "\n".join(rows) + "\n"

@@ -157,3 +157,11 @@ def test_launch_checks_env_assignments_too(monkeypatch, capsys):
 @pytest.mark.parametrize(("raw", "threads"), [("4", 4), ("", 1), ("abc", 1), ("4,2", 1), ("0", 1), ("-3", 1)])
 def test_omp_num_threads_for_trials(raw, threads):
     assert envvars.omp_num_threads({"OMP_NUM_THREADS": raw}) == threads
+
+
+def test_environment_doc_is_generated_from_the_table():
+    from ztune.runtime.comm import shm
+
+    text = (REPO / "docs" / "environment.md").read_text()
+    assert envvars.markdown_table() in text
+    assert f"`ZTUNE_SHM_MIN_BYTES` defaults to {shm.MIN_BYTES} " in text
