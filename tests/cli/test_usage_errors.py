@@ -29,6 +29,10 @@ CASES = [
     (["launch", "--master-port", "http", "train.py"], ["'--master-port'", "(got 'http')"]),
     (["probe", "--inter-node-gbps", "fast"], ["'--inter-node-gbps'", "number", "(got 'fast')"]),
     (["checkpoint", "inspect", "d", "--json", "--verify", "--tag"], ["--tag", "requires an argument"]),
+    # launch passes unknown options on (they belong to the script when they follow it); before the script
+    # one is named as an unknown option, not as a missing script file '--nosuchflag'.
+    (["launch", "--nosuchflag=1", "train.py"], ["no such option '--nosuchflag' for ztune launch",
+                                                 "'ztune launch --help'"]),
 ]
 
 
