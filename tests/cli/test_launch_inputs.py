@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
     (["--preflight-cache", "{dir}"], "is a folder; give a file name"),
     (["--preflight-cache", "{dir}/nope/p.json"], "does not exist"),
     (["--preflight-cache", "{file}"], "is not a ztune preflight cache"),
+    # a host name with a space was accepted as the rendezvous address of every host
+    (["--master-addr", "a b", "--dry-run"], "--master-addr: 'a b' is not a host name"),
 ])
 def test_bad_output_path_is_one_line_exit_2(extra, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
