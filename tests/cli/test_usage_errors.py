@@ -28,6 +28,7 @@ CASES = [
     (["autotune", "--steps", "1.5"], ["'--steps'", "integer", "(got '1.5')"]),
     (["launch", "--master-port", "http", "train.py"], ["'--master-port'", "(got 'http')"]),
     (["probe", "--inter-node-gbps", "fast"], ["'--inter-node-gbps'", "number", "(got 'fast')"]),
+    (["estimate", "--seq", "1\x1b[2J\n2"], ["'--seq'", "\\x1b[2J"]),  # control characters escaped
     (["checkpoint", "inspect", "d", "--json", "--verify", "--tag"], ["--tag", "requires an argument"]),
     # launch passes unknown options on (they belong to the script when they follow it); before the script
     # one is named as an unknown option, not as a missing script file '--nosuchflag'.

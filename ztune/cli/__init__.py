@@ -122,7 +122,7 @@ def _run_app(app: typer.Typer, args: list[str]) -> object:
     """Call `app` on `args`; a usage error becomes `UsageError`'s one line (exit 2), Ctrl-D/abort exit 1."""
     import typer
 
-    # click's ClickException, found through typer's public BadParameter: typer >= 0.22 vendors click as
+    # click's ClickException, found through typer's public BadParameter: recent typer vendors click as
     # typer._click, older versions use click itself; both keep BadParameter -> UsageError -> ClickException.
     click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
@@ -133,8 +133,13 @@ def _run_app(app: typer.Typer, args: list[str]) -> object:
         error("aborted")
         sys.exit(1)
     except click_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `ztune` alone: the help, as typer shows it, exit 2
+            text = exc.format_message() if hasattr(exc, "format_message") else ""
+            if text.strip():  # click itself carries the help in the message; typer 0.29 printed it already
+                sys.stdout.write(text.rstrip("\n") + "\n")
+            sys.exit(2)
         line = usage_error_line(exc, args)
-        if line:  # empty when the group already printed its help (`ztune` alone)
+        if line:
             from ztune.console import error
 
             error(line)
@@ -155,7 +160,7 @@ def usage_error_line(exc: Exception, args: list[str]) -> str:
         message += f" (got {given!r})"
     ctx = getattr(exc, "ctx", None)
     path = getattr(ctx, "command_path", None) or "ztune"
-    return f"{message}; try '{path} --help'"
+    return str(UserError(f"{message}; try '{path} --help'"))  # control characters from argv escaped
 
 
 def _value_given(param: object, args: list[str]) -> str | None:
