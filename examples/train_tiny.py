@@ -20,6 +20,7 @@ import torch
 
 import ztune
 from ztune.config import CONFIG_ENV
+from ztune.envvars import omp_num_threads
 from ztune.profiles import load_model
 from ztune.runtime.data import batches, synthetic_corpus
 from ztune.runtime.models import build_model
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(omp_num_threads())  # OMP_NUM_THREADS if a positive integer, else 1
     config = args.config or (None if os.environ.get(CONFIG_ENV) else DEFAULT_CONFIG)
     spec = load_model(args.model)
     model = build_model(spec, seed=args.seed)

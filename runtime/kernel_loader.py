@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ztune import envvars
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ class LazyBackend:
     """The library `build()` returns, built on the first `get()` of the process (thread-safe), or the fallback.
 
     build: returns the loaded library or raises (any exception means "use the fallback", its first line is the
-    reason). disable_env: a variable that, set to anything but "" or "0", selects the fallback without
-    building. warning: the category warned once when a build fails; `fallback` names what runs instead.
+    reason). disable_env: a boolean variable declared in ztune/envvars.py that, when true, selects the
+    fallback without building (a value that is not a boolean is an EnvVarError). warning: the category
+    warned once when a build fails; `fallback` names what runs instead.
     """
 
     def __init__(self, build: Callable[[], ctypes.CDLL], *, disable_env: str, warning: type[Warning],
@@ -65,7 +67,7 @@ class LazyBackend:
             self._backend = backend
 
     def _load(self) -> Backend:
-        if os.environ.get(self._disable_env, "") not in ("", "0"):
+        if envvars.read(self._disable_env):
             log.info("%s is set: using %s", self._disable_env, self._fallback)
             return Backend(lib=None, reason=f"{self._disable_env} is set")
         try:

@@ -23,7 +23,6 @@ process: median step 0.91 s with stamps, 1.09 s without, on the 2-core dev machi
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from datetime import timedelta
 
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ztune.errors import ConfigError
+from ztune import envvars
 from ztune.runtime.comm.groups import GroupRef
 
 # torch >= 2.12 renamed the flat all-gather (as in runtime/comm/collectives.py).
@@ -55,17 +54,7 @@ class GatherDivergedError(RuntimeError):
 
 def timeout_from_env() -> float:
     """Seconds a stage-3 gather may wait for its partners ($ZTUNE_GATHER_TIMEOUT_S, default 60)."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value < 10**7):
-        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected seconds > 0 (unset it for the default, "
-                          f"{DEFAULT_TIMEOUT_S:g})")
-    return value
+    return float(envvars.read(TIMEOUT_ENV, default=DEFAULT_TIMEOUT_S))
 
 
 def unit_names(model: nn.Module, modules) -> list[str]:

@@ -23,26 +23,20 @@ its own lr / betas / eps / weight_decay / momentum and, for Adam, `bias_correcti
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
+from ztune import envvars
 from ztune.config.schema import OptimizerType
-from ztune.errors import ConfigError
 
 # Which kernel steps Adam/AdamW on CUDA-resident shards: "torch" (default) or "ztune" (runtime/cuda_adam.py).
 CUDA_ADAM_ENV = "ZTUNE_CUDA_ADAM"
-_CUDA_ADAM_CHOICES = ("torch", "ztune")
 
 
 def cuda_adam_choice() -> str:
     """$ZTUNE_CUDA_ADAM, "torch" when unset or empty; ConfigError (one line) for any other value."""
-    value = os.environ.get(CUDA_ADAM_ENV) or "torch"
-    if value not in _CUDA_ADAM_CHOICES:
-        raise ConfigError(f"{CUDA_ADAM_ENV}={value!r} is not a choice: set it to torch (torch's fused Adam, the "
-                          "default) or ztune (csrc/cuda/adam.cu) to pick the Adam kernel for CUDA shards")
-    return value
+    return str(envvars.read(CUDA_ADAM_ENV))
 
 
 class FusedCpuAdam(torch.optim.Adam):

@@ -111,11 +111,13 @@ class TrialReporter:
         path = os.environ.get(REPORT_ENV)
         if not path:
             return None
+        from ztune import envvars
+
         rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-        return cls(path=path, warmup_steps=int(os.environ.get(WARMUP_ENV, "1")),
-                   measured_steps=int(os.environ.get(STEPS_ENV, "3")), rank=rank, world_size=world_size,
-                   exit_when_done=os.environ.get(EXIT_ENV, "1") != "0")
+        # A bad ZTUNE_TRIAL_* value is an EnvVarError naming the variable (ztune/envvars.py).
+        return cls(path=path, warmup_steps=envvars.read(WARMUP_ENV), measured_steps=envvars.read(STEPS_ENV),
+                   rank=rank, world_size=world_size, exit_when_done=envvars.read(EXIT_ENV))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.rank != 0:

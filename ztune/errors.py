@@ -20,3 +20,7 @@ class ConfigError(UserError):
 
 class ProfileError(UserError):
     """A model or hardware profile that cannot be found or parsed."""
+
+
+class EnvVarError(ConfigError):
+    """A ZTUNE_* environment variable with a value of the wrong form (ztune/envvars.py)."""

@@ -13,9 +13,11 @@ same numbers (rank 0's view of the slowest rank).
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 from collections.abc import Sequence
 
 from ztune.errors import UserError
+from ztune.launch.hostfile import canonical_host
 from ztune.probe import CollectiveResult, ProbeFailed, _collective_worker, _wait_for_result, fit_alpha_beta
 
 DEFAULT_PORT = 29510  # torchrun's default is 29500; a probe may run beside a job on the same hosts
@@ -34,7 +36,17 @@ def parse_master(text: str) -> tuple[str, int]:
             raise UserError(f"--inter-node-master {text!r}: the port must be an integer, as in HOST:29510") from None
     if not host or not 1 <= port <= 65535:
         raise UserError(f"--inter-node-master {text!r}: give HOST or HOST:PORT (port 1-65535)")
-    return host, port
+    return canonical_host(host, where="--inter-node-master"), port  # no spaces or leading '-'; [v6] bare
+
+
+def check_resolves(host: str, port: int) -> None:
+    """UserError when `host` does not resolve here: the probe would retry the rendezvous until its timeout."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--inter-node-master: host {host!r} does not resolve here "
+                        f"({exc.strerror if isinstance(exc, socket.gaierror) else exc}); give the master host's "
+                        "name or address as both hosts reach it") from None
 
 
 def measure_inter_node_link(*, master_addr: str, master_port: int, node_rank: int, sizes: Sequence[int],

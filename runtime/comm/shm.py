@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ztune.errors import ConfigError
+from ztune import envvars
 from ztune.runtime.comm.groups import GroupRef
 
 SHM_ROOT = "/dev/shm"
@@ -68,7 +68,7 @@ class _Region:
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    return bool(envvars.read(ENV_SWITCH))
 
 
 class SharedMemoryTransport:
@@ -281,17 +281,7 @@ def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
 
 
 def _min_bytes_from_env() -> int:
-    raw = os.environ.get(MIN_BYTES_ENV, "").strip()
-    if not raw:
-        return MIN_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ConfigError(f"{MIN_BYTES_ENV}={raw!r}: expected a byte count >= 0 (unset it for the default, "
-                         f"{MIN_BYTES})")
-    return value
+    return int(envvars.read(MIN_BYTES_ENV, default=MIN_BYTES))
 
 
 def _unlink(path: str) -> None:

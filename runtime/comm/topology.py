@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ztune import envvars
+from ztune.errors import EnvVarError
+
 ENV_OVERRIDE = "ZTUNE_LOCAL_WORLD_SIZE"
 
 
@@ -56,17 +59,13 @@ class NodeLayout:
 def layout_from_env(*, world_size: int, environ: dict | None = None) -> NodeLayout:
     """The layout for this job: `ZTUNE_LOCAL_WORLD_SIZE`, else torchrun's `LOCAL_WORLD_SIZE`, else one host.
 
-    Raises ValueError when the override is not a positive integer dividing `world_size`.
+    Raises EnvVarError (a ValueError) when the override is not a positive integer dividing `world_size`.
     """
     env = os.environ if environ is None else environ
-    raw = env.get(ENV_OVERRIDE)
-    if raw is not None:
-        try:
-            per_node = int(raw)
-        except ValueError:
-            raise ValueError(f"{ENV_OVERRIDE}={raw!r} is not an integer; set it to the ranks per host") from None
-        if per_node < 1 or world_size % per_node:
-            raise ValueError(f"{ENV_OVERRIDE}={per_node} must be a positive divisor of the world size "
+    per_node = envvars.read(ENV_OVERRIDE, environ=env)  # EnvVarError (a ValueError) unless an integer >= 1
+    if per_node is not None:
+        if world_size % per_node:
+            raise EnvVarError(f"{ENV_OVERRIDE}={per_node} must be a positive divisor of the world size "
                              f"{world_size}; set it to the ranks per host")
         return NodeLayout(world_size=world_size, ranks_per_node=per_node)
     try:

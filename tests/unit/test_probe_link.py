@@ -12,7 +12,9 @@ from ztune.probe_link import DEFAULT_PORT, TRANSPORT, parse_master
 def test_parse_master():
     assert parse_master("10.0.0.1") == ("10.0.0.1", DEFAULT_PORT)
     assert parse_master("node0:1234") == ("node0", 1234)
-    for bad in ("node0:", ":1234", "node0:x", "node0:70000"):
+    assert parse_master("[fd00::1]:29511") == ("fd00::1", 29511)
+    # a space or a leading '-' (was: a rendezvous retried until the timeout, or an ssh-style option)
+    for bad in ("node0:", ":1234", "node0:x", "node0:70000", "a b", "-oProxyCommand=x"):
         with pytest.raises(UserError, match="--inter-node-master"):
             parse_master(bad)
 
@@ -35,3 +37,14 @@ def test_measured_link_replaces_the_assumption():
     assert notes["inter_node_latency_s"].startswith("measured:")
     single = probe.field_notes(probe.Measurements(host, gpus, 2, mem, flops, None, None))
     assert single["inter_node_bw_bytes_per_s"].startswith("assumed: this single-host probe measured no")
+
+
+def test_master_that_does_not_resolve_is_one_line_before_probing(capsys, tmp_path):
+    # was: both probe processes retried the rendezvous with c10d warnings until the timeout
+    from ztune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["probe", "--quick", "--inter-node-master", "nohost.invalid", "--node-rank", "1",
+              "-o", str(tmp_path / "hw.yaml")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "'nohost.invalid' does not resolve here" in err, err

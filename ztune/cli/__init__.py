@@ -70,6 +70,13 @@ def build_app(names: tuple[str, ...] | None = None) -> typer.Typer:
             built.command(name, **getattr(mod, "COMMAND_SETTINGS", {}))(getattr(mod, name))
     return built
 
+# Commands whose ranks read the ZTUNE_* variables (ztune/envvars.py) of this environment.
+_STARTS_RANKS = ("probe", "autotune", "launch")
+
+
+def _asks_for_help(args: list[str]) -> bool:
+    return "--help" in args[:args.index("--")] if "--" in args else "--help" in args
+
 
 def _command_named(argv: list[str]) -> str | None:
     """The command `argv` runs, if it names one before any other word (root options come first)."""
@@ -87,18 +94,90 @@ def __getattr__(name: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI. Usage errors (unknown command or flag) are typer's: a short message and exit 2."""
+    """Run the CLI. Every usage error (unknown command or option, missing argument, bad choice, a value that
+    is not a number) and every `UserError` is one line on stderr and exit 2; `typer.Exit(n)` exits n."""
     args = sys.argv[1:] if argv is None else list(argv)
     command = _command_named(args)
     try:
         if command == "estimate" and _run_estimate_fast(args):
             return
-        build_app((command,) if command else None)(args=args, prog_name="ztune")
+        if command in _STARTS_RANKS and not _asks_for_help(args):
+            from ztune.envvars import check_environment
+
+            check_environment()  # a bad ZTUNE_* value: one line here, not a failure in every rank
+        app = build_app((command,) if command else None)
+        # standalone_mode=False (click's documented switch, passed through by typer): usage errors come back
+        # as exceptions instead of typer's multi-line rich box, and typer.Exit(n) as the return value n.
+        code = _run_app(app, args)
     except UserError as exc:
         from ztune.console import error
 
         error(str(exc))
         sys.exit(2)
+    # As typer's standalone mode: SystemExit on success too (in-process callers and tests rely on it).
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+
+
+def _run_app(app: typer.Typer, args: list[str]) -> object:
+    """Call `app` on `args`; a usage error becomes `UsageError`'s one line (exit 2), Ctrl-D/abort exit 1."""
+    import typer
+
+    # click's ClickException, found through typer's public BadParameter: recent typer vendors click as
+    # typer._click, older versions use click itself; both keep BadParameter -> UsageError -> ClickException.
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        return app(args=args, prog_name="ztune", standalone_mode=False)
+    except typer.Abort:
+        from ztune.console import error
+
+        error("aborted")
+        sys.exit(1)
+    except click_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `ztune` alone: the help, as typer shows it, exit 2
+            text = exc.format_message() if hasattr(exc, "format_message") else ""
+            if text.strip():  # click itself carries the help in the message; typer 0.29 printed it already
+                sys.stdout.write(text.rstrip("\n") + "\n")
+            sys.exit(2)
+        line = usage_error_line(exc, args)
+        if line:
+            from ztune.console import error
+
+            error(line)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
+
+
+def usage_error_line(exc: Exception, args: list[str]) -> str:
+    """One line for a click/typer usage error: its message with whitespace folded (a choice list arrives one
+    choice per line), the value the user gave when the error is about one option's value, and the help hint.
+    Empty when the message is empty (the help text was printed instead)."""
+    message = " ".join(str(exc.format_message() if hasattr(exc, "format_message") else exc).split())
+    # typer's value coercion prefixes a validator's own message with "Value error, ": noise to the user.
+    message = message.replace(": Value error, ", ": ").rstrip(".")
+    if not message:
+        return ""
+    given = _value_given(getattr(exc, "param", None), args)
+    if given is not None and repr(given) not in message:
+        message += f" (got {given!r})"
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "ztune"
+    return str(UserError(f"{message}; try '{path} --help'"))  # control characters from argv escaped
+
+
+def _value_given(param: object, args: list[str]) -> str | None:
+    """What `args` passed to the option `param` (its last occurrence), or None (an argument, or not given)."""
+    opts = [o for o in (getattr(param, "opts", None) or ()) if o.startswith("-")]
+    if not opts or getattr(param, "is_flag", False):
+        return None
+    given = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        for opt in opts:
+            if arg == opt and i + 1 < len(args):
+                given = args[i + 1]
+            elif opt.startswith("--") and arg.startswith(opt + "="):
+                given = arg[len(opt) + 1:]
+    return given
 
 
 def _run_estimate_fast(args: list[str]) -> bool:

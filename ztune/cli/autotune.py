@@ -35,15 +35,13 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
     fraction) for the cost model's ranking; the journal's fingerprint keeps the profile as written, so a
     rerun still resumes. Trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so
     do the measurements."""
-    import os
-
     import psutil
 
+    from ztune import envvars
     from ztune.probe import with_measured_cpu_compute
     from ztune.specs import count_params
 
-    raw = os.environ.get("OMP_NUM_THREADS", "1")
-    threads = int(raw) if raw.isdigit() and int(raw) > 0 else 1
+    threads = envvars.omp_num_threads()
     # The timed step holds the whole model unsharded with its gradients, no optimizer: 8 bytes a parameter in
     # fp32, 16 with headroom for activations. Where that would crowd this host's memory, time no step.
     timed = count_params(model).total * 16 <= psutil.virtual_memory().available // 4
@@ -76,6 +74,8 @@ def _ints(text: str | None, flag: str, *, lo: int = 0, hi: int = MAX_BATCH) -> t
     if text is None:
         return None
     items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:  # was: --stages '' silently meant stage 0 only, --micro '' every micro-batch
+        raise UserError(f"{flag}: empty; give comma-separated integers (e.g. {flag} 1,2,4), or leave it out")
     if len(items) > 1024 or not all(x.isascii() and x.lstrip("-").isdigit() and len(x) <= 12 for x in items):
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}")
     values = tuple(int(x) for x in items)
@@ -322,6 +322,7 @@ def autotune(
     from ztune.config import load
     from ztune.console import console, err_console, warn
     from ztune.profiles import load_hardware, load_model
+    from ztune.tune import rundir
     from ztune.tune.journal import Journal
     from ztune.tune.rank import Workload, local_hardware
     from ztune.tune.space import Constraints, build_space, fingerprint
@@ -373,7 +374,7 @@ def autotune(
     if seq > spec.max_seq_len:
         raise UserError(f"--seq {seq} exceeds {spec.name}'s max_seq_len {spec.max_seq_len}")
     precision = (precision or ("fp32" if cpu_profile else "bf16")).lower()
-    knobs = tuple(k.strip() for k in vary.split(",")) if vary else (
+    knobs = tuple(k.strip() for k in vary.split(",")) if vary is not None else (
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
     constraints = Constraints(num_ranks=nproc * num_nodes, global_batch=global_batch, seq_len=seq, vary=knobs,
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
@@ -393,6 +394,8 @@ def autotune(
         run_args = ("--model", model)
         desc = {"script": "built-in", "args": list(run_args)}
     desc |= {"warmup_steps": warmup, "measured_steps": steps}
+    if smoke:
+        desc[rundir.SMOKE_MARK] = True  # the folder is a smoke run's: a later --smoke may replace it
     if host_trials is not None:
         desc["hosts"] = {"nodes": num_nodes, "ranks_per_node": nproc, "hostfile": hostfile,
                          "include": include, "exclude": exclude}
@@ -403,11 +406,13 @@ def autotune(
                                base=base, workload=desc)
     if smoke:
         out = out / "smoke" if out == Path("ztune-autotune") else out
+    rundir.check_out(out, smoke=smoke, fresh=fresh, describe=describe)  # earlier results are never lost
     try:  # a file (or a file above it) where the folder should be is one line, not a traceback from the journal
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {str(out)!r} cannot be used as the results folder ({exc.strerror or exc}); "
                         "give a folder path") from None
+    kept = rundir.keep_previous_run(out) if fresh and not smoke else None
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
     # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
     if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
@@ -418,8 +423,8 @@ def autotune(
         model_hw = hw
     workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,
                         num_nodes=num_nodes)
-    if journal.moved_aside is not None and not smoke:
-        warn(f"--fresh: the previous journal was kept as {journal.moved_aside}")
+    if kept is not None:
+        warn(f"--fresh: the previous run (journal, trials, exported config) was kept in {kept}")
     if smoke:
         shutil.rmtree(out / "trials", ignore_errors=True)
     settings = Settings(nproc=nproc, script=run_script, script_args=run_args, warmup_steps=warmup,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ztune.console import console, err_console, table
+from ztune.errors import UserError
 
 # Everything after SCRIPT belongs to the script (like torchrun): no interspersed options, unknown ones kept.
 COMMAND_SETTINGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True,
@@ -83,11 +84,27 @@ def launch(
     plan = plan_launch(req)
     if (note := left_behind_warning(plan.env_left_behind)) is not None:
         warn(note)
+    if log_dir is not None and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir!r} is a file; give a folder (it is created if missing)")
     if dry_run:
         _print_dry_run(plan)
         return
+    if log_dir is not None:
+        _make_log_dir(log_dir)
     interfaces = _preflight(plan, cache=preflight_cache)
     raise typer.Exit(_supervise(plan, interfaces, log_dir=log_dir))
+
+
+def _make_log_dir(log_dir: str) -> None:
+    """Create --log-dir before anything starts: a folder that cannot be made or written is one line (exit 2),
+    not a traceback once the hosts are being started."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--log-dir {log_dir!r} cannot be created ({exc.strerror or exc}); give a folder path "
+                        "you can write") from None
+    if not os.access(log_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--log-dir {log_dir!r} is not writable; give a folder you can write")
 
 
 def _print_dry_run(plan) -> None:
@@ -127,19 +144,47 @@ def _preflight(plan, *, cache: str | None = None) -> list[tuple[str | None, str 
     from pathlib import Path
 
     if cache is not None:
-        try:
-            saved = json.loads(Path(cache).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and saved.get("key") == _preflight_key(plan):
+        saved = _read_preflight_cache(cache)
+        if saved is not None and saved.get("key") == _preflight_key(plan):
             err_console.print(f"preflight: reusing {cache}", markup=False, soft_wrap=True)
             return [tuple(i) for i in saved["interfaces"]]
     interfaces = _run_preflight(plan)
     if cache is not None:
         tmp = Path(f"{cache}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": _preflight_key(plan), "interfaces": interfaces}), encoding="utf-8")
-        os.replace(tmp, cache)
+        try:
+            tmp.write_text(json.dumps({"key": _preflight_key(plan), "interfaces": interfaces}), encoding="utf-8")
+            os.replace(tmp, cache)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"--preflight-cache {cache!r} cannot be written ({exc.strerror or exc}); give a file "
+                            "path you can write") from None
     return interfaces
+
+
+def _read_preflight_cache(cache: str) -> dict | None:
+    """The saved preflight in `cache`; None when there is none yet. A path that is a folder, whose folder does
+    not exist, or a file that is not a preflight cache (a hostfile given by mistake: it would be replaced) is
+    a UserError, before the preflight runs."""
+    import json
+
+    path = os.path.abspath(cache)
+    if os.path.isdir(path):
+        raise UserError(f"--preflight-cache {cache!r} is a folder; give a file name such as "
+                        f"{os.path.join(cache, 'preflight.json')!r}")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UserError(f"--preflight-cache {cache!r}: folder {os.path.dirname(path)!r} does not exist")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
+            and isinstance(saved.get("interfaces"), list)):
+        raise UserError(f"--preflight-cache {cache!r} exists and is not a ztune preflight cache (it would be "
+                        "replaced); give a new file name, or remove that file")
+    return saved
 
 
 def _run_preflight(plan) -> list[tuple[str | None, str | None]]:

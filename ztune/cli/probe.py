@@ -185,7 +185,7 @@ def probe(
         raise UserError(f"--inter-node-gbps must be a positive line rate in Gbit/s, got {inter_node_gbps}")
     master = None
     if inter_node_master is not None or node_rank is not None:
-        from ztune.probe_link import parse_master
+        from ztune.probe_link import check_resolves, parse_master
 
         if inter_node_master is None or node_rank is None:
             raise UserError("--inter-node-master and --node-rank go together: give both, on both hosts")
@@ -194,6 +194,7 @@ def probe(
         if node_rank not in (0, 1):
             raise UserError(f"--node-rank {node_rank}: the inter-node probe joins two hosts, 0 and 1")
         master = parse_master(inter_node_master)
+        check_resolves(*master)
     workload = _workload(model, seq=seq, micro_batch=micro_batch, precision=precision)
     output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)

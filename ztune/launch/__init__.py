@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ztune.envvars import check_environment
 from ztune.errors import UserError
 from ztune.inputs import read_text
 from ztune.launch.command import (
@@ -159,17 +160,26 @@ def resolve_head_addr(host: str, *, opts: SshOptions, num_hosts: int) -> str | N
 def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None) -> LaunchPlan:
     """Check the request and resolve hosts, head address, environment and config (no remote contact)."""
     environ = dict(os.environ if environ is None else environ)
+    if req.script.startswith("-"):
+        # Unknown options reach here as the script (everything from the script on is the script's): say which
+        # option is unknown before looking for a file of that name.
+        raise LaunchError(f"no such option {req.script.split('=')[0]!r} for ztune launch (see 'ztune launch "
+                          "--help'); your script's own options go after the script")
     hosts, local = resolve_hosts(req, environ)
     workdir = os.path.abspath(req.workdir or os.getcwd())
     if local and not os.path.isdir(workdir):
         raise LaunchError(f"working directory {workdir!r} does not exist")
     if os.path.isdir(workdir) and not os.path.isfile(os.path.join(workdir, req.script)):
         raise LaunchError(f"script {req.script!r} not found in {workdir}; check the path")
-    if req.script.startswith("-"):
-        raise LaunchError(f"script {req.script!r} looks like an option; put ztune's options before the script")
+    if not req.run_root.rstrip("/").strip():  # "" or "/": each run's files would land in the filesystem root
+        raise LaunchError(f"--run-root {req.run_root!r}: give a directory for the run's files, such as "
+                          "/tmp/ztune-runs")
     if not 1 <= req.master_port <= 65535:
         raise LaunchError(f"--master-port {req.master_port} is not a TCP port (1-65535)")
     env = merged_env(req, environ, workdir=workdir)
+    # What the ranks will see (local ranks inherit `environ` too): a bad ZTUNE_* value, here or in --env, is
+    # one line now rather than a failure on every host.
+    check_environment({**environ, **env})
     # Local mode: the ranks inherit this environment whole; only other hosts see just `env`.
     env_left_behind = () if local else tuple(left_behind(environ, env))
     config_suffix = config_text = None

@@ -40,8 +40,12 @@ def canonical_host(name: str, *, where: str) -> str:
     """A host as the launcher keeps it: IPv6 literals without brackets and in compressed form (so that
     `fd00:0::1` and `[fd00::1]` name the same host), hostnames unchanged.
 
-    A name with a ':' must be an IPv6 address: a hostname cannot hold one.
+    A name with a ':' must be an IPv6 address: a hostname cannot hold one; nor spaces or control characters,
+    nor a leading '-' (ssh would read it as an option). Raises HostfileError naming `where`.
     """
+    if any(c.isspace() or not c.isprintable() for c in name) or name.startswith("-"):
+        raise HostfileError(f"{where}: {name!r} is not a host name (no spaces or control characters, no leading "
+                            "'-')")
     bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     if ":" not in bare and bare == name:
         return name

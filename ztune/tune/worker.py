@@ -36,13 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     import ztune
+    from ztune import envvars
     from ztune.config.io import CONFIG_ENV, load
     from ztune.profiles import load_model
     from ztune.runtime.data import batches, synthetic_corpus
     from ztune.runtime.models import build_model
     from ztune.runtime.trial_report import TrialReporter
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(envvars.omp_num_threads())  # as the tuner timed it (cli/autotune.py)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -1,0 +1,146 @@
+"""The ZTUNE_* environment variables that ztune parses: each declared once here (type, allowed values, default)
+and read through `read`, so that a bad value is one line naming the variable, the value given and the form
+expected, wherever it is read: the CLI (exit 2, `check_environment` before any rank starts), a rank or a user's
+training script (an `EnvVarError`, a `ConfigError`).
+
+An empty or unset variable means the default. Booleans take 1/0, true/false, yes/no, on/off (any case); any
+other word is an error rather than silently "on" (`ZTUNE_DISABLE_CPP_ADAM=false` used to disable the kernel).
+Variables that hold a path or a name (ZTUNE_CONFIG, ZTUNE_TRIAL_REPORT, ZTUNE_EXT_DIR, ZTUNE_NVCC) are not
+parsed and are not listed here.
+
+No torch, no I/O: the runtime, the CLI and the launcher all import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ztune.errors import EnvVarError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_BOOL_FORM = "1 or 0 (also true/false, yes/no, on/off)"
+# Far above any sane setting (a step count, a byte threshold, seconds), low enough that nothing downstream is
+# asked to do the impossible with it (as ztune.inputs.MAX_ABS_NUMBER for files and flags).
+_MAX_NUMBER = 10**18
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One variable: `kind` is "int", "float", "bool" or "choice"; `minimum` (inclusive, exclusive when
+    `above`) bounds numbers; `noun` names what the number counts ("a byte count"); `default` is what unset
+    means (None: the reader decides, e.g. ZTUNE_LOCAL_WORLD_SIZE falls back to torchrun's LOCAL_WORLD_SIZE)."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    noun: str = ""
+
+    def expected(self) -> str:
+        """The form a value must have, in words: "an integer >= 1", "1 or 0 (...)", "torch or ztune"."""
+        if self.kind == "bool":
+            return _BOOL_FORM
+        if self.kind == "choice":
+            return " or ".join(self.choices) if len(self.choices) == 2 else "one of " + ", ".join(self.choices)
+        noun = self.noun or ("an integer" if self.kind == "int" else "a number")
+        if self.minimum is None:
+            return noun
+        bound = self.minimum if self.kind == "float" else int(self.minimum)
+        return f"{noun} {'>' if self.above else '>='} {bound:g}"
+
+    def parse(self, text: str) -> Any:
+        """The value of `text` (already stripped, not empty), or None when it does not have the expected form."""
+        if self.kind == "bool":
+            low = text.lower()
+            return True if low in _TRUE else False if low in _FALSE else None
+        if self.kind == "choice":
+            return text if text in self.choices else None
+        try:
+            value = int(text, 10) if self.kind == "int" else float(text)
+        except ValueError:
+            return None
+        if not math.isfinite(value) or abs(value) > _MAX_NUMBER:
+            return None
+        if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):
+            return None
+        return value
+
+
+VARS: dict[str, EnvVar] = {v.name: v for v in (
+    EnvVar("ZTUNE_TRIAL_WARMUP", "int", 1, "autotune trial: optimizer steps run before measuring",
+           minimum=0, noun="a step count"),
+    EnvVar("ZTUNE_TRIAL_STEPS", "int", 3, "autotune trial: optimizer steps measured", minimum=1,
+           noun="a step count"),
+    EnvVar("ZTUNE_TRIAL_EXIT", "bool", True, "autotune trial: end the process once the measured steps are done"),
+    EnvVar("ZTUNE_GATHER_TIMEOUT_S", "float", 60.0, "seconds a stage-3 gather waits for its partners",
+           minimum=0, above=True, noun="seconds"),
+    EnvVar("ZTUNE_SHM", "bool", True, "collectives of ranks on one host through shared memory (0: gloo only)"),
+    EnvVar("ZTUNE_SHM_MIN_BYTES", "int", None, "smallest collective sent through shared memory", minimum=0,
+           noun="a byte count"),
+    EnvVar("ZTUNE_LOCAL_WORLD_SIZE", "int", None, "ranks per host (tests: 4 local ranks as 2 hosts x 2)",
+           minimum=1, noun="a rank count"),
+    EnvVar("ZTUNE_CUDA_ADAM", "choice", "torch", "Adam kernel for CUDA shards", choices=("torch", "ztune")),
+    EnvVar("ZTUNE_DISABLE_CPP_ADAM", "bool", False, "use torch's Adam instead of the C++ CPU kernel"),
+    EnvVar("ZTUNE_DISABLE_CUDA_ADAM", "bool", False, "use torch's Adam instead of the ztune CUDA kernel"),
+)}
+
+
+def read(name: str, *, default: Any = _UNSET, environ: Mapping[str, str] | None = None) -> Any:
+    """The value of the variable `name` (declared in VARS) in `environ` (os.environ when None): its declared
+    default (or `default`, when given) if unset or empty, else the parsed value.
+
+    Raises EnvVarError (one line: the variable, the value given, the form expected, how to fix it).
+    """
+    var = VARS[name]
+    env = os.environ if environ is None else environ
+    fallback = var.default if default is _UNSET else default
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return fallback
+    value = var.parse(raw.strip())
+    if value is None:
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        default_is = f" (default: {_show(fallback)})" if fallback is not None else ""
+        raise EnvVarError(f"{name}={shown!r}: expected {var.expected()}; fix it or unset it{default_is}")
+    return value
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Raise EnvVarError for the first variable in VARS that `environ` (os.environ when None) sets badly: what
+    a command that starts ranks runs first, so that a bad value fails once, here, not in every rank."""
+    for name in VARS:
+        read(name, environ=environ)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def omp_num_threads(environ: Mapping[str, str] | None = None) -> int:
+    """Threads per rank for autotune's timing and trials: OMP_NUM_THREADS when it is a positive integer, else 1.
+
+    Not an error otherwise: OMP_NUM_THREADS belongs to OpenMP, whose own forms (a nesting list such as "4,2")
+    the user's scripts may rely on; ztune only needs one count, and 1 is what its trials run with by default.
+    """
+    raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    return int(raw) if raw.isdigit() and 0 < int(raw) <= 1 << 16 else 1
+
+
+def markdown_table() -> str:
+    """docs/environment.md's table of VARS (a test keeps the page in step with this module)."""
+    rows = ["| variable | value | default | what it sets |", "|---|---|---|---|"]
+    for var in VARS.values():
+        default = "(see text)" if var.default is None else _show(var.default)
+        rows.append(f"| `{var.name}` | {var.expected()} | {default} | {var.help} |")
+    return "\n".join(rows) + "\n"
