@@ -196,17 +196,25 @@ def _median_or_none(xs: list[float] | None) -> float | None:
     return median(xs) if xs else None
 
 
-def recommendation(result: Any) -> str:
-    """One line: the pick, the median it was chosen on and its samples, in ms/step."""
+def recommendation(result: Any, workload: Any = None) -> str:
+    """One line: the pick, the median it was chosen on and its samples, in ms/step; for a ZeRO++ pick (given
+    the `workload`) why it pays (tune/rank.py zeropp_reason)."""
     best, runs = result.best, result.samples_s
     if best is None:
         return "no configuration trained"
     mine = runs[best.candidate.key]
     others = [f"{k} {_median_or_none(v) * 1e3:,.0f}" for k, v in sorted(runs.items(), key=lambda kv: _median_or_none(
         kv[1])) if k != best.candidate.key and len(v) > 1]
+    why = ""
+    if workload is not None and best.candidate.zeropp:
+        from ztune.tune.rank import zeropp_reason
+
+        why = zeropp_reason(workload, best.candidate, efficiency=result.fit.efficiency,
+                            measured_s={k: _median_or_none(v) for k, v in runs.items()})
     return (f"{best.candidate.key} at a median of {result.best_median_s * 1e3:,.0f} ms/step over "
             f"{len(mine)} sample(s) ({', '.join(f'{x * 1e3:,.0f}' for x in mine)})"
-            + (f"; other confirmed leaders' medians: {', '.join(others)}" if others else ""))
+            + (f"; other confirmed leaders' medians: {', '.join(others)}" if others else "")
+            + (f". Why: {why}" if why else ""))
 
 
 def _to_dict(cfg: Any) -> dict:
@@ -225,7 +233,8 @@ def _render(result: Any) -> Any:
     trials = result.trials
     knobs = [("ZeRO", lambda c: c.stage), ("offl", lambda c: "cpu" if c.offload_optimizer else "-"),
              ("ckpt", lambda c: c.checkpointing), ("prec", lambda c: c.precision),
-             ("comp", lambda c: c.compression), ("mb", lambda c: c.micro)]
+             ("comp", lambda c: c.compression), ("zpp", lambda c: "on" if c.zeropp else "-"),
+             ("mb", lambda c: c.micro)]
     shown = [(name, get) for name, get in knobs
              if name in ("ZeRO", "mb") or len({get(r.candidate) for r in trials}) > 1]
     runs = result.samples_s
@@ -300,8 +309,9 @@ def autotune(
     seq: Annotated[int | None, typer.Option("--seq", help="Sequence length (default: min(model max, "
                                                           "128)).")] = None,
     vary: Annotated[str | None, typer.Option("--vary", help="Knobs that may vary: stage, offload, "
-                                             "checkpointing, micro, precision, compression (default: stage,"
-                                             "checkpointing,micro; plus offload on GPU profiles).")] = None,
+                                             "checkpointing, micro, precision, compression, zeropp (ZeRO++ at "
+                                             "stage 3; only with several hosts) (default: stage,checkpointing,"
+                                             "micro; plus offload on GPU profiles).")] = None,
     stages: Annotated[str, typer.Option("--stages", help="ZeRO stages to consider.")] = "0,1,2,3",
     micro: Annotated[str | None, typer.Option("--micro", help="Micro-batches to consider (default: every "
                                                               "divisor of global/nproc).")] = None,
@@ -429,7 +439,11 @@ def autotune(
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
     constraints = Constraints(num_ranks=nproc * num_nodes, global_batch=global_batch, seq_len=seq, vary=knobs,
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
-                              micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
+                              micro=_ints(micro, "--micro", lo=1), max_micro=max_micro, num_nodes=num_nodes,
+                              ranks_per_node=nproc)
+    if "zeropp" in knobs and num_nodes < 2:
+        warn("--vary zeropp: ZeRO++ saves traffic between hosts; with trials on one host no ZeRO++ candidate is "
+             "tried (use -H)")
     candidates = build_space(constraints)
     if exhaustive:  # the convergence test never passes before every candidate has run (tuner._stop_reason)
         min_trials = len(candidates)
@@ -490,7 +504,7 @@ def autotune(
         tuner = Tuner(workload=workload, candidates=candidates, settings=settings, journal=journal, out_dir=out,
                       memory_limit_bytes=limit, on_event=_event_handler(progress, {}))
         result = tuner.run()
-    exported = export_best(result, out_dir=out, deepspeed=export == "deepspeed", note=recommendation(result))
+    exported = export_best(result, out_dir=out, deepspeed=export == "deepspeed", note=recommendation(result, workload))
     result = dataclasses.replace(result, exported=exported, wall_s=time.monotonic() - t0)
     png = plot_trials(result, out / "autotune.png", global_batch=global_batch) if plot and result.trials else None
     if json_out:
@@ -498,6 +512,7 @@ def autotune(
 
         payload = result_json(result)
         payload["plot"] = str(png) if png else None
+        payload["recommendation"] = recommendation(result, workload)  # the pick, its median, samples, why
         emit_json(payload)
     else:
         console.print(_render(result))
@@ -519,7 +534,7 @@ def autotune(
                 console.print(f"trial {r.index} ({r.key}, confirmation round {r.round}) {r.status}: {r.reason}",
                               soft_wrap=True)
         if result.best is not None:
-            console.print(f"best: {recommendation(result)}; wrote {', '.join(exported)}"
+            console.print(f"best: {recommendation(result, workload)}; wrote {', '.join(exported)}"
                           + (f" and {png}" if png else ""), soft_wrap=True)
     if result.best is None:
         err_console.print("no configuration trained; see the reasons above and the logs in "
