@@ -49,6 +49,9 @@ class FakeRunner:
         self.calls.append(stem)
         stage = load(config_path).zero.stage
         step_s = self.script[stage].pop(0)
+        if step_s is None:  # a hung trial
+            self.now += 60.0
+            return TrialOutcome(status="timeout", reason="no new step for 60 s", wall_s=60.0, exit_code=None)
         self.now += STEPS * step_s
         return TrialOutcome(status="ok", reason="", wall_s=STEPS * step_s, exit_code=0, step_time_s=step_s,
                             peak_memory_bytes=1 << 20, first_loss=2.0, last_loss=1.0)
@@ -156,3 +159,12 @@ def test_resume_after_a_kill_in_confirmation_loses_and_reruns_no_sample(tmp_path
     assert result.best.candidate.stage == 1 and result.samples_s[result.best.candidate.key] == [1.05, 1.04, 1.06]
     keys = [(r["key"], r["round"]) for r in _records(tmp_path, "repeat")]
     assert len(keys) == len(set(keys)) == 6
+
+
+def test_a_failed_repeat_is_no_sample_and_is_reported(tmp_path, monkeypatch) -> None:
+    script = {**SCRIPT, 0: [1.00, None, 0.90]}
+    result = _tuner(tmp_path, monkeypatch, FakeRunner(script)).run()
+    assert [r.status for r in result.repeats].count("timeout") == 1
+    assert result.samples_s["z0-fp32-mb4"] == [1.00, 0.90]  # the hung repeat added nothing
+    assert result.best.candidate.stage == 0 and result.best_median_s == pytest.approx(0.95)
+    assert "(1 failed: no sample)" in result.confirm_note and "at least 2 each" in result.confirm_note

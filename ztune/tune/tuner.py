@@ -10,9 +10,9 @@ Loop, one trial at a time (trials share the machine, so running two at once woul
 Then confirmation (confirm.py): the leaders of the search are measured again, interleaved, within what is
 left of the trial cap and the time budget, and the pick is the lowest median over each candidate's samples.
 
-The journal makes the loop restartable: finished trials and repeats are read back instead of rerun. The
-search decides on each candidate's first sample only, so a resumed run replays the same search and plans
-the same confirmation rounds.
+The journal makes the loop restartable: finished trials and repeats are read back instead of rerun (a
+repeat is identified by its candidate and round). The search decides on each candidate's first sample only:
+repeats never change which candidates it measures.
 """
 
 from __future__ import annotations
@@ -300,10 +300,13 @@ class Tuner:
                 self._run_repeat(by_key[key], round_=rnd, t0=t0)
                 new += 1
         runs = samples(self.records, self.repeats)
-        done_rounds = min(len(runs.get(k, ())) for k in keys) - 1
+        ran = sum(r.key in keys for r in self.repeats)
+        failed = sum(r.key in keys and r.status != "ok" for r in self.repeats)
         return (f"confirmed {len(keys)} leader(s) within {s.confirm_margin:.0%} of the fastest "
-                f"({', '.join(keys)}) with {len(self.repeats)} repeat(s), interleaved; chosen on the median of "
-                f"each candidate's samples (at least {max(done_rounds, 0) + 1} each){cut}"), new
+                f"({', '.join(keys)}) with {ran} repeat(s), interleaved"
+                + (f" ({failed} failed: no sample)" if failed else "")
+                + f"; chosen on the median of each candidate's samples (at least "
+                f"{min(len(runs.get(k, ())) for k in keys)} each){cut}"), new
 
     def _run_repeat(self, record: TrialRecord, *, round_: int, t0: float) -> RepeatRecord:
         s, c = self.settings, record.candidate
