@@ -122,10 +122,12 @@ def main() -> None:
     grid_ratio = ok[pick_key]["step_time_s"] / ok[best_key]["step_time_s"] if pick_key in ok else float("inf")
     pick_s, best_s = confirm(by_key[pick_key], by_key[best_key], space, work)
     confirm_ratio = pick_s / best_s if best_s else 1.0
-    tuner_trial_s = sum(t["wall_s"] for t in tuned["trials"])
+    # Every trial the tuner ran: its search trials and its confirmation repeats of already measured candidates.
+    tuner_trial_s = sum(t["wall_s"] for t in tuned["trials"]) + sum(r["wall_s"] for r in tuned.get("repeats", []))
     grid_trial_s = sum(r["wall_s"] for r in grid.values())
     summary = {
         "space": space, "grid_size": len(cands), "tuner_trials": tuned["num_trials"],
+        "tuner_repeats": tuned.get("num_repeats", 0), "tuner_samples": tuned["best"].get("samples_s"),
         "fraction_measured": tuned["num_trials"] / len(cands), "tuner_wall_s": tuned["wall_s"],
         "tuner_trial_s": tuner_trial_s, "grid_trial_s": grid_trial_s, "pick": pick_key, "grid_best": best_key,
         "pick_vs_best_grid": grid_ratio, "pick_vs_best_confirmed": confirm_ratio,

@@ -7,10 +7,11 @@ Builds a box of 2 hosts x 2 ranks (benchmarks/cluster_box.py) with links shaped 
 host, then does what a user of two such machines would, all from host 0 (the head):
 1. `ztune probe --inter-node-master` on both hosts: the measured link (and this machine's compute) written
    to a hardware profile, which the tuner then reads with `--hardware`;
-2. `ztune autotune -H hostfile` (the real CLI; every trial through `ztune launch` over ssh): which
-   candidates it measured and which it picked;
-3. the same command with `--exhaustive` and a fresh journal: every candidate of the same grid measured with
-   the same trial settings, the ground truth;
+2. `ztune autotune -H hostfile` (the real CLI; every trial through `ztune launch` over ssh, with its default
+   confirmation: the search's leaders measured again, interleaved, the pick on their medians): which
+   candidates it measured, how many trials it ran in all, and which it picked on which samples;
+3. the same command with `--exhaustive --confirm 0` and a fresh journal: every candidate of the same grid
+   measured once with the same trial settings, the ground truth (step 4 repeats its leaders);
 4. the exhaustive run's 3 fastest candidates and the tuner's pick again, `--rounds` times each, interleaved
    (each trial run exactly as the tuner runs one: ztune.tune.hosts.run_trial_on_hosts), since a single trial
    on a shared machine is one sample of a load that changes by the minute;
@@ -105,7 +106,7 @@ class LeftoverWatch(threading.Thread):
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line being written
-            if rec.get("kind") == "trial":
+            if rec.get("kind") in ("trial", "repeat"):  # repeat: a confirmation trial (ztune/tune/confirm.py)
                 out.append((rec["index"], rec["key"], rec["time"]))
         return out
 
@@ -307,6 +308,9 @@ def summarize(tuned: dict, exhaustive: dict, repeats: dict | None) -> dict:
         "grid_size": t["grid_size"], "exhaustive_grid_size": e["grid_size"], "exhaustive_measured": len(grid),
         "tuner_measured": len(t["trials"]), "measured_fraction": len(t["trials"]) / t["grid_size"],
         "time_fraction": tuned["wall_s"] / exhaustive["wall_s"],
+        "tuner_trials_total": t.get("total_trials", len(t["trials"])), "tuner_repeats": t.get("num_repeats", 0),
+        "confirmation": t.get("confirmation", ""), "pick_tuner_samples": t["best"].get("samples_s", []),
+        # The tuner's own figure for its pick: the median of its samples (search trial + confirmation repeats).
         "pick": pick, "pick_tuner_s": t["best"]["step_time_s"], "pick_exhaustive_s": ok.get(pick),
         "best_key": best_key, "best_s": ok[best_key],
         "pick_ratio": ok[pick] / ok[best_key] if pick in ok else None,
@@ -362,9 +366,12 @@ def render(*, s: dict, tuned: dict, exhaustive: dict, repeats: dict | None, kill
         "",
         f"- **Grid: {s['grid_size']} candidates. The tuner measured {s['tuner_measured']} "
         f"({s['measured_fraction']:.0%}; target <= {TARGET_MEASURED_FRACTION:.0%}: "
-        f"{'met' if ok_frac else 'MISSED'})** in {tuned['wall_s']:.0f} s, {s['time_fraction']:.0%} of the "
-        f"exhaustive run's {exhaustive['wall_s']:.0f} s; it stopped: {t['stop_reason']}.",
-        f"- **Pick: {s['pick']}**, measured {s['pick_tuner_s'] * 1e3:,.0f} ms/step by the tuner and "
+        f"{'met' if ok_frac else 'MISSED'})**, {s['tuner_trials_total']} trials in all with "
+        f"{s['tuner_repeats']} confirmation repeat(s) of already measured candidates, in {tuned['wall_s']:.0f} s, "
+        f"{s['time_fraction']:.0%} of the exhaustive run's {exhaustive['wall_s']:.0f} s; the search stopped: "
+        f"{t['stop_reason']}; confirmation: {s['confirmation'] or 'none'}.",
+        f"- **Pick: {s['pick']}**, a median of {s['pick_tuner_s'] * 1e3:,.0f} ms/step by the tuner (samples "
+        f"{', '.join(f'{x * 1e3:,.0f}' for x in s['pick_tuner_samples']) or '-'}) and "
         + (f"{s['pick_exhaustive_s'] * 1e3:,.0f} ms/step in the exhaustive run, rank {s['pick_rank']} of "
            f"{len([1 for tr in e['trials'] if tr['status'] == 'ok'])}. **Grid best (exhaustive run): "
            f"{s['best_key']} at {s['best_s'] * 1e3:,.0f} ms/step; pick / best = {s['pick_ratio']:.3f}**"
@@ -388,7 +395,7 @@ def render(*, s: dict, tuned: dict, exhaustive: dict, repeats: dict | None, kill
     for label, run in (("tuner", tuned), ("exhaustive", exhaustive), ("repeats", repeats)):
         for text in (run or {}).get("trial_leftovers", ()):
             lines.append(f"  - {label}: **leftover** {text}")
-    lines += ["", "| candidate | exhaustive: ms/step | status | tuner: trial # | tuner: ms/step |",
+    lines += ["", "| candidate | exhaustive: ms/step | status | tuner: trial # | tuner: ms/step (all samples) |",
               "|---|---:|---|---:|---:|"]
     for tr in sorted(e["trials"], key=lambda x: (x["step_time_s"] is None, x["step_time_s"] or 0)):
         mine = tuned_keys.get(tr["key"])
@@ -396,7 +403,9 @@ def render(*, s: dict, tuned: dict, exhaustive: dict, repeats: dict | None, kill
         lines.append(f"| {tr['key']}{mark} | "
                      + (f"{tr['step_time_s'] * 1e3:,.0f}" if tr["step_time_s"] else "-")
                      + f" | {tr['status']} | {mine['index'] if mine else ''} | "
-                     + (f"{mine['step_time_s'] * 1e3:,.0f}" if mine and mine["step_time_s"] else "") + " |")
+                     + (f"{mine['step_time_s'] * 1e3:,.0f}" if mine and mine["step_time_s"] else "")
+                     + (f" ({', '.join(f'{x * 1e3:,.0f}' for x in mine['samples_s'])})"
+                        if mine and len(mine.get("samples_s") or ()) > 1 else "") + " |")
     if rep:
         lines += ["", "Repeats (each candidate's exhaustive-run trial first, then the interleaved repeats: round r "
                   "runs the candidates in order, reversed on odd rounds, each a trial as the tuner runs it on the "
@@ -435,7 +444,8 @@ def measure(args: argparse.Namespace, work: Path, tmp: Path) -> dict:
             "--stages", "1", "--vary", "stage", "--micro", "2"], **{**common, "steps": 100000}),
             log=work / "killed" / "output.txt")
         print(f"sigkill: {killed}", flush=True)
-        exhaustive = run_tuner(box, tuner_argv(out=work / "exhaustive", port=29700, extra=["--exhaustive"],
+        exhaustive = run_tuner(box, tuner_argv(out=work / "exhaustive", port=29700, extra=["--exhaustive",
+                                                                                           "--confirm", "0"],
                                                **common), work / "exhaustive", timeout_s=5400)
         print(f"exhaustive: rc {exhaustive['rc']} in {exhaustive['wall_s']:.0f} s, load {exhaustive['load']}",
               flush=True)

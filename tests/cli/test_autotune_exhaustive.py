@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ztune.cli import build_app
+from ztune.errors import UserError
 from ztune.tune import tuner
 
 
@@ -32,3 +33,29 @@ def test_exhaustive_sets_min_trials_to_the_grid(tmp_path, monkeypatch, exhaustiv
     assert isinstance(result.exception, _Stop), result.output
     assert seen["grid"] == 4 * 3  # stages x micro-batches 1, 2, 4
     assert seen["settings"].min_trials == (12 if exhaustive else 3)
+
+
+def test_confirmation_flags_reach_the_tuner_and_bad_ones_are_one_line(tmp_path, monkeypatch):
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *, settings, **_):
+            seen["settings"] = settings
+            raise _Stop
+
+    monkeypatch.setattr(tuner, "Tuner", Recorder)
+    args = ["autotune", "--model", "tiny-gpt", "--hardware", "dgx-h100", "--nproc", "2", "--global-batch", "8",
+            "--out", str(tmp_path / "out"), "--no-plot"]
+    app = build_app(("autotune",))
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, _Stop), result.output
+    s = seen["settings"]
+    assert (s.confirm_repeats, s.confirm_top, s.confirm_margin) == (2, 3, 0.15)  # on by default
+    result = CliRunner().invoke(app, args + ["--confirm", "0", "--confirm-top", "2", "--confirm-margin", "0.3"])
+    assert isinstance(result.exception, _Stop), result.output
+    s = seen["settings"]
+    assert (s.confirm_repeats, s.confirm_top, s.confirm_margin) == (0, 2, 0.3)
+    for bad in (["--confirm-top", "1"], ["--confirm-margin", "1.5"], ["--confirm", "-1"]):
+        result = CliRunner().invoke(app, args + bad)
+        # A UserError: ztune's main() prints it as one line and exits 2.
+        assert isinstance(result.exception, UserError) and bad[0] in str(result.exception), (bad, result.output)

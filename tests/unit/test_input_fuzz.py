@@ -246,7 +246,8 @@ _values = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e999", "
 _FLAGS = {
     "autotune": ["--nproc", "--global-batch", "--seq", "--stages", "--micro", "--max-micro", "--steps", "--warmup",
                  "--trial-timeout", "--stall-timeout", "--time-budget", "--min-trials", "--threshold",
-                 "--memory-margin", "--memory-cap", "--precision", "--vary", "--model", "--hardware", "--export"],
+                 "--memory-margin", "--memory-cap", "--precision", "--vary", "--model", "--hardware", "--export",
+                 "--confirm", "--confirm-top", "--confirm-margin"],
     "estimate": ["--nodes", "--seq", "--micro-batch", "--global-batch", "--stage", "--params", "--precision",
                  "--model", "--hardware"],
     "launch": ["--num-nodes", "--nproc-per-node", "--master-port", "--grace", "--preflight-timeout", "--include",

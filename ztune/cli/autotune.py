@@ -136,6 +136,11 @@ def _event_handler(progress: Any, state: dict) -> Any:
             r = data["record"]
             got = f"{r.step_time_s * 1e3:.0f} ms/step" if r.step_time_s else f"{r.status}: {r.reason[:60]}"
             progress.console.print(f"  trial {r.index} {r.candidate.key}: {got} ({r.wall_s:.0f} s)")
+        elif kind == "repeat_end":
+            r = data["record"]
+            got = f"{r.step_time_s * 1e3:.0f} ms/step" if r.step_time_s else f"{r.status}: {r.reason[:60]}"
+            progress.console.print(f"  trial {r.index} {r.key} (confirmation round {r.round}): {got} "
+                                   f"({r.wall_s:.0f} s)")
         elif kind == "stale":
             progress.console.print(f"  ended trial {data['key']} left running by an earlier tuner")
     return on_event
@@ -143,15 +148,25 @@ def _event_handler(progress: Any, state: dict) -> Any:
 
 def result_json(result: Any) -> dict:
     best = result.best
+    runs = result.samples_s
     return {
+        # step_time_s of the best is the median it was chosen on; samples_s its search trial and repeats.
         "best": None if best is None else {"key": best.candidate.key, **dataclasses.asdict(best.candidate),
-                                           "step_time_s": best.step_time_s},
+                                           "step_time_s": result.best_median_s,
+                                           "samples_s": runs[best.candidate.key]},
         "best_config": None if result.best_config is None else _to_dict(result.best_config),
         "trained": result.trained,
         "stop_reason": result.stop_reason,
         "grid_size": result.grid_size,
-        "num_trials": len(result.trials),
+        "num_trials": len(result.trials),  # distinct candidates measured
         "new_trials": result.new_trials,
+        "num_repeats": len(result.repeats),  # confirmation trials of already measured candidates
+        "new_repeats": result.new_repeats,
+        "total_trials": len(result.trials) + len(result.repeats),
+        "confirmation": result.confirm_note,
+        "repeats": [{"index": r.index, "key": r.key, "round": r.round, "status": r.status, "reason": r.reason,
+                     "step_time_s": r.step_time_s, "wall_s": r.wall_s, "from_journal": r.resumed}
+                    for r in result.repeats],
         "wall_s": result.wall_s,
         "efficiency": dataclasses.asdict(result.fit.efficiency),
         "micro_step_overhead_s": result.fit.calibration.micro_step_overhead_s,
@@ -163,7 +178,9 @@ def result_json(result: Any) -> dict:
         "exported": list(result.exported),
         "trials": [
             {"index": r.index, "key": r.candidate.key, **dataclasses.asdict(r.candidate), "status": r.status,
-             "reason": r.reason, "step_time_s": r.step_time_s, "prior_step_time_s": r.prior_step_time_s,
+             "reason": r.reason, "step_time_s": r.step_time_s, "samples_s": runs.get(r.candidate.key, []),
+             "median_step_time_s": _median_or_none(runs.get(r.candidate.key)),
+             "prior_step_time_s": r.prior_step_time_s,
              "calibrated_step_time_s": result.calibrated[r.candidate.key][0],
              "peak_memory_bytes": r.peak_memory_bytes, "estimated_memory_bytes": r.estimated_memory_bytes,
              "predicted_memory_bytes": result.calibrated[r.candidate.key][1], "wall_s": r.wall_s,
@@ -171,6 +188,33 @@ def result_json(result: Any) -> dict:
             for r in result.trials
         ],
     }
+
+
+def _median_or_none(xs: list[float] | None) -> float | None:
+    from ztune.tune.confirm import median
+
+    return median(xs) if xs else None
+
+
+def recommendation(result: Any, workload: Any = None) -> str:
+    """One line: the pick, the median it was chosen on and its samples, in ms/step; for a ZeRO++ pick (given
+    the `workload`) why it pays (tune/rank.py zeropp_reason)."""
+    best, runs = result.best, result.samples_s
+    if best is None:
+        return "no configuration trained"
+    mine = runs[best.candidate.key]
+    others = [f"{k} {_median_or_none(v) * 1e3:,.0f}" for k, v in sorted(runs.items(), key=lambda kv: _median_or_none(
+        kv[1])) if k != best.candidate.key and len(v) > 1]
+    why = ""
+    if workload is not None and best.candidate.zeropp:
+        from ztune.tune.rank import zeropp_reason
+
+        why = zeropp_reason(workload, best.candidate, efficiency=result.fit.efficiency,
+                            measured_s={k: _median_or_none(v) for k, v in runs.items()})
+    return (f"{best.candidate.key} at a median of {result.best_median_s * 1e3:,.0f} ms/step over "
+            f"{len(mine)} sample(s) ({', '.join(f'{x * 1e3:,.0f}' for x in mine)})"
+            + (f"; other confirmed leaders' medians: {', '.join(others)}" if others else "")
+            + (f". Why: {why}" if why else ""))
 
 
 def _to_dict(cfg: Any) -> dict:
@@ -189,23 +233,31 @@ def _render(result: Any) -> Any:
     trials = result.trials
     knobs = [("ZeRO", lambda c: c.stage), ("offl", lambda c: "cpu" if c.offload_optimizer else "-"),
              ("ckpt", lambda c: c.checkpointing), ("prec", lambda c: c.precision),
-             ("comp", lambda c: c.compression), ("mb", lambda c: c.micro)]
+             ("comp", lambda c: c.compression), ("zpp", lambda c: "on" if c.zeropp else "-"),
+             ("mb", lambda c: c.micro)]
     shown = [(name, get) for name, get in knobs
              if name in ("ZeRO", "mb") or len({get(r.candidate) for r in trials}) > 1]
+    runs = result.samples_s
+    confirmed = bool(result.repeats)  # a median column (with its sample count) only where repeats ran
     rows = []
     for r in trials:
         cal_s, _ = result.calibrated[r.candidate.key]
+        mine = runs.get(r.candidate.key, [])
+        med = [f"{_median_or_none(mine) * 1e3:.0f} ({len(mine)})" if mine else "-"] if confirmed else []
         meas = f"{r.step_time_s * 1e3:.0f}" if r.step_time_s else "-"
         err = f"{(cal_s - r.step_time_s) / r.step_time_s:+.0%}" if r.step_time_s else "-"
         mark = "*" if result.best is r else ""
         rows.append([f"{r.index}{mark}", *(get(r.candidate) for _, get in shown), r.status,
-                     f"{r.prior_step_time_s * 1e3:.0f}", f"{cal_s * 1e3:.0f}", meas, err,
+                     f"{r.prior_step_time_s * 1e3:.0f}", f"{cal_s * 1e3:.0f}", meas, *med, err,
                      f"{r.estimated_memory_bytes / mib:.0f}",
                      f"{r.peak_memory_bytes / mib:.0f}" if r.peak_memory_bytes else "-"])
-    cols = ["#", *(name for name, _ in shown), "status", "est", "cal", "meas", "err", "est", "meas"]
+    cols = ["#", *(name for name, _ in shown), "status", "est", "cal", "meas", *(["median (n)"] if confirmed else []),
+            "err", "est", "meas"]
     t = table(f"autotune: {len(trials)} trials of {result.grid_size} candidates (* best); step time in ms "
-              "(cost model, calibrated, measured); memory in MiB per rank (cost model, measured peak)",
-              cols, rows, justify_right=["#", "ZeRO", "mb", "est", "cal", "meas", "err"])
+              "(cost model, calibrated, measured" + (", median of the n samples with confirmation repeats"
+                                                     if confirmed else "")
+              + "); memory in MiB per rank (cost model, measured peak)",
+              cols, rows, justify_right=["#", "ZeRO", "mb", "est", "cal", "meas", "median (n)", "err"])
     t.box = box.SIMPLE_HEAD
     t.padding = (0, 1)
     for col in t.columns:
@@ -257,8 +309,9 @@ def autotune(
     seq: Annotated[int | None, typer.Option("--seq", help="Sequence length (default: min(model max, "
                                                           "128)).")] = None,
     vary: Annotated[str | None, typer.Option("--vary", help="Knobs that may vary: stage, offload, "
-                                             "checkpointing, micro, precision, compression (default: stage,"
-                                             "checkpointing,micro; plus offload on GPU profiles).")] = None,
+                                             "checkpointing, micro, precision, compression, zeropp (ZeRO++ at "
+                                             "stage 3; only with several hosts) (default: stage,checkpointing,"
+                                             "micro; plus offload on GPU profiles).")] = None,
     stages: Annotated[str, typer.Option("--stages", help="ZeRO stages to consider.")] = "0,1,2,3",
     micro: Annotated[str | None, typer.Option("--micro", help="Micro-batches to consider (default: every "
                                                               "divisor of global/nproc).")] = None,
@@ -276,12 +329,19 @@ def autotune(
                                                         "from the estimate, at least 15).")] = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Seconds for the whole "
                                                                             "search.")] = None,
-    max_trials: Annotated[int | None, typer.Option("--max-trials", help="Most trials in the journal.")] = None,
+    max_trials: Annotated[int | None, typer.Option("--max-trials", help="Most trials in the journal "
+                                                   "(confirmation repeats included).")] = None,
     min_trials: Annotated[int, typer.Option("--min-trials", help="Successful trials before the search may "
                                                                  "stop on convergence.")] = 3,
     exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Measure every candidate that fits, with no "
                                              "convergence stop (--max-trials, --time-budget still apply): the "
                                              "whole grid's ground truth, to check a search against.")] = False,
+    confirm: Annotated[int, typer.Option("--confirm", help="Confirmation: measure the search's leaders this many "
+                                         "more times each, interleaved, and pick on the median of each one's "
+                                         "samples (0: off; within --max-trials and --time-budget).")] = 2,
+    confirm_top: Annotated[int, typer.Option("--confirm-top", help="Most leaders to confirm.")] = 3,
+    confirm_margin: Annotated[float, typer.Option("--confirm-margin", help="Leaders: measured within this "
+                                                  "fraction of the fastest trial.")] = 0.15,
     threshold: Annotated[float, typer.Option("--threshold", help="Stop when nothing is predicted to beat "
                                                                  "the best by more than this fraction.")] = 0.05,
     memory_margin: Annotated[float, typer.Option("--memory-margin", help="Safety margin on predicted "
@@ -355,11 +415,13 @@ def autotune(
     int_flag("--max-micro", max_micro, hi=MAX_BATCH)
     int_flag("--max-trials", max_trials, lo=0, hi=MAX_STEPS)
     int_flag("--min-trials", min_trials, lo=0, hi=MAX_STEPS)
+    int_flag("--confirm", confirm, lo=0, hi=MAX_STEPS)
+    int_flag("--confirm-top", confirm_top, lo=2, hi=MAX_STEPS)
     for flag, value in (("--trial-timeout", trial_timeout), ("--stall-timeout", stall_timeout),
                         ("--time-budget", time_budget)):
         seconds_flag(flag, value)
-    if not 0 <= threshold < 1 or not 0 <= memory_margin < 1:
-        raise UserError("--threshold and --memory-margin must be fractions in [0, 1)")
+    if not 0 <= threshold < 1 or not 0 <= memory_margin < 1 or not 0 <= confirm_margin < 1:
+        raise UserError("--threshold, --memory-margin and --confirm-margin must be fractions in [0, 1)")
     if precision is not None and precision.lower() not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32")
     spec = load_model(model)
@@ -378,7 +440,11 @@ def autotune(
         ("stage", "checkpointing", "micro") if cpu_profile else ("stage", "offload", "checkpointing", "micro"))
     constraints = Constraints(num_ranks=nproc * num_nodes, global_batch=global_batch, seq_len=seq, vary=knobs,
                               stages=_ints(stages, "--stages", hi=3) or (0,), precisions=(precision,),
-                              micro=_ints(micro, "--micro", lo=1), max_micro=max_micro)
+                              micro=_ints(micro, "--micro", lo=1), max_micro=max_micro, num_nodes=num_nodes,
+                              ranks_per_node=nproc)
+    if "zeropp" in knobs and num_nodes < 2:
+        warn("--vary zeropp: ZeRO++ saves traffic between hosts; with trials on one host no ZeRO++ candidate is "
+             "tried (use -H)")
     candidates = build_space(constraints)
     if exhaustive:  # the convergence test never passes before every candidate has run (tuner._stop_reason)
         min_trials = len(candidates)
@@ -431,7 +497,8 @@ def autotune(
                         measured_steps=steps, threshold=threshold, memory_margin=memory_margin,
                         memory_cap_bytes=cap, trial_timeout_s=trial_timeout, stall_timeout_s=stall_timeout,
                         time_budget_s=time_budget, max_trials=max_trials, min_trials=min_trials,
-                        hosts=host_trials)
+                        hosts=host_trials, confirm_repeats=confirm, confirm_top=confirm_top,
+                        confirm_margin=confirm_margin)
     limit = min(hw.gpu_memory_bytes, cap) if cap else hw.gpu_memory_bytes
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -442,7 +509,7 @@ def autotune(
         tuner = Tuner(workload=workload, candidates=candidates, settings=settings, journal=journal, out_dir=out,
                       memory_limit_bytes=limit, on_event=_event_handler(progress, {}))
         result = tuner.run()
-    exported = export_best(result, out_dir=out, deepspeed=export == "deepspeed")
+    exported = export_best(result, out_dir=out, deepspeed=export == "deepspeed", note=recommendation(result, workload))
     result = dataclasses.replace(result, exported=exported, wall_s=time.monotonic() - t0)
     png = plot_trials(result, out / "autotune.png", global_batch=global_batch) if plot and result.trials else None
     if json_out:
@@ -450,6 +517,7 @@ def autotune(
 
         payload = result_json(result)
         payload["plot"] = str(png) if png else None
+        payload["recommendation"] = recommendation(result, workload)  # the pick, its median, samples, why
         emit_json(payload)
     else:
         console.print(_render(result))
@@ -457,16 +525,22 @@ def autotune(
             if r.reason:
                 console.print(f"trial {r.index} ({r.candidate.key}) {r.status}: {r.reason}", soft_wrap=True)
         console.print(f"stopped: {result.stop_reason}")
-        console.print(f"{len(result.trials)} trials ({result.new_trials} new) of {result.grid_size} candidates "
+        console.print(f"{len(result.trials)} trials ({result.new_trials} new) of {result.grid_size} candidates, "
+                      f"{len(result.repeats)} confirmation repeat(s) ({result.new_repeats} new), "
                       f"in {result.wall_s:.0f} s; calibrated step-time error on measured trials: mean "
                       f"{result.fit.mean_abs_error:.1%}, max {result.fit.max_abs_error:.1%} in sample; "
                       + (f"mean {result.fit.out_of_sample_mean_abs_error:.1%}, max "
                          f"{result.fit.out_of_sample_max_abs_error:.1%} out of sample (each trial predicted by a "
                          "fit without it)" if result.fit.out_of_sample_errors else
                          "out of sample: needs 2 measured trials"), soft_wrap=True)
+        console.print(f"confirmation: {result.confirm_note}", soft_wrap=True)
+        for r in result.repeats:
+            if r.status != "ok":
+                console.print(f"trial {r.index} ({r.key}, confirmation round {r.round}) {r.status}: {r.reason}",
+                              soft_wrap=True)
         if result.best is not None:
-            console.print(f"best: {result.best.candidate.key} at {result.best.step_time_s * 1e3:.0f} ms/step; "
-                          f"wrote {', '.join(exported)}" + (f" and {png}" if png else ""))
+            console.print(f"best: {recommendation(result, workload)}; wrote {', '.join(exported)}"
+                          + (f" and {png}" if png else ""), soft_wrap=True)
     if result.best is None:
         err_console.print("no configuration trained; see the reasons above and the logs in "
                           f"{out / 'trials'}")

@@ -7,6 +7,8 @@ Record kinds:
 - ``start``: a trial began (with the process-group id of its torchrun, so a resumed tuner can end a
   trial that outlived a killed tuner).
 - ``trial``: a trial finished, with its status, measurements and estimates.
+- ``repeat``: a confirmation trial of an already measured candidate finished (confirm.py), with its round;
+  it ends the ``start`` of the same key, and never replaces the candidate's ``trial`` record.
 
 Only a torn *last* line (the tuner died inside ``write``) is tolerated: it is cut off before the next
 append. Damage anywhere else means someone edited the file, and is reported rather than guessed around.
@@ -32,11 +34,12 @@ class JournalError(UserError):
 
 @dataclass
 class JournalState:
-    """What a journal holds: finished trials by candidate key (last record wins) and trials that started
-    without finishing (key -> start record)."""
+    """What a journal holds: finished trials by candidate key (last record wins), confirmation repeats in
+    journal order, and trials that started without finishing (key -> start record)."""
 
     header: dict[str, Any] | None = None
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repeats: list[dict[str, Any]] = field(default_factory=list)
     unfinished: dict[str, dict[str, Any]] = field(default_factory=dict)
     torn_tail_bytes: int = 0
 
@@ -83,6 +86,9 @@ def _apply(state: JournalState, record: dict[str, Any], *, path: Path, number: i
     elif kind == "trial":
         state.unfinished.pop(key, None)
         state.finished[key] = record
+    elif kind == "repeat":
+        state.unfinished.pop(key, None)
+        state.repeats.append(record)
 
 
 class Journal:
@@ -143,8 +149,5 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if record.get("kind") == "start":
-            self.state.unfinished[record["key"]] = record
-        elif record.get("kind") == "trial":
-            self.state.unfinished.pop(record["key"], None)
-            self.state.finished[record["key"]] = record
+        if record.get("kind") in ("start", "trial", "repeat"):
+            _apply(self.state, record, path=self.path, number=0)

@@ -39,7 +39,8 @@ class Workload:
     num_nodes: int = 1  # hosts a trial spans (autotune -H)
 
     def config(self, c: Candidate) -> TrainConfig:
-        return c.to_config(self.base, global_batch=self.global_batch, seq_len=self.seq_len)
+        return c.to_config(self.base, global_batch=self.global_batch, seq_len=self.seq_len,
+                           hpz_partition_size=self.hardware.gpus_per_node)
 
     def estimate(self, c: Candidate, efficiency: Efficiency = DEFAULT_EFFICIENCY) -> Estimate:
         return estimate(self.model, self.hardware, self.config(c), num_nodes=self.num_nodes,
@@ -158,3 +159,24 @@ def _eligibility(c: Candidate, est: Estimate, *, memory: MemoryModel, lo: int, h
                        "micro-batch that ran")
     return False, (f"predicted {est.memory_per_gpu.total + memory.offset_bytes:,} bytes per rank exceeds the "
                    f"limit {memory.limit_bytes:,}")
+
+
+def zeropp_reason(workload: Workload, c: Candidate, *, efficiency: Efficiency,
+                  measured_s: dict[str, float] | None = None) -> str:
+    """Why a ZeRO++ pick pays, in one sentence: the (calibrated) cost model's communication per rank per step
+    with qwZ + hpZ + qgZ against plain stage 3 of the same knobs, and both measured medians where the plain
+    one ran too. "" for a candidate without ZeRO++."""
+    if not c.zeropp:
+        return ""
+    plain = dataclasses.replace(c, zeropp=False)
+    pp, flat = workload.estimate(c, efficiency).comm, workload.estimate(plain, efficiency).comm
+    mib = float(1 << 20)
+    text = (f"ZeRO++ (qwZ int8 weight all-gathers, hpZ: the backward all-gather inside each host's "
+            f"{workload.hardware.gpus_per_node} ranks, qgZ int4 gradient exchange; Wang et al. 2023) across "
+            f"{workload.num_nodes} hosts: the cost model puts communication at {pp.bytes_per_rank / mib:,.1f} MiB "
+            f"and {pp.time_s * 1e3:,.0f} ms per rank per step against {flat.bytes_per_rank / mib:,.1f} MiB and "
+            f"{flat.time_s * 1e3:,.0f} ms for plain stage 3 ({plain.key})")
+    m = measured_s or {}
+    if c.key in m and plain.key in m:
+        text += f"; measured medians {m[c.key] * 1e3:,.0f} ms against {m[plain.key] * 1e3:,.0f} ms per step"
+    return text

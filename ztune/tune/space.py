@@ -1,8 +1,8 @@
 """The search space: which configs the tuner may try, from the model, the hardware and the user's
 constraints (fixed global batch and sequence length, which knobs may vary).
 
-A `Candidate` is one point (stage, optimizer offload, checkpointing, precision, compression, micro-batch);
-its *family* is the same point without the micro-batch, because memory grows with the micro-batch inside a
+A `Candidate` is one point (stage, optimizer offload, checkpointing, precision, compression, micro-batch,
+ZeRO++); its *family* is the same point without the micro-batch, because memory grows with the micro-batch inside a
 family, which is what the doubling/bisection search relies on.
 """
 
@@ -27,7 +27,7 @@ from ztune.config.schema import (
 from ztune.errors import UserError
 from ztune.specs import Hardware, ModelSpec
 
-KNOBS = ("stage", "offload", "checkpointing", "micro", "precision", "compression")
+KNOBS = ("stage", "offload", "checkpointing", "micro", "precision", "compression", "zeropp")
 
 
 class SpaceError(UserError):
@@ -42,11 +42,15 @@ class Candidate:
     precision: str  # a Precision value
     compression: str  # a Compression value
     micro: int
+    # ZeRO++ (Wang et al. 2023): qwZ + hpZ over each host's ranks + qgZ, stage 3 across hosts only. Last and
+    # False by default, so journals written before the knob existed read back as the same candidates.
+    zeropp: bool = False
 
     @property
     def family(self) -> tuple:
         """Everything but the micro-batch."""
-        return (self.stage, self.offload_optimizer, self.checkpointing, self.precision, self.compression)
+        return (self.stage, self.offload_optimizer, self.checkpointing, self.precision, self.compression,
+                self.zeropp)
 
     @property
     def key(self) -> str:
@@ -54,16 +58,21 @@ class Candidate:
         parts = [f"z{self.stage}", "offopt" if self.offload_optimizer else "",
                  f"ckpt-{self.checkpointing}" if self.checkpointing != "none" else "",
                  self.precision, f"comp-{self.compression}" if self.compression != "none" else "",
-                 f"mb{self.micro}"]
+                 "zpp" if self.zeropp else "", f"mb{self.micro}"]
         return "-".join(p for p in parts if p)
 
-    def to_config(self, base: TrainConfig, *, global_batch: int, seq_len: int) -> TrainConfig:
-        """The full TrainConfig: `base` (optimizer, buckets, clipping) with this point's knobs set."""
+    def to_config(self, base: TrainConfig, *, global_batch: int, seq_len: int,
+                  hpz_partition_size: int = 1) -> TrainConfig:
+        """The full TrainConfig: `base` (optimizer, buckets, clipping) with this point's knobs set. With
+        `zeropp`, DeepSpeed's zero_quantized_weights, zero_hpz_partition_size = `hpz_partition_size` (the
+        ranks of one host) and zero_quantized_gradients are on; without it `base`'s values stay."""
+        zpp = dict(quantized_weights=True, hpz_partition_size=hpz_partition_size,
+                   quantized_gradients=True) if self.zeropp else {}
         return dataclasses.replace(
             base,
             zero=dataclasses.replace(base.zero, stage=self.stage,
                                      offload_optimizer=Offload.CPU if self.offload_optimizer else Offload.NONE,
-                                     offload_params=Offload.NONE),
+                                     offload_params=Offload.NONE, **zpp),
             precision=Precision(self.precision),
             batch=BatchConfig(micro=self.micro, global_=global_batch),
             seq_len=seq_len,
@@ -90,6 +99,8 @@ class Constraints:
     compressions: tuple[str, ...] = ("none",)
     micro: tuple[int, ...] | None = None  # None: every divisor of global_batch / num_ranks
     max_micro: int | None = None
+    num_nodes: int = 1  # hosts a trial spans; ZeRO++ candidates need 2 or more
+    ranks_per_node: int = 1  # ... and 2 or more ranks on each (hpZ partitions inside a host)
 
 
 def micro_choices(*, global_batch: int, num_ranks: int, allowed: Sequence[int] | None = None,
@@ -117,7 +128,9 @@ def micro_choices(*, global_batch: int, num_ranks: int, allowed: Sequence[int] |
 
 def build_space(c: Constraints) -> list[Candidate]:
     """Every valid candidate, in a deterministic order. Combinations the runtime rejects (optimizer
-    offload at stage 0, bf16 compression of 16-bit gradients) are left out."""
+    offload at stage 0, bf16 compression of 16-bit gradients) are left out, and so is ZeRO++ where it cannot
+    pay: below stage 3, on one host or one rank per host (nothing crosses a host boundary to save), or with
+    another gradient compression (qgZ is the gradient compression; cost/estimate.py sweep() alike)."""
     unknown = [k for k in c.vary if k not in KNOBS]
     if unknown:
         raise SpaceError(f"--vary: unknown knob {unknown[0]!r}; allowed: {', '.join(KNOBS)}")
@@ -144,7 +157,10 @@ def build_space(c: Constraints) -> list[Candidate]:
                         Compression(comp)
                         if comp == "bf16" and precision != "fp32":
                             continue
-                        out.extend(Candidate(stage, offload, ckpt, precision, comp, m) for m in micros)
+                        for zpp in values("zeropp", (False, True)):
+                            if zpp and (stage != 3 or c.num_nodes < 2 or c.ranks_per_node < 2 or comp != "none"):
+                                continue
+                            out.extend(Candidate(stage, offload, ckpt, precision, comp, m, zpp) for m in micros)
     if not out:
         raise SpaceError("the constraints leave no configuration to try; allow more stages or knobs")
     return out

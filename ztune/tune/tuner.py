@@ -7,8 +7,12 @@ Loop, one trial at a time (trials share the machine, so running two at once woul
 3. stop when nothing is left, when the fastest remaining candidate is not predicted to beat the best
    measured step time by more than `threshold`, or when the trial cap or time budget is reached;
 4. run the fastest eligible candidate as a trial (bench.py), journal it, repeat.
+Then confirmation (confirm.py): the leaders of the search are measured again, interleaved, within what is
+left of the trial cap and the time budget, and the pick is the lowest median over each candidate's samples.
 
-The journal makes the loop restartable: finished trials are read back instead of rerun.
+The journal makes the loop restartable: finished trials and repeats are read back instead of rerun (a
+repeat is identified by its candidate and round). The search decides on each candidate's first sample only:
+repeats never change which candidates it measures.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ from ztune.config.schema import TrainConfig
 from ztune.cost.compute import DEFAULT_EFFICIENCY, Efficiency
 from ztune.tune.bench import TrialOutcome, kill_stale_group, run_trial
 from ztune.tune.calibrate import Calibration, Fit, fit_calibration
+from ztune.tune.confirm import (
+    CONFIRM_MARGIN,
+    CONFIRM_REPEATS,
+    CONFIRM_TOP,
+    RepeatRecord,
+    leaders,
+    median,
+    pick,
+    rounds,
+    samples,
+)
 from ztune.tune.hosts import HostTrials, run_trial_on_hosts
 from ztune.tune.journal import Journal
 from ztune.tune.rank import Assessment, MemoryModel, Workload, assess, fit_memory
@@ -93,6 +108,10 @@ class Settings:
     # itself, so its ranking of the rest is still the uncalibrated one.
     min_trials: int = 3
     hosts: HostTrials | None = None  # trials through `ztune launch` on these hosts (autotune -H); None: local
+    # Confirmation (confirm.py): extra samples per leader (0: off), most leaders, leaders' margin (fraction).
+    confirm_repeats: int = CONFIRM_REPEATS
+    confirm_top: int = CONFIRM_TOP
+    confirm_margin: float = CONFIRM_MARGIN
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,19 @@ class TuneResult:
     new_trials: int
     exported: tuple[str, ...] = ()
     remaining: tuple[Assessment, ...] = field(default=())
+    repeats: tuple[RepeatRecord, ...] = ()  # confirmation trials, journal order
+    confirm_note: str = ""  # what confirmation did, or why it did not run
+    new_repeats: int = 0
+
+    @property
+    def samples_s(self) -> dict[str, list[float]]:
+        """Every successful sample per measured candidate key (seconds per step): search trial, repeats."""
+        return samples(self.trials, self.repeats)
+
+    @property
+    def best_median_s(self) -> float | None:
+        """The pick's median step time over its samples (what it was chosen on)."""
+        return None if self.best is None else median(self.samples_s[self.best.candidate.key])
 
     @property
     def trained(self) -> bool:
@@ -182,6 +214,8 @@ class Tuner:
         self.records: list[TrialRecord] = [TrialRecord.from_journal(r) for r in journal.state.finished.values()
                                             if r["key"] in known]
         self.records.sort(key=lambda r: r.index)
+        self.repeats: list[RepeatRecord] = [RepeatRecord.from_journal(r) for r in journal.state.repeats
+                                            if r["key"] in known]
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, *, out_of_sample: bool = False) -> tuple[Fit, MemoryModel]:
@@ -194,6 +228,7 @@ class Tuner:
         return fit, memory
 
     def _best(self) -> TrialRecord | None:
+        """The search's best: lowest first sample (the convergence test's reference; repeats never change it)."""
         ok = [r for r in self.records if r.status == "ok" and r.step_time_s]
         return min(ok, key=lambda r: (r.step_time_s, r.candidate)) if ok else None
 
@@ -226,8 +261,67 @@ class Tuner:
             self._run_one(nxt, fit=fit, budget_left_s=None if s.time_budget_s is None
                           else s.time_budget_s - (time.monotonic() - t0))
             new_trials += 1
+        note, new_repeats = self._confirm(t0=t0)
         fit, _ = self.calibrate(out_of_sample=True)  # the same fit, plus each trial predicted without it
-        return self._result(fit, memory, remaining, stop, wall_s=time.monotonic() - t0, new_trials=new_trials)
+        return self._result(fit, memory, remaining, stop, wall_s=time.monotonic() - t0, new_trials=new_trials,
+                            confirm_note=note, new_repeats=new_repeats)
+
+    # ------------------------------------------------------------------ confirmation
+    def _confirm(self, *, t0: float) -> tuple[str, int]:
+        """Run the confirmation rounds not in the journal yet; (what happened, repeats run now). A round
+        starts only if all of its trials fit in what is left of --max-trials (repeats count) and, by the
+        calibrated prediction, --time-budget."""
+        s = self.settings
+        if s.confirm_repeats <= 0:
+            return "confirmation off", 0
+        keys = leaders(self.records, top=s.confirm_top, margin=s.confirm_margin)
+        if not keys:
+            return (f"nothing to confirm: no second successful candidate within {s.confirm_margin:.0%} of the "
+                    "fastest"), 0
+        by_key = {r.candidate.key: r for r in self.records}
+        done = {(r.key, r.round) for r in self.repeats}
+        new, cut = 0, ""
+        for plan in rounds(keys, repeats=s.confirm_repeats):
+            pending = [(rnd, key) for rnd, key in plan if (key, rnd) not in done]
+            if not pending:
+                continue
+            total = len(self.records) + len(self.repeats)
+            if s.max_trials is not None and total + len(pending) > s.max_trials:
+                cut = f"; round {pending[0][0]} needs {len(pending)} more trial(s), the cap is {s.max_trials}"
+                break
+            if s.time_budget_s is not None:
+                need_s = sum(self._trial_wall_s(by_key[key].step_time_s) for _, key in pending)
+                elapsed_s = time.monotonic() - t0
+                if elapsed_s + need_s > s.time_budget_s:
+                    cut = (f"; round {pending[0][0]} (~{need_s:.0f} s) would pass the time budget "
+                           f"{s.time_budget_s:.0f} s")
+                    break
+            for rnd, key in pending:
+                self._run_repeat(by_key[key], round_=rnd, t0=t0)
+                new += 1
+        runs = samples(self.records, self.repeats)
+        ran = sum(r.key in keys for r in self.repeats)
+        failed = sum(r.key in keys and r.status != "ok" for r in self.repeats)
+        return (f"confirmed {len(keys)} leader(s) within {s.confirm_margin:.0%} of the fastest "
+                f"({', '.join(keys)}) with {ran} repeat(s), interleaved"
+                + (f" ({failed} failed: no sample)" if failed else "")
+                + f"; chosen on the median of each candidate's samples (at least "
+                f"{min(len(runs.get(k, ())) for k in keys)} each){cut}"), new
+
+    def _run_repeat(self, record: TrialRecord, *, round_: int, t0: float) -> RepeatRecord:
+        s, c = self.settings, record.candidate
+        index = 1 + max([r.index for r in self.records] + [r.index for r in self.repeats], default=0)
+        self.on_event("trial_start", index=index, candidate=c, estimate_s=record.step_time_s,
+                      total_steps=s.warmup_steps + s.measured_steps)
+        outcome = self._launch(c, index=index, stem=f"{c.key}.r{round_}", predicted_step_s=record.step_time_s,
+                               budget_left_s=None if s.time_budget_s is None
+                               else s.time_budget_s - (time.monotonic() - t0), extra={"round": round_})
+        rep = RepeatRecord(index=index, key=c.key, round=round_, status=outcome.status, reason=outcome.reason,
+                           step_time_s=outcome.step_time_s, wall_s=outcome.wall_s)
+        self.journal.append(rep.to_journal())
+        self.repeats.append(rep)
+        self.on_event("repeat_end", record=rep)
+        return rep
 
     def _stop_reason(self, eligible: list[Assessment], best: TrialRecord | None, *, new_trials: int,
                      elapsed_s: float) -> str:
@@ -257,35 +351,12 @@ class Tuner:
 
     def _run_one(self, a: Assessment, *, fit: Fit, budget_left_s: float | None) -> TrialRecord:
         s, c = self.settings, a.candidate
-        index = max((r.index for r in self.records), default=0) + 1
+        index = 1 + max([r.index for r in self.records] + [r.index for r in self.repeats], default=0)
         prior_est = self.workload.estimate(c, self.prior)
-        timeout_s, stall_s = trial_limits_s(
-            predicted_wall_s=self._trial_wall_s(a.step_time_s), predicted_step_s=a.step_time_s,
-            trial_timeout_s=s.trial_timeout_s, stall_timeout_s=s.stall_timeout_s, budget_left_s=budget_left_s,
-            load=load_factor())
-        config_path = self.trial_dir / f"{c.key}.yaml"
-        report_path = self.trial_dir / f"{c.key}.report.jsonl"
-        save(self.workload.config(c), config_path)
         self.on_event("trial_start", index=index, candidate=c, estimate_s=a.step_time_s,
                       total_steps=s.warmup_steps + s.measured_steps)
-
-        # What identifies the trial's processes for a later tuner (kill_stale_group): the report path is in
-        # a local trial's environment; the config path is on a host trial's launcher command line.
-        marker = str(report_path if s.hosts is None else config_path)
-
-        def started(pgid: int) -> None:
-            self.journal.append({"kind": "start", "key": c.key, "index": index, "pgid": pgid,
-                                 "report": str(report_path), "marker": marker, "time": time.time()})
-
-        common = dict(config_path=config_path, report_path=report_path, log_path=self.trial_dir / f"{c.key}.log",
-                      script=s.script, script_args=s.script_args, warmup_steps=s.warmup_steps,
-                      measured_steps=s.measured_steps, timeout_s=timeout_s, stall_s=stall_s, on_start=started,
-                      on_poll=lambda report: self.on_event("trial_poll", index=index, steps=len(report["steps"])))
-        if s.hosts is None:
-            outcome: TrialOutcome = run_trial(nproc=s.nproc, memory_cap_bytes=s.memory_cap_bytes, **common)
-        else:
-            outcome = run_trial_on_hosts(hosts=s.hosts, index=index, preflight_cache=self.preflight_cache,
-                                         **common)
+        outcome = self._launch(c, index=index, stem=c.key, predicted_step_s=a.step_time_s,
+                               budget_left_s=budget_left_s)
         record = TrialRecord(
             index=index, candidate=c, status=outcome.status, reason=outcome.reason,
             step_time_s=outcome.step_time_s, peak_memory_bytes=outcome.peak_memory_bytes,
@@ -298,27 +369,66 @@ class Tuner:
         self.on_event("trial_end", record=record, calibrated_s=a.step_time_s)
         return record
 
+    def _launch(self, c: Candidate, *, index: int, stem: str, predicted_step_s: float,
+                budget_left_s: float | None, extra: dict[str, Any] | None = None) -> TrialOutcome:
+        """Run candidate `c` as trial `index` (files trials/<stem>.*), journalling its start; its outcome."""
+        s = self.settings
+        timeout_s, stall_s = trial_limits_s(
+            predicted_wall_s=self._trial_wall_s(predicted_step_s), predicted_step_s=predicted_step_s,
+            trial_timeout_s=s.trial_timeout_s, stall_timeout_s=s.stall_timeout_s, budget_left_s=budget_left_s,
+            load=load_factor())
+        config_path = self.trial_dir / f"{c.key}.yaml"
+        report_path = self.trial_dir / f"{stem}.report.jsonl"
+        save(self.workload.config(c), config_path)
+
+        # What identifies the trial's processes for a later tuner (kill_stale_group): the report path is in
+        # a local trial's environment; the config path is on a host trial's launcher command line.
+        marker = str(report_path if s.hosts is None else config_path)
+
+        def started(pgid: int) -> None:
+            self.journal.append({"kind": "start", "key": c.key, "index": index, "pgid": pgid,
+                                 "report": str(report_path), "marker": marker, "time": time.time(),
+                                 **(extra or {})})
+
+        common = dict(config_path=config_path, report_path=report_path, log_path=self.trial_dir / f"{stem}.log",
+                      script=s.script, script_args=s.script_args, warmup_steps=s.warmup_steps,
+                      measured_steps=s.measured_steps, timeout_s=timeout_s, stall_s=stall_s, on_start=started,
+                      on_poll=lambda report: self.on_event("trial_poll", index=index, steps=len(report["steps"])))
+        if s.hosts is None:
+            outcome: TrialOutcome = run_trial(nproc=s.nproc, memory_cap_bytes=s.memory_cap_bytes, **common)
+        else:
+            outcome = run_trial_on_hosts(hosts=s.hosts, index=index, preflight_cache=self.preflight_cache,
+                                         **common)
+        return outcome
+
     def _result(self, fit: Fit, memory: MemoryModel, remaining: list[Assessment], stop: str, *, wall_s: float,
-                new_trials: int) -> TuneResult:
+                new_trials: int, confirm_note: str = "", new_repeats: int = 0) -> TuneResult:
         calibrated = {}
         for r in self.records:
             est = self.workload.estimate(r.candidate, fit.efficiency)
             calibrated[r.candidate.key] = (self.workload.step_time_s(r.candidate, fit.calibration),
                                            memory.predicted_bytes(est))
-        best = self._best()
+        best = pick(self.records, self.repeats)  # the lowest median over each candidate's samples
         return TuneResult(
             trials=tuple(self.records), best=best,
             best_config=self.workload.config(best.candidate) if best else None, fit=fit, memory=memory,
             calibrated=calibrated, grid_size=len(self.candidates), stop_reason=stop, wall_s=wall_s,
-            new_trials=new_trials, remaining=tuple(remaining),
+            new_trials=new_trials, remaining=tuple(remaining), repeats=tuple(self.repeats),
+            confirm_note=confirm_note, new_repeats=new_repeats,
         )
 
 
-def export_best(result: TuneResult, *, out_dir: Path, deepspeed: bool) -> tuple[str, ...]:
-    """Write the best config as ztune YAML (and DeepSpeed JSON); returns the paths written."""
+def export_best(result: TuneResult, *, out_dir: Path, deepspeed: bool, note: str = "") -> tuple[str, ...]:
+    """Write the best config as ztune YAML (and DeepSpeed JSON); returns the paths written. `note` (why this
+    config: its median and samples) heads the YAML file as a comment."""
     if result.best_config is None:
         return ()
-    paths = [str(save(result.best_config, out_dir / "best.yaml"))]
+    path = save(result.best_config, out_dir / "best.yaml")
+    if note:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"# ztune autotune pick: {note}\n# {result.confirm_note}\n" + path.read_text())
+        os.replace(tmp, path)
+    paths = [str(path)]
     if deepspeed:
         paths.append(str(save(result.best_config, out_dir / "best.deepspeed.json", fmt="deepspeed")))
     return tuple(paths)
