@@ -58,3 +58,31 @@ def test_journal_of_another_space_is_refused_unless_fresh(tmp_path) -> None:
     fresh = Journal(path, fingerprint="other", describe={"seq_len": 256, "model": "tiny"}, fresh=True)
     assert fresh.state.finished == {}
     assert fresh.moved_aside is not None and '"key": "a"' in fresh.moved_aside.read_text()
+
+
+def test_a_resumed_run_ranks_with_the_compute_its_first_run_measured(tmp_path) -> None:
+    """The CLI measures this host's compute once per run and journals it; a resume reads it back instead of
+    re-measuring a machine whose load has changed (which reshuffled the killed run's plan)."""
+    import io
+
+    from rich.console import Console
+
+    from ztune.cli.autotune import _COMPUTE_FIELDS, _journalled_compute
+    from ztune.profiles import load_hardware
+
+    hw = load_hardware("cpu-local")
+    err = Console(file=io.StringIO())
+    first = Journal(tmp_path / "j.jsonl", fingerprint="fp", describe={})
+    assert _journalled_compute(hw, first, err) is None  # a new run: nothing recorded, measure
+    measured = {"peak_flops_fp32": 51e9, "peak_flops_bf16": 23e9, "train_flops_efficiency": 0.31}
+    first.append({"kind": "compute", "measured": measured, "at": 0.0})
+    first.append({"kind": "compute", "measured": {f: 1.0 for f in _COMPUTE_FIELDS}, "at": 1.0})  # first wins
+    resumed = Journal(tmp_path / "j.jsonl", fingerprint="fp", describe={})
+    hw2 = _journalled_compute(hw, resumed, err)
+    assert hw2 is not None and {f: getattr(hw2, f) for f in _COMPUTE_FIELDS} == measured
+    assert hw2.name == hw.name and "as measured when this run started" in err.file.getvalue()
+    # a record this code did not write (a field missing, a zero peak) is not trusted: measure again
+    for bad in ({"peak_flops_fp32": 51e9}, dict(measured, peak_flops_bf16=0.0)):
+        j = Journal(tmp_path / f"{len(bad)}.jsonl", fingerprint="fp", describe={})
+        j.append({"kind": "compute", "measured": bad, "at": 0.0})
+        assert _journalled_compute(hw, j, err) is None

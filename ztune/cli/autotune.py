@@ -58,6 +58,25 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
     return measured
 
 
+# The profile fields _measured_cpu_compute replaces (probe.with_measured_cpu_compute).
+_COMPUTE_FIELDS = ("peak_flops_fp32", "peak_flops_bf16", "train_flops_efficiency")
+
+
+def _journalled_compute(hw: Any, journal: Any, err_console: Any) -> Any:
+    """`hw` with the compute the journal recorded when this run started (a resume), else None. A resumed run
+    ranks its remaining candidates as the killed run did instead of re-measuring a machine whose load has
+    changed since (journal.py, ``compute`` records)."""
+    rec = (journal.state.compute or {}).get("measured")
+    if not isinstance(rec, dict) or set(rec) != set(_COMPUTE_FIELDS) or not all(
+            isinstance(v, (int, float)) and v >= 0 for v in rec.values()) or not (
+            rec["peak_flops_fp32"] > 0 and rec["peak_flops_bf16"] > 0):
+        return None  # none recorded (a run from before the record existed), or not one this code wrote
+    err_console.print("compute per rank: as measured when this run started (its journal), "
+                      f"fp32 {rec['peak_flops_fp32'] / 1e9:.0f} GFLOP/s, bf16 {rec['peak_flops_bf16'] / 1e9:.0f} "
+                      f"GFLOP/s, achieved fraction {rec['train_flops_efficiency']:.0%}", soft_wrap=True)
+    return dataclasses.replace(hw, **rec)
+
+
 def parse_size(text: str) -> int:
     """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30), from 1 byte to 1 EiB."""
     m = _SIZE_RE.match(text)
@@ -482,9 +501,13 @@ def autotune(
     journal = Journal(out / "journal.jsonl", fingerprint=fp, describe=describe, fresh=fresh)
     # Measured after every input check (a bad flag or journal is one line, nothing else printed first).
     if cpu_profile and host_trials is None:  # this machine's matmul rate says nothing about other hosts
-        micros = sorted({c.micro for c in candidates})
-        model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
-                                         micro_batch=micros[len(micros) // 2] if micros else 1)
+        model_hw = _journalled_compute(hw, journal, err_console)
+        if model_hw is None:
+            micros = sorted({c.micro for c in candidates})
+            model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
+                                             micro_batch=micros[len(micros) // 2] if micros else 1)
+            journal.append({"kind": "compute", "measured": {f: getattr(model_hw, f) for f in _COMPUTE_FIELDS},
+                            "at": time.time()})
     else:
         model_hw = hw
     workload = Workload(model=spec, hardware=model_hw, base=base, global_batch=global_batch, seq_len=seq,

@@ -9,6 +9,9 @@ Record kinds:
 - ``trial``: a trial finished, with its status, measurements and estimates.
 - ``repeat``: a confirmation trial of an already measured candidate finished (confirm.py), with its round;
   it ends the ``start`` of the same key, and never replaces the candidate's ``trial`` record.
+- ``compute``: the compute this host measured when the run started (the profile fields it replaced, e.g.
+  peak_flops_fp32, train_flops_efficiency); a resumed run ranks with these instead of measuring again, so
+  its plan continues the killed run's rather than reshuffling with the machine's load. The first one wins.
 
 Only a torn *last* line (the tuner died inside ``write``) is tolerated: it is cut off before the next
 append. Damage anywhere else means someone edited the file, and is reported rather than guessed around.
@@ -41,6 +44,7 @@ class JournalState:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     repeats: list[dict[str, Any]] = field(default_factory=list)
     unfinished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compute: dict[str, Any] | None = None  # the first ``compute`` record
     torn_tail_bytes: int = 0
 
 
@@ -89,6 +93,8 @@ def _apply(state: JournalState, record: dict[str, Any], *, path: Path, number: i
     elif kind == "repeat":
         state.unfinished.pop(key, None)
         state.repeats.append(record)
+    elif kind == "compute" and state.compute is None:
+        state.compute = record
 
 
 class Journal:
@@ -149,5 +155,5 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if record.get("kind") in ("start", "trial", "repeat"):
+        if record.get("kind") in ("start", "trial", "repeat", "compute"):
             _apply(self.state, record, path=self.path, number=0)
