@@ -496,6 +496,10 @@ class Measurements:
     # ztune.probe_workload: one model's training rate per CPU rank with every local rank busy (probe --model);
     # None: not asked for.
     workload: object | None = None
+    # Hardware.codec_*_elements_per_s field -> elements/s per CPU rank (ztune/probe_codec.py); {}: not measured
+    # (GPU hosts). `codec_note` says how they were measured.
+    codec: dict = dataclasses.field(default_factory=dict)
+    codec_note: str = ""
 
 
 def inter_node_link(gbps: float | None, *, ranks: int) -> tuple[float, float]:
@@ -549,6 +553,7 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         cpu_cores=m.host.cpu_cores,
         source=f"ztune probe on {m.host.hostname} ({what}); see the comment on each field",
         train_flops_efficiency=workload_efficiency(m),
+        **m.codec,
     )
 
 
@@ -595,6 +600,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
             f"measured: {w.model} {w.dtype} forward+backward, micro {w.micro_batch} x seq {w.seq_len}, "
             f"{w.ranks} ranks at once: {w.flops_per_s / 1e9:.3g} GFLOP/s per rank (median step "
             f"{w.step_s * 1e3:.0f} ms, slowest rank) / the {w.dtype} matmul rate")
+    from ztune.cost.codec import RATE_FIELDS
+
+    for name in RATE_FIELDS:
+        notes[name] = (f"measured: {m.codec_note}" if name in m.codec else
+                       "assumed: 0 = unknown (`ztune probe` times the codecs on CPU ranks only): the estimate "
+                       "charges no codec time and says so")
     if m.inter_node is not None:
         link = m.inter_node
         notes["inter_node_bw_bytes_per_s"] = (f"measured: {link.transport} all_reduce busbw "
@@ -632,7 +643,7 @@ def to_yaml(hw: Hardware, notes: dict[str, str] | None = None) -> str:
     for field in dataclasses.fields(Hardware):
         line = f"{field.name}: {_scalar(getattr(hw, field.name))}"
         note = notes.get(field.name, "").replace("\n", " ")
-        lines.append(f"{line:<44}# {note}" if note else line)
+        lines.append(f"{line:<43} # {note}" if note else line)  # a space before '#' however long the line
     return "\n".join(lines) + "\n"
 
 
@@ -744,8 +755,21 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         on_step(f"{backend} all_reduce, {ranks} local ranks, {len(plan.collective_sizes)} sizes")
         collective = measure_collective_bandwidth(world_size=ranks, sizes=plan.collective_sizes, backend=backend,
                                                   target_s=plan.collective_target_s, threads=threads_per_rank)
+    codec, codec_note = {}, ""
+    if workload_rate is not None and workload_rate.codec_rates:
+        codec = workload_rate.codec_rates
+        codec_note = (f"the runtime's codec on {ranks} ranks at once after the workload, slowest rank's median, "
+                      f"{threads_per_rank} thread(s) each (ztune/probe_codec.py)")
+    elif not on_gpu:
+        from ztune.probe_codec import measure_codec_rates
+
+        on_step(f"codec rates on one CPU rank ({threads_per_rank} thread(s))")
+        codec = measure_codec_rates(threads=threads_per_rank)
+        codec_note = (f"the runtime's codec on one rank alone, median, {threads_per_rank} thread(s) "
+                      "(ztune/probe_codec.py)")
     host_device = None
     if on_gpu:
         on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")
         host_device = measure_host_device_bandwidth(size_bytes=plan.host_device_bytes, repeats=plan.repeats)
-    return Measurements(host, gpus, ranks, memory, flops, collective, host_device, inter_node, workload_rate)
+    return Measurements(host, gpus, ranks, memory, flops, collective, host_device, inter_node, workload_rate,
+                        codec, codec_note)

@@ -12,6 +12,10 @@ Counting: forward + loss + backward of one micro-batch of random tokens, counted
 training FLOPs (ztune.cost.compute.model_flops_per_token, 6 Psi + 12 L h s per token: PaLM appendix B). Each
 rank times `repeats` steps after a warm-up; the step's rate is the slowest rank's *median* (ranks run in
 lockstep, and on a shared machine the best run is the exception, not the step a job sees).
+
+With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
+all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
+on every rank, so its rate with the peers busy is the one a step sees. Per codec the slowest rank's rate counts.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ztune.probe import ProbeFailed, _wait_for_result
 
@@ -41,11 +45,14 @@ class WorkloadRate:
     threads: int
     step_s: float
     flops_per_s: float
+    # Hardware.codec_*_elements_per_s field -> elements/s (slowest rank), measured with all ranks busy; {} if not
+    codec_rates: dict = field(default_factory=dict)
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
-                     barrier, queue) -> None:
-    """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps."""
+                     barrier, queue, codec: bool = True) -> None:
+    """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps; with
+    `codec`, wait again and time the codecs."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
@@ -65,18 +72,28 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
             start = time.perf_counter()
             model(ids, labels=ids).backward()
             times.append(time.perf_counter() - start)
-        queue.put(("ok", (rank, times)))
+        rates = {}
+        if codec:
+            from ztune.probe_codec import measure_codec_rates
+
+            del model  # the codec buffers need the memory more than the model does now
+            barrier.wait(timeout=300)
+            rates = measure_codec_rates(threads=threads)
+        queue.put(("ok", (rank, times, rates)))
     except BaseException as exc:  # reported to the parent; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
 
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
-                          repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0) -> WorkloadRate:
+                          repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0, codec: bool = True
+                          ) -> WorkloadRate:
     """Spawn `ranks` processes that train `spec` (a ModelSpec) at once on `threads` torch threads each and
-    return the per-rank rate (module docstring). Raises ProbeFailed when a rank fails or hangs."""
+    return the per-rank rate, with `codec` also the codec rates (module docstring). Raises ProbeFailed when a
+    rank fails or hangs."""
     import multiprocessing as mp
 
     from ztune.cost.compute import model_flops_per_token
+    from ztune.probe_codec import slowest
     from ztune.specs import count_params
 
     if dtype not in DTYPES:
@@ -84,17 +101,19 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     ctx = mp.get_context("spawn")
     queue, barrier = ctx.Queue(), ctx.Barrier(ranks)
     procs = [ctx.Process(target=_workload_worker, daemon=True,
-                         args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue))
+                         args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue, codec))
              for r in range(ranks)]
     for p in procs:
         p.start()
-    medians = []
+    medians, codec_rates = [], []
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
             if status != "ok":
                 raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
             medians.append(statistics.median(payload[1]))
+            if payload[2]:
+                codec_rates.append(payload[2])
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -105,4 +124,4 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
     flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
-    return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops)
+    return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates))

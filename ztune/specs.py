@@ -152,3 +152,18 @@ class Hardware:
     # memory-bound kernels around them), from independent published runs on this GPU generation;
     # 0 = unknown: cost/compute.py's generic default applies.
     train_flops_efficiency: float = 0.0
+    # Codec rates, elements/s per rank, of the runtime's compressors as each rank runs them (cost/codec.py):
+    # encode = the sender's call (error-feedback compress for int8 / onebit / topk gradient compression and 1-bit
+    # Adam; the quantiser for ZeRO++ qwZ int8 weights and qgZ int4 gradients), decode = the receiver's decode.
+    # Measured by `ztune probe` on CPU ranks (ztune/probe_codec.py); 0 = unknown: codec time is then not charged
+    # and the estimate says so.
+    codec_int8_encode_elements_per_s: float = 0.0
+    codec_int8_decode_elements_per_s: float = 0.0
+    codec_onebit_encode_elements_per_s: float = 0.0
+    codec_onebit_decode_elements_per_s: float = 0.0
+    codec_topk_encode_elements_per_s: float = 0.0
+    codec_topk_decode_elements_per_s: float = 0.0
+    codec_qwz_encode_elements_per_s: float = 0.0
+    codec_qwz_decode_elements_per_s: float = 0.0
+    codec_qgz_encode_elements_per_s: float = 0.0
+    codec_qgz_decode_elements_per_s: float = 0.0

@@ -12,7 +12,7 @@ from ztune.cli import app
 
 ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "zeropp", "micro_batch",
             "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
-            "mfu", "fits", "init_peak", "trainable_params", "step"}
+            "mfu", "fits", "init_peak", "trainable_params", "step", "codec_unknown"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}
 LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--seq", "4096",
               "--global-batch", "1024"]
@@ -46,6 +46,7 @@ def test_json_schema():
         assert set(row["memory_per_gpu"]) == MEMORY_KEYS
         mem = row["memory_per_gpu"]
         assert mem["total"] == sum(mem[k] for k in MEMORY_KEYS - {"total"})
+        assert row["step"]["codec_s"] == 0 and row["codec_unknown"] == []  # no compression swept here
     best = doc["rows"][doc["recommendation"]["index"]]
     assert best["fits"] and best["tokens_per_s"] == max(r["tokens_per_s"] for r in doc["rows"] if r["fits"])
 
@@ -67,19 +68,31 @@ def test_several_nodes_sweep_zeropp_by_default():
 
 
 def test_recommendation_says_why_zeropp_pays_or_not():
+    import dataclasses
+
+    from ztune.cost.codec import RATE_FIELDS
     from ztune.cost.estimate import recommend, sweep
     from ztune.profiles import load_hardware, load_model
 
-    slow = sweep(load_model("llama-2-7b"), load_hardware("a100-40g-roce"), num_nodes=4, seq_len=4096,
-                 global_batch=64, zeropp=(False, True))
+    # The shipped GPU profiles have no codec rates: ZeRO++'s quantisation cannot be priced, so it is not
+    # recommended, and the reason says how much codec time per step it could afford.
+    roce = load_hardware("a100-40g-roce")
+    slow = sweep(load_model("llama-2-7b"), roce, num_nodes=4, seq_len=4096, global_batch=64, zeropp=(False, True))
     best, reason = recommend(slow)
-    assert best is not None and "ZeRO++" in best.label, best.label
-    assert "the network makes it pay" in reason and "MiB per GPU per step" in reason
+    assert best is not None and "ZeRO++" not in best.label, best.label
+    assert "not considered: a100-40g-roce has no measured codec rate" in reason
+    assert "ZeRO++" in reason and "pays only if its codec costs under" in reason
+    # With codec rates (here 1e12 elements/s per rank, a codec nearly free) the slow network makes it pay.
+    fast_codec = dataclasses.replace(roce, **dict.fromkeys(RATE_FIELDS, 1e12))
+    best, reason = recommend(sweep(load_model("llama-2-7b"), fast_codec, num_nodes=4, seq_len=4096,
+                                   global_batch=64, zeropp=(False, True)))
+    assert "ZeRO++" in best.label, best.label
+    assert "the network makes it pay" in reason and "MiB per GPU per step" in reason and "of codec" in reason
     # GPT-2 (124M) trains fastest at stage 0; ZeRO++ (stage 3 only) has nothing to win there, and the reason says so
-    small = sweep(load_model("gpt2"), load_hardware("dgx-h100"), num_nodes=2, seq_len=1024, global_batch=64,
-                  zeropp=(False, True))
+    h100 = dataclasses.replace(load_hardware("dgx-h100"), **dict.fromkeys(RATE_FIELDS, 1e12))
+    small = sweep(load_model("gpt2"), h100, num_nodes=2, seq_len=1024, global_batch=64, zeropp=(False, True))
     best, reason = recommend(small)
-    assert "ZeRO++" not in best.label and "do not pay here" in reason, reason
+    assert "ZeRO++" not in best.label and "do not pay here" in reason and "its codec costs" in reason, reason
 
 
 def test_params_stage_and_compression_flags():

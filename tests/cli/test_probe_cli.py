@@ -55,7 +55,15 @@ def test_json_keys(probed):
     d, out = probed
     data = json.loads(out.stdout)
     assert set(data) == {"output", "profile", "provenance", "host", "gpus", "measured"}
-    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device", "inter_node", "workload"}
+    assert set(data["measured"]) == {"memory", "matmul", "collective", "host_device", "inter_node", "workload",
+                                     "codec"}
+    # the runtime's codec rates, timed on both ranks after the workload (ztune/probe_codec.py), in the profile
+    from ztune.cost.codec import RATE_FIELDS
+
+    assert set(data["measured"]["codec"]) == set(RATE_FIELDS)
+    assert all(data["profile"][k] == data["measured"]["codec"][k] > 0 for k in RATE_FIELDS)
+    assert all(data["provenance"][k].startswith("measured: the runtime's codec on 2 ranks at once")
+               for k in RATE_FIELDS)
     # --model: the small model trained on both ranks at once, its rate / the bf16 matmul rate in the profile
     work = data["measured"]["workload"]
     assert work["model"] == "probe-small-llama" and work["ranks"] == 2 and work["seq_len"] == 32

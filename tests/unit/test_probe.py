@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +244,38 @@ def test_measured_workload_sets_train_flops_efficiency():
     assert probe.field_notes(dataclasses.replace(m, workload=w))["train_flops_efficiency"].startswith("measured:")
     fast = dataclasses.replace(w, dtype="fp32", flops_per_s=5e11)  # above the fp32 matmul rate: capped at 1
     assert probe.build_profile(dataclasses.replace(m, workload=fast)).train_flops_efficiency == 1.0
+
+
+def test_codec_rates_measured_go_into_the_profile_and_round_trip(tmp_path):
+    """ztune/probe_codec.py times the runtime's own codecs; build_profile writes them; the YAML loads back."""
+    from ztune.cost.codec import RATE_FIELDS
+    from ztune.probe_codec import measure_codec_rates, slowest
+
+    rates = measure_codec_rates(threads=1, numel=8192, repeats=1)
+    assert set(rates) == set(RATE_FIELDS) and all(r > 0 for r in rates.values())
+    assert slowest([rates, {k: v / 2 for k, v in rates.items()}]) == {k: v / 2 for k, v in rates.items()}
+    m = dataclasses.replace(_measurements(gpu=False), codec=rates, codec_note="the runtime's codec, test")
+    hw = probe.build_profile(m)
+    assert all(getattr(hw, k) == rates[k] for k in RATE_FIELDS)
+    notes = probe.field_notes(m)
+    assert all(notes[k].startswith("measured: the runtime's codec") for k in RATE_FIELDS)
+    path = tmp_path / "p.yaml"
+    path.write_text(probe.to_yaml(hw, notes))
+    loaded = load_hardware(str(path))
+    assert all(getattr(loaded, k) == pytest.approx(rates[k], rel=1e-4) for k in RATE_FIELDS)
+    # A GPU probe measures none: 0 = unknown, and the provenance says so; the long field names still parse.
+    gpu = _measurements(gpu=True)
+    assert probe.build_profile(gpu).codec_int8_encode_elements_per_s == 0
+    assert probe.field_notes(gpu)["codec_int8_encode_elements_per_s"].startswith("assumed: 0 = unknown")
+    path.write_text(probe.to_yaml(probe.build_profile(gpu), probe.field_notes(gpu)))
+    assert load_hardware(str(path)).codec_qgz_decode_elements_per_s == 0
+
+
+def test_negative_codec_rate_is_rejected(tmp_path):
+    from ztune.errors import UserError
+
+    text = (Path(__file__).resolve().parents[2] / "profiles/hardware/cpu-local.yaml").read_text()
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("codec_qgz_decode_elements_per_s: 1184.3e+6", "codec_qgz_decode_elements_per_s: -1"))
+    with pytest.raises(UserError, match="codec_qgz_decode_elements_per_s must be >= 0"):
+        load_hardware(str(path))

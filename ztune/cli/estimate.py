@@ -39,7 +39,8 @@ def estimate(
     precision: Annotated[str | None, typer.Option("--precision", help="bf16, fp16 or fp32 (default: the "
                                                                       "config's, else bf16).")] = None,
     compression: Annotated[bool, typer.Option("--compression", help="Also sweep gradient compression (its "
-                                              "codec's compute is not in the step time).")] = False,
+                                              "codec's compute is charged at the profile's measured codec rates; "
+                                              "rows without one are not recommended).")] = False,
     zeropp: Annotated[bool | None, typer.Option("--zeropp/--no-zeropp", help="Also sweep ZeRO++ at stage 3 "
                                                 "(qwZ int8 weight all-gather + hpZ inside each node + qgZ int4 "
                                                 "gradients; default: on with --nodes > 1).",

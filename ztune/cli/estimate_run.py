@@ -63,7 +63,10 @@ def row_dict(est: Any) -> dict:
         # the step's parts, seconds (cost/compute.py StepTime): compute, all communication, the part of it not
         # hidden behind compute, offload
         "step": {"compute_s": est.step.compute_s, "comm_s": est.step.comm_s,
-                 "exposed_comm_s": est.step.exposed_comm_s, "offload_s": est.step.offload_s},
+                 "exposed_comm_s": est.step.exposed_comm_s, "offload_s": est.step.offload_s,
+                 "codec_s": est.step.codec_s},
+        # compression / 1-bit Adam / ZeRO++ codecs whose rate the profile lacks (their time is not in step_time_s)
+        "codec_unknown": list(est.codec.unknown) if est.codec is not None else [],
         "tokens_per_s": est.tokens_per_s,
         "mfu": est.mfu,
         "fits": est.fits,
@@ -286,8 +289,9 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
                  lora_rank: int | None, init: str) -> int:
     """Estimate memory per GPU and host, communication, step time and MFU; recommend a configuration. Prints
     the table (or JSON); returns the exit code (1: --check and the config does not fit). Bad input raises
-    UserError. compression: sweep gradient compression too (opt-in: the model does not charge its codec's
-    compute, so on its own it would always look free). zeropp: sweep ZeRO++ at stage 3 too; None (the default)
+    UserError. compression: sweep gradient compression too (opt-in; its codec's compute is charged at the
+    profile's measured codec rates, cost/codec.py, and rows on a profile without them are not recommended).
+    zeropp: sweep ZeRO++ at stage 3 too; None (the default)
     sweeps it on several nodes, where the inter-node link is what it saves (issue 15: "estimate includes these
     choices where the network makes them pay"), and leaves it out on one node."""
     from ztune.config.schema import Compression, Precision
@@ -366,7 +370,14 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
                                  [(head, "bold"), (f" - {reason}", None)]]
         if params is not None:
             lines.append([(f"model shape: {spec.source or 'derived from --params ' + params}", "dim")])
-        lines.append([("assumptions: " + "; ".join(estimates[0].notes), "dim")])
+        from ztune.cost.estimate import codec_unknown_note
+
+        # One line for every codec a row runs whose rate the profile lacks (a sweep's first row may run none).
+        unknown = dict.fromkeys(f for e in estimates if e.codec_unknown for f in e.codec.unknown)
+        notes = [n for n in estimates[0].notes if not n.startswith("codec time unknown")]
+        if unknown:
+            notes.append(codec_unknown_note(hw.name, unknown))
+        lines.append([("assumptions: " + "; ".join(notes), "dim")])
         if ignored:
             lines.append([("ignored DeepSpeed keys: " + ", ".join(ignored), None)])
         if plot is not None:

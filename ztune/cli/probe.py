@@ -66,6 +66,8 @@ def _fmt(name: str, value: Any) -> str:
         return human_bytes(value)
     if name.startswith("peak_flops"):
         return f"{value / 1e12:,.3f} TFLOP/s"
+    if name.endswith("_elements_per_s"):
+        return f"{value / 1e6:,.1f} M elements/s" if value else "0 (unknown)"
     if name.endswith("_latency_s"):
         return f"{value * 1e6:,.1f} us"
     return str(value)
@@ -90,6 +92,7 @@ def _summary(m: Any, hw: Any, notes: dict[str, str], output: Path) -> dict:
                 "fit": dataclasses.asdict(c.fit)},
             "host_device": None if m.host_device is None else dataclasses.asdict(m.host_device),
             "workload": None if m.workload is None else dataclasses.asdict(m.workload),
+            "codec": dict(m.codec),
             "inter_node": None if m.inter_node is None else {
                 "transport": m.inter_node.transport, "sizes_bytes": list(m.inter_node.sizes_bytes),
                 "times_s": list(m.inter_node.times_s), "fit": dataclasses.asdict(m.inter_node.fit)},

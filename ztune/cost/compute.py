@@ -153,6 +153,8 @@ class StepTime:
     exposed_comm_s: float
     offload_s: float
     step_s: float
+    # Compression codecs (cost/codec.py): serial work on the compute's own cores, on the communication's path.
+    codec_s: float = 0.0
 
 
 def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
@@ -167,8 +169,13 @@ def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) ->
 
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
               comm_after_step_s: float, offload: OffloadTime, overlap: float, comm_micro_grad_s: float = 0.0,
-              grad_ready_fraction: float = 0.0) -> StepTime:
-    """Step time = compute + communication not hidden + offload not hidden.
+              grad_ready_fraction: float = 0.0, codec_s: float = 0.0) -> StepTime:
+    """Step time = compute + codec + communication not hidden + offload not hidden.
+
+    `codec_s` (cost/codec.py) is added in full: the encoders run in the backward hooks on the computing thread and
+    the decoders where the step waits for the exchange, on the cores (SMs) the compute uses, so codec work
+    neither overlaps the compute it competes with nor hides behind the transfer whose input or output it is;
+    nor does it widen the window the communication hides behind (the window is compute only).
 
     Overlap windows: per-micro-step parameter collectives (stage-3 gathers, prefetched) and prefetch transfers
     hide behind all the step's compute. Gradient reductions hide only behind the backward that produces them,
@@ -198,5 +205,6 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
         comm_s=comm_micro_s + comm_micro_grad_s + comm_boundary_s + comm_after_step_s,
         exposed_comm_s=exposed_comm,
         offload_s=offload_s,
-        step_s=compute_s + exposed_comm + offload_s,
+        step_s=compute_s + codec_s + exposed_comm + offload_s,
+        codec_s=codec_s,
     )

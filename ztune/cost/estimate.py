@@ -20,11 +20,13 @@ from ztune.config.schema import (
     CompressionConfig,
     Hierarchical,
     Offload,
+    OptimizerType,
     Precision,
     TrainConfig,
 )
 from ztune.config.validate import resolve_batch
 from ztune.cost.activations import ActivationEstimate, activation_memory
+from ztune.cost.codec import CodecTime, codec_time, rates_of, step_codec_work
 from ztune.cost.comm import (
     CommEstimate,
     comm_estimate,
@@ -88,6 +90,8 @@ ASSUMPTIONS = (
     "compute at the hardware profile's achieved fraction of peak (train_flops_efficiency)",
     "stages 0/1 reduce gradients once per step, stages 2/3 every micro-step",
     "FLOPs/token = 6*Psi_active + 12*L*h*s; recomputation counted in step time, not in MFU",
+    "compression / 1-bit Adam / ZeRO++ codecs: elements each rank encodes and decodes per step (cost/codec.py) at "
+    "the profile's measured codec rates, serial with compute (same cores, on the exchange's path)",
 )
 
 
@@ -155,6 +159,12 @@ class Estimate:
     notes: tuple[str, ...]
     split: TrainableSplit | None = None  # trainable / frozen parameter counts
     init: InitPeak | None = None  # stage 3 only: device bytes per rank during ztune.initialize
+    codec: CodecTime | None = None  # compression codecs' work and seconds (cost/codec.py); None: no codec
+
+    @property
+    def codec_unknown(self) -> bool:
+        """A codec runs but the profile has no rate for it: its time is missing from the step."""
+        return self.codec is not None and bool(self.codec.unknown)
 
     @property
     def trainable_params(self) -> int:
@@ -350,8 +360,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     grad_group_numel = z.reduce_bucket_numel
     if z.stage == 3:
         grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / (model.num_layers + 2)))
+    codec = _codec(cfg, hw, trainable=split.trainable, num_params=split.total, world=world, grad_accum=accum)
     comm_micro_grad_s = comm.time_in_phase_s("micro", "grad")
-    step = step_time(compute_s=compute_s, grad_accum=accum,
+    step = step_time(codec_s=codec.seconds if codec is not None else 0.0, compute_s=compute_s, grad_accum=accum,
                      comm_micro_s=comm.time_in_phase_s("micro") - comm_micro_grad_s,
                      comm_micro_grad_s=comm_micro_grad_s, comm_boundary_s=comm.time_in_phase_s("boundary"),
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
@@ -369,6 +380,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         notes.append("full checkpointing re-runs each block's forward in backward" + (
             " less its last matmul (non-reentrant torch.utils.checkpoint stops early)"
             if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
+    if codec is not None and codec.unknown:
+        notes.append(codec_unknown_note(hw.name, codec.unknown))
     if cfg.seq_len > model.max_seq_len:
         notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
     return Estimate(
@@ -379,8 +392,28 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         tokens_per_s=global_batch * cfg.seq_len / step.step_s,
         samples_per_s=global_batch / step.step_s,
         mfu=model_flops / (step.step_s * peak),
-        fits=not reason, reason=reason, notes=tuple(notes), split=split, init=mem.init,
+        fits=not reason, reason=reason, notes=tuple(notes), split=split, init=mem.init, codec=codec,
     )
+
+
+def codec_unknown_note(hardware_name: str, formats: Iterable[str]) -> str:
+    """The assumption line for codecs whose rate a profile lacks (Estimate.codec_unknown)."""
+    return (f"codec time unknown: {hardware_name} has no measured rate for {', '.join(formats)} "
+            "(codec_*_elements_per_s; `ztune probe` measures them on CPU ranks): a step time with that codec leaves "
+            "its compute out, so a sweep does not recommend it")
+
+
+def _codec(cfg: TrainConfig, hw: Hardware, *, trainable: int, num_params: int, world: int, grad_accum: int
+           ) -> CodecTime | None:
+    """The codec work of `cfg` per step and its time at `hw`'s rates (cost/codec.py); None when no codec runs.
+    1-bit Adam is charged for its compression stage (after freeze_step), the steady state of a long run."""
+    z = cfg.zero
+    work = step_codec_work(method=cfg.compression.method, onebit_adam=cfg.optimizer.type is OptimizerType.ONEBIT_ADAM,
+                           stage=z.stage, trainable_params=trainable, num_params=num_params, world_size=world,
+                           ranks_per_node=hw.gpus_per_node, grad_accum=grad_accum,
+                           quantized_weights=z.quantized_weights, hpz=z.hpz_partition_size > 1,
+                           quantized_gradients=z.quantized_gradients)
+    return codec_time(work, rates=rates_of(hw)) if work else None
 
 
 def _micro_candidates(cfg: TrainConfig, world_size: int) -> list[int]:
@@ -463,15 +496,22 @@ def sweep(model: ModelSpec, hw: Hardware, *, num_nodes: int, seq_len: int, globa
                         cfg = dataclasses.replace(cfg, batch=BatchConfig(micro=max(best, 1), global_=global_batch))
                     results.append(estimate(model, hw, cfg, num_nodes=num_nodes, efficiency=efficiency,
                                             framework=framework))
-    results.sort(key=lambda e: (not e.fits, -e.tokens_per_s))
+    # Rows whose codec time is unknown (the profile has no rate: their step time is a lower bound) after the
+    # priced ones that fit.
+    results.sort(key=lambda e: (not e.fits, e.codec_unknown, -e.tokens_per_s))
     return results
 
 
 def recommend(estimates: Sequence[Estimate]) -> tuple[Estimate | None, str]:
-    """The fastest estimate that fits and one line saying why it beats the runner-up (or why none fits)."""
+    """The fastest estimate that fits and one line saying why it beats the runner-up (or why none fits).
+    Estimates whose codec time is unknown (Estimate.codec_unknown) are recommended only when nothing priced fits:
+    their step time leaves out work that can cost more than it saves (docs/bench/compression.md)."""
     if not estimates:
         return None, "no configurations to compare"
     fitting = sorted((e for e in estimates if e.fits), key=lambda e: -e.tokens_per_s)
+    priced = [e for e in fitting if not e.codec_unknown]
+    unpriced = [e for e in fitting if e.codec_unknown] if priced else []
+    fitting = priced or fitting
     if not fitting:
         least = min(estimates, key=lambda e: e.memory_per_gpu.total)
         return None, (f"nothing fits: the smallest ({least.label}) {least.reason}; add nodes, "
@@ -481,13 +521,29 @@ def recommend(estimates: Sequence[Estimate]) -> tuple[Estimate | None, str]:
     if best.init_peak_bytes is not None:
         used += f" (initialisation peaks higher, at {best.init_peak_bytes / GiB:.1f} GiB)"
     if len(fitting) == 1:
-        return best, f"the only configuration that fits ({used})"
+        return best, f"the only configuration that fits ({used})" + _unpriced_why(best, unpriced)
     runner = fitting[1]
     gain_pct = 100 * (best.tokens_per_s / runner.tokens_per_s - 1)
     why = _why(best, runner)
     margin = f"{gain_pct:.1f}% more than" if gain_pct >= 0.05 else "within 0.05% of"
     return best, (f"{best.tokens_per_s:,.0f} tokens/s, {margin} the runner-up ({runner.label}): {why}; {used}"
-                  + _network_why(best, fitting))
+                  + _network_why(best, fitting) + _unpriced_why(best, unpriced))
+
+
+def _unpriced_why(best: Estimate, unpriced: Sequence[Estimate]) -> str:
+    """What the configurations whose codec time is unknown (not recommended) would need to beat `best`: the
+    fastest of them without its codec, and the codec time per step below which it would win."""
+    if not unpriced:
+        return ""
+    fastest = max(unpriced, key=lambda e: e.tokens_per_s)
+    formats = ", ".join(dict.fromkeys(f for e in unpriced for f in e.codec.unknown))
+    head = (f"; {len(unpriced)} configuration(s) with codecs ({formats}) not considered: {best.hardware.name} has no "
+            "measured codec rate to price them")
+    if fastest.step_time_s >= best.step_time_s:
+        return head + " (none is faster even with a free codec)"
+    headroom_ms = (best.step_time_s - fastest.step_time_s) * 1e3
+    return (head + f"; the fastest of them ({fastest.label}) pays only if its codec costs under {headroom_ms:,.3g} "
+            "ms/step (measure it: `ztune probe` on CPU ranks, or `ztune autotune`)")
 
 
 def _saves_traffic(est: Estimate) -> bool:
@@ -511,10 +567,12 @@ def _network_why(best: Estimate, fitting: Sequence[Estimate]) -> str:
         return (f"; the network makes it pay: against the fastest configuration without compression or ZeRO++ "
                 f"({plain.label}) it sends {best.comm_bytes_per_step / mib:,.0f} instead of "
                 f"{plain.comm_bytes_per_step / mib:,.0f} MiB per GPU per step and exposes {ms:,.0f} ms/step less "
-                "communication")
+                f"communication for {best.step.codec_s * 1e3:,.0f} ms/step of codec")
     pct = 100 * (1 - saver.tokens_per_s / best.tokens_per_s)
+    saved_ms = (best.step.exposed_comm_s - saver.step.exposed_comm_s) * 1e3
     return (f"; compression and ZeRO++ do not pay here: the fastest of them ({saver.label}) is {pct:.1f}% "
-            "slower (the network hides what they would save, or their extra work costs more)")
+            f"slower: its codec costs {saver.step.codec_s * 1e3:,.0f} ms/step and it exposes {saved_ms:,.0f} ms/step "
+            "less communication")
 
 
 def _why(best: Estimate, runner: Estimate) -> str:
