@@ -191,10 +191,16 @@ NOTES = [
     "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
     "buckets only the last 19% of the backward can hide the reduction (stage 2 with one micro-step likewise); "
     "gradient reductions never hide behind a forward, since the runtime waits for them at the end of each "
-    "backward (runtime/grad_reduce.py finish); stage 3's parameter gathers hide behind all compute.",
+    "backward (runtime/grad_reduce.py finish); stage 3's parameter gathers hide behind all compute;",
+    "- codecs (ZeRO++ qwZ int8 / qgZ int4 quantisation, 1-bit Adam's signs + scales with error feedback): the "
+    "elements each rank encodes and decodes per step (ztune/cost/codec.py, counted from the runtime's code paths) "
+    "at the codec rates the probe measured with the host's ranks all busy (ztune/probe_codec.py, after the "
+    "workload), serial with compute: they run on the same cores, on the exchange's path. A probe without them "
+    "(a run from before they existed, re-rendered) leaves codec time out and the estimate says so.",
     "",
-    "Not in the model, and visible above: (1) ZeRO++'s and 1-bit Adam's quantisation is CPU work (int8/int4 "
-    "blocks, signs and scales over every parameter each step) that a GPU hides and these 2 cores do not; (2) "
+    "Not in the model, and visible above: (1) 1-bit Adam's optimizer step itself (frozen-variance Adam in plain "
+    "torch ops over every parameter) and the other optimizers' steps: the model charges no optimizer compute on "
+    "device-resident states; (2) "
     "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
     "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
     "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "

@@ -382,6 +382,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
     if codec is not None and codec.unknown:
         notes.append(codec_unknown_note(hw.name, codec.unknown))
+    if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
+        notes.append(f"1-bit Adam: a step after freeze_step ({cfg.optimizer.freeze_step}): 1-bit momentum exchange "
+                     "and its codec; the warm-up's steps all-reduce full-precision gradients and encode nothing")
     if cfg.seq_len > model.max_seq_len:
         notes.append(f"seq_len {cfg.seq_len} exceeds {model.name}'s max_seq_len {model.max_seq_len}")
     return Estimate(
