@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -86,3 +87,49 @@ def test_a_resumed_run_ranks_with_the_compute_its_first_run_measured(tmp_path) -
         j = Journal(tmp_path / f"{len(bad)}.jsonl", fingerprint="fp", describe={})
         j.append({"kind": "compute", "measured": bad, "at": 0.0})
         assert _journalled_compute(hw, j, err) is None
+
+
+def test_journalled_compute_restores_codec_rates(tmp_path):
+    """A run whose candidates compress measured the codec rates too (cli/autotune.py); a resume ranks with them."""
+    import io
+
+    from rich.console import Console
+
+    from ztune.cli.autotune import _COMPUTE_FIELDS, _journalled_compute
+    from ztune.cost.codec import RATE_FIELDS
+    from ztune.profiles import load_hardware
+
+    hw, err = load_hardware("cpu-local"), Console(file=io.StringIO())
+    measured = {"peak_flops_fp32": 51e9, "peak_flops_bf16": 23e9, "train_flops_efficiency": 0.31,
+                **{f: 7e7 for f in RATE_FIELDS}}
+    j = Journal(tmp_path / "j.jsonl", fingerprint="fp", describe={})
+    j.append({"kind": "compute", "measured": measured, "at": 0.0})
+    hw2 = _journalled_compute(hw, Journal(tmp_path / "j.jsonl", fingerprint="fp", describe={}), err)
+    assert hw2 is not None and {f: getattr(hw2, f) for f in (*_COMPUTE_FIELDS, *RATE_FIELDS)} == measured
+    # some codec rates but not all: not a record this code wrote
+    partial = {k: v for k, v in measured.items() if k != RATE_FIELDS[0]}
+    j2 = Journal(tmp_path / "j2.jsonl", fingerprint="fp", describe={})
+    j2.append({"kind": "compute", "measured": partial, "at": 0.0})
+    assert _journalled_compute(hw, j2, err) is None
+
+
+def test_measured_cpu_compute_measures_codec_rates_when_asked(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ztune import probe
+    from ztune.cli.autotune import _measured_cpu_compute
+    from ztune.cost.codec import RATE_FIELDS
+    from ztune.profiles import load_hardware, load_model
+
+    hw = dataclasses.replace(load_hardware("cpu-local"), **dict.fromkeys(RATE_FIELDS, 0.0))
+    rates = probe.FlopRates(1e11, 1e11, "cpu", 256)
+    monkeypatch.setattr(probe, "with_measured_cpu_compute",
+                        lambda hw, **kw: (hw, probe.CpuCompute(rates, 1e10, 0.1)))
+    err = Console(file=io.StringIO())
+    plain = _measured_cpu_compute(hw, err, model=load_model("tiny-gpt"), seq_len=16, precision="fp32", micro_batch=1)
+    assert all(getattr(plain, f) == 0 for f in RATE_FIELDS)
+    timed = _measured_cpu_compute(hw, err, model=load_model("tiny-gpt"), seq_len=16, precision="fp32", micro_batch=1,
+                                  codec=True)
+    assert all(getattr(timed, f) > 0 for f in RATE_FIELDS) and "codec per rank, measured now" in err.file.getvalue()

@@ -29,12 +29,13 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
 
 
 def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int, precision: str,
-                          micro_batch: int) -> Any:
+                          micro_batch: int, codec: bool = False) -> Any:
     """A CPU profile with the compute this host measures now (probe.with_measured_cpu_compute: a timed matmul
     for the peak, one timed training step of `model` at the middle candidate micro-batch for the achieved
     fraction) for the cost model's ranking; the journal's fingerprint keeps the profile as written, so a
     rerun still resumes. Trials run OMP_NUM_THREADS threads per rank (1 unless set; tune/bench.py), and so
-    do the measurements."""
+    do the measurements. With `codec` (some candidate compresses, or 1-bit Adam), also the runtime's codec rates
+    (ztune/probe_codec.py), which price compression and ZeRO++ in the ranking (cost/codec.py)."""
     import psutil
 
     from ztune import envvars
@@ -55,11 +56,26 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
         f"compute per rank, measured now ({threads} thread(s)): {r.size_for('fp32')}^2 matmul fp32 "
         f"{r.fp32_flops_per_s / 1e9:.0f} GFLOP/s, bf16 {r.bf16_flops_per_s / 1e9:.0f} GFLOP/s (profile {hw.name}: "
         f"{hw.peak_flops_fp32 / 1e9:.0f} and {hw.peak_flops_bf16 / 1e9:.0f}); {step}", soft_wrap=True)
+    if codec:
+        from ztune.probe_codec import measure_codec_rates
+
+        rates = measure_codec_rates(threads=threads)
+        measured = dataclasses.replace(measured, **rates)
+        err_console.print("codec per rank, measured now: " + ", ".join(
+            f"{name[len('codec_'):-len('_elements_per_s')]} {value / 1e6:,.0f}M/s" for name, value in rates.items()),
+            soft_wrap=True)
     return measured
 
 
-# The profile fields _measured_cpu_compute replaces (probe.with_measured_cpu_compute).
+# The profile fields _measured_cpu_compute replaces (probe.with_measured_cpu_compute), and with `codec` also
+# cost/codec.py's RATE_FIELDS.
 _COMPUTE_FIELDS = ("peak_flops_fp32", "peak_flops_bf16", "train_flops_efficiency")
+
+
+def _codec_fields() -> tuple[str, ...]:
+    from ztune.cost.codec import RATE_FIELDS
+
+    return RATE_FIELDS
 
 
 def _journalled_compute(hw: Any, journal: Any, err_console: Any) -> Any:
@@ -67,7 +83,9 @@ def _journalled_compute(hw: Any, journal: Any, err_console: Any) -> Any:
     ranks its remaining candidates as the killed run did instead of re-measuring a machine whose load has
     changed since (journal.py, ``compute`` records)."""
     rec = (journal.state.compute or {}).get("measured")
-    if not isinstance(rec, dict) or set(rec) != set(_COMPUTE_FIELDS) or not all(
+    # the compute fields, and the codec rates where the run measured them
+    known = (set(_COMPUTE_FIELDS), {*_COMPUTE_FIELDS, *_codec_fields()})
+    if not isinstance(rec, dict) or set(rec) not in known or not all(
             isinstance(v, (int, float)) and v >= 0 for v in rec.values()) or not (
             rec["peak_flops_fp32"] > 0 and rec["peak_flops_bf16"] > 0):
         return None  # none recorded (a run from before the record existed), or not one this code wrote
@@ -504,9 +522,12 @@ def autotune(
         model_hw = _journalled_compute(hw, journal, err_console)
         if model_hw is None:
             micros = sorted({c.micro for c in candidates})
+            codec = base.optimizer.type.value == "OneBitAdam" or any(
+                c.compression not in ("none", "bf16") or c.zeropp for c in candidates)
             model_hw = _measured_cpu_compute(hw, err_console, model=spec, seq_len=seq, precision=precision,
-                                             micro_batch=micros[len(micros) // 2] if micros else 1)
-            journal.append({"kind": "compute", "measured": {f: getattr(model_hw, f) for f in _COMPUTE_FIELDS},
+                                             micro_batch=micros[len(micros) // 2] if micros else 1, codec=codec)
+            fields = _COMPUTE_FIELDS + (_codec_fields() if codec else ())
+            journal.append({"kind": "compute", "measured": {f: getattr(model_hw, f) for f in fields},
                             "at": time.time()})
     else:
         model_hw = hw
