@@ -1,13 +1,19 @@
 """Codec rates of this host's CPU ranks: how many elements/s one rank's threads push through each of the
 runtime's compressors, for the cost model's codec term (ztune/cost/codec.py, Hardware.codec_*_elements_per_s).
 
-Timed are the runtime's own functions on one fp32 vector of CODEC_PROBE_NUMEL elements (4 MiB: beyond the
-per-core caches, like a gradient bucket), the same calls a step makes (cost/codec.py says which count where):
-- int8 / onebit / topk (gradient compression, 1-bit Adam): encode = `ErrorFeedback.compress` (residual add,
-  encode, decode, subtract), decode = `Codec.decode`; top-k at compression.topk_ratio's default 0.01;
-- qwz: `quantize_shard` / `dequantize_pieces` (int8, blocks of 2048); qgz: `quantize_int4` / `dequantize_int4`.
-Each call is timed CODEC_PROBE_REPEATS times after a warm-up and the median counts, as for the workload
-(ztune/probe_workload.py: on a shared machine the best run is the exception). About 0.2-0.5 s per rank in all.
+Timed are the runtime's own functions, each on an fp32 vector the size of the call it stands for (cost/codec.py
+says which count where):
+- int8 / onebit / topk (gradient compression, 1-bit Adam) run once per reduce bucket (25M elements by default) or
+  per fp32 master: timed on CODEC_BUCKET_NUMEL elements (36 MiB); encode = `ErrorFeedback.compress` (residual
+  add, encode, decode, subtract), decode = `Codec.decode`; top-k at compression.topk_ratio's default 0.01;
+- qwz (`quantize_shard` / `dequantize_pieces`, int8 blocks of 2048) and qgz (`quantize_int4` /
+  `dequantize_int4`) run per ZeRO-3 unit or shard: timed on CODEC_UNIT_NUMEL elements (8 MiB).
+The size matters: on the 2-core EPYC box (32 MiB L3) a 1M-element call ran up to 6x faster per element than a
+10M one, and one whose buffers exceed glibc's largest heap-served size (32 MiB) gets them from the kernel afresh
+on every call and faults them in (the 1-bit decode 4x slower at 10M than at 4M), as a bucket's do in a run.
+Each call is timed CODEC_PROBE_REPEATS times after one untimed pass over all of them, and the median counts, as
+for the workload (ztune/probe_workload.py: on a shared machine the best run is the exception). About 1.5 s per
+rank on a core of its own.
 torch is imported inside the function, so importing this module is cheap.
 """
 
@@ -18,14 +24,16 @@ import time
 
 from ztune.cost.codec import rate_field
 
-CODEC_PROBE_NUMEL = 1 << 20  # 4 MiB of fp32
-CODEC_PROBE_REPEATS = 3
+CODEC_BUCKET_NUMEL = 9 << 20  # 36 MiB of fp32: a bucket beyond the heap's largest mmap threshold (32 MiB)
+CODEC_UNIT_NUMEL = 2 << 20  # 8 MiB of fp32: a ZeRO-3 unit of a small model (tiny-llama's blocks: 2.8M)
+CODEC_PROBE_REPEATS = 2
 
 
-def measure_codec_rates(*, threads: int, numel: int = CODEC_PROBE_NUMEL, repeats: int = CODEC_PROBE_REPEATS
-                        ) -> dict[str, float]:
+def measure_codec_rates(*, threads: int, bucket_numel: int = CODEC_BUCKET_NUMEL, unit_numel: int = CODEC_UNIT_NUMEL,
+                        repeats: int = CODEC_PROBE_REPEATS) -> dict[str, float]:
     """{Hardware field name: elements/s} for every codec format and side, on `threads` torch threads (one
-    rank's), CPU. Raises nothing for a slow host; each rate is numel / the median call."""
+    rank's), CPU: the error-feedback codecs on `bucket_numel` elements, qwZ / qgZ on `unit_numel` (module
+    docstring). Each rate is the call's elements / its median time."""
     import torch
 
     from ztune.config.schema import Compression
@@ -33,34 +41,38 @@ def measure_codec_rates(*, threads: int, numel: int = CODEC_PROBE_NUMEL, repeats
     from ztune.runtime.qgz import dequantize_int4, int4_piece_bytes, quantize_int4
     from ztune.runtime.zeropp import dequantize_pieces, quantize_shard, qwz_piece_bytes
 
-    def median_s(fn) -> float:
-        fn()  # warm-up: allocator, first touch
-        times = []
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
-    rates: dict[str, float] = {}
     try:
-        x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        x, u = torch.randn(bucket_numel, generator=gen), torch.randn(unit_numel, generator=gen)
         cpu = torch.device("cpu")
+        calls = {}  # field -> (elements, the call to time)
         for method, fmt in ((Compression.INT8, "int8"), (Compression.ONEBIT, "onebit"), (Compression.TOPK, "topk")):
             codec = Codec(method)
-            feedback = ErrorFeedback(codec, numel=numel, device=cpu)
+            feedback = ErrorFeedback(codec, numel=bucket_numel, device=cpu)
             buf = codec.encode(x)
-            rates[rate_field(fmt, "encode")] = numel / median_s(lambda f=feedback: f.compress(x))
-            rates[rate_field(fmt, "decode")] = numel / median_s(lambda c=codec, b=buf: c.decode(b, numel=numel))
-        qwz = torch.empty(qwz_piece_bytes(numel), dtype=torch.uint8)
-        out = torch.empty(numel)
-        rates[rate_field("qwz", "encode")] = numel / median_s(lambda: quantize_shard(x, qwz))
-        rates[rate_field("qwz", "decode")] = numel / median_s(lambda: dequantize_pieces(qwz, out, num_pieces=1))
-        qgz = torch.empty(int4_piece_bytes(numel), dtype=torch.uint8)
-        rates[rate_field("qgz", "encode")] = numel / median_s(lambda: quantize_int4(x, qgz))
-        rates[rate_field("qgz", "decode")] = numel / median_s(lambda: dequantize_int4(qgz, numel=numel))
+            calls[rate_field(fmt, "encode")] = bucket_numel, lambda f=feedback: f.compress(x)
+            calls[rate_field(fmt, "decode")] = bucket_numel, lambda c=codec, b=buf: c.decode(b, numel=bucket_numel)
+        qwz = torch.empty(qwz_piece_bytes(unit_numel), dtype=torch.uint8)
+        out = torch.empty(unit_numel)
+        calls[rate_field("qwz", "encode")] = unit_numel, lambda: quantize_shard(u, qwz)
+        calls[rate_field("qwz", "decode")] = unit_numel, lambda: dequantize_pieces(qwz, out, num_pieces=1)
+        qgz = torch.empty(int4_piece_bytes(unit_numel), dtype=torch.uint8)
+        calls[rate_field("qgz", "encode")] = unit_numel, lambda: quantize_int4(u, qgz)
+        calls[rate_field("qgz", "decode")] = unit_numel, lambda: dequantize_int4(qgz, numel=unit_numel)
+        # One untimed pass over every call first: the allocator then serves each call's temporaries as it does
+        # in a run's steady state (a first pass measured the int8 decode 8x slower than later ones).
+        for _, fn in calls.values():
+            fn()
+        rates: dict[str, float] = {}
+        for name, (numel, fn) in calls.items():
+            times = []
+            for _ in range(max(1, repeats)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            rates[name] = numel / statistics.median(times)
     finally:
         torch.set_num_threads(saved)
     return rates

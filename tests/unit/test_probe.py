@@ -251,7 +251,7 @@ def test_codec_rates_measured_go_into_the_profile_and_round_trip(tmp_path):
     from ztune.cost.codec import RATE_FIELDS
     from ztune.probe_codec import measure_codec_rates, slowest
 
-    rates = measure_codec_rates(threads=1, numel=8192, repeats=1)
+    rates = measure_codec_rates(threads=1, bucket_numel=8192, unit_numel=4096, repeats=1)
     assert set(rates) == set(RATE_FIELDS) and all(r > 0 for r in rates.values())
     assert slowest([rates, {k: v / 2 for k, v in rates.items()}]) == {k: v / 2 for k, v in rates.items()}
     m = dataclasses.replace(_measurements(gpu=False), codec=rates, codec_note="the runtime's codec, test")
@@ -276,6 +276,6 @@ def test_negative_codec_rate_is_rejected(tmp_path):
 
     text = (Path(__file__).resolve().parents[2] / "profiles/hardware/cpu-local.yaml").read_text()
     path = tmp_path / "bad.yaml"
-    path.write_text(text.replace("codec_qgz_decode_elements_per_s: 1184.3e+6", "codec_qgz_decode_elements_per_s: -1"))
+    path.write_text(text.replace("codec_qgz_decode_elements_per_s: 718.0e+6", "codec_qgz_decode_elements_per_s: -1"))
     with pytest.raises(UserError, match="codec_qgz_decode_elements_per_s must be >= 0"):
         load_hardware(str(path))
