@@ -24,12 +24,20 @@ The ratio moves with the freeze point and lr (measured on --model mini, 3 seeds,
 150: 0.991; 60: 0.770; 60 with lr 3e-3: 1.222): a variance frozen early sets each element's step size for the
 rest of the run. On tiny-llama, bf16, 2 hosts x 2 ranks, freeze_step 60 of 300 (cosine schedule, seed 0 only)
 1-bit Adam ended at 1.38x Adam's loss (docs/bench/onebit_adam.md, with what is not yet separated).
+The cause there is the output layer (lm_head, untied): the row of a token that was no label in the warm-up has a
+tiny frozen variance (its gradient was only p_j h) and a large gradient later, so (7) moves it ~1e3 x lr per step;
+`--step-bound` (OneBitAdam step_bound, runtime/onebit_adam.py equation (9): Adam's own step bound, Kingma & Ba
+2015) clamps that. docs/bench/onebit_adam.md has the diagnosis and the alternatives measured (0/1 Adam, the
+freeze point, keeping lm_head out).
+`--partial FILE` keeps one JSON line per finished run (Adam or 1-bit Adam of one seed); `--render-from FILE`
+with the run's other options renders the table from it (e.g. from a run stopped before its last seed).
 `--schedule cosine` (DeepSpeed's WarmupCosineLR: linear lr warm-up over --lr-warmup steps, then cosine decay to
 0.1x) is the usual shape for language-model training.
 
 Usage: python benchmarks/bench_onebit_adam.py [--steps 300] [--freeze-step 150] [--seeds 0,1,2] [--model mini]
        python benchmarks/bench_onebit_adam.py --box --model tiny-llama --precision bf16 --freeze-step 60 \
-           --schedule cosine --lr-warmup 30 --seq 64        (root: builds the box, tears it down)
+           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--partial runs.jsonl]
+           (root: builds the box, tears it down)
 """
 
 from __future__ import annotations
