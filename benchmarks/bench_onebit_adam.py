@@ -24,12 +24,20 @@ The ratio moves with the freeze point and lr (measured on --model mini, 3 seeds,
 150: 0.991; 60: 0.770; 60 with lr 3e-3: 1.222): a variance frozen early sets each element's step size for the
 rest of the run. On tiny-llama, bf16, 2 hosts x 2 ranks, freeze_step 60 of 300 (cosine schedule, seed 0 only)
 1-bit Adam ended at 1.38x Adam's loss (docs/bench/onebit_adam.md, with what is not yet separated).
+The cause there is the output layer (lm_head, untied): the row of a token that was no label in the warm-up has a
+tiny frozen variance (its gradient was only p_j h) and a large gradient later, so (7) moves it ~1e3 x lr per step;
+`--step-bound` (OneBitAdam step_bound, runtime/onebit_adam.py equation (9): Adam's own step bound, Kingma & Ba
+2015) clamps that. docs/bench/onebit_adam.md has the diagnosis and the alternatives measured (0/1 Adam, the
+freeze point, keeping lm_head out).
+`--partial FILE` keeps one JSON line per finished run (Adam or 1-bit Adam of one seed); `--render-from FILE`
+with the run's other options renders the table from it (e.g. from a run stopped before its last seed).
 `--schedule cosine` (DeepSpeed's WarmupCosineLR: linear lr warm-up over --lr-warmup steps, then cosine decay to
 0.1x) is the usual shape for language-model training.
 
 Usage: python benchmarks/bench_onebit_adam.py [--steps 300] [--freeze-step 150] [--seeds 0,1,2] [--model mini]
        python benchmarks/bench_onebit_adam.py --box --model tiny-llama --precision bf16 --freeze-step 60 \
-           --schedule cosine --lr-warmup 30 --seq 64        (root: builds the box, tears it down)
+           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--partial runs.jsonl]
+           (root: builds the box, tears it down)
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ def _config(*, optimizer: str, opts: dict) -> dict:
     opt = {"type": optimizer, "lr": opts["lr"], "weight_decay": 0.0}
     if optimizer == "OneBitAdam":
         opt["freeze_step"] = opts["freeze_step"]
+        if opts.get("step_bound"):
+            opt["step_bound"] = True
     cfg = {"zero": {"stage": 0}, "precision": opts["precision"], "batch": {"micro": opts["micro"], "grad_accum": 1},
            "seq_len": opts["seq"], "optimizer": opt}
     if opts["schedule"] == "cosine":
@@ -182,7 +192,7 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
                    "host_bytes_per_step_after": None if host_bytes is None else host_bytes / after_steps,
                    "ops_after": sorted(report["ops"]), "num_params": report["num_params"],
                    "padded_params": report["padded_params"], "world_size": world_size, "zero_variance": frozen_zero,
-                   "ranks_per_node": layout.ranks_per_node}
+                   "ranks_per_node": layout.ranks_per_node, "load_end": list(os.getloadavg())}
             del engine, model
             if reference is None:
                 reference = fp32_allreduce_reference(rec["padded_params"], counter)
@@ -272,7 +282,8 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
     head += " Adam ms/step | 1-bit ms/step |"
     sep += "---:|---:|"
     lines = [
-        f"## 1-bit Adam vs Adam ({opts['model']}, {opts['precision']}, {where})", "",
+        f"## 1-bit Adam{' (step_bound)' if opts.get('step_bound') else ''} vs Adam ({opts['model']}, "
+        f"{opts['precision']}, {where})", "",
         f"Command: `{command}`  ",
         f"Date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}  ",
         f"Machine: {_cpu()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}; whole run {wall_s:.0f} s; "
@@ -281,7 +292,10 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         f"Setup: {opts['model']} ({r0['num_params']:,} parameters, {r0['padded_params']:,} padded), ZeRO stage 0, "
         f"{opts['precision']}, lr {opts['lr']} with {schedule}, betas (0.9, 0.999), eps 1e-8, weight decay 0, "
         f"{opts['steps']} steps of micro-batch {opts['micro']} x seq {opts['seq']} per rank (synthetic corpus, the "
-        f"seed's); OneBitAdam freeze_step {opts['freeze_step']}. Final loss = mean over the {world} ranks of each "
+        f"seed's); OneBitAdam freeze_step {opts['freeze_step']}"
+        + (", step_bound (runtime/onebit_adam.py, equation (9): each element's compression-stage step clamped to "
+           "Adam's own bound lr (1 - b1) / sqrt(1 - b2), Kingma & Ba 2015; ztune's option, not DeepSpeed's)"
+           if opts.get("step_bound") else "") + f". Final loss = mean over the {world} ranks of each "
         f"rank's mean over its last {TAIL_STEPS} step losses. Bytes are per step after the warm-up: per rank, what "
         "the Comm wrapper counted (1-bit Adam: "
         f"{', '.join(by[(seeds[0], 'OneBitAdam')]['ops_after'])}; Adam: the {opts['precision']} all-reduce of the "
@@ -324,7 +338,8 @@ def run_box(opts: dict, *, timeout_s: float) -> list[dict]:
     from benchmarks.cluster_box import ClusterBox
 
     with tempfile.TemporaryDirectory() as tmp, ClusterBox(num_hosts=2, rate_mbit=BOX_RATE_MBIT) as box:
-        opts_path, partial = Path(tmp) / "opts.json", Path(tmp) / "runs.jsonl"
+        opts_path = Path(tmp) / "opts.json"
+        partial = Path(opts["partial"]) if opts.get("partial") else Path(tmp) / "runs.jsonl"
         opts_path.write_text(json.dumps({**opts, "partial": str(partial)}))
         results = box.torchrun([str(Path(__file__).resolve()), "--worker", str(opts_path)], nproc_per_node=2,
                                env={"OMP_NUM_THREADS": "1"}, timeout_s=timeout_s)
@@ -361,11 +376,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     ap.add_argument("--lr-warmup", type=int, default=30, help="--schedule cosine: lr warm-up steps")
+    ap.add_argument("--step-bound", action="store_true",
+                    help="OneBitAdam step_bound: clamp the compression-stage step to Adam's bound (equation (9))")
     ap.add_argument("--box", action="store_true", help="2 hosts x 2 ranks in the cluster in a box (root)")
     ap.add_argument("--ranks", type=int, choices=(2, 4), default=2,
                     help="local ranks without --box; 4 run as 2 hosts x 2 (ZTUNE_LOCAL_WORLD_SIZE=2)")
     ap.add_argument("--timeout-s", type=float, default=3600)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "onebit_adam.md")
+    ap.add_argument("--partial", type=Path, default=None,
+                    help="append one JSON line per finished run here (rank 0), so a run cut short keeps its seeds")
+    ap.add_argument("--render-from", type=Path, default=None,
+                    help="train nothing: render --out's section from a --partial file (same other options)")
     args = ap.parse_args(argv)
     if not 0 < args.freeze_step < args.steps:
         print(f"--freeze-step must be in [1, --steps), got {args.freeze_step}", file=sys.stderr)
@@ -375,9 +396,23 @@ def main(argv: list[str]) -> int:
         return 2
     opts = {"steps": args.steps, "freeze_step": args.freeze_step, "seeds": [int(s) for s in args.seeds.split(",")],
             "micro": args.micro, "seq": args.seq, "lr": args.lr, "model": args.model, "precision": args.precision,
-            "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box}
+            "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box,
+            "step_bound": args.step_bound, "partial": str(args.partial) if args.partial else None}
     load_start = list(os.getloadavg())
     start = time.perf_counter()
+    if args.render_from is not None:
+        if not args.render_from.is_file():
+            print(f"--render-from: no such file {args.render_from}", file=sys.stderr)
+            return 2
+        results = [json.loads(ln) for ln in args.render_from.read_text().splitlines() if ln.strip()]
+        text = render(results, opts, wall_s=sum(r["wall_s"] for r in results),
+                      command="python benchmarks/bench_onebit_adam.py " + " ".join(
+                          a for a in argv if a != "--render-from" and a != str(args.render_from)),
+                      load=(results[0].get("load_end", load_start), results[-1].get("load_end", load_start))
+                      if results else (load_start, load_start))
+        args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "", text))
+        print(text)
+        return 0 if results else 1
     if args.box:
         from benchmarks.cluster_box import why_unavailable
 

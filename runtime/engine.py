@@ -150,7 +150,7 @@ class Engine:
                 optim_args.pop(unused)
             self.optimizer = self._onebit = build_onebit_adam(
                 masters, valid_numels=[g.layout.numel for g in self.groups], comm=comm,
-                freeze_step=cfg.optimizer.freeze_step, **optim_args)
+                freeze_step=cfg.optimizer.freeze_step, step_bound=cfg.optimizer.step_bound, **optim_args)
         else:
             self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **optim_args)
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no

@@ -22,6 +22,14 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
   bias_correction false (7) is exactly DeepSpeed's OnebitAdam update, m / (sqrt(v) + eps) + wd x p.
   Before (7):
       (8) m_t <- 0 where v_{T_w} = 0 (an element without a warm-up gradient has no step size; mask_unfrozen_)
+  and, only with `step_bound` (ztune's option, off by default; not in the paper nor in DeepSpeed's OnebitAdam):
+      (9) the step of (7) per element, (m_t / c1_t) / (sqrt(v_{T_w} / c2_{T_w}) + eps), clamped to
+          +-(1 - b1) / sqrt(1 - b2)  (bound_step_): the bound Adam's own effective step obeys (Kingma & Ba 2015,
+          Section 2.1: |step| <= lr (1 - b1) / sqrt(1 - b2) when 1 - b1 > sqrt(1 - b2), 3.16 lr at the default
+          betas), because Adam's variance takes in the gradient that makes its momentum; a frozen variance does
+          not, so an element whose gradient was tiny in the warm-up and grows later (the output-layer row of a
+          token absent from the warm-up: its gradient p_j h is ~1e-4 of what it becomes once the token is a
+          label) gets steps ~1e3 x lr without (9). docs/bench/onebit_adam.md has the measurements.
 - C[.] is runtime/comm/compress.py's 1-bit codec: per block of ONEBIT_CHUNK_NUMEL elements, the signs and
   one fp32 scale (the block's mean |x|).
 - The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
@@ -73,6 +81,23 @@ def adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float
     p.addcdiv_(m, denom, value=-lr / c1)
 
 
+def adam_step_bound(*, beta1: float, beta2: float) -> float:
+    """Equation (9)'s bound on |m_hat / (sqrt(v_hat) + eps)|: (1 - b1) / sqrt(1 - b2) (Kingma & Ba 2015,
+    Section 2.1), or 1 when 1 - b1 <= sqrt(1 - b2) (the paper's other case)."""
+    return max(1.0, (1.0 - beta1) / (1.0 - beta2) ** 0.5)
+
+
+def bounded_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
+                    weight_decay: float, c1: float, c2: float, bound: float) -> None:
+    """Equation (7) with (9) in place on p: the per-element step (m / c1) / (sqrt(v / c2) + eps) clamped to
+    [-bound, bound] before it is scaled by lr. Same shapes as adam_update_."""
+    if weight_decay:
+        p.mul_(1.0 - lr * weight_decay)
+    denom = (v.sqrt() / c2 ** 0.5).add_(eps)
+    step = torch.div(m, denom).div_(c1).clamp_(-bound, bound)
+    p.add_(step, alpha=-lr)
+
+
 def mask_unfrozen_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Equation (8) in place: m <- 0 where the frozen variance v is exactly 0. Returns m.
 
@@ -98,11 +123,12 @@ class OneBitAdam(torch.optim.Optimizer):
     engine all-reduces and divides by world size x loss scale), this rank's own gradient (divided by the loss
     scale only) once it is True. Every rank must call step() with the same masters in the same order: in the
     compression stage each master's step is a collective. Param groups carry lr, betas, eps, weight_decay,
-    bias_correction (a scheduler may move lr); `freeze_step` is the optimizer's, as in DeepSpeed."""
+    bias_correction (a scheduler may move lr); `freeze_step` is the optimizer's, as in DeepSpeed. step_bound:
+    apply equation (9) in the compression stage (ztune's option; False is Tang et al.'s and DeepSpeed's update)."""
 
     def __init__(self, params: Iterable, *, comm: Comm, freeze_step: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bias_correction: bool = True, valid_numel: dict[int, int] | None = None):
+                 bias_correction: bool = True, valid_numel: dict[int, int] | None = None, step_bound: bool = False):
         """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all)."""
         if freeze_step < 1:
             raise ValueError(f"freeze_step must be >= 1, got {freeze_step}")
@@ -110,6 +136,7 @@ class OneBitAdam(torch.optim.Optimizer):
                                       bias_correction=bias_correction))
         self.comm = comm
         self.freeze_step = freeze_step
+        self.step_bound = step_bound
         self.codec = onebit_codec()
         self.valid_numel = dict(valid_numel or {})
         self._exchanges: dict[int, object] = {}
@@ -185,17 +212,21 @@ class OneBitAdam(torch.optim.Optimizer):
                     variance_(v, p.grad, beta2=beta2)  # (2); frozen afterwards
                 c1, c2 = bias_corrections(step=state["step"], variance_step=min(state["step"], self.freeze_step),
                                           beta1=beta1, beta2=beta2, enabled=group["bias_correction"])
-                adam_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
-                             c1=c1, c2=c2)
+                if compress and self.step_bound:
+                    bounded_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                    c1=c1, c2=c2, bound=adam_step_bound(beta1=beta1, beta2=beta2))
+                else:
+                    adam_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                 c1=c1, c2=c2)
         return loss
 
 
 def build_onebit_adam(masters: list[torch.Tensor], *, valid_numels: list[int], comm: Comm, freeze_step: int,
                       lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
-                      param_groups: list[dict] | None = None) -> OneBitAdam:
+                      param_groups: list[dict] | None = None, step_bound: bool = False) -> OneBitAdam:
     """OneBitAdam over `masters` (valid_numels[i]: master i's elements before its padding), or over torch-style
     `param_groups` of them (per-group overrides)."""
     params = list(param_groups) if param_groups is not None else list(masters)
     return OneBitAdam(params, comm=comm, freeze_step=freeze_step, lr=lr, betas=betas, eps=eps,
-                      weight_decay=weight_decay, bias_correction=bias_correction,
+                      weight_decay=weight_decay, bias_correction=bias_correction, step_bound=step_bound,
                       valid_numel={id(m): n for m, n in zip(masters, valid_numels, strict=True)})

@@ -8,7 +8,9 @@
   all-reduce of the same gradients;
 - checkpoint: saved after the freeze, loaded into a fresh engine, the next steps are bitwise the
   uninterrupted run's (momentum, frozen variance, both error buffers and the step restored);
-- fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both.
+- fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both;
+- step_bound (equation (9)), on batches whose feature 0 is 1e-4 of its size in the warm-up: every step against
+  the reference with its own clamp, within 1e-6, and far from the unbounded reference (the clamp engages).
 """
 
 from __future__ import annotations
@@ -42,31 +44,41 @@ def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 12, generator=gen), torch.randn(6, 3, generator=gen)
 
 
+def _grown_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_batch with input feature 0 at 1e-4 of its size during the warm-up: fc1's column 0 gets a gradient after
+    the freeze ~1e4 x what set its frozen variance (what equation (9) is for)."""
+    x, y = _batch(step, rank)
+    if step < FREEZE:
+        x[:, 0] *= 1e-4
+    return x, y
+
+
 def _loss(out, y):
     return (out - y).pow(2).mean()
 
 
-def _config() -> dict:
+def _config(*, step_bound: bool = False) -> dict:
     return {"zero": {"stage": 0}, "precision": "fp32", "batch": {"micro": 6, "grad_accum": 1},
             "optimizer": {"type": "OneBitAdam", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
-                          "freeze_step": FREEZE}}
+                          "freeze_step": FREEZE, "step_bound": step_bound}}
 
 
 def _flat(engine) -> torch.Tensor:
     return torch.cat([g.master.detach().clone() for g in engine.groups])
 
 
-def _train(engine, rank: int, steps: range) -> list[torch.Tensor]:
+def _train(engine, rank: int, steps: range, batch=_batch) -> list[torch.Tensor]:
     out = []
     for step in steps:
-        x, y = _batch(step, rank)
+        x, y = batch(step, rank)
         engine.backward(_loss(engine(x), y))
         engine.step()
         out.append(_flat(engine))
     return out
 
 
-def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch.Tensor):
+def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch.Tensor, *, step_bound: bool = False,
+               batch=_batch):
     """The reference trajectory (masters after each step) and torch AdamW's for the warm-up steps."""
     from tests.helpers.onebit_ref import ReferenceOneBitAdam
 
@@ -86,7 +98,7 @@ def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch
         out = []
         for r in range(world_size):
             model.zero_grad(set_to_none=True)
-            xb, yb = _batch(step, r)
+            xb, yb = batch(step, r)
             _loss(model(xb), yb).backward()
             flat = torch.zeros_like(x)
             for off, numel, p in slots:
@@ -96,7 +108,7 @@ def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch
 
     assert len(engine.groups) == 1  # one flat vector: the reference keeps its padding's momentum at zero
     ref = ReferenceOneBitAdam(init.clone(), world_size=world_size, freeze_step=FREEZE, lr=LR, betas=BETAS, eps=EPS,
-                              weight_decay=WD, valid_numel=engine.groups[0].layout.numel)
+                              weight_decay=WD, valid_numel=engine.groups[0].layout.numel, step_bound=step_bound)
     adamw_x = init.clone().requires_grad_(True)
     adamw = torch.optim.AdamW([adamw_x], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     ref_traj, adamw_traj = [], []
@@ -134,7 +146,16 @@ def _run(rank: int, world_size: int, ckpt_dir: str) -> dict:
     resumed_traj = _train(resumed, rank, range(SAVE_AT, STEPS))
     ref_traj, adamw_traj = _reference(rank, world_size, ref_model, engine, init)
     mixed = _mixed_precision(rank)
-    return {"mixed": mixed, "traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
+    torch.manual_seed(0)
+    bounded_model = _Net()
+    bounded_ref_model = copy.deepcopy(bounded_model)
+    bounded, *_ = ztune.initialize(bounded_model, _config(step_bound=True))
+    bounded_traj = _train(bounded, rank, range(STEPS), batch=_grown_batch)
+    bounded_ref, _ = _reference(rank, world_size, bounded_ref_model, bounded, init.clone(), step_bound=True,
+                                batch=_grown_batch)
+    unbounded_ref, _ = _reference(rank, world_size, copy.deepcopy(bounded_ref_model), bounded, init.clone(),
+                                  batch=_grown_batch)
+    return {"mixed": mixed, "bounded": bounded_traj, "bounded_ref": bounded_ref, "unbounded_ref": unbounded_ref, "traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
             "sent_per_step": report["bytes_sent_total"] / (STEPS - SAVE_AT), "padded": padded,
             "num_params": report["num_params"],
             "num_groups": len(engine.groups), "errors_nonzero": errors_nonzero,
@@ -185,6 +206,11 @@ def test_onebit_adam_two_ranks(tmp_path):
     # The compression stage moved the parameters away from plain AdamW's path: the test sees the algorithm.
     assert r0["compressing"] and r0["errors_nonzero"] and r1["errors_nonzero"]
     assert r0["traj"][-1][r0["num_params"]:].abs().max() == 0  # the flat buffer's padding never moves
+    for step in range(STEPS):  # step_bound: equation (9) against the reference's own clamp
+        torch.testing.assert_close(r0["bounded"][step], r1["bounded"][step], rtol=0, atol=0)
+        assert _rel(r0["bounded"][step], r0["bounded_ref"][step]) <= 1e-6, f"step_bound: step {step + 1} differs"
+    # The clamp engaged (fc1's column 0 would have moved ~lr x 1e2 per step): the test sees the mechanism.
+    assert (r0["unbounded_ref"][-1] - r0["bounded"][-1]).abs().max() > 0.1
     for step in range(SAVE_AT, STEPS):
         for r in results:
             torch.testing.assert_close(r["resumed"][step - SAVE_AT], r["traj"][step], rtol=0, atol=0)

@@ -55,12 +55,15 @@ class ReferenceOneBitAdam:
     """The whole optimizer over one flat fp32 vector `x` (modified in place) for n workers."""
 
     def __init__(self, x: torch.Tensor, *, world_size: int, freeze_step: int, lr: float, betas: tuple[float, float],
-                 eps: float, weight_decay: float, bias_correction: bool = True, valid_numel: int | None = None):
-        """valid_numel: elements of x before its padding, whose momentum is held at zero (default: all)."""
+                 eps: float, weight_decay: float, bias_correction: bool = True, valid_numel: int | None = None,
+                 step_bound: bool = False):
+        """valid_numel: elements of x before its padding, whose momentum is held at zero (default: all).
+        step_bound: equation (9) after the freeze, written out here (not the runtime's bounded_update_)."""
         self.x, self.n, self.freeze_step = x, world_size, freeze_step
         self.valid_numel = x.numel() if valid_numel is None else valid_numel
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.bias_correction = bias_correction
+        self.step_bound = step_bound
         self.m, self.v = torch.zeros_like(x), torch.zeros_like(x)
         self.worker_err = [torch.zeros_like(x) for _ in range(world_size)]
         self.server_err = [torch.zeros(x.numel() // world_size) for _ in range(world_size)]
@@ -87,4 +90,10 @@ class ReferenceOneBitAdam:
             variance_(self.v, avg, beta2=beta2)
         c1, c2 = bias_corrections(step=self.step_count, variance_step=min(self.step_count, self.freeze_step),
                                   beta1=beta1, beta2=beta2, enabled=self.bias_correction)
-        adam_update_(self.x, self.m, self.v, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, c1=c1, c2=c2)
+        if compress and self.step_bound:
+            bound = max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)  # Kingma & Ba 2015, Section 2.1
+            step = (self.m / c1) / ((self.v / c2).sqrt() + self.eps)
+            self.x.mul_(1 - self.lr * self.weight_decay).sub_(self.lr * step.clamp(-bound, bound))
+        else:
+            adam_update_(self.x, self.m, self.v, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, c1=c1,
+                         c2=c2)

@@ -15,7 +15,15 @@ from ztune.config.deepspeed import to_deepspeed
 from ztune.config.schema import Compression, OptimizerType
 from ztune.errors import ConfigError
 from ztune.runtime.comm import Comm
-from ztune.runtime.onebit_adam import OneBitAdam, adam_update_, bias_corrections, momentum_, variance_
+from ztune.runtime.onebit_adam import (
+    OneBitAdam,
+    adam_step_bound,
+    adam_update_,
+    bias_corrections,
+    bounded_update_,
+    momentum_,
+    variance_,
+)
 
 
 def _grads(steps: int, numel: int, *, seed: int = 0) -> list[torch.Tensor]:
@@ -152,10 +160,61 @@ def test_elements_without_warmup_gradient_keep_zero_momentum():
     torch.testing.assert_close(unmasked.x[:128], ref.x[:128], rtol=1e-6, atol=0)
 
 
+def test_bounded_update_by_hand():
+    """Equation (9): the per-element step (m / c1) / (sqrt(v / c2) + eps) clamped to +-(1 - b1) / sqrt(1 - b2)
+    (3.162 at betas (0.9, 0.999); 1 when 1 - b1 <= sqrt(1 - b2)), then scaled by lr; weight decay as in (7)."""
+    assert adam_step_bound(beta1=0.9, beta2=0.999) == pytest.approx(0.1 / 0.001 ** 0.5)
+    assert adam_step_bound(beta1=0.99, beta2=0.9) == 1.0
+    x, m, v = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, -0.1, 2.0]), torch.tensor([0.04, 1e-10, 1e-4])
+    c1, c2 = bias_corrections(step=9, variance_step=4, beta1=0.9, beta2=0.999, enabled=True)
+    raw = (m / c1) / ((v / c2).sqrt() + 1e-8)
+    assert raw[0].abs() < 3.16 < raw[1:].abs().min()  # one element inside the bound, two beyond it
+    got = x.clone()
+    bounded_update_(got, m, v, lr=0.1, eps=1e-8, weight_decay=0.01, c1=c1, c2=c2, bound=3.0)
+    want = x * (1 - 0.1 * 0.01) - 0.1 * raw.clamp(-3.0, 3.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    plain = x.clone()
+    adam_update_(plain, m, v, lr=0.1, eps=1e-8, weight_decay=0.01, c1=c1, c2=c2)
+    assert got[0] == pytest.approx(float(plain[0]), rel=1e-6) and (got[1:] - plain[1:]).abs().min() > 1.0
+
+
+def test_step_bound_holds_an_element_whose_gradient_grows_after_the_freeze():
+    """With step_bound, an element whose warm-up gradient was ~1e-4 of what it becomes after the freeze (an
+    output-layer row of a token first seen as a label after the warm-up) moves at most lr (1 - b1) / sqrt(1 - b2)
+    per step (plus weight decay), following the reference; without it the frozen variance lets it move ~1e2
+    per step. The elements whose gradient stays alike (the first block) are the same with and without it."""
+    numel, freeze, lr, wd = 256, 3, 1e-2, 0.01
+    grown = slice(128, 256)
+    grads = _grads(8, numel, seed=10)
+    for g in grads[:freeze]:
+        g[grown] *= 1e-4
+    x0 = torch.randn(numel, generator=torch.Generator().manual_seed(11))
+    master = x0.clone()
+    opt = OneBitAdam([master], comm=Comm(group=None, rank=0, world_size=1), freeze_step=freeze, lr=lr,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, step_bound=True)
+    kw = dict(world_size=1, freeze_step=freeze, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    ref, unbounded = ReferenceOneBitAdam(x0.clone(), step_bound=True, **kw), ReferenceOneBitAdam(x0.clone(), **kw)
+    bound = lr * adam_step_bound(beta1=0.9, beta2=0.999)
+    for t, g in enumerate(grads, start=1):
+        before = master.clone()
+        master.grad = g.clone()
+        opt.step()
+        ref.step([g.clone()])
+        unbounded.step([g.clone()])
+        torch.testing.assert_close(master, ref.x, rtol=1e-6, atol=1e-7)
+        if t > freeze:
+            assert ((master - before * (1 - lr * wd)).abs() <= bound * (1 + 1e-5)).all()
+    assert (unbounded.x[grown] - x0[grown]).abs().max() > 1e2  # what the bound prevents
+    assert (master[grown] - x0[grown]).abs().max() < len(grads) * bound
+    torch.testing.assert_close(master[:128], unbounded.x[:128], rtol=1e-6, atol=0)
+
+
 # -- config ------------------------------------------------------------------------------------------------
 def test_native_config_selects_onebit_adam():
     cfg = from_dict({"optimizer": {"type": "OneBitAdam", "freeze_step": 50}})
     assert cfg.optimizer.type is OptimizerType.ONEBIT_ADAM and cfg.optimizer.freeze_step == 50
+    assert cfg.optimizer.step_bound is False  # Tang et al.'s (and DeepSpeed's) update unless asked
+    assert from_dict({"optimizer": {"type": "OneBitAdam", "step_bound": True}}).optimizer.step_bound is True
     assert cfg.compression.method is Compression.ONEBIT  # the wire format after the warm-up, for the cost model
 
 
@@ -196,11 +255,22 @@ def test_deepspeed_onebit_adam_keys():
     ({"optimizer": {"type": "OneBitAdam"}, "compression": {"method": "int8"}},
      "compression.method: int8 with OneBitAdam is not supported"),
     ({"optimizer": {"type": "AdamW", "freeze_step": 5}}, "optimizer.freeze_step: AdamW has no freeze_step"),
+    ({"optimizer": {"type": "AdamW", "step_bound": True}}, "optimizer.step_bound: AdamW has no step_bound"),
+    ({"train_batch_size": 8, "optimizer": {"type": "OneBitAdam", "params": {"step_bound": True}}},
+     "unknown key 'optimizer.params.step_bound'"),
 ])
 def test_onebit_adam_config_errors(doc, fragment):
     with pytest.raises(ConfigError) as err:
         from_dict(doc)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_step_bound_is_not_exported_to_deepspeed():
+    """DeepSpeed's OnebitAdam has no such bound: exporting it would change training silently, so it is refused."""
+    cfg = from_dict({"optimizer": {"type": "OneBitAdam", "step_bound": True}})
+    with pytest.raises(ConfigError, match="optimizer.step_bound: true has no DeepSpeed equivalent") as err:
+        to_deepspeed(cfg)
+    assert "\n" not in str(err.value)
 
 
 def test_client_optimizer_with_onebit_adam_config_is_an_error():

@@ -437,6 +437,9 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
             params["adam_w_mode"] = False  # DeepSpeed's Adam is AdamW unless told otherwise
         if o.type is OptimizerType.ONEBIT_ADAM:
             params["freeze_step"] = o.freeze_step
+            if o.step_bound:  # DeepSpeed's OnebitAdam would train without it: never dropped silently
+                raise ConfigError("optimizer.step_bound: true has no DeepSpeed equivalent (OnebitAdam has no bound "
+                                  "on its compression-stage step); set it to false to export a DeepSpeed config")
     opt_type = o.type.value
     doc: dict[str, Any] = {}
     if cfg.batch.global_ is not None:

@@ -138,6 +138,9 @@ class OptimizerConfig:
     # OneBitAdam only: full-precision Adam steps before the variance is frozen and the momentum goes 1-bit
     # (DeepSpeed's OneBitAdam `freeze_step`, same default).
     freeze_step: int = 100_000
+    # OneBitAdam only, ztune's own (not a DeepSpeed key): after freeze_step, clamp each element's step to Adam's
+    # bound lr (1 - b1) / sqrt(1 - b2) (runtime/onebit_adam.py, equation (9)). False: Tang et al.'s update.
+    step_bound: bool = False
 
 
 @dataclass(frozen=True)
