@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks.cluster_box import ClusterBox, why_unavailable  # noqa: E402
+from benchmarks.cluster_box import ClusterBox, rates_for_cli  # noqa: E402
 from benchmarks.cluster_worker import VARIANTS  # noqa: E402
 
 OUT_PATH = ROOT / "docs" / "bench" / "cluster.md"
@@ -150,13 +150,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"markdown section (default {OUT_PATH.relative_to(ROOT)}; with --quick only when given)")
     args = parser.parse_args(argv)
-    try:
-        rates = [int(r) for r in args.rates.split(",")]
-    except ValueError:
-        print(f"--rates {args.rates!r}: give Mbit/s as integers, e.g. 1000,10000", file=sys.stderr)
-        return 2
-    if (reason := why_unavailable()) is not None:
-        print(f"bench_cluster: cannot build the cluster in a box: {reason}", file=sys.stderr)
+    rates = rates_for_cli(args.rates, prog="bench_cluster")
+    if rates is None:
         return 2
     warmup, steps = (1, 1) if args.quick else (2, 4)
     start, load_start = time.perf_counter(), os.getloadavg()[0]

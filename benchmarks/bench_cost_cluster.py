@@ -321,15 +321,10 @@ def main(argv: list[str]) -> int:
             predict(r)
         command, elapsed = doc["command"], doc["elapsed_s"]
     else:
-        try:
-            rates = [int(r) for r in args.rates.split(",")]
-        except ValueError:
-            print(f"--rates {args.rates!r}: give Mbit/s as integers, e.g. 1000,10000", file=sys.stderr)
-            return 2
-        from benchmarks.cluster_box import why_unavailable
+        from benchmarks.cluster_box import rates_for_cli
 
-        if (reason := why_unavailable()) is not None:
-            print(f"bench_cost_cluster: cannot build the cluster in a box: {reason}", file=sys.stderr)
+        rates = rates_for_cli(args.rates, prog="bench_cost_cluster")
+        if rates is None:
             return 2
         command = "python benchmarks/bench_cost_cluster.py" + (" --smoke" if args.smoke else " ".join(
             [""] + [f"--{k} {getattr(args, k)}" for k in ("rates", "repeats", "steps")]))

@@ -384,6 +384,20 @@ with socket.create_connection((addr, port), timeout=30) as s:
 """
 
 
+def rates_for_cli(text: str, *, prog: str) -> list[int] | None:
+    """A benchmark's --rates (Mbit/s, comma-separated integers) once this machine can build a box; None after
+    printing one line on stderr saying which of the two is wrong (the caller exits 2)."""
+    try:
+        rates = [int(r) for r in text.split(",")]
+    except ValueError:
+        print(f"--rates {text!r}: give Mbit/s as integers, e.g. 1000,10000", file=sys.stderr)
+        return None
+    if (reason := why_unavailable()) is not None:
+        print(f"{prog}: cannot build the cluster in a box: {reason}", file=sys.stderr)
+        return None
+    return rates
+
+
 def why_unavailable() -> str | None:
     """None when this machine can build a box (root, iproute2, tc, unshare, nsenter), else the reason."""
     return net.why_unavailable(("tc", "unshare", "nsenter"))

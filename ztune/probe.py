@@ -427,6 +427,16 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
 
+def reap(procs) -> None:
+    """Join the probe's rank processes; one still alive 10 s later is terminated (then joined for 5 s more),
+    so no rank outlives the probe whatever happened to its peers."""
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+
+
 def _wait_for_result(queue, procs, *, timeout_s: float) -> tuple[str, object]:
     """Rank 0's result or the first error; a rank that dies without a word ends the wait early."""
     import queue as queue_mod
@@ -464,11 +474,7 @@ def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backe
     try:
         status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        reap(procs)
     if status != "ok":
         raise ProbeFailed(f"{backend} all_reduce over {world_size} local ranks failed: {payload}")
     sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)

@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ztune.probe import ProbeFailed, _wait_for_result
+from ztune.probe import ProbeFailed, _wait_for_result, reap
 
 DTYPES = ("fp32", "bf16", "fp16")
 WORKLOAD_REPEATS = 5  # timed steps per rank after one warm-up (tiny-llama at seq 128: ~0.5 s each per core)
@@ -115,11 +115,7 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
             if payload[2]:
                 codec_rates.append(payload[2])
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        reap(procs)
     step_s = max(medians)
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
