@@ -546,7 +546,8 @@ def _unpriced_why(best: Estimate, unpriced: Sequence[Estimate]) -> str:
         return head + " (none is faster even with a free codec)"
     headroom_ms = (best.step_time_s - fastest.step_time_s) * 1e3
     return (head + f"; the fastest of them ({fastest.label}) pays only if its codec costs under {headroom_ms:,.3g} "
-            "ms/step (measure it: `ztune probe` on CPU ranks, or `ztune autotune`)")
+            "ms/step (give the profile its codec_*_elements_per_s rates; on CPU ranks `ztune probe` and "
+            "`ztune autotune` measure them, on GPUs nothing does yet)")
 
 
 def _saves_traffic(est: Estimate) -> bool:
