@@ -133,3 +133,37 @@ def test_measured_cpu_compute_measures_codec_rates_when_asked(monkeypatch):
     timed = _measured_cpu_compute(hw, err, model=load_model("tiny-gpt"), seq_len=16, precision="fp32", micro_batch=1,
                                   codec=True)
     assert all(getattr(timed, f) > 0 for f in RATE_FIELDS) and "codec per rank, measured now" in err.file.getvalue()
+
+
+def test_a_timed_step_too_large_for_this_host_is_skipped_not_run(monkeypatch) -> None:
+    """autotune's compute measurement times one unsharded step at the candidates' middle micro-batch; a huge
+    --micro or --seq made that step allocate tens of GiB and the kernel killed the process (the CLI fuzz test
+    hit it). Activations now count in the memory check, and such a step is skipped with a line saying so."""
+    import io
+
+    from rich.console import Console
+
+    import ztune.probe as probe
+    from ztune.cli.autotune import _measured_cpu_compute, timed_step_activation_bytes
+    from ztune.probe import FlopRates
+    from ztune.profiles import load_hardware, load_model
+
+    model = load_model("tiny-gpt")
+    small = timed_step_activation_bytes(model, seq_len=64, micro_batch=2, precision="fp32")
+    huge = timed_step_activation_bytes(model, seq_len=65536, micro_batch=64, precision="fp32")
+    assert small < 2**30 < huge
+    assert timed_step_activation_bytes(model, seq_len=64, micro_batch=2, precision="bf16") * 2 == small
+    seen = {}
+
+    def fake(hw, *, model=None, **kwargs):
+        seen["model"] = model
+        rates = FlopRates(fp32_flops_per_s=1e10, bf16_flops_per_s=1e10, device="cpu", matrix_size=256)
+        return hw, (probe.CpuCompute(rates, 1e9, 0.1) if model is not None else probe.CpuCompute(rates))
+
+    monkeypatch.setattr(probe, "with_measured_cpu_compute", fake)
+    err = Console(file=io.StringIO(), width=400)
+    _measured_cpu_compute(load_hardware("cpu-local"), err, model=model, seq_len=65536, precision="fp32",
+                          micro_batch=64)
+    assert seen["model"] is None and "too large to time a step here" in err.file.getvalue()
+    _measured_cpu_compute(load_hardware("cpu-local"), err, model=model, seq_len=64, precision="fp32", micro_batch=2)
+    assert seen["model"] is model

@@ -28,6 +28,17 @@ _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batc
           "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
 
 
+def timed_step_activation_bytes(model: Any, *, seq_len: int, micro_batch: int, precision: str) -> int:
+    """Bytes of activations one unsharded training step of `model` (micro_batch x seq_len tokens, no
+    checkpointing, eager attention) keeps for its backward: per layer 34 s b h + 5 a s^2 b bytes in 16-bit
+    (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1), twice
+    that in fp32. An upper bound for the measurement's memory check, so that a large --micro or --seq skips the
+    timed step instead of exhausting the host."""
+    s, b = int(seq_len), int(micro_batch)
+    per_layer = 34 * s * b * model.hidden_size + 5 * model.num_heads * s * s * b
+    return model.num_layers * per_layer * (2 if precision == "fp32" else 1)
+
+
 def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int, precision: str,
                           micro_batch: int, codec: bool = False) -> Any:
     """A CPU profile with the compute this host measures now (probe.with_measured_cpu_compute: a timed matmul
@@ -43,9 +54,12 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
     from ztune.specs import count_params
 
     threads = envvars.omp_num_threads()
-    # The timed step holds the whole model unsharded with its gradients, no optimizer: 8 bytes a parameter in
-    # fp32, 16 with headroom for activations. Where that would crowd this host's memory, time no step.
-    timed = count_params(model).total * 16 <= psutil.virtual_memory().available // 4
+    # The timed step holds the whole model unsharded with its gradients, no optimizer (8 bytes a parameter in
+    # fp32, 16 with headroom), and one micro-batch's activations (timed_step_activation_bytes). Where that would
+    # crowd this host's memory, time no step.
+    need = count_params(model).total * 16 + timed_step_activation_bytes(model, seq_len=seq_len,
+                                                                       micro_batch=micro_batch, precision=precision)
+    timed = need <= psutil.virtual_memory().available // 4
     measured, cpu = with_measured_cpu_compute(hw, threads=threads, model=model if timed else None,
                                               seq_len=seq_len, micro_batch=micro_batch, dtype=precision)
     r = cpu.rates
