@@ -8,15 +8,21 @@ The root namespace gets `ip route add blackhole <subnet>`, so a packet for the t
 through the machine's real interfaces (it is removed again once no namespace named zt* is left, as other
 ztune test clusters may share it). `close()` kills every process still inside the namespaces, deletes them
 (which deletes their veths and qdiscs with them) and their /etc/netns files; it is idempotent.
+
+A process killed with SIGKILL (the kernel's out-of-memory killer, a CI timeout) never reaches `close()`. So
+every network keeps a record, /run/ztune-netns/<prefix>.json, of its owner (pid and start time) and
+namespaces, and `start()` first removes the networks, with the processes inside them, of owners that are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +107,40 @@ def write_ssh_config(root: Path, *, client_key: Path, known_hosts: list[str]) ->
     return path
 
 
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# One record per live network: who owns it and which namespaces it made (module docstring).
+RECORDS = Path("/run/ztune-netns")
+
+
+def reap_orphans(records: Path = RECORDS) -> list[str]:
+    """Remove the networks whose owner process is gone: kill what runs inside their namespaces, delete the
+    namespaces and their /etc/netns files and the record. Returns the namespaces removed. A record that cannot
+    be read is left alone (its owner may be writing it)."""
+    removed: list[str] = []
+    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
+        try:
+            owner = json.loads(record.read_text())
+            pid, ticks, namespaces = int(owner["pid"]), owner["start_ticks"], list(owner["namespaces"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if alive(pid) and _start_ticks(pid) == ticks:
+            continue
+        orphan = Network(prefix=owner.get("prefix", FAMILY_PREFIX), subnet=owner.get("subnet", ""),
+                         namespaces=[n for n in namespaces if n.startswith(FAMILY_PREFIX)])
+        orphan.close(record=False)
+        removed += namespaces
+        record.unlink(missing_ok=True)
+    return removed
+
+
 def family_namespaces() -> list[str]:
     """Every network namespace whose name starts with FAMILY_PREFIX (ours or another ztune test's)."""
     return [n for n in run("ip", "netns", "list").stdout.split() if n.startswith(FAMILY_PREFIX)]
@@ -129,6 +169,9 @@ class Network:
         """The blackhole route and the switch namespace with its bridge."""
         if not self.prefix.startswith(FAMILY_PREFIX):
             raise ValueError(f"namespace prefix {self.prefix!r} must start with {FAMILY_PREFIX!r}")
+        if removed := reap_orphans():
+            print(f"netns: removed {len(removed)} namespace(s) of killed earlier runs: {' '.join(removed)}",
+                  file=sys.stderr)
         if self.subnet not in run("ip", "route", "show", "type", "blackhole").stdout:
             run("ip", "route", "add", "blackhole", self.subnet)
             self.added_blackhole = True
@@ -140,6 +183,7 @@ class Network:
         run("ip", "netns", "del", ns, check=False)  # a leftover of a killed earlier run with our pid
         run("ip", "netns", "add", ns)
         self.namespaces.append(ns)
+        self._write_record()
         run("ip", "-n", ns, "link", "set", "lo", "up")
 
     def add_member(self, ns: str, addr: str, index: int) -> tuple[str, str]:
@@ -172,13 +216,30 @@ class Network:
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def close(self) -> None:
-        """Kill, delete the namespaces and their files, drop the blackhole if no ztune namespace is left."""
+    @property
+    def record(self) -> Path:
+        return RECORDS / f"{self.prefix}.json"
+
+    def _write_record(self) -> None:
+        """Who owns this network and what it made (module docstring); written whole, then renamed."""
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
+                                   "prefix": self.prefix, "subnet": self.subnet, "namespaces": self.namespaces}))
+        os.replace(tmp, self.record)
+
+    def close(self, *, record: bool = True) -> None:
+        """Kill, delete the namespaces and their files, drop the blackhole if no ztune namespace is left; with
+        `record`, remove this network's owner record too."""
         self.kill_all()
         for ns in self.namespaces:
             run("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces = []
-        if self.added_blackhole and not family_namespaces():
+        if record:
+            self.record.unlink(missing_ok=True)
+        # Whoever added the route: once no ztune namespace is left, nothing is behind it (a killed run's
+        # route too, which its owner never removed).
+        if self.subnet and not family_namespaces():
             run("ip", "route", "del", "blackhole", self.subnet, check=False)
             self.added_blackhole = False
