@@ -5,6 +5,7 @@ trials the budget allows, and what a resume after a kill may (not) rerun."""
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -114,8 +115,20 @@ def test_confirmation_picks_the_lowest_median_measuring_no_new_candidate(tmp_pat
     payload = result_json(result)
     assert payload["best"]["step_time_s"] == pytest.approx(1.05) and payload["best"]["samples_s"] == [1.05, 1.04, 1.06]
     assert (payload["num_trials"], payload["num_repeats"], payload["total_trials"]) == (4, 6, 10)
+    # best.yaml is written once, header and all: a reader (or a kill) never sees it without its header.
+    (tmp_path / "best.yaml").write_text("previous pick\n")
+    seen, real_replace = [], os.replace
+
+    def watch(src, dst):
+        if Path(dst).name == "best.yaml":
+            seen.append(Path(src).read_text())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watch)
     paths = tuner.export_best(result, out_dir=tmp_path, deepspeed=False, note=line)
+    monkeypatch.setattr(os, "replace", real_replace)
     text = Path(paths[0]).read_text()
+    assert seen == [text]
     assert text.startswith(f"# ztune autotune pick: {line}\n# confirmed") and load(paths[0]).zero.stage == 1
 
 

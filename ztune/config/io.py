@@ -105,11 +105,13 @@ def to_dict(cfg: TrainConfig) -> dict:
     return _plain(cfg)
 
 
-def save(cfg: TrainConfig, path: str | os.PathLike, *, fmt: str = "yaml") -> Path:
-    """Write `cfg` as ztune YAML (fmt='yaml') or DeepSpeed JSON (fmt='deepspeed'), atomically."""
+def save(cfg: TrainConfig, path: str | os.PathLike, *, fmt: str = "yaml", header: str = "") -> Path:
+    """Write `cfg` as ztune YAML (fmt='yaml') or DeepSpeed JSON (fmt='deepspeed'), atomically (a reader sees
+    the old file or the whole new one). `header` (YAML only) heads the file as '# ' comment lines."""
     path = Path(path)
     if fmt == "yaml":
-        text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        comments = "".join(f"# {line}\n" for line in header.splitlines())
+        text = comments + yaml.safe_dump(to_dict(cfg), sort_keys=False)
     elif fmt == "deepspeed":
         text = json.dumps(to_deepspeed(cfg), indent=2) + "\n"
     else:

@@ -423,11 +423,8 @@ def export_best(result: TuneResult, *, out_dir: Path, deepspeed: bool, note: str
     config: its median and samples) heads the YAML file as a comment."""
     if result.best_config is None:
         return ()
-    path = save(result.best_config, out_dir / "best.yaml")
-    if note:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"# ztune autotune pick: {note}\n# {result.confirm_note}\n" + path.read_text())
-        os.replace(tmp, path)
+    header = f"ztune autotune pick: {note}\n{result.confirm_note}" if note else ""
+    path = save(result.best_config, out_dir / "best.yaml", header=header)  # one atomic write, header included
     paths = [str(path)]
     if deepspeed:
         paths.append(str(save(result.best_config, out_dir / "best.deepspeed.json", fmt="deepspeed")))
