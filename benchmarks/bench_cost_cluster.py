@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks.cluster_worker import EXTRA_VARIANTS, VARIANTS, Variant  # noqa: E402
+from benchmarks.cluster_worker import VARIANTS, Variant  # noqa: E402
 
 OUT_MD = ROOT / "docs" / "bench" / "cost_cluster.md"
 OUT_JSON = ROOT / "docs" / "bench" / "cost_cluster.json"
@@ -58,7 +58,7 @@ TARGET = 0.15  # issue 15: predicted within 15% of measured
 SMOKE_VARIANTS = ("ztune flat, stage 0", "ztune hierarchical, stage 3")
 SMOKE_RATE_MBIT = 1000
 # The ztune variants bench_cluster measures, and ztune stage 0 (DDP's counterpart).
-COST_VARIANTS: tuple[Variant, ...] = tuple(v for v in EXTRA_VARIANTS + VARIANTS if v.family == "ztune")
+COST_VARIANTS: tuple[Variant, ...] = tuple(v for v in VARIANTS if v.family == "ztune")
 
 
 def variant_config(v: Variant) -> dict:

@@ -47,9 +47,11 @@ class Variant:
 FLAT = {"comm": {"hierarchical": False}}  # ztune's default (auto) is hierarchical across several hosts
 HIER = {"comm": {"hierarchical": True}}
 VARIANTS: tuple[Variant, ...] = (
+    Variant("ztune flat, stage 0", "ztune", 0, FLAT),
     Variant("ztune flat, stage 1", "ztune", 1, FLAT),
     Variant("ztune flat, stage 2", "ztune", 2, FLAT),
     Variant("ztune flat, stage 3", "ztune", 3, FLAT),
+    Variant("ztune hierarchical, stage 0", "ztune", 0, HIER),
     Variant("ztune hierarchical, stage 1", "ztune", 1, HIER),
     Variant("ztune hierarchical, stage 2", "ztune", 2, HIER),
     Variant("ztune hierarchical, stage 3", "ztune", 3, HIER),
@@ -61,11 +63,6 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("DeepSpeed ZeRO-1", "deepspeed", 1),
     Variant("DeepSpeed ZeRO-2", "deepspeed", 2),
     Variant("DeepSpeed ZeRO-3", "deepspeed", 3),
-)
-# Run only when named with --variant (benchmarks/bench_cost_cluster.py): ztune's stage 0, DDP's counterpart.
-EXTRA_VARIANTS: tuple[Variant, ...] = (
-    Variant("ztune flat, stage 0", "ztune", 0, FLAT),
-    Variant("ztune hierarchical, stage 0", "ztune", 0, HIER),
 )
 # A small Llama for tests: seconds per step on one core, still every kind of layer.
 TEST_SHAPE = dict(name="box-test-llama", architecture="llama", vocab_size=128, hidden_size=64, num_layers=2,
@@ -166,11 +163,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--variant", action="append", default=None,
-                        help="a VARIANTS or EXTRA_VARIANTS name to run (repeat for several; default: all "
-                        "VARIANTS)")
+                        help="a VARIANTS name to run (repeat for several; default: all of them)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    names = [v.name for v in VARIANTS + EXTRA_VARIANTS]
+    names = [v.name for v in VARIANTS]
     wanted = args.variant or [v.name for v in VARIANTS]
     unknown = [n for n in wanted if n not in names]
     if unknown:
@@ -197,7 +193,7 @@ def main(argv: list[str]) -> int:
         data = list(batches(corpus, batch_size=args.micro_batch, seq_len=args.seq_len, rank=rank, world_size=world,
                             seed=SEED, steps=total))
         records = []
-        for variant in VARIANTS + EXTRA_VARIANTS:
+        for variant in VARIANTS:
             if variant.name in wanted:
                 records.append(run_variant(variant, args=args, spec=spec, data=data, layout=layout, dist=dist))
                 if rank == 0:
