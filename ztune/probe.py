@@ -610,8 +610,8 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
 
     for name in RATE_FIELDS:
         notes[name] = (f"measured: {m.codec_note}" if name in m.codec else
-                       "assumed: 0 = unknown (`ztune probe` times the codecs on CPU ranks only): the estimate "
-                       "charges no codec time and says so")
+                       "assumed: 0 = unknown (not measured for this profile): the estimate charges no codec time, "
+                       "does not recommend a row that needs it, and says so")
     if m.inter_node is not None:
         link = m.inter_node
         notes["inter_node_bw_bytes_per_s"] = (f"measured: {link.transport} all_reduce busbw "
@@ -773,6 +773,12 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         codec = measure_codec_rates(threads=threads_per_rank)
         codec_note = (f"the runtime's codec on one rank alone, median, {threads_per_rank} thread(s) "
                       "(ztune/probe_codec.py)")
+    else:
+        from ztune.probe_codec import measure_codec_rates
+
+        on_step(f"codec rates on {devices[0]}")
+        codec = measure_codec_rates(threads=threads_per_rank, device=devices[0])
+        codec_note = f"the runtime's codec on {devices[0]} alone, median (ztune/probe_codec.py)"
     host_device = None
     if on_gpu:
         on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")
