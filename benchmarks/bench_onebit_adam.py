@@ -59,10 +59,11 @@ LOSS_TARGET = 0.02
 BYTES_TARGET = 0.05
 BOX_RATE_MBIT = 10_000  # the link does not change the losses or bytes; at 10 Gbit/s it costs the least time
 COS_MIN_RATIO = 0.1
+PERTURBED = "Adam+1ulp"  # --noise-floor's run: Adam with one weight moved by one ulp (perturb_one_weight)
 
 
 def _config(*, optimizer: str, opts: dict) -> dict:
-    opt = {"type": optimizer, "lr": opts["lr"], "weight_decay": 0.0}
+    opt = {"type": "Adam" if optimizer == PERTURBED else optimizer, "lr": opts["lr"], "weight_decay": 0.0}
     if optimizer == "OneBitAdam":
         opt["freeze_step"] = opts["freeze_step"]
         if opts.get("step_bound"):
@@ -87,6 +88,27 @@ def model_spec(name: str):
                          num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=512, max_seq_len=256,
                          tied_embeddings=True)
     return load_model(name)
+
+
+def perturb_one_weight(engine) -> tuple[str, int, float, float]:
+    """Move one weight by one ulp of the compute dtype, away from zero, in the fp32 master and the parameter
+    alike (the same on every rank): the middle element of the largest flat group, a weight that gets a gradient
+    at every step. Returns (the parameter's name, the element's flat index in it, old value, new value)."""
+    import torch
+
+    g = max(engine.groups, key=lambda g: g.layout.numel)
+    i = g.layout.numel // 2
+    with torch.no_grad():
+        x = g.param_shard[i:i + 1].clone()
+        away = torch.full_like(x, float("inf") if float(x) >= 0 else float("-inf"))
+        new = torch.nextafter(x, away)
+        old = float(g.master[i])
+        g.master[i] = new.float()[0]
+        g.param_shard[i] = new[0]
+    names = {id(q): n for n, q in engine.module.named_parameters()}
+    q, slot = next((q, sl) for q, sl in zip(g.params, g.layout.slots, strict=True)
+                   if sl.offset <= i < sl.offset + sl.numel)
+    return names[id(q)], i - slot.offset, old, float(g.master[i])
 
 
 def nic_tx_bytes() -> int:
@@ -160,9 +182,10 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
     for seed in opts["seeds"]:
         corpus = synthetic_corpus(vocab_size=spec.vocab_size, num_tokens=opts["seq"] * opts["micro"] * world_size
                                   * opts["steps"] * 2, seed=seed)
-        for optimizer in ("Adam", "OneBitAdam"):
+        for optimizer in ("Adam", "OneBitAdam", PERTURBED) if opts.get("noise_floor") else ("Adam", "OneBitAdam"):
             model = build_model(spec, seed=seed)
             engine, *_ = ztune.initialize(model, _config(optimizer=optimizer, opts=opts))
+            perturbed = perturb_one_weight(engine) if optimizer == PERTURBED else None
             losses, after_s, host_bytes = [], 0.0, None
             start = time.perf_counter()
             for step, (ids, labels) in enumerate(batches(corpus, batch_size=opts["micro"], seq_len=opts["seq"],
@@ -192,7 +215,8 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
                    "host_bytes_per_step_after": None if host_bytes is None else host_bytes / after_steps,
                    "ops_after": sorted(report["ops"]), "num_params": report["num_params"],
                    "padded_params": report["padded_params"], "world_size": world_size, "zero_variance": frozen_zero,
-                   "ranks_per_node": layout.ranks_per_node, "load_end": list(os.getloadavg())}
+                   "ranks_per_node": layout.ranks_per_node, "load_end": list(os.getloadavg()),
+                   "perturbed": perturbed}
             del engine, model
             if reference is None:
                 reference = fp32_allreduce_reference(rec["padded_params"], counter)
@@ -210,6 +234,11 @@ def final_loss(r: dict) -> float:
     """Mean over ranks of each rank's mean over its last TAIL_STEPS losses."""
     per_rank = r.get("losses_by_rank") or [r["losses"]]
     return sum(sum(ls[-TAIL_STEPS:]) / TAIL_STEPS for ls in per_rank) / len(per_rank)
+
+
+def window_loss(r: dict, end: int) -> float:
+    """final_loss of the run cut at step `end`: the mean over ranks of the TAIL_STEPS losses ending there."""
+    return final_loss({"losses_by_rank": [ls[:end] for ls in r.get("losses_by_rank") or [r["losses"]]]})
 
 
 def fp32_allreduce_bytes(r: dict) -> float:
@@ -237,7 +266,9 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
     rows = []
     for seed in seeds:
         a, b = by[(seed, "Adam")], by[(seed, "OneBitAdam")]
+        freeze = opts["freeze_step"]
         row = (f"| {seed} | {final_loss(a):.4f} | {final_loss(b):.4f} | {final_loss(b) / final_loss(a):.4f} | "
+               f"{window_loss(b, freeze) / window_loss(a, freeze):.4f} | "
                f"{a['bytes_per_step_after'] / 2**20:.2f} | {b['bytes_per_step_after'] / 2**20:.3f} | "
                f"{b['bytes_per_step_after'] / fp32_allreduce_bytes(b):.4f} |")
         if box:
@@ -273,9 +304,9 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
                                              if per_node < world else ""))
     schedule = (f"WarmupCosineLR (linear lr warm-up over {opts['lr_warmup']} steps, cosine decay to "
                 f"{COS_MIN_RATIO}x at step {opts['steps']})" if opts["schedule"] == "cosine" else "constant lr")
-    head = "| seed | Adam final loss | 1-bit Adam final loss | ratio | Adam MiB/step/rank | 1-bit MiB/step/rank | " \
-           "1-bit / fp32 all-reduce (per rank) |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|"
+    head = f"| seed | Adam final loss | 1-bit Adam final loss | ratio | ratio at step {opts['freeze_step']} | " \
+           "Adam MiB/step/rank | 1-bit MiB/step/rank | 1-bit / fp32 all-reduce (per rank) |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if box:
         head += " Adam MiB/step across hosts | 1-bit MiB/step across hosts | 1-bit / fp32 all-reduce (across hosts) |"
         sep += "---:|---:|---:|"
@@ -315,7 +346,36 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         f"Loss curve (mean over seeds and ranks of the {TAIL_STEPS} step losses ending at step k; k: Adam / 1-bit "
         f"Adam): {curve}.", "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + noise_floor_lines(by, seeds, opts))
+
+
+def noise_floor_lines(by: dict, seeds: list[int], opts: dict) -> list[str]:
+    """--noise-floor: the Adam+1ulp runs against Adam, in the same measures as 1-bit Adam (none: no lines)."""
+    seeds = [s for s in seeds if (s, PERTURBED) in by]
+    if not seeds:
+        return []
+    freeze, rows = opts["freeze_step"], []
+    for s in seeds:
+        a, c = by[(s, "Adam")], by[(s, PERTURBED)]
+        name, index, old, new = c["perturbed"]
+        rows.append(f"| {s} | {final_loss(a):.4f} | {final_loss(c):.4f} | {final_loss(c) / final_loss(a):.4f} | "
+                    f"{window_loss(c, freeze) / window_loss(a, freeze):.4f} | "
+                    f"{final_loss(by[(s, 'OneBitAdam')]) / final_loss(a):.4f} | "
+                    f"{name}, flat element {index:,}: {old!r} -> {new!r} |")
+    adam = sum(final_loss(by[(s, "Adam")]) for s in seeds) / len(seeds)
+    pert = sum(final_loss(by[(s, PERTURBED)]) for s in seeds) / len(seeds)
+    spread = max(abs(final_loss(by[(s, PERTURBED)]) / final_loss(by[(s, "Adam")]) - 1) for s in seeds)
+    return [
+        f"Noise floor (--noise-floor): a third run per seed, Adam with one weight moved by one ulp of the "
+        f"{opts['precision']} compute dtype (master and parameter alike, before the first step; "
+        "bench_onebit_adam.perturb_one_weight), everything else as Adam's: how far two Adam runs end that differ "
+        "only in the last bit.", "",
+        f"| seed | Adam final loss | Adam+1ulp final loss | Adam+1ulp / Adam | at step {freeze} | 1-bit Adam / Adam "
+        "| weight moved |",
+        "|---|---:|---:|---:|---:|---:|---|", *rows, "",
+        f"Mean over {len(seeds)} seed(s): Adam {adam:.4f}, Adam+1ulp {pert:.4f}, ratio {pert / adam:.4f}; largest "
+        f"per-seed |ratio - 1|: {spread:.4f} (the target's tolerance: {LOSS_TARGET}).", "",
+    ]
 
 
 def replace_section(text: str, section: str) -> str:
@@ -378,6 +438,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lr-warmup", type=int, default=30, help="--schedule cosine: lr warm-up steps")
     ap.add_argument("--step-bound", action="store_true",
                     help="OneBitAdam step_bound: clamp the compression-stage step to Adam's bound (equation (9))")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also train Adam with one weight moved by one ulp, per seed (the Adam-vs-Adam spread)")
     ap.add_argument("--box", action="store_true", help="2 hosts x 2 ranks in the cluster in a box (root)")
     ap.add_argument("--ranks", type=int, choices=(2, 4), default=2,
                     help="local ranks without --box; 4 run as 2 hosts x 2 (ZTUNE_LOCAL_WORLD_SIZE=2)")
@@ -397,7 +459,8 @@ def main(argv: list[str]) -> int:
     opts = {"steps": args.steps, "freeze_step": args.freeze_step, "seeds": [int(s) for s in args.seeds.split(",")],
             "micro": args.micro, "seq": args.seq, "lr": args.lr, "model": args.model, "precision": args.precision,
             "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box,
-            "step_bound": args.step_bound, "partial": str(args.partial) if args.partial else None}
+            "step_bound": args.step_bound, "noise_floor": args.noise_floor,
+            "partial": str(args.partial) if args.partial else None}
     load_start = list(os.getloadavg())
     start = time.perf_counter()
     if args.render_from is not None:
