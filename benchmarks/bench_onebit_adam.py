@@ -33,10 +33,18 @@ freeze point, keeping lm_head out).
 with the run's other options renders the table from it (e.g. from a run stopped before its last seed).
 `--schedule cosine` (DeepSpeed's WarmupCosineLR: linear lr warm-up over --lr-warmup steps, then cosine decay to
 0.1x) is the usual shape for language-model training.
+Before freeze_step the two runs of a seed are bitwise the same (OneBitAdam's warm-up steps through the engine's
+own AdamW, runtime/onebit_adam.py; tests/dist/test_onebit_adam.py::test_warmup_is_bitwise_the_engines_adamw), so
+the table's "ratio at step freeze_step" is 1.0000 and what differs after it is the compression stage alone.
+`--noise-floor` adds a third run per seed, Adam with one weight moved by one ulp of the compute dtype
+(perturb_one_weight), and a table of how far it ends from Adam in the same measures: the spread between two Adam
+runs that differ only in the last bit, against which the 2% target has to be read in a setting as chaotic as
+bf16 tiny-llama at lr 1e-3 (docs/bench/onebit_adam.md).
 
 Usage: python benchmarks/bench_onebit_adam.py [--steps 300] [--freeze-step 150] [--seeds 0,1,2] [--model mini]
        python benchmarks/bench_onebit_adam.py --box --model tiny-llama --precision bf16 --freeze-step 60 \
-           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--partial runs.jsonl]
+           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--noise-floor] \
+           [--partial runs.jsonl]
            (root: builds the box, tears it down)
 """
 

@@ -11,6 +11,8 @@
 - fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both;
 - step_bound (equation (9)), on batches whose feature 0 is 1e-4 of its size in the warm-up: every step against
   the reference with its own clamp, within 1e-6, and far from the unbounded reference (the clamp engages).
+A second spawn (test_warmup_is_bitwise_the_engines_adamw): in bf16 with a moving lr, every warm-up step's
+masters and parameters equal the engine's AdamW's bit for bit.
 """
 
 from __future__ import annotations
