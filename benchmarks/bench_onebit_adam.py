@@ -39,7 +39,10 @@ the table's "ratio at step freeze_step" is 1.0000 and what differs after it is t
 `--noise-floor` adds a third run per seed, Adam with one weight moved by one ulp of the compute dtype
 (perturb_one_weight), and a table of how far it ends from Adam in the same measures: the spread between two Adam
 runs that differ only in the last bit, against which the 2% target has to be read in a setting as chaotic as
-bf16 tiny-llama at lr 1e-3 (docs/bench/onebit_adam.md).
+bf16 tiny-llama at lr 1e-3 (docs/bench/onebit_adam.md). `--perturb-at N` moves the weight after N steps instead
+(at freeze_step: the two Adam runs are bitwise the same for as long as Adam and 1-bit Adam are, the fair control
+for the 1-bit run); `--noise-only` trains that run alone, to be rendered with the Adam and 1-bit runs of another
+--partial file (`--render-from A --render-from B`).
 
 Usage: python benchmarks/bench_onebit_adam.py [--steps 300] [--freeze-step 150] [--seeds 0,1,2] [--model mini]
        python benchmarks/bench_onebit_adam.py --box --model tiny-llama --precision bf16 --freeze-step 60 \
