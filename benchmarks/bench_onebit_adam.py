@@ -33,10 +33,21 @@ freeze point, keeping lm_head out).
 with the run's other options renders the table from it (e.g. from a run stopped before its last seed).
 `--schedule cosine` (DeepSpeed's WarmupCosineLR: linear lr warm-up over --lr-warmup steps, then cosine decay to
 0.1x) is the usual shape for language-model training.
+Before freeze_step the two runs of a seed are bitwise the same (OneBitAdam's warm-up steps through the engine's
+own AdamW, runtime/onebit_adam.py; tests/dist/test_onebit_adam.py::test_warmup_is_bitwise_the_engines_adamw), so
+the table's "ratio at step freeze_step" is 1.0000 and what differs after it is the compression stage alone.
+`--noise-floor` adds a third run per seed, Adam with one weight moved by one ulp of the compute dtype
+(perturb_one_weight), and a table of how far it ends from Adam in the same measures: the spread between two Adam
+runs that differ only in the last bit, against which the 2% target has to be read in a setting as chaotic as
+bf16 tiny-llama at lr 1e-3 (docs/bench/onebit_adam.md). `--perturb-at N` moves the weight after N steps instead
+(at freeze_step: the two Adam runs are bitwise the same for as long as Adam and 1-bit Adam are, the fair control
+for the 1-bit run); `--noise-only` trains that run alone, to be rendered with the Adam and 1-bit runs of another
+--partial file (`--render-from A --render-from B`).
 
 Usage: python benchmarks/bench_onebit_adam.py [--steps 300] [--freeze-step 150] [--seeds 0,1,2] [--model mini]
        python benchmarks/bench_onebit_adam.py --box --model tiny-llama --precision bf16 --freeze-step 60 \
-           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--partial runs.jsonl]
+           --schedule cosine --lr-warmup 30 --seq 64 --micro 1 --steps 300 [--step-bound] [--noise-floor] \
+           [--partial runs.jsonl]
            (root: builds the box, tears it down)
 """
 
@@ -59,10 +70,25 @@ LOSS_TARGET = 0.02
 BYTES_TARGET = 0.05
 BOX_RATE_MBIT = 10_000  # the link does not change the losses or bytes; at 10 Gbit/s it costs the least time
 COS_MIN_RATIO = 0.1
+PERTURBED = "Adam+1ulp"  # --noise-floor's run: Adam with one weight moved by one ulp (perturb_one_weight)
+
+
+def perturbed_label(perturb_at: int) -> str:
+    """The --noise-floor run's name: "Adam+1ulp" (moved before step 1), "Adam+1ulp@150" (moved before step 151)."""
+    return PERTURBED if perturb_at == 0 else f"{PERTURBED}@{perturb_at}"
+
+
+def run_names(opts: dict) -> list[str]:
+    """The runs of each seed, in order: Adam, OneBitAdam and (--noise-floor) the perturbed Adam, or (--noise-only)
+    the perturbed Adam alone."""
+    noise = [perturbed_label(opts.get("perturb_at", 0))]
+    if opts.get("noise_only"):
+        return noise
+    return ["Adam", "OneBitAdam"] + (noise if opts.get("noise_floor") else [])
 
 
 def _config(*, optimizer: str, opts: dict) -> dict:
-    opt = {"type": optimizer, "lr": opts["lr"], "weight_decay": 0.0}
+    opt = {"type": "Adam" if optimizer.startswith(PERTURBED) else optimizer, "lr": opts["lr"], "weight_decay": 0.0}
     if optimizer == "OneBitAdam":
         opt["freeze_step"] = opts["freeze_step"]
         if opts.get("step_bound"):
@@ -87,6 +113,27 @@ def model_spec(name: str):
                          num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=512, max_seq_len=256,
                          tied_embeddings=True)
     return load_model(name)
+
+
+def perturb_one_weight(engine) -> tuple[str, int, float, float]:
+    """Move one weight by one ulp of the compute dtype, away from zero, in the fp32 master and the parameter
+    alike (the same on every rank): the middle element of the largest flat group, a weight that gets a gradient
+    at every step. Returns (the parameter's name, the element's flat index in it, old value, new value)."""
+    import torch
+
+    g = max(engine.groups, key=lambda g: g.layout.numel)
+    i = g.layout.numel // 2
+    with torch.no_grad():
+        x = g.param_shard[i:i + 1].clone()
+        away = torch.full_like(x, float("inf") if float(x) >= 0 else float("-inf"))
+        new = torch.nextafter(x, away)
+        old = float(g.master[i])
+        g.master[i] = new.float()[0]
+        g.param_shard[i] = new[0]
+    names = {id(q): n for n, q in engine.module.named_parameters()}
+    q, slot = next((q, sl) for q, sl in zip(g.params, g.layout.slots, strict=True)
+                   if sl.offset <= i < sl.offset + sl.numel)
+    return names[id(q)], i - slot.offset, old, float(g.master[i])
 
 
 def nic_tx_bytes() -> int:
@@ -160,9 +207,10 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
     for seed in opts["seeds"]:
         corpus = synthetic_corpus(vocab_size=spec.vocab_size, num_tokens=opts["seq"] * opts["micro"] * world_size
                                   * opts["steps"] * 2, seed=seed)
-        for optimizer in ("Adam", "OneBitAdam"):
+        for optimizer in run_names(opts):
             model = build_model(spec, seed=seed)
             engine, *_ = ztune.initialize(model, _config(optimizer=optimizer, opts=opts))
+            perturbed = None
             losses, after_s, host_bytes = [], 0.0, None
             start = time.perf_counter()
             for step, (ids, labels) in enumerate(batches(corpus, batch_size=opts["micro"], seq_len=opts["seq"],
@@ -172,6 +220,8 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
                     counter.start()
                     engine.comm.reset()
                     after_s = time.perf_counter()
+                if optimizer.startswith(PERTURBED) and step == opts.get("perturb_at", 0):
+                    perturbed = perturb_one_weight(engine)
                 loss = engine(ids, labels=labels)
                 engine.backward(loss)
                 engine.step()
@@ -192,7 +242,8 @@ def train_all(rank: int, world_size: int, opts: dict) -> list[dict]:
                    "host_bytes_per_step_after": None if host_bytes is None else host_bytes / after_steps,
                    "ops_after": sorted(report["ops"]), "num_params": report["num_params"],
                    "padded_params": report["padded_params"], "world_size": world_size, "zero_variance": frozen_zero,
-                   "ranks_per_node": layout.ranks_per_node, "load_end": list(os.getloadavg())}
+                   "ranks_per_node": layout.ranks_per_node, "load_end": list(os.getloadavg()),
+                   "perturbed": perturbed, "perturb_at": opts.get("perturb_at", 0)}
             del engine, model
             if reference is None:
                 reference = fp32_allreduce_reference(rec["padded_params"], counter)
@@ -210,6 +261,11 @@ def final_loss(r: dict) -> float:
     """Mean over ranks of each rank's mean over its last TAIL_STEPS losses."""
     per_rank = r.get("losses_by_rank") or [r["losses"]]
     return sum(sum(ls[-TAIL_STEPS:]) / TAIL_STEPS for ls in per_rank) / len(per_rank)
+
+
+def window_loss(r: dict, end: int) -> float:
+    """final_loss of the run cut at step `end`: the mean over ranks of the TAIL_STEPS losses ending there."""
+    return final_loss({"losses_by_rank": [ls[:end] for ls in r.get("losses_by_rank") or [r["losses"]]]})
 
 
 def fp32_allreduce_bytes(r: dict) -> float:
@@ -237,7 +293,9 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
     rows = []
     for seed in seeds:
         a, b = by[(seed, "Adam")], by[(seed, "OneBitAdam")]
+        freeze = opts["freeze_step"]
         row = (f"| {seed} | {final_loss(a):.4f} | {final_loss(b):.4f} | {final_loss(b) / final_loss(a):.4f} | "
+               f"{window_loss(b, freeze) / window_loss(a, freeze):.4f} | "
                f"{a['bytes_per_step_after'] / 2**20:.2f} | {b['bytes_per_step_after'] / 2**20:.3f} | "
                f"{b['bytes_per_step_after'] / fp32_allreduce_bytes(b):.4f} |")
         if box:
@@ -273,9 +331,9 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
                                              if per_node < world else ""))
     schedule = (f"WarmupCosineLR (linear lr warm-up over {opts['lr_warmup']} steps, cosine decay to "
                 f"{COS_MIN_RATIO}x at step {opts['steps']})" if opts["schedule"] == "cosine" else "constant lr")
-    head = "| seed | Adam final loss | 1-bit Adam final loss | ratio | Adam MiB/step/rank | 1-bit MiB/step/rank | " \
-           "1-bit / fp32 all-reduce (per rank) |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|"
+    head = f"| seed | Adam final loss | 1-bit Adam final loss | ratio | ratio at step {opts['freeze_step']} | " \
+           "Adam MiB/step/rank | 1-bit MiB/step/rank | 1-bit / fp32 all-reduce (per rank) |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if box:
         head += " Adam MiB/step across hosts | 1-bit MiB/step across hosts | 1-bit / fp32 all-reduce (across hosts) |"
         sep += "---:|---:|---:|"
@@ -315,7 +373,43 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         f"Loss curve (mean over seeds and ranks of the {TAIL_STEPS} step losses ending at step k; k: Adam / 1-bit "
         f"Adam): {curve}.", "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + noise_floor_lines(by, seeds, opts))
+
+
+def noise_floor_lines(by: dict, seeds: list[int], opts: dict) -> list[str]:
+    """--noise-floor: each perturbed Adam run (Adam+1ulp, Adam+1ulp@N) against Adam, in the same measures as 1-bit
+    Adam; one table per kind of perturbed run (none: no lines)."""
+    lines = []
+    for label in sorted({o for (_, o) in by if o.startswith(PERTURBED)}):
+        lines += _noise_table(by, [s for s in seeds if (s, label) in by], label, opts)
+    return lines
+
+
+def _noise_table(by: dict, seeds: list[int], label: str, opts: dict) -> list[str]:
+    freeze, rows = opts["freeze_step"], []
+    at = by[(seeds[0], label)].get("perturb_at", 0)
+    for s in seeds:
+        a, c = by[(s, "Adam")], by[(s, label)]
+        name, index, old, new = c["perturbed"]
+        rows.append(f"| {s} | {final_loss(a):.4f} | {final_loss(c):.4f} | {final_loss(c) / final_loss(a):.4f} | "
+                    f"{window_loss(c, freeze) / window_loss(a, freeze):.4f} | "
+                    f"{final_loss(by[(s, 'OneBitAdam')]) / final_loss(a):.4f} | "
+                    f"{name}, flat element {index:,}: {old!r} -> {new!r} |")
+    adam = sum(final_loss(by[(s, "Adam")]) for s in seeds) / len(seeds)
+    pert = sum(final_loss(by[(s, label)]) for s in seeds) / len(seeds)
+    spread = max(abs(final_loss(by[(s, label)]) / final_loss(by[(s, "Adam")]) - 1) for s in seeds)
+    when = "before the first step" if at == 0 else f"after step {at}, the runs being bitwise the same until then"
+    return [
+        f"Noise floor ({label}, --noise-floor{'' if at == 0 else f' --perturb-at {at}'}): Adam with one weight moved "
+        f"by one ulp of the {opts['precision']} compute dtype (master and parameter alike, {when}; "
+        "bench_onebit_adam.perturb_one_weight), everything else as Adam's: how far two Adam runs end that differ "
+        "only in the last bit.", "",
+        f"| seed | Adam final loss | {label} final loss | {label} / Adam | at step {freeze} | 1-bit Adam / Adam "
+        "| weight moved |",
+        "|---|---:|---:|---:|---:|---:|---|", *rows, "",
+        f"Mean over {len(seeds)} seed(s): Adam {adam:.4f}, {label} {pert:.4f}, ratio {pert / adam:.4f}; largest "
+        f"per-seed |ratio - 1|: {spread:.4f} (the target's tolerance: {LOSS_TARGET}).", "",
+    ]
 
 
 def replace_section(text: str, section: str) -> str:
@@ -378,6 +472,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lr-warmup", type=int, default=30, help="--schedule cosine: lr warm-up steps")
     ap.add_argument("--step-bound", action="store_true",
                     help="OneBitAdam step_bound: clamp the compression-stage step to Adam's bound (equation (9))")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also train Adam with one weight moved by one ulp, per seed (the Adam-vs-Adam spread)")
+    ap.add_argument("--perturb-at", type=int, default=0,
+                    help="--noise-floor: move the weight before this step (0: the first; e.g. the freeze step)")
+    ap.add_argument("--noise-only", action="store_true",
+                    help="train only the perturbed Adam run of each seed (its Adam from another --partial file)")
     ap.add_argument("--box", action="store_true", help="2 hosts x 2 ranks in the cluster in a box (root)")
     ap.add_argument("--ranks", type=int, choices=(2, 4), default=2,
                     help="local ranks without --box; 4 run as 2 hosts x 2 (ZTUNE_LOCAL_WORLD_SIZE=2)")
@@ -385,9 +485,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "onebit_adam.md")
     ap.add_argument("--partial", type=Path, default=None,
                     help="append one JSON line per finished run here (rank 0), so a run cut short keeps its seeds")
-    ap.add_argument("--render-from", type=Path, default=None,
-                    help="train nothing: render --out's section from a --partial file (same other options)")
+    ap.add_argument("--render-from", type=Path, action="append", default=None,
+                    help="train nothing: render --out's section from --partial files (same other options; "
+                         "repeatable: a later file's run of a seed replaces an earlier file's)")
     args = ap.parse_args(argv)
+    if not 0 <= args.perturb_at < args.steps:
+        print(f"--perturb-at must be in [0, --steps), got {args.perturb_at}", file=sys.stderr)
+        return 2
     if not 0 < args.freeze_step < args.steps:
         print(f"--freeze-step must be in [1, --steps), got {args.freeze_step}", file=sys.stderr)
         return 2
@@ -397,17 +501,24 @@ def main(argv: list[str]) -> int:
     opts = {"steps": args.steps, "freeze_step": args.freeze_step, "seeds": [int(s) for s in args.seeds.split(",")],
             "micro": args.micro, "seq": args.seq, "lr": args.lr, "model": args.model, "precision": args.precision,
             "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box,
-            "step_bound": args.step_bound, "partial": str(args.partial) if args.partial else None}
+            "step_bound": args.step_bound, "noise_floor": args.noise_floor or args.noise_only,
+            "perturb_at": args.perturb_at, "noise_only": args.noise_only,
+            "partial": str(args.partial) if args.partial else None}
     load_start = list(os.getloadavg())
     start = time.perf_counter()
     if args.render_from is not None:
-        if not args.render_from.is_file():
-            print(f"--render-from: no such file {args.render_from}", file=sys.stderr)
+        missing = [str(f) for f in args.render_from if not f.is_file()]
+        if missing:
+            print(f"--render-from: no such file {missing[0]}", file=sys.stderr)
             return 2
-        results = [json.loads(ln) for ln in args.render_from.read_text().splitlines() if ln.strip()]
+        runs = {}
+        for f in args.render_from:
+            for r in (json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()):
+                runs[(r["seed"], r["optimizer"])] = r
+        results = list(runs.values())
+        skip = {"--render-from", *map(str, args.render_from)}
         text = render(results, opts, wall_s=sum(r["wall_s"] for r in results),
-                      command="python benchmarks/bench_onebit_adam.py " + " ".join(
-                          a for a in argv if a != "--render-from" and a != str(args.render_from)),
+                      command="python benchmarks/bench_onebit_adam.py " + " ".join(a for a in argv if a not in skip),
                       load=(results[0].get("load_end", load_start), results[-1].get("load_end", load_start))
                       if results else (load_start, load_start))
         args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "", text))

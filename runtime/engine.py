@@ -150,7 +150,8 @@ class Engine:
                 optim_args.pop(unused)
             self.optimizer = self._onebit = build_onebit_adam(
                 masters, valid_numels=[g.layout.numel for g in self.groups], comm=comm,
-                freeze_step=cfg.optimizer.freeze_step, step_bound=cfg.optimizer.step_bound, **optim_args)
+                freeze_step=cfg.optimizer.freeze_step, step_bound=cfg.optimizer.step_bound, fused_cpu=fused_cpu_adam,
+                **optim_args)
         else:
             self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **optim_args)
         # Stage 3 with shared-memory shards: the unit all-gathers read other ranks' shards directly, so no
@@ -347,12 +348,15 @@ class Engine:
         else:
             from ztune.runtime.optim_shard import step_shards
 
+            optimizer = self.optimizer
+            if self._onebit is not None and not local:  # 1-bit Adam's warm-up: bitwise this engine's AdamW step
+                optimizer = self._onebit.warmup_optimizer()
             if self._shared_shards:
                 self.comm.shard_barrier()  # every rank is done reading the shards this step rewrites
             if self._offload is not None and self._offload.offload_optimizer:
-                self._offload.step(self.optimizer, grads=grads, grad_divisor=divisor / clip_coef)
+                self._offload.step(optimizer, grads=grads, grad_divisor=divisor / clip_coef)
             else:
-                step_shards(self.optimizer, masters=[g.master for g in self.groups], grads=grads,
+                step_shards(optimizer, masters=[g.master for g in self.groups], grads=grads,
                             param_shards=[g.param_shard for g in self.groups], grad_divisor=divisor / clip_coef)
             if self._shared_shards:
                 self.comm.shard_barrier()  # every shard is updated before any rank gathers from it

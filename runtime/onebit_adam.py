@@ -7,7 +7,15 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
       (3) x_{t+1} = x_t (1 - lr wd) - lr (m_t / c1_t) / (sqrt(v_t / c2_t) + eps)
   with c1_t = 1 - b1^t, c2_t = 1 - b2^t when bias_correction is on (Kingma & Ba 2015), else 1, and
   decoupled weight decay wd (Loshchilov & Hutter 2019; DeepSpeed's OnebitAdam adds wd x p to the update,
-  which is the same). With bias_correction on, (1)-(3) are torch.optim.AdamW's single-tensor update.
+  which is the same). With bias_correction on, (1)-(3) are torch.optim.AdamW's update.
+  The warm-up is not written out again here: OneBitAdam steps it through `warmup`, the AdamW that
+  runtime/optim_shard.build_shard_optimizer builds for the engine's own AdamW runs (the fused C++ kernel on
+  CPU when it is built, else torch's fused AdamW), over the same state tensors, and the engine hands it the
+  gradients exactly as it hands them to AdamW (runtime/optim_shard.step_shards). So before freeze_step a
+  1-bit Adam run is bitwise the AdamW run (Adam's, at weight decay 0) of the same job, and a comparison of
+  the two measures the compression stage only. (Written as torch ops, (3) differed from the C++ kernel in
+  ~0.2% of the masters per step, torch's float32 sqrt not being correctly rounded; the bf16 tiny-llama runs
+  of docs/bench/onebit_adam.md drifted apart from step 5 on, 1.10x in loss by step 150 on one seed.)
 - Compression stage, steps t > freeze_step = T_w: v is frozen at v_{T_w} and nothing else is all-reduced.
   On worker i, from its local gradient g_t^(i) (not averaged):
       (4) m_t^(i) = b1 m_{t-1} + (1 - b1) g_t^(i)                      (local momentum)
@@ -49,9 +57,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ztune.config.schema import Compression
+from ztune.config.schema import Compression, OptimizerType
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.compress import Codec
+
+# What a param group of OneBitAdam passes on to its warm-up AdamW (a scheduler may move them).
+_SHARED_HYPER = ("lr", "betas", "eps", "weight_decay", "bias_correction")
 
 
 def bias_corrections(*, step: int, variance_step: int, beta1: float, beta2: float, enabled: bool
@@ -124,12 +135,17 @@ class OneBitAdam(torch.optim.Optimizer):
     scale only) once it is True. Every rank must call step() with the same masters in the same order: in the
     compression stage each master's step is a collective. Param groups carry lr, betas, eps, weight_decay,
     bias_correction (a scheduler may move lr); `freeze_step` is the optimizer's, as in DeepSpeed. step_bound:
-    apply equation (9) in the compression stage (ztune's option; False is Tang et al.'s and DeepSpeed's update)."""
+    apply equation (9) in the compression stage (ztune's option; False is Tang et al.'s and DeepSpeed's update).
+    The warm-up steps go through `warmup_optimizer()` (module docstring); the engine calls it itself, so that the
+    gradients reach it as they reach the engine's AdamW."""
 
     def __init__(self, params: Iterable, *, comm: Comm, freeze_step: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bias_correction: bool = True, valid_numel: dict[int, int] | None = None, step_bound: bool = False):
-        """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all)."""
+                 bias_correction: bool = True, valid_numel: dict[int, int] | None = None, step_bound: bool = False,
+                 fused_cpu: bool = False):
+        """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all).
+        fused_cpu: the warm-up's AdamW runs the fused C++ CPU kernel (what the engine's AdamW runs on CPU when the
+        kernel is built; runtime/initialize.py decides for both)."""
         if freeze_step < 1:
             raise ValueError(f"freeze_step must be >= 1, got {freeze_step}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -140,6 +156,13 @@ class OneBitAdam(torch.optim.Optimizer):
         self.codec = onebit_codec()
         self.valid_numel = dict(valid_numel or {})
         self._exchanges: dict[int, object] = {}
+        from ztune.runtime.optim_shard import build_shard_optimizer
+
+        # Equations (1)-(3): the engine's AdamW, one group per group here (decoupled decay, as (3) has it).
+        self.warmup = build_shard_optimizer(
+            [p for g in self.param_groups for p in g["params"]], kind=OptimizerType.ADAMW, lr=lr, betas=betas,
+            eps=eps, weight_decay=weight_decay, momentum=0.0, fused_cpu=fused_cpu, bias_correction=bias_correction,
+            param_groups=[{"params": g["params"], **{k: g[k] for k in _SHARED_HYPER}} for g in self.param_groups])
 
     @property
     def steps_done(self) -> int:
@@ -155,6 +178,15 @@ class OneBitAdam(torch.optim.Optimizer):
     def compressing(self) -> bool:
         """Whether the next step is a compression-stage step (local gradients, 1-bit momentum exchange)."""
         return self.steps_done >= self.freeze_step
+
+    def warmup_optimizer(self) -> torch.optim.Optimizer:
+        """`warmup`, the AdamW that applies equations (1)-(3), ready for one step: it shares this optimizer's
+        state (step, exp_avg, exp_avg_sq; also after load_state_dict replaced it) and takes this optimizer's
+        lr, betas, eps, weight_decay and bias_correction per group (a scheduler moves this one's)."""
+        self.warmup.state = self.state
+        for mine, theirs in zip(self.param_groups, self.warmup.param_groups, strict=True):
+            theirs.update({k: mine[k] for k in _SHARED_HYPER})
+        return self.warmup
 
     def _exchange(self, p: torch.Tensor):
         from ztune.runtime.grad_reduce import CompressedExchange
@@ -191,42 +223,39 @@ class OneBitAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        if any(p.grad is None for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("1-bit Adam: every master needs a gradient at every step (a missing one "
+                               "would desynchronise the collective exchange)")
+        if not self.compressing:
+            self.warmup_optimizer().step()  # (1)-(3): the engine's AdamW (module docstring)
+            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    raise RuntimeError("1-bit Adam: every master needs a gradient at every step (a missing one "
-                                       "would desynchronise the collective exchange)")
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                compress = int(state["step"]) >= self.freeze_step
-                state["step"] = int(state["step"]) + 1
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                momentum_(m, p.grad, beta1=beta1)  # (1), or (4) with this rank's gradient
-                if compress:
-                    self.exchange_momentum_(p, m, state)
-                else:
-                    variance_(v, p.grad, beta2=beta2)  # (2); frozen afterwards
-                c1, c2 = bias_corrections(step=state["step"], variance_step=min(state["step"], self.freeze_step),
+                state["step"] = int(state["step"]) + 1  # int(): the warm-up's torch AdamW keeps a tensor
+                m, v = state["exp_avg"], state["exp_avg_sq"]  # v: frozen since freeze_step
+                momentum_(m, p.grad, beta1=beta1)  # (4), this rank's own gradient
+                self.exchange_momentum_(p, m, state)  # (5), (6), (8)
+                c1, c2 = bias_corrections(step=state["step"], variance_step=self.freeze_step,
                                           beta1=beta1, beta2=beta2, enabled=group["bias_correction"])
-                if compress and self.step_bound:
+                if self.step_bound:
                     bounded_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
                                     c1=c1, c2=c2, bound=adam_step_bound(beta1=beta1, beta2=beta2))
                 else:
                     adam_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
-                                 c1=c1, c2=c2)
+                                 c1=c1, c2=c2)  # (7)
         return loss
 
 
 def build_onebit_adam(masters: list[torch.Tensor], *, valid_numels: list[int], comm: Comm, freeze_step: int,
                       lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
-                      param_groups: list[dict] | None = None, step_bound: bool = False) -> OneBitAdam:
+                      param_groups: list[dict] | None = None, step_bound: bool = False,
+                      fused_cpu: bool = False) -> OneBitAdam:
     """OneBitAdam over `masters` (valid_numels[i]: master i's elements before its padding), or over torch-style
-    `param_groups` of them (per-group overrides)."""
+    `param_groups` of them (per-group overrides). fused_cpu: as the engine's AdamW (OneBitAdam.__init__)."""
     params = list(param_groups) if param_groups is not None else list(masters)
     return OneBitAdam(params, comm=comm, freeze_step=freeze_step, lr=lr, betas=betas, eps=eps,
                       weight_decay=weight_decay, bias_correction=bias_correction, step_bound=step_bound,
+                      fused_cpu=fused_cpu,
                       valid_numel={id(m): n for m, n in zip(masters, valid_numels, strict=True)})
