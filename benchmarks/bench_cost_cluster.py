@@ -185,7 +185,12 @@ NOTES = [
     "- bytes across hosts: gloo's own algorithms (ztune/cost/gloo.py, from gloo's reduce.cc / broadcast.cc): the "
     "runtime's flat reduce_scatter (n reduces) and all_gather (n broadcasts) send 1.0x and 1.25x the payload out "
     "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "
-    "gradient bytes both ways, stage 3: 7.0 x);",
+    "gradient bytes both ways, stage 3: 7.0 x); their time: ProcessGroupGloo runs a group's ops in turn, each "
+    "ending with its busiest uplink, so a batch takes the sum of each op's busiest uplink (1.25x and 2.0x the "
+    "payload on 2 hosts x 2 ranks), not the busiest host's total;",
+    "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
+    "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
+    "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial;",
     "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
     "qgZ's inter-host all-to-all leaves each host once per local rank;",
     "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
@@ -198,9 +203,8 @@ NOTES = [
     "workload), serial with compute: they run on the same cores, on the exchange's path. A probe without them "
     "(a run from before they existed, re-rendered) leaves codec time out and the estimate says so.",
     "",
-    "Not in the model, and visible above: (1) 1-bit Adam's optimizer step itself (frozen-variance Adam in plain "
-    "torch ops over every parameter) and the other optimizers' steps: the model charges no optimizer compute on "
-    "device-resident states; (2) "
+    "Not in the model, and visible above: (1) 1-bit Adam's own optimizer step (frozen-variance Adam in plain "
+    "torch ops over every parameter) is charged at the fused AdamW rate, a lower bound; (2) "
     "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
     "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
     "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "
@@ -227,7 +231,9 @@ def _link(run: dict) -> str:
     return (f"link {fit['busbw_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s, {fit['latency_s'] * 1e6:,.0f} us/step; "
             f"in-host {m['collective']['fit']['busbw_bytes_per_s'] / 1e9:.2f} GB/s; {MODEL} fwd+bwd "
             f"{works[0]:,.0f} / {works[1]:,.0f} ms per rank on host 0 / 1 with both ranks busy: host {k}'s "
-            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul) is used")
+            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul"
+            + (f"; optimizer step {prof['optimizer_step_elements_per_s'] / 1e6:,.0f} M elements/s"
+               if prof.get("optimizer_step_elements_per_s") else "; no optimizer-step rate") + ") is used")
 
 
 def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool) -> str:
