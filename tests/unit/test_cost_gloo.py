@@ -54,9 +54,15 @@ def test_ops_run_in_turn_so_each_pays_its_busiest_uplink():
     # all_reduce is one ring: the same either way
     assert serial_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2) == host_egress_bytes(
         ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2)
-    # inter level: 2 groups (one per local rank) of 2 ranks on 2 of the 4; a broadcast loads one uplink each
-    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(4.0)
-    assert host_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(2.0)
+    # inter level on 2 hosts: each of the 2 groups runs its 2 broadcasts at once (2 gloo worker threads), one each
+    # way: the busiest host's total
+    for op in (ALL_GATHER, REDUCE_SCATTER):
+        assert serial_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(
+            host_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter"))
+    # 4 hosts of 1 rank, all_gather of chunks of 1: roots (0, 1) run at once, then (2, 3). Root 0 sends 0->1, 0->2,
+    # 1->3, root 1 sends 1->2, 1->3, 2->0: host 1's uplink carries 1 + 2 = 3, the set's busiest; (2, 3) likewise
+    # host 3's: 6, where the busiest host's total is 3
+    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=4, ranks_per_node=1) == pytest.approx(6.0)
     for op in (ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER):
         for nodes, per in ((2, 2), (4, 2), (3, 4)):
             # never less than the total egress: the ops of a batch do not share out one host's bytes

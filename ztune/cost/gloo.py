@@ -22,16 +22,16 @@ with one local rank (one group per local rank, all L at once), on 1/L of the buf
 these patterns are symmetric between hosts up to rounding), for a payload of `payload_bytes` (the full tensor).
 
 `serial_egress_bytes` is what sets the time: the runtime's reduce_scatter / all_gather are n separate gloo
-collectives (one per root), and each is a synchronising collective over the whole group: it ends when its slowest
-transfer does, and the hosts' uplinks do not share its load evenly (a broadcast from a rank of host 0 loads host
-0's uplink, the next root's loads the other). ProcessGroupGloo runs the ops of a group from one work queue in the
-order issued (torch/csrc/distributed/c10d/ProcessGroupGloo.cpp: `enqueue` / `runLoop`, `Options::threads`, 2 by
-default), and the runtime issues them in root order, so the two that may run at once have neighbouring roots,
-which on consecutive-rank hosts load the same uplink. So a batch takes the sum over its ops of each op's busiest
-uplink's bytes, not the busiest uplink's total: for 2 hosts x 2 ranks 2.0 x the payload for all_gather (against 1.25
-x by total egress) and 1.25 x for reduce_scatter (1.0 x); on the cluster in a box (docs/bench/cost_cluster.md,
-decomposition) flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s where the total-egress rule gives
-560 ms and this one 900 ms.
+collectives (one per root), each a synchronising collective over the whole group that ends with its slowest
+transfer, and the hosts' uplinks do not share one op's load evenly (a broadcast from a rank of host 0 loads host
+0's uplink, the next root's may load the other). ProcessGroupGloo runs a group's ops from one work queue, in the
+order issued, on `Options::threads` worker threads, 2 by default (torch/csrc/distributed/c10d/ProcessGroupGloo.hpp:
+`threads{2}`, `workQueue_`, `runLoop`): so GLOO_WORKER_THREADS consecutive ops run at once and a batch takes the
+sum, over those consecutive sets, of each set's busiest uplink. On 2 hosts x 2 ranks the flat all_gather's roots
+(0, 1) both load host 0's uplink and (2, 3) host 1's: 2.0 x the payload against 1.25 x by the busiest host's total
+(reduce_scatter 1.25 x against 1.0 x); the inter level of a hierarchical collective on 2 hosts runs its 2 roots at
+once, one each way: the busiest host's total. On the cluster in a box (docs/bench/cost_cluster.md, decomposition)
+flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the total rule gives 560 ms and this 900.
 Pure arithmetic over at most a few thousand transfers; no torch.
 """
 
@@ -41,6 +41,9 @@ from collections import defaultdict
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
 _MAX_SIMULATED_RANKS = 256  # beyond this the n^2 transfer list is not worth it: the ring accounting is used
+# ProcessGroupGloo's worker threads per process group (torch/csrc/distributed/c10d/ProcessGroupGloo.hpp,
+# Options::threads{2}; torch.distributed creates gloo groups with the default): the ops of a group that run at once.
+GLOO_WORKER_THREADS = 2
 
 Transfer = tuple[int, int, float]  # (sending group rank, receiving group rank, bytes)
 
@@ -105,17 +108,19 @@ def _level(level: str, n_nodes: int, per_node: int) -> tuple[int, object, int, f
 
 def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
                         level: str = "flat") -> float:
-    """Bytes that set the time of one runtime collective on gloo across hosts: the sum over the gloo ops it runs
-    of each op's busiest uplink (module docstring), for the same `level`s as host_egress_bytes; divide by one
-    host's uplink rate for seconds. Equals host_egress_bytes for all_reduce (one ring, symmetric). 0 on one host.
-    Raises ValueError on an unknown op or level."""
+    """Bytes that set the time of one runtime collective on gloo across hosts: the sum, over the sets of
+    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink (module docstring), for the same
+    `level`s as host_egress_bytes; divide by one host's uplink rate for seconds. Equals host_egress_bytes for
+    all_reduce (one ring, symmetric). 0 on one host. Raises ValueError on an unknown op or level."""
     if num_nodes <= 1 or payload_bytes <= 0:
         return 0.0
     n, host, groups, share = _level(level, num_nodes, ranks_per_node)
     if n > _MAX_SIMULATED_RANKS:
         return host_egress_bytes(op, payload_bytes, num_nodes=num_nodes, ranks_per_node=ranks_per_node, level=level)
-    return groups * sum(max(_egress(one, host).values(), default=0.0)
-                        for one in _group_ops(op, n, payload_bytes * share))
+    ops = _group_ops(op, n, payload_bytes * share)
+    at_once = [[t for one in ops[i:i + GLOO_WORKER_THREADS] for t in one]
+               for i in range(0, len(ops), GLOO_WORKER_THREADS)]
+    return groups * sum(max(_egress(batch, host).values(), default=0.0) for batch in at_once)
 
 
 def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
