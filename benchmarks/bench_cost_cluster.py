@@ -203,6 +203,26 @@ NOTES = [
     "workload), serial with compute: they run on the same cores, on the exchange's path. A probe without them "
     "(a run from before they existed, re-rendered) leaves codec time out and the estimate says so.",
     "",
+    "Where a measured step's time goes (benchmarks/cost_cluster_parts.py: perf_counter around the engine's own calls, "
+    "in the box, 2026-12-06 19:57 UTC, load 3-7, median of 4 steps, ms, rank 0 unless a range over ranks): at 10 "
+    "Gbit/s flat stage 0 820 = forward 152 + backward 541 (of it the wait for the all-reduce at its end 216) + step "
+    "181 (gradient norm 130 + AdamW 48); flat stage 1 868 = 205 + 503 (wait 148) + 160 (norm 4 + AdamW 10 + the "
+    "parameter all_gather ~145); flat stage 3 1,022 = 296 + 700 (wait 37) + 19; hierarchical stage 3 979 = 306 + "
+    "647 (37) + 31. At 1 Gbit/s flat stage 0 1,461-1,524 = 63-260 + 1,027-1,203 (wait 758-1,007) + 177-235 (norm "
+    "114-163 + AdamW 47-78); flat stage 1 2,040 = 130 + 896 (643) + 1,003 (norm 9 + AdamW 18 + all_gather ~975); "
+    "flat stage 3 2,517 = 1,045 + 1,458 (93) + 28; hierarchical stage 0 1,113-1,245 = 66-167 + 813-960 (615-815) "
+    "+ 97-176; hierarchical stage 3 1,388 = 471 + 876 (76) + 37. Against the model of the previous run (compute "
+    "417-421 ms, the probe's): (a) the optimizer step, 160-235 ms at stage 0 and 20-35 ms at stages 1-3, was not "
+    "charged at all: now it is, at the probe's measured rate; its gradient-norm pass (vector_norm of the bf16 "
+    "gradients in fp32) costs more than the fused AdamW itself at stage 0; (b) flat stage 1's all_gather after the "
+    "step took 980 ms at 1 Gbit/s where the busiest host's total gave 560 ms: gloo runs the n broadcasts in "
+    "turn, two at a time, and on 2 x 2 both of a pair load one host's uplink (900 ms now); (c) forward + backward "
+    "less the wait is 480-520 ms against the probe's 420 (the gradient hooks' bucket copies and the collectives' "
+    "CPU); (d) at 10 Gbit/s the communication does not hide: stage 3's forward waits ~150 ms for gathers the "
+    "model hides, and the stage-0 all-reduce waits 216 ms after backward against 102 ms modelled in all: there "
+    "the link is not the limit, the 2 cores are (TCP through the veths and gloo's copies and bf16 sums run on the "
+    "cores that compute), which neither the idle-rank link probe nor the overlap model sees.",
+    "",
     "Not in the model, and visible above: (1) 1-bit Adam's own optimizer step (frozen-variance Adam in plain "
     "torch ops over every parameter) is charged at the fused AdamW rate, a lower bound; (2) "
     "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
