@@ -597,6 +597,7 @@ def _why(best: Estimate, runner: Estimate) -> str:
         "less recomputation": r.compute_s - b.compute_s,
         "less exposed communication": r.exposed_comm_s - b.exposed_comm_s,
         "less offload time": r.offload_s - b.offload_s,
+        "less optimizer compute": r.optimizer_s - b.optimizer_s,  # stage 0 steps every parameter, 1-3 a shard
     }
     name, gain = max(parts.items(), key=lambda kv: kv[1])
     if best.micro_batch != runner.micro_batch and gain <= 0:
