@@ -221,7 +221,12 @@ NOTES = [
     "CPU); (d) at 10 Gbit/s the communication does not hide: stage 3's forward waits ~150 ms for gathers the "
     "model hides, and the stage-0 all-reduce waits 216 ms after backward against 102 ms modelled in all: there "
     "the link is not the limit, the 2 cores are (TCP through the veths and gloo's copies and bf16 sums run on the "
-    "cores that compute), which neither the idle-rank link probe nor the overlap model sees.",
+    "cores that compute), which neither the idle-rank link probe nor the overlap model sees. The previous quiet "
+    "run (load 0.6-14; its probes predate the optimizer rate, so the rate measured by cost_cluster_parts.py the same "
+    "day stands in: 150 / 174 M elements/s at 1 / 10 Gbit/s) re-estimated with these terms: -40%..-2%, 8 of 20 "
+    "within 15%, mean |error| 21% (it was -54%..-7%, 1 of 20, 33%); what is left is one-sided: stage 0 -21..-35% "
+    "(part (c) and the all-reduce's CPU), hierarchical -9..-40% (the shared-memory level's copies and sums on the "
+    "busy cores) and stage 3 at 10 Gbit/s -36..-40% (part (d)).",
     "",
     "Not in the model, and visible above: (1) 1-bit Adam's own optimizer step (frozen-variance Adam in plain "
     "torch ops over every parameter) is charged at the fused AdamW rate, a lower bound; (2) "
