@@ -185,7 +185,12 @@ NOTES = [
     "- bytes across hosts: gloo's own algorithms (ztune/cost/gloo.py, from gloo's reduce.cc / broadcast.cc): the "
     "runtime's flat reduce_scatter (n reduces) and all_gather (n broadcasts) send 1.0x and 1.25x the payload out "
     "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "
-    "gradient bytes both ways, stage 3: 7.0 x);",
+    "gradient bytes both ways, stage 3: 7.0 x); their time: ProcessGroupGloo runs a group's ops in turn, each "
+    "ending with its busiest uplink, so a batch takes the sum of each op's busiest uplink (1.25x and 2.0x the "
+    "payload on 2 hosts x 2 ranks), not the busiest host's total;",
+    "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
+    "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
+    "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial;",
     "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
     "qgZ's inter-host all-to-all leaves each host once per local rank;",
     "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
@@ -198,9 +203,33 @@ NOTES = [
     "workload), serial with compute: they run on the same cores, on the exchange's path. A probe without them "
     "(a run from before they existed, re-rendered) leaves codec time out and the estimate says so.",
     "",
-    "Not in the model, and visible above: (1) 1-bit Adam's optimizer step itself (frozen-variance Adam in plain "
-    "torch ops over every parameter) and the other optimizers' steps: the model charges no optimizer compute on "
-    "device-resident states; (2) "
+    "Where a measured step's time goes (benchmarks/cost_cluster_parts.py: perf_counter around the engine's own calls, "
+    "in the box, 2026-12-06 19:57 UTC, load 3-7, median of 4 steps, ms, rank 0 unless a range over ranks): at 10 "
+    "Gbit/s flat stage 0 820 = forward 152 + backward 541 (of it the wait for the all-reduce at its end 216) + step "
+    "181 (gradient norm 130 + AdamW 48); flat stage 1 868 = 205 + 503 (wait 148) + 160 (norm 4 + AdamW 10 + the "
+    "parameter all_gather ~145); flat stage 3 1,022 = 296 + 700 (wait 37) + 19; hierarchical stage 3 979 = 306 + "
+    "647 (37) + 31. At 1 Gbit/s flat stage 0 1,461-1,524 = 63-260 + 1,027-1,203 (wait 758-1,007) + 177-235 (norm "
+    "114-163 + AdamW 47-78); flat stage 1 2,040 = 130 + 896 (643) + 1,003 (norm 9 + AdamW 18 + all_gather ~975); "
+    "flat stage 3 2,517 = 1,045 + 1,458 (93) + 28; hierarchical stage 0 1,113-1,245 = 66-167 + 813-960 (615-815) "
+    "+ 97-176; hierarchical stage 3 1,388 = 471 + 876 (76) + 37. Against the model of the previous run (compute "
+    "417-421 ms, the probe's): (a) the optimizer step, 160-235 ms at stage 0 and 20-35 ms at stages 1-3, was not "
+    "charged at all: now it is, at the probe's measured rate; its gradient-norm pass (vector_norm of the bf16 "
+    "gradients in fp32) costs more than the fused AdamW itself at stage 0; (b) flat stage 1's all_gather after the "
+    "step took 980 ms at 1 Gbit/s where the busiest host's total gave 560 ms: gloo runs the n broadcasts in "
+    "turn, two at a time, and on 2 x 2 both of a pair load one host's uplink (900 ms now); (c) forward + backward "
+    "less the wait is 480-520 ms against the probe's 420 (the gradient hooks' bucket copies and the collectives' "
+    "CPU); (d) at 10 Gbit/s the communication does not hide: stage 3's forward waits ~150 ms for gathers the "
+    "model hides, and the stage-0 all-reduce waits 216 ms after backward against 102 ms modelled in all: there "
+    "the link is not the limit, the 2 cores are (TCP through the veths and gloo's copies and bf16 sums run on the "
+    "cores that compute), which neither the idle-rank link probe nor the overlap model sees. The previous quiet "
+    "run (load 0.6-14; its probes predate the optimizer rate, so the rate measured by cost_cluster_parts.py the same "
+    "day stands in: 150 / 174 M elements/s at 1 / 10 Gbit/s) re-estimated with these terms: -40%..-2%, 8 of 20 "
+    "within 15%, mean |error| 21% (it was -54%..-7%, 1 of 20, 33%); what is left is one-sided: stage 0 -21..-35% "
+    "(part (c) and the all-reduce's CPU), hierarchical -9..-40% (the shared-memory level's copies and sums on the "
+    "busy cores) and stage 3 at 10 Gbit/s -36..-40% (part (d)).",
+    "",
+    "Not in the model, and visible above: (1) 1-bit Adam's own optimizer step (frozen-variance Adam in plain "
+    "torch ops over every parameter) is charged at the fused AdamW rate, a lower bound; (2) "
     "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
     "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
     "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "
@@ -227,7 +256,9 @@ def _link(run: dict) -> str:
     return (f"link {fit['busbw_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s, {fit['latency_s'] * 1e6:,.0f} us/step; "
             f"in-host {m['collective']['fit']['busbw_bytes_per_s'] / 1e9:.2f} GB/s; {MODEL} fwd+bwd "
             f"{works[0]:,.0f} / {works[1]:,.0f} ms per rank on host 0 / 1 with both ranks busy: host {k}'s "
-            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul) is used")
+            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul"
+            + (f"; optimizer step {prof['optimizer_step_elements_per_s'] / 1e6:,.0f} M elements/s"
+               if prof.get("optimizer_step_elements_per_s") else "; no optimizer-step rate") + ") is used")
 
 
 def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool) -> str:

@@ -559,6 +559,7 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         cpu_cores=m.host.cpu_cores,
         source=f"ztune probe on {m.host.hostname} ({what}); see the comment on each field",
         train_flops_efficiency=workload_efficiency(m),
+        optimizer_step_elements_per_s=m.workload.optimizer_elements_per_s if m.workload is not None else 0.0,
         **m.codec,
     )
 
@@ -606,6 +607,13 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
             f"measured: {w.model} {w.dtype} forward+backward, micro {w.micro_batch} x seq {w.seq_len}, "
             f"{w.ranks} ranks at once: {w.flops_per_s / 1e9:.3g} GFLOP/s per rank (median step "
             f"{w.step_s * 1e3:.0f} ms, slowest rank) / the {w.dtype} matmul rate")
+    notes["optimizer_step_elements_per_s"] = ("assumed: 0 = unknown (`ztune probe --model` times it on CPU ranks): "
+                                              "the estimate charges no optimizer compute on device-resident states")
+    if m.workload is not None and m.workload.optimizer_elements_per_s > 0:
+        w = m.workload
+        notes["optimizer_step_elements_per_s"] = (
+            f"measured: gradient norm + AdamW step over {w.model}'s parameter count of fp32 masters, {w.dtype} "
+            f"grads, {w.ranks} ranks at once, slowest rank's median (ztune/probe_workload.py)")
     from ztune.cost.codec import RATE_FIELDS
 
     for name in RATE_FIELDS:

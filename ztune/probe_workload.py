@@ -13,6 +13,12 @@ training FLOPs (ztune.cost.compute.model_flops_per_token, 6 Psi + 12 L h s per t
 rank times `repeats` steps after a warm-up; the step's rate is the slowest rank's *median* (ranks run in
 lockstep, and on a shared machine the best run is the exception, not the step a job sees).
 
+Then every rank times one optimizer step over as many fp32 master elements as the model has parameters (stage 0's
+case, where each rank steps the whole model), again all ranks at once after a barrier, through the runtime's own
+path: the global gradient-norm pass that runtime/engine.py `step` runs over the owned gradients, then
+runtime/optim_shard.py `step_shards` with the optimizer ztune.initialize builds on CPU (AdamW; the fused C++ kernel
+when it is built). The slowest rank's median gives `optimizer_elements_per_s` (Hardware.optimizer_step_elements_per_s).
+
 With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
 all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
 on every rank, so its rate with the peers busy is the one a step sees. Per codec the slowest rank's rate counts.
@@ -47,12 +53,16 @@ class WorkloadRate:
     flops_per_s: float
     # Hardware.codec_*_elements_per_s field -> elements/s (slowest rank), measured with all ranks busy; {} if not
     codec_rates: dict = field(default_factory=dict)
+    # master elements/s of one optimizer step (gradient norm + AdamW), slowest rank's median, all ranks at once;
+    # 0: not measured
+    optimizer_elements_per_s: float = 0.0
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
                      barrier, queue, codec: bool = True) -> None:
-    """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps; with
-    `codec`, wait again and time the codecs."""
+    """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps, then (after
+    another wait) `repeats` optimizer steps over the model's parameter count; with `codec`, wait again and time the
+    codecs."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
@@ -72,6 +82,11 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
             start = time.perf_counter()
             model(ids, labels=ids).backward()
             times.append(time.perf_counter() - start)
+        numel = sum(p.numel() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+        # every rank steps its optimizer at once, as in training
+        optimizer_times = time_optimizer_step(numel=numel, dtype=dtype, repeats=repeats,
+                                              before=lambda: barrier.wait(timeout=300))
         rates = {}
         if codec:
             from ztune.probe_codec import measure_codec_rates
@@ -79,9 +94,42 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
             del model  # the codec buffers need the memory more than the model does now
             barrier.wait(timeout=300)
             rates = measure_codec_rates(threads=threads)
-        queue.put(("ok", (rank, times, rates)))
+        queue.put(("ok", (rank, times, rates, numel, optimizer_times)))
     except BaseException as exc:  # reported to the parent; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
+    """Seconds of `repeats` optimizer steps (after one untimed step that allocates the moments) over `numel` fp32
+    master elements with gradients and parameters in `dtype`, as runtime/engine.py `step` runs them on CPU-resident
+    states: the gradient-norm pass (the engine computes the global norm every step for get_global_grad_norm, and for
+    clipping), then runtime/optim_shard.py `step_shards` with the optimizer ztune.initialize builds (AdamW; the fused
+    C++ kernel when it is built, runtime/initialize.py `_use_fused_cpu_adam`). `before()` runs after the untimed
+    step (the probe's barrier). Imports torch."""
+    import torch
+
+    from ztune.config.schema import OptimizerType, TrainConfig
+    from ztune.runtime.initialize import _use_fused_cpu_adam
+    from ztune.runtime.optim_shard import build_shard_optimizer, step_shards
+
+    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    master = torch.randn(numel, generator=gen).mul_(0.02)
+    param = master if low is torch.float32 else master.to(low)
+    grad = torch.randn(numel, generator=gen).mul_(1e-3).to(low)
+    fused = _use_fused_cpu_adam(TrainConfig(), device=torch.device("cpu"), kind=OptimizerType.ADAMW)
+    optimizer = build_shard_optimizer([master], kind=OptimizerType.ADAMW, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=0.0, momentum=0.0, fused_cpu=fused)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        torch.linalg.vector_norm(grad, dtype=torch.float32).square().item()  # as runtime/engine.py step
+        step_shards(optimizer, masters=[master], grads=[grad], param_shards=[param], grad_divisor=1.0)
+        if i:
+            times.append(time.perf_counter() - start)
+        else:  # the first step allocates and faults in m and v
+            before()
+    return times
 
 
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
@@ -105,13 +153,14 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
              for r in range(ranks)]
     for p in procs:
         p.start()
-    medians, codec_rates = [], []
+    medians, codec_rates, optimizer_rates = [], [], []
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
             if status != "ok":
                 raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
             medians.append(statistics.median(payload[1]))
+            optimizer_rates.append(payload[3] / statistics.median(payload[4]))
             if payload[2]:
                 codec_rates.append(payload[2])
     finally:
@@ -120,4 +169,5 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
     flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
-    return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates))
+    return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
+                        optimizer_elements_per_s=min(optimizer_rates))

@@ -167,3 +167,11 @@ class Hardware:
     codec_qwz_decode_elements_per_s: float = 0.0
     codec_qgz_encode_elements_per_s: float = 0.0
     codec_qgz_decode_elements_per_s: float = 0.0
+    # Elements/s per rank of one optimizer step over the fp32 master elements the rank owns, as the runtime runs it
+    # on device-resident states (runtime/engine.py `step`): the global gradient-norm pass over the owned gradients,
+    # then the fused Adam/AdamW update (read the gradient, read and write master, m and v, write the 16-bit
+    # parameter). Measured by `ztune probe --model` on CPU ranks with all the host's ranks stepping at once
+    # (ztune/probe_workload.py); cost/compute.py `optimizer_step_s` charges owned elements / this rate, serial.
+    # 0 = unknown: no optimizer compute is charged (the shipped GPU profiles: on HBM a step streams ~28 bytes per
+    # owned parameter at TB/s, milliseconds against a step of seconds).
+    optimizer_step_elements_per_s: float = 0.0

@@ -12,7 +12,7 @@ from ztune.config.schema import BatchConfig, CommConfig, Hierarchical, Precision
 from ztune.cost.comm import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, is_gloo_profile, ring_factor, zero_collectives
 from ztune.cost.compute import OffloadTime, first_bucket_fraction, step_time
 from ztune.cost.estimate import estimate, uses_hierarchical
-from ztune.cost.gloo import broadcast_transfers, host_egress_bytes, reduce_transfers
+from ztune.cost.gloo import broadcast_transfers, host_egress_bytes, reduce_transfers, serial_egress_bytes
 from ztune.profiles import load_hardware, load_model
 
 
@@ -40,6 +40,53 @@ def test_two_hosts_of_two_match_the_box_counters():
     # hierarchical reduce-scatter's inter level: 2-rank reduces move 1.5x the ideal (N-1)/N
     assert host_egress_bytes(REDUCE_SCATTER, 1.0, level="inter", **kw) == pytest.approx(0.75)
     assert host_egress_bytes(ALL_REDUCE, 1.0, level="inter", **kw) == pytest.approx(1.0)
+
+
+def test_ops_run_in_turn_so_each_pays_its_busiest_uplink():
+    # 2 hosts x 2 ranks, payload 4 (chunks of 1). all_gather = 4 broadcasts; by hand (binomial trees): root 0 sends
+    # 0->2 and 1->3 (2 from host 0), root 1 sends 1->2, 1->3 (2 from host 0) and 2->0 (1 from host 1), roots 2 and 3
+    # mirror them: busiest uplink per op 2 + 2 + 2 + 2 = 8 = 2.0 x the payload (host totals: 5 each = 1.25 x).
+    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2) == pytest.approx(8.0)
+    assert host_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2) == pytest.approx(5.0)
+    # reduce_scatter = 4 reduces: the ring sends 3/4 each way, then the other host's two ranks send 1/4 each to the
+    # root: 0.75 + 0.5 = 1.25 per op, 5.0 = 1.25 x the payload (host totals 4.0 = 1.0 x)
+    assert serial_egress_bytes(REDUCE_SCATTER, 4.0, num_nodes=2, ranks_per_node=2) == pytest.approx(5.0)
+    # all_reduce is one ring: the same either way
+    assert serial_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2) == host_egress_bytes(
+        ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2)
+    # inter level on 2 hosts: each of the 2 groups runs its 2 broadcasts at once (2 gloo worker threads), one each
+    # way: the busiest host's total
+    for op in (ALL_GATHER, REDUCE_SCATTER):
+        assert serial_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(
+            host_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter"))
+    # 4 hosts of 1 rank, all_gather of chunks of 1: roots (0, 1) run at once, then (2, 3). Root 0 sends 0->1, 0->2,
+    # 1->3, root 1 sends 1->2, 1->3, 2->0: host 1's uplink carries 1 + 2 = 3, the set's busiest; (2, 3) likewise
+    # host 3's: 6, where the busiest host's total is 3
+    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=4, ranks_per_node=1) == pytest.approx(6.0)
+    for op in (ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER):
+        for nodes, per in ((2, 2), (4, 2), (3, 4)):
+            # never less than the total egress: the ops of a batch do not share out one host's bytes
+            for level in ("flat", "inter"):
+                assert serial_egress_bytes(op, 6.0, num_nodes=nodes, ranks_per_node=per, level=level) >= \
+                    host_egress_bytes(op, 6.0, num_nodes=nodes, ranks_per_node=per, level=level) - 1e-9
+        assert serial_egress_bytes(op, 6.0, num_nodes=1, ranks_per_node=4) == 0.0
+    with pytest.raises(ValueError):
+        serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="diagonal")
+
+
+def test_flat_gloo_stage1_refresh_takes_the_serial_bytes():
+    # the after-step all_gather of flat stage 1 on a 2 x 2 gloo profile: 2.0 x the bf16 parameters over the uplink
+    hw = dataclasses.replace(load_hardware("cpu-local"), gpus_per_node=2, inter_node_latency_s=0.0)
+    model = load_model("tiny-llama")
+    cfg = TrainConfig(zero=ZeroConfig(stage=1), precision=Precision.BF16, batch=BatchConfig(micro=1, grad_accum=1),
+                      seq_len=128, comm=CommConfig(hierarchical=Hierarchical.OFF))
+    e = estimate(model, hw, cfg, num_nodes=2)
+    ag = next(o for o in e.comm.ops if o.op == ALL_GATHER)
+    numel = e.num_params
+    node_bw = 2 * hw.inter_node_bw_bytes_per_s  # the node's NICs together
+    want = serial_egress_bytes(ALL_GATHER, 2 * numel, num_nodes=2, ranks_per_node=2) / node_bw
+    assert ag.time_s == pytest.approx(want, rel=0.01)  # padding to the world size aside
+    assert want == pytest.approx(2.0 * 2 * numel / node_bw)
 
 
 def test_one_host_and_bad_input():

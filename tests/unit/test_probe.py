@@ -246,6 +246,69 @@ def test_measured_workload_sets_train_flops_efficiency():
     assert probe.build_profile(dataclasses.replace(m, workload=fast)).train_flops_efficiency == 1.0
 
 
+def test_measured_optimizer_rate_goes_into_the_profile_and_round_trips(tmp_path):
+    from ztune.probe_workload import WorkloadRate
+
+    m = _measurements(gpu=False)
+    assert probe.build_profile(m).optimizer_step_elements_per_s == 0.0  # not measured: not charged
+    assert probe.field_notes(m)["optimizer_step_elements_per_s"].startswith("assumed: 0 = unknown")
+    w = WorkloadRate("tiny-llama", 2, 128, 1, "bf16", 1, step_s=0.5, flops_per_s=4e10,
+                     optimizer_elements_per_s=1.5e8)
+    with_w = dataclasses.replace(m, workload=w)
+    hw, notes = probe.build_profile(with_w), probe.field_notes(with_w)
+    assert hw.optimizer_step_elements_per_s == 1.5e8
+    assert notes["optimizer_step_elements_per_s"].startswith("measured: gradient norm + AdamW")
+    path = tmp_path / "p.yaml"
+    path.write_text(probe.to_yaml(hw, notes))
+    assert load_hardware(str(path)).optimizer_step_elements_per_s == pytest.approx(1.5e8, rel=1e-4)
+    path.write_text(probe.to_yaml(dataclasses.replace(hw, optimizer_step_elements_per_s=-1.0)))
+    from ztune.errors import UserError
+
+    with pytest.raises(UserError, match="optimizer_step_elements_per_s must be >= 0"):
+        load_hardware(str(path))
+
+
+def test_time_optimizer_step_runs_the_runtime_step():
+    """A real timing of the runtime's step (norm + step_shards) on a small shard; the shard it steps changes."""
+    import torch
+
+    from ztune import probe_workload
+    from ztune.runtime import optim_shard
+
+    calls = []
+    real = optim_shard.step_shards
+
+    def spy(optimizer, **kw):
+        before = kw["masters"][0].clone()
+        real(optimizer, **kw)
+        calls.append((type(optimizer).__name__, kw["grads"][0].dtype, kw["param_shards"][0].dtype,
+                      bool((kw["masters"][0] != before).any())))
+
+    optim_shard.step_shards = spy
+    try:
+        times = probe_workload.time_optimizer_step(numel=4096, dtype="bf16", repeats=3)
+    finally:
+        optim_shard.step_shards = real
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert len(calls) == 4  # one untimed step first
+    assert all(c[1] == c[2] == torch.bfloat16 and c[3] for c in calls)
+    assert all("AdamW" in c[0] for c in calls)
+
+
+@pytest.mark.dist
+def test_workload_probe_measures_the_optimizer_rate_on_all_ranks():
+    """measure_workload_rate on 2 spawned ranks of a tiny Llama: a positive optimizer rate, the slowest rank's."""
+    from ztune.probe_workload import measure_workload_rate
+    from ztune.specs import Architecture, ModelSpec
+
+    spec = ModelSpec(name="probe-test-llama", architecture=Architecture.LLAMA, vocab_size=128, hidden_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
+    w = measure_workload_rate(spec, ranks=2, seq_len=16, micro_batch=1, dtype="bf16", threads=1, repeats=2,
+                              codec=False, timeout_s=300)
+    assert w.flops_per_s > 0 and 0 < w.optimizer_elements_per_s < 1e12
+    assert w.codec_rates == {}
+
+
 def test_codec_rates_measured_go_into_the_profile_and_round_trip(tmp_path):
     """ztune/probe_codec.py times the runtime's own codecs; build_profile writes them; the YAML loads back."""
     from ztune.cost.codec import RATE_FIELDS

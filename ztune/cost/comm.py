@@ -42,7 +42,7 @@ import math
 from dataclasses import dataclass
 
 from ztune.config.schema import Compression
-from ztune.cost.gloo import host_egress_bytes
+from ztune.cost.gloo import serial_egress_bytes
 from ztune.specs import Hardware
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
@@ -150,8 +150,8 @@ def hierarchical_collective_time_s(*, op: str, payload_bytes: float, hierarchy: 
     intra_steps = (2 if op == ALL_REDUCE else 1) * (h.ranks_per_node - 1)  # RS (+ AG) inside the node
     inter_steps = _STEPS[op](h.num_nodes)
     if h.gloo:  # the bytes through the host's NICs (its L ranks' share of them together), per gloo's algorithms
-        inter_s = host_egress_bytes(op, payload_bytes, num_nodes=h.num_nodes, ranks_per_node=h.ranks_per_node,
-                                    level="inter") / (h.ranks_per_node * h.inter.bw_bytes_per_s)
+        inter_s = serial_egress_bytes(op, payload_bytes, num_nodes=h.num_nodes, ranks_per_node=h.ranks_per_node,
+                                      level="inter") / (h.ranks_per_node * h.inter.bw_bytes_per_s)
     else:
         inter_s = inter_bytes / h.inter.bw_bytes_per_s
     return (intra_steps * h.intra.latency_s + intra_bytes / h.intra.bw_bytes_per_s
@@ -322,9 +322,9 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             steps = latency_steps(c.op, n, link)
             transfer = wire
             if link.gloo and link.num_nodes > 1 and (c.kind != "grad" or compression is Compression.NONE):
-                # per host, through its NICs (link: the node's aggregate), as gloo's algorithms move it
-                transfer = c.per_step * host_egress_bytes(c.op, payload_bytes, num_nodes=link.num_nodes,
-                                                          ranks_per_node=link.gpus_per_node)
+                # per host, through its NICs (link: the node's aggregate), as gloo's algorithms move it, op by op
+                transfer = c.per_step * serial_egress_bytes(c.op, payload_bytes, num_nodes=link.num_nodes,
+                                                            ranks_per_node=link.gpus_per_node)
             time_s = c.per_step * (launches * steps * link.latency_s) + transfer / link.bw_bytes_per_s
         ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -86,6 +86,17 @@ def cpu_optimizer_bytes_per_param(*, param_bytes: int, grad_bytes: int, optimize
     return grad_bytes + 2 * optimizer_bytes + param_bytes
 
 
+def optimizer_step_s(*, owned_numel: int, elements_per_s: float) -> float:
+    """Seconds of one optimizer step on device-resident states: the fp32 master elements this rank owns
+    (stage 0: every trainable parameter, as each rank steps the whole model; stages 1-3: its 1/n shard, ZeRO
+    paper, Rajbhandari et al. 2020, section 5.1) at the profile's measured `elements_per_s`
+    (Hardware.optimizer_step_elements_per_s: gradient-norm pass + fused Adam, all ranks stepping at once).
+    0 when the rate is unknown (0). Once per optimizer step, whatever the gradient accumulation."""
+    if elements_per_s <= 0:
+        return 0.0
+    return owned_numel / elements_per_s
+
+
 @dataclass(frozen=True)
 class OffloadTime:
     """Seconds per optimizer step spent on host offload, per rank.
@@ -155,6 +166,8 @@ class StepTime:
     step_s: float
     # Compression codecs (cost/codec.py): serial work on the compute's own cores, on the communication's path.
     codec_s: float = 0.0
+    # The optimizer step on device-resident states (optimizer_step_s): serial, after the last reduction.
+    optimizer_s: float = 0.0
 
 
 def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
@@ -169,8 +182,11 @@ def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) ->
 
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
               comm_after_step_s: float, offload: OffloadTime, overlap: float, comm_micro_grad_s: float = 0.0,
-              grad_ready_fraction: float = 0.0, codec_s: float = 0.0) -> StepTime:
-    """Step time = compute + codec + communication not hidden + offload not hidden.
+              grad_ready_fraction: float = 0.0, codec_s: float = 0.0, optimizer_s: float = 0.0) -> StepTime:
+    """Step time = compute + codec + optimizer + communication not hidden + offload not hidden.
+
+    `optimizer_s` (optimizer_step_s) is added in full: the step starts once every gradient is reduced (the
+    engine waits for the reductions at the end of backward) and the parameter refresh waits for it.
 
     `codec_s` (cost/codec.py) is added in full: the encoders run in the backward hooks on the computing thread and
     the decoders where the step waits for the exchange, on the cores (SMs) the compute uses, so codec work
@@ -205,6 +221,7 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
         comm_s=comm_micro_s + comm_micro_grad_s + comm_boundary_s + comm_after_step_s,
         exposed_comm_s=exposed_comm,
         offload_s=offload_s,
-        step_s=compute_s + codec_s + exposed_comm + offload_s,
+        step_s=compute_s + codec_s + optimizer_s + exposed_comm + offload_s,
         codec_s=codec_s,
+        optimizer_s=optimizer_s,
     )

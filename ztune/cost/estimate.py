@@ -44,6 +44,7 @@ from ztune.cost.compute import (
     first_bucket_fraction,
     model_flops_per_token,
     offload_time,
+    optimizer_step_s,
     recompute_flops_per_token,
     step_time,
 )
@@ -361,8 +362,13 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     if z.stage == 3:
         grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / (model.num_layers + 2)))
     codec = _codec(cfg, hw, trainable=split.trainable, num_params=split.total, world=world, grad_accum=accum)
+    # The optimizer on device-resident states (offloaded states are offload_time's CPU optimizer): stage 0 steps
+    # every trainable parameter on every rank, stages 1-3 the rank's shard (ZeRO paper, section 5.1).
+    owned = 0 if z.offload_optimizer is Offload.CPU else (split.trainable if z.stage == 0 else mem.shard_numel)
+    optimizer_s = optimizer_step_s(owned_numel=owned, elements_per_s=hw.optimizer_step_elements_per_s)
     comm_micro_grad_s = comm.time_in_phase_s("micro", "grad")
-    step = step_time(codec_s=codec.seconds if codec is not None else 0.0, compute_s=compute_s, grad_accum=accum,
+    step = step_time(codec_s=codec.seconds if codec is not None else 0.0, optimizer_s=optimizer_s,
+                     compute_s=compute_s, grad_accum=accum,
                      comm_micro_s=comm.time_in_phase_s("micro") - comm_micro_grad_s,
                      comm_micro_grad_s=comm_micro_grad_s, comm_boundary_s=comm.time_in_phase_s("boundary"),
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
@@ -382,6 +388,11 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
     if codec is not None and codec.unknown:
         notes.append(codec_unknown_note(hw.name, codec.unknown))
+    if optimizer_s > 0:
+        notes.append(f"optimizer step: {owned:,} owned fp32 master elements per rank at the measured "
+                     f"{hw.optimizer_step_elements_per_s / 1e6:,.0f} M elements/s (gradient norm + fused AdamW), serial"
+                     + ("; 1-bit Adam's own update is charged at that rate" if cfg.optimizer.type is
+                        OptimizerType.ONEBIT_ADAM else ""))
     if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
         notes.append(f"1-bit Adam: a step after freeze_step ({cfg.optimizer.freeze_step}): 1-bit momentum exchange "
                      "and its codec; the warm-up's steps all-reduce full-precision gradients and encode nothing")
@@ -586,6 +597,7 @@ def _why(best: Estimate, runner: Estimate) -> str:
         "less recomputation": r.compute_s - b.compute_s,
         "less exposed communication": r.exposed_comm_s - b.exposed_comm_s,
         "less offload time": r.offload_s - b.offload_s,
+        "less optimizer compute": r.optimizer_s - b.optimizer_s,  # stage 0 steps every parameter, 1-3 a shard
     }
     name, gain = max(parts.items(), key=lambda kv: kv[1])
     if best.micro_batch != runner.micro_batch and gain <= 0:

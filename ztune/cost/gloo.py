@@ -20,6 +20,18 @@ with one local rank (one group per local rank, all L at once), on 1/L of the buf
 
 `host_egress_bytes` returns the bytes the busiest host sends to other hosts (a shaped NIC is full duplex, and
 these patterns are symmetric between hosts up to rounding), for a payload of `payload_bytes` (the full tensor).
+
+`serial_egress_bytes` is what sets the time: the runtime's reduce_scatter / all_gather are n separate gloo
+collectives (one per root), each a synchronising collective over the whole group that ends with its slowest
+transfer, and the hosts' uplinks do not share one op's load evenly (a broadcast from a rank of host 0 loads host
+0's uplink, the next root's may load the other). ProcessGroupGloo runs a group's ops from one work queue, in the
+order issued, on `Options::threads` worker threads, 2 by default (torch/csrc/distributed/c10d/ProcessGroupGloo.hpp:
+`threads{2}`, `workQueue_`, `runLoop`): so GLOO_WORKER_THREADS consecutive ops run at once and a batch takes the
+sum, over those consecutive sets, of each set's busiest uplink. On 2 hosts x 2 ranks the flat all_gather's roots
+(0, 1) both load host 0's uplink and (2, 3) host 1's: 2.0 x the payload against 1.25 x by the busiest host's total
+(reduce_scatter 1.25 x against 1.0 x); the inter level of a hierarchical collective on 2 hosts runs its 2 roots at
+once, one each way: the busiest host's total. On the cluster in a box (docs/bench/cost_cluster.md, decomposition)
+flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the total rule gives 560 ms and this 900.
 Pure arithmetic over at most a few thousand transfers; no torch.
 """
 
@@ -29,6 +41,9 @@ from collections import defaultdict
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
 _MAX_SIMULATED_RANKS = 256  # beyond this the n^2 transfer list is not worth it: the ring accounting is used
+# ProcessGroupGloo's worker threads per process group (torch/csrc/distributed/c10d/ProcessGroupGloo.hpp,
+# Options::threads{2}; torch.distributed creates gloo groups with the default): the ops of a group that run at once.
+GLOO_WORKER_THREADS = 2
 
 Transfer = tuple[int, int, float]  # (sending group rank, receiving group rank, bytes)
 
@@ -54,16 +69,58 @@ def ring_all_reduce_transfers(n: int, nbytes: float) -> list[Transfer]:
     return [(r, (r + 1) % n, 2 * (n - 1) / n * nbytes) for r in range(n)]
 
 
-def _group_transfers(op: str, n: int, payload_bytes: float) -> list[Transfer]:
-    """One group's transfers for the runtime's `op` on a payload (full tensor) over n ranks."""
+def _group_ops(op: str, n: int, payload_bytes: float) -> list[list[Transfer]]:
+    """The gloo collectives the runtime runs for `op` on a payload (full tensor) over n ranks, each as its
+    transfers: one ring all_reduce, or n reduces / n broadcasts of payload / n (one per root, in root order)."""
     if op == ALL_REDUCE:
-        return ring_all_reduce_transfers(n, payload_bytes)
+        return [ring_all_reduce_transfers(n, payload_bytes)]
     chunk = payload_bytes / n
     if op == REDUCE_SCATTER:
-        return [t for root in range(n) for t in reduce_transfers(n, root, chunk)]
+        return [reduce_transfers(n, root, chunk) for root in range(n)]
     if op == ALL_GATHER:
-        return [t for root in range(n) for t in broadcast_transfers(n, root, chunk)]
+        return [broadcast_transfers(n, root, chunk) for root in range(n)]
     raise ValueError(f"unknown collective {op!r}")
+
+
+def _group_transfers(op: str, n: int, payload_bytes: float) -> list[Transfer]:
+    """One group's transfers for the runtime's `op` on a payload (full tensor) over n ranks."""
+    return [t for one in _group_ops(op, n, payload_bytes) for t in one]
+
+
+def _egress(transfers: list[Transfer], host) -> dict[int, float]:
+    out: dict[int, float] = defaultdict(float)
+    for src, dst, nbytes in transfers:
+        if host(src) != host(dst):
+            out[host(src)] += nbytes
+    return out
+
+
+def _level(level: str, n_nodes: int, per_node: int) -> tuple[int, object, int, float]:
+    """(group size, rank -> host, groups at once, payload share per group) of a `level` ("flat" / "inter")."""
+    if level == "flat":
+        return n_nodes * per_node, (lambda r: r // per_node), 1, 1.0
+    if level == "inter":
+        # the group's buffer: a 1/L piece for all_reduce; for reduce_scatter / all_gather the column of N chunks
+        # of payload / (N L), i.e. also payload / L in all; the L groups run at once through the same hosts
+        return n_nodes, (lambda r: r), per_node, 1.0 / per_node
+    raise ValueError(f"level must be 'flat' or 'inter', got {level!r}")
+
+
+def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
+                        level: str = "flat") -> float:
+    """Bytes that set the time of one runtime collective on gloo across hosts: the sum, over the sets of
+    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink (module docstring), for the same
+    `level`s as host_egress_bytes; divide by one host's uplink rate for seconds. Equals host_egress_bytes for
+    all_reduce (one ring, symmetric). 0 on one host. Raises ValueError on an unknown op or level."""
+    if num_nodes <= 1 or payload_bytes <= 0:
+        return 0.0
+    n, host, groups, share = _level(level, num_nodes, ranks_per_node)
+    if n > _MAX_SIMULATED_RANKS:
+        return host_egress_bytes(op, payload_bytes, num_nodes=num_nodes, ranks_per_node=ranks_per_node, level=level)
+    ops = _group_ops(op, n, payload_bytes * share)
+    at_once = [[t for one in ops[i:i + GLOO_WORKER_THREADS] for t in one]
+               for i in range(0, len(ops), GLOO_WORKER_THREADS)]
+    return groups * sum(max(_egress(batch, host).values(), default=0.0) for batch in at_once)
 
 
 def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
@@ -74,29 +131,12 @@ def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_pe
     level of a hierarchical `op` (the L groups of N ranks, one rank per host, each on its 1/L of the payload; for
     all_reduce its inter level is an all_reduce of the 1/L piece, for the others the same op over the group's
     column, chunks of payload / (N x L)). 0 on one host. Raises ValueError on an unknown op or level."""
-    n_nodes, per_node = num_nodes, ranks_per_node
-    if n_nodes <= 1 or payload_bytes <= 0:
+    if num_nodes <= 1 or payload_bytes <= 0:
         return 0.0
-    if level == "flat":
-        n = n_nodes * per_node
-        if n > _MAX_SIMULATED_RANKS:
-            return _ring_egress(op, payload_bytes, n)
-        transfers, host = _group_transfers(op, n, payload_bytes), (lambda r: r // per_node)
-        groups = 1
-    elif level == "inter":
-        if n_nodes > _MAX_SIMULATED_RANKS:
-            return per_node * _ring_egress(op, payload_bytes / per_node, n_nodes)
-        # the group's buffer: a 1/L piece for all_reduce; for reduce_scatter / all_gather the column of N chunks
-        # of payload / (N L), i.e. also payload / L in all
-        transfers, host = _group_transfers(op, n_nodes, payload_bytes / per_node), (lambda r: r)
-        groups = per_node  # the L groups run at once through the same hosts
-    else:
-        raise ValueError(f"level must be 'flat' or 'inter', got {level!r}")
-    egress: dict[int, float] = defaultdict(float)
-    for src, dst, nbytes in transfers:
-        if host(src) != host(dst):
-            egress[host(src)] += nbytes
-    return groups * max(egress.values(), default=0.0)
+    n, host, groups, share = _level(level, num_nodes, ranks_per_node)
+    if n > _MAX_SIMULATED_RANKS:
+        return groups * _ring_egress(op, payload_bytes * share, n)
+    return groups * max(_egress(_group_transfers(op, n, payload_bytes * share), host).values(), default=0.0)
 
 
 def _ring_egress(op: str, payload_bytes: float, n: int) -> float:

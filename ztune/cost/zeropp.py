@@ -39,7 +39,7 @@ from ztune.cost.comm import (
     hierarchical_collective_time_s,
     latency_steps,
 )
-from ztune.cost.gloo import host_egress_bytes
+from ztune.cost.gloo import serial_egress_bytes
 
 ALL_TO_ALL = "all_to_all"
 
@@ -164,7 +164,7 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
             one = hierarchical_collective_time_s(op=ALL_GATHER, payload_bytes=payload, hierarchy=hierarchy)
             ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather, gathers * one)
         elif link.gloo:
-            egress = host_egress_bytes(ALL_GATHER, payload, num_nodes=N, ranks_per_node=L)
+            egress = serial_egress_bytes(ALL_GATHER, payload, num_nodes=N, ranks_per_node=L)
             ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather,
                                 gathers * (latency_steps(ALL_GATHER, n, link) * link.latency_s
                                            + egress / link.bw_bytes_per_s))
