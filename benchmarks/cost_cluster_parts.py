@@ -42,7 +42,7 @@ def worker(args) -> int:
     import torch.distributed as dist
 
     import ztune.runtime.optim_shard as optim_shard
-    from benchmarks.cluster_worker import EXTRA_VARIANTS, SEED, VARIANTS, model_spec
+    from benchmarks.cluster_worker import SEED, VARIANTS, model_spec
     from ztune.runtime.data import batches, synthetic_corpus
     from ztune.runtime.models import build_model
 
@@ -57,7 +57,7 @@ def worker(args) -> int:
     parts: dict = {}
     optim_shard.step_shards = _timed(parts, "optimizer", optim_shard.step_shards)
     torch.linalg.vector_norm = _timed(parts, "grad_norm", torch.linalg.vector_norm)
-    for v in (v for v in VARIANTS + EXTRA_VARIANTS if v.name in args.variant):
+    for v in (v for v in VARIANTS if v.name in args.variant):
         model = build_model(spec, dtype=torch.float32, seed=SEED)
         trainer = peers.build(peers.System(v.name, v.family, v.stage), model, bf16=True, micro_batch=1,
                               seq_len=args.seq_len, extra_config=v.config or None)
