@@ -54,11 +54,20 @@ def test_ops_run_in_turn_so_each_pays_its_busiest_uplink():
     # all_reduce is one ring: the same either way
     assert serial_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2) == host_egress_bytes(
         ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2)
-    # inter level on 2 hosts: each of the 2 groups runs its 2 broadcasts at once (2 gloo worker threads), one each
-    # way: the busiest host's total
-    for op in (ALL_GATHER, REDUCE_SCATTER):
-        assert serial_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(
-            host_egress_bytes(op, 4.0, num_nodes=2, ranks_per_node=2, level="inter"))
+    # inter level on 2 hosts (one rank per host, the 2 groups on 2 of payload each, chunks of 1): each group runs its
+    # 2 ops at once (2 gloo worker threads), one root per host, and between two ranks gloo's reduce and broadcast
+    # take turns (module docstring: measured 205-216 ms for one 16 MiB reduce, its 24 MiB in turn): the pair's bytes
+    # both ways. all_gather: broadcasts 0->1 and 1->0 of 1 each: pair 2, uplink 1; x 2 groups = 4 (host totals 2).
+    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(4.0)
+    assert host_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(2.0)
+    # reduce_scatter: each reduce's ring 0.5 each way + 0.5 to its root = 1.5 on the pair, two roots 3.0; x 2 = 6
+    # (host totals 3: the busiest uplink carries 1.5 per group)
+    assert serial_egress_bytes(REDUCE_SCATTER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == \
+        pytest.approx(6.0)
+    assert host_egress_bytes(REDUCE_SCATTER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(3.0)
+    # the ring all_reduce sends and receives at once: its inter level stays the uplink's
+    assert serial_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(
+        host_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2, level="inter"))
     # 4 hosts of 1 rank, all_gather of chunks of 1: roots (0, 1) run at once, then (2, 3). Root 0 sends 0->1, 0->2,
     # 1->3, root 1 sends 1->2, 1->3, 2->0: host 1's uplink carries 1 + 2 = 3, the set's busiest; (2, 3) likewise
     # host 3's: 6, where the busiest host's total is 3

@@ -29,9 +29,18 @@ order issued, on `Options::threads` worker threads, 2 by default (torch/csrc/dis
 `threads{2}`, `workQueue_`, `runLoop`): so GLOO_WORKER_THREADS consecutive ops run at once and a batch takes the
 sum, over those consecutive sets, of each set's busiest uplink. On 2 hosts x 2 ranks the flat all_gather's roots
 (0, 1) both load host 0's uplink and (2, 3) host 1's: 2.0 x the payload against 1.25 x by the busiest host's total
-(reduce_scatter 1.25 x against 1.0 x); the inter level of a hierarchical collective on 2 hosts runs its 2 roots at
-once, one each way: the busiest host's total. On the cluster in a box (docs/bench/cost_cluster.md, decomposition)
-flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the total rule gives 560 ms and this 900.
+(reduce_scatter 1.25 x against 1.0 x). Between two ranks gloo's reduce and broadcast send and receive in turn, not at
+once: measured on the cluster in a box at 1 Gbit/s (benchmarks/gloo_pair_turns.py: 2 hosts x 1 rank, 16 MiB fp32,
+medians of 4; two runs, 2026-12-06), one reduce took 205-216 ms, the time of its 24 MiB of transfers one after the
+other (0.5 + 0.5 ring + 0.5 to the root, of 16 MiB: 201 ms), not of its busiest uplink's 16 MiB (134 ms); two
+reduces with opposite roots issued at once 395-407 ms, as in turn (387-408 ms; 403 by this rule); one broadcast
+141-145 ms, two with opposite roots at once 222-279 ms (268 by this rule, 134 by the uplink's). So a set of reduces /
+broadcasts run at once takes the larger of its busiest uplink and its busiest pair of ranks (both directions
+together): on the inter level of a hierarchical collective (one rank per host) the pair; on the flat 2 x 2 group
+the uplink, as before. gloo's ring all_reduce sends and receives at once (the
+hierarchical stage 0 measured within 7% of the uplink rule). On the cluster in a box (docs/bench/cost_cluster.md,
+decomposition) flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the total rule gives 560 ms
+and this 900.
 Pure arithmetic over at most a few thousand transfers; no torch.
 """
 
@@ -120,7 +129,21 @@ def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_
     ops = _group_ops(op, n, payload_bytes * share)
     at_once = [[t for one in ops[i:i + GLOO_WORKER_THREADS] for t in one]
                for i in range(0, len(ops), GLOO_WORKER_THREADS)]
-    return groups * sum(max(_egress(batch, host).values(), default=0.0) for batch in at_once)
+    # A reduce's or broadcast's transfers between two ranks take turns on their pair (module docstring); the
+    # ring all_reduce sends and receives at once.
+    turns = op != ALL_REDUCE
+    return groups * sum(max(max(_egress(batch, host).values(), default=0.0),
+                            max(_pair_bytes(batch, host).values(), default=0.0) if turns else 0.0)
+                        for batch in at_once)
+
+
+def _pair_bytes(transfers: list[Transfer], host) -> dict[frozenset, float]:
+    """Bytes between each two ranks on different hosts, both directions together."""
+    out: dict[frozenset, float] = defaultdict(float)
+    for src, dst, nbytes in transfers:
+        if host(src) != host(dst):
+            out[frozenset((src, dst))] += nbytes
+    return out
 
 
 def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
