@@ -187,7 +187,11 @@ NOTES = [
     "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "
     "gradient bytes both ways, stage 3: 7.0 x); their time: ProcessGroupGloo runs a group's ops in turn, each "
     "ending with its busiest uplink, so a batch takes the sum of each op's busiest uplink (1.25x and 2.0x the "
-    "payload on 2 hosts x 2 ranks), not the busiest host's total;",
+    "payload on 2 hosts x 2 ranks), not the busiest host's total; and between two ranks gloo's reduce and "
+    "broadcast send and receive in turn (benchmarks/gloo_pair_turns.py: one 16 MiB reduce between the hosts "
+    "205-216 ms at 1 Gbit/s, its 24 MiB one after the other), so an op set also takes at least its busiest "
+    "pair's bytes both ways: the inter level of hierarchical reduce_scatter / all_gather (one rank per host) "
+    "costs 2x the busiest host's total;",
     "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
     "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
     "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial;",
@@ -214,7 +218,9 @@ NOTES = [
     "+ 97-176; hierarchical stage 3 1,388 = 471 + 876 (76) + 37. Against the model of the previous run (compute "
     "417-421 ms, the probe's): (a) the optimizer step, 160-235 ms at stage 0 and 20-35 ms at stages 1-3, was not "
     "charged at all: now it is, at the probe's measured rate; its gradient-norm pass (vector_norm of the bf16 "
-    "gradients in fp32) costs more than the fused AdamW itself at stage 0; (b) flat stage 1's all_gather after the "
+    "gradients in fp32) cost more than the fused AdamW itself at stage 0 (since then the engine sums it per "
+    "1M-element chunk: 9 ms instead of 71-89 ms for 31M elements on one core, runtime/engine.py squared_norm); "
+    "(b) flat stage 1's all_gather after the "
     "step took 980 ms at 1 Gbit/s where the busiest host's total gave 560 ms: gloo runs the n broadcasts in "
     "turn, two at a time, and on 2 x 2 both of a pair load one host's uplink (900 ms now); (c) forward + backward "
     "less the wait is 480-520 ms against the probe's 420 (the gradient hooks' bucket copies and the collectives' "
