@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.cluster_box import ClusterBox, why_unavailable  # noqa: E402
-from benchmarks.netns import ns_pids  # noqa: E402
+from benchmarks.netns import ns_pids, start_ticks  # noqa: E402
 from tests.e2e.strays import describe  # noqa: E402
 
 OUT_PATH = ROOT / "docs" / "bench" / "autotune_cluster.md"
@@ -69,15 +69,6 @@ def _env() -> dict[str, str]:
 def _uptime_s() -> float:
     with open("/proc/uptime") as f:
         return float(f.read().split()[0])
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class LeftoverWatch(threading.Thread):
@@ -120,7 +111,7 @@ class LeftoverWatch(threading.Thread):
             for index, _key, _t in records:
                 self.samples_after[index] = self.samples_after.get(index, 0) + 1
             for pid in self.box.pids() - services:
-                ticks = _start_ticks(pid)
+                ticks = start_ticks(pid)
                 if ticks is None or pid in self.leftovers:
                     continue
                 started_up = ticks / HZ

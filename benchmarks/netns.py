@@ -107,7 +107,7 @@ def write_ssh_config(root: Path, *, client_key: Path, known_hosts: list[str]) ->
     return path
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -131,7 +131,7 @@ def reap_orphans(records: Path = RECORDS) -> list[str]:
             pid, ticks, namespaces = int(owner["pid"]), owner["start_ticks"], list(owner["namespaces"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if alive(pid) and _start_ticks(pid) == ticks:
+        if alive(pid) and start_ticks(pid) == ticks:
             continue
         orphan = Network(prefix=owner.get("prefix", FAMILY_PREFIX), subnet=owner.get("subnet", ""),
                          namespaces=[n for n in namespaces if n.startswith(FAMILY_PREFIX)])
@@ -224,7 +224,7 @@ class Network:
         """Who owns this network and what it made (module docstring); written whole, then renamed."""
         RECORDS.mkdir(parents=True, exist_ok=True)
         tmp = self.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start_ticks": start_ticks(os.getpid()),
                                    "prefix": self.prefix, "subnet": self.subnet, "namespaces": self.namespaces}))
         os.replace(tmp, self.record)
 
