@@ -774,19 +774,13 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         codec = workload_rate.codec_rates
         codec_note = (f"the runtime's codec on {ranks} ranks at once after the workload, slowest rank's median, "
                       f"{threads_per_rank} thread(s) each (ztune/probe_codec.py)")
-    elif not on_gpu:
-        from ztune.probe_codec import measure_codec_rates
-
-        on_step(f"codec rates on one CPU rank ({threads_per_rank} thread(s))")
-        codec = measure_codec_rates(threads=threads_per_rank)
-        codec_note = (f"the runtime's codec on one rank alone, median, {threads_per_rank} thread(s) "
-                      "(ztune/probe_codec.py)")
     else:
         from ztune.probe_codec import measure_codec_rates
 
-        on_step(f"codec rates on {devices[0]}")
-        codec = measure_codec_rates(threads=threads_per_rank, device=devices[0])
-        codec_note = f"the runtime's codec on {devices[0]} alone, median (ztune/probe_codec.py)"
+        where = devices[0] if on_gpu else f"one CPU rank ({threads_per_rank} thread(s))"
+        on_step(f"codec rates on {where}")
+        codec = measure_codec_rates(threads=threads_per_rank, device=devices[0] if on_gpu else "cpu")
+        codec_note = f"the runtime's codec on {where} alone, median (ztune/probe_codec.py)"
     host_device = None
     if on_gpu:
         on_step(f"pinned host<->device copies ({plan.host_device_bytes >> 20} MiB)")

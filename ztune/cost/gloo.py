@@ -96,12 +96,14 @@ def _group_transfers(op: str, n: int, payload_bytes: float) -> list[Transfer]:
     return [t for one in _group_ops(op, n, payload_bytes) for t in one]
 
 
-def _egress(transfers: list[Transfer], host) -> dict[int, float]:
-    out: dict[int, float] = defaultdict(float)
+def _busiest(transfers: list[Transfer], host, *, by_pair: bool = False) -> float:
+    """The most bytes that cross between hosts through one uplink (by sending host), or with `by_pair` between
+    two ranks (both directions together)."""
+    out: dict[object, float] = defaultdict(float)
     for src, dst, nbytes in transfers:
         if host(src) != host(dst):
-            out[host(src)] += nbytes
-    return out
+            out[frozenset((src, dst)) if by_pair else host(src)] += nbytes
+    return max(out.values(), default=0.0)
 
 
 def _level(level: str, n_nodes: int, per_node: int) -> tuple[int, object, int, float]:
@@ -118,7 +120,8 @@ def _level(level: str, n_nodes: int, per_node: int) -> tuple[int, object, int, f
 def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
                         level: str = "flat") -> float:
     """Bytes that set the time of one runtime collective on gloo across hosts: the sum, over the sets of
-    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink (module docstring), for the same
+    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink or, for reduces and broadcasts,
+    busiest pair of ranks if that carries more (module docstring), for the same
     `level`s as host_egress_bytes; divide by one host's uplink rate for seconds. Equals host_egress_bytes for
     all_reduce (one ring, symmetric). 0 on one host. Raises ValueError on an unknown op or level."""
     if num_nodes <= 1 or payload_bytes <= 0:
@@ -132,18 +135,8 @@ def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_
     # A reduce's or broadcast's transfers between two ranks take turns on their pair (module docstring); the
     # ring all_reduce sends and receives at once.
     turns = op != ALL_REDUCE
-    return groups * sum(max(max(_egress(batch, host).values(), default=0.0),
-                            max(_pair_bytes(batch, host).values(), default=0.0) if turns else 0.0)
+    return groups * sum(max(_busiest(batch, host), _busiest(batch, host, by_pair=True) if turns else 0.0)
                         for batch in at_once)
-
-
-def _pair_bytes(transfers: list[Transfer], host) -> dict[frozenset, float]:
-    """Bytes between each two ranks on different hosts, both directions together."""
-    out: dict[frozenset, float] = defaultdict(float)
-    for src, dst, nbytes in transfers:
-        if host(src) != host(dst):
-            out[frozenset((src, dst))] += nbytes
-    return out
 
 
 def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
@@ -159,7 +152,7 @@ def host_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_pe
     n, host, groups, share = _level(level, num_nodes, ranks_per_node)
     if n > _MAX_SIMULATED_RANKS:
         return groups * _ring_egress(op, payload_bytes * share, n)
-    return groups * max(_egress(_group_transfers(op, n, payload_bytes * share), host).values(), default=0.0)
+    return groups * _busiest(_group_transfers(op, n, payload_bytes * share), host)
 
 
 def _ring_egress(op: str, payload_bytes: float, n: int) -> float:
