@@ -88,7 +88,7 @@ def adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float
     """Equations (3) / (7) in place on p (fp32, same shape as m and v)."""
     if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
-    denom = (v.sqrt() / c2 ** 0.5).add_(eps)
+    denom = v.sqrt().div_(c2 ** 0.5).add_(eps)  # one buffer: the same rounding as sqrt(v) / sqrt(c2) + eps
     p.addcdiv_(m, denom, value=-lr / c1)
 
 
@@ -104,7 +104,7 @@ def bounded_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: fl
     [-bound, bound] before it is scaled by lr. Same shapes as adam_update_."""
     if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
-    denom = (v.sqrt() / c2 ** 0.5).add_(eps)
+    denom = v.sqrt().div_(c2 ** 0.5).add_(eps)  # one buffer: the same rounding as sqrt(v) / sqrt(c2) + eps
     step = torch.div(m, denom).div_(c1).clamp_(-bound, bound)
     p.add_(step, alpha=-lr)
 

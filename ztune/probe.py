@@ -560,6 +560,7 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         source=f"ztune probe on {m.host.hostname} ({what}); see the comment on each field",
         train_flops_efficiency=workload_efficiency(m),
         optimizer_step_elements_per_s=m.workload.optimizer_elements_per_s if m.workload is not None else 0.0,
+        onebit_step_elements_per_s=m.workload.onebit_elements_per_s if m.workload is not None else 0.0,
         **m.codec,
     )
 
@@ -614,6 +615,14 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         notes["optimizer_step_elements_per_s"] = (
             f"measured: gradient norm + AdamW step over {w.model}'s parameter count of fp32 masters, {w.dtype} "
             f"grads, {w.ranks} ranks at once, slowest rank's median (ztune/probe_workload.py)")
+    notes["onebit_step_elements_per_s"] = ("assumed: 0 = unknown (`ztune probe --model` times it on CPU ranks): "
+                                           "1-bit Adam's step is charged at optimizer_step_elements_per_s")
+    if m.workload is not None and m.workload.onebit_elements_per_s > 0:
+        w = m.workload
+        notes["onebit_step_elements_per_s"] = (
+            f"measured: 1-bit Adam's compression-stage update without its exchange over {w.model}'s parameter count "
+            f"of fp32 masters, {w.dtype} grads, {w.ranks} ranks at once, slowest rank's median "
+            "(ztune/probe_workload.py time_onebit_step)")
     from ztune.cost.codec import RATE_FIELDS
 
     for name in RATE_FIELDS:

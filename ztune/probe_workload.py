@@ -18,6 +18,8 @@ case, where each rank steps the whole model), again all ranks at once after a ba
 path: the global gradient-norm pass that runtime/engine.py `step` runs over the owned gradients, then
 runtime/optim_shard.py `step_shards` with the optimizer ztune.initialize builds on CPU (AdamW; the fused C++ kernel
 when it is built). The slowest rank's median gives `optimizer_elements_per_s` (Hardware.optimizer_step_elements_per_s).
+Then, the same way, 1-bit Adam's compression-stage update without its exchange (time_onebit_step: plain torch ops,
+several passes over every element): `onebit_elements_per_s` (Hardware.onebit_step_elements_per_s).
 
 With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
 all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
@@ -56,6 +58,8 @@ class WorkloadRate:
     # master elements/s of one optimizer step (gradient norm + AdamW), slowest rank's median, all ranks at once;
     # 0: not measured
     optimizer_elements_per_s: float = 0.0
+    # master elements/s of 1-bit Adam's compression-stage update without its exchange (time_onebit_step), likewise
+    onebit_elements_per_s: float = 0.0
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
@@ -87,6 +91,8 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
         # every rank steps its optimizer at once, as in training
         optimizer_times = time_optimizer_step(numel=numel, dtype=dtype, repeats=repeats,
                                               before=lambda: barrier.wait(timeout=300))
+        onebit_times = time_onebit_step(numel=numel, dtype=dtype, repeats=repeats,
+                                        before=lambda: barrier.wait(timeout=300))
         rates = {}
         if codec:
             from ztune.probe_codec import measure_codec_rates
@@ -94,7 +100,7 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
             del model  # the codec buffers need the memory more than the model does now
             barrier.wait(timeout=300)
             rates = measure_codec_rates(threads=threads)
-        queue.put(("ok", (rank, times, rates, numel, optimizer_times)))
+        queue.put(("ok", (rank, times, rates, numel, optimizer_times, onebit_times)))
     except BaseException as exc:  # reported to the parent; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
@@ -133,6 +139,40 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
     return times
 
 
+def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
+    """Seconds of `repeats` compression-stage updates of 1-bit Adam (after one untimed one) over `numel` fp32 master
+    elements with gradients and parameters in `dtype`, the exchange and its codec left out (the cost model charges
+    those as communication and codec time): the runtime's own steps in the order a step runs them, the gradient's
+    fp32 copy (runtime/optim_shard.py step_shards), the local momentum (runtime/onebit_adam.py momentum_, equation
+    (4)), the frozen-variance mask (mask_unfrozen_, (8)), the update with the frozen variance (adam_update_, (7)),
+    and the 16-bit parameter refresh. `before()` runs after the untimed update. Imports torch."""
+    import torch
+
+    from ztune.runtime.onebit_adam import adam_update_, mask_unfrozen_, momentum_
+
+    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    master = torch.randn(numel, generator=gen).mul_(0.02)
+    param = master if low is torch.float32 else master.to(low)
+    grad = torch.randn(numel, generator=gen).mul_(1e-3).to(low)
+    m = torch.zeros(numel)
+    v = torch.rand(numel, generator=gen).mul_(1e-6)  # a frozen variance: positive, so (8) masks nothing
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        g32 = grad if grad.dtype == torch.float32 else grad.float()
+        momentum_(m, g32, beta1=0.9)
+        mask_unfrozen_(m, v)
+        adam_update_(master, m, v, lr=1e-4, eps=1e-8, weight_decay=0.0, c1=1.0, c2=0.14)
+        if param is not master:
+            param.copy_(master)
+        if i:
+            times.append(time.perf_counter() - start)
+        else:
+            before()
+    return times
+
+
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
                           repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0, codec: bool = True
                           ) -> WorkloadRate:
@@ -154,7 +194,7 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
              for r in range(ranks)]
     for p in procs:
         p.start()
-    medians, codec_rates, optimizer_rates = [], [], []
+    medians, codec_rates, optimizer_rates, onebit_rates = [], [], [], []
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
@@ -162,6 +202,7 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
                 raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
             medians.append(statistics.median(payload[1]))
             optimizer_rates.append(payload[3] / statistics.median(payload[4]))
+            onebit_rates.append(payload[3] / statistics.median(payload[5]))
             if payload[2]:
                 codec_rates.append(payload[2])
     finally:
@@ -171,4 +212,4 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
     flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
     return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
-                        optimizer_elements_per_s=min(optimizer_rates))
+                        optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates))

@@ -86,3 +86,20 @@ def test_recommendation_names_the_optimizer_when_it_decides():
     ests = [estimate(TINY, fast, _cfg(stage), num_nodes=1) for stage in (0, 1)]
     best, why = recommend(ests)
     assert best.config.zero.stage == 1 and "less optimizer compute" in why
+
+
+def test_onebit_adam_is_charged_at_its_own_measured_rate_else_adamws_as_a_lower_bound():
+    from ztune.config.schema import OptimizerConfig, OptimizerType
+
+    trainable = count_params(TINY).total
+    cfg = dataclasses.replace(_cfg(0), optimizer=OptimizerConfig(type=OptimizerType.ONEBIT_ADAM, freeze_step=10))
+    slow = dataclasses.replace(CPU, onebit_step_elements_per_s=RATE / 5)
+    measured = estimate(TINY, slow, cfg, num_nodes=2)
+    assert measured.step.optimizer_s == pytest.approx(5 * trainable / RATE)
+    assert any("1-bit Adam's compression-stage update" in n for n in measured.notes)
+    fallback = estimate(TINY, CPU, cfg, num_nodes=2)  # no 1-bit rate: AdamW's, and the note says it is a lower bound
+    assert fallback.step.optimizer_s == pytest.approx(trainable / RATE)
+    assert any("a lower bound" in n for n in fallback.notes)
+    assert measured.step.step_s == pytest.approx(fallback.step.step_s + 4 * trainable / RATE)
+    # AdamW's step does not use the 1-bit rate
+    assert estimate(TINY, slow, _cfg(0), num_nodes=2).step.optimizer_s == pytest.approx(trainable / RATE)

@@ -258,6 +258,11 @@ def test_measured_optimizer_rate_goes_into_the_profile_and_round_trips(tmp_path)
     hw, notes = probe.build_profile(with_w), probe.field_notes(with_w)
     assert hw.optimizer_step_elements_per_s == 1.5e8
     assert notes["optimizer_step_elements_per_s"].startswith("measured: gradient norm + AdamW")
+    assert hw.onebit_step_elements_per_s == 0.0 and notes["onebit_step_elements_per_s"].startswith("assumed: 0")
+    w1 = dataclasses.replace(w, onebit_elements_per_s=4e7)
+    hw1 = probe.build_profile(dataclasses.replace(m, workload=w1))
+    assert hw1.onebit_step_elements_per_s == 4e7
+    assert probe.field_notes(dataclasses.replace(m, workload=w1))["onebit_step_elements_per_s"].startswith("measured:")
     path = tmp_path / "p.yaml"
     path.write_text(probe.to_yaml(hw, notes))
     assert load_hardware(str(path)).optimizer_step_elements_per_s == pytest.approx(1.5e8, rel=1e-4)
@@ -295,6 +300,21 @@ def test_time_optimizer_step_runs_the_runtime_step():
     assert all("AdamW" in c[0] for c in calls)
 
 
+
+def test_time_onebit_step_runs_the_runtime_update_in_order(monkeypatch):
+    """1-bit Adam's probe update calls runtime/onebit_adam.py's own momentum_, mask_unfrozen_ and adam_update_, in a
+    step's order, and moves the masters."""
+    from ztune import probe_workload
+    from ztune.runtime import onebit_adam
+
+    calls = []
+    for name in ("momentum_", "mask_unfrozen_", "adam_update_"):
+        real = getattr(onebit_adam, name)
+        monkeypatch.setattr(onebit_adam, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    times = probe_workload.time_onebit_step(numel=4096, dtype="bf16", repeats=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert calls == ["momentum_", "mask_unfrozen_", "adam_update_"] * 3  # one untimed update first
+
 @pytest.mark.dist
 def test_workload_probe_measures_the_optimizer_rate_on_all_ranks():
     """measure_workload_rate on 2 spawned ranks of a tiny Llama: a positive optimizer rate, the slowest rank's."""
@@ -306,6 +326,7 @@ def test_workload_probe_measures_the_optimizer_rate_on_all_ranks():
     w = measure_workload_rate(spec, ranks=2, seq_len=16, micro_batch=1, dtype="bf16", threads=1, repeats=2,
                               codec=False, timeout_s=300)
     assert w.flops_per_s > 0 and 0 < w.optimizer_elements_per_s < 1e12
+    assert 0 < w.onebit_elements_per_s < 1e12
     assert w.codec_rates == {}
 
 

@@ -365,7 +365,11 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     # The optimizer on device-resident states (offloaded states are offload_time's CPU optimizer): stage 0 steps
     # every trainable parameter on every rank, stages 1-3 the rank's shard (ZeRO paper, section 5.1).
     owned = 0 if z.offload_optimizer is Offload.CPU else (split.trainable if z.stage == 0 else mem.shard_numel)
-    optimizer_s = optimizer_step_s(owned_numel=owned, elements_per_s=hw.optimizer_step_elements_per_s)
+    onebit = cfg.optimizer.type is OptimizerType.ONEBIT_ADAM
+    # 1-bit Adam after freeze_step: its own update (plain torch ops), at its own measured rate where there is one
+    step_rate = (hw.onebit_step_elements_per_s if onebit and hw.onebit_step_elements_per_s > 0
+                 else hw.optimizer_step_elements_per_s)
+    optimizer_s = optimizer_step_s(owned_numel=owned, elements_per_s=step_rate)
     comm_micro_grad_s = comm.time_in_phase_s("micro", "grad")
     step = step_time(codec_s=codec.seconds if codec is not None else 0.0, optimizer_s=optimizer_s,
                      compute_s=compute_s, grad_accum=accum,
@@ -388,11 +392,15 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             if framework.checkpoint_impl == "non_reentrant" else " (reentrant checkpointing)"))
     if codec is not None and codec.unknown:
         notes.append(codec_unknown_note(hw.name, codec.unknown))
-    if optimizer_s > 0:
+    if optimizer_s > 0 and onebit and hw.onebit_step_elements_per_s > 0:
         notes.append(f"optimizer step: {owned:,} owned fp32 master elements per rank at the measured "
-                     f"{hw.optimizer_step_elements_per_s / 1e6:,.0f} M elements/s (gradient norm + fused AdamW), serial"
-                     + ("; 1-bit Adam's own update is charged at that rate" if cfg.optimizer.type is
-                        OptimizerType.ONEBIT_ADAM else ""))
+                     f"{step_rate / 1e6:,.0f} M elements/s of 1-bit Adam's compression-stage update (momentum, "
+                     "mask, frozen-variance update; its exchange and codec are charged apart), serial")
+    elif optimizer_s > 0:
+        notes.append(f"optimizer step: {owned:,} owned fp32 master elements per rank at the measured "
+                     f"{step_rate / 1e6:,.0f} M elements/s (gradient norm + fused AdamW), serial"
+                     + ("; 1-bit Adam's own update is charged at that rate, a lower bound (this profile has no "
+                        "onebit_step_elements_per_s: re-run `ztune probe --model`)" if onebit else ""))
     if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
         notes.append(f"1-bit Adam: a step after freeze_step ({cfg.optimizer.freeze_step}): 1-bit momentum exchange "
                      "and its codec; the warm-up's steps all-reduce full-precision gradients and encode nothing")
