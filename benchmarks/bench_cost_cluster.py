@@ -326,8 +326,32 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
                f"**FAIL**: {len(misses)} of {cells_total} (configuration, rate) pairs are outside {TARGET:.0%}: "
                + "; ".join(misses))
     lines += ["", f"Largest |error| (median over repeats): {worst:.1%}; target {TARGET:.0%}.", "",
-              f"Verdict (issue 15): {verdict}.", "", *NOTES]
+              f"Verdict (issue 15): {verdict}.", "", *_parts_table(runs), *NOTES]
     return "\n".join(lines) + "\n"
+
+
+def _parts_table(runs: list[dict]) -> list[str]:
+    """Per variant and run: the measured step and each rank's CPU seconds per step (cluster_worker.py, mean over
+    ranks; runs from before it recorded them have none), against the estimate's parts."""
+    rows = []
+    for r in runs:
+        for v in run_variants(r):
+            rec = next((x for x in r["job"]["variants"] if x["name"] == v.name and not x["error"]), None)
+            est = r["estimates"].get(v.name, {}).get("step")
+            if rec is None or est is None:
+                continue
+            cpus = [c for c in rec.get("cpu_s_per_step_by_rank") or [] if c is not None]
+            cpu = f"{statistics.mean(cpus) * 1e3:,.0f}" if cpus else "-"
+            rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | "
+                        + " | ".join(f"{est.get(k, 0.0) * 1e3:,.0f}" for k in
+                                     ("compute_s", "optimizer_s", "codec_s", "exposed_comm_s", "comm_cpu_s")) + " |")
+    if not rows:
+        return []
+    return ["Where the time goes (ms per step): measured step and CPU seconds per rank (process time, all threads, "
+            "mean over the 4 ranks) against the estimate's parts (the step charges compute + optimizer + codec + the "
+            "larger of exposed communication and communication CPU):", "",
+            "| variant | Gbit/s | measured step | measured CPU per rank | compute | optimizer | codec | exposed comm "
+            "| comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def main(argv: list[str]) -> int:

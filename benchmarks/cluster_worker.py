@@ -128,21 +128,23 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
             rec["losses"].append(trainer.step(data[step]))
         dist.barrier()
         before = nic_tx_bytes() if counters_here else 0
+        cpu_before = time.process_time()  # this rank's CPU seconds, all its threads (gloo's included)
         for step in range(args.warmup, args.warmup + args.steps):
             start = time.perf_counter()
             rec["losses"].append(trainer.step(data[step]))
             rec["times_s"].append(time.perf_counter() - start)
+        cpu_s = (time.process_time() - cpu_before) / args.steps
         dist.barrier()
         sent = nic_tx_bytes() - before if counters_here else 0
         del trainer
     except Exception as exc:  # reported in the table; one broken variant must not hide the others
         rec["error"] = f"{exc.__class__.__name__}: {exc}"[:300]
-        sent = 0
+        sent, cpu_s = 0, None
     # Every rank gets here (a failing rank too), so the gathers below line up; a rank stuck inside a
     # collective is caught by the harness's timeout instead.
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"times": rec["times_s"], "losses": rec["losses"], "error": rec["error"],
-                                      "sent": sent})
+                                      "sent": sent, "cpu_s": cpu_s})
     errors = [g["error"] for g in gathered if g["error"]]
     rec["error"] = errors[0] if errors else None
     if rec["error"] is None:
@@ -151,6 +153,7 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
         rec["tx_bytes"] = sum(g["sent"] for g in gathered)
         rec["tx_bytes_per_step"] = rec["tx_bytes"] / args.steps
         rec["losses_by_rank"] = [g["losses"] for g in gathered]
+        rec["cpu_s_per_step_by_rank"] = [g["cpu_s"] for g in gathered]  # user + system, mean over the timed steps
     return rec
 
 

@@ -354,10 +354,23 @@ class CollectiveResult:
     times_s: tuple[float, ...]  # per all_reduce, slowest rank, best trial
     fit: AlphaBeta
     transport: str = ""  # what carried the buffers: the backend, or "gloo + shared memory" (runtime/comm/shm.py)
+    # per all_reduce, the most CPU seconds (user + system, all threads) one rank's process spent, best trial; ()
+    # when not measured. On CPU ranks this is the transport's own work: copies, the TCP stack, the sums.
+    cpu_s: tuple[float, ...] = ()
 
     def busbw_bytes_per_s(self, i: int) -> float:
         n = self.world_size
         return 2 * (n - 1) / n * self.sizes_bytes[i] / self.times_s[i]
+
+    def cpu_s_per_byte(self) -> float:
+        """CPU seconds per byte a rank sends or receives, at the largest size: a ring all_reduce of S bytes over n
+        ranks sends 2(n-1)/n S per rank and receives as much (nccl-tests doc/PERFORMANCE.md), so the largest size's
+        CPU time over twice that. 0 when not measured."""
+        if not self.cpu_s or self.world_size < 2:
+            return 0.0
+        i = max(range(len(self.sizes_bytes)), key=self.sizes_bytes.__getitem__)
+        n = self.world_size
+        return self.cpu_s[i] / (2 * 2 * (n - 1) / n * self.sizes_bytes[i])
 
 
 def _free_port() -> int:
@@ -392,7 +405,7 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
 
             shm = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
         transport = backend if shm is None else f"{backend} + shared memory"
-        times = []
+        times, cpu_times = [], []
         for size in sizes:
             buf = shm.zeros(max(1, size // 4), dtype=torch.float32) if shm is not None else None
             if buf is None:
@@ -409,20 +422,23 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
             probe = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
             dist.all_reduce(probe, op=dist.ReduceOp.MAX)
             iters = int(min(200, max(3, target_s / max(probe.item(), 1e-7))))
-            best = math.inf
+            best, cpu = math.inf, math.inf
             for _ in range(3):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(iters):
                     all_reduce(buf)
                 sync()
                 best = min(best, (time.perf_counter() - start) / iters)
-            slowest = torch.tensor([best], dtype=torch.float64, device=device)
+                # this process's CPU seconds per all_reduce, all threads (gloo's, the kernel's TCP work in them)
+                cpu = min(cpu, (time.process_time() - cpu_start) / iters)
+            slowest = torch.tensor([best, cpu], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            times.append(slowest.item())
+            times.append(slowest[0].item())
+            cpu_times.append(slowest[1].item())
         dist.destroy_process_group()
         if rank == report_rank:
-            queue.put(("ok", {"times": times, "transport": transport}))
+            queue.put(("ok", {"times": times, "cpu_times": cpu_times, "transport": transport}))
     except BaseException as exc:  # reported to the parent, which decides; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
@@ -480,7 +496,8 @@ def measure_collective_bandwidth(*, world_size: int, sizes: Sequence[int], backe
     sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)
     times = payload["times"]
     return CollectiveResult(backend, world_size, sizes_t, tuple(times),
-                            fit_alpha_beta(sizes_t, times, world_size=world_size), transport=payload["transport"])
+                            fit_alpha_beta(sizes_t, times, world_size=world_size), transport=payload["transport"],
+                            cpu_s=tuple(payload.get("cpu_times", ())))
 
 
 # --------------------------------------------------------------------------------------------- profile
@@ -561,6 +578,10 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         train_flops_efficiency=workload_efficiency(m),
         optimizer_step_elements_per_s=m.workload.optimizer_elements_per_s if m.workload is not None else 0.0,
         onebit_step_elements_per_s=m.workload.onebit_elements_per_s if m.workload is not None else 0.0,
+        # CPU ranks: the transports' CPU per byte and the step's contention (GPU ranks' CPU time says nothing)
+        inter_node_cpu_s_per_byte=m.inter_node.cpu_s_per_byte() if m.inter_node is not None and not on_gpu else 0.0,
+        intra_node_cpu_s_per_byte=m.collective.cpu_s_per_byte() if m.collective is not None and not on_gpu else 0.0,
+        cpu_contention=m.workload.cpu_stretch if m.workload is not None and not on_gpu else 0.0,
         **m.codec,
     )
 
@@ -623,6 +644,19 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
             f"measured: 1-bit Adam's compression-stage update without its exchange over {w.model}'s parameter count "
             f"of fp32 masters, {w.dtype} grads, {w.ranks} ranks at once, slowest rank's median "
             "(ztune/probe_workload.py time_onebit_step)")
+    unknown = "assumed: 0 = unknown: the estimate charges no CPU for communication"
+    notes["inter_node_cpu_s_per_byte"] = unknown
+    if m.inter_node is not None and m.inter_node.cpu_s_per_byte() > 0 and not on_gpu:
+        notes["inter_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the inter-host {m.inter_node.transport} "
+                                              "all_reduce per byte sent or received, largest size, busiest rank")
+    notes["intra_node_cpu_s_per_byte"] = unknown
+    if m.collective is not None and m.collective.cpu_s_per_byte() > 0 and not on_gpu:
+        notes["intra_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the {m.collective.transport} all_reduce per "
+                                              "byte sent or received, largest size, busiest rank")
+    notes["cpu_contention"] = unknown
+    if m.workload is not None and m.workload.cpu_stretch > 0 and not on_gpu:
+        notes["cpu_contention"] = (f"measured: {m.workload.model} forward+backward with {m.workload.ranks} ranks at "
+                                   "once, wall seconds per CPU second of a step, mean over ranks")
     from ztune.cost.codec import RATE_FIELDS
 
     for name in RATE_FIELDS:

@@ -75,4 +75,4 @@ def measure_inter_node_link(*, master_addr: str, master_port: int, node_rank: in
     sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)
     times = payload["times"]
     return CollectiveResult("gloo", 2, sizes_t, tuple(times), fit_alpha_beta(sizes_t, times, world_size=2),
-                            transport=TRANSPORT)
+                            transport=TRANSPORT, cpu_s=tuple(payload.get("cpu_times", ())))

@@ -60,6 +60,9 @@ class WorkloadRate:
     optimizer_elements_per_s: float = 0.0
     # master elements/s of 1-bit Adam's compression-stage update without its exchange (time_onebit_step), likewise
     onebit_elements_per_s: float = 0.0
+    # wall seconds per CPU second of a training step with every rank busy (mean step / its process CPU time, mean
+    # over ranks): ~1 with a core per rank, ~ranks / cores where ranks outnumber the cores; 0: not measured
+    cpu_stretch: float = 0.0
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
@@ -81,11 +84,13 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
         model(ids, labels=ids).backward()  # warm-up: allocator, oneDNN primitive caches
         barrier.wait(timeout=300)  # all ranks compute together, as in training
         times = []
+        cpu_start = time.process_time()
         for _ in range(repeats):
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
             model(ids, labels=ids).backward()
             times.append(time.perf_counter() - start)
+        cpu_s = (time.process_time() - cpu_start) / repeats  # this rank's CPU seconds per step, all its threads
         numel = sum(p.numel() for p in model.parameters())
         model.zero_grad(set_to_none=True)
         # every rank steps its optimizer at once, as in training
@@ -100,7 +105,7 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
             del model  # the codec buffers need the memory more than the model does now
             barrier.wait(timeout=300)
             rates = measure_codec_rates(threads=threads)
-        queue.put(("ok", (rank, times, rates, numel, optimizer_times, onebit_times)))
+        queue.put(("ok", (rank, times, rates, numel, optimizer_times, onebit_times, cpu_s)))
     except BaseException as exc:  # reported to the parent; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
@@ -194,13 +199,14 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
              for r in range(ranks)]
     for p in procs:
         p.start()
-    medians, codec_rates, optimizer_rates, onebit_rates = [], [], [], []
+    medians, codec_rates, optimizer_rates, onebit_rates, stretches = [], [], [], [], []
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
             if status != "ok":
                 raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
             medians.append(statistics.median(payload[1]))
+            stretches.append(statistics.mean(payload[1]) / payload[6] if payload[6] > 0 else 1.0)
             optimizer_rates.append(payload[3] / statistics.median(payload[4]))
             onebit_rates.append(payload[3] / statistics.median(payload[5]))
             if payload[2]:
@@ -212,4 +218,5 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
     flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
     return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
-                        optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates))
+                        optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates),
+                        cpu_stretch=statistics.mean(stretches))

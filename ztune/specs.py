@@ -183,3 +183,13 @@ class Hardware:
     # Measured by `ztune probe --model` like the rate above; 0 = unknown: the estimate charges 1-bit Adam's step
     # at optimizer_step_elements_per_s and says that is a lower bound.
     onebit_step_elements_per_s: float = 0.0
+    # CPU ranks only (gloo): the CPU seconds a rank's process spends per byte it sends or receives, measured by the
+    # probe's all_reduce (ztune/probe.py CollectiveResult.cpu_s_per_byte): across hosts on the inter-node link
+    # (gloo over TCP: copies, the TCP stack, the sums), inside the host on the runtime's shared-memory transport.
+    # `cpu_contention`: wall seconds per CPU second of a training step with every rank of the host busy (probe
+    # --model: ~1 with a core per rank, ~ranks / cores where they outnumber the cores). Where the ranks fill the
+    # cores (gpus_per_node >= cpu_cores) a collective's CPU work cannot run beside the compute: cost/compute.py
+    # step_time charges it (x cpu_contention) when it exceeds the exposed communication. 0 = unknown: not charged.
+    inter_node_cpu_s_per_byte: float = 0.0
+    intra_node_cpu_s_per_byte: float = 0.0
+    cpu_contention: float = 0.0

@@ -71,6 +71,13 @@ def test_json_keys(probed):
     assert data["profile"]["train_flops_efficiency"] == pytest.approx(
         min(1.0, work["flops_per_s"] / data["measured"]["matmul"]["bf16_flops_per_s"]))
     assert data["provenance"]["train_flops_efficiency"].startswith("measured:")
+    # and the workload's wall per CPU second (>= ~1: a step cannot use more CPU than 1 thread's wall), its
+    # 1-bit Adam update rate; the shared-memory all_reduce's CPU per byte
+    assert data["profile"]["cpu_contention"] == work["cpu_stretch"] > 0.5
+    assert data["profile"]["onebit_step_elements_per_s"] == work["onebit_elements_per_s"] > 0
+    assert 0 < data["profile"]["intra_node_cpu_s_per_byte"] < 1e-6
+    assert data["profile"]["inter_node_cpu_s_per_byte"] == 0.0  # no link measured
+    assert data["provenance"]["cpu_contention"].startswith("measured:")
     assert data["measured"]["inter_node"] is None  # a single-host probe measures no inter-host link
     coll = data["measured"]["collective"]
     # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).

@@ -133,6 +133,10 @@ def test_two_hosts_train_like_one_host(box, tmp_path):
     fp32_model_bytes = 4 * count_params(model_spec("box-test-llama")).total
     assert run2["tx_bytes_per_step"] > fp32_model_bytes, run2["tx_bytes_per_step"]
     assert run1["tx_bytes_per_step"] < 0.01 * fp32_model_bytes, run1["tx_bytes_per_step"]
+    # every rank's CPU seconds per step are recorded (the cost bench's "where the time goes" table)
+    for run in (run2, run2h, run1):
+        cpus = run["cpu_s_per_step_by_rank"]
+        assert len(cpus) == 4 and all(c is not None and c > 0 for c in cpus), cpus
 
 
 def test_probe_measures_the_inter_host_link(box, tmp_path):
@@ -158,3 +162,6 @@ def test_probe_measures_the_inter_host_link(box, tmp_path):
         bw = data["profile"]["inter_node_bw_bytes_per_s"]  # per rank; one rank per host here
         assert 0.2 * rate_bytes < bw < MAX_OVER_RATE * rate_bytes, f"host {k}: {bw * 8 / 1e6:.0f} Mbit/s"
         assert data["profile"]["inter_node_latency_s"] > 0
+        # the link's CPU per byte sent or received (gloo over TCP): measured, and far below a second per MB
+        assert 0 < data["profile"]["inter_node_cpu_s_per_byte"] < 1e-6, data["profile"]["inter_node_cpu_s_per_byte"]
+        assert data["provenance"]["inter_node_cpu_s_per_byte"].startswith("measured:")

@@ -83,6 +83,8 @@ class Link:
     # CPU ranks on gloo (is_gloo_profile): across hosts, reduce_scatter / all_gather move the bytes of gloo's
     # reduce and broadcast algorithms (cost/gloo.py), not the ring's.
     gloo: bool = False
+    # CPU seconds a rank spends per byte it sends or receives on this link (Hardware.*_cpu_s_per_byte); 0: unknown
+    cpu_s_per_byte: float = 0.0
 
 
 def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
@@ -90,13 +92,15 @@ def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0
     g = hw.gpus_per_node
     if num_nodes <= 1:
         return Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s * bandwidth_efficiency,
-                    latency_s=hw.intra_node_latency_s, num_nodes=1, gpus_per_node=g)
+                    latency_s=hw.intra_node_latency_s, num_nodes=1, gpus_per_node=g,
+                    cpu_s_per_byte=hw.intra_node_cpu_s_per_byte)
     node_nic_bw = g * hw.inter_node_bw_bytes_per_s  # all the node's NICs, one ring each
     bw = min(hw.intra_node_bw_bytes_per_s, node_nic_bw)
     n = num_nodes * g
     latency = (num_nodes * hw.inter_node_latency_s + (n - num_nodes) * hw.intra_node_latency_s) / n
+    # across hosts every gloo byte goes through TCP, a host's own peers' too (over loopback): the link's CPU per byte
     return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency, num_nodes=num_nodes,
-                gpus_per_node=g, gloo=is_gloo_profile(hw))
+                gpus_per_node=g, gloo=is_gloo_profile(hw), cpu_s_per_byte=hw.inter_node_cpu_s_per_byte)
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,10 @@ class Hierarchy:
 def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = None) -> Hierarchy:
     """The two levels on `hw`: intra-node busbw and latency; inter-node per-GPU bandwidth and latency."""
     per_node = hw.gpus_per_node if ranks_per_node is None else ranks_per_node
-    return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s),
-                     inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s),
+    return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s,
+                                cpu_s_per_byte=hw.intra_node_cpu_s_per_byte),
+                     inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s,
+                                cpu_s_per_byte=hw.inter_node_cpu_s_per_byte),
                      num_nodes=num_nodes, ranks_per_node=per_node, gloo=is_gloo_profile(hw))
 
 
@@ -156,6 +162,20 @@ def hierarchical_collective_time_s(*, op: str, payload_bytes: float, hierarchy: 
         inter_s = inter_bytes / h.inter.bw_bytes_per_s
     return (intra_steps * h.intra.latency_s + intra_bytes / h.intra.bw_bytes_per_s
             + inter_steps * h.inter.latency_s + inter_s)
+
+
+def collective_cpu_s(op: str, payload_bytes: float, *, world_size: int, link: Link,
+                     hierarchy: Hierarchy | None = None) -> float:
+    """CPU seconds one rank spends moving one `op` on `payload_bytes` (full tensor): every byte it sends or
+    receives at its transport's measured CPU cost (Link.cpu_s_per_byte; a rank receives what it sends in these
+    symmetric collectives), with `hierarchy` each level's bytes at its own transport's. 0 when unknown."""
+    if world_size <= 1 or payload_bytes <= 0:
+        return 0.0
+    if hierarchy is not None:
+        intra, inter = hierarchical_level_bytes(op, payload_bytes, num_nodes=hierarchy.num_nodes,
+                                                ranks_per_node=hierarchy.ranks_per_node)
+        return 2 * (intra * hierarchy.intra.cpu_s_per_byte + inter * hierarchy.inter.cpu_s_per_byte)
+    return 2 * payload_bytes * ring_factor(op, world_size) * link.cpu_s_per_byte
 
 
 def latency_steps(op: str, world_size: int, link: Link) -> float:
@@ -257,6 +277,7 @@ class OpEstimate:
     calls: int
     bytes_per_rank: float
     time_s: float
+    cpu_s: float = 0.0  # CPU seconds one rank spends moving them (collective_cpu_s); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -272,6 +293,11 @@ class CommEstimate:
     @property
     def time_s(self) -> float:
         return sum(o.time_s for o in self.ops)
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds one rank spends per step moving every op's bytes (0 where the profile has no measurement)."""
+        return sum(o.cpu_s for o in self.ops)
 
     def time_in_phase_s(self, phase: str, kind: str | None = None) -> float:
         """Seconds of the ops in `phase` ("micro", "boundary", "after_step"), of one `kind` ("grad", "param")
@@ -314,7 +340,10 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             continue
         wire = payload_bytes * ring_factor(c.op, n) * c.per_step
         # (compressed gradients go through a flat all-to-all in the runtime: not hierarchical)
-        if hierarchy is not None and not (c.kind == "grad" and compression is not Compression.NONE):
+        two_level = hierarchy is not None and not (c.kind == "grad" and compression is not Compression.NONE)
+        cpu_s = c.per_step * collective_cpu_s(c.op, payload_bytes, world_size=n, link=link,
+                                              hierarchy=hierarchy if two_level else None)
+        if two_level:
             # per launch: its levels' latency, and its share of the payload's bytes
             one = hierarchical_collective_time_s(op=c.op, payload_bytes=payload_bytes / launches, hierarchy=hierarchy)
             time_s = c.per_step * launches * one
@@ -326,5 +355,5 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
                 transfer = c.per_step * serial_egress_bytes(c.op, payload_bytes, num_nodes=link.num_nodes,
                                                             ranks_per_node=link.gpus_per_node)
             time_s = c.per_step * (launches * steps * link.latency_s) + transfer / link.bw_bytes_per_s
-        ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s))
+        ops.append(OpEstimate(c.op, c.kind, c.phase, launches * c.per_step, wire, time_s, cpu_s))
     return CommEstimate(ops=tuple(ops), link=link, world_size=n)

@@ -168,6 +168,8 @@ class StepTime:
     codec_s: float = 0.0
     # The optimizer step on device-resident states (optimizer_step_s): serial, after the last reduction.
     optimizer_s: float = 0.0
+    # Wall seconds the collectives' CPU work takes where the ranks fill the cores (comm_cpu_s of step_time)
+    comm_cpu_s: float = 0.0
 
 
 def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
@@ -182,8 +184,15 @@ def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) ->
 
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
               comm_after_step_s: float, offload: OffloadTime, overlap: float, comm_micro_grad_s: float = 0.0,
-              grad_ready_fraction: float = 0.0, codec_s: float = 0.0, optimizer_s: float = 0.0) -> StepTime:
+              grad_ready_fraction: float = 0.0, codec_s: float = 0.0, optimizer_s: float = 0.0,
+              comm_cpu_s: float = 0.0) -> StepTime:
     """Step time = compute + codec + optimizer + communication not hidden + offload not hidden.
+
+    `comm_cpu_s`: wall seconds of the collectives' own CPU work (copies, the TCP stack, the sums) where the ranks
+    fill the host's cores (CPU ranks; cost/estimate.py comm_cpu_wall_s). Hidden communication still needs that
+    CPU, and no core is free to run it beside the compute, so the step takes at least compute + comm_cpu_s; while
+    a rank waits on exposed communication its core is free for that work. So the communication term is the
+    larger of the exposed communication and comm_cpu_s (a roofline over the two resources, cores and link).
 
     `optimizer_s` (optimizer_step_s) is added in full: the step starts once every gradient is reduced (the
     engine waits for the reductions at the end of backward) and the parameter refresh waits for it.
@@ -221,7 +230,8 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
         comm_s=comm_micro_s + comm_micro_grad_s + comm_boundary_s + comm_after_step_s,
         exposed_comm_s=exposed_comm,
         offload_s=offload_s,
-        step_s=compute_s + codec_s + optimizer_s + exposed_comm + offload_s,
+        step_s=compute_s + codec_s + optimizer_s + max(exposed_comm, comm_cpu_s) + offload_s,
         codec_s=codec_s,
         optimizer_s=optimizer_s,
+        comm_cpu_s=comm_cpu_s,
     )

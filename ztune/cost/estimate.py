@@ -205,6 +205,16 @@ class Estimate:
         return ", ".join(parts)
 
 
+def comm_cpu_wall_s(cpu_s: float, hw: Hardware) -> float:
+    """Wall seconds per step of `cpu_s` CPU seconds per rank of collective work (CommEstimate.cpu_s) on `hw`: x the
+    measured contention (Hardware.cpu_contention: wall per CPU second with every rank busy) where the host's ranks
+    fill its cores (gpus_per_node >= cpu_cores, CPU ranks), so that the work takes a core from compute; 0 where
+    cores are left over for it (gloo's threads run there), or where the profile lacks a measurement."""
+    if hw.cpu_cores <= 0 or hw.gpus_per_node < hw.cpu_cores or hw.cpu_contention <= 0:
+        return 0.0
+    return cpu_s * hw.cpu_contention
+
+
 def uses_hierarchical(setting: Hierarchical, hw: Hardware, *, num_nodes: int) -> bool:
     """Whether the runtime runs this job's collectives in two levels (config/schema.py `Hierarchical`): several
     nodes of several ranks each, and `true`, or `auto` on a gloo (CPU) profile."""
@@ -378,7 +388,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      comm_after_step_s=comm.time_in_phase_s("after_step"), offload=off,
                      overlap=efficiency.overlap,
                      grad_ready_fraction=first_bucket_fraction(reduce_bucket_numel=grad_group_numel,
-                                                               trainable_params=split.trainable))
+                                                               trainable_params=split.trainable),
+                     comm_cpu_s=comm_cpu_wall_s(comm.cpu_s, hw))
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]
@@ -401,6 +412,11 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      f"{step_rate / 1e6:,.0f} M elements/s (gradient norm + fused AdamW), serial"
                      + ("; 1-bit Adam's own update is charged at that rate, a lower bound (this profile has no "
                         "onebit_step_elements_per_s: re-run `ztune probe --model`)" if onebit else ""))
+    if step.comm_cpu_s > 0:
+        notes.append(f"communication CPU: {comm.cpu_s * 1e3:,.0f} ms of CPU per rank per step at the probe's measured "
+                     f"CPU per byte, x {hw.cpu_contention:.2f} contention = {step.comm_cpu_s * 1e3:,.0f} ms, since the "
+                     f"{hw.gpus_per_node} ranks fill the {hw.cpu_cores} cores: the step charges the larger of it and "
+                     "the exposed communication")
     if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
         notes.append(f"1-bit Adam: a step after freeze_step ({cfg.optimizer.freeze_step}): 1-bit momentum exchange "
                      "and its codec; the warm-up's steps all-reduce full-precision gradients and encode nothing")

@@ -36,6 +36,7 @@ from ztune.cost.comm import (
     Hierarchy,
     Link,
     OpEstimate,
+    collective_cpu_s,
     hierarchical_collective_time_s,
     latency_steps,
 )
@@ -154,7 +155,8 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
             return OpEstimate(name, kind, "micro", 0, 0.0, 0.0)
         steps = latency_steps(REDUCE_SCATTER if name == ALL_TO_ALL else name, group, on)
         time_s = per_step * steps * on.latency_s + wire / on.bw_bytes_per_s
-        return OpEstimate(name, kind, "micro", per_step, wire, time_s)
+        # CPU: every byte sent is also received by some rank (cost/comm.py collective_cpu_s)
+        return OpEstimate(name, kind, "micro", per_step, wire, time_s, 2 * wire * on.cpu_s_per_byte)
 
     gathers = launches * (1 if k > 1 else 2)
     ops = [op(ALL_GATHER, "param", flat_gather, n, link, gathers)]
@@ -162,12 +164,14 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         payload = flat_gather / (n - 1) * n / gathers  # one launch's full tensor, from its ring bytes
         if hierarchy is not None:
             one = hierarchical_collective_time_s(op=ALL_GATHER, payload_bytes=payload, hierarchy=hierarchy)
-            ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather, gathers * one)
+            ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather, gathers * one,
+                                gathers * collective_cpu_s(ALL_GATHER, payload, world_size=n, link=link,
+                                                           hierarchy=hierarchy))
         elif link.gloo:
             egress = serial_egress_bytes(ALL_GATHER, payload, num_nodes=N, ranks_per_node=L)
             ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather,
                                 gathers * (latency_steps(ALL_GATHER, n, link) * link.latency_s
-                                           + egress / link.bw_bytes_per_s))
+                                           + egress / link.bw_bytes_per_s), ops[0].cpu_s)
     if k > 1:
         ops.append(op(ALL_GATHER, "param", hpz_bytes, k, intra_link, launches))
     if quantized_gradients:
@@ -175,7 +179,7 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         cross = op(ALL_TO_ALL, "grad", grad, N, link, launches)
         if N > 1 and cross.calls:  # every rank of the host sends its slice through the host's NICs at once
             cross = OpEstimate(ALL_TO_ALL, "grad", "micro", cross.calls, grad,
-                               cross.time_s + (L - 1) * grad / link.bw_bytes_per_s)
+                               cross.time_s + (L - 1) * grad / link.bw_bytes_per_s, cross.cpu_s)
         ops.append(cross)
     else:
         ops.append(op(REDUCE_SCATTER, "grad", grad, n, link, launches))

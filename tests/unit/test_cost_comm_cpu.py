@@ -1,0 +1,127 @@
+"""The collectives' CPU work on CPU ranks (cost/comm.py collective_cpu_s, cost/estimate.py comm_cpu_wall_s,
+cost/compute.py step_time): measured CPU per byte x the bytes a rank sends and receives, charged (x the measured
+contention) where the ranks fill the cores, as the larger of it and the exposed communication."""
+
+import dataclasses
+
+import pytest
+
+from ztune import probe
+from ztune.config.schema import TrainConfig
+from ztune.cost.comm import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    REDUCE_SCATTER,
+    Hierarchy,
+    Link,
+    collective_cpu_s,
+    hierarchical_level_bytes,
+)
+from ztune.cost.compute import OffloadTime, step_time
+from ztune.cost.estimate import comm_cpu_wall_s, estimate
+from ztune.profiles import list_hardware, load_hardware, load_model
+
+TINY = load_model("tiny-llama")
+C_TCP, C_SHM = 4e-10, 5e-11  # CPU s per byte sent or received: the order measured in the box (gloo/TCP, shm)
+CPU = dataclasses.replace(load_hardware("cpu-local"), gpus_per_node=2, cpu_cores=2, inter_node_cpu_s_per_byte=C_TCP,
+                          intra_node_cpu_s_per_byte=C_SHM, cpu_contention=2.0, name="cpu-box",
+                          optimizer_step_elements_per_s=2e8)
+
+
+def _cfg_io(stage: int, hierarchical: bool) -> TrainConfig:
+    from ztune.config.io import from_dict
+
+    return from_dict({"zero": {"stage": stage}, "comm": {"hierarchical": hierarchical},
+                      "batch": {"micro": 1, "grad_accum": 1}, "seq_len": 128, "precision": "bf16"})
+
+
+@pytest.mark.parametrize("op, factor", [(ALL_REDUCE, 2 * 3 / 4), (REDUCE_SCATTER, 3 / 4), (ALL_GATHER, 3 / 4)])
+def test_flat_cpu_is_the_ring_bytes_sent_and_received_at_the_links_rate(op, factor):
+    link = Link(bw_bytes_per_s=1e9, latency_s=1e-5, num_nodes=2, gpus_per_node=2, gloo=True, cpu_s_per_byte=C_TCP)
+    assert collective_cpu_s(op, 1e8, world_size=4, link=link) == pytest.approx(2 * factor * 1e8 * C_TCP)
+    assert collective_cpu_s(op, 1e8, world_size=1, link=link) == 0.0
+    assert collective_cpu_s(op, 1e8, world_size=4, link=dataclasses.replace(link, cpu_s_per_byte=0.0)) == 0.0
+
+
+def test_hierarchical_cpu_charges_each_level_at_its_own_transport():
+    h = Hierarchy(intra=Link(1e10, 1e-6, cpu_s_per_byte=C_SHM), inter=Link(1e9, 1e-5, cpu_s_per_byte=C_TCP),
+                  num_nodes=2, ranks_per_node=2, gloo=True)
+    flat = Link(1e9, 1e-5, num_nodes=2, gpus_per_node=2, gloo=True, cpu_s_per_byte=C_TCP)
+    intra, inter = hierarchical_level_bytes(ALL_REDUCE, 1e8, num_nodes=2, ranks_per_node=2)
+    got = collective_cpu_s(ALL_REDUCE, 1e8, world_size=4, link=flat, hierarchy=h)
+    assert got == pytest.approx(2 * (intra * C_SHM + inter * C_TCP))
+    # the shared-memory level is cheaper per byte, so two levels cost less CPU than the flat TCP ring
+    assert got < collective_cpu_s(ALL_REDUCE, 1e8, world_size=4, link=flat)
+
+
+def test_cpu_is_charged_only_where_the_ranks_fill_the_cores_and_it_is_measured():
+    assert comm_cpu_wall_s(0.1, CPU) == pytest.approx(0.2)  # x contention 2
+    assert comm_cpu_wall_s(0.1, dataclasses.replace(CPU, cpu_cores=16)) == 0.0  # spare cores run gloo's threads
+    assert comm_cpu_wall_s(0.1, dataclasses.replace(CPU, cpu_contention=0.0)) == 0.0  # not measured
+    assert comm_cpu_wall_s(0.1, dataclasses.replace(CPU, cpu_cores=0)) == 0.0  # cores unknown
+
+
+def test_step_takes_the_larger_of_exposed_communication_and_its_cpu():
+    base = dict(compute_s=1.0, grad_accum=1, comm_micro_s=0.0, comm_boundary_s=0.2, comm_after_step_s=0.0,
+                offload=OffloadTime(), overlap=0.8)
+    plain = step_time(**base)
+    small, large = step_time(**base, comm_cpu_s=plain.exposed_comm_s / 2), step_time(**base, comm_cpu_s=0.5)
+    assert small.step_s == pytest.approx(plain.step_s)  # its CPU runs while the rank waits on the link
+    assert large.step_s == pytest.approx(plain.step_s - plain.exposed_comm_s + 0.5)
+    assert large.comm_cpu_s == 0.5 and large.exposed_comm_s == plain.exposed_comm_s
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_estimate_charges_the_measured_cpu_and_says_so(stage, hierarchical):
+    cfg = _cfg_io(stage, hierarchical)
+    with_cpu = estimate(TINY, CPU, cfg, num_nodes=2)
+    without = estimate(TINY, dataclasses.replace(CPU, cpu_contention=0.0), cfg, num_nodes=2)
+    assert with_cpu.comm.cpu_s > 0 and without.step.comm_cpu_s == 0.0
+    assert with_cpu.step.comm_cpu_s == pytest.approx(2.0 * with_cpu.comm.cpu_s)
+    extra = max(0.0, with_cpu.step.comm_cpu_s - with_cpu.step.exposed_comm_s)
+    assert with_cpu.step.step_s == pytest.approx(without.step.step_s + extra)
+    assert any(n.startswith("communication CPU:") for n in with_cpu.notes)
+    assert not any(n.startswith("communication CPU:") for n in without.notes)
+
+
+def test_shipped_profiles_charge_no_communication_cpu():
+    for name in list_hardware():
+        hw = load_hardware(name)
+        assert hw.inter_node_cpu_s_per_byte == hw.intra_node_cpu_s_per_byte == hw.cpu_contention == 0, name
+
+
+def test_probe_cpu_per_byte_is_the_largest_sizes_cpu_over_bytes_sent_and_received():
+    sizes, times = (1 << 20, 64 << 20), (0.001, 0.06)
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0005, 0.05))
+    # a 2-rank ring all_reduce of S sends S and receives S per rank
+    assert link.cpu_s_per_byte() == pytest.approx(0.05 / (2 * (64 << 20)))
+    assert probe.CollectiveResult("gloo", 2, sizes, times, fit).cpu_s_per_byte() == 0.0  # not measured
+    four = probe.CollectiveResult("gloo", 4, sizes, times, fit, cpu_s=(0.0005, 0.05))
+    assert four.cpu_s_per_byte() == pytest.approx(0.05 / (2 * 1.5 * (64 << 20)))
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_probe_profile_takes_the_cpu_measurements_on_cpu_hosts_only(gpu):
+    host = probe.HostInfo("h", 2, 8 << 30)
+    gpus = probe.GpuScan((probe.GpuInfo(0, "GPU-X", 80 << 30), probe.GpuInfo(1, "GPU-X", 80 << 30)) if gpu else (),
+                         "x")
+    mem = probe.MemoryBandwidth(10e9, 12e9, 2)
+    flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
+    sizes, times = (1 << 20, 8 << 20), (0.01, 0.07)
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.001, 0.004))
+    local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0001, 0.0005))
+    hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
+    m = probe.Measurements(host, gpus, 2, mem, flops, local, hd, inter_node=link)
+    hw, notes = probe.build_profile(m), probe.field_notes(m)
+    if gpu:  # a GPU rank's process CPU time says nothing about NCCL's transport
+        assert hw.inter_node_cpu_s_per_byte == hw.intra_node_cpu_s_per_byte == 0.0
+        assert notes["inter_node_cpu_s_per_byte"].startswith("assumed: 0")
+    else:
+        assert hw.inter_node_cpu_s_per_byte == pytest.approx(0.004 / (2 * (8 << 20)))
+        assert hw.intra_node_cpu_s_per_byte == pytest.approx(0.0005 / (2 * (8 << 20)))
+        assert notes["inter_node_cpu_s_per_byte"].startswith("measured:")
+        assert notes["intra_node_cpu_s_per_byte"].startswith("measured:")
+    assert hw.cpu_contention == 0.0 and notes["cpu_contention"].startswith("assumed: 0")  # no --model workload
