@@ -120,8 +120,10 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
     try:
         system = peers.System(variant.name, variant.family, variant.stage)
         model = build_model(spec, dtype=torch.float32, seed=SEED)
+        extra = peers.merge_config(variant.config or {}, args.ztune_config) if variant.family == "ztune" else \
+            variant.config
         trainer = peers.build(system, model, bf16=args.precision == "bf16", micro_batch=args.micro_batch,
-                              seq_len=args.seq_len, extra_config=variant.config or None)
+                              seq_len=args.seq_len, extra_config=extra or None)
         if variant.family == "ztune":  # did the engine move its buffers through shared memory?
             rec["engine_shared_memory"] = getattr(trainer.owner.comm, "shm", None) is not None
         for step in range(args.warmup):
@@ -168,6 +170,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--variant", action="append", default=None,
                         help="a VARIANTS name to run (repeat for several; default: all of them)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ztune-config", type=json.loads, default=None,
+                        help="JSON merged into every ztune variant's config, e.g. "
+                             "'{\"zero\": {\"reduce_bucket_numel\": 5000000}}'")
     args = parser.parse_args(argv)
     names = [v.name for v in VARIANTS]
     wanted = args.variant or [v.name for v in VARIANTS]
