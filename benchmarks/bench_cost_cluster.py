@@ -342,16 +342,19 @@ def _parts_table(runs: list[dict]) -> list[str]:
                 continue
             cpus = [c for c in rec.get("cpu_s_per_step_by_rank") or [] if c is not None]
             cpu = f"{statistics.mean(cpus) * 1e3:,.0f}" if cpus else "-"
-            rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | "
+            idle = rec.get("machine_idle_fraction")
+            idle = f"{idle:.0%}" if idle is not None else "-"
+            rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | {idle} | "
                         + " | ".join(f"{est.get(k, 0.0) * 1e3:,.0f}" for k in
                                      ("compute_s", "optimizer_s", "codec_s", "exposed_comm_s", "comm_cpu_s")) + " |")
     if not rows:
         return []
-    return ["Where the time goes (ms per step): measured step and CPU seconds per rank (process time, all threads, "
-            "mean over the 4 ranks) against the estimate's parts (the step charges compute + optimizer + codec + the "
-            "larger of exposed communication and communication CPU):", "",
-            "| variant | Gbit/s | measured step | measured CPU per rank | compute | optimizer | codec | exposed comm "
-            "| comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    return ["Where the time goes (ms per step): measured step, CPU seconds per rank (process time, all threads, "
+            "mean over the 4 ranks) and the machine's idle share of its cores during rank 0's timed steps (/proc/stat; "
+            "both hosts and anything else on the machine) against the estimate's parts (the step charges compute + "
+            "optimizer + codec + the larger of exposed communication and communication CPU):", "",
+            "| variant | Gbit/s | measured step | measured CPU per rank | machine idle | compute | optimizer | codec "
+            "| exposed comm | comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def main(argv: list[str]) -> int:

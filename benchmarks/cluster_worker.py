@@ -88,6 +88,13 @@ def nic_tx_bytes() -> int:
     return total
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(idle, total) clock ticks of the whole machine so far (/proc/stat's first line; idle + iowait count as idle).
+    The box's hosts share one kernel, so this is every host's cores, and any other work on the machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def host_separation(dist, layout) -> dict:
     """Whether runtime/comm/shm.py finds shared memory across the whole job (it must not when the job spans
     hosts) and among the ranks of the first host (it must). Only the first host is asked:
@@ -131,11 +138,15 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
         dist.barrier()
         before = nic_tx_bytes() if counters_here else 0
         cpu_before = time.process_time()  # this rank's CPU seconds, all its threads (gloo's included)
+        ticks_before = cpu_ticks()
         for step in range(args.warmup, args.warmup + args.steps):
             start = time.perf_counter()
             rec["losses"].append(trainer.step(data[step]))
             rec["times_s"].append(time.perf_counter() - start)
         cpu_s = (time.process_time() - cpu_before) / args.steps
+        idle, total = (after - before for after, before in zip(cpu_ticks(), ticks_before, strict=True))
+        if rank == 0:  # the machine's idle share while rank 0 stepped (all its cores, all the box's hosts)
+            rec["machine_idle_fraction"] = idle / total if total else None
         dist.barrier()
         sent = nic_tx_bytes() - before if counters_here else 0
         del trainer
