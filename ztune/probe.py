@@ -629,21 +629,17 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
             f"measured: {w.model} {w.dtype} forward+backward, micro {w.micro_batch} x seq {w.seq_len}, "
             f"{w.ranks} ranks at once: {w.flops_per_s / 1e9:.3g} GFLOP/s per rank (median step "
             f"{w.step_s * 1e3:.0f} ms, slowest rank) / the {w.dtype} matmul rate")
-    notes["optimizer_step_elements_per_s"] = ("assumed: 0 = unknown (`ztune probe --model` times it on CPU ranks): "
-                                              "the estimate charges no optimizer compute on device-resident states")
-    if m.workload is not None and m.workload.optimizer_elements_per_s > 0:
-        w = m.workload
-        notes["optimizer_step_elements_per_s"] = (
-            f"measured: gradient norm + AdamW step over {w.model}'s parameter count of fp32 masters, {w.dtype} "
-            f"grads, {w.ranks} ranks at once, slowest rank's median (ztune/probe_workload.py)")
-    notes["onebit_step_elements_per_s"] = ("assumed: 0 = unknown (`ztune probe --model` times it on CPU ranks): "
-                                           "1-bit Adam's step is charged at optimizer_step_elements_per_s")
-    if m.workload is not None and m.workload.onebit_elements_per_s > 0:
-        w = m.workload
-        notes["onebit_step_elements_per_s"] = (
-            f"measured: 1-bit Adam's compression-stage update without its exchange over {w.model}'s parameter count "
-            f"of fp32 masters, {w.dtype} grads, {w.ranks} ranks at once, slowest rank's median "
-            "(ztune/probe_workload.py time_onebit_step)")
+    w = m.workload
+    timed = (f"over {w.model}'s parameter count of fp32 masters, {w.dtype} grads, {w.ranks} ranks at once, slowest "
+             "rank's median (ztune/probe_workload.py)") if w is not None else ""
+    for field, rate, what, otherwise in (
+            ("optimizer_step_elements_per_s", w and w.optimizer_elements_per_s, "gradient norm + AdamW step",
+             "the estimate charges no optimizer compute on device-resident states"),
+            ("onebit_step_elements_per_s", w and w.onebit_elements_per_s,
+             "1-bit Adam's compression-stage update without its exchange",
+             "1-bit Adam's step is charged at optimizer_step_elements_per_s")):
+        notes[field] = (f"measured: {what} {timed}" if rate else
+                        f"assumed: 0 = unknown (`ztune probe --model` times it on CPU ranks): {otherwise}")
     unknown = "assumed: 0 = unknown: the estimate charges no CPU for communication"
     notes["inter_node_cpu_s_per_byte"] = unknown
     if m.inter_node is not None and m.inter_node.cpu_s_per_byte() > 0 and not on_gpu:
