@@ -194,7 +194,14 @@ NOTES = [
     "costs 2x the busiest host's total;",
     "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
     "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
-    "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial;",
+    "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial; 1-bit "
+    "Adam's own compression-stage update (plain torch ops: momentum, frozen-variance mask, update; ~5x slower "
+    "than the fused AdamW per element) at its own measured rate (Hardware.onebit_step_elements_per_s);",
+    "- communication CPU: the probe's all_reduce also measures the CPU seconds a rank spends per byte it sends or "
+    "receives (gloo over TCP between the hosts: ~0.4 ns/B here; shared memory in a host: ~0.05 ns/B), and its "
+    "workload the wall seconds per CPU second with every rank busy (cpu_contention, ~2 for 4 ranks on 2 cores); "
+    "where the ranks fill the cores, each collective's bytes x that CPU x the contention cannot run beside the "
+    "compute, so the step charges the larger of it and the exposed communication (cost/compute.py step_time);",
     "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
     "qgZ's inter-host all-to-all leaves each host once per local rank;",
     "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
@@ -234,10 +241,11 @@ NOTES = [
     "(part (c) and the all-reduce's CPU), hierarchical -9..-40% (the shared-memory level's copies and sums on the "
     "busy cores) and stage 3 at 10 Gbit/s -36..-40% (part (d)).",
     "",
-    "Not in the model, and visible above: (1) 1-bit Adam's own optimizer step (frozen-variance Adam in plain "
-    "torch ops over every parameter) is charged at the fused AdamW rate, a lower bound; (2) "
-    "the CPU that gloo's transfers and reductions take from compute when 4 ranks share 2 cores, which limits "
-    "how much communication really overlaps (flat stage 3's loopback broadcasts most), and the converse: a rank "
+    "Not in the model, and visible above: (1) the runtime's own CPU per step beyond the probe's plain forward + "
+    "backward (the gradient hooks' bucket copies, stage 3's per-unit gather and release), and the time the cores "
+    "stand idle while 4 lockstep ranks on 2 cores wait for each other inside many small collectives (stage 3 "
+    "runs one gather per unit in forward and backward); the table of parts above shows both where a run recorded "
+    "them; (2) the converse of the communication CPU: a rank "
     "that waits on the shaped link leaves its core to a rank that computes, so a job's compute is less contended "
     "than the probe's, whose 4 ranks compute without pause (twice so far, load 4-13, flat stage 0's whole "
     "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
