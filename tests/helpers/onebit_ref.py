@@ -56,14 +56,18 @@ class ReferenceOneBitAdam:
 
     def __init__(self, x: torch.Tensor, *, world_size: int, freeze_step: int, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, bias_correction: bool = True, valid_numel: int | None = None,
-                 step_bound: bool = False):
+                 step_bound: bool = False, local_momentum: bool = False):
         """valid_numel: elements of x before its padding, whose momentum is held at zero (default: all).
-        step_bound: equation (9) after the freeze, written out here (not the runtime's bounded_update_)."""
+        step_bound: equation (9) after the freeze, written out here (not the runtime's bounded_update_).
+        local_momentum: equation (4'), each worker's own momentum of its own gradients (own_m[i]), exchanged for
+        the update only."""
         self.x, self.n, self.freeze_step = x, world_size, freeze_step
         self.valid_numel = x.numel() if valid_numel is None else valid_numel
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.bias_correction = bias_correction
         self.step_bound = step_bound
+        self.local_momentum = local_momentum
+        self.own_m: list[torch.Tensor] | None = None
         self.m, self.v = torch.zeros_like(x), torch.zeros_like(x)
         self.worker_err = [torch.zeros_like(x) for _ in range(world_size)]
         self.server_err = [torch.zeros(x.numel() // world_size) for _ in range(world_size)]
@@ -75,7 +79,17 @@ class ReferenceOneBitAdam:
         beta1, beta2 = self.betas
         compress = self.step_count >= self.freeze_step
         self.step_count += 1
-        if compress:
+        if compress and self.local_momentum:
+            if self.own_m is None:  # from the freeze on, each worker's own (the warm-up's m is everyone's)
+                self.own_m = [self.m.clone() for _ in grads]
+            for own, g in zip(self.own_m, grads, strict=True):
+                momentum_(own, g, beta1=beta1)
+                own[self.v == 0] = 0
+            self.m = exchange([own.clone() for own in self.own_m], self.worker_err, self.server_err, **feedback)
+            self.m[self.valid_numel:] = 0
+            if mask_zero_variance:
+                self.m[self.v == 0] = 0
+        elif compress:
             local = [momentum_(self.m.clone(), g, beta1=beta1) for g in grads]
             self.m = exchange(local, self.worker_err, self.server_err, **feedback)
             self.m[self.valid_numel:] = 0

@@ -110,15 +110,16 @@ def test_compress_roundtrip_is_sign_times_block_mean():
     torch.testing.assert_close(compress_roundtrip(x), torch.tensor([1.0, -1.0, 1.0, 1.0]))
 
 
-def test_optimizer_one_rank_matches_reference():
+@pytest.mark.parametrize("local_momentum", [False, True])
+def test_optimizer_one_rank_matches_reference(local_momentum):
     """OneBitAdam on a world of one (Comm without a group: the collectives are copies) against the reference
     for n = 1, across the freeze: the optimizer's own step logic, its state and its exchange bookkeeping."""
     x0 = torch.randn(256, generator=torch.Generator().manual_seed(5))
     master = x0.clone()
     opt = OneBitAdam([master], comm=Comm(group=None, rank=0, world_size=1), freeze_step=3, lr=1e-2,
-                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, local_momentum=local_momentum)
     ref = ReferenceOneBitAdam(x0.clone(), world_size=1, freeze_step=3, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=0.01)
+                              weight_decay=0.01, local_momentum=local_momentum)
     for g in _grads(8, 256, seed=6):
         assert opt.compressing == (ref.step_count >= 3)
         master.grad = g.clone()
@@ -126,9 +127,38 @@ def test_optimizer_one_rank_matches_reference():
         ref.step([g.clone()])
         torch.testing.assert_close(master, ref.x, rtol=1e-6, atol=0)
     state = opt.state[master]
-    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "worker_error", "server_error"}
+    own = {"local_momentum"} if local_momentum else set()
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "worker_error", "server_error"} | own
     torch.testing.assert_close(state["worker_error"], ref.worker_err[0], rtol=0, atol=0)
     torch.testing.assert_close(state["server_error"], ref.server_err[0], rtol=0, atol=0)
+    if local_momentum:
+        torch.testing.assert_close(state["local_momentum"], ref.own_m[0], rtol=0, atol=0)
+
+
+def test_local_momentum_keeps_the_code_error_out_of_the_momentum():
+    """Equation (4'): with local_momentum a rank's own momentum after the freeze is b1 m + (1 - b1) g of its own
+    gradients exactly, and exp_avg holds the exchanged 1-bit value (one magnitude per block) that the update uses;
+    without it (Tang et al.) the exchanged value becomes the momentum, so the code's error enters every later
+    momentum: after 5 compressed steps it is off the exact momentum by a large part of its norm."""
+    numel, freeze = 256, 2
+    grads = _grads(7, numel, seed=8)
+    out = {}
+    for local in (False, True):
+        master = torch.randn(numel, generator=torch.Generator().manual_seed(9))
+        opt = OneBitAdam([master], comm=Comm(group=None, rank=0, world_size=1), freeze_step=freeze, lr=1e-2,
+                         local_momentum=local)
+        exact = torch.zeros(numel)
+        for g in grads:
+            master.grad = g.clone()
+            opt.step()
+            momentum_(exact, g, beta1=0.9)
+        out[local] = (opt.state[master], exact)
+    state, exact = out[True]
+    torch.testing.assert_close(state["local_momentum"], exact, rtol=1e-6, atol=1e-7)
+    assert torch.unique(state["exp_avg"].abs()).numel() <= 2  # 2 blocks of 128: sign x one scale per block
+    state, exact = out[False]
+    assert "local_momentum" not in state
+    assert float((state["exp_avg"] - exact).norm() / exact.norm()) > 0.3
 
 
 def test_elements_without_warmup_gradient_keep_zero_momentum():
@@ -256,6 +286,7 @@ def test_deepspeed_onebit_adam_keys():
      "compression.method: int8 with OneBitAdam is not supported"),
     ({"optimizer": {"type": "AdamW", "freeze_step": 5}}, "optimizer.freeze_step: AdamW has no freeze_step"),
     ({"optimizer": {"type": "AdamW", "step_bound": True}}, "optimizer.step_bound: AdamW has no step_bound"),
+    ({"optimizer": {"type": "Adam", "local_momentum": True}}, "optimizer.local_momentum: Adam has no local_momentum"),
     ({"train_batch_size": 8, "optimizer": {"type": "OneBitAdam", "params": {"step_bound": True}}},
      "unknown key 'optimizer.params.step_bound'"),
 ])
@@ -265,10 +296,13 @@ def test_onebit_adam_config_errors(doc, fragment):
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
-def test_step_bound_is_not_exported_to_deepspeed():
-    """DeepSpeed's OnebitAdam has no such bound: exporting it would change training silently, so it is refused."""
-    cfg = from_dict({"optimizer": {"type": "OneBitAdam", "step_bound": True}})
-    with pytest.raises(ConfigError, match="optimizer.step_bound: true has no DeepSpeed equivalent") as err:
+@pytest.mark.parametrize("key", ["step_bound", "local_momentum"])
+def test_ztune_options_are_not_exported_to_deepspeed(key):
+    """DeepSpeed's OnebitAdam has no step bound and no local momentum: exporting either would change training
+    silently, so it is refused."""
+    cfg = from_dict({"optimizer": {"type": "OneBitAdam", key: True}})
+    assert getattr(cfg.optimizer, key) is True
+    with pytest.raises(ConfigError, match=f"optimizer.{key}: true has no DeepSpeed equivalent") as err:
         to_deepspeed(cfg)
     assert "\n" not in str(err.value)
 

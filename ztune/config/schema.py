@@ -141,6 +141,10 @@ class OptimizerConfig:
     # OneBitAdam only, ztune's own (not a DeepSpeed key): after freeze_step, clamp each element's step to Adam's
     # bound lr (1 - b1) / sqrt(1 - b2) (runtime/onebit_adam.py, equation (9)). False: Tang et al.'s update.
     step_bound: bool = False
+    # OneBitAdam only, ztune's own (not a DeepSpeed key): after freeze_step, each rank keeps its own momentum of its
+    # own gradients and the 1-bit exchange averages it for the update only (runtime/onebit_adam.py, equation (4')).
+    # False: Tang et al.'s algorithm, where the exchanged momentum replaces every rank's.
+    local_momentum: bool = False
 
 
 @dataclass(frozen=True)

@@ -214,11 +214,11 @@ def _check_onebit_adam(cfg: TrainConfig) -> TrainConfig:
 
 def _check_optimizer_fields(o: OptimizerConfig) -> None:
     """A hyper-parameter the chosen optimizer has no use for is an error, never silently unused (SGD has no
-    betas / eps / bias_correction; Adam and AdamW have no momentum; only OneBitAdam has freeze_step and
-    step_bound)."""
+    betas / eps / bias_correction; Adam and AdamW have no momentum; only OneBitAdam has freeze_step,
+    step_bound and local_momentum)."""
     unused = ("betas", "eps", "bias_correction") if o.type is OptimizerType.SGD else ("momentum",)
     if o.type is not OptimizerType.ONEBIT_ADAM:
-        unused += ("freeze_step", "step_bound")
+        unused += ("freeze_step", "step_bound", "local_momentum")
     default = OptimizerConfig()
     for name in unused:
         if getattr(o, name) != getattr(default, name):
