@@ -100,6 +100,8 @@ def _config(*, optimizer: str, opts: dict) -> dict:
             opt["step_bound"] = True
         if opts.get("local_momentum"):
             opt["local_momentum"] = True
+        if opts.get("onebit_scale", "mean") != "mean":
+            opt["onebit_scale"] = opts["onebit_scale"]
     cfg = {"zero": {"stage": 0}, "precision": opts["precision"], "batch": {"micro": opts["micro"], "grad_accum": 1},
            "seq_len": opts["seq"], "optimizer": opt}
     if opts["schedule"] == "cosine":
@@ -346,7 +348,9 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         sep += "---:|---:|---:|"
     head += " Adam ms/step | 1-bit ms/step |"
     sep += "---:|---:|"
-    options = ", ".join(k for k in ("step_bound", "local_momentum") if opts.get(k))
+    scale = opts.get("onebit_scale", "mean")
+    options = ", ".join([k for k in ("step_bound", "local_momentum") if opts.get(k)]
+                        + ([f"onebit_scale {scale}"] if scale != "mean" else []))
     lines = [
         f"## 1-bit Adam{f' ({options})' if options else ''} vs Adam ({opts['model']}, "
         f"{opts['precision']}, {where})", "",
@@ -364,6 +368,8 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
            if opts.get("step_bound") else "")
         + (", local_momentum (runtime/onebit_adam.py, equation (4'): each rank keeps its own momentum, the exchange "
            "averages it for the update only; ztune's option, not DeepSpeed's)" if opts.get("local_momentum") else "")
+        + (f", onebit_scale {opts['onebit_scale']} (the 1-bit code's per-block scale, runtime/comm/compress.py)"
+           if opts.get("onebit_scale", "mean") != "mean" else "")
         + f". Final loss = mean over the {world} ranks of each "
         f"rank's mean over its last {TAIL_STEPS} step losses. Bytes are per step after the warm-up: per rank, what "
         "the Comm wrapper counted (1-bit Adam: "
@@ -485,6 +491,8 @@ def main(argv: list[str]) -> int:
                     help="OneBitAdam step_bound: clamp the compression-stage step to Adam's bound (equation (9))")
     ap.add_argument("--local-momentum", action="store_true",
                     help="OneBitAdam local_momentum: each rank keeps its own momentum (equation (4'))")
+    ap.add_argument("--onebit-scale", choices=("mean", "rms"), default="mean",
+                    help="OneBitAdam onebit_scale: the 1-bit code's per-block scale")
     ap.add_argument("--onebit-only", action="store_true",
                     help="train only the OneBitAdam run of each seed (its Adam from another --partial file: the "
                          "warm-up is bitwise Adam's, so Adam's run does not depend on OneBitAdam's options)")
@@ -521,7 +529,7 @@ def main(argv: list[str]) -> int:
     opts = {"steps": args.steps, "freeze_step": args.freeze_step, "seeds": [int(s) for s in args.seeds.split(",")],
             "micro": args.micro, "seq": args.seq, "lr": args.lr, "model": args.model, "precision": args.precision,
             "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box,
-            "step_bound": args.step_bound, "local_momentum": args.local_momentum,
+            "step_bound": args.step_bound, "local_momentum": args.local_momentum, "onebit_scale": args.onebit_scale,
             "onebit_only": args.onebit_only, "noise_floor": args.noise_floor or args.noise_only,
             "perturb_at": args.perturb_at, "noise_only": args.noise_only,
             "partial": str(args.partial) if args.partial else None}

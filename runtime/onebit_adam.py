@@ -49,7 +49,9 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
   ~ lr r_t / (1 - b1) (10 x r_t at b1 = 0.9); with (4') by ~ lr r_t. Bytes are unchanged; each rank keeps one more
   numel of state (`local_momentum`, rank-local like the errors). docs/bench/onebit_adam.md has the measurements.
 - C[.] is runtime/comm/compress.py's 1-bit codec: per block of ONEBIT_CHUNK_NUMEL elements, the signs and
-  one fp32 scale (the block's mean |x|).
+  one fp32 scale: the block's mean |x| (default), or with onebit_scale "rms" its ||x|| / sqrt(block)
+  (DeepSpeed's OnebitAdam's kind of scale, there one per worker buffer): the code keeps the block's norm, where
+  the mean's code has sqrt(mean(x)^2 / mean(x^2)) of it and leaves the rest to the error feedback.
 - The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
   every worker's compressed piece r (rank r is piece r's server), then an all-gather of the compressed
   averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), 0.039x (1/25.6) of an
@@ -134,8 +136,8 @@ def mask_unfrozen_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return m.masked_fill_(v == 0, 0.0)
 
 
-def onebit_codec() -> Codec:
-    return Codec(Compression.ONEBIT)
+def onebit_codec(*, scale: str = "mean") -> Codec:
+    return Codec(Compression.ONEBIT, onebit_scale=scale)
 
 
 class OneBitAdam(torch.optim.Optimizer):
@@ -154,7 +156,7 @@ class OneBitAdam(torch.optim.Optimizer):
     def __init__(self, params: Iterable, *, comm: Comm, freeze_step: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  bias_correction: bool = True, valid_numel: dict[int, int] | None = None, step_bound: bool = False,
-                 local_momentum: bool = False, fused_cpu: bool = False):
+                 local_momentum: bool = False, onebit_scale: str = "mean", fused_cpu: bool = False):
         """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all).
         fused_cpu: the warm-up's AdamW runs the fused C++ CPU kernel (what the engine's AdamW runs on CPU when the
         kernel is built; runtime/initialize.py decides for both)."""
@@ -166,7 +168,7 @@ class OneBitAdam(torch.optim.Optimizer):
         self.freeze_step = freeze_step
         self.step_bound = step_bound
         self.local_momentum = local_momentum
-        self.codec = onebit_codec()
+        self.codec = onebit_codec(scale=onebit_scale)
         self.valid_numel = dict(valid_numel or {})
         self._exchanges: dict[int, object] = {}
         from ztune.runtime.optim_shard import build_shard_optimizer
@@ -271,11 +273,12 @@ class OneBitAdam(torch.optim.Optimizer):
 def build_onebit_adam(masters: list[torch.Tensor], *, valid_numels: list[int], comm: Comm, freeze_step: int,
                       lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
                       param_groups: list[dict] | None = None, step_bound: bool = False,
-                      local_momentum: bool = False, fused_cpu: bool = False) -> OneBitAdam:
+                      local_momentum: bool = False, onebit_scale: str = "mean",
+                      fused_cpu: bool = False) -> OneBitAdam:
     """OneBitAdam over `masters` (valid_numels[i]: master i's elements before its padding), or over torch-style
     `param_groups` of them (per-group overrides). fused_cpu: as the engine's AdamW (OneBitAdam.__init__)."""
     params = list(param_groups) if param_groups is not None else list(masters)
     return OneBitAdam(params, comm=comm, freeze_step=freeze_step, lr=lr, betas=betas, eps=eps,
                       weight_decay=weight_decay, bias_correction=bias_correction, step_bound=step_bound,
-                      local_momentum=local_momentum, fused_cpu=fused_cpu,
+                      local_momentum=local_momentum, onebit_scale=onebit_scale, fused_cpu=fused_cpu,
                       valid_numel={id(m): n for m, n in zip(masters, valid_numels, strict=True)})
