@@ -36,7 +36,8 @@ with the run's other options renders the table from it (e.g. from a run stopped 
 Before freeze_step the two runs of a seed are bitwise the same (OneBitAdam's warm-up steps through the engine's
 own AdamW, runtime/onebit_adam.py; tests/dist/test_onebit_adam.py::test_warmup_is_bitwise_the_engines_adamw), so
 the table's "ratio at step freeze_step" is 1.0000 and what differs after it is the compression stage alone.
-`--local-momentum`: OneBitAdam local_momentum (runtime/onebit_adam.py, equation (4')). `--onebit-only --partial F`
+`--local-momentum`: OneBitAdam local_momentum (runtime/onebit_adam.py, equation (4')); `--onebit-scale rms`: its
+onebit_scale (the 1-bit code's per-block scale, runtime/comm/compress.py). `--onebit-only --partial F`
 trains the OneBitAdam run of each seed alone (Adam's run does not depend on OneBitAdam's options: the warm-up is
 bitwise Adam's), rendered afterwards with `--render-from ADAM_RUNS --render-from F`.
 `--noise-floor` adds a third run per seed, Adam with one weight moved by one ulp of the compute dtype
