@@ -36,6 +36,10 @@ with the run's other options renders the table from it (e.g. from a run stopped 
 Before freeze_step the two runs of a seed are bitwise the same (OneBitAdam's warm-up steps through the engine's
 own AdamW, runtime/onebit_adam.py; tests/dist/test_onebit_adam.py::test_warmup_is_bitwise_the_engines_adamw), so
 the table's "ratio at step freeze_step" is 1.0000 and what differs after it is the compression stage alone.
+`--local-momentum`: OneBitAdam local_momentum (runtime/onebit_adam.py, equation (4')); `--onebit-scale rms`: its
+onebit_scale (the 1-bit code's per-block scale, runtime/comm/compress.py). `--onebit-only --partial F`
+trains the OneBitAdam run of each seed alone (Adam's run does not depend on OneBitAdam's options: the warm-up is
+bitwise Adam's), rendered afterwards with `--render-from ADAM_RUNS --render-from F`.
 `--noise-floor` adds a third run per seed, Adam with one weight moved by one ulp of the compute dtype
 (perturb_one_weight), and a table of how far it ends from Adam in the same measures: the spread between two Adam
 runs that differ only in the last bit, against which the 2% target has to be read in a setting as chaotic as
@@ -84,6 +88,8 @@ def run_names(opts: dict) -> list[str]:
     noise = [perturbed_label(opts.get("perturb_at", 0))]
     if opts.get("noise_only"):
         return noise
+    if opts.get("onebit_only"):
+        return ["OneBitAdam"]
     return ["Adam", "OneBitAdam"] + (noise if opts.get("noise_floor") else [])
 
 
@@ -93,6 +99,10 @@ def _config(*, optimizer: str, opts: dict) -> dict:
         opt["freeze_step"] = opts["freeze_step"]
         if opts.get("step_bound"):
             opt["step_bound"] = True
+        if opts.get("local_momentum"):
+            opt["local_momentum"] = True
+        if opts.get("onebit_scale", "mean") != "mean":
+            opt["onebit_scale"] = opts["onebit_scale"]
     cfg = {"zero": {"stage": 0}, "precision": opts["precision"], "batch": {"micro": opts["micro"], "grad_accum": 1},
            "seq_len": opts["seq"], "optimizer": opt}
     if opts["schedule"] == "cosine":
@@ -339,8 +349,11 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         sep += "---:|---:|---:|"
     head += " Adam ms/step | 1-bit ms/step |"
     sep += "---:|---:|"
+    scale = opts.get("onebit_scale", "mean")
+    options = ", ".join([k for k in ("step_bound", "local_momentum") if opts.get(k)]
+                        + ([f"onebit_scale {scale}"] if scale != "mean" else []))
     lines = [
-        f"## 1-bit Adam{' (step_bound)' if opts.get('step_bound') else ''} vs Adam ({opts['model']}, "
+        f"## 1-bit Adam{f' ({options})' if options else ''} vs Adam ({opts['model']}, "
         f"{opts['precision']}, {where})", "",
         f"Command: `{command}`  ",
         f"Date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}  ",
@@ -353,7 +366,12 @@ def render(results: list[dict], opts: dict, *, wall_s: float, command: str, load
         f"seed's); OneBitAdam freeze_step {opts['freeze_step']}"
         + (", step_bound (runtime/onebit_adam.py, equation (9): each element's compression-stage step clamped to "
            "Adam's own bound lr (1 - b1) / sqrt(1 - b2), Kingma & Ba 2015; ztune's option, not DeepSpeed's)"
-           if opts.get("step_bound") else "") + f". Final loss = mean over the {world} ranks of each "
+           if opts.get("step_bound") else "")
+        + (", local_momentum (runtime/onebit_adam.py, equation (4'): each rank keeps its own momentum, the exchange "
+           "averages it for the update only; ztune's option, not DeepSpeed's)" if opts.get("local_momentum") else "")
+        + (f", onebit_scale {opts['onebit_scale']} (the 1-bit code's per-block scale, runtime/comm/compress.py)"
+           if opts.get("onebit_scale", "mean") != "mean" else "")
+        + f". Final loss = mean over the {world} ranks of each "
         f"rank's mean over its last {TAIL_STEPS} step losses. Bytes are per step after the warm-up: per rank, what "
         "the Comm wrapper counted (1-bit Adam: "
         f"{', '.join(by[(seeds[0], 'OneBitAdam')]['ops_after'])}; Adam: the {opts['precision']} all-reduce of the "
@@ -472,6 +490,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lr-warmup", type=int, default=30, help="--schedule cosine: lr warm-up steps")
     ap.add_argument("--step-bound", action="store_true",
                     help="OneBitAdam step_bound: clamp the compression-stage step to Adam's bound (equation (9))")
+    ap.add_argument("--local-momentum", action="store_true",
+                    help="OneBitAdam local_momentum: each rank keeps its own momentum (equation (4'))")
+    ap.add_argument("--onebit-scale", choices=("mean", "rms"), default="mean",
+                    help="OneBitAdam onebit_scale: the 1-bit code's per-block scale")
+    ap.add_argument("--onebit-only", action="store_true",
+                    help="train only the OneBitAdam run of each seed (its Adam from another --partial file: the "
+                         "warm-up is bitwise Adam's, so Adam's run does not depend on OneBitAdam's options)")
     ap.add_argument("--noise-floor", action="store_true",
                     help="also train Adam with one weight moved by one ulp, per seed (the Adam-vs-Adam spread)")
     ap.add_argument("--perturb-at", type=int, default=0,
@@ -492,6 +517,10 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.perturb_at < args.steps:
         print(f"--perturb-at must be in [0, --steps), got {args.perturb_at}", file=sys.stderr)
         return 2
+    if args.onebit_only and args.partial is None and args.render_from is None:
+        print("--onebit-only needs --partial (its runs are rendered with Adam's: --render-from ADAM_RUNS "
+              "--render-from PARTIAL)", file=sys.stderr)
+        return 2
     if not 0 < args.freeze_step < args.steps:
         print(f"--freeze-step must be in [1, --steps), got {args.freeze_step}", file=sys.stderr)
         return 2
@@ -501,7 +530,8 @@ def main(argv: list[str]) -> int:
     opts = {"steps": args.steps, "freeze_step": args.freeze_step, "seeds": [int(s) for s in args.seeds.split(",")],
             "micro": args.micro, "seq": args.seq, "lr": args.lr, "model": args.model, "precision": args.precision,
             "schedule": args.schedule, "lr_warmup": args.lr_warmup, "box": args.box,
-            "step_bound": args.step_bound, "noise_floor": args.noise_floor or args.noise_only,
+            "step_bound": args.step_bound, "local_momentum": args.local_momentum, "onebit_scale": args.onebit_scale,
+            "onebit_only": args.onebit_only, "noise_floor": args.noise_floor or args.noise_only,
             "perturb_at": args.perturb_at, "noise_only": args.noise_only,
             "partial": str(args.partial) if args.partial else None}
     load_start = list(os.getloadavg())
@@ -537,6 +567,10 @@ def main(argv: list[str]) -> int:
 
         env = {"ZTUNE_LOCAL_WORLD_SIZE": "2"} if args.ranks == 4 else None
         results = run_ranks(train_all, world_size=args.ranks, args=(opts,), timeout_s=args.timeout_s, env=env)[0]
+    if args.onebit_only:  # no Adam run to compare with here: rendered later from the --partial files
+        print(f"{len(results)} OneBitAdam run(s) in {args.partial}; render with --render-from ADAM_RUNS "
+              f"--render-from {args.partial}")
+        return 0 if results else 1
     text = render(results, opts, wall_s=time.perf_counter() - start,
                   command="python benchmarks/bench_onebit_adam.py " + " ".join(argv),
                   load=(load_start, list(os.getloadavg())))

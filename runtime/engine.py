@@ -167,7 +167,9 @@ class Engine:
                 optim_args.pop(unused)
             self.optimizer = self._onebit = build_onebit_adam(
                 masters, valid_numels=[g.layout.numel for g in self.groups], comm=comm,
-                freeze_step=cfg.optimizer.freeze_step, step_bound=cfg.optimizer.step_bound, fused_cpu=fused_cpu_adam,
+                freeze_step=cfg.optimizer.freeze_step, step_bound=cfg.optimizer.step_bound,
+                local_momentum=cfg.optimizer.local_momentum, onebit_scale=cfg.optimizer.onebit_scale,
+                fused_cpu=fused_cpu_adam,
                 **optim_args)
         else:
             self.optimizer = build_shard_optimizer(masters, fused_cpu=fused_cpu_adam, **optim_args)

@@ -38,17 +38,30 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
           not, so an element whose gradient was tiny in the warm-up and grows later (the output-layer row of a
           token absent from the warm-up: its gradient p_j h is ~1e-4 of what it becomes once the token is a
           label) gets steps ~1e3 x lr without (9). docs/bench/onebit_adam.md has the measurements.
+  and, only with `local_momentum` (ztune's option, off by default; not in the paper nor in DeepSpeed's OnebitAdam),
+  (4) is replaced by
+      (4') m_t^(i) = b1 m_{t-1}^(i) + (1 - b1) g_t^(i)    (each worker's own momentum, m_{T_w}^(i) = m_{T_w})
+  and (5)-(6) exchange it for (7) only: the exchanged mb_t is the update's m_t, but no worker's momentum is
+  replaced by it. Momentum is linear, so (1/n) sum_i m_t^(i) is exactly the momentum (1) of the averaged gradient,
+  and the error feedback still makes sum_t mb_t track sum_t (1/n) sum_i m_t^(i) (Karimireddy et al. 2019). What
+  changes is where the code's error goes: in (4) the exchanged momentum, error included, is the next step's b1
+  m_{t-1}, so with r_t = (1/n) sum_i d_t^(i) + e_t the sum of the steps (7) is off Adam's with frozen variance by
+  ~ lr r_t / (1 - b1) (10 x r_t at b1 = 0.9); with (4') by ~ lr r_t. Bytes are unchanged; each rank keeps one more
+  numel of state (`local_momentum`, rank-local like the errors). docs/bench/onebit_adam.md has the measurements.
 - C[.] is runtime/comm/compress.py's 1-bit codec: per block of ONEBIT_CHUNK_NUMEL elements, the signs and
-  one fp32 scale (the block's mean |x|).
+  one fp32 scale: the block's mean |x| (default), or with onebit_scale "rms" its ||x|| / sqrt(block)
+  (DeepSpeed's OnebitAdam's kind of scale, there one per worker buffer): the code keeps the block's norm, where
+  the mean's code has sqrt(mean(x)^2 / mean(x^2)) of it and leaves the rest to the error feedback.
 - The exchange (5)-(6) is runtime/grad_reduce.CompressedExchange: an all-to-all in which rank r receives
   every worker's compressed piece r (rank r is piece r's server), then an all-gather of the compressed
   averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), 0.039x (1/25.6) of an
   fp32 all-reduce's 2 (n-1)/n x 4 numel at the 128-element block.
 
 State per master (optimizer.state[master]): step, exp_avg (m), exp_avg_sq (v; frozen after freeze_step),
-and from the first compressed step worker_error (d, the master's numel) and server_error (e, numel / n). m
-and v are the same on every rank; the two errors are this rank's own (RANK_LOCAL_KEYS in
-runtime/state/capture.py): a checkpoint stores them per rank and restores them at the same world size.
+and from the first compressed step worker_error (d, the master's numel) and server_error (e, numel / n), and with
+local_momentum, local_momentum (m^(i) of (4'), numel). m and v are the same on every rank; the errors and
+local_momentum are this rank's own (RANK_LOCAL_KEYS in runtime/state/capture.py): a checkpoint stores them per
+rank and restores them at the same world size.
 """
 
 from __future__ import annotations
@@ -123,8 +136,8 @@ def mask_unfrozen_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return m.masked_fill_(v == 0, 0.0)
 
 
-def onebit_codec() -> Codec:
-    return Codec(Compression.ONEBIT)
+def onebit_codec(*, scale: str = "mean") -> Codec:
+    return Codec(Compression.ONEBIT, onebit_scale=scale)
 
 
 class OneBitAdam(torch.optim.Optimizer):
@@ -136,13 +149,14 @@ class OneBitAdam(torch.optim.Optimizer):
     compression stage each master's step is a collective. Param groups carry lr, betas, eps, weight_decay,
     bias_correction (a scheduler may move lr); `freeze_step` is the optimizer's, as in DeepSpeed. step_bound:
     apply equation (9) in the compression stage (ztune's option; False is Tang et al.'s and DeepSpeed's update).
+    local_momentum: equation (4') instead of (4) (ztune's option; False is Tang et al.'s and DeepSpeed's).
     The warm-up steps go through `warmup_optimizer()` (module docstring); the engine calls it itself, so that the
     gradients reach it as they reach the engine's AdamW."""
 
     def __init__(self, params: Iterable, *, comm: Comm, freeze_step: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  bias_correction: bool = True, valid_numel: dict[int, int] | None = None, step_bound: bool = False,
-                 fused_cpu: bool = False):
+                 local_momentum: bool = False, onebit_scale: str = "mean", fused_cpu: bool = False):
         """valid_numel: id(master) -> its elements before the flat buffer's tail padding (default: all).
         fused_cpu: the warm-up's AdamW runs the fused C++ CPU kernel (what the engine's AdamW runs on CPU when the
         kernel is built; runtime/initialize.py decides for both)."""
@@ -153,7 +167,8 @@ class OneBitAdam(torch.optim.Optimizer):
         self.comm = comm
         self.freeze_step = freeze_step
         self.step_bound = step_bound
-        self.codec = onebit_codec()
+        self.local_momentum = local_momentum
+        self.codec = onebit_codec(scale=onebit_scale)
         self.valid_numel = dict(valid_numel or {})
         self._exchanges: dict[int, object] = {}
         from ztune.runtime.optim_shard import build_shard_optimizer
@@ -235,7 +250,14 @@ class OneBitAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 state["step"] = int(state["step"]) + 1  # int(): the warm-up's torch AdamW keeps a tensor
                 m, v = state["exp_avg"], state["exp_avg_sq"]  # v: frozen since freeze_step
-                momentum_(m, p.grad, beta1=beta1)  # (4), this rank's own gradient
+                if self.local_momentum:  # (4'): this rank's own momentum, never replaced by the exchanged one
+                    own = state.get("local_momentum")
+                    if own is None:
+                        own = state["local_momentum"] = m.clone()
+                    mask_unfrozen_(momentum_(own, p.grad, beta1=beta1), v)
+                    m.copy_(own)
+                else:
+                    momentum_(m, p.grad, beta1=beta1)  # (4), this rank's own gradient
                 self.exchange_momentum_(p, m, state)  # (5), (6), (8)
                 c1, c2 = bias_corrections(step=state["step"], variance_step=self.freeze_step,
                                           beta1=beta1, beta2=beta2, enabled=group["bias_correction"])
@@ -251,11 +273,12 @@ class OneBitAdam(torch.optim.Optimizer):
 def build_onebit_adam(masters: list[torch.Tensor], *, valid_numels: list[int], comm: Comm, freeze_step: int,
                       lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bias_correction: bool,
                       param_groups: list[dict] | None = None, step_bound: bool = False,
+                      local_momentum: bool = False, onebit_scale: str = "mean",
                       fused_cpu: bool = False) -> OneBitAdam:
     """OneBitAdam over `masters` (valid_numels[i]: master i's elements before its padding), or over torch-style
     `param_groups` of them (per-group overrides). fused_cpu: as the engine's AdamW (OneBitAdam.__init__)."""
     params = list(param_groups) if param_groups is not None else list(masters)
     return OneBitAdam(params, comm=comm, freeze_step=freeze_step, lr=lr, betas=betas, eps=eps,
                       weight_decay=weight_decay, bias_correction=bias_correction, step_bound=step_bound,
-                      fused_cpu=fused_cpu,
+                      local_momentum=local_momentum, onebit_scale=onebit_scale, fused_cpu=fused_cpu,
                       valid_numel={id(m): n for m, n in zip(masters, valid_numels, strict=True)})

@@ -71,16 +71,22 @@ def int8_decompress(values: torch.Tensor, scales: torch.Tensor, *, chunk_numel: 
     return (_chunked(values.float(), chunk_numel) * scales[:, None]).view(-1)[:numel]
 
 
-def onebit_compress(x: torch.Tensor, *, chunk_numel: int = ONEBIT_CHUNK_NUMEL) -> tuple[torch.Tensor, torch.Tensor]:
+def onebit_compress(x: torch.Tensor, *, chunk_numel: int = ONEBIT_CHUNK_NUMEL, scale: str = "mean"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (signs packed 8 per byte, most significant bit first, 1 = non-negative [ceil(numel / 8)],
-    scales fp32 = mean |x| per chunk [ceil(numel / chunk)]). decompress(x) = sign(x) * scale: the scale that
-    minimises the squared error for a fixed sign pattern."""
+    scales fp32 [ceil(numel / chunk)]). decompress(x) = sign(x) * scale, the scale per chunk being
+    scale="mean": mean |x|, the one that minimises the squared error for a fixed sign pattern (Seide et al. 2014);
+    scale="rms": ||x|| / sqrt(chunk), the one whose code has the chunk's norm (DeepSpeed's OnebitAdam, there one
+    per worker buffer and one per server chunk)."""
     x = x.float()
     numel = x.numel()
     chunks = _chunked(x, chunk_numel)
     counts = torch.full((chunks.shape[0],), float(chunk_numel))
     counts[-1] = numel - (chunks.shape[0] - 1) * chunk_numel
-    scales = torch.linalg.vector_norm(chunks, ord=1, dim=1) / counts  # sum |x| in one pass, no |x| copy
+    if scale == "rms":
+        scales = torch.linalg.vector_norm(chunks, ord=2, dim=1) / counts.sqrt_()
+    else:
+        scales = torch.linalg.vector_norm(chunks, ord=1, dim=1) / counts  # sum |x| in one pass, no |x| copy
     bits = x >= 0
     pad = -numel % 8
     if pad:
@@ -127,6 +133,7 @@ class Codec:
     method: Compression
     topk_ratio: float = 0.01
     value_dtype: torch.dtype = torch.float32  # top-k's values are sent in the gradient dtype
+    onebit_scale: str = "mean"  # onebit's per-chunk scale: "mean" |x| or "rms" (onebit_compress)
 
     def payload_bytes(self, numel: int) -> int:
         """Wire bytes for `numel` elements, padded to a multiple of 4."""
@@ -147,7 +154,7 @@ class Codec:
         if self.method is Compression.INT8:
             values, head = int8_compress(x)
         elif self.method is Compression.ONEBIT:
-            values, head = onebit_compress(x)
+            values, head = onebit_compress(x, scale=self.onebit_scale)
         else:
             values, head = topk_compress(x, k=topk_numel(numel, self.topk_ratio), value_dtype=self.value_dtype)
         head_bytes, value_bytes = head.view(torch.uint8), values.reshape(-1).view(torch.uint8)

@@ -96,9 +96,10 @@ def restore_hyper(optimizer: torch.optim.Optimizer, hyper: dict | list, *, where
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
-# State that differs from rank to rank (1-bit Adam's error-feedback residuals, runtime/onebit_adam.py): not
-# a shard of a replicated or sharded vector, so each rank saves its own whole tensors (rank_local_state).
-RANK_LOCAL_KEYS = frozenset({"worker_error", "server_error"})
+# State that differs from rank to rank (1-bit Adam's error-feedback residuals and, with local_momentum, its own
+# momentum; runtime/onebit_adam.py): not a shard of a replicated or sharded vector, so each rank saves its own
+# whole tensors (rank_local_state).
+RANK_LOCAL_KEYS = frozenset({"worker_error", "server_error", "local_momentum"})
 
 
 def shard_state_keys(optimizer: torch.optim.Optimizer, master: torch.Tensor) -> list[str]:

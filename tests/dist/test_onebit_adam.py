@@ -9,6 +9,8 @@
 - checkpoint: saved after the freeze, loaded into a fresh engine, the next steps are bitwise the
   uninterrupted run's (momentum, frozen variance, both error buffers and the step restored);
 - fp16 with gradient accumulation: an overflow on one rank after the freeze skips the step on both;
+- local_momentum (equation (4')): every step against the reference with each worker's own momentum, within 1e-6,
+  and resumed from a checkpoint after the freeze bitwise (each rank's own momentum restored as its own);
 - step_bound (equation (9)), on batches whose feature 0 is 1e-4 of its size in the warm-up: every step against
   the reference with its own clamp, within 1e-6, and far from the unbounded reference (the clamp engages).
 A second spawn (test_warmup_is_bitwise_the_engines_adamw): in bf16 with a moving lr, every warm-up step's
@@ -60,10 +62,10 @@ def _loss(out, y):
     return (out - y).pow(2).mean()
 
 
-def _config(*, step_bound: bool = False) -> dict:
+def _config(*, step_bound: bool = False, local_momentum: bool = False) -> dict:
     return {"zero": {"stage": 0}, "precision": "fp32", "batch": {"micro": 6, "grad_accum": 1},
             "optimizer": {"type": "OneBitAdam", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD,
-                          "freeze_step": FREEZE, "step_bound": step_bound}}
+                          "freeze_step": FREEZE, "step_bound": step_bound, "local_momentum": local_momentum}}
 
 
 def _flat(engine) -> torch.Tensor:
@@ -81,7 +83,7 @@ def _train(engine, rank: int, steps: range, batch=_batch) -> list[torch.Tensor]:
 
 
 def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch.Tensor, *, step_bound: bool = False,
-               batch=_batch):
+               local_momentum: bool = False, batch=_batch):
     """The reference trajectory (masters after each step) and torch AdamW's for the warm-up steps."""
     from tests.helpers.onebit_ref import ReferenceOneBitAdam
 
@@ -111,7 +113,8 @@ def _reference(rank: int, world_size: int, model: nn.Module, engine, init: torch
 
     assert len(engine.groups) == 1  # one flat vector: the reference keeps its padding's momentum at zero
     ref = ReferenceOneBitAdam(init.clone(), world_size=world_size, freeze_step=FREEZE, lr=LR, betas=BETAS, eps=EPS,
-                              weight_decay=WD, valid_numel=engine.groups[0].layout.numel, step_bound=step_bound)
+                              weight_decay=WD, valid_numel=engine.groups[0].layout.numel, step_bound=step_bound,
+                              local_momentum=local_momentum)
     adamw_x = init.clone().requires_grad_(True)
     adamw = torch.optim.AdamW([adamw_x], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     ref_traj, adamw_traj = [], []
@@ -158,12 +161,36 @@ def _run(rank: int, world_size: int, ckpt_dir: str) -> dict:
                                 batch=_grown_batch)
     unbounded_ref, _ = _reference(rank, world_size, copy.deepcopy(bounded_ref_model), bounded, init.clone(),
                                   batch=_grown_batch)
-    return {"mixed": mixed, "bounded": bounded_traj, "bounded_ref": bounded_ref, "unbounded_ref": unbounded_ref,
+    local = _local_momentum(rank, world_size, ckpt_dir + "-local")
+    return {"local": local, "mixed": mixed, "bounded": bounded_traj, "bounded_ref": bounded_ref, "unbounded_ref": unbounded_ref,
             "traj": traj, "ref": ref_traj, "adamw": adamw_traj, "resumed": resumed_traj, "ops": report["ops"],
             "sent_per_step": report["bytes_sent_total"] / (STEPS - SAVE_AT), "padded": padded,
             "num_params": report["num_params"],
             "num_groups": len(engine.groups), "errors_nonzero": errors_nonzero,
             "compressing": engine.optimizer.compressing}
+
+
+def _local_momentum(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    """local_momentum (equation (4')): the trajectory, the reference's, each rank's own momentum, and a run resumed
+    from a checkpoint saved after the freeze (each rank's own momentum is rank-local state)."""
+    import ztune
+
+    torch.manual_seed(0)
+    model = _Net()
+    ref_model = copy.deepcopy(model)
+    engine, *_ = ztune.initialize(model, _config(local_momentum=True))
+    init = _flat(engine)
+    traj = _train(engine, rank, range(SAVE_AT))
+    engine.save_checkpoint(ckpt_dir)
+    traj += _train(engine, rank, range(SAVE_AT, STEPS))
+    own = engine.optimizer.state[engine.groups[0].master]["local_momentum"].clone()
+    torch.manual_seed(123)
+    resumed, *_ = ztune.initialize(_Net(), _config(local_momentum=True))
+    resumed.load_checkpoint(ckpt_dir)
+    resumed_traj = _train(resumed, rank, range(SAVE_AT, STEPS))
+    ref_traj, _ = _reference(rank, world_size, ref_model, engine, init, local_momentum=True)
+    return {"traj": traj, "ref": ref_traj, "own": own, "resumed": resumed_traj,
+            "resumed_own": resumed.optimizer.state[resumed.groups[0].master]["local_momentum"].clone()}
 
 
 def _mixed_precision(rank: int) -> dict:
@@ -218,6 +245,18 @@ def test_onebit_adam_two_ranks(tmp_path):
     for step in range(SAVE_AT, STEPS):
         for r in results:
             torch.testing.assert_close(r["resumed"][step - SAVE_AT], r["traj"][step], rtol=0, atol=0)
+    l0, l1 = r0["local"], r1["local"]
+    for step in range(STEPS):  # local_momentum: equation (4') against the reference's own momenta
+        torch.testing.assert_close(l0["traj"][step], l1["traj"][step], rtol=0, atol=0)
+        assert _rel(l0["traj"][step], l0["ref"][step]) <= 1e-6, f"local_momentum: step {step + 1} differs"
+        for r in results:
+            if step >= SAVE_AT:
+                torch.testing.assert_close(r["local"]["resumed"][step - SAVE_AT], r["local"]["traj"][step], rtol=0,
+                                           atol=0)
+    assert (l0["own"] - l1["own"]).abs().max() > 0  # each rank's own momentum, restored as its own
+    for r in results:
+        torch.testing.assert_close(r["local"]["resumed_own"], r["local"]["own"], rtol=0, atol=0)
+    assert (l0["traj"][-1] - r0["traj"][-1]).abs().max() > 0  # not the default algorithm's path
     # Bytes per rank per compression-stage step: one all-to-all and one all-gather of 1-bit pieces (sign bits
     # + one fp32 scale per block, padded to 4 bytes) per flat group, (n - 1)/n of each on the wire; nothing else.
     assert set(r0["ops"]) == {"all_to_all", "all_gather"}

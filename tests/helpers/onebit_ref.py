@@ -17,14 +17,15 @@ from ztune.runtime.comm.compress import onebit_compress, onebit_decompress
 from ztune.runtime.onebit_adam import adam_update_, bias_corrections, momentum_, variance_
 
 
-def compress_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """C[x]: signs times each block's mean |x| (the value the receiver decodes)."""
-    packed, scales = onebit_compress(x, chunk_numel=ONEBIT_CHUNK_NUMEL)
+def compress_roundtrip(x: torch.Tensor, *, scale: str = "mean") -> torch.Tensor:
+    """C[x]: signs times each block's mean |x|, or with scale "rms" its ||x|| / sqrt(block) (the value the
+    receiver decodes)."""
+    packed, scales = onebit_compress(x, chunk_numel=ONEBIT_CHUNK_NUMEL, scale=scale)
     return onebit_decompress(packed, scales, numel=x.numel(), chunk_numel=ONEBIT_CHUNK_NUMEL)
 
 
 def exchange(local_m: list[torch.Tensor], worker_err: list[torch.Tensor], server_err: list[torch.Tensor], *,
-             worker_feedback: bool = True, server_feedback: bool = True) -> torch.Tensor:
+             worker_feedback: bool = True, server_feedback: bool = True, scale: str = "mean") -> torch.Tensor:
     """Equations (5)-(6) for n workers: the averaged momentum every worker receives. worker_err[i] (numel) and
     server_err[r] (numel / n) are updated in place; *_feedback=False drops that side's error feedback."""
     n = len(local_m)
@@ -32,7 +33,7 @@ def exchange(local_m: list[torch.Tensor], worker_err: list[torch.Tensor], server
     received: list[list[torch.Tensor]] = [[] for _ in range(n)]  # received[r][i]: worker i's piece r
     for i in range(n):
         y = worker_err[i] + local_m[i] if worker_feedback else local_m[i].clone()
-        sent = [compress_roundtrip(y[r * piece:(r + 1) * piece]) for r in range(n)]
+        sent = [compress_roundtrip(y[r * piece:(r + 1) * piece], scale=scale) for r in range(n)]
         for r in range(n):
             received[r].append(sent[r])
         if worker_feedback:
@@ -44,7 +45,7 @@ def exchange(local_m: list[torch.Tensor], worker_err: list[torch.Tensor], server
             total += t
         avg = total.div_(n)
         z = server_err[r] + avg if server_feedback else avg
-        mb = compress_roundtrip(z)
+        mb = compress_roundtrip(z, scale=scale)
         if server_feedback:
             server_err[r].copy_(z - mb)
         out.append(mb)
@@ -56,14 +57,19 @@ class ReferenceOneBitAdam:
 
     def __init__(self, x: torch.Tensor, *, world_size: int, freeze_step: int, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, bias_correction: bool = True, valid_numel: int | None = None,
-                 step_bound: bool = False):
+                 step_bound: bool = False, local_momentum: bool = False, onebit_scale: str = "mean"):
         """valid_numel: elements of x before its padding, whose momentum is held at zero (default: all).
-        step_bound: equation (9) after the freeze, written out here (not the runtime's bounded_update_)."""
+        step_bound: equation (9) after the freeze, written out here (not the runtime's bounded_update_).
+        local_momentum: equation (4'), each worker's own momentum of its own gradients (own_m[i]), exchanged for
+        the update only. onebit_scale: the code's per-block scale ("mean" or "rms")."""
         self.x, self.n, self.freeze_step = x, world_size, freeze_step
         self.valid_numel = x.numel() if valid_numel is None else valid_numel
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.bias_correction = bias_correction
         self.step_bound = step_bound
+        self.local_momentum = local_momentum
+        self.onebit_scale = onebit_scale
+        self.own_m: list[torch.Tensor] | None = None
         self.m, self.v = torch.zeros_like(x), torch.zeros_like(x)
         self.worker_err = [torch.zeros_like(x) for _ in range(world_size)]
         self.server_err = [torch.zeros(x.numel() // world_size) for _ in range(world_size)]
@@ -75,9 +81,20 @@ class ReferenceOneBitAdam:
         beta1, beta2 = self.betas
         compress = self.step_count >= self.freeze_step
         self.step_count += 1
-        if compress:
+        if compress and self.local_momentum:
+            if self.own_m is None:  # from the freeze on, each worker's own (the warm-up's m is everyone's)
+                self.own_m = [self.m.clone() for _ in grads]
+            for own, g in zip(self.own_m, grads, strict=True):
+                momentum_(own, g, beta1=beta1)
+                own[self.v == 0] = 0
+            self.m = exchange([own.clone() for own in self.own_m], self.worker_err, self.server_err,
+                              scale=self.onebit_scale, **feedback)
+            self.m[self.valid_numel:] = 0
+            if mask_zero_variance:
+                self.m[self.v == 0] = 0
+        elif compress:
             local = [momentum_(self.m.clone(), g, beta1=beta1) for g in grads]
-            self.m = exchange(local, self.worker_err, self.server_err, **feedback)
+            self.m = exchange(local, self.worker_err, self.server_err, scale=self.onebit_scale, **feedback)
             self.m[self.valid_numel:] = 0
             if mask_zero_variance:  # equation (8): no momentum where the frozen variance is zero
                 self.m[self.v == 0] = 0

@@ -440,6 +440,13 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
             if o.step_bound:  # DeepSpeed's OnebitAdam would train without it: never dropped silently
                 raise ConfigError("optimizer.step_bound: true has no DeepSpeed equivalent (OnebitAdam has no bound "
                                   "on its compression-stage step); set it to false to export a DeepSpeed config")
+            if o.onebit_scale != "mean":
+                raise ConfigError(f"optimizer.onebit_scale: {o.onebit_scale} has no DeepSpeed equivalent (OnebitAdam's "
+                                  "scale is one per worker buffer); set it to mean to export a DeepSpeed config")
+            if o.local_momentum:
+                raise ConfigError("optimizer.local_momentum: true has no DeepSpeed equivalent (OnebitAdam replaces "
+                                  "each rank's momentum by the exchanged one); set it to false to export a DeepSpeed "
+                                  "config")
     opt_type = o.type.value
     doc: dict[str, Any] = {}
     if cfg.batch.global_ is not None:

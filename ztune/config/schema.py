@@ -141,6 +141,13 @@ class OptimizerConfig:
     # OneBitAdam only, ztune's own (not a DeepSpeed key): after freeze_step, clamp each element's step to Adam's
     # bound lr (1 - b1) / sqrt(1 - b2) (runtime/onebit_adam.py, equation (9)). False: Tang et al.'s update.
     step_bound: bool = False
+    # OneBitAdam only, ztune's own (not a DeepSpeed key): after freeze_step, each rank keeps its own momentum of its
+    # own gradients and the 1-bit exchange averages it for the update only (runtime/onebit_adam.py, equation (4')).
+    # False: Tang et al.'s algorithm, where the exchanged momentum replaces every rank's.
+    local_momentum: bool = False
+    # OneBitAdam only, ztune's own: the 1-bit code's scale per 128-element block, "mean" (mean |x|, Tang et al.'s
+    # and Seide et al.'s) or "rms" (||x|| / sqrt(128): the block's norm, DeepSpeed's OnebitAdam's kind of scale).
+    onebit_scale: str = "mean"
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,8 @@ def _check_onebit_adam(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"gradient_clipping: {cfg.gradient_clipping} with OneBitAdam is not supported (after "
                           "freeze_step only the compressed momentum is exchanged, so no rank has the global "
                           "gradient norm); set it to 0")
+    if cfg.optimizer.onebit_scale not in ("mean", "rms"):
+        raise ConfigError(f"optimizer.onebit_scale: got {cfg.optimizer.onebit_scale!r}; must be mean or rms")
     if cfg.optimizer.freeze_step < 1:
         raise ConfigError(f"optimizer.freeze_step: got {cfg.optimizer.freeze_step}; must be >= 1 (the frozen "
                           "variance comes from the full-precision warm-up steps)")
@@ -214,11 +216,11 @@ def _check_onebit_adam(cfg: TrainConfig) -> TrainConfig:
 
 def _check_optimizer_fields(o: OptimizerConfig) -> None:
     """A hyper-parameter the chosen optimizer has no use for is an error, never silently unused (SGD has no
-    betas / eps / bias_correction; Adam and AdamW have no momentum; only OneBitAdam has freeze_step and
-    step_bound)."""
+    betas / eps / bias_correction; Adam and AdamW have no momentum; only OneBitAdam has freeze_step,
+    step_bound, local_momentum and onebit_scale)."""
     unused = ("betas", "eps", "bias_correction") if o.type is OptimizerType.SGD else ("momentum",)
     if o.type is not OptimizerType.ONEBIT_ADAM:
-        unused += ("freeze_step", "step_bound")
+        unused += ("freeze_step", "step_bound", "local_momentum", "onebit_scale")
     default = OptimizerConfig()
     for name in unused:
         if getattr(o, name) != getattr(default, name):
