@@ -125,3 +125,25 @@ def test_reserve_and_host_per_node():
     per = state_bytes_per_param(precision=Precision.BF16, optimizer=OptimizerType.ADAMW)
     off = model_state_memory(num_params=PSI, world_size=8, stage=2, per_param=per, offload_optimizer=True)
     assert host_memory_per_node(states=off, activation_host_bytes=100, gpus_per_node=8) == 8 * (off.host_bytes + 100)
+
+
+def test_onebit_adam_local_momentum_adds_one_fp32_buffer_and_the_estimate_counts_it():
+    from ztune.config.io import from_dict
+    from ztune.cost.estimate import estimate
+    from ztune.profiles import load_hardware, load_model
+
+    for prec, k in ((Precision.BF16, 16), (Precision.FP32, 12)):
+        plain = state_bytes_per_param(precision=prec, optimizer=OptimizerType.ONEBIT_ADAM)
+        local = state_bytes_per_param(precision=prec, optimizer=OptimizerType.ONEBIT_ADAM, local_momentum=True)
+        assert (plain.optimizer, local.optimizer) == (k, k + 4) and "local_momentum" in local.description
+    # AdamW has no such buffer, whatever the flag says (the config refuses it there anyway)
+    assert state_bytes_per_param(precision=Precision.BF16, optimizer=OptimizerType.ADAMW,
+                                 local_momentum=True).optimizer == 12
+    doc = {"zero": {"stage": 0}, "precision": "bf16", "batch": {"micro": 1, "grad_accum": 1}, "seq_len": 128,
+           "optimizer": {"type": "OneBitAdam", "freeze_step": 10}}
+    model, hw = load_model("tiny-llama"), load_hardware("cpu-local")
+    without = estimate(model, hw, from_dict(doc), num_nodes=1)
+    doc["optimizer"]["local_momentum"] = True
+    with_local = estimate(model, hw, from_dict(doc), num_nodes=1)
+    psi = with_local.num_params
+    assert with_local.memory_per_gpu.optimizer - without.memory_per_gpu.optimizer == 4 * psi

@@ -248,6 +248,7 @@ def _memory(model: ModelSpec, counts: ParamCounts, hw: Hardware, cfg: TrainConfi
             micro_batch: int, framework: Framework = DEFAULT_FRAMEWORK) -> _Memory:
     z = cfg.zero
     per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
+                                      local_momentum=cfg.optimizer.local_momentum,
                                       momentum=cfg.optimizer.momentum)
     split = _split(model, counts, framework)
     states = model_state_memory(num_params=split.trainable, world_size=world_size, stage=z.stage,
@@ -315,6 +316,7 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     z = cfg.zero
     mem = _memory(model, counts, hw, cfg, world_size=world, micro_batch=micro, framework=framework)
     per_param = state_bytes_per_param(precision=cfg.precision, optimizer=cfg.optimizer.type,
+                                      local_momentum=cfg.optimizer.local_momentum,
                                       momentum=cfg.optimizer.momentum)
 
     link = ring_link(hw, num_nodes=num_nodes, bandwidth_efficiency=efficiency.bandwidth)

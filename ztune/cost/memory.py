@@ -54,13 +54,14 @@ class StateBytesPerParam:
         return self.param + self.grad + self.optimizer
 
 
-def state_bytes_per_param(*, precision: Precision, optimizer: OptimizerType, momentum: float = 0.0
-                          ) -> StateBytesPerParam:
+def state_bytes_per_param(*, precision: Precision, optimizer: OptimizerType, momentum: float = 0.0,
+                          local_momentum: bool = False) -> StateBytesPerParam:
     """Bytes per parameter for (precision, optimizer).
 
     - bf16/fp16 + Adam(W): 2 + 2 + K=12 (fp32 master 4 + m 4 + v 4): the ZeRO paper's 16 bytes/param.
     - fp32 + Adam(W): 4 + 4 + K=8 (m, v; the params themselves are the fp32 master, no copy).
-    - OneBitAdam: Adam's plus the fp32 worker error-feedback buffer (K = 16 at bf16/fp16, 12 at fp32).
+    - OneBitAdam: Adam's plus the fp32 worker error-feedback buffer (K = 16 at bf16/fp16, 12 at fp32), plus with
+      `local_momentum` (ztune's option, runtime/onebit_adam.py equation (4')) each rank's own fp32 momentum (K + 4).
     - SGD: one fp32 momentum buffer when momentum > 0, none otherwise; mixed precision adds the fp32 master
       (K = 8 or 4 at bf16/fp16; K = 4 or 0 at fp32).
     """
@@ -76,7 +77,10 @@ def state_bytes_per_param(*, precision: Precision, optimizer: OptimizerType, mom
             # 1-bit Adam's worker error-feedback buffer, fp32 over every parameter (Tang et al. 2021, Algorithm
             # 1; runtime/onebit_adam.py). Its server buffer adds 4/n bytes/param, left out of this per-param K.
             moments += FP32_BYTES
-        name = optimizer.value
+            if local_momentum:  # each rank's own momentum beside the exchanged one (equation (4'))
+                moments += FP32_BYTES
+        name = optimizer.value + (" with local_momentum" if optimizer is OptimizerType.ONEBIT_ADAM and local_momentum
+                                  else "")
     k = master + moments
     what = "fp32 master + moments" if low else "moments (params are the fp32 master)"
     return StateBytesPerParam(
