@@ -110,6 +110,29 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
 
+def _step_tensors(numel: int, dtype: str):
+    """(fp32 master, `dtype` parameter (the master itself at fp32), `dtype` gradient) of `numel` elements, seeded."""
+    import torch
+
+    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(0)
+    master = torch.randn(numel, generator=gen).mul_(0.02)
+    param = master if low is torch.float32 else master.to(low)
+    return master, param, torch.randn(numel, generator=gen).mul_(1e-3).to(low)
+
+
+def _timed(step, *, repeats: int, before) -> list[float]:
+    """Seconds of `repeats` calls of `step()` after one untimed call, followed by `before()`."""
+    step()
+    before()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
     """Seconds of `repeats` optimizer steps (after one untimed step that allocates the moments) over `numel` fp32
     master elements with gradients and parameters in `dtype`, as runtime/engine.py `step` runs them on CPU-resident
@@ -124,24 +147,16 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
     from ztune.runtime.initialize import _use_fused_cpu_adam
     from ztune.runtime.optim_shard import build_shard_optimizer, step_shards
 
-    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    gen = torch.Generator().manual_seed(0)
-    master = torch.randn(numel, generator=gen).mul_(0.02)
-    param = master if low is torch.float32 else master.to(low)
-    grad = torch.randn(numel, generator=gen).mul_(1e-3).to(low)
+    master, param, grad = _step_tensors(numel, dtype)
     fused = _use_fused_cpu_adam(TrainConfig(), device=torch.device("cpu"), kind=OptimizerType.ADAMW)
     optimizer = build_shard_optimizer([master], kind=OptimizerType.ADAMW, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=0.0, momentum=0.0, fused_cpu=fused)
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
+
+    def step():
         squared_norm([grad]).item()  # as runtime/engine.py step
         step_shards(optimizer, masters=[master], grads=[grad], param_shards=[param], grad_divisor=1.0)
-        if i:
-            times.append(time.perf_counter() - start)
-        else:  # the first step allocates and faults in m and v
-            before()
-    return times
+
+    return _timed(step, repeats=repeats, before=before)  # the untimed first step allocates m and v
 
 
 def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
@@ -155,27 +170,19 @@ def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: Non
 
     from ztune.runtime.onebit_adam import adam_update_, mask_unfrozen_, momentum_
 
-    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    gen = torch.Generator().manual_seed(0)
-    master = torch.randn(numel, generator=gen).mul_(0.02)
-    param = master if low is torch.float32 else master.to(low)
-    grad = torch.randn(numel, generator=gen).mul_(1e-3).to(low)
+    master, param, grad = _step_tensors(numel, dtype)
     m = torch.zeros(numel)
-    v = torch.rand(numel, generator=gen).mul_(1e-6)  # a frozen variance: positive, so (8) masks nothing
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
+    v = torch.rand(numel, generator=torch.Generator().manual_seed(1)).mul_(1e-6)  # frozen, positive: (8) masks none
+
+    def step():
         g32 = grad if grad.dtype == torch.float32 else grad.float()
         momentum_(m, g32, beta1=0.9)
         mask_unfrozen_(m, v)
         adam_update_(master, m, v, lr=1e-4, eps=1e-8, weight_decay=0.0, c1=1.0, c2=0.14)
         if param is not master:
             param.copy_(master)
-        if i:
-            times.append(time.perf_counter() - start)
-        else:
-            before()
-    return times
+
+    return _timed(step, repeats=repeats, before=before)
 
 
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
