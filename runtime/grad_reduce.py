@@ -73,7 +73,7 @@ class CompressedExchange:
         b, n = self.piece_bytes, self.shard_numel
         total = self.codec.decode(recv[:b], numel=n)
         for r in range(1, self.num_pieces):
-            total += self.codec.decode(recv[r * b:(r + 1) * b], numel=n)
+            self.codec.decode_into(recv[r * b:(r + 1) * b], total, mode=1)  # total += decode(piece r)
         return total
 
     def gather(self, reduced: torch.Tensor, out: torch.Tensor) -> None:
@@ -83,7 +83,7 @@ class CompressedExchange:
         self.comm.all_gather(gathered, mine)
         b, n = self.piece_bytes, self.shard_numel
         for r in range(self.num_pieces):
-            out[r * n:(r + 1) * n].copy_(self.codec.decode(gathered[r * b:(r + 1) * b], numel=n))
+            self.codec.decode_into(gathered[r * b:(r + 1) * b], out[r * n:(r + 1) * n])
 
     def residuals(self) -> list[torch.Tensor]:
         return [t for t in (self.worker.residual, self.server.residual) if t is not None]

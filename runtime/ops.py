@@ -1,35 +1,23 @@
 """Fused CPU Adam/AdamW step for offloaded optimizer shards, with a pure-torch fallback.
 
 The C++ kernel (csrc/cpu_adam.cpp) is built on first use with torch.utils.cpp_extension.load into a cache
-directory keyed by the sources, flags and torch version, so later processes reuse it. It exposes a plain C
-ABI called through ctypes: no torch/pybind11 headers, so the build takes seconds, and ctypes releases the GIL
-for the call. When it cannot be built (no compiler, no ninja) or ZTUNE_DISABLE_CPP_ADAM=1 is set, the same math
-runs as torch ops, with one warning per process saying why.
-
-Build cache: $ZTUNE_EXT_DIR (default ~/.cache/ztune/ext) / <16 hex digits of sha256(sources, flags, torch
-version, $CXX)>; torch's file lock there makes concurrent first builds (several ranks) safe. After a build, a
-marker file records the library's size and mtime; a later process that finds both loads the library directly,
-without torch's builder. That matters: cpp_extension.load re-runs ninja in every new process, and two ninja
-versions on one machine (a system /usr/bin/ninja 1.11 writing `.ninja_log` v5, the PyPI wheel's 1.13 in the
-venv writing v7) each discard the other's log and recompile: ~11.5 s per spawned rank on 2 cores, even though
-the library was up to date. The direct load also skips importing setuptools (~0.3 s).
+directory keyed by the sources, flags and torch version, so later processes reuse it
+(runtime/kernel_loader.py build_cpp_library, which also describes the cache). It exposes a plain C ABI called
+through ctypes: no torch/pybind11 headers, so the build takes seconds, and ctypes releases the GIL for the
+call. When it cannot be built (no compiler, no ninja) or ZTUNE_DISABLE_CPP_ADAM=1 is set, the same math runs as
+torch ops, with one warning per process saying why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import importlib.resources
 import logging
-import os
-import shutil
-from pathlib import Path
 
 import torch
 
 from ztune.errors import UserError
-from ztune.runtime.kernel_loader import DTYPE_CODES, Backend, LazyBackend, check_adam_tensors
+from ztune.runtime.kernel_loader import DTYPE_CODES, Backend, LazyBackend, build_cpp_library, check_adam_tensors
 
 __all__ = [
     "CppAdamFallbackWarning",
@@ -50,7 +38,6 @@ _SOURCES = ("cpu_adam.cpp", "cpu_adam.h")
 _CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 _DISABLE_ENV = "ZTUNE_DISABLE_CPP_ADAM"
-_EXT_DIR_ENV = "ZTUNE_EXT_DIR"
 
 
 class CppAdamFallbackWarning(UserWarning):
@@ -169,32 +156,7 @@ def torch_adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2,
 
 
 def _build_library() -> ctypes.CDLL:
-    src_dir = importlib.resources.files("ztune.csrc")
-    sources = [Path(str(src_dir / name)) for name in _SOURCES]
-    digest = hashlib.sha256()
-    for path in sources:
-        digest.update(path.read_bytes())
-    compiler = os.environ.get("CXX", "c++")
-    digest.update(repr((_CFLAGS, _LDFLAGS, torch.__version__, compiler)).encode())
-    key = digest.hexdigest()[:16]
-    root = Path(os.environ.get(_EXT_DIR_ENV) or Path.home() / ".cache" / "ztune" / "ext")
-    build_dir = root / key
-    name = f"ztune_cpu_adam_{key}"
-    lib_path = build_dir / f"{name}.so"
-    marker = build_dir / f"{name}.built"
-    if not _marker_matches(marker, lib_path):
-        from torch.utils import cpp_extension  # imported here: it is slow and only needed for a build
-
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _ensure_ninja_on_path()
-        built = cpp_extension.load(
-            name=name, sources=[str(sources[0])], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
-            build_directory=str(build_dir), is_python_module=False, verbose=False,
-        )
-        # torch returns the library path here; older versions returned None after loading it.
-        lib_path = Path(built) if isinstance(built, str) else lib_path
-        _write_marker(marker, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    lib = build_cpp_library(name="ztune_cpu_adam", sources=_SOURCES, cflags=_CFLAGS, ldflags=_LDFLAGS)
     lib.zt_adam_step.restype = ctypes.c_int
     lib.zt_adam_step.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -205,34 +167,3 @@ def _build_library() -> ctypes.CDLL:
     lib.zt_cpu_supports.restype = ctypes.c_int
     lib.zt_cpu_supports.argtypes = [ctypes.c_int]
     return lib
-
-
-def _library_stamp(lib_path: Path) -> str:
-    st = lib_path.stat()
-    return f"{st.st_size} {st.st_mtime_ns}"
-
-
-def _marker_matches(marker: Path, lib_path: Path) -> bool:
-    """Whether `lib_path` is the library a finished build left (the key already covers sources and flags)."""
-    try:
-        return marker.read_text(encoding="utf-8") == _library_stamp(lib_path)
-    except OSError:  # no marker or no library yet
-        return False
-
-
-def _write_marker(marker: Path, lib_path: Path) -> None:
-    """Written after torch's build (and its lock) finished; renamed into place so a reader sees all or nothing."""
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(_library_stamp(lib_path), encoding="utf-8")
-    os.replace(tmp, marker)
-
-
-def _ensure_ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; a venv used without activation has it only in its bin dir."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja  # the PyPI wheel ships the binary
-    except ImportError:
-        return  # the build then fails with torch's own "Ninja is required" message, which the warning repeats
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")

@@ -29,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ztune.runtime import codec_kernels
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.topology import NodeLayout
 
@@ -47,8 +48,16 @@ def int4_piece_bytes(numel: int) -> int:
 
 
 def quantize_int4(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Block-quantize 1-D `x` into `out` (uint8 [int4_piece_bytes(numel)]): scales (fp32), then the values + 8
-    (1..15) packed two per byte, the first of each pair in the low nibble."""
+    """Block-quantize `x` (1-D, or any shape read as x.reshape(-1)) into `out` (uint8 [int4_piece_bytes(numel)]):
+    scales (fp32), then the values + 8 (1..15) packed two per byte, the first of each pair in the low nibble. The
+    C++ codec kernel (runtime/codec_kernels.py) writes it where it can, bitwise as _torch_quantize_int4 does, and
+    reads a 2-D slice with unit column stride in place."""
+    if codec_kernels.quantize_int4(x, out, block_numel=QGZ_BLOCK_NUMEL):
+        return out
+    return _torch_quantize_int4(x.reshape(-1), out)
+
+
+def _torch_quantize_int4(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     numel, nb = x.numel(), _num_blocks(x.numel())
     blocks = torch.nn.functional.pad(x.float(), (0, nb * QGZ_BLOCK_NUMEL - numel)).view(nb, QGZ_BLOCK_NUMEL)
     scales = blocks.abs().amax(dim=1) / _INT4_MAX
@@ -63,8 +72,18 @@ def quantize_int4(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dequantize_int4(buf: torch.Tensor, *, numel: int) -> torch.Tensor:
-    """fp32 [numel] from a piece written by quantize_int4."""
+def dequantize_int4(buf: torch.Tensor, *, numel: int, add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [numel] from a piece written by quantize_int4; with `add_to` (fp32 [numel]), that tensor after
+    `add_to += the dequantized piece` (the same roundings, without the temporary)."""
+    out = torch.empty(numel, dtype=torch.float32, device=buf.device) if add_to is None else add_to
+    if codec_kernels.dequantize_int4(buf, out, numel=numel, block_numel=QGZ_BLOCK_NUMEL,
+                                     mode=0 if add_to is None else 1):
+        return out
+    deq = _torch_dequantize_int4(buf, numel=numel)
+    return deq if add_to is None else add_to.add_(deq)
+
+
+def _torch_dequantize_int4(buf: torch.Tensor, *, numel: int) -> torch.Tensor:
     nb = _num_blocks(numel)
     h = 4 * nb
     scales = buf[:h].contiguous().view(torch.float32)
@@ -112,7 +131,7 @@ class QgzExchange:
         by_local = full.view(N, L, s).transpose(0, 1)  # [j, m, s]: piece j holds shards m * L + j
         send = torch.empty(L * self.piece1, dtype=torch.uint8, device=full.device)
         for j in range(L):
-            quantize_int4(by_local[j].reshape(-1), send[j * self.piece1:(j + 1) * self.piece1])
+            quantize_int4(by_local[j], send[j * self.piece1:(j + 1) * self.piece1])  # [N, s], rows L * s apart
         recv = torch.empty_like(send)
         return self.intra.all_to_all(recv, send, async_op=True), recv
 
@@ -121,7 +140,7 @@ class QgzExchange:
         L, N, s = self.L, self.N, self.shard_numel
         partial = dequantize_int4(recv[:self.piece1], numel=N * s)
         for j in range(1, L):
-            partial += dequantize_int4(recv[j * self.piece1:(j + 1) * self.piece1], numel=N * s)
+            dequantize_int4(recv[j * self.piece1:(j + 1) * self.piece1], numel=N * s, add_to=partial)
         send = torch.empty(N * self.piece2, dtype=torch.uint8, device=recv.device)
         for m, row in enumerate(partial.view(N, s)):
             quantize_int4(row, send[m * self.piece2:(m + 1) * self.piece2])
@@ -129,7 +148,7 @@ class QgzExchange:
         self.inter.all_to_all(got, send)
         total = dequantize_int4(got[:self.piece2], numel=s)
         for m in range(1, N):
-            total += dequantize_int4(got[m * self.piece2:(m + 1) * self.piece2], numel=s)
+            dequantize_int4(got[m * self.piece2:(m + 1) * self.piece2], numel=s, add_to=total)
         return total
 
     def residuals(self) -> list[torch.Tensor]:

@@ -38,8 +38,9 @@ import torch.distributed as dist
 
 from ztune.config.schema import Offload, TrainConfig
 from ztune.errors import ConfigError
+from ztune.runtime import codec_kernels
 from ztune.runtime.comm import Comm
-from ztune.runtime.comm.compress import int8_compress
+from ztune.runtime.comm.compress import int8_compress_into
 from ztune.runtime.comm.topology import NodeLayout
 
 # Elements per qwZ quantization block (one fp32 scale each). The paper (section 3.1) quantizes weights
@@ -92,17 +93,23 @@ def qwz_piece_bytes(shard_numel: int) -> int:
 
 def quantize_shard(shard: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Block-quantize 1-D `shard` into `out` (uint8 [qwz_piece_bytes(numel)]): scales (fp32), values (int8)."""
-    values, scales = int8_compress(shard, chunk_numel=QWZ_BLOCK_NUMEL)
-    h = 4 * scales.numel()
-    out[:h].copy_(scales.view(torch.uint8))
-    out[h:h + values.numel()].copy_(values.view(torch.uint8))
-    out[h + values.numel():].zero_()
-    return out
+    return int8_compress_into(shard, out, chunk_numel=QWZ_BLOCK_NUMEL)
 
 
 def dequantize_pieces(gathered: torch.Tensor, out: torch.Tensor, *, num_pieces: int) -> None:
     """Dequantize `num_pieces` pieces written by quantize_shard, laid end to end in `gathered`, into flat `out`
-    (num_pieces x shard_numel elements, any float dtype)."""
+    (num_pieces x shard_numel elements, any float dtype). The C++ codec kernel (runtime/codec_kernels.py) does
+    it where it can (bitwise as _torch_dequantize_pieces, the rounding to a bf16/fp16 `out` included)."""
+    shard = out.numel() // num_pieces
+    h = 4 * qwz_num_blocks(shard)
+    pieces, rows = gathered.view(num_pieces, -1), out.view(num_pieces, shard)
+    if all(codec_kernels.dequantize_int8(piece[:h], piece[h:h + shard], row, chunk_numel=QWZ_BLOCK_NUMEL)
+           for piece, row in zip(pieces, rows, strict=True)):
+        return
+    _torch_dequantize_pieces(gathered, out, num_pieces=num_pieces)  # rewrites every piece
+
+
+def _torch_dequantize_pieces(gathered: torch.Tensor, out: torch.Tensor, *, num_pieces: int) -> None:
     shard = out.numel() // num_pieces
     nb = qwz_num_blocks(shard)
     pieces = gathered.view(num_pieces, -1)

@@ -91,6 +91,10 @@ VARS: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("ZTUNE_CUDA_ADAM", "choice", "torch", "Adam kernel for CUDA shards", choices=("torch", "ztune")),
     EnvVar("ZTUNE_DISABLE_CPP_ADAM", "bool", False, "use torch's Adam instead of the C++ CPU kernel"),
     EnvVar("ZTUNE_DISABLE_CUDA_ADAM", "bool", False, "use torch's Adam instead of the ztune CUDA kernel"),
+    EnvVar("ZTUNE_DISABLE_CPP_CODEC", "bool", False,
+           "use torch ops instead of the C++ CPU kernel for the int4/int8/1-bit codecs"),
+    EnvVar("ZTUNE_DISABLE_CPP_ONEBIT_ADAM", "bool", False,
+           "use torch ops instead of the C++ CPU kernel for 1-bit Adam's compression-stage update"),
 )}
 
 

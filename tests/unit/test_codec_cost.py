@@ -44,10 +44,10 @@ class PeerComm:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts {"ef": elements through ErrorFeedback.compress, "decode": through Codec.decode (all of them, the
-    ones inside ErrorFeedback.compress included)}."""
+    """Counts {"ef": elements through ErrorFeedback.compress, "decode": through Codec.decode and
+    Codec.decode_into (all of them, the ones inside ErrorFeedback.compress included)}."""
     counts = {"ef": 0, "decode": 0}
-    ef, dec = compress.ErrorFeedback.compress, compress.Codec.decode
+    ef, dec, dec_into = compress.ErrorFeedback.compress, compress.Codec.decode, compress.Codec.decode_into
 
     def ef_counted(self, x, *, pieces=1):
         counts["ef"] += x.numel()
@@ -58,7 +58,12 @@ def counted(monkeypatch):
         return dec(self, buf, numel=numel)
 
     monkeypatch.setattr(compress.ErrorFeedback, "compress", ef_counted)
+    def dec_into_counted(self, buf, out, *, mode=0):
+        counts["decode"] += out.numel()
+        return dec_into(self, buf, out, mode=mode)
+
     monkeypatch.setattr(compress.Codec, "decode", dec_counted)
+    monkeypatch.setattr(compress.Codec, "decode_into", dec_into_counted)
     return counts
 
 
@@ -160,9 +165,9 @@ def test_qgz_counts(monkeypatch, ell, nodes):
         counts["encode"] += x.numel()
         return quantize(x, out)
 
-    def dq(buf, *, numel):
+    def dq(buf, *, numel, add_to=None):
         counts["decode"] += numel
-        return dequantize(buf, numel=numel)
+        return dequantize(buf, numel=numel, add_to=add_to)
 
     monkeypatch.setattr(qgz, "quantize_int4", q)
     monkeypatch.setattr(qgz, "dequantize_int4", dq)

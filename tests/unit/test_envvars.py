@@ -32,6 +32,8 @@ CASES = [
     ("ZTUNE_CUDA_ADAM", ["fast", "Torch"], ("ztune", "ztune")),
     ("ZTUNE_DISABLE_CPP_ADAM", ["please", "-"], ("false", False)),
     ("ZTUNE_DISABLE_CUDA_ADAM", ["please"], ("YES", True)),
+    ("ZTUNE_DISABLE_CPP_CODEC", ["please"], ("on", True)),
+    ("ZTUNE_DISABLE_CPP_ONEBIT_ADAM", ["please", "2"], ("yes", True)),
 ]
 BAD = [(name, bad) for name, bads, _ in CASES for bad in bads]
 
