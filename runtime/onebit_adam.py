@@ -57,6 +57,10 @@ The algorithm (the paper's Algorithm 1; equation numbers are this docstring's):
   averages. Bytes per rank per step: 2 (n-1)/n x (numel/8 + 4 numel/ONEBIT_CHUNK_NUMEL), 0.039x (1/25.6) of an
   fp32 all-reduce's 2 (n-1)/n x 4 numel at the 128-element block.
 
+The compression stage's element-wise steps, (4), (4'), (7), (8) and (9) (momentum_, local_momentum_,
+mask_unfrozen_, adam_update_, bounded_update_), run the C++ kernel of runtime/onebit_kernels.py where it takes the
+tensors (contiguous fp32 CPU), bit for bit the torch ops written here, which run otherwise and for inf/NaN input.
+
 State per master (optimizer.state[master]): step, exp_avg (m), exp_avg_sq (v; frozen after freeze_step),
 and from the first compressed step worker_error (d, the master's numel) and server_error (e, numel / n), and with
 local_momentum, local_momentum (m^(i) of (4'), numel). m and v are the same on every rank; the errors and
@@ -71,6 +75,7 @@ from collections.abc import Iterable
 import torch
 
 from ztune.config.schema import Compression, OptimizerType
+from ztune.runtime import onebit_kernels
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.compress import Codec
 
@@ -86,9 +91,30 @@ def bias_corrections(*, step: int, variance_step: int, beta1: float, beta2: floa
     return 1.0 - beta1 ** step, 1.0 - beta2 ** variance_step
 
 
+def _part(t: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Elements [begin, end) of `t` as the kernel counts them: all of `t` when that is the whole range (the kernel
+    may not have taken it: not contiguous), else (it took it: contiguous) a flat view."""
+    return t if (begin, end) == (0, t.numel()) else t.view(-1)[begin:end]
+
+
 def momentum_(m: torch.Tensor, grad: torch.Tensor, *, beta1: float) -> torch.Tensor:
-    """Equations (1) / (4) in place: m <- b1 m + (1 - b1) grad. Returns m."""
-    return m.lerp_(grad, 1.0 - beta1)
+    """Equations (1) / (4) in place: m <- b1 m + (1 - b1) grad, as m.lerp_(grad, 1 - b1) rounds it (the C++ kernel
+    of runtime/onebit_kernels.py where it takes the tensors, bitwise the same). Returns m."""
+    for b, e in onebit_kernels.momentum_(m, grad, weight=1.0 - beta1):
+        _part(m, b, e).lerp_(_part(grad, b, e), 1.0 - beta1)
+    return m
+
+
+def local_momentum_(own: torch.Tensor, m: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, *,
+                    beta1: float) -> torch.Tensor:
+    """Equation (4') and (8) on this rank's own momentum, then its copy into m (the buffer the exchange sends):
+    own <- b1 own + (1 - b1) grad, own <- 0 where v == 0, m <- own; one pass of the C++ kernel where it takes the
+    tensors (runtime/onebit_kernels.py), else those three torch ops. Returns own."""
+    for b, e in onebit_kernels.momentum_(own, grad, weight=1.0 - beta1, v=v, out=m):
+        part = _part(own, b, e)
+        _torch_mask_(part.lerp_(_part(grad, b, e), 1.0 - beta1), _part(v, b, e))
+        _part(m, b, e).copy_(part)
+    return own
 
 
 def variance_(v: torch.Tensor, grad: torch.Tensor, *, beta2: float) -> torch.Tensor:
@@ -97,8 +123,21 @@ def variance_(v: torch.Tensor, grad: torch.Tensor, *, beta2: float) -> torch.Ten
 
 
 def adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
-                 weight_decay: float, c1: float, c2: float) -> None:
-    """Equations (3) / (7) in place on p (fp32, same shape as m and v)."""
+                 weight_decay: float, c1: float, c2: float, mask_zero_variance: bool = False) -> None:
+    """Equations (3) / (7) in place on p (fp32, same shape as m and v); with mask_zero_variance, equation (8)
+    (mask_unfrozen_) on m first, in the same pass. The C++ kernel of runtime/onebit_kernels.py where it takes the
+    tensors (bitwise the torch ops of _torch_adam_update_ and mask_unfrozen_)."""
+    for b, e in onebit_kernels.update_(p, m, v, lr=lr, eps=eps, weight_decay=weight_decay, c1=c1, c2=c2, bound=None,
+                                       mask=mask_zero_variance):
+        pp, mp, vp = _part(p, b, e), _part(m, b, e), _part(v, b, e)
+        if mask_zero_variance:
+            _torch_mask_(mp, vp)
+        _torch_adam_update_(pp, mp, vp, lr=lr, eps=eps, weight_decay=weight_decay, c1=c1, c2=c2)
+
+
+def _torch_adam_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
+                        weight_decay: float, c1: float, c2: float) -> None:
+    """adam_update_ as torch ops: the fallback, and the reference the kernel is tested against."""
     if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
     denom = v.sqrt().div_(c2 ** 0.5).add_(eps)  # one buffer: the same rounding as sqrt(v) / sqrt(c2) + eps
@@ -112,9 +151,21 @@ def adam_step_bound(*, beta1: float, beta2: float) -> float:
 
 
 def bounded_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
-                    weight_decay: float, c1: float, c2: float, bound: float) -> None:
+                    weight_decay: float, c1: float, c2: float, bound: float, mask_zero_variance: bool = False) -> None:
     """Equation (7) with (9) in place on p: the per-element step (m / c1) / (sqrt(v / c2) + eps) clamped to
-    [-bound, bound] before it is scaled by lr. Same shapes as adam_update_."""
+    [-bound, bound] before it is scaled by lr. Same shapes and mask_zero_variance as adam_update_; the same
+    kernel."""
+    for b, e in onebit_kernels.update_(p, m, v, lr=lr, eps=eps, weight_decay=weight_decay, c1=c1, c2=c2,
+                                       bound=bound, mask=mask_zero_variance):
+        pp, mp, vp = _part(p, b, e), _part(m, b, e), _part(v, b, e)
+        if mask_zero_variance:
+            _torch_mask_(mp, vp)
+        _torch_bounded_update_(pp, mp, vp, lr=lr, eps=eps, weight_decay=weight_decay, c1=c1, c2=c2, bound=bound)
+
+
+def _torch_bounded_update_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, eps: float,
+                           weight_decay: float, c1: float, c2: float, bound: float) -> None:
+    """bounded_update_ as torch ops: the fallback, and the reference the kernel is tested against."""
     if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
     denom = v.sqrt().div_(c2 ** 0.5).add_(eps)  # one buffer: the same rounding as sqrt(v) / sqrt(c2) + eps
@@ -132,7 +183,15 @@ def mask_unfrozen_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     it has none, and the compression stage exchanges no gradients to build one. So its momentum is held at
     zero and the element stays where the warm-up left it (weight decay aside): what DeepSpeed's OnebitAdam
     does for the entries a user lists in `exp_avg_mask` ("parameters with constant zero gradients"), here
-    found from the frozen variance itself. Elements with any warm-up gradient (v > 0) are untouched."""
+    found from the frozen variance itself. Elements with any warm-up gradient (v > 0) are untouched.
+    The C++ kernel of runtime/onebit_kernels.py where it takes the tensors (the same bits, one pass)."""
+    for b, e in onebit_kernels.mask_(m, v):
+        _torch_mask_(_part(m, b, e), _part(v, b, e))
+    return m
+
+
+def _torch_mask_(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mask_unfrozen_ as the torch op: the fallback, and the reference the kernel is tested against."""
     return m.masked_fill_(v == 0, 0.0)
 
 
@@ -215,9 +274,10 @@ class OneBitAdam(torch.optim.Optimizer):
             self._exchanges[id(p)] = ex
         return ex
 
-    def exchange_momentum_(self, p: torch.Tensor, m: torch.Tensor, state: dict) -> None:
+    def exchange_momentum_(self, p: torch.Tensor, m: torch.Tensor, state: dict, *, mask: bool = True) -> None:
         """Equations (5)-(6): replace local momentum `m` (fp32 [numel]) by the all-gathered compressed average,
-        updating this rank's worker and server errors in `state`. Collective."""
+        updating this rank's worker and server errors in `state`. Collective. mask: then equation (8) on m
+        (False: the caller's update applies it, as step() does, in the update's own pass)."""
         ex = self._exchange(p)
         n = self.comm.world_size
         if "worker_error" not in state:
@@ -233,7 +293,8 @@ class OneBitAdam(torch.optim.Optimizer):
         # momentum and, with a zero frozen variance there, m / eps updates. Keep it at exactly zero (the role of
         # DeepSpeed's exp_avg_mask for entries whose gradient is always zero); the parameters are untouched.
         m[self.valid_numel.get(id(p), m.numel()):].zero_()
-        mask_unfrozen_(m, state["exp_avg_sq"])
+        if mask:
+            mask_unfrozen_(m, state["exp_avg_sq"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -254,19 +315,19 @@ class OneBitAdam(torch.optim.Optimizer):
                     own = state.get("local_momentum")
                     if own is None:
                         own = state["local_momentum"] = m.clone()
-                    mask_unfrozen_(momentum_(own, p.grad, beta1=beta1), v)
-                    m.copy_(own)
+                    local_momentum_(own, m, p.grad, v, beta1=beta1)  # (4'), (8), then m <- own
                 else:
                     momentum_(m, p.grad, beta1=beta1)  # (4), this rank's own gradient
-                self.exchange_momentum_(p, m, state)  # (5), (6), (8)
+                self.exchange_momentum_(p, m, state, mask=False)  # (5), (6); (8) in the update's pass
                 c1, c2 = bias_corrections(step=state["step"], variance_step=self.freeze_step,
                                           beta1=beta1, beta2=beta2, enabled=group["bias_correction"])
                 if self.step_bound:
                     bounded_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
-                                    c1=c1, c2=c2, bound=adam_step_bound(beta1=beta1, beta2=beta2))
+                                    c1=c1, c2=c2, bound=adam_step_bound(beta1=beta1, beta2=beta2),
+                                    mask_zero_variance=True)
                 else:
                     adam_update_(p, m, v, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"],
-                                 c1=c1, c2=c2)  # (7)
+                                 c1=c1, c2=c2, mask_zero_variance=True)  # (8), (7)
         return loss
 
 
