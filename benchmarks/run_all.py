@@ -49,6 +49,37 @@ def machine_line() -> str:
 # ("mini", ~0.8M parameters): on tiny-gpt that is 1,800 steps of a 21M-element 1-bit exchange coded on the CPU.
 SCRIPT_ARGS = {"bench_compression.py": ["--steps", "60"], "bench_onebit_adam.py": ["--model", "mini"]}
 # Modules the benchmarks import, not benchmarks themselves.
+def report_kernel_rows(rows: list[dict], *, title: str, command: str, setup: str, section: str, as_json: bool,
+                       json_extra: dict) -> None:
+    """Print and write a kernel-against-torch benchmark (bench_codec_kernel.py, bench_onebit_kernel.py). Each row is
+    a dict with call, cpp_ms, torch_ms, speedup, identical. Prints the rows (as JSON with `json_extra` when
+    `as_json`, and then writes nothing), else writes docs/bench/<section>.md: `title`, the command, date,
+    machine, `setup` (threads, sizes), the load average and the table. SystemExit when a row's two paths differ."""
+    import json
+    import os
+
+    load = os.getloadavg()
+    if as_json:
+        print(json.dumps({"rows": rows, "loadavg": load, **json_extra}, indent=2))
+        return
+    width = max(len(r["call"]) for r in rows) + 2
+    print(f"{'call':{width}} {'C++ ms':>9} {'torch ms':>9} {'speed-up':>9}  identical")
+    for r in rows:
+        print(f"{r['call']:{width}} {r['cpp_ms']:9.2f} {r['torch_ms']:9.2f} {r['speedup']:8.2f}x  {r['identical']}")
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    lines = [
+        f"## {title}", "",
+        f"Command: `{command}`. Date: {dt.datetime.now().isoformat(timespec='seconds')}. Machine: {machine_line()}. "
+        f"{setup} Load average (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.", "",
+        "| call | C++ ms | torch ms | speed-up | identical |", "|---|---:|---:|---:|:---:|",
+        *(f"| {r['call']} | {r['cpp_ms']:.1f} | {r['torch_ms']:.1f} | {r['speedup']:.1f}x | "
+          f"{'yes' if r['identical'] else 'NO'} |" for r in rows), "",
+    ]
+    (SECTION_DIR / f"{section}.md").write_text("\n".join(lines))
+    if not all(r["identical"] for r in rows):
+        raise SystemExit("the kernel and the torch path wrote different bytes")
+
+
 LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
 
 
