@@ -191,7 +191,9 @@ NOTES = [
     "broadcast send and receive in turn (benchmarks/gloo_pair_turns.py: one 16 MiB reduce between the hosts "
     "205-216 ms at 1 Gbit/s, its 24 MiB one after the other), so an op set also takes at least its busiest "
     "pair's bytes both ways: the inter level of hierarchical reduce_scatter / all_gather (one rank per host) "
-    "costs 2x the busiest host's total;",
+    "costs 2x the busiest host's total; stage 3 gathers its 11 units (the runtime's: root, embedding, 8 blocks, "
+    "head) for forward and all but the embedding again for backward (a plain nn.Embedding's backward reads no "
+    "weight: ztune/specs.py no_backward_gather_units);",
     "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
     "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
     "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial; 1-bit "

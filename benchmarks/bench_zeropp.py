@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     args = ap.parse_args(argv)
     from ztune.cost.zeropp import zeropp_traffic
+    from ztune.profiles import load_model
+    from ztune.specs import no_backward_gather_units
 
     rows = run_ranks(_run, world_size=4, args=(args.steps, args.micro, args.seq), timeout_s=3600,
                      env={"ZTUNE_LOCAL_WORLD_SIZE": "2"})[0]
@@ -88,9 +90,11 @@ def main(argv=None) -> int:
     print("| variant | across hosts | inside hosts | x plain (across) | model (across) | secondary bytes | "
           "step s | loss vs plain |")
     print("|---|---|---|---|---|---|---|---|")
+    skipped = sum(no_backward_gather_units(load_model("tiny-llama")))  # not re-gathered for backward
     for r in rows:
         extra = VARIANTS[r["name"]]
         want = zeropp_traffic(num_params=r["padded"], num_nodes=2, ranks_per_node=2, param_bytes=2, grad_bytes=2,
+                              backward_gather_numel=r["padded"] - skipped,
                               quantized_weights=extra.get("zero_quantized_weights", False),
                               hpz_partition_size=extra.get("zero_hpz_partition_size", 1),
                               quantized_gradients=extra.get("zero_quantized_gradients", False))

@@ -124,6 +124,37 @@ def count_params(m: ModelSpec) -> ParamCounts:
     )
 
 
+def _own_unit_tables(m: ModelSpec) -> tuple[list[int], list[int]]:
+    """(token/position embedding sizes, head size) of the modules outside the blocks that are ZeRO-3 units of
+    their own: runtime/param_gather.py find_units takes a leaf holding at least a block's parameters and sharing
+    none (a tied embedding and head stay in the root unit)."""
+    h, block = m.hidden_size, count_params(m).per_layer
+    tables = [] if m.tied_embeddings else [m.vocab_size * h]
+    if m.architecture is Architecture.GPT2:
+        tables.append(m.max_seq_len * h)
+    head = [] if m.tied_embeddings else [m.vocab_size * h]
+    return [n for n in tables if n >= block], [n for n in head if n >= block]
+
+
+def zero3_units(m: ModelSpec) -> int:
+    """How many units the runtime gathers `m` in at stage 3 (runtime/param_gather.py): the blocks, each embedding
+    or head that is a unit of its own (`_own_unit_tables`), and the root unit holding every other parameter
+    (the final norm at least)."""
+    tables, head = _own_unit_tables(m)
+    return m.num_layers + len(tables) + len(head) + 1
+
+
+def no_backward_gather_units(m: ModelSpec) -> tuple[int, ...]:
+    """Elements of each ZeRO-3 unit of `m` that the runtime gathers for forward but not again for backward.
+
+    Mirrors runtime/param_gather.py: `find_units` makes a module outside the blocks its own unit when it holds
+    at least a block's parameters and shares none (a tied embedding stays in the root unit), and a unit that is a
+    plain nn.Embedding is not re-gathered in backward (its gradient needs only the indices and the output's
+    gradient). So: the untied token embedding (vocab_size x hidden_size) and GPT-2's learned position embedding
+    (max_seq_len x hidden_size), each when it reaches a block's size. Empty when nothing is skipped."""
+    return tuple(_own_unit_tables(m)[0])
+
+
 @dataclass(frozen=True)
 class Hardware:
     """One node type of a cluster. Bandwidths are achievable bytes/s per GPU, FLOP/s are dense peaks."""

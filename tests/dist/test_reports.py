@@ -17,7 +17,7 @@ from tests.helpers.spawn import run_ranks
 from ztune.config.schema import OptimizerType, Precision
 from ztune.cost.comm import zero_traffic_elements
 from ztune.cost.memory import model_state_memory, state_bytes_per_param
-from ztune.specs import Architecture, ModelSpec
+from ztune.specs import Architecture, ModelSpec, zero3_units
 
 pytestmark = pytest.mark.dist
 
@@ -100,6 +100,8 @@ def test_comm_report_matches_traffic_formulas(reports, index):
         assert elements == pytest.approx(want, rel=0.02)
         # Exactly, on the padded buffers the runtime really moves:
         assert elements == pytest.approx(zero_traffic_elements(r["padded_params"], n, stage, accum), rel=1e-12)
+        if stage == 3:  # the cost model's unit count (launches) is the runtime's
+            assert units == zero3_units(SPEC)
         calls = {op: v["calls"] // STEPS for op, v in r["ops"].items()}
         expected_calls = {
             0: {"all_reduce": units},
@@ -108,3 +110,47 @@ def test_comm_report_matches_traffic_formulas(reports, index):
             3: {"reduce_scatter": units * accum, "all_gather": 2 * units * accum},
         }[stage]
         assert calls == expected_calls
+
+
+# An untied token embedding with at least a block's parameters is a stage-3 unit of its own, and a plain
+# nn.Embedding unit is not gathered again for backward (runtime/param_gather.py): the cost model's traffic leaves it
+# out of the backward all-gather (ztune/specs.py no_backward_gather_units). Every unit's size here is a multiple
+# of 4 x 8 elements, so the runtime's padding adds nothing and the check is exact.
+UNTIED = ModelSpec(name="report-llama-untied", architecture=Architecture.LLAMA, vocab_size=1024, hidden_size=64,
+                   num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=16,
+                   tied_embeddings=False)
+
+
+def measure_untied(rank: int, world_size: int) -> dict:
+    import torch
+
+    import ztune
+    from ztune.runtime.models import build_model
+
+    engine, *_ = ztune.initialize(build_model(UNTIED, seed=1), {
+        "zero": {"stage": 3}, "precision": "bf16", "batch": {"micro": MICRO, "grad_accum": 2},
+        "optimizer": {"type": "AdamW", "lr": 1e-3}})
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(STEPS * 2):
+        ids = torch.randint(0, UNTIED.vocab_size, (MICRO, SEQ), generator=gen)
+        engine.backward(engine(ids, labels=ids))
+        engine.step()
+    return {"comm": engine.comm_report(), "num_units": len(engine.groups)}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_stage3_traffic_leaves_the_embedding_out_of_the_backward_gather(n):
+    from ztune.specs import count_params, no_backward_gather_units
+
+    skipped = no_backward_gather_units(UNTIED)
+    assert skipped == (1024 * 64,)
+    for r in run_ranks(measure_untied, world_size=n, timeout_s=180):
+        comm, units = r["comm"], r["num_units"]
+        assert units == zero3_units(UNTIED) == 2 + 3  # blocks, embedding, head, root (the final norm)
+        p = count_params(UNTIED).total
+        assert comm["padded_params"] == comm["num_params"] == p  # no padding: the check below is exact
+        elements = comm["bytes_sent_per_step"] / comm["dtype_bytes"]
+        assert elements == pytest.approx(zero_traffic_elements(p, n, 3, 2, backward_gather_numel=p - sum(skipped)),
+                                         rel=1e-12)
+        # forward gathers every unit, backward all but the embedding's, per micro-step
+        assert comm["ops"]["all_gather"]["calls"] // STEPS == 2 * (2 * units - len(skipped))

@@ -106,15 +106,16 @@ def onebit_adam_work(*, trainable_params: int, world_size: int) -> CodecWork:
                                     world_size=world_size, gather=True)
 
 
-def qwz_work(*, num_params: int, world_size: int, grad_accum: int, hpz: bool) -> CodecWork:
+def qwz_work(*, num_params: int, world_size: int, grad_accum: int, hpz: bool,
+             backward_gather_numel: int | None = None) -> CodecWork:
     """qwZ per optimizer step (runtime/zeropp.py ZeroPlusPlus.start_quantized, per unit gather): quantize_shard
     of this rank's shard (P/n), dequantize_pieces of all n gathered shards (P). A unit is gathered for forward
     and, without hpZ (whose backward gathers the secondary shard, unquantized), again for backward
-    (runtime/param_gather.py `_start`), every micro-step. Counted for every unit (the runtime skips the
-    backward gather of a plain nn.Embedding unit: an overcount of the embedding's share without hpZ)."""
-    gathers = grad_accum * (1 if hpz else 2)
+    (runtime/param_gather.py `_start`), every micro-step: `backward_gather_numel` elements (default P; the
+    runtime does not re-gather a plain nn.Embedding unit, ztune/specs.py no_backward_gather_units)."""
     p, n = float(num_params), world_size
-    return CodecWork("qwz", gathers * p / n, gathers * p)
+    per_micro = p if hpz else p + float(p if backward_gather_numel is None else backward_gather_numel)
+    return CodecWork("qwz", grad_accum * per_micro / n, grad_accum * per_micro)
 
 
 def qgz_work(*, trainable_params: int, ranks_per_node: int, grad_accum: int) -> CodecWork:
@@ -156,7 +157,8 @@ def codec_time(work: list[CodecWork], *, rates: dict[str, float]) -> CodecTime:
 
 def step_codec_work(*, method: Compression, onebit_adam: bool, stage: int, trainable_params: int,
                     num_params: int, world_size: int, ranks_per_node: int, grad_accum: int,
-                    quantized_weights: bool, hpz: bool, quantized_gradients: bool) -> list[CodecWork]:
+                    quantized_weights: bool, hpz: bool, quantized_gradients: bool,
+                    backward_gather_numel: int | None = None) -> list[CodecWork]:
     """Every codec one rank runs per optimizer step for a config (the runtime's choices, runtime/engine.py):
     1-bit Adam's momentum exchange replaces gradient compression (its reducer gets compression none); qgZ
     replaces the gradient exchange at stage 3; qwZ adds to either."""
@@ -171,5 +173,6 @@ def step_codec_work(*, method: Compression, onebit_adam: bool, stage: int, train
         if grad is not None:
             work.append(grad)
     if stage == 3 and quantized_weights:
-        work.append(qwz_work(num_params=num_params, world_size=world_size, grad_accum=grad_accum, hpz=hpz))
+        work.append(qwz_work(num_params=num_params, world_size=world_size, grad_accum=grad_accum, hpz=hpz,
+                             backward_gather_numel=backward_gather_numel))
     return work

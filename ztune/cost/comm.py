@@ -228,10 +228,11 @@ class ZeroCollective:
     phase: str
     payload_numel: int
     per_step: int
+    backward: bool = False  # stage 3's re-gather for backward
 
 
-def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_params: int | None = None
-                     ) -> list[ZeroCollective]:
+def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_params: int | None = None,
+                     backward_gather_numel: int | None = None) -> list[ZeroCollective]:
     """The collectives of ZeRO `stage` per optimizer step (DESIGN.md, ZeRO paper section 7).
 
     Stages 0/1 accumulate gradients locally and reduce once per step; stage 2 reduce-scatters every
@@ -240,9 +241,12 @@ def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_
 
     trainable_params (default: all of num_params): frozen parameters produce no gradient collective and, at
     stages 1/2, need no refresh after the step (they never change); stage 3 still gathers them with their unit.
+    backward_gather_numel (default: num_params): the elements stage 3 re-gathers for backward, less the units
+    whose backward reads no weight (ztune/specs.py no_backward_gather_units: an untied token embedding).
     """
     p, a = num_params, grad_accum
     t = p if trainable_params is None else trainable_params
+    bwd = p if backward_gather_numel is None else backward_gather_numel
     if stage == 0:
         return [ZeroCollective(ALL_REDUCE, "grad", "boundary", t, 1)]
     if stage == 1:
@@ -254,17 +258,20 @@ def zero_collectives(*, num_params: int, stage: int, grad_accum: int, trainable_
                 ZeroCollective(ALL_GATHER, "param", "after_step", t, 1)]
     if stage == 3:
         return [ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # forward
-                ZeroCollective(ALL_GATHER, "param", "micro", p, a),  # backward (re-gather after release)
+                ZeroCollective(ALL_GATHER, "param", "micro", bwd, a, backward=True),  # re-gather after release
                 ZeroCollective(REDUCE_SCATTER, "grad", "micro", t, a)]
     raise ValueError(f"stage must be 0-3, got {stage}")
 
 
-def zero_traffic_elements(num_params: int, world_size: int, stage: int, grad_accum: int = 1) -> float:
+def zero_traffic_elements(num_params: int, world_size: int, stage: int, grad_accum: int = 1,
+                          backward_gather_numel: int | None = None) -> float:
     """Elements each rank sends per optimizer step: sum of payload x ring factor over the stage's
-    collectives. With grad_accum=1: 2(n-1)/n Psi for stages 0-2 and 3(n-1)/n Psi for stage 3 (DESIGN.md).
-    This is the number the runtime's comm_report (bytes / element size) must reproduce."""
+    collectives. With grad_accum=1: 2(n-1)/n Psi for stages 0-2 and 3(n-1)/n Psi for stage 3 (DESIGN.md),
+    (2 Psi + Psi_bwd)(n-1)/n where stage 3 re-gathers only Psi_bwd = `backward_gather_numel` for backward
+    (zero_collectives). This is the number the runtime's comm_report (bytes / element size) must reproduce."""
     return sum(c.payload_numel * c.per_step * ring_factor(c.op, world_size)
-               for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum))
+               for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum,
+                                         backward_gather_numel=backward_gather_numel))
 
 
 @dataclass(frozen=True)
@@ -308,7 +315,8 @@ class CommEstimate:
 def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: int, link: Link,
                   param_bytes: int, grad_bytes: int, reduce_bucket_numel: int, allgather_bucket_numel: int,
                   num_units: int, compression: Compression = Compression.NONE, topk_ratio: float = 0.01,
-                  trainable_params: int | None = None, hierarchy: Hierarchy | None = None) -> CommEstimate:
+                  trainable_params: int | None = None, hierarchy: Hierarchy | None = None,
+                  no_backward_gather: tuple[int, ...] = ()) -> CommEstimate:
     """Bytes and alpha-beta time of every collective of one optimizer step.
 
     Launch counts: gradient collectives run per reduce bucket; stage 1/2 parameter refreshes per
@@ -322,18 +330,22 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
     trainable_params: see zero_collectives (None: every parameter trains).
     hierarchy: run every collective in two levels (hierarchical_collective_time_s); bytes per rank are the
     same as the flat ring's, only their split between the levels and hence the time differ.
+    no_backward_gather: elements of each stage-3 unit not re-gathered for backward (ztune/specs.py
+    no_backward_gather_units): out of the backward all-gather's bytes and launches.
     """
     n = world_size
     ops = []
     for c in zero_collectives(num_params=num_params, stage=stage, grad_accum=grad_accum,
-                              trainable_params=trainable_params):
+                              trainable_params=trainable_params,
+                              backward_gather_numel=num_params - sum(no_backward_gather)):
         if c.kind == "grad":
             per_elem = wire_bytes_per_element(method=compression, grad_bytes=grad_bytes, topk_ratio=topk_ratio)
             buckets = math.ceil(c.payload_numel / reduce_bucket_numel)
         else:
             per_elem = param_bytes
             buckets = math.ceil(c.payload_numel / allgather_bucket_numel)
-        launches = max(buckets, num_units) if stage == 3 else buckets
+        units = num_units - len(no_backward_gather) if c.backward else num_units
+        launches = max(buckets, units) if stage == 3 else buckets
         payload_bytes = c.payload_numel * per_elem
         if n <= 1:
             ops.append(OpEstimate(c.op, c.kind, c.phase, 0, 0.0, 0.0))

@@ -69,7 +69,7 @@ from ztune.cost.memory import (
     state_bytes_per_param,
 )
 from ztune.errors import UserError
-from ztune.specs import Hardware, ModelSpec, ParamCounts, count_params
+from ztune.specs import Hardware, ModelSpec, ParamCounts, count_params, no_backward_gather_units, zero3_units
 
 # Upper bound when searching for the largest micro-batch with no global batch to divide.
 MICRO_BATCH_CAP = 1024
@@ -331,8 +331,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
             num_params=split.total, trainable_params=split.trainable, num_nodes=num_nodes,
             ranks_per_node=hw.gpus_per_node, grad_accum=accum, link=link,
             intra_link=ring_link(hw, num_nodes=1, bandwidth_efficiency=efficiency.bandwidth),
-            param_bytes=per_param.param, num_units=model.num_layers + 2, quantized_weights=z.quantized_weights,
+            param_bytes=per_param.param, num_units=zero3_units(model), quantized_weights=z.quantized_weights,
             hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients, hierarchy=hierarchy,
+            no_backward_gather=no_backward_gather_units(model),
             grad_bytes=wire_bytes_per_element(method=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
                                               grad_bytes=framework.reduce_bytes or per_param.grad))
     else:
@@ -340,8 +341,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                              stage=z.stage, grad_accum=accum, link=link, hierarchy=hierarchy,
                              param_bytes=per_param.param, grad_bytes=framework.reduce_bytes or per_param.grad,
                              reduce_bucket_numel=z.reduce_bucket_numel,
-                             allgather_bucket_numel=z.allgather_bucket_numel, num_units=model.num_layers + 2,
-                             compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio)
+                             allgather_bucket_numel=z.allgather_bucket_numel, num_units=zero3_units(model),
+                             compression=cfg.compression.method, topk_ratio=cfg.compression.topk_ratio,
+                             no_backward_gather=no_backward_gather_units(model))
 
     width = model.num_heads * model.head_size
     tokens_per_gpu = micro * accum * cfg.seq_len
@@ -372,8 +374,9 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     # _group_specs; comm_estimate's launch count), each at most one bucket.
     grad_group_numel = z.reduce_bucket_numel
     if z.stage == 3:
-        grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / (model.num_layers + 2)))
-    codec = _codec(cfg, hw, trainable=split.trainable, num_params=split.total, world=world, grad_accum=accum)
+        grad_group_numel = min(grad_group_numel, math.ceil(split.trainable / zero3_units(model)))
+    codec = _codec(cfg, hw, trainable=split.trainable, num_params=split.total, world=world, grad_accum=accum,
+                   backward_gather_numel=split.total - sum(no_backward_gather_units(model)))
     # The optimizer on device-resident states (offloaded states are offload_time's CPU optimizer): stage 0 steps
     # every trainable parameter on every rank, stages 1-3 the rank's shard (ZeRO paper, section 5.1).
     owned = 0 if z.offload_optimizer is Offload.CPU else (split.trainable if z.stage == 0 else mem.shard_numel)
@@ -443,8 +446,8 @@ def codec_unknown_note(hardware_name: str, formats: Iterable[str]) -> str:
             "its compute out, so a sweep does not recommend it")
 
 
-def _codec(cfg: TrainConfig, hw: Hardware, *, trainable: int, num_params: int, world: int, grad_accum: int
-           ) -> CodecTime | None:
+def _codec(cfg: TrainConfig, hw: Hardware, *, trainable: int, num_params: int, world: int, grad_accum: int,
+           backward_gather_numel: int | None = None) -> CodecTime | None:
     """The codec work of `cfg` per step and its time at `hw`'s rates (cost/codec.py); None when no codec runs.
     1-bit Adam is charged for its compression stage (after freeze_step), the steady state of a long run."""
     z = cfg.zero
@@ -452,7 +455,7 @@ def _codec(cfg: TrainConfig, hw: Hardware, *, trainable: int, num_params: int, w
                            stage=z.stage, trainable_params=trainable, num_params=num_params, world_size=world,
                            ranks_per_node=hw.gpus_per_node, grad_accum=grad_accum,
                            quantized_weights=z.quantized_weights, hpz=z.hpz_partition_size > 1,
-                           quantized_gradients=z.quantized_gradients)
+                           quantized_gradients=z.quantized_gradients, backward_gather_numel=backward_gather_numel)
     return codec_time(work, rates=rates_of(hw)) if work else None
 
 

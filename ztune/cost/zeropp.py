@@ -7,7 +7,8 @@ sends (n-1)/n x its payload per rank, and all of it counts as cross-host when th
 paper's "cross-node volume", section 3; for a ring the bytes through each host's NICs are that same (n-1)/n x
 payload). Per micro-step, with P parameters, n = N hosts x L ranks:
 - plain stage 3: forward all-gather, backward all-gather, gradient reduce-scatter: 3 (n-1)/n P b (b: bytes per
-  element of the compute dtype), all cross-host;
+  element of the compute dtype), all cross-host; the backward all-gather leaves out the units the runtime does
+  not re-gather (an untied token embedding: ztune/specs.py no_backward_gather_units): (2 P + P_bwd) (n-1)/n b;
 - qwZ (section 3.1): the parameter all-gathers carry int8 + one fp32 scale per QWZ_BLOCK_NUMEL elements
   (runtime/zeropp.py), 1 + 4/2048 bytes per element instead of b;
 - hpZ with partition k (section 3.2): the backward all-gather runs inside a k-rank group on one host:
@@ -91,23 +92,26 @@ class ZeroPPTraffic:
 def zeropp_traffic(*, num_params: int, num_nodes: int, ranks_per_node: int, grad_accum: int = 1,
                    param_bytes: float = 2, grad_bytes: float = 2, quantized_weights: bool = False,
                    hpz_partition_size: int = 1, quantized_gradients: bool = False,
-                   trainable_params: int | None = None) -> ZeroPPTraffic:
+                   trainable_params: int | None = None, backward_gather_numel: int | None = None) -> ZeroPPTraffic:
     """Stage 3's traffic per optimizer step (module docstring). All-False is plain stage 3, whose cross-host
     bytes equal cost/comm.py's zero_traffic_elements x the element size. On one host nothing crosses: the
-    flat collectives count as intra-host.
+    flat collectives count as intra-host. backward_gather_numel (default num_params): the elements re-gathered
+    for backward (cost/comm.py zero_collectives), over the flat group or, with hpZ, the secondary group.
 
     Raises ValueError when hpz_partition_size does not divide ranks_per_node."""
     if hpz_partition_size < 1 or ranks_per_node % hpz_partition_size:
         raise ValueError(f"hpz_partition_size {hpz_partition_size} must divide the ranks per node {ranks_per_node}")
     p, a = num_params, grad_accum
     t = p if trainable_params is None else trainable_params
+    bwd = p if backward_gather_numel is None else backward_gather_numel
     L, N, k = ranks_per_node, num_nodes, hpz_partition_size
     ring = (N * L - 1) / (N * L)
-    fwd = a * ring * p * (qwz_bytes_per_element() if quantized_weights else param_bytes)
+    weight_bytes = qwz_bytes_per_element() if quantized_weights else param_bytes
+    fwd = a * ring * p * weight_bytes
     if k > 1:
-        bwd_flat, bwd_intra = 0.0, a * (k - 1) / k * p * param_bytes
+        bwd_flat, bwd_intra = 0.0, a * (k - 1) / k * bwd * param_bytes
     else:
-        bwd_flat, bwd_intra = fwd, 0.0
+        bwd_flat, bwd_intra = a * ring * bwd * weight_bytes, 0.0
     if quantized_gradients:
         q4 = qgz_bytes_per_element()
         grad_intra = a * (L - 1) / L * t * q4
@@ -128,7 +132,8 @@ def hpz_secondary_bytes(*, num_params: int, hpz_partition_size: int, param_bytes
 def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int, grad_accum: int, link: Link,
                          intra_link: Link, param_bytes: float, grad_bytes: float, num_units: int,
                          quantized_weights: bool, hpz_partition_size: int, quantized_gradients: bool = False,
-                         trainable_params: int | None = None, hierarchy: Hierarchy | None = None) -> CommEstimate:
+                         trainable_params: int | None = None, hierarchy: Hierarchy | None = None,
+                         no_backward_gather: tuple[int, ...] = ()) -> CommEstimate:
     """cost/comm.py's CommEstimate for stage 3 with ZeRO++: the flat collectives on `link` (all ranks); hpZ's
     backward all-gather (k ranks) and qgZ's first all-to-all (L ranks) on `intra_link`; qgZ's second all-to-all
     (N ranks, one per host) on `link`. One launch per unit and micro-step, as comm_estimate charges stage 3 (the
@@ -137,14 +142,17 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
     Time through the hosts' NICs (`link`: a node's aggregate): qgZ's inter-host all-to-all is sent by all L ranks
     of a host at once, so a host's NICs carry L x one rank's bytes. With `hierarchy` the flat parameter
     all-gathers run in two levels (runtime/comm/hierarchical.py; comm.hierarchical auto on CPU hosts); on a gloo
-    link without it they move gloo's broadcast bytes (cost/gloo.py)."""
+    link without it they move gloo's broadcast bytes (cost/gloo.py). no_backward_gather: as for comm_estimate
+    (the units backward does not re-gather, whether over the flat group or hpZ's)."""
     L, N, k, a = ranks_per_node, num_nodes, hpz_partition_size, grad_accum
     n = N * L
+    bwd = num_params - sum(no_backward_gather)
     tr = zeropp_traffic(num_params=num_params, num_nodes=N, ranks_per_node=L, grad_accum=a, param_bytes=param_bytes,
                         grad_bytes=grad_bytes, quantized_weights=quantized_weights, hpz_partition_size=k,
-                        quantized_gradients=quantized_gradients, trainable_params=trainable_params)
+                        quantized_gradients=quantized_gradients, trainable_params=trainable_params,
+                        backward_gather_numel=bwd)
     t = num_params if trainable_params is None else trainable_params
-    hpz_bytes = a * (k - 1) / k * num_params * param_bytes if k > 1 else 0.0
+    hpz_bytes = a * (k - 1) / k * bwd * param_bytes if k > 1 else 0.0
     qgz_intra = a * (L - 1) / L * t * qgz_bytes_per_element() if quantized_gradients else 0.0
     flat_gather = tr.param_gather_cross_bytes if N > 1 else tr.param_gather_intra_bytes - hpz_bytes
     grad = tr.grad_cross_bytes if N > 1 else tr.grad_intra_bytes - qgz_intra
@@ -158,7 +166,8 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         # CPU: every byte sent is also received by some rank (cost/comm.py collective_cpu_s)
         return OpEstimate(name, kind, "micro", per_step, wire, time_s, 2 * wire * on.cpu_s_per_byte)
 
-    gathers = launches * (1 if k > 1 else 2)
+    bwd_launches = a * (num_units - len(no_backward_gather))
+    gathers = launches + (0 if k > 1 else bwd_launches)
     ops = [op(ALL_GATHER, "param", flat_gather, n, link, gathers)]
     if N > 1 and flat_gather > 0:
         payload = flat_gather / (n - 1) * n / gathers  # one launch's full tensor, from its ring bytes
@@ -173,7 +182,7 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
                                 gathers * (latency_steps(ALL_GATHER, n, link) * link.latency_s
                                            + egress / link.bw_bytes_per_s), ops[0].cpu_s)
     if k > 1:
-        ops.append(op(ALL_GATHER, "param", hpz_bytes, k, intra_link, launches))
+        ops.append(op(ALL_GATHER, "param", hpz_bytes, k, intra_link, bwd_launches))
     if quantized_gradients:
         ops.append(op(ALL_TO_ALL, "grad", qgz_intra, L, intra_link, launches))
         cross = op(ALL_TO_ALL, "grad", grad, N, link, launches)
