@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import statistics
 import sys
@@ -60,7 +61,8 @@ def worker(args) -> int:
     for v in (v for v in VARIANTS if v.name in args.variant):
         model = build_model(spec, dtype=torch.float32, seed=SEED)
         trainer = peers.build(peers.System(v.name, v.family, v.stage), model, bf16=True, micro_batch=1,
-                              seq_len=args.seq_len, extra_config=v.config or None)
+                              seq_len=args.seq_len,
+                              extra_config=peers.merge_config(v.config or {}, args.ztune_config) or None)
         engine = trainer.owner
         engine._reducer.finish = _timed(parts, "reduce_wait", engine._reducer.finish)
         rows = []
@@ -96,6 +98,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--ztune-config", type=json.loads, default=None,
+                        help="JSON merged into each variant's ztune config (e.g. a bucket size to try)")
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank")
     args = parser.parse_args(argv)
     if args.worker:
@@ -104,6 +108,8 @@ def main(argv: list[str]) -> int:
 
     script = [str(Path(__file__).resolve()), "--worker", "--model", args.model, "--seq-len", str(args.seq_len),
               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    if args.ztune_config:
+        script += ["--ztune-config", json.dumps(args.ztune_config)]
     for name in args.variant:
         script += ["--variant", name]
     load0 = os.getloadavg()[0]
@@ -112,7 +118,7 @@ def main(argv: list[str]) -> int:
                                master_port=29533)
     for r in results:
         lines = [line for line in r.output.splitlines() if line.startswith("[parts]")]
-        print("\n".join(lines) if not r.returncode else r.output[-2000:])
+        print("\n".join(lines) if not r.returncode else r.output[-8000:])
     print(f"link {args.rate} Mbit/s; load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     return 1 if any(r.returncode for r in results) else 0
 

@@ -5,7 +5,9 @@ ztune/cost/gloo.py's pair rule.
 
 Builds a box of 2 hosts x 1 rank (benchmarks/cluster_box.py, links shaped with tc tbf) and, in one torchrun job,
 times (median of 4, between barriers) on a 2-rank gloo group: one reduce (root 0); two reduces with roots 0 and 1
-issued at once (async) and in turn; one broadcast; two broadcasts with opposite roots at once. Prints them with
+issued at once (async) and in turn; one broadcast; two broadcasts with opposite roots at once; the two reduces
+beside the two broadcasts on a second group (two of the runtime's lanes, as stage 3's backward runs its
+re-gathers beside its gradient reductions). Prints them with
 what each would take at the shaped rate if its transfers ran one after the other (the pair rule) or if each host's
 uplink carried only its own sends at once (the uplink rule). Not part of `make bench`: a one-off check.
 """
@@ -29,7 +31,8 @@ def worker() -> None:
 
     dist.init_process_group("gloo")
     n = int(os.environ["GX_NUMEL"])
-    a, b = torch.ones(n), torch.ones(n)
+    a, b, c, d = torch.ones(n), torch.ones(n), torch.ones(n), torch.ones(n)
+    lane = dist.new_group([0, 1], backend="gloo")  # a second group: another of the runtime's lanes
 
     def wait(works):
         for w in works:
@@ -43,6 +46,9 @@ def worker() -> None:
         "one broadcast": lambda: dist.broadcast(a, src=0),
         "two broadcasts at once": lambda: wait([dist.broadcast(a, src=0, async_op=True),
                                                 dist.broadcast(b, src=1, async_op=True)]),
+        "two reduces beside two broadcasts": lambda: wait([
+            dist.reduce(a, dst=0, async_op=True), dist.reduce(b, dst=1, async_op=True),
+            dist.broadcast(c, src=0, group=lane, async_op=True), dist.broadcast(d, src=1, group=lane, async_op=True)]),
     }
     out = {}
     for name, fn in cases.items():
@@ -80,7 +86,8 @@ def main(argv: list[str]) -> int:
     rate = args.rate_mbit * 1e6 / 8  # bytes/s
     # (pair rule: all transfers between the two ranks in turn; uplink rule: the busiest host's own sends)
     rules = {"one reduce": (1.5, 1.0), "two reduces at once": (3.0, 1.5), "two reduces in turn": (3.0, 2.0),
-             "one broadcast": (1.0, 1.0), "two broadcasts at once": (2.0, 1.0)}
+             "one broadcast": (1.0, 1.0), "two broadcasts at once": (2.0, 1.0),
+             "two reduces beside two broadcasts": (5.0, 2.5)}
     print(f"{args.mib} MiB per op, link shaped to {args.rate_mbit} Mbit/s, 2 hosts x 1 rank, median of 4:")
     for name, s in measured.items():
         pair, uplink = rules[name]

@@ -67,10 +67,65 @@ def _collectives(rank: int, world_size: int) -> dict:
             dist.all_gather_into_tensor(ref, shard)
             comm.all_gather(gathered, shard)
             out[f"all_gather-{key}"] = (gathered.clone(), ref)
+    out.update(_staged_back_to_back(comm, rank, world_size))
     one = torch.tensor([float(rank + 1)])
     comm.all_reduce(one, op=dist.ReduceOp.MAX)
     out["max"] = float(one)
     out["report"] = comm.report(steps=1)
+    return out
+
+
+class _LaggingDist:
+    """torch.distributed for runtime/comm/hierarchical.py, with every barrier returning 30 ms late on this rank: it
+    reads its host peer's staging buffer well after the peer went on to its next collectives."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def barrier(self, *args, **kwargs):
+        import time
+
+        self._real.barrier(*args, **kwargs)
+        time.sleep(0.03)
+
+
+def _staged_back_to_back(comm, rank: int, world_size: int) -> dict:
+    """Several collectives on private buffers (through the lanes' staging buffers) submitted back to back while
+    local rank 1 of each host lags after every barrier: fails if a rank could overwrite a staging buffer its
+    host peer still reads (each collective's closing barrier, runtime/comm/hierarchical.py; without it, with
+    one staging buffer, this fails)."""
+    import torch.distributed as dist
+
+    import ztune.runtime.comm.hierarchical as hierarchical
+
+    n, out = world_size, {}
+    if rank % 2 == 1:
+        hierarchical.dist = _LaggingDist(dist)
+    try:
+        shards = [_filled(64, rank=rank, seed=10 + i) for i in range(5)]
+        outputs = [torch.zeros(64 * n) for _ in shards]
+        fulls = [_filled(64 * n, rank=rank, seed=20 + i) for i in range(5)]
+        refs_rs = []
+        for full in fulls:
+            ref = torch.empty(64)
+            dist.reduce_scatter_tensor(ref, full.clone())
+            refs_rs.append(ref)
+        owns = [torch.zeros(64) for _ in fulls]
+        works = [comm.all_gather(o, s, async_op=True) for o, s in zip(outputs, shards, strict=True)]
+        works += [comm.reduce_scatter(o, f.clone(), async_op=True) for o, f in zip(owns, fulls, strict=True)]
+        for w in works:
+            w.wait()
+    finally:
+        hierarchical.dist = dist
+    for i, (o, s) in enumerate(zip(outputs, shards, strict=True)):
+        ref = torch.empty(64 * n)
+        dist.all_gather_into_tensor(ref, s)
+        out[f"staged all_gather {i}"] = (o, ref)
+    for i, (o, ref) in enumerate(zip(owns, refs_rs, strict=True)):
+        out[f"staged reduce_scatter float32 {i}"] = (o, ref)
     return out
 
 
