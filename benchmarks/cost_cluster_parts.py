@@ -7,7 +7,9 @@ parameter refresh of stages 1-2) per ztune variant, to set beside `ztune estimat
 
 Every rank times each part of `--steps` steps with time.perf_counter after `--warmup` steps, by wrapping the
 engine's own calls (GradReducer.finish, optim_shard.step_shards, torch.linalg.vector_norm as engine.step calls
-it); it prints each rank's medians in ms. Throwaway instrumentation: nothing here changes what the runtime does.
+it); it prints each rank's medians in ms, with the process's CPU seconds per step (all threads). With
+`--profile N`, rank 0 also runs torch.profiler over its timed steps and prints the N operators with the most self CPU
+time. Throwaway instrumentation: nothing here changes what the runtime does.
 """
 
 from __future__ import annotations
@@ -66,18 +68,27 @@ def worker(args) -> int:
         engine = trainer.owner
         engine._reducer.finish = _timed(parts, "reduce_wait", engine._reducer.finish)
         rows = []
+        prof = None
         for i in range(total):
+            if i == args.warmup and args.profile and rank == 0:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                prof.__enter__()
             parts.clear()
             dist.barrier()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             loss = engine(*data[i])
             t1 = time.perf_counter()
             engine.backward(loss)
             t2 = time.perf_counter()
             engine.step()
-            t3 = time.perf_counter()
-            rows.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0, **parts})
-        keys = ("total", "forward", "backward", "reduce_wait", "step", "grad_norm", "optimizer")
+            t3, c3 = time.perf_counter(), time.process_time()
+            rows.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0,
+                         "cpu": c3 - c0, **parts})
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
+            print("\n".join(f"[parts] {line}" for line in table.splitlines()), flush=True)
+        keys = ("total", "cpu", "forward", "backward", "reduce_wait", "step", "grad_norm", "optimizer")
         med = {k: statistics.median(r.get(k, 0.0) for r in rows[args.warmup:]) * 1e3 for k in keys}
         gathered: list = [None] * world
         dist.all_gather_object(gathered, med)
@@ -100,6 +111,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ztune-config", type=json.loads, default=None,
                         help="JSON merged into each variant's ztune config (e.g. a bucket size to try)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="rank 0: print the N operators with the most self CPU time over the timed steps")
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank")
     args = parser.parse_args(argv)
     if args.worker:
@@ -107,7 +120,7 @@ def main(argv: list[str]) -> int:
     from benchmarks.cluster_box import ClusterBox
 
     script = [str(Path(__file__).resolve()), "--worker", "--model", args.model, "--seq-len", str(args.seq_len),
-              "--warmup", str(args.warmup), "--steps", str(args.steps)]
+              "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile)]
     if args.ztune_config:
         script += ["--ztune-config", json.dumps(args.ztune_config)]
     for name in args.variant:

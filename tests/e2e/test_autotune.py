@@ -119,11 +119,12 @@ def test_failed_trials_are_recorded_and_never_stop_the_search(tmp_path: Path, fa
     # predicts stage 0 needs the most, so an OOM planted at stage 1 or 2 would rightly rule stage 0 out.
     # The stall limit that marks the hang is given explicitly (given limits are not load-scaled by the
     # tuner): 10 s on an idle machine, stretched by the load here, or a slow crash or OOM trial on a busy
-    # machine would end as a "timeout" before it could crash.
+    # machine would end as a "timeout" before it could crash. No confirmation rounds: they re-measure the
+    # leaders (4 more trials, ~35 s here) and are not what this test is about (tests/unit/test_tune_confirm.py).
     stall_s = round(scaled_limit_s(10.0))
     t0 = time.monotonic()
     proc = _ztune(["--model", "tiny-gpt", "--global-batch", "8", "--seq", "32", "--stages", "0,1,2",
-                   "--vary", "stage,micro", "--warmup", "1", "--steps", "2", "--min-trials", "99",
+                   "--vary", "stage,micro", "--warmup", "1", "--steps", "2", "--min-trials", "99", "--confirm", "0",
                    "--trial-timeout", "600", "--stall-timeout", str(stall_s), "--memory-cap", "560MiB",
                    "--out", str(out), "--json",
                    "--script", str(fake_script), "--", "--crash-stage", "1", "--hang-stage", "2",
