@@ -197,8 +197,9 @@ NOTES = [
     "- optimizer step: the owned fp32 master elements (stage 0: all 30.9M on every rank; stages 1-3: the 1/4 "
     "shard) at the rate the probe measured for the runtime's own step (gradient-norm pass + step_shards' fused "
     "AdamW) with the host's ranks all stepping at once (Hardware.optimizer_step_elements_per_s), serial; 1-bit "
-    "Adam's own compression-stage update (plain torch ops: momentum, frozen-variance mask, update; ~5x slower "
-    "than the fused AdamW per element) at its own measured rate (Hardware.onebit_step_elements_per_s);",
+    "Adam's own compression-stage update (OneBitAdam.step through step_shards: the momentum, then the update "
+    "with the frozen-variance mask in the same pass; the C++ kernel of runtime/onebit_kernels.py where it is "
+    "built) at its own measured rate (Hardware.onebit_step_elements_per_s);",
     "- communication CPU: the probe's all_reduce also measures the CPU seconds a rank spends per byte it sends or "
     "receives (gloo over TCP between the hosts: ~0.4 ns/B here; shared memory in a host: ~0.05 ns/B), and its "
     "workload the wall seconds per CPU second with every rank busy (cpu_contention, ~2 for 4 ranks on 2 cores); "

@@ -18,8 +18,8 @@ case, where each rank steps the whole model), again all ranks at once after a ba
 path: the global gradient-norm pass that runtime/engine.py `step` runs over the owned gradients, then
 runtime/optim_shard.py `step_shards` with the optimizer ztune.initialize builds on CPU (AdamW; the fused C++ kernel
 when it is built). The slowest rank's median gives `optimizer_elements_per_s` (Hardware.optimizer_step_elements_per_s).
-Then, the same way, 1-bit Adam's compression-stage update without its exchange (time_onebit_step: plain torch ops,
-several passes over every element): `onebit_elements_per_s` (Hardware.onebit_step_elements_per_s).
+Then, the same way, 1-bit Adam's compression-stage update without its exchange (time_onebit_step: the runtime's
+OneBitAdam.step through step_shards): `onebit_elements_per_s` (Hardware.onebit_step_elements_per_s).
 
 With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
 all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
@@ -161,26 +161,24 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
 
 def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
     """Seconds of `repeats` compression-stage updates of 1-bit Adam (after one untimed one) over `numel` fp32 master
-    elements with gradients and parameters in `dtype`, the exchange and its codec left out (the cost model charges
-    those as communication and codec time): the runtime's own steps in the order a step runs them, the gradient's
-    fp32 copy (runtime/optim_shard.py step_shards), the local momentum (runtime/onebit_adam.py momentum_, equation
-    (4)), the frozen-variance mask (mask_unfrozen_, (8)), the update with the frozen variance (adam_update_, (7)),
-    and the 16-bit parameter refresh. `before()` runs after the untimed update. Imports torch."""
-    import torch
-
-    from ztune.runtime.onebit_adam import adam_update_, mask_unfrozen_, momentum_
+    elements with gradients and parameters in `dtype`: runtime/optim_shard.py `step_shards` with the runtime's own
+    OneBitAdam (runtime/onebit_adam.py), as runtime/engine.py steps it after the freeze (the gradient's fp32 copy,
+    OneBitAdam.step: momentum (4), the update with the frozen variance and its mask (7)-(8), then the 16-bit
+    parameter refresh), with the momentum exchange left out: the cost model charges it as communication and codec
+    time. One untimed warm-up step (the engine's AdamW, freeze_step 1) freezes the variance first. `before()` runs
+    after the untimed update. Imports torch."""
+    from ztune.runtime.onebit_adam import OneBitAdam
+    from ztune.runtime.optim_shard import step_shards
 
     master, param, grad = _step_tensors(numel, dtype)
-    m = torch.zeros(numel)
-    v = torch.rand(numel, generator=torch.Generator().manual_seed(1)).mul_(1e-6)  # frozen, positive: (8) masks none
+    optimizer = OneBitAdam([master], comm=None, freeze_step=1, lr=1e-4)
+    # The exchange (5)-(6) replaced by nothing: its bytes and codec are other terms of the estimate.
+    optimizer.exchange_momentum_ = lambda p, m, state, *, mask=True: None
+    step_shards(optimizer.warmup_optimizer(), masters=[master], grads=[grad.clone()], param_shards=[param],
+                grad_divisor=1.0)  # (1)-(3) once: v frozen, positive where the gradient is not zero
 
     def step():
-        g32 = grad if grad.dtype == torch.float32 else grad.float()
-        momentum_(m, g32, beta1=0.9)
-        mask_unfrozen_(m, v)
-        adam_update_(master, m, v, lr=1e-4, eps=1e-8, weight_decay=0.0, c1=1.0, c2=0.14)
-        if param is not master:
-            param.copy_(master)
+        step_shards(optimizer, masters=[master], grads=[grad], param_shards=[param], grad_divisor=1.0)
 
     return _timed(step, repeats=repeats, before=before)
 

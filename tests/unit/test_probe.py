@@ -302,18 +302,42 @@ def test_time_optimizer_step_runs_the_runtime_step():
 
 
 def test_time_onebit_step_runs_the_runtime_update_in_order(monkeypatch):
-    """1-bit Adam's probe update calls runtime/onebit_adam.py's own momentum_, mask_unfrozen_ and adam_update_, in a
-    step's order, and moves the masters."""
-    from ztune import probe_workload
-    from ztune.runtime import onebit_adam
+    """1-bit Adam's probe update is the runtime's own compression-stage step (OneBitAdam.step through step_shards,
+    as runtime/engine.py runs it after the freeze): momentum_, then adam_update_ with the frozen-variance mask in
+    its pass, no separate mask_unfrozen_ pass and no exchange; it moves the masters."""
+    import torch
 
-    calls = []
-    for name in ("momentum_", "mask_unfrozen_", "adam_update_"):
+    from ztune import probe_workload
+    from ztune.runtime import onebit_adam, optim_shard
+
+    calls, compressing, masters = [], [], []
+    for name in ("momentum_", "local_momentum_", "mask_unfrozen_", "adam_update_", "bounded_update_"):
         real = getattr(onebit_adam, name)
-        monkeypatch.setattr(onebit_adam, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+
+        def spy(*a, _r=real, _n=name, **k):
+            calls.append((_n, k.get("mask_zero_variance")))
+            return _r(*a, **k)
+        monkeypatch.setattr(onebit_adam, name, spy)
+    real_step = onebit_adam.OneBitAdam.step
+
+    def step(self, closure=None):
+        compressing.append(self.compressing)
+        masters.append(self.param_groups[0]["params"][0].clone())
+        return real_step(self, closure)
+    monkeypatch.setattr(onebit_adam.OneBitAdam, "step", step)
+    monkeypatch.setattr(onebit_adam.OneBitAdam, "exchange_momentum_",
+                        lambda *a, **k: pytest.fail("the probe's update must leave the exchange out"))
+    shards = []
+    real_shards = optim_shard.step_shards
+    monkeypatch.setattr(optim_shard, "step_shards", lambda opt, **k: (shards.append(type(opt).__name__),
+                                                                      real_shards(opt, **k))[1])
     times = probe_workload.time_onebit_step(numel=4096, dtype="bf16", repeats=2)
     assert len(times) == 2 and all(t > 0 for t in times)
-    assert calls == ["momentum_", "mask_unfrozen_", "adam_update_"] * 3  # one untimed update first
+    assert shards[0] != "OneBitAdam" and shards[1:] == ["OneBitAdam"] * 3  # the warm-up's AdamW, then 1 + 2
+    assert compressing == [True] * 3
+    assert calls == [("momentum_", None), ("adam_update_", True)] * 3
+    assert not torch.equal(masters[0], masters[-1])
+
 
 @pytest.mark.dist
 def test_workload_probe_measures_the_optimizer_rate_on_all_ranks():

@@ -381,7 +381,7 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
     # every trainable parameter on every rank, stages 1-3 the rank's shard (ZeRO paper, section 5.1).
     owned = 0 if z.offload_optimizer is Offload.CPU else (split.trainable if z.stage == 0 else mem.shard_numel)
     onebit = cfg.optimizer.type is OptimizerType.ONEBIT_ADAM
-    # 1-bit Adam after freeze_step: its own update (plain torch ops), at its own measured rate where there is one
+    # 1-bit Adam after freeze_step: its own update (OneBitAdam.step), at its own measured rate where there is one
     step_rate = (hw.onebit_step_elements_per_s if onebit and hw.onebit_step_elements_per_s > 0
                  else hw.optimizer_step_elements_per_s)
     optimizer_s = optimizer_step_s(owned_numel=owned, elements_per_s=step_rate)
