@@ -46,7 +46,7 @@ def test_user_script_calling_initialize_is_the_workload(tmp_path):
     # ztune.initialize(config=None); the engine finds $ZTUNE_CONFIG and reports steps to the tuner.
     root = Path(__file__).resolve().parents[2]
     out = _run([sys.executable, "-m", "ztune", "autotune", "--script", str(root / "examples/train_tiny.py"),
-                "--stages", "0,2", "--micro", "4", "--max-trials", "2", "--steps", "2", "--no-plot",
+                "--stages", "0,2", "--micro", "4", "--seq", "32", "--max-trials", "2", "--steps", "2", "--no-plot",
                 "--json", "--out", str(tmp_path), "--", "--steps", "1000"], cwd=root)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     result = json.loads(out.stdout)
