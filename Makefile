@@ -50,7 +50,8 @@ demo: install
 		examples/train_tiny.py -- --steps 20
 
 # BENCH_ARGS=--cluster adds the cluster-in-a-box benchmarks (need root; see bench-cluster, bench-autotune-cluster,
-# bench-cost-cluster).
+# bench-cost-cluster). The benchmarks train in bf16: on a CPU without avx512_bf16 / amx_bf16 run_all.py refuses to
+# start (bf16 matmul there is ~50x slower than fp32) unless BENCH_ARGS has --allow-slow-bf16.
 BENCH_ARGS ?=
 
 bench: install-bench
@@ -60,17 +61,17 @@ bench: install-bench
 # builds the box, runs ztune flat and hierarchical stages 1-3, ZeRO++, 1-bit Adam, DDP and DeepSpeed ZeRO-1/2/3,
 # tears it down, writes docs/bench/cluster.md and reassembles docs/benchmarks.md. Needs root (ip netns, tc).
 bench-cluster: install-bench
-	$(PY) benchmarks/run_all.py bench_cluster
+	$(PY) benchmarks/run_all.py bench_cluster $(BENCH_ARGS)
 
 # `ztune autotune -H` on a 2 x 2-rank box at 1 Gbit/s (probe, tune, the whole grid with --exhaustive, a SIGKILLed
 # tuner; nothing may be left on any host): writes docs/bench/autotune_cluster.md. Needs root, sshd.
 bench-autotune-cluster: install-bench
-	$(PY) benchmarks/run_all.py bench_autotune_cluster
+	$(PY) benchmarks/run_all.py bench_autotune_cluster $(BENCH_ARGS)
 
 # The cost model against the same box: `ztune probe` on both hosts, the ztune variants measured, `ztune estimate`
 # on the probed profile per variant; writes docs/bench/cost_cluster.md (+ .json). Needs root.
 bench-cost-cluster: install-bench
-	$(PY) benchmarks/bench_cost_cluster.py
+	$(PY) benchmarks/run_all.py bench_cost_cluster $(BENCH_ARGS)
 
 # One prepared check of the CUDA paths on one GPU, within 8 minutes (docs/gpu-check.md). It runs on a bare GPU
 # machine's own python3 (torch with CUDA, transformers, ... preinstalled), not on .venv: the editable install

@@ -379,7 +379,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help=f"check that it runs: {SMOKE_RATE_MBIT} Mbit/s, {', '.join(SMOKE_VARIANTS)}, 1 warm-up "
                              "and 1 timed step; writes under a temporary folder (its numbers mean nothing)")
+    parser.add_argument("--allow-slow-bf16", action="store_true",
+                        help="run on a CPU whose bf16 matmul is far slower than fp32 (run_all.check_bf16_speed)")
     args = parser.parse_args(argv)
+    from run_all import check_bf16_speed
+
+    if not args.rerender and not args.allow_slow_bf16 and not check_bf16_speed([], prog="bench_cost_cluster"):
+        return 2
     warmup, variants = 2, COST_VARIANTS
     if args.smoke:
         if args.rerender:

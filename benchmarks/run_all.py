@@ -9,6 +9,12 @@ NAMEs (script stems, e.g. bench_cluster) run only those. The cluster-in-a-box be
 bench_autotune_cluster.py, bench_cost_cluster.py: network namespaces, need root) run only with --cluster or by name
 (`make bench-cluster`, `make bench-autotune-cluster`, `make bench-cost-cluster`); the sections they wrote last are
 assembled either way.
+
+Most benchmarks train in bf16, as DESIGN.md's targets are stated. On a CPU without a native bf16 matrix unit
+(no avx512_bf16 or amx_bf16) torch multiplies bf16 with a fallback kernel ~50x slower than fp32 (1.2 against
+62 GFLOP/s on an AVX2-only EPYC core): the run would take hours and time that kernel rather than ztune. So it
+first times one small product in each dtype and refuses such a CPU in one line (exit 2) unless given
+--allow-slow-bf16.
 """
 
 from __future__ import annotations
@@ -85,14 +91,63 @@ LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
 
 # Scripts that `make bench` runs only when asked (--cluster, or by name): they need root.
 OPT_IN = {"--cluster": ("bench_cluster", "bench_autotune_cluster", "bench_cost_cluster")}
+ALLOW_SLOW_BF16 = "--allow-slow-bf16"
+# Scripts with their own entry point in the Makefile, which run check_bf16_speed themselves.
+CHECKS_BF16_ITSELF = {"bench_cost_cluster.py"}
+# bf16 matmul slower than this fraction of fp32's: no native bf16 unit (with one, bf16 is faster than fp32).
+SLOW_BF16_RATIO = 0.25
+
+
+def matmul_gflops(dtype, *, size: int = 256, repeats: int = 3) -> float:
+    """GFLOP/s of the best of `repeats` size x size products (2 size^3 FLOP each) in `dtype` on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / best / 1e9
+
+
+def slow_bf16_refusal(*, fp32_gflops: float, bf16_gflops: float, prog: str) -> str | None:
+    """The one-line refusal for a CPU whose bf16 matmul runs below SLOW_BF16_RATIO of its fp32 rate, else None."""
+    if bf16_gflops >= SLOW_BF16_RATIO * fp32_gflops:
+        return None
+    return (f"{prog}: bf16 matmul on this CPU runs at {bf16_gflops:.1f} GFLOP/s, {fp32_gflops / bf16_gflops:.0f}x "
+            f"slower than fp32 ({fp32_gflops:.0f} GFLOP/s: no avx512_bf16 or amx_bf16, torch's fallback kernel); "
+            f"the bf16 benchmarks would take hours and time that kernel, not ztune. Run them on a CPU with one of "
+            f"those flags in /proc/cpuinfo, or pass {ALLOW_SLOW_BF16}")
+
+
+def check_bf16_speed(argv: list[str], *, prog: str) -> bool:
+    """False (after printing slow_bf16_refusal) where this CPU's bf16 is too slow and `argv` lacks
+    --allow-slow-bf16; True otherwise."""
+    if ALLOW_SLOW_BF16 in argv:
+        return True
+    import torch
+
+    refusal = slow_bf16_refusal(fp32_gflops=matmul_gflops(torch.float32), bf16_gflops=matmul_gflops(torch.bfloat16),
+                                prog=prog)
+    if refusal:
+        print(refusal, file=sys.stderr)
+    return refusal is None
 
 
 def select_scripts(argv: list[str]) -> list[Path]:
     """The benchmark scripts `argv` asks for (see the module docstring). ValueError on an unknown option."""
-    flags = {a for a in argv if a.startswith("--")}
+    flags = {a for a in argv if a.startswith("--") and a != ALLOW_SLOW_BF16}
     unknown = flags - set(OPT_IN)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted(OPT_IN)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted([*OPT_IN, ALLOW_SLOW_BF16])}")
     only = {a for a in argv if not a.startswith("--")}
     opted_in = {stem for f in flags for stem in OPT_IN[f]} | only
     opt_in_stems = {stem for stems in OPT_IN.values() for stem in stems}
@@ -110,11 +165,14 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"run_all.py: {exc}", file=sys.stderr)
         return 2
+    if scripts and not check_bf16_speed(argv, prog="run_all.py"):
+        return 2
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(script), *SCRIPT_ARGS.get(script.name, [])], cwd=ROOT)
+        extra = [ALLOW_SLOW_BF16] if script.name in CHECKS_BF16_ITSELF else []  # checked above already
+        rc = subprocess.call([sys.executable, str(script), *SCRIPT_ARGS.get(script.name, []), *extra], cwd=ROOT)
         print(f"== {script.name}: exit {rc} in {time.perf_counter() - start:.0f} s", flush=True)
         if rc:
             failed.append(script.name)

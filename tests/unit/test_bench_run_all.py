@@ -25,3 +25,23 @@ def test_cluster_bench_is_opt_in():
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="--clusters"):
         run_all.select_scripts(["--clusters"])
+
+
+def test_a_cpu_without_fast_bf16_is_refused_in_one_line_unless_allowed():
+    # This dev machine's AVX2-only EPYC core: 62 GFLOP/s fp32, 1.2 bf16 (torch's fallback kernel).
+    line = run_all.slow_bf16_refusal(fp32_gflops=62.0, bf16_gflops=1.2, prog="run_all.py")
+    assert line is not None and "\n" not in line and "52x slower" in line and run_all.ALLOW_SLOW_BF16 in line
+    # With AVX512-BF16 (the earlier dev machines: ~200 bf16 against ~90 fp32) or at the threshold: no refusal.
+    assert run_all.slow_bf16_refusal(fp32_gflops=90.0, bf16_gflops=200.0, prog="run_all.py") is None
+    assert run_all.slow_bf16_refusal(fp32_gflops=100.0, bf16_gflops=100.0 * run_all.SLOW_BF16_RATIO,
+                                     prog="run_all.py") is None
+    assert run_all.check_bf16_speed([run_all.ALLOW_SLOW_BF16], prog="run_all.py")  # measures nothing
+    assert _names([run_all.ALLOW_SLOW_BF16, "bench_cluster"]) == ["bench_cluster"]  # a flag, not a script
+
+
+def test_main_refuses_slow_bf16_with_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(run_all, "matmul_gflops", lambda dtype, **k: 1.2 if "bfloat16" in str(dtype) else 62.0)
+    monkeypatch.setattr(run_all.subprocess, "call", lambda *a, **k: pytest.fail("no benchmark may start"))
+    assert run_all.main(["bench_cluster"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bf16 matmul" in err
