@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.spawn import free_port
 from tests.helpers.load import scaled_limit_s
+from tests.helpers.spawn import free_port
 
 pytestmark = pytest.mark.dist
 
@@ -37,16 +37,30 @@ README_CONFIG = {"train_batch_size": 32, "gradient_accumulation_steps": 2, "zero
                  "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}}
 
 
-def _torchrun(script: Path, args: list[str], out: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", README_OUT_ENV: str(out),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if script.name != "readme_snippet.py":  # the README's snippet has no --losses_out (see README_EPILOGUE)
-        args = [*args, "--losses_out", str(out)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(RUNNER), str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=scaled_limit_s(420))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+def _torchrun_both(runs: dict[str, tuple[Path, list[str], Path]]) -> dict:
+    """{name: (script, args, out)} -> {name: the JSON the run wrote to out}: each a 2-rank torchrun job, all at
+    once (their process starts and rendezvous waits overlap: most of an example's wall time on 2 cores)."""
+    procs = {}
+    for name, (script, args, out) in runs.items():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", README_OUT_ENV: str(out),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        if script.name != "readme_snippet.py":  # the README's snippet has no --losses_out (see README_EPILOGUE)
+            args = [*args, "--losses_out", str(out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(RUNNER), str(script), *args]
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results, limit = {}, scaled_limit_s(420)
+    try:
+        for name, proc in procs.items():
+            output, _ = proc.communicate(timeout=limit)
+            assert proc.returncode == 0, f"{name}: {output[-4000:]}"
+            results[name] = json.loads(runs[name][2].read_text())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
 
 
 def _convert(original: str) -> str:
@@ -77,10 +91,11 @@ def test_example_runs_under_both_with_the_same_losses(script, tmp_path):
     pytest.importorskip("deepspeed")
     ztune_script = tmp_path / script
     ztune_script.write_text(_convert((EXAMPLES / script).read_text()))
-    runs = {}
+    jobs = {}
     for name, path in (("deepspeed", EXAMPLES / script), ("ztune", ztune_script)):
         (tmp_path / name).mkdir()
-        runs[name] = _torchrun(path, SCRIPTS[script](tmp_path / name), tmp_path / name / "losses.json")
+        jobs[name] = (path, SCRIPTS[script](tmp_path / name), tmp_path / name / "losses.json")
+    runs = _torchrun_both(jobs)
     theirs, ours = runs["deepspeed"], runs["ztune"]
     if script == "bert_mlm.py":
         # After load_checkpoint the script replays the optimizer steps after the save: the same losses again.
@@ -106,11 +121,11 @@ def test_readme_snippet_is_a_deepspeed_script_converted_by_its_import_line(tmp_p
     assert _convert(original) == snippet.replace(README_IMPORT, "import ztune as deepspeed") + README_EPILOGUE
     config = tmp_path / "ds_config.json"
     config.write_text(json.dumps(README_CONFIG))
-    runs = {}
+    jobs = {}
     for name, text in (("deepspeed", original), ("ztune", _convert(original))):
         (tmp_path / name).mkdir()
         script = tmp_path / name / "readme_snippet.py"
         script.write_text(text)
-        runs[name] = _torchrun(script, ["--deepspeed", "--deepspeed_config", str(config)],
-                               tmp_path / name / "losses.json")
+        jobs[name] = (script, ["--deepspeed", "--deepspeed_config", str(config)], tmp_path / name / "losses.json")
+    runs = _torchrun_both(jobs)
     assert runs["ztune"] == pytest.approx(runs["deepspeed"], rel=LOSS_RTOL)
