@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import run_all
@@ -44,4 +46,15 @@ def test_main_refuses_slow_bf16_with_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(run_all.subprocess, "call", lambda *a, **k: pytest.fail("no benchmark may start"))
     assert run_all.main(["bench_cluster"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "bf16 matmul" in err
+    assert err.count("\n") == 1 and "bf16 matmul" in err and "bench_validation" in err
+
+
+def test_benchmarks_without_bf16_matmul_run_on_such_a_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(run_all, "matmul_gflops", lambda dtype, **k: 1.2 if "bfloat16" in str(dtype) else 62.0)
+    ran = []
+    monkeypatch.setattr(run_all.subprocess, "call", lambda cmd, **k: ran.append(Path(cmd[1]).name) or 0)
+    monkeypatch.setattr(run_all, "SECTION_DIR", tmp_path)
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    assert run_all.main(["bench_validation", "bench_codec_kernel"]) == 0
+    assert ran == ["bench_codec_kernel.py", "bench_validation.py"]
