@@ -129,7 +129,7 @@ def slow_bf16_refusal(*, fp32_gflops: float, bf16_gflops: float, prog: str) -> s
     return (f"{prog}: bf16 matmul on this CPU runs at {bf16_gflops:.1f} GFLOP/s, {fp32_gflops / bf16_gflops:.0f}x "
             f"slower than fp32 ({fp32_gflops:.0f} GFLOP/s: no avx512_bf16 or amx_bf16, torch's fallback kernel); "
             f"the bf16 benchmarks would take hours and time that kernel, not ztune. Run them on a CPU with one of "
-            f"those flags in /proc/cpuinfo, or pass {ALLOW_SLOW_BF16} (by name, "
+            f"those flags in /proc/cpuinfo, or pass {ALLOW_SLOW_BF16} (make: BENCH_ARGS={ALLOW_SLOW_BF16}; by name, "
             f"{', '.join(sorted(n.removesuffix('.py') for n in NO_BF16_MATMUL))} run anywhere)")
 
 
