@@ -7,6 +7,11 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # torch 2.13.0 is the CPU build this project is developed against; pyproject's range admits it.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: the suite spends most of its time starting and waiting on processes
+# that import torch, so with one pytest process it keeps about one core busy. tests/conftest.py groups the
+# tests (one file a group; everything that builds network namespaces in one group). TEST_WORKERS=0 runs it
+# in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install install-bench test test-fast demo bench bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
 
@@ -29,10 +34,10 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 test: install
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not dist and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not dist and not e2e" $(PYTEST_ARGS)
 
 DEMO_OUT ?= demo-out
 

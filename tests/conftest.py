@@ -4,6 +4,11 @@ import threading
 
 import pytest
 
+# The fixtures (tests/e2e/conftest.py) and modules that build network namespaces: each builds its subnet's
+# blackhole route in the root namespace, so two of them must not run at once under pytest-xdist.
+NETNS_FIXTURES = {"cluster", "box"}
+NETNS_MODULES = {"test_cluster_box.py", "test_netns_reap.py"}
+
 # Keep each test process to the cores this machine has; gloo ranks spawned by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -44,3 +49,16 @@ def pytest_timeout_set_timer(item, settings):
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, deadline.limit_s)
     return True
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's --dist loadgroup reads the marks
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on pytest-xdist workers with `--dist loadgroup`. Each test file is one group,
+    so a module-scoped fixture (a training run many tests read) runs once, on one worker; every test that
+    builds network namespaces joins the one group "netns", so those run one at a time."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        netns = NETNS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in NETNS_MODULES
+        group = "netns" if netns else item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
