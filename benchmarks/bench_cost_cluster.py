@@ -52,7 +52,8 @@ from benchmarks.cluster_worker import VARIANTS, Variant  # noqa: E402
 OUT_MD = ROOT / "docs" / "bench" / "cost_cluster.md"
 OUT_JSON = ROOT / "docs" / "bench" / "cost_cluster.json"
 WORKER = str(ROOT / "benchmarks" / "cluster_worker.py")
-MODEL, PRECISION, MICRO_BATCH, SEQ_LEN, RANKS_PER_HOST, NUM_HOSTS = "tiny-llama", "bf16", 1, 128, 2, 2
+MODEL, MICRO_BATCH, SEQ_LEN, RANKS_PER_HOST, NUM_HOSTS = "tiny-llama", 1, 128, 2, 2
+PRECISION = "bf16"  # issue 15's workload; --precision fp32 measures the model where bf16 matmul is slow
 PROBE_PORT = 29511
 TARGET = 0.15  # issue 15: predicted within 15% of measured
 SMOKE_VARIANTS = ("ztune flat, stage 0", "ztune hierarchical, stage 3")
@@ -61,25 +62,25 @@ SMOKE_RATE_MBIT = 1000
 COST_VARIANTS: tuple[Variant, ...] = tuple(v for v in VARIANTS if v.family == "ztune")
 
 
-def variant_config(v: Variant) -> dict:
+def variant_config(v: Variant, precision: str = PRECISION) -> dict:
     """The config cluster_worker gives ztune.initialize for `v` (peers.build_ztune's, `v.config` merged)."""
     from peers import OPTIM, merge_config
 
-    base = {"zero": {"stage": v.stage}, "precision": PRECISION, "batch": {"micro": MICRO_BATCH, "grad_accum": 1},
+    base = {"zero": {"stage": v.stage}, "precision": precision, "batch": {"micro": MICRO_BATCH, "grad_accum": 1},
             "seq_len": SEQ_LEN, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "lr": OPTIM["lr"], "betas": list(OPTIM["betas"]), "eps": OPTIM["eps"],
                           "weight_decay": OPTIM["weight_decay"]}}
     return merge_config(base, v.config)
 
 
-def probe_in_box(box, tmp: Path) -> dict:
+def probe_in_box(box, tmp: Path, precision: str) -> dict:
     """`ztune probe` on both hosts at once; host 0's profile text and JSON summary (or the error)."""
     procs = []
     for k in range(NUM_HOSTS):
         argv = [sys.executable, "-m", "ztune", "probe", "--quick", "--ranks", str(RANKS_PER_HOST), "--json",
                 "--force", "--output", str(tmp / f"host{k}.yaml"), "--inter-node-master",
                 f"{box.hosts[0].addr}:{PROBE_PORT}", "--node-rank", str(k), "--model", MODEL, "--seq", str(SEQ_LEN),
-                "--micro-batch", str(MICRO_BATCH), "--precision", PRECISION]
+                "--micro-batch", str(MICRO_BATCH), "--precision", precision]
         procs.append(box.popen(k, argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=900) for p in procs]
     if any(p.returncode for p in procs):
@@ -95,11 +96,11 @@ def run_variants(run: dict) -> tuple[Variant, ...]:
     return COST_VARIANTS if names is None else tuple(v for v in COST_VARIANTS if v.name in names)
 
 
-def run_job(box, *, warmup: int, steps: int, variants: tuple[Variant, ...]) -> dict:
+def run_job(box, *, warmup: int, steps: int, variants: tuple[Variant, ...], precision: str) -> dict:
     """cluster_worker.py over `variants`; its JSON (variants with times, bytes, errors)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        argv = [WORKER, "--model", MODEL, "--precision", PRECISION, "--micro-batch", str(MICRO_BATCH),
+        argv = [WORKER, "--model", MODEL, "--precision", precision, "--micro-batch", str(MICRO_BATCH),
                 "--seq-len", str(SEQ_LEN), "--warmup", str(warmup), "--steps", str(steps), "--out", str(out)]
         for v in variants:
             argv += ["--variant", v.name]
@@ -113,14 +114,14 @@ def run_job(box, *, warmup: int, steps: int, variants: tuple[Variant, ...]) -> d
     return result
 
 
-def estimate_variant(profile_yaml: str, v: Variant) -> dict:
+def estimate_variant(profile_yaml: str, v: Variant, precision: str) -> dict:
     """`ztune estimate --json` for `v` on the probed profile: its row, or {"error": ...}."""
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         hw, cfg = Path(tmp) / "probed.yaml", Path(tmp) / "config.yaml"
         hw.write_text(profile_yaml)
-        cfg.write_text(yaml.safe_dump(variant_config(v)))
+        cfg.write_text(yaml.safe_dump(variant_config(v, precision)))
         argv = [sys.executable, "-m", "ztune", "estimate", "--hardware", str(hw), "--model", MODEL, "--nodes",
                 str(NUM_HOSTS), "--config", str(cfg), "--json"]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -151,11 +152,12 @@ def predict(run: dict) -> None:
         run["estimates"] = {v.name: {"error": probe["error"]} for v in run_variants(run)}
         return
     run["profile_host"], profile = slower_host_profile(probe)
-    run["estimates"] = {v.name: estimate_variant(profile, v) for v in run_variants(run)}
+    precision = run.get("precision", PRECISION)  # runs stored before --precision existed are bf16
+    run["estimates"] = {v.name: estimate_variant(profile, v, precision) for v in run_variants(run)}
 
 
 def measure(*, rates: list[int], repeats: int, warmup: int, steps: int, variants: tuple[Variant, ...],
-            save=lambda runs: None) -> list[dict]:
+            precision: str = PRECISION, save=lambda runs: None) -> list[dict]:
     from benchmarks.cluster_box import ClusterBox
 
     runs = []
@@ -165,10 +167,11 @@ def measure(*, rates: list[int], repeats: int, warmup: int, steps: int, variants
                 print(f"== repeat {rep + 1}/{repeats}, link {rate} Mbit/s", flush=True)
                 box.set_rate(rate)
                 load0, t0 = os.getloadavg()[0], time.perf_counter()
-                probe = probe_in_box(box, Path(tmp))
+                probe = probe_in_box(box, Path(tmp), precision)
                 t1 = time.perf_counter()
-                job = run_job(box, warmup=warmup, steps=steps, variants=variants)
+                job = run_job(box, warmup=warmup, steps=steps, variants=variants, precision=precision)
                 runs.append({"rate_mbit": rate, "repeat": rep, "variants": [v.name for v in variants],
+                             "precision": precision,
                              "probe": probe, "job": job,
                              "probe_s": t1 - t0, "job_s": time.perf_counter() - t1,
                              "load": [load0, os.getloadavg()[0]]})
@@ -273,7 +276,8 @@ def _link(run: dict) -> str:
     return (f"link {fit['busbw_bytes_per_s'] * 8 / 1e9:.2f} Gbit/s, {fit['latency_s'] * 1e6:,.0f} us/step; "
             f"in-host {m['collective']['fit']['busbw_bytes_per_s'] / 1e9:.2f} GB/s; {MODEL} fwd+bwd "
             f"{works[0]:,.0f} / {works[1]:,.0f} ms per rank on host 0 / 1 with both ranks busy: host {k}'s "
-            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its bf16 matmul"
+            f"profile (efficiency {prof['train_flops_efficiency']:.3f} of its "
+            f"{run.get('precision', PRECISION)} matmul"
             + (f"; optimizer step {prof['optimizer_step_elements_per_s'] / 1e6:,.0f} M elements/s"
                if prof.get("optimizer_step_elements_per_s") else "; no optimizer-step rate") + ") is used")
 
@@ -282,6 +286,7 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
     from run_all import machine_line
 
     rates = sorted({r["rate_mbit"] for r in runs})
+    precision = runs[0].get("precision", PRECISION)
     loads = [x for r in runs for x in r["load"]]
     lines = [
         "## Cost model vs the cluster in a box (2 hosts x 2 ranks), after `ztune probe` there",
@@ -292,9 +297,10 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
         + (" Predictions recomputed from the stored probes (`--rerender`) after a cost-model change; the "
            "measurements and probes are the run's." if rerendered else ""),
         "",
-        f"{MODEL}, {PRECISION}, micro batch {MICRO_BATCH} x seq {SEQ_LEN}, one thread per rank. Per link rate: "
+        f"{MODEL}, {precision}, micro batch {MICRO_BATCH} x seq {SEQ_LEN}, one thread per rank. Per link rate: "
         "`ztune probe --quick --ranks 2 --inter-node-master ... --model tiny-llama --seq 128 --micro-batch 1 "
-        "--precision bf16` on both hosts, then the measured job (cluster_worker.py: slower rank's median step), "
+        f"--precision {precision}` on both hosts, then the measured job (cluster_worker.py: slower rank's median "
+        "step), "
         "then `ztune estimate --hardware <the slower host's profile> --model tiny-llama --nodes 2 --config <the "
         "variant's config> --json` per variant. Error = (predicted - measured) / measured; with several repeats, "
         "the median and (in brackets) the range of the repeats' errors.",
@@ -379,13 +385,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help=f"check that it runs: {SMOKE_RATE_MBIT} Mbit/s, {', '.join(SMOKE_VARIANTS)}, 1 warm-up "
                              "and 1 timed step; writes under a temporary folder (its numbers mean nothing)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=PRECISION,
+                        help="the workload's precision (issue 15's check is bf16; fp32 checks the model on a CPU "
+                             "whose bf16 matmul is slow). fp32 writes cost_cluster_fp32.md/.json by default")
     parser.add_argument("--allow-slow-bf16", action="store_true",
                         help="run on a CPU whose bf16 matmul is far slower than fp32 (run_all.check_bf16_speed)")
     args = parser.parse_args(argv)
     from run_all import check_bf16_speed
 
-    if not args.rerender and not args.allow_slow_bf16 and not check_bf16_speed([], prog="bench_cost_cluster"):
+    if (not args.rerender and args.precision == "bf16" and not args.allow_slow_bf16
+            and not check_bf16_speed([], prog="bench_cost_cluster")):
         return 2
+    if args.precision != PRECISION:
+        if args.data == OUT_JSON:
+            args.data = OUT_JSON.with_name(f"{OUT_JSON.stem}_{args.precision}.json")
+        if args.out == OUT_MD:
+            args.out = OUT_MD.with_name(f"{OUT_MD.stem}_{args.precision}.md")
     warmup, variants = 2, COST_VARIANTS
     if args.smoke:
         if args.rerender:
@@ -409,6 +424,8 @@ def main(argv: list[str]) -> int:
             return 2
         command = "python benchmarks/bench_cost_cluster.py" + (" --smoke" if args.smoke else " ".join(
             [""] + [f"--{k} {getattr(args, k)}" for k in ("rates", "repeats", "steps")]))
+        if args.precision != PRECISION:
+            command += f" --precision {args.precision}"
 
         def save(runs: list[dict]) -> None:
             for r in runs:
@@ -417,7 +434,7 @@ def main(argv: list[str]) -> int:
             args.data.write_text(json.dumps(doc, indent=1))
 
         runs = measure(rates=rates, repeats=args.repeats, warmup=warmup, steps=args.steps, variants=variants,
-                       save=save)
+                       precision=args.precision, save=save)
         save(runs)
         elapsed = time.perf_counter() - start
         doc = {"command": command, "elapsed_s": elapsed, "runs": runs}
