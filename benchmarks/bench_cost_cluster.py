@@ -185,6 +185,9 @@ NOTES = [
     "What the cost model charges here, and why (each from a measurement or a source, none fitted per row):",
     "- compute: the probe's measured training rate of this model with the host's ranks all busy "
     "(ztune/probe_workload.py); of the two hosts' profiles the slower host's, as a lockstep step runs at its pace;",
+    "- the link: the probe's gloo all_reduce between the hosts at 4 KiB-64 MiB; its busbw is the largest "
+    "message's after the fitted latency (ztune/probe.py fit_alpha_beta): tbf lets a burst through at line rate, "
+    "so a line through all sizes gave 139 MB/s on the 1 Gbit/s link where a 128 MiB all_reduce runs at 119.5 MB/s;",
     "- bytes across hosts: gloo's own algorithms (ztune/cost/gloo.py, from gloo's reduce.cc / broadcast.cc): the "
     "runtime's flat reduce_scatter (n reduces) and all_gather (n broadcasts) send 1.0x and 1.25x the payload out "
     "of each host where a ring sends 0.75x; this matches the veth counters (flat stages 1-2: 4.5 x the bf16 "

@@ -9,7 +9,9 @@ Every rank times each part of `--steps` steps with time.perf_counter after `--wa
 engine's own calls (GradReducer.finish, optim_shard.step_shards, torch.linalg.vector_norm as engine.step calls
 it); it prints each rank's medians in ms, with the process's CPU seconds per step (all threads). With
 `--profile N`, rank 0 also runs torch.profiler over its timed steps and prints the N operators with the most self CPU
-time. Throwaway instrumentation: nothing here changes what the runtime does.
+time; with `--pyprofile N`, cProfile instead (Python functions too: the runtime's hooks and bookkeeping), the N with
+the most own time. `--precision fp32` where bf16 matmul is slow (run_all.check_bf16_speed). Throwaway
+instrumentation: nothing here changes what the runtime does.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def worker(args) -> int:
     torch.linalg.vector_norm = _timed(parts, "grad_norm", torch.linalg.vector_norm)
     for v in (v for v in VARIANTS if v.name in args.variant):
         model = build_model(spec, dtype=torch.float32, seed=SEED)
-        trainer = peers.build(peers.System(v.name, v.family, v.stage), model, bf16=True, micro_batch=1,
+        trainer = peers.build(peers.System(v.name, v.family, v.stage), model, bf16=args.precision == "bf16",
+                              micro_batch=1,
                               seq_len=args.seq_len,
                               extra_config=peers.merge_config(v.config or {}, args.ztune_config) or None)
         engine = trainer.owner
@@ -73,6 +76,11 @@ def worker(args) -> int:
             if i == args.warmup and args.profile and rank == 0:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof.__enter__()
+            if i == args.warmup and args.pyprofile and rank == 0:
+                import cProfile
+
+                prof = cProfile.Profile()
+                prof.enable()
             parts.clear()
             dist.barrier()
             c0, t0 = time.process_time(), time.perf_counter()
@@ -84,7 +92,15 @@ def worker(args) -> int:
             t3, c3 = time.perf_counter(), time.process_time()
             rows.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0,
                          "cpu": c3 - c0, **parts})
-        if prof is not None:
+        if prof is not None and args.pyprofile:
+            import io
+            import pstats
+
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.pyprofile)
+            print("\n".join(f"[parts] {line}" for line in text.getvalue().splitlines() if line.strip()), flush=True)
+        elif prof is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
             print("\n".join(f"[parts] {line}" for line in table.splitlines()), flush=True)
@@ -113,6 +129,9 @@ def main(argv: list[str]) -> int:
                         help="JSON merged into each variant's ztune config (e.g. a bucket size to try)")
     parser.add_argument("--profile", type=int, default=0,
                         help="rank 0: print the N operators with the most self CPU time over the timed steps")
+    parser.add_argument("--pyprofile", type=int, default=0,
+                        help="rank 0: cProfile over the timed steps, the N functions with the most own time")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank")
     args = parser.parse_args(argv)
     if args.worker:
@@ -120,7 +139,8 @@ def main(argv: list[str]) -> int:
     from benchmarks.cluster_box import ClusterBox
 
     script = [str(Path(__file__).resolve()), "--worker", "--model", args.model, "--seq-len", str(args.seq_len),
-              "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile)]
+              "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile),
+              "--pyprofile", str(args.pyprofile), "--precision", args.precision]
     if args.ztune_config:
         script += ["--ztune-config", json.dumps(args.ztune_config)]
     for name in args.variant:

@@ -323,8 +323,15 @@ class AlphaBeta:
 
 
 def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], *, world_size: int) -> AlphaBeta:
-    """Least squares of t = a + b*S weighted by 1/t^2 (relative error, so the small messages that fix the
-    intercept weigh as much as the large ones that fix the slope), then a -> latency, b -> busbw."""
+    """Latency from a least-squares line t = a + b*S weighted by 1/t^2 (relative error, so the small messages
+    that fix the intercept weigh as much as the large ones); busbw from the largest message, after that latency.
+
+    A step's bytes travel mostly in large messages (gradient buckets, whole-shard gathers), and a link can carry
+    small messages faster per byte than its sustained rate: a token bucket (tc-tbf(8), a shaped port) lets a
+    burst through at line rate. A line through every size then over-states the rate the large messages get:
+    on the cluster in a box's tbf-shaped 1 Gbit/s link the line gave 139 MB/s where a 128 MiB gloo all_reduce
+    between the hosts ran at 119.5 MB/s (benchmarks/cluster_box.py, 2026-12-07). Where t is exactly a + b*S
+    both ways give the same busbw. Raises ValueError for fewer than two distinct sizes or a time <= 0."""
     if world_size < 2 or len(sizes_bytes) != len(times_s) or len(sizes_bytes) < 2:
         raise ValueError("need world_size >= 2 and at least two (size, time) pairs")
     if len(set(sizes_bytes)) < 2 or min(times_s) <= 0:
@@ -338,12 +345,13 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], times_s: Sequence[float], *, wo
     intercept = mean_t - slope * mean_s
     steps, wire = 2 * (world_size - 1), 2 * (world_size - 1) / world_size
     big = max(range(len(sizes_bytes)), key=lambda i: sizes_bytes[i])
-    if slope <= 0:  # pure noise: take the largest message's busbw, which already includes its latency
-        slope = times_s[big] / sizes_bytes[big]
+    if slope <= 0 or intercept >= times_s[big]:  # pure noise: the largest message's busbw, latency included
+        slope, intercept = times_s[big] / sizes_bytes[big], min(intercept, 0.0)
+    busbw = wire * sizes_bytes[big] / (times_s[big] - max(intercept, 0.0))
     if intercept > 0:
-        return AlphaBeta(wire / slope, intercept / steps, "fit")
+        return AlphaBeta(busbw, intercept / steps, "fit")
     small = min(range(len(sizes_bytes)), key=lambda i: sizes_bytes[i])
-    return AlphaBeta(wire / slope, times_s[small] / steps, "smallest message")
+    return AlphaBeta(busbw, times_s[small] / steps, "smallest message")
 
 
 @dataclass(frozen=True)
@@ -710,6 +718,9 @@ class ProbePlan:
     matmul_size_gpu: int
     collective_sizes: tuple[int, ...]
     collective_target_s: float
+    # The inter-host link (ztune.probe_link), gloo on host buffers: up to a gradient bucket's size even when
+    # quick, as fit_alpha_beta takes its busbw from the largest message.
+    link_sizes: tuple[int, ...]
     host_device_bytes: int
     repeats: int
     matmul_max_product_s: float  # a slower product is measured at a smaller size (measure_matmul_flops)
@@ -717,12 +728,13 @@ class ProbePlan:
 
 def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
     kib, mib = 1 << 10, 1 << 20
+    link = tuple(4**i * 4 * kib for i in range(9))  # 4 KiB .. 64 MiB: 0.6 s at 1 Gbit/s
     if quick:
-        return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05, 64 * mib, 3,
-                         0.25)
+        return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05,
+                         (4 * kib, 64 * kib, 1 * mib, 8 * mib, 64 * mib), 64 * mib, 3, 0.25)
     top = 1024 * mib if on_gpu else 64 * mib  # gloo over loopback is ~1 GB/s: 64 MiB already costs 0.1 s
     sizes = tuple(s for s in (4**i * 4 * kib for i in range(12)) if s <= top)
-    return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, 512 * mib, 5, 5.0)
+    return ProbePlan(512 * mib, 2048, 8192, sizes, 0.2, link, 512 * mib, 5, 5.0)
 
 
 def check_ranks(ranks: int | None) -> int:
@@ -774,9 +786,9 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
         from ztune.probe_link import measure_inter_node_link
 
         on_step(f"gloo all_reduce with {inter_node_master[0]}:{inter_node_master[1]}, node {node_rank} of 2, "
-                f"{len(plan.collective_sizes)} sizes")
+                f"{len(plan.link_sizes)} sizes up to {plan.link_sizes[-1] >> 20} MiB")
         inter_node = measure_inter_node_link(master_addr=inter_node_master[0], master_port=inter_node_master[1],
-                                             node_rank=node_rank, sizes=plan.collective_sizes,
+                                             node_rank=node_rank, sizes=plan.link_sizes,
                                              target_s=plan.collective_target_s)
     threads_per_rank = 1 if on_gpu else max(1, host.cpu_cores // ranks)
     workload_rate = None

@@ -37,6 +37,24 @@ def test_alpha_beta_fit_tolerates_noise():
     assert fit.busbw_bytes_per_s == pytest.approx(2e9, rel=0.05)
 
 
+def test_alpha_beta_fit_takes_busbw_from_the_largest_message_on_a_bursty_link():
+    # A token-bucket link (tc-tbf): the first 256 KiB of a message pass at 10x the sustained rate. The bulk of a
+    # step's bytes travel in large messages, so the profile must hold the sustained rate, not a line through
+    # every size (which the small, burst-fast messages pull up: to 143 MB/s here).
+    sustained, burst = 120e6, 256 << 10
+    sizes = [4 << 10, 64 << 10, 1 << 20, 8 << 20, 64 << 20]
+    times = [0.6e-3 + min(s, burst) / (10 * sustained) + max(s - burst, 0) / sustained for s in sizes]
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    assert fit.busbw_bytes_per_s == pytest.approx(sustained, rel=0.02)
+    assert fit.latency_from == "fit" and 0 < fit.latency_s < 1e-3
+
+
+def test_quick_and_full_probe_measure_the_link_up_to_a_gradient_buckets_size():
+    for quick in (True, False):
+        plan = probe.plan_for(quick=quick, on_gpu=False)
+        assert max(plan.link_sizes) >= 64 << 20 and min(plan.link_sizes) <= 4 << 10
+
+
 def test_alpha_beta_fit_falls_back_when_intercept_is_not_positive():
     # Bandwidth-bound only (t proportional to size, minus a little): the intercept comes out <= 0.
     sizes = [1 << 20, 4 << 20, 16 << 20]
