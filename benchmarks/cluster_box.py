@@ -232,7 +232,9 @@ class ClusterBox:
         fails, the others get `FAIL_GRACE_S` to finish, then everything still running in the box is killed
         (the keepers excepted). Returns each node's exit code and output, in `hosts` order."""
         hosts = list(range(self.num_hosts)) if hosts is None else hosts
-        env = {**os.environ, **(env or {})}
+        from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
+
+        env = {**CPU_ALLOCATOR_DEFAULTS, **os.environ, **(env or {})}  # as `ztune launch` gives its ranks
         env.pop("ZTUNE_LOCAL_WORLD_SIZE", None)  # the box's hosts are real: torchrun's LOCAL_WORLD_SIZE holds
         master = self.hosts[hosts[0]].addr
         procs = []

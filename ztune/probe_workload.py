@@ -34,6 +34,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 from ztune.probe import ProbeFailed, _wait_for_result, reap
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -202,8 +203,15 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     procs = [ctx.Process(target=_workload_worker, daemon=True,
                          args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue, codec))
              for r in range(ranks)]
-    for p in procs:
-        p.start()
+    # The ranks start with the allocator setting `ztune launch` gives a job's ranks (spawn copies os.environ).
+    added = {k: v for k, v in CPU_ALLOCATOR_DEFAULTS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
     medians, codec_rates, optimizer_rates, onebit_rates, stretches = [], [], [], [], []
     try:
         for _ in range(ranks):

@@ -54,6 +54,19 @@ def test_torchrun_arguments_for_a_node() -> None:
     assert "--max-restarts=3" in _cmd(max_restarts=3).argv and "--max-restarts=0" not in _cmd(max_restarts=3).argv
 
 
+def _node_env(cmd) -> dict[str, str]:
+    argv = list(cmd.argv)
+    return dict(a.split("=", 1) for a in argv[argv.index("env") + 1:argv.index("/venv/bin/python", 1)])
+
+
+def test_ranks_get_torchs_huge_page_allocator_unless_the_user_says_otherwise() -> None:
+    # torch reads THP_MEM_ALLOC_ENABLE at a process's first allocation: it must be in the rank's environment.
+    assert _node_env(_cmd())["THP_MEM_ALLOC_ENABLE"] == "1"
+    sent = filter_env({"THP_MEM_ALLOC_ENABLE": "0", "HOME": "/root"})
+    assert sent == {"THP_MEM_ALLOC_ENABLE": "0"}  # the launcher's own setting travels, as --env would
+    assert _node_env(_cmd(env=sent))["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
 def test_hostile_values_survive_the_remote_shell_literally(tmp_path) -> None:
     """What ssh hands to the remote login shell, run by a real sh: every word arrives unchanged."""
     probe = [sys.executable, "-c", "import sys, json, os; print(json.dumps([sys.argv[1:], os.getcwd()]))",

@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 from ztune.errors import UserError
 from ztune.launch import lifeline
 from ztune.launch.hostfile import format_endpoint
@@ -18,8 +19,9 @@ from ztune.launch.hostfile import format_endpoint
 # Prefixes of variables copied from the launcher's environment to every rank (as DeepSpeed's runner does),
 # plus torch's own (TORCH_DISTRIBUTED_DEBUG, TORCH_NCCL_*, TORCH_CPP_LOG_LEVEL, ...).
 ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "PYTHON", "ZTUNE_", "TORCH_")
-# What every rank gets unless the environment sent says otherwise: line-by-line output, one thread per rank.
-NODE_DEFAULTS = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# What every rank gets unless the environment sent says otherwise: line-by-line output, one thread per rank,
+# and torch's CPU allocator on transparent huge pages (ztune.envvars.CPU_ALLOCATOR_DEFAULTS).
+NODE_DEFAULTS = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **CPU_ALLOCATOR_DEFAULTS}
 # Variables that commonly matter to a training job but are host-specific or secret, so they do not travel
 # by themselves: when set here and not sent, the launcher names them once (never their values).
 NOTABLE_NAMES = frozenset({"LD_LIBRARY_PATH", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -46,8 +48,10 @@ class LaunchError(UserError):
 
 
 def filter_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables of `environ` whose names start with one of ENV_PREFIXES."""
-    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIXES) and k not in _LOCAL_ONLY}
+    """The variables of `environ` whose names start with one of ENV_PREFIXES, and the allocator switches of
+    CPU_ALLOCATOR_DEFAULTS (so that THP_MEM_ALLOC_ENABLE=0 here opts the ranks out of the default)."""
+    return {k: v for k, v in environ.items()
+            if (k.startswith(ENV_PREFIXES) or k in CPU_ALLOCATOR_DEFAULTS) and k not in _LOCAL_ONLY}
 
 
 def left_behind(environ: Mapping[str, str], sent: Mapping[str, str]) -> list[str]:

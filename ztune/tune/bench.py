@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ztune.config.io import CONFIG_ENV
+from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 from ztune.launch import lifeline
 
 # Seconds between SIGTERM and SIGKILL when a trial is ended.
@@ -202,6 +203,8 @@ def run_trial(*, config_path: str | os.PathLike, report_path: str | os.PathLike,
     child_env.update({CONFIG_ENV: str(config_path), tr.REPORT_ENV: str(report_path),
                       tr.WARMUP_ENV: str(warmup_steps), tr.STEPS_ENV: str(measured_steps), tr.EXIT_ENV: "1",
                       "OMP_NUM_THREADS": child_env.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"})
+    for key, value in CPU_ALLOCATOR_DEFAULTS.items():  # as `ztune launch` gives its ranks
+        child_env.setdefault(key, value)
     # The repository root on the path so `ztune` and `runtime` import the same way in every rank.
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH", "")) if p)
