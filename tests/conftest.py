@@ -4,6 +4,8 @@ import threading
 
 import pytest
 
+from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
+
 # The fixtures (tests/e2e/conftest.py) and modules that build network namespaces: each builds its subnet's
 # blackhole route in the root namespace, so two of them must not run at once under pytest-xdist.
 NETNS_FIXTURES = {"cluster", "box"}
@@ -11,6 +13,9 @@ NETNS_MODULES = {"test_cluster_box.py", "test_netns_reap.py"}
 
 # Keep each test process to the cores this machine has; gloo ranks spawned by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The ranks tests start get what `ztune launch` gives a job's ranks (ztune/envvars.py CPU_ALLOCATOR_DEFAULTS).
+for _key, _value in CPU_ALLOCATOR_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: pytest-timeout is a test extra
