@@ -292,7 +292,7 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
     precision = runs[0].get("precision", PRECISION)
     loads = [x for r in runs for x in r["load"]]
     lines = [
-        "## Cost model vs the cluster in a box (2 hosts x 2 ranks), after `ztune probe` there",
+        f"## Cost model vs the cluster in a box (2 hosts x 2 ranks, {precision}), after `ztune probe` there",
         "",
         f"Command: `{command}` (as root). Date: {runs[0].get('date', dt.date.today().isoformat())}. Machine: "
         f"{machine_line()}. Load average (1 min) {min(loads):.1f}-{max(loads):.1f} during the run (shared with "
