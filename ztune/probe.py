@@ -728,7 +728,7 @@ class ProbePlan:
 
 def plan_for(*, quick: bool, on_gpu: bool) -> ProbePlan:
     kib, mib = 1 << 10, 1 << 20
-    link = tuple(4**i * 4 * kib for i in range(9))  # 4 KiB .. 64 MiB: 0.6 s at 1 Gbit/s
+    link = tuple(4**i * 4 * kib for i in range(8))  # 4 KiB .. 64 MiB: 0.6 s at 1 Gbit/s
     if quick:
         return ProbePlan(64 * mib, 1024, 4096, (4 * kib, 64 * kib, 1 * mib, 8 * mib), 0.05,
                          (4 * kib, 64 * kib, 1 * mib, 8 * mib, 64 * mib), 64 * mib, 3, 0.25)
