@@ -124,8 +124,11 @@ def _wait_clean(cluster: Cluster, since: float) -> float:
 
 @pytest.fixture
 def clean(cluster: Cluster):
-    """Every test starts with no job processes and must end with none (the process-count check)."""
-    assert cluster.stray_pids() == {}
+    """Every test starts with no job processes and must end with none (the process-count check). At the start
+    a process may still be on its way out (an ssh session of the previous test that reached a host after that
+    test's own check, seen once with 3 pytest-xdist workers on 2 cores): it must be gone within the same
+    load-scaled limit, and the failure names whatever stays."""
+    _wait_clean(cluster, time.monotonic())
     yield cluster
     _wait_clean(cluster, time.monotonic())
 
