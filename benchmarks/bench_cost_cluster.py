@@ -211,6 +211,13 @@ NOTES = [
     "workload the wall seconds per CPU second with every rank busy (cpu_contention, ~2 for 4 ranks on 2 cores); "
     "where the ranks fill the cores, each collective's bytes x that CPU x the contention cannot run beside the "
     "compute, so the step charges the larger of it and the exposed communication (cost/compute.py step_time);",
+    "- runtime CPU: the runtime's own work beyond the model's forward + backward and the optimizer update (the "
+    "gradient hooks' copies into buckets, stage 3's per-unit gathers into fresh buffers and their release, the "
+    "parameter refresh): the probe runs the runtime itself at each stage on every rank at once, each rank on a "
+    "group of its own (no transport, whose CPU is the term above), and takes its CPU less the plain model's "
+    "(ztune/probe_workload.py time_engine_stages; Hardware.runtime_*_cpu_s_per_param_stage*); the step charges "
+    "it x the contention, serial (cost/estimate.py runtime_cpu_wall_s). Hierarchical and ZeRO++ variants are "
+    "charged their stage's figure: the probe's host has one level, so the two-level paths' own copies are not in it;",
     "- `comm.hierarchical` as configured (auto: hierarchical on CPU/gloo profiles, as the runtime decides); "
     "qgZ's inter-host all-to-all leaves each host once per local rank;",
     "- overlap: a gradient bucket goes on the wire only when full, so with tiny-llama's 30.9M parameters in 25M "
@@ -250,8 +257,8 @@ NOTES = [
     "(part (c) and the all-reduce's CPU), hierarchical -9..-40% (the shared-memory level's copies and sums on the "
     "busy cores) and stage 3 at 10 Gbit/s -36..-40% (part (d)).",
     "",
-    "Not in the model, and visible above: (1) the runtime's own CPU per step beyond the probe's plain forward + "
-    "backward (the gradient hooks' bucket copies, stage 3's per-unit gather and release), and the time the cores "
+    "Not in the model, and visible above: (1) the two-level paths' own copies (the probe's runtime CPU is timed "
+    "on one level), and the time the cores "
     "stand idle while 4 lockstep ranks on 2 cores wait for each other inside many small collectives (stage 3 "
     "runs one gather per unit in forward and backward); the table of parts above shows both where a run recorded "
     "them; (2) the converse of the communication CPU: a rank "
@@ -366,15 +373,18 @@ def _parts_table(runs: list[dict]) -> list[str]:
             idle = f"{idle:.0%}" if idle is not None else "-"
             rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | {idle} | "
                         + " | ".join(f"{est.get(k, 0.0) * 1e3:,.0f}" for k in
-                                     ("compute_s", "optimizer_s", "codec_s", "exposed_comm_s", "comm_cpu_s")) + " |")
+                                     ("compute_s", "runtime_s", "optimizer_s", "codec_s", "exposed_comm_s",
+                                      "comm_cpu_s")) + " |")
     if not rows:
         return []
     return ["Where the time goes (ms per step): measured step, CPU seconds per rank (process time, all threads, "
             "mean over the 4 ranks) and the machine's idle share of its cores during rank 0's timed steps (/proc/stat; "
             "both hosts and anything else on the machine) against the estimate's parts (the step charges compute + "
-            "optimizer + codec + the larger of exposed communication and communication CPU):", "",
-            "| variant | Gbit/s | measured step | measured CPU per rank | machine idle | compute | optimizer | codec "
-            "| exposed comm | comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            "runtime CPU + optimizer + codec + the larger of exposed communication and communication CPU; a run from "
+            "before the runtime CPU was measured shows 0 there):", "",
+            "| variant | Gbit/s | measured step | measured CPU per rank | machine idle | compute | runtime CPU | "
+            "optimizer | codec | exposed comm | comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows, ""]
 
 
 def main(argv: list[str]) -> int:

@@ -590,8 +590,23 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         inter_node_cpu_s_per_byte=m.inter_node.cpu_s_per_byte() if m.inter_node is not None and not on_gpu else 0.0,
         intra_node_cpu_s_per_byte=m.collective.cpu_s_per_byte() if m.collective is not None and not on_gpu else 0.0,
         cpu_contention=m.workload.cpu_stretch if m.workload is not None and not on_gpu else 0.0,
+        **(runtime_cpu_fields(m.workload) if not on_gpu else {}),
         **m.codec,
     )
+
+
+RUNTIME_CPU_FIELDS = tuple(f"runtime_{kind}_cpu_s_per_param_stage{s}" for kind in ("micro", "step") for s in range(4))
+
+
+def runtime_cpu_fields(w) -> dict[str, float]:
+    """The Hardware.runtime_*_cpu_s_per_param_stage* fields from a WorkloadRate (ztune/probe_workload.py), {} when
+    the workload did not time the runtime."""
+    if w is None or not w.runtime_micro_cpu_s_per_param:
+        return {}
+    out = {}
+    for kind, values in (("micro", w.runtime_micro_cpu_s_per_param), ("step", w.runtime_step_cpu_s_per_param)):
+        out.update({f"runtime_{kind}_cpu_s_per_param_stage{s}": float(v) for s, v in enumerate(values)})
+    return out
 
 
 def workload_efficiency(m: Measurements) -> float:
@@ -658,6 +673,16 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         notes["intra_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the {m.collective.transport} all_reduce per "
                                               "byte sent or received, largest size, busiest rank")
     notes["cpu_contention"] = unknown
+    measured_runtime = runtime_cpu_fields(m.workload) if not on_gpu else {}
+    for name in RUNTIME_CPU_FIELDS:
+        notes[name] = ("assumed: 0 = unknown (`ztune probe --model` times the runtime on CPU ranks): the estimate "
+                       "charges no CPU for the runtime's own work")
+        if name in measured_runtime:
+            per = "forward + backward" if "_micro_" in name else "engine.step"
+            less = "plain forward + backward" if "_micro_" in name else "optimizer update"
+            notes[name] = (f"measured: the runtime's {per} CPU less the {less}, per parameter, {m.workload.model}, "
+                           f"{m.workload.ranks} ranks at once, each on a group of its own; median steps, mean over "
+                           "ranks, floored at 0")
     if m.workload is not None and m.workload.cpu_stretch > 0 and not on_gpu:
         notes["cpu_contention"] = (f"measured: {m.workload.model} forward+backward with {m.workload.ranks} ranks at "
                                    "once, wall seconds per CPU second of a step, mean over ranks")

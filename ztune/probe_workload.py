@@ -21,6 +21,14 @@ when it is built). The slowest rank's median gives `optimizer_elements_per_s` (H
 Then, the same way, 1-bit Adam's compression-stage update without its exchange (time_onebit_step: the runtime's
 OneBitAdam.step through step_shards): `onebit_elements_per_s` (Hardware.onebit_step_elements_per_s).
 
+Then every rank trains the same micro-batch through the runtime itself (ztune.initialize, AdamW, the workload's
+precision) at each ZeRO stage in turn, on a gloo group of its own (time_engine_stages: world size 1, so the runtime's
+code paths run without a transport), again all ranks at once: its process CPU seconds of forward + backward and of
+engine.step, medians. Less the plain forward + backward above and the optimizer update's own CPU, what is left is the
+runtime's own CPU per parameter (Hardware.runtime_micro_cpu_s_per_param_stage* and runtime_step_*): the gradient
+hooks' bucket copies, stage 3's per-unit gathers into fresh buffers and their release, the parameter refresh after
+the step. The collectives' own CPU is the estimate's per-byte term, not this one.
+
 With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
 all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
 on every rank, so its rate with the peers busy is the one a step sees. Per codec the slowest rank's rate counts.
@@ -39,6 +47,12 @@ from ztune.probe import ProbeFailed, _wait_for_result, reap
 
 DTYPES = ("fp32", "bf16", "fp16")
 WORKLOAD_REPEATS = 5  # timed steps per rank after one warm-up (tiny-llama at seq 128: ~0.5 s each per core)
+# Timed runtime steps per ZeRO stage (time_engine_stages) after ENGINE_WARMUP untimed ones: stage 3's first steps
+# run ~1.5x slower than the later ones (tiny-llama, fp32: 814, 697, then 476-533 ms of CPU), and one plain forward +
+# backward varies by +-15% from step to step on a shared machine, so a median of 5 pairs.
+ENGINE_WARMUP = 2
+ENGINE_REPEATS = 5
+STAGES = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -64,13 +78,17 @@ class WorkloadRate:
     # wall seconds per CPU second of a training step with every rank busy (mean step / its process CPU time, mean
     # over ranks): ~1 with a core per rank, ~ranks / cores where ranks outnumber the cores; 0: not measured
     cpu_stretch: float = 0.0
+    # The runtime's own CPU seconds per parameter beyond plain forward + backward (per micro-step) and beyond the
+    # optimizer update (per engine.step), at ZeRO stages 0..3, mean over ranks (time_engine_stages); () not measured
+    runtime_micro_cpu_s_per_param: tuple = ()
+    runtime_step_cpu_s_per_param: tuple = ()
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
-                     barrier, queue, codec: bool = True) -> None:
+                     barrier, queue, codec: bool = True, engine: bool = True) -> None:
     """One rank: build the model, warm up, wait for every rank, time `repeats` forward+backward steps, then (after
-    another wait) `repeats` optimizer steps over the model's parameter count; with `codec`, wait again and time the
-    codecs."""
+    another wait) `repeats` optimizer steps over the model's parameter count; with `engine`, the runtime's steps at
+    each stage (time_engine_stages); with `codec`, wait again and time the codecs."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
@@ -78,8 +96,7 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
         from ztune.runtime.models import build_model
 
         torch.set_num_threads(threads)
-        model = build_model(spec, seed=0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                 "fp16": torch.float16}[dtype])
+        model = build_model(spec, seed=0, dtype=_torch_dtype(dtype))
         ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len),
                             generator=torch.Generator().manual_seed(rank))
         model(ids, labels=ids).backward()  # warm-up: allocator, oneDNN primitive caches
@@ -95,52 +112,69 @@ def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str
         numel = sum(p.numel() for p in model.parameters())
         model.zero_grad(set_to_none=True)
         # every rank steps its optimizer at once, as in training
+        optimizer_cpu: list[float] = []
         optimizer_times = time_optimizer_step(numel=numel, dtype=dtype, repeats=repeats,
-                                              before=lambda: barrier.wait(timeout=300))
+                                              before=lambda: barrier.wait(timeout=300), cpu=optimizer_cpu)
         onebit_times = time_onebit_step(numel=numel, dtype=dtype, repeats=repeats,
                                         before=lambda: barrier.wait(timeout=300))
+        del model  # the engines below and the codec buffers need the memory more than the model does now
+        engine_cpu = {}
+        if engine:
+            engine_cpu = time_engine_stages(spec, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, seed=rank,
+                                            repeats=min(repeats, ENGINE_REPEATS),
+                                            before=lambda: barrier.wait(timeout=300))
         rates = {}
         if codec:
             from ztune.probe_codec import measure_codec_rates
 
-            del model  # the codec buffers need the memory more than the model does now
             barrier.wait(timeout=300)
             rates = measure_codec_rates(threads=threads)
-        queue.put(("ok", (rank, times, rates, numel, optimizer_times, onebit_times, cpu_s)))
+        queue.put(("ok", (rank, times, rates, numel, optimizer_times, onebit_times, cpu_s,
+                          statistics.median(optimizer_cpu), engine_cpu)))
     except BaseException as exc:  # reported to the parent; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def _step_tensors(numel: int, dtype: str):
     """(fp32 master, `dtype` parameter (the master itself at fp32), `dtype` gradient) of `numel` elements, seeded."""
     import torch
 
-    low = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    low = _torch_dtype(dtype)
     gen = torch.Generator().manual_seed(0)
     master = torch.randn(numel, generator=gen).mul_(0.02)
     param = master if low is torch.float32 else master.to(low)
     return master, param, torch.randn(numel, generator=gen).mul_(1e-3).to(low)
 
 
-def _timed(step, *, repeats: int, before) -> list[float]:
-    """Seconds of `repeats` calls of `step()` after one untimed call, followed by `before()`."""
+def _timed(step, *, repeats: int, before, cpu: list | None = None) -> list[float]:
+    """Seconds of `repeats` calls of `step()` after one untimed call, followed by `before()`; with `cpu`, each
+    call's process CPU seconds (all threads) are appended to it."""
     step()
     before()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu_start)
     return times
 
 
-def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
+def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: None,
+                        cpu: list | None = None) -> list[float]:
     """Seconds of `repeats` optimizer steps (after one untimed step that allocates the moments) over `numel` fp32
     master elements with gradients and parameters in `dtype`, as runtime/engine.py `step` runs them on CPU-resident
     states: the gradient-norm pass (the engine computes the global norm every step for get_global_grad_norm, and for
     clipping), then runtime/optim_shard.py `step_shards` with the optimizer ztune.initialize builds (AdamW; the fused
     C++ kernel when it is built, runtime/initialize.py `_use_fused_cpu_adam`). `before()` runs after the untimed
-    step (the probe's barrier). Imports torch."""
+    step (the probe's barrier); with `cpu`, each timed step's process CPU seconds are appended to it. Imports torch."""
     import torch
 
     from ztune.config.schema import OptimizerType, TrainConfig
@@ -157,7 +191,7 @@ def time_optimizer_step(*, numel: int, dtype: str, repeats: int, before=lambda: 
         squared_norm([grad]).item()  # as runtime/engine.py step
         step_shards(optimizer, masters=[master], grads=[grad], param_shards=[param], grad_divisor=1.0)
 
-    return _timed(step, repeats=repeats, before=before)  # the untimed first step allocates m and v
+    return _timed(step, repeats=repeats, before=before, cpu=cpu)  # the untimed first step allocates m and v
 
 
 def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: None) -> list[float]:
@@ -184,12 +218,90 @@ def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: Non
     return _timed(step, repeats=repeats, before=before)
 
 
+def time_engine_stages(spec, *, seq_len: int, micro_batch: int, dtype: str, repeats: int, before=lambda: None,
+                       stages=STAGES, seed: int = 0) -> dict[int, tuple[list, list, list]]:
+    """Process CPU seconds of the runtime's own training step, per ZeRO stage: for each of `stages`, a fresh model
+    (seed 0) through ztune.initialize (AdamW, `dtype` precision, micro_batch x seq_len, one micro-step, no clipping)
+    on a gloo group of this process alone, ENGINE_WARMUP untimed steps, `before()` (the probe's barrier), then
+    `repeats` steps, each right after one plain forward + backward of the same micro-batch on a plain `dtype` model,
+    so that each pair sees the same load (the machine may be shared). World size 1 runs the runtime's own code paths
+    (the gradient hooks and their buckets, stage 3's per-unit gathers into fresh buffers and their release, the
+    parameter refresh after the step) without a transport: the estimate charges the collectives' CPU per byte apart
+    (Hardware.*_cpu_s_per_byte). Returns {stage: (CPU s of each forward + engine.backward, CPU s of each
+    engine.step, CPU s of each plain forward + backward)}. Imports torch; leaves no process group behind."""
+    import torch
+    import torch.distributed as dist
+
+    import ztune
+    from ztune.runtime.comm.topology import ENV_OVERRIDE
+    from ztune.runtime.models import build_model
+
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    os.environ.pop(ENV_OVERRIDE, None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        plain = build_model(spec, seed=0, dtype=_torch_dtype(dtype))
+
+        def plain_step() -> float:
+            plain.zero_grad(set_to_none=True)
+            start = time.process_time()
+            plain(ids, labels=ids).backward()
+            return time.process_time() - start
+
+        plain_step()  # warm-up
+        out: dict[int, tuple[list, list, list]] = {}
+        for stage in stages:
+            config = {"zero": {"stage": stage}, "precision": dtype, "seq_len": seq_len,
+                      "batch": {"micro": micro_batch, "grad_accum": 1}, "gradient_clipping": 0.0,
+                      "optimizer": {"type": "AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                    "weight_decay": 0.0}}
+            engine = ztune.initialize(build_model(spec, seed=0), config=config)[0]
+            micro_cpu, step_cpu, plain_cpu = [], [], []
+            for i in range(ENGINE_WARMUP + repeats):
+                if i == ENGINE_WARMUP:
+                    before()
+                plain_s = plain_step()
+                start = time.process_time()
+                engine.backward(engine(ids, ids))
+                mid = time.process_time()
+                engine.step()
+                if i >= ENGINE_WARMUP:  # warm-up: allocations, the optimizer's states
+                    micro_cpu.append(mid - start)
+                    step_cpu.append(time.process_time() - mid)
+                    plain_cpu.append(plain_s)
+            out[stage] = (micro_cpu, step_cpu, plain_cpu)
+            del engine
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def runtime_cpu_per_param(engine: dict, *, optimizer_cpu_s: float, numel: int) -> tuple[tuple, tuple]:
+    """One rank's runtime CPU per parameter beyond what the cost model charges apart, from time_engine_stages'
+    `engine` (world size 1, so the rank owns all `numel` elements at every stage): per stage, the median over
+    steps of (forward + backward CPU - the plain forward + backward timed just before it) / `numel`, and (median
+    engine.step CPU - `optimizer_cpu_s`, the optimizer update's over `numel` elements) / `numel`; each floored at
+    0 (a difference the probe's noise hides is charged as nothing). Stages missing from `engine` give 0."""
+    micro, step = [], []
+    for stage in STAGES:
+        if stage not in engine:
+            micro.append(0.0)
+            step.append(0.0)
+            continue
+        micro_cpu, step_cpu, plain_cpu = engine[stage]
+        extra = statistics.median(m - p for m, p in zip(micro_cpu, plain_cpu, strict=True))
+        micro.append(max(0.0, extra) / numel)
+        step.append(max(0.0, statistics.median(step_cpu) - optimizer_cpu_s) / numel)
+    return tuple(micro), tuple(step)
+
+
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
-                          repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0, codec: bool = True
-                          ) -> WorkloadRate:
+                          repeats: int = WORKLOAD_REPEATS, timeout_s: float = 600.0, codec: bool = True,
+                          engine: bool = True) -> WorkloadRate:
     """Spawn `ranks` processes that train `spec` (a ModelSpec) at once on `threads` torch threads each and
-    return the per-rank rate, with `codec` also the codec rates (module docstring). Raises ProbeFailed when a
-    rank fails or hangs."""
+    return the per-rank rate, with `engine` also the runtime's own CPU per stage, with `codec` also the codec rates
+    (module docstring). Raises ProbeFailed when a rank fails or hangs."""
     import multiprocessing as mp
 
     from ztune.cost.compute import model_flops_per_token
@@ -201,7 +313,8 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     ctx = mp.get_context("spawn")
     queue, barrier = ctx.Queue(), ctx.Barrier(ranks)
     procs = [ctx.Process(target=_workload_worker, daemon=True,
-                         args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue, codec))
+                         args=(r, spec, seq_len, micro_batch, dtype, threads, repeats, barrier, queue, codec,
+                               engine))
              for r in range(ranks)]
     # The ranks start with the allocator setting `ztune launch` gives a job's ranks (spawn copies os.environ).
     added = {k: v for k, v in CPU_ALLOCATOR_DEFAULTS.items() if k not in os.environ}
@@ -212,7 +325,7 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     finally:
         for k in added:
             os.environ.pop(k, None)
-    medians, codec_rates, optimizer_rates, onebit_rates, stretches = [], [], [], [], []
+    medians, codec_rates, optimizer_rates, onebit_rates, stretches, runtime = [], [], [], [], [], []
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
@@ -224,12 +337,18 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
             onebit_rates.append(payload[3] / statistics.median(payload[5]))
             if payload[2]:
                 codec_rates.append(payload[2])
+            if payload[8]:
+                runtime.append(runtime_cpu_per_param(payload[8], optimizer_cpu_s=payload[7], numel=payload[3]))
     finally:
         reap(procs)
+    # mean over ranks, per stage: the runtime's CPU is each rank's own work, as the contention is
+    micro = tuple(statistics.mean(r[0][s] for r in runtime) for s in STAGES) if runtime else ()
+    step = tuple(statistics.mean(r[1][s] for r in runtime) for s in STAGES) if runtime else ()
     step_s = max(medians)
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
     flops = micro_batch * seq_len * per_token / step_s if step_s > 0 else math.inf
     return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
                         optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates),
-                        cpu_stretch=statistics.mean(stretches))
+                        cpu_stretch=statistics.mean(stretches), runtime_micro_cpu_s_per_param=micro,
+                        runtime_step_cpu_s_per_param=step)

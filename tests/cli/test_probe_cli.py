@@ -78,6 +78,13 @@ def test_json_keys(probed):
     assert 0 < data["profile"]["intra_node_cpu_s_per_byte"] < 1e-6
     assert data["profile"]["inter_node_cpu_s_per_byte"] == 0.0  # no link measured
     assert data["provenance"]["cpu_contention"].startswith("measured:")
+    # and the runtime's own CPU per parameter at each stage (time_engine_stages), beyond plain forward + backward
+    for kind in ("micro", "step"):
+        measured = work[f"runtime_{kind}_cpu_s_per_param"]
+        assert len(measured) == 4 and all(v >= 0 for v in measured)
+        for stage, value in enumerate(measured):
+            name = f"runtime_{kind}_cpu_s_per_param_stage{stage}"
+            assert data["profile"][name] == pytest.approx(value, rel=1e-4) and data["provenance"][name].startswith("measured:")
     assert data["measured"]["inter_node"] is None  # a single-host probe measures no inter-host link
     coll = data["measured"]["collective"]
     # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).

@@ -370,6 +370,11 @@ def test_workload_probe_measures_the_optimizer_rate_on_all_ranks():
     assert w.flops_per_s > 0 and 0 < w.optimizer_elements_per_s < 1e12
     assert 0 < w.onebit_elements_per_s < 1e12
     assert w.codec_rates == {}
+    # the runtime itself at each stage (time_engine_stages): stage 3 gathers each unit into a fresh buffer and
+    # copies every gradient into a bucket, work that plain forward + backward does not do
+    assert len(w.runtime_micro_cpu_s_per_param) == len(w.runtime_step_cpu_s_per_param) == 4
+    assert all(v >= 0 for v in w.runtime_micro_cpu_s_per_param + w.runtime_step_cpu_s_per_param)
+    assert w.runtime_micro_cpu_s_per_param[3] > 0
 
 
 def test_codec_rates_measured_go_into_the_profile_and_round_trip(tmp_path):

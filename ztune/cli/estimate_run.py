@@ -62,11 +62,12 @@ def row_dict(est: Any) -> dict:
         "step_time_s": est.step_time_s,
         # the step's parts, seconds (cost/compute.py StepTime): compute, all communication, the part of it not
         # hidden behind compute, offload, codecs, the optimizer step on device-resident states, and the wall time of the
-        # collectives' CPU work where the ranks fill the cores (the step charges the larger of it and exposed_comm_s)
+        # collectives' CPU work where the ranks fill the cores (the step charges the larger of it and exposed_comm_s),
+        # and the runtime's own CPU work (hooks' copies, unit gathers, parameter refresh) on CPU ranks
         "step": {"compute_s": est.step.compute_s, "comm_s": est.step.comm_s,
                  "exposed_comm_s": est.step.exposed_comm_s, "offload_s": est.step.offload_s,
                  "codec_s": est.step.codec_s, "optimizer_s": est.step.optimizer_s,
-                 "comm_cpu_s": est.step.comm_cpu_s},
+                 "comm_cpu_s": est.step.comm_cpu_s, "runtime_s": est.step.runtime_s},
         # compression / 1-bit Adam / ZeRO++ codecs whose rate the profile lacks (their time is not in step_time_s)
         "codec_unknown": list(est.codec.unknown) if est.codec is not None else [],
         "tokens_per_s": est.tokens_per_s,

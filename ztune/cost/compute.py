@@ -170,6 +170,8 @@ class StepTime:
     optimizer_s: float = 0.0
     # Wall seconds the collectives' CPU work takes where the ranks fill the cores (comm_cpu_s of step_time)
     comm_cpu_s: float = 0.0
+    # The runtime's own CPU work on the step's path (runtime_s of step_time), wall seconds
+    runtime_s: float = 0.0
 
 
 def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) -> float:
@@ -185,8 +187,13 @@ def first_bucket_fraction(*, reduce_bucket_numel: int, trainable_params: int) ->
 def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_boundary_s: float,
               comm_after_step_s: float, offload: OffloadTime, overlap: float, comm_micro_grad_s: float = 0.0,
               grad_ready_fraction: float = 0.0, codec_s: float = 0.0, optimizer_s: float = 0.0,
-              comm_cpu_s: float = 0.0) -> StepTime:
-    """Step time = compute + codec + optimizer + communication not hidden + offload not hidden.
+              comm_cpu_s: float = 0.0, runtime_s: float = 0.0) -> StepTime:
+    """Step time = compute + runtime + codec + optimizer + communication not hidden + offload not hidden.
+
+    `runtime_s`: wall seconds of the runtime's own work beyond the model's forward + backward and the optimizer
+    update (gradient hooks' bucket copies, stage-3 unit gathers and releases, the parameter refresh; cost/estimate.py
+    runtime_cpu_wall_s), added in full: it runs on the computing thread, in the hooks and between the kernels, and
+    on no separate core.
 
     `comm_cpu_s`: wall seconds of the collectives' own CPU work (copies, the TCP stack, the sums) where the ranks
     fill the host's cores (CPU ranks; cost/estimate.py comm_cpu_wall_s). Hidden communication still needs that
@@ -230,8 +237,9 @@ def step_time(*, compute_s: float, grad_accum: int, comm_micro_s: float, comm_bo
         comm_s=comm_micro_s + comm_micro_grad_s + comm_boundary_s + comm_after_step_s,
         exposed_comm_s=exposed_comm,
         offload_s=offload_s,
-        step_s=compute_s + codec_s + optimizer_s + max(exposed_comm, comm_cpu_s) + offload_s,
+        step_s=compute_s + runtime_s + codec_s + optimizer_s + max(exposed_comm, comm_cpu_s) + offload_s,
         codec_s=codec_s,
         optimizer_s=optimizer_s,
         comm_cpu_s=comm_cpu_s,
+        runtime_s=runtime_s,
     )

@@ -215,6 +215,16 @@ def comm_cpu_wall_s(cpu_s: float, hw: Hardware) -> float:
     return cpu_s * hw.cpu_contention
 
 
+def runtime_cpu_wall_s(hw: Hardware, *, stage: int, num_params: int, grad_accum: int) -> float:
+    """Wall seconds per step of the runtime's own CPU work on `hw` (Hardware.runtime_*_cpu_s_per_param_stage*,
+    measured by `ztune probe --model` on CPU ranks): (per micro-step x `grad_accum` + per optimizer step) x
+    `num_params` (every parameter passes the hooks, buckets and gathers, frozen or not), x the measured contention
+    (Hardware.cpu_contention) where there is one: the work shares the cores as the compute does. 0 where the profile
+    has no measurement (GPU profiles)."""
+    micro, step = hw.runtime_cpu_s_per_param(stage)
+    return (micro * grad_accum + step) * num_params * (hw.cpu_contention if hw.cpu_contention > 0 else 1.0)
+
+
 def uses_hierarchical(setting: Hierarchical, hw: Hardware, *, num_nodes: int) -> bool:
     """Whether the runtime runs this job's collectives in two levels (config/schema.py `Hierarchical`): several
     nodes of several ranks each, and `true`, or `auto` on a gloo (CPU) profile."""
@@ -394,7 +404,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      overlap=efficiency.overlap,
                      grad_ready_fraction=first_bucket_fraction(reduce_bucket_numel=grad_group_numel,
                                                                trainable_params=split.trainable),
-                     comm_cpu_s=comm_cpu_wall_s(comm.cpu_s, hw))
+                     comm_cpu_s=comm_cpu_wall_s(comm.cpu_s, hw),
+                     runtime_s=runtime_cpu_wall_s(hw, stage=z.stage, num_params=split.total, grad_accum=accum))
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]
@@ -422,6 +433,10 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      f"CPU per byte, x {hw.cpu_contention:.2f} contention = {step.comm_cpu_s * 1e3:,.0f} ms, since the "
                      f"{hw.gpus_per_node} ranks fill the {hw.cpu_cores} cores: the step charges the larger of it and "
                      "the exposed communication")
+    if step.runtime_s > 0:
+        notes.append(f"runtime CPU: the runtime's own work at stage {z.stage} (gradient hooks' bucket copies, unit "
+                     f"gathers, parameter refresh) at the probe's measured CPU per parameter = "
+                     f"{step.runtime_s * 1e3:,.0f} ms, serial")
     if cfg.optimizer.type is OptimizerType.ONEBIT_ADAM:
         notes.append(f"1-bit Adam: a step after freeze_step ({cfg.optimizer.freeze_step}): 1-bit momentum exchange "
                      "and its codec; the warm-up's steps all-reduce full-precision gradients and encode nothing")
@@ -627,6 +642,7 @@ def _why(best: Estimate, runner: Estimate) -> str:
         "less exposed communication": r.exposed_comm_s - b.exposed_comm_s,
         "less offload time": r.offload_s - b.offload_s,
         "less optimizer compute": r.optimizer_s - b.optimizer_s,  # stage 0 steps every parameter, 1-3 a shard
+        "less runtime CPU": r.runtime_s - b.runtime_s,  # e.g. stage 3's unit gathers on CPU ranks
     }
     name, gain = max(parts.items(), key=lambda kv: kv[1])
     if best.micro_batch != runner.micro_batch and gain <= 0:

@@ -1,0 +1,110 @@
+"""The runtime's own CPU work on CPU ranks: what `ztune probe --model` measures (ztune/probe_workload.py
+time_engine_stages, runtime_cpu_per_param), how the profile carries it (Hardware.runtime_*_cpu_s_per_param_stage*)
+and how the estimate charges it (cost/estimate.py runtime_cpu_wall_s, cost/compute.py step_time: serial, x the
+measured contention, per micro-step and per optimizer step)."""
+
+import dataclasses
+
+import pytest
+
+from ztune import probe
+from ztune.config.io import from_dict
+from ztune.cost.compute import OffloadTime, step_time
+from ztune.cost.estimate import estimate, runtime_cpu_wall_s
+from ztune.probe_workload import STAGES, WorkloadRate, runtime_cpu_per_param
+from ztune.profiles import load_hardware, load_model
+
+TINY = load_model("tiny-llama")
+MICRO = (0.1e-9, 0.5e-9, 2.4e-9, 3.1e-9)  # CPU s per parameter per micro-step, stages 0-3: the order measured here
+STEP = (0.0, 0.7e-9, 0.5e-9, 0.2e-9)
+CPU = dataclasses.replace(load_hardware("cpu-local"), gpus_per_node=2, cpu_cores=2, cpu_contention=2.0,
+                          name="cpu-box", optimizer_step_elements_per_s=2e8,
+                          **{f"runtime_micro_cpu_s_per_param_stage{s}": v for s, v in enumerate(MICRO)},
+                          **{f"runtime_step_cpu_s_per_param_stage{s}": v for s, v in enumerate(STEP)})
+
+
+def _cfg(stage: int, grad_accum: int = 1):
+    return from_dict({"zero": {"stage": stage}, "batch": {"micro": 1, "grad_accum": grad_accum}, "seq_len": 128,
+                      "precision": "fp32"})
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_wall_time_is_per_micro_step_and_per_step_times_parameters_and_contention(stage):
+    n = 30_941_696
+    assert runtime_cpu_wall_s(CPU, stage=stage, num_params=n, grad_accum=1) == pytest.approx(
+        (MICRO[stage] + STEP[stage]) * n * 2.0)
+    assert runtime_cpu_wall_s(CPU, stage=stage, num_params=n, grad_accum=4) == pytest.approx(
+        (4 * MICRO[stage] + STEP[stage]) * n * 2.0)
+    # no contention measured: the CPU seconds as they are
+    assert runtime_cpu_wall_s(dataclasses.replace(CPU, cpu_contention=0.0), stage=stage, num_params=n,
+                              grad_accum=1) == pytest.approx((MICRO[stage] + STEP[stage]) * n)
+
+
+def test_unmeasured_profiles_charge_nothing():
+    for name in ("cpu-local", "dgx-h100"):
+        hw = load_hardware(name)
+        assert all(runtime_cpu_wall_s(hw, stage=s, num_params=10**9, grad_accum=8) == 0.0 for s in STAGES), name
+
+
+def test_step_time_adds_it_serially():
+    base = dict(compute_s=1.0, grad_accum=1, comm_micro_s=0.0, comm_boundary_s=0.2, comm_after_step_s=0.0,
+                offload=OffloadTime(), overlap=0.8)
+    without, with_it = step_time(**base), step_time(**base, runtime_s=0.15)
+    assert with_it.step_s == pytest.approx(without.step_s + 0.15) and with_it.runtime_s == 0.15
+    # not hidden behind the exposed communication either (a CPU-bound step's roofline is over the comm CPU only)
+    assert step_time(**base, runtime_s=0.15, comm_cpu_s=0.5).step_s == pytest.approx(1.0 + 0.15 + 0.5)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_estimate_charges_the_stages_figure(stage):
+    bare = dataclasses.replace(CPU, **{f: 0.0 for f in probe.RUNTIME_CPU_FIELDS})
+    got, base = estimate(TINY, CPU, _cfg(stage), num_nodes=2), estimate(TINY, bare, _cfg(stage), num_nodes=2)
+    want = (MICRO[stage] + STEP[stage]) * got.num_params * 2.0
+    assert got.step.runtime_s == pytest.approx(want) and base.step.runtime_s == 0.0
+    assert got.step_time_s == pytest.approx(base.step_time_s + want)
+    assert any(n.startswith("runtime CPU:") for n in got.notes) == (want > 0)
+    accum = estimate(TINY, CPU, _cfg(stage, grad_accum=3), num_nodes=2)
+    assert accum.step.runtime_s == pytest.approx((3 * MICRO[stage] + STEP[stage]) * got.num_params * 2.0)
+
+
+def test_per_parameter_figures_from_the_ranks_timings():
+    # per stage: (forward + backward CPU of each timed step, engine.step CPU of each, the plain forward + backward
+    # timed just before each), seconds; the load drifts between pairs, not within one
+    engine = {0: ([0.42, 0.40, 0.61], [0.10, 0.11, 0.10], [0.41, 0.40, 0.60]),
+              1: ([0.45, 0.44, 0.65], [0.12, 0.13, 0.12], [0.40, 0.40, 0.60]),
+              2: ([0.50, 0.49, 0.48], [0.09, 0.10, 0.11], [0.41, 0.40, 0.40]),
+              3: ([0.55, 0.56, 0.77], [0.10, 0.10, 0.10], [0.40, 0.40, 0.60])}
+    micro, step = runtime_cpu_per_param(engine, optimizer_cpu_s=0.10, numel=1000)
+    # medians of the paired differences
+    assert micro == pytest.approx((0.01 / 1000, 0.05 / 1000, 0.09 / 1000, 0.16 / 1000))
+    assert step == pytest.approx((0.0, 0.02 / 1000, 0.0, 0.0))  # less the optimizer; stage 0 below it: floored at 0
+    below = {3: ([0.39, 0.39, 0.39], [0.3, 0.3, 0.3], [0.40, 0.40, 0.40])}
+    micro, step = runtime_cpu_per_param(below, optimizer_cpu_s=0.2, numel=1000)
+    assert micro == (0.0, 0.0, 0.0, 0.0) and step == pytest.approx((0.0, 0.0, 0.0, 0.1 / 1000))
+
+
+def test_the_probe_writes_the_fields_and_says_where_they_come_from(tmp_path):
+    from tests.unit.test_probe import _measurements
+
+    m = _measurements(gpu=False)
+    assert probe.runtime_cpu_fields(m.workload) == {}
+    notes = probe.field_notes(m)
+    assert all(notes[f].startswith("assumed: 0 = unknown") for f in probe.RUNTIME_CPU_FIELDS)
+    w = WorkloadRate("tiny-llama", 2, 128, 1, "fp32", 1, step_s=0.5, flops_per_s=4e10,
+                     runtime_micro_cpu_s_per_param=MICRO, runtime_step_cpu_s_per_param=STEP)
+    with_w = dataclasses.replace(m, workload=w)
+    hw, notes = probe.build_profile(with_w), probe.field_notes(with_w)
+    assert [hw.runtime_cpu_s_per_param(s) for s in STAGES] == list(zip(MICRO, STEP, strict=True))
+    assert all(notes[f].startswith("measured: the runtime's") for f in probe.RUNTIME_CPU_FIELDS)
+    path = tmp_path / "p.yaml"
+    path.write_text(probe.to_yaml(hw, notes))
+    back = load_hardware(str(path))
+    assert back.runtime_micro_cpu_s_per_param_stage3 == pytest.approx(MICRO[3], rel=1e-4)
+    # GPU ranks: their host CPU time says nothing about the runtime's work on the device
+    on_gpu = dataclasses.replace(_measurements(gpu=True), workload=w)
+    assert all(getattr(probe.build_profile(on_gpu), f) == 0.0 for f in probe.RUNTIME_CPU_FIELDS)
+    from ztune.errors import UserError
+
+    path.write_text(probe.to_yaml(dataclasses.replace(hw, runtime_step_cpu_s_per_param_stage1=-1e-9)))
+    with pytest.raises(UserError, match="runtime_step_cpu_s_per_param_stage1 must be >= 0"):
+        load_hardware(str(path))
