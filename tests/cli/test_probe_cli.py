@@ -84,7 +84,8 @@ def test_json_keys(probed):
         assert len(measured) == 4 and all(v >= 0 for v in measured)
         for stage, value in enumerate(measured):
             name = f"runtime_{kind}_cpu_s_per_param_stage{stage}"
-            assert data["profile"][name] == pytest.approx(value, rel=1e-4) and data["provenance"][name].startswith("measured:")
+            assert data["profile"][name] == pytest.approx(value, rel=1e-4)
+            assert data["provenance"][name].startswith("measured:")
     assert data["measured"]["inter_node"] is None  # a single-host probe measures no inter-host link
     coll = data["measured"]["collective"]
     # Local CPU ranks share memory here, so the runtime's transport is what gets measured (runtime/comm/shm.py).
