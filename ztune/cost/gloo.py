@@ -34,7 +34,14 @@ once: measured on the cluster in a box at 1 Gbit/s (benchmarks/gloo_pair_turns.p
 medians of 4; two runs, 2026-12-06), one reduce took 205-216 ms, the time of its 24 MiB of transfers one after the
 other (0.5 + 0.5 ring + 0.5 to the root, of 16 MiB: 201 ms), not of its busiest uplink's 16 MiB (134 ms); two
 reduces with opposite roots issued at once 395-407 ms, as in turn (387-408 ms; 403 by this rule); one broadcast
-141-145 ms, two with opposite roots at once 222-279 ms (268 by this rule, 134 by the uplink's). So a set of reduces /
+141-145 ms, two with opposite roots at once 222-279 ms (268 by this rule, 134 by the uplink's). Measured again
+2026-12-07 (after THP_MEM_ALLOC_ENABLE): reduces the same (one 193-195 ms, two at once 384 ms); two broadcasts at once
+are bimodal from run to run, each run's median of 4 near one rule or the other: 140, 213 and 278 ms at 16 MiB, 283,
+559 and 282 ms at 32 MiB (537 / 268 by the rules). The rule keeps the slower mode; hierarchical stage 3 at
+1 Gbit/s, whose gathers are such pairs, ran 27-28% under its estimate in three box runs. The two reduces beside
+the two broadcasts on a second group (stage 3's two lanes, runtime/comm/hierarchical.py) took 525-582 ms at 16 MiB,
+about the sum of each set alone (524-662), so the lanes do not fill each other's idle direction: their times add,
+as the estimate adds them. So a set of reduces /
 broadcasts run at once takes the larger of its busiest uplink and its busiest pair of ranks (both directions
 together): on the inter level of a hierarchical collective (one rank per host) the pair; on the flat 2 x 2 group
 the uplink, as before. gloo's ring all_reduce sends and receives at once (the
