@@ -823,7 +823,8 @@ def measure_all(*, quick: bool, ranks: int | None, on_step: Callable[[str], None
                             "matmul peak and train_flops_efficiency stand for it")
         from ztune.probe_workload import measure_workload_rate
 
-        on_step(f"training {workload['spec'].name} on {ranks} CPU ranks at once")
+        on_step(f"training {workload['spec'].name} on {ranks} CPU ranks at once: plain, then the runtime at "
+                "ZeRO stages 0-3")
         workload_rate = measure_workload_rate(ranks=ranks, threads=threads_per_rank, **workload)
 
     on_step(f"host memory bandwidth ({plan.memory_bytes >> 20} MiB arrays)")
