@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # 19 minutes). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 
-.PHONY: install install-bench test test-fast demo bench bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
+.PHONY: install install-bench test test-fast demo bench bench-assemble bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ BENCH_ARGS ?=
 
 bench: install-bench
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# Rebuild docs/benchmarks.md from the sections in docs/bench/ as last written (after running one benchmark script by
+# hand, e.g. bench_cost_cluster.py --precision fp32); runs nothing.
+bench-assemble: install
+	$(PY) benchmarks/run_all.py --assemble
 
 # 2 hosts x 2 ranks in network namespaces behind 1 and 10 Gbit/s tbf-shaped links (benchmarks/cluster_box.py):
 # builds the box, runs ztune flat and hierarchical stages 1-3, ZeRO++, 1-bit Adam, DDP and DeepSpeed ZeRO-1/2/3,

@@ -58,3 +58,21 @@ def test_benchmarks_without_bf16_matmul_run_on_such_a_cpu(monkeypatch, tmp_path)
     (tmp_path / "docs").mkdir()
     assert run_all.main(["bench_validation", "bench_codec_kernel"]) == 0
     assert ran == ["bench_codec_kernel.py", "bench_validation.py"]
+
+
+def test_assemble_runs_nothing_and_rebuilds_the_page_from_the_sections(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(run_all.subprocess, "call", lambda *a, **k: pytest.fail("--assemble runs no benchmark"))
+    monkeypatch.setattr(run_all, "matmul_gflops", lambda *a, **k: pytest.fail("--assemble measures nothing"))
+    monkeypatch.setattr(run_all, "SECTION_DIR", tmp_path / "docs" / "bench")
+    monkeypatch.setattr(run_all, "ROOT", tmp_path)
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    (tmp_path / "docs" / "bench" / "b.md").write_text("## B\n\nsecond\n")
+    (tmp_path / "docs" / "bench" / "a.md").write_text("## A\n\nfirst\n")
+    assert run_all.main([run_all.ASSEMBLE]) == 0
+    page = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert page.startswith("# Benchmarks\n\nAssembled by `python benchmarks/run_all.py --assemble`")
+    assert page.index("## A") < page.index("## B") and "first" in page and "second" in page
+    # it takes nothing else: a script name or a flag beside it is refused in one line, exit 2
+    assert run_all.main([run_all.ASSEMBLE, "bench_cluster"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--assemble runs nothing" in err
