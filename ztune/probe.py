@@ -674,9 +674,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
                                               "byte sent or received, largest size, busiest rank")
     notes["cpu_contention"] = unknown
     measured_runtime = runtime_cpu_fields(m.workload) if not on_gpu else {}
+    skipped = m.workload.runtime_skipped if m.workload is not None else ""
     for name in RUNTIME_CPU_FIELDS:
         notes[name] = ("assumed: 0 = unknown (`ztune probe --model` times the runtime on CPU ranks): the estimate "
                        "charges no CPU for the runtime's own work")
+        if skipped:
+            notes[name] = f"assumed: 0 = unknown: the runtime was not timed ({skipped}); the estimate charges none"
         if name in measured_runtime:
             per = "forward + backward" if "_micro_" in name else "engine.step"
             less = "plain forward + backward" if "_micro_" in name else "optimizer update"

@@ -52,6 +52,9 @@ WORKLOAD_REPEATS = 5  # timed steps per rank after one warm-up (tiny-llama at se
 # backward varies by +-15% from step to step on a shared machine, so a median of 5 pairs.
 ENGINE_WARMUP = 2
 ENGINE_REPEATS = 5
+# Host memory per parameter per rank while time_engine_stages runs, an upper bound: stage 0's engine (parameter and
+# gradient, fp32 master, Adam's m and v: 20 B at fp32) beside the plain model and its gradient (8 B at fp32).
+ENGINE_BYTES_PER_PARAM = 32
 STAGES = (0, 1, 2, 3)
 
 
@@ -82,6 +85,9 @@ class WorkloadRate:
     # optimizer update (per engine.step), at ZeRO stages 0..3, mean over ranks (time_engine_stages); () not measured
     runtime_micro_cpu_s_per_param: tuple = ()
     runtime_step_cpu_s_per_param: tuple = ()
+    # why the runtime was not timed ("": it was, or it was not asked for)
+    runtime_skipped: str = ""
+    params: int = 0  # the model's parameters as built (0: not recorded)
 
 
 def _workload_worker(rank: int, spec, seq_len: int, micro_batch: int, dtype: str, threads: int, repeats: int,
@@ -310,6 +316,16 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    skipped = ""
+    if engine:
+        import psutil
+
+        need = ranks * count_params(spec).total * ENGINE_BYTES_PER_PARAM
+        available = psutil.virtual_memory().available
+        if need > 0.8 * available:  # the ranks' engines would push the host into swap or the OOM killer
+            engine = False
+            skipped = (f"{ranks} ranks x {spec.name}'s engine need ~{need / 2**30:.1f} GiB, over 80% of the "
+                       f"{available / 2**30:.1f} GiB available")
     ctx = mp.get_context("spawn")
     queue, barrier = ctx.Queue(), ctx.Barrier(ranks)
     procs = [ctx.Process(target=_workload_worker, daemon=True,
@@ -326,11 +342,13 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
         for k in added:
             os.environ.pop(k, None)
     medians, codec_rates, optimizer_rates, onebit_rates, stretches, runtime = [], [], [], [], [], []
+    numel = 0
     try:
         for _ in range(ranks):
             status, payload = _wait_for_result(queue, procs, timeout_s=timeout_s)
             if status != "ok":
                 raise ProbeFailed(f"training {spec.name} on {ranks} ranks failed: {payload}")
+            numel = payload[3]
             medians.append(statistics.median(payload[1]))
             stretches.append(statistics.mean(payload[1]) / payload[6] if payload[6] > 0 else 1.0)
             optimizer_rates.append(payload[3] / statistics.median(payload[4]))
@@ -351,4 +369,4 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
                         optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates),
                         cpu_stretch=statistics.mean(stretches), runtime_micro_cpu_s_per_param=micro,
-                        runtime_step_cpu_s_per_param=step)
+                        runtime_step_cpu_s_per_param=step, runtime_skipped=skipped, params=numel)

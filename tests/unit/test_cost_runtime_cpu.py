@@ -108,3 +108,35 @@ def test_the_probe_writes_the_fields_and_says_where_they_come_from(tmp_path):
     path.write_text(probe.to_yaml(dataclasses.replace(hw, runtime_step_cpu_s_per_param_stage1=-1e-9)))
     with pytest.raises(UserError, match="runtime_step_cpu_s_per_param_stage1 must be >= 0"):
         load_hardware(str(path))
+
+
+def test_a_skipped_runtime_timing_says_why(monkeypatch):
+    from tests.unit.test_probe import _measurements
+
+    w = WorkloadRate("big", 2, 128, 1, "fp32", 1, step_s=0.5, flops_per_s=4e10,
+                     runtime_skipped="2 ranks x big's engine need ~40.0 GiB, over 80% of the 20.0 GiB available")
+    m = dataclasses.replace(_measurements(gpu=False), workload=w)
+    assert all(getattr(probe.build_profile(m), f) == 0.0 for f in probe.RUNTIME_CPU_FIELDS)
+    notes = probe.field_notes(m)
+    assert all(notes[f].startswith("assumed: 0 = unknown: the runtime was not timed (2 ranks x big's engine need")
+               for f in probe.RUNTIME_CPU_FIELDS)
+
+
+@pytest.mark.dist
+def test_the_workload_skips_the_runtime_where_the_host_lacks_the_memory(monkeypatch):
+    """Every rank would hold the plain model and an engine at once (ENGINE_BYTES_PER_PARAM): on a host without the
+    memory for that, the probe still measures the workload and leaves the runtime's CPU unknown, saying why."""
+    import psutil
+
+    from ztune import probe_workload
+    from ztune.specs import Architecture, ModelSpec, count_params
+
+    spec = ModelSpec(name="probe-test-llama", architecture=Architecture.LLAMA, vocab_size=128, hidden_size=64,
+                     num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_seq_len=64)
+    need = 2 * count_params(spec).total * probe_workload.ENGINE_BYTES_PER_PARAM
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=need))  # 80% of it is too little
+    w = probe_workload.measure_workload_rate(spec, ranks=2, seq_len=16, micro_batch=1, dtype="fp32", threads=1,
+                                             repeats=2, codec=False, timeout_s=300)
+    assert w.flops_per_s > 0 and w.runtime_micro_cpu_s_per_param == () and w.params == count_params(spec).total
+    assert w.runtime_skipped.startswith("2 ranks x probe-test-llama's engine need") and "available" in w.runtime_skipped
