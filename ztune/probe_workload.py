@@ -36,6 +36,7 @@ on every rank, so its rate with the peers busy is the one a step sees. Per codec
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -278,6 +279,7 @@ def time_engine_stages(spec, *, seq_len: int, micro_batch: int, dtype: str, repe
                     plain_cpu.append(plain_s)
             out[stage] = (micro_cpu, step_cpu, plain_cpu)
             del engine
+            gc.collect()  # the engine's hooks and buffers form cycles: free them before the next stage's
         return out
     finally:
         dist.destroy_process_group()
