@@ -155,7 +155,7 @@ def select_scripts(argv: list[str]) -> list[Path]:
     flags = {a for a in argv if a.startswith("--") and a != ALLOW_SLOW_BF16}
     unknown = flags - set(OPT_IN)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted([*OPT_IN, ALLOW_SLOW_BF16])}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {sorted([*OPT_IN, ALLOW_SLOW_BF16, ASSEMBLE])}")
     only = {a for a in argv if not a.startswith("--")}
     opted_in = {stem for f in flags for stem in OPT_IN[f]} | only
     opt_in_stems = {stem for stems in OPT_IN.values() for stem in stems}
@@ -173,8 +173,8 @@ def main(argv: list[str]) -> int:
             print(f"run_all.py: {ASSEMBLE} runs nothing, so it takes no other argument (got {' '.join(argv)})",
                   file=sys.stderr)
             return 2
-        return assemble([], how="assembled by `python benchmarks/run_all.py --assemble` from the sections as last "
-                                "written")
+        return assemble([], how="assembled by `python benchmarks/run_all.py --assemble` (each section as its "
+                                "benchmark last wrote it)")
     try:
         scripts = select_scripts(argv)
     except ValueError as exc:
@@ -201,7 +201,7 @@ def assemble(failed: list[str], *, how: str) -> int:
     head = [
         "# Benchmarks",
         "",
-        f"{how[0].upper()}{how[1:]} on {dt.date.today().isoformat()}.",
+        f"{how[0].upper()}{how[1:]}, on {dt.date.today().isoformat()}.",
         f"Machine: {machine_line()}.",
         "Each section below names its own command and date. Ratios are measured side by side within one section's",
         "run; absolute times on this shared 2-core machine drift by up to ±50%.",

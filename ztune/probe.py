@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ztune.specs import Hardware
+from ztune.specs import RUNTIME_CPU_KINDS, Hardware
 
 GIB = 1 << 30
 # Held back from each CPU rank's share of RAM for the OS and the Python processes (cpu-local.yaml).
@@ -595,7 +595,7 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
     )
 
 
-RUNTIME_CPU_FIELDS = tuple(f"runtime_{kind}_cpu_s_per_param_stage{s}" for kind in ("micro", "step") for s in range(4))
+RUNTIME_CPU_FIELDS = tuple(f"runtime_{kind}_cpu_s_per_param_stage{s}" for kind in RUNTIME_CPU_KINDS for s in range(4))
 
 
 def runtime_cpu_fields(w) -> dict[str, float]:
@@ -604,7 +604,8 @@ def runtime_cpu_fields(w) -> dict[str, float]:
     if w is None or not w.runtime_micro_cpu_s_per_param:
         return {}
     out = {}
-    for kind, values in (("micro", w.runtime_micro_cpu_s_per_param), ("step", w.runtime_step_cpu_s_per_param)):
+    for kind in RUNTIME_CPU_KINDS:
+        values = getattr(w, f"runtime_{kind}_cpu_s_per_param")
         out.update({f"runtime_{kind}_cpu_s_per_param_stage{s}": float(v) for s, v in enumerate(values)})
     return out
 
@@ -681,8 +682,9 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
         if skipped:
             notes[name] = f"assumed: 0 = unknown: the runtime was not timed ({skipped}); the estimate charges none"
         if name in measured_runtime:
-            per = "forward + backward" if "_micro_" in name else "engine.step"
-            less = "plain forward + backward" if "_micro_" in name else "optimizer update"
+            per = {"micro": "first micro-step's forward + backward", "accum": "later micro-steps' forward + backward",
+                   "step": "engine.step"}[name.split("_")[1]]
+            less = "optimizer update" if "_step_" in name else "plain forward + backward"
             notes[name] = (f"measured: the runtime's {per} CPU less the {less}, per parameter, {m.workload.model}, "
                            f"{m.workload.ranks} ranks at once, each on a group of its own; median steps, mean over "
                            "ranks, floored at 0")

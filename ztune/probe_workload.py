@@ -22,12 +22,13 @@ Then, the same way, 1-bit Adam's compression-stage update without its exchange (
 OneBitAdam.step through step_shards): `onebit_elements_per_s` (Hardware.onebit_step_elements_per_s).
 
 Then every rank trains the same micro-batch through the runtime itself (ztune.initialize, AdamW, the workload's
-precision) at each ZeRO stage in turn, on a gloo group of its own (time_engine_stages: world size 1, so the runtime's
-code paths run without a transport), again all ranks at once: its process CPU seconds of forward + backward and of
-engine.step, medians. Less the plain forward + backward above and the optimizer update's own CPU, what is left is the
-runtime's own CPU per parameter (Hardware.runtime_micro_cpu_s_per_param_stage* and runtime_step_*): the gradient
-hooks' bucket copies, stage 3's per-unit gathers into fresh buffers and their release, the parameter refresh after
-the step. The collectives' own CPU is the estimate's per-byte term, not this one.
+precision, 2 micro-steps per optimizer step) at each ZeRO stage in turn, on a gloo group of its own
+(time_engine_stages: world size 1, so the runtime's code paths run without a transport), again all ranks at once: its
+process CPU seconds of each micro-step's forward + backward and of engine.step, medians. Less a plain forward +
+backward timed beside them and the optimizer update's own CPU, what is left is the runtime's own CPU per parameter
+(Hardware.runtime_{micro,accum,step}_cpu_s_per_param_stage*: an optimizer step's first micro-step, each later one, and
+engine.step): the gradient hooks' bucket copies, stage 3's per-unit gathers into fresh buffers and their release, the
+parameter refresh after the step. The collectives' own CPU is the estimate's per-byte term, not this one.
 
 With `codec` (the default), every rank then times the runtime's compressors too (ztune/probe_codec.py), again
 all ranks at once after a barrier: a step's codec work runs on the same shared cores as its compute, in lockstep
@@ -36,12 +37,15 @@ on every rank, so its rate with the peers busy is the one a step sees. Per codec
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 from ztune.probe import ProbeFailed, _wait_for_result, reap
@@ -53,10 +57,23 @@ WORKLOAD_REPEATS = 5  # timed steps per rank after one warm-up (tiny-llama at se
 # backward varies by +-15% from step to step on a shared machine, so a median of 5 pairs.
 ENGINE_WARMUP = 2
 ENGINE_REPEATS = 5
-# Host memory per parameter per rank while time_engine_stages runs, an upper bound: stage 0's engine (parameter and
-# gradient, fp32 master, Adam's m and v: 20 B at fp32) beside the plain model and its gradient (8 B at fp32).
-ENGINE_BYTES_PER_PARAM = 32
+# Host memory per parameter per rank while time_engine_stages runs: its peak RSS growth over stages 0-3 measured
+# 58-60 B per parameter (a 37M-parameter llama, fp32; 72 B at 7.9M parameters): each engine (parameter, gradient,
+# fp32 master, Adam's m and v: 20 B at fp32) beside the plain model and its gradient (8 B), and what the allocator
+# keeps of the earlier stages' engines. Rounded up.
+ENGINE_BYTES_PER_PARAM = 80
 STAGES = (0, 1, 2, 3)
+
+
+class EngineTimes(NamedTuple):
+    """time_engine_stages' CPU seconds per timed optimizer step at one stage: the plain forward + backward, the
+    runtime's first micro-step (forward + engine.backward), its second (a later one, at the boundary), and the
+    boundary's engine.step."""
+
+    plain: list
+    first: list
+    later: list
+    step: list
 
 
 @dataclass(frozen=True)
@@ -82,9 +99,11 @@ class WorkloadRate:
     # wall seconds per CPU second of a training step with every rank busy (mean step / its process CPU time, mean
     # over ranks): ~1 with a core per rank, ~ranks / cores where ranks outnumber the cores; 0: not measured
     cpu_stretch: float = 0.0
-    # The runtime's own CPU seconds per parameter beyond plain forward + backward (per micro-step) and beyond the
-    # optimizer update (per engine.step), at ZeRO stages 0..3, mean over ranks (time_engine_stages); () not measured
+    # The runtime's own CPU seconds per parameter beyond plain forward + backward (an optimizer step's first
+    # micro-step, and each later one) and beyond the optimizer update (per engine.step), at ZeRO stages 0..3, mean
+    # over ranks (time_engine_stages); () not measured
     runtime_micro_cpu_s_per_param: tuple = ()
+    runtime_accum_cpu_s_per_param: tuple = ()
     runtime_step_cpu_s_per_param: tuple = ()
     # why the runtime was not timed ("": it was, or it was not asked for)
     runtime_skipped: str = ""
@@ -225,83 +244,115 @@ def time_onebit_step(*, numel: int, dtype: str, repeats: int, before=lambda: Non
     return _timed(step, repeats=repeats, before=before)
 
 
+def _micro_step(engine, ids) -> None:
+    engine.backward(engine(ids, ids))
+
+
+@contextlib.contextmanager
+def _one_process_runtime_env():
+    """The environment time_engine_stages' engines see, restored afterwards: this process as one host of one rank
+    (LOCAL_WORLD_SIZE 1, no ZTUNE_LOCAL_WORLD_SIZE) and no autotune trial's reporting (ZTUNE_TRIAL_*: a probe run
+    inside a trial's environment must not write trial records or exit early). Switches such as ZTUNE_DISABLE_CPP_*
+    stay: the probe times the runtime as this host's jobs run it."""
+    from ztune.runtime.comm.topology import ENV_OVERRIDE
+
+    drop = [k for k in os.environ if k == ENV_OVERRIDE or k.startswith("ZTUNE_TRIAL_")]
+    saved = {k: os.environ.get(k) for k in [*drop, "LOCAL_WORLD_SIZE"]}
+    for k in drop:
+        del os.environ[k]
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def time_engine_stages(spec, *, seq_len: int, micro_batch: int, dtype: str, repeats: int, before=lambda: None,
-                       stages=STAGES, seed: int = 0) -> dict[int, tuple[list, list, list]]:
+                       stages=STAGES, seed: int = 0) -> dict[int, EngineTimes]:
     """Process CPU seconds of the runtime's own training step, per ZeRO stage: for each of `stages`, a fresh model
-    (seed 0) through ztune.initialize (AdamW, `dtype` precision, micro_batch x seq_len, one micro-step, no clipping)
-    on a gloo group of this process alone, ENGINE_WARMUP untimed steps, `before()` (the probe's barrier), then
-    `repeats` steps, each right after one plain forward + backward of the same micro-batch on a plain `dtype` model,
-    so that each pair sees the same load (the machine may be shared). World size 1 runs the runtime's own code paths
-    (the gradient hooks and their buckets, stage 3's per-unit gathers into fresh buffers and their release, the
-    parameter refresh after the step) without a transport: the estimate charges the collectives' CPU per byte apart
-    (Hardware.*_cpu_s_per_byte). Returns {stage: (CPU s of each forward + engine.backward, CPU s of each
-    engine.step, CPU s of each plain forward + backward)}. Imports torch; leaves no process group behind."""
+    (seed 0) through ztune.initialize (AdamW, `dtype` precision, micro_batch x seq_len, 2 micro-steps per optimizer
+    step, no clipping) on a gloo group of this process alone, ENGINE_WARMUP untimed optimizer steps, `before()` (the
+    probe's barrier), then `repeats` optimizer steps, each right after one plain forward + backward of the same
+    micro-batch on a plain `dtype` model, so that each step's figures and its plain one see the same load (the
+    machine may be shared). Two micro-steps, because the runtime's later micro-steps of an optimizer step take other
+    paths than its first (stages 0-1 accumulate in place, stages 2-3 reduce into a fresh shard and add it). World
+    size 1 runs the runtime's own code paths (the gradient hooks and their buckets, stage 3's per-unit gathers into
+    fresh buffers and their release, the parameter refresh after the step) without a transport: the estimate charges
+    the collectives' CPU per byte apart (Hardware.*_cpu_s_per_byte). Returns {stage: EngineTimes}. Imports torch;
+    leaves no process group behind and the environment as it found it."""
     import torch
     import torch.distributed as dist
 
     import ztune
-    from ztune.runtime.comm.topology import ENV_OVERRIDE
     from ztune.runtime.models import build_model
 
-    os.environ["LOCAL_WORLD_SIZE"] = "1"
-    os.environ.pop(ENV_OVERRIDE, None)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(seed))
-        plain = build_model(spec, seed=0, dtype=_torch_dtype(dtype))
+    def cpu_of(fn) -> float:
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
 
-        def plain_step() -> float:
-            plain.zero_grad(set_to_none=True)
-            start = time.process_time()
-            plain(ids, labels=ids).backward()
-            return time.process_time() - start
+    with _one_process_runtime_env():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            ids = torch.randint(0, spec.vocab_size, (micro_batch, seq_len),
+                                generator=torch.Generator().manual_seed(seed))
+            plain = build_model(spec, seed=0, dtype=_torch_dtype(dtype))
 
-        plain_step()  # warm-up
-        out: dict[int, tuple[list, list, list]] = {}
-        for stage in stages:
-            config = {"zero": {"stage": stage}, "precision": dtype, "seq_len": seq_len,
-                      "batch": {"micro": micro_batch, "grad_accum": 1}, "gradient_clipping": 0.0,
-                      "optimizer": {"type": "AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                    "weight_decay": 0.0}}
-            engine = ztune.initialize(build_model(spec, seed=0), config=config)[0]
-            micro_cpu, step_cpu, plain_cpu = [], [], []
-            for i in range(ENGINE_WARMUP + repeats):
-                if i == ENGINE_WARMUP:
-                    before()
-                plain_s = plain_step()
-                start = time.process_time()
-                engine.backward(engine(ids, ids))
-                mid = time.process_time()
-                engine.step()
-                if i >= ENGINE_WARMUP:  # warm-up: allocations, the optimizer's states
-                    micro_cpu.append(mid - start)
-                    step_cpu.append(time.process_time() - mid)
-                    plain_cpu.append(plain_s)
-            out[stage] = (micro_cpu, step_cpu, plain_cpu)
-            del engine
-            gc.collect()  # the engine's hooks and buffers form cycles: free them before the next stage's
-        return out
-    finally:
-        dist.destroy_process_group()
+            def plain_step() -> None:
+                plain.zero_grad(set_to_none=True)
+                plain(ids, labels=ids).backward()
+
+            plain_step()  # warm-up
+            out: dict[int, EngineTimes] = {}
+            for stage in stages:
+                config = {"zero": {"stage": stage}, "precision": dtype, "seq_len": seq_len,
+                          "batch": {"micro": micro_batch, "grad_accum": 2}, "gradient_clipping": 0.0,
+                          "optimizer": {"type": "AdamW", "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8,
+                                        "weight_decay": 0.0}}
+                engine = ztune.initialize(build_model(spec, seed=0), config=config)[0]
+                times = EngineTimes([], [], [], [])
+                micro = functools.partial(_micro_step, engine, ids)
+                for i in range(ENGINE_WARMUP + repeats):
+                    if i == ENGINE_WARMUP:
+                        before()
+                    plain_s = cpu_of(plain_step)
+                    first_s = cpu_of(micro)
+                    engine.step()  # counts the micro-step: no update between boundaries
+                    later_s = cpu_of(micro)
+                    step_s = cpu_of(engine.step)
+                    if i >= ENGINE_WARMUP:  # warm-up: allocations, the optimizer's states
+                        for values, v in zip(times, (plain_s, first_s, later_s, step_s), strict=True):
+                            values.append(v)
+                out[stage] = times
+                del engine, micro
+                gc.collect()  # the engine's hooks and buffers form cycles: free them before the next stage's
+            return out
+        finally:
+            dist.destroy_process_group()
 
 
-def runtime_cpu_per_param(engine: dict, *, optimizer_cpu_s: float, numel: int) -> tuple[tuple, tuple]:
+def runtime_cpu_per_param(engine: dict, *, optimizer_cpu_s: float, numel: int) -> tuple[tuple, tuple, tuple]:
     """One rank's runtime CPU per parameter beyond what the cost model charges apart, from time_engine_stages'
-    `engine` (world size 1, so the rank owns all `numel` elements at every stage): per stage, the median over
-    steps of (forward + backward CPU - the plain forward + backward timed just before it) / `numel`, and (median
-    engine.step CPU - `optimizer_cpu_s`, the optimizer update's over `numel` elements) / `numel`; each floored at
-    0 (a difference the probe's noise hides is charged as nothing). Stages missing from `engine` give 0."""
-    micro, step = [], []
+    `engine` (world size 1, so the rank owns all `numel` elements at every stage), per stage: the medians over
+    optimizer steps of (first micro-step's forward + backward CPU - the plain forward + backward timed just before
+    it) / `numel` and of (a later micro-step's likewise) / `numel`, and (median engine.step CPU at the boundary -
+    `optimizer_cpu_s`, the optimizer update's over `numel` elements) / `numel`; each floored at 0 (a difference the
+    probe's noise hides is charged as nothing). Stages missing from `engine` give 0. Returns (first, later, step)."""
+    first, later, step = [], [], []
     for stage in STAGES:
-        if stage not in engine:
-            micro.append(0.0)
-            step.append(0.0)
+        t = engine.get(stage)
+        if t is None:
+            for values in (first, later, step):
+                values.append(0.0)
             continue
-        micro_cpu, step_cpu, plain_cpu = engine[stage]
-        extra = statistics.median(m - p for m, p in zip(micro_cpu, plain_cpu, strict=True))
-        micro.append(max(0.0, extra) / numel)
-        step.append(max(0.0, statistics.median(step_cpu) - optimizer_cpu_s) / numel)
-    return tuple(micro), tuple(step)
+        first.append(max(0.0, statistics.median(m - p for m, p in zip(t.first, t.plain, strict=True))) / numel)
+        later.append(max(0.0, statistics.median(m - p for m, p in zip(t.later, t.plain, strict=True))) / numel)
+        step.append(max(0.0, statistics.median(t.step) - optimizer_cpu_s) / numel)
+    return tuple(first), tuple(later), tuple(step)
 
 
 def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, dtype: str, threads: int,
@@ -362,8 +413,8 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     finally:
         reap(procs)
     # mean over ranks, per stage: the runtime's CPU is each rank's own work, as the contention is
-    micro = tuple(statistics.mean(r[0][s] for r in runtime) for s in STAGES) if runtime else ()
-    step = tuple(statistics.mean(r[1][s] for r in runtime) for s in STAGES) if runtime else ()
+    micro, accum, step = (tuple(statistics.mean(r[k][s] for r in runtime) for s in STAGES) if runtime else ()
+                          for k in range(3))
     step_s = max(medians)
     per_token = model_flops_per_token(active_params=count_params(spec).active_per_token, num_layers=spec.num_layers,
                                       attention_width=spec.num_heads * spec.head_size, seq_len=seq_len)
@@ -371,4 +422,5 @@ def measure_workload_rate(spec, *, ranks: int, seq_len: int, micro_batch: int, d
     return WorkloadRate(spec.name, ranks, seq_len, micro_batch, dtype, threads, step_s, flops, slowest(codec_rates),
                         optimizer_elements_per_s=min(optimizer_rates), onebit_elements_per_s=min(onebit_rates),
                         cpu_stretch=statistics.mean(stretches), runtime_micro_cpu_s_per_param=micro,
-                        runtime_step_cpu_s_per_param=step, runtime_skipped=skipped, params=numel)
+                        runtime_accum_cpu_s_per_param=accum, runtime_step_cpu_s_per_param=step,
+                        runtime_skipped=skipped, params=numel)

@@ -155,6 +155,10 @@ def no_backward_gather_units(m: ModelSpec) -> tuple[int, ...]:
     return tuple(_own_unit_tables(m)[0])
 
 
+# Hardware.runtime_<kind>_cpu_s_per_param_stage<s>: an optimizer step's first micro-step, each later one, the step
+RUNTIME_CPU_KINDS = ("micro", "accum", "step")
+
+
 @dataclass(frozen=True)
 class Hardware:
     """One node type of a cluster. Bandwidths are achievable bytes/s per GPU, FLOP/s are dense peaks."""
@@ -225,22 +229,27 @@ class Hardware:
     intra_node_cpu_s_per_byte: float = 0.0
     cpu_contention: float = 0.0
     # CPU ranks only: the runtime's own CPU seconds per model parameter beyond what the terms above charge, per ZeRO
-    # stage: per micro-step, beyond plain forward + backward (the gradient hooks' copies into buckets, stage 3's
-    # per-unit gathers into fresh buffers and their release); per optimizer step, beyond the optimizer update (the
-    # parameter refresh). Measured by `ztune probe --model` with every rank of the host running the runtime at once
-    # on a group of its own (ztune/probe_workload.py time_engine_stages: no transport, whose CPU is the per-byte
-    # terms'). cost/estimate.py charges (micro x grad_accum + step) x parameters x cpu_contention, serial.
-    # 0 = unknown: not charged.
+    # stage: per micro-step beyond plain forward + backward, the first of an optimizer step (`micro`) and each later
+    # one (`accum`: stages 0-1 accumulate in place, stages 2-3 reduce into a fresh shard and add it) -- the gradient
+    # hooks' copies into buckets, stage 3's per-unit gathers into fresh buffers and their release; per optimizer step
+    # beyond the optimizer update (`step`: the parameter refresh). Measured by `ztune probe --model` with every rank
+    # of the host running the runtime at once on a group of its own (ztune/probe_workload.py time_engine_stages: no
+    # transport, whose CPU is the per-byte terms'). cost/estimate.py charges (micro + (grad_accum - 1) x accum +
+    # step) x parameters x cpu_contention, serial. 0 = unknown: not charged.
     runtime_micro_cpu_s_per_param_stage0: float = 0.0
     runtime_micro_cpu_s_per_param_stage1: float = 0.0
     runtime_micro_cpu_s_per_param_stage2: float = 0.0
     runtime_micro_cpu_s_per_param_stage3: float = 0.0
+    runtime_accum_cpu_s_per_param_stage0: float = 0.0
+    runtime_accum_cpu_s_per_param_stage1: float = 0.0
+    runtime_accum_cpu_s_per_param_stage2: float = 0.0
+    runtime_accum_cpu_s_per_param_stage3: float = 0.0
     runtime_step_cpu_s_per_param_stage0: float = 0.0
     runtime_step_cpu_s_per_param_stage1: float = 0.0
     runtime_step_cpu_s_per_param_stage2: float = 0.0
     runtime_step_cpu_s_per_param_stage3: float = 0.0
 
-    def runtime_cpu_s_per_param(self, stage: int) -> tuple[float, float]:
-        """(per micro-step, per optimizer step) runtime CPU seconds per parameter at ZeRO `stage` (0-3)."""
-        return (getattr(self, f"runtime_micro_cpu_s_per_param_stage{stage}"),
-                getattr(self, f"runtime_step_cpu_s_per_param_stage{stage}"))
+    def runtime_cpu_s_per_param(self, stage: int) -> tuple[float, float, float]:
+        """(an optimizer step's first micro-step, each later micro-step, the optimizer step) runtime CPU seconds per
+        parameter at ZeRO `stage` (0-3)."""
+        return tuple(getattr(self, f"runtime_{kind}_cpu_s_per_param_stage{stage}") for kind in RUNTIME_CPU_KINDS)

@@ -79,7 +79,7 @@ def test_json_keys(probed):
     assert data["profile"]["inter_node_cpu_s_per_byte"] == 0.0  # no link measured
     assert data["provenance"]["cpu_contention"].startswith("measured:")
     # and the runtime's own CPU per parameter at each stage (time_engine_stages), beyond plain forward + backward
-    for kind in ("micro", "step"):
+    for kind in ("micro", "accum", "step"):
         measured = work[f"runtime_{kind}_cpu_s_per_param"]
         assert len(measured) == 4 and all(v >= 0 for v in measured)
         for stage, value in enumerate(measured):

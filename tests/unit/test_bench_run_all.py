@@ -70,7 +70,8 @@ def test_assemble_runs_nothing_and_rebuilds_the_page_from_the_sections(monkeypat
     (tmp_path / "docs" / "bench" / "a.md").write_text("## A\n\nfirst\n")
     assert run_all.main([run_all.ASSEMBLE]) == 0
     page = (tmp_path / "docs" / "benchmarks.md").read_text()
-    assert page.startswith("# Benchmarks\n\nAssembled by `python benchmarks/run_all.py --assemble`")
+    assert page.startswith("# Benchmarks\n\nAssembled by `python benchmarks/run_all.py --assemble` (each section "
+                           "as its benchmark last wrote it), on ")
     assert page.index("## A") < page.index("## B") and "first" in page and "second" in page
     # it takes nothing else: a script name or a flag beside it is refused in one line, exit 2
     assert run_all.main([run_all.ASSEMBLE, "bench_cluster"]) == 2

@@ -128,10 +128,12 @@ def _render(m: Any, hw: Any, notes: dict[str, str], output: Path) -> None:
                       f"{w.ranks} ranks at once: {w.step_s * 1e3:,.0f} ms per step, {w.flops_per_s / 1e9:,.2f} "
                       f"GFLOP/s per rank -> train_flops_efficiency {hw.train_flops_efficiency:.3f}")
         if w.runtime_micro_cpu_s_per_param:
-            per_step = [(micro + step) * w.params * 1e3 for micro, step in
-                        zip(w.runtime_micro_cpu_s_per_param, w.runtime_step_cpu_s_per_param, strict=True)]
-            console.print("the runtime's own CPU per rank and step beyond forward + backward and the optimizer, "
-                          "stages 0-3: " + ", ".join(f"{ms:,.0f}" for ms in per_step) + " ms")
+            ms = [(first + step) * w.params * 1e3 for first, step in
+                  zip(w.runtime_micro_cpu_s_per_param, w.runtime_step_cpu_s_per_param, strict=True)]
+            more = [later * w.params * 1e3 for later in w.runtime_accum_cpu_s_per_param]
+            console.print("the runtime's own CPU per rank beyond forward + backward and the optimizer, stages 0-3: "
+                          + ", ".join(f"{x:,.0f}" for x in ms) + " ms per optimizer step of one micro-step; "
+                          + ", ".join(f"{x:,.0f}" for x in more) + " ms per further micro-step")
         elif w.runtime_skipped:
             console.print(f"[yellow]the runtime was not timed[/]: {w.runtime_skipped}")
     if m.inter_node is None:

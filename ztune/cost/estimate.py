@@ -215,14 +215,21 @@ def comm_cpu_wall_s(cpu_s: float, hw: Hardware) -> float:
     return cpu_s * hw.cpu_contention
 
 
-def runtime_cpu_wall_s(hw: Hardware, *, stage: int, num_params: int, grad_accum: int) -> float:
+def runtime_cpu_wall_s(hw: Hardware, *, stage: int, num_params: int, grad_accum: int, world_size: int = 1) -> float:
     """Wall seconds per step of the runtime's own CPU work on `hw` (Hardware.runtime_*_cpu_s_per_param_stage*,
-    measured by `ztune probe --model` on CPU ranks): (per micro-step x `grad_accum` + per optimizer step) x
-    `num_params` (every parameter passes the hooks, buckets and gathers, frozen or not), x the measured contention
-    (Hardware.cpu_contention) where there is one: the work shares the cores as the compute does. 0 where the profile
-    has no measurement (GPU profiles)."""
-    micro, step = hw.runtime_cpu_s_per_param(stage)
-    return (micro * grad_accum + step) * num_params * (hw.cpu_contention if hw.cpu_contention > 0 else 1.0)
+    measured by `ztune probe --model` on CPU ranks): (an optimizer step's first micro-step + (`grad_accum` - 1) later
+    ones + the optimizer step) x `num_params`, x the measured contention (Hardware.cpu_contention) where there is one:
+    the work shares the cores as the compute does. At stages 2-3 a later micro-step's excess over the first is the
+    reduction into a fresh gradient shard and its addition to the accumulated one (runtime/grad_reduce.py _complete),
+    shard-sized: the probe's runs, each rank a world of its own, hold the whole gradient as their shard, so that excess
+    is charged / `world_size`. The probe trains a model whose parameters all train; a frozen parameter is charged
+    alike (stage 3 gathers it with its unit; its gradient hook, which it lacks, is the smaller part). 0 where the
+    profile has no measurement (GPU profiles)."""
+    micro, accum, step = hw.runtime_cpu_s_per_param(stage)
+    if stage >= 2:
+        accum = micro + max(0.0, accum - micro) / max(1, world_size)
+    cpu_s = (micro + (grad_accum - 1) * accum + step) * num_params
+    return cpu_s * (hw.cpu_contention if hw.cpu_contention > 0 else 1.0)
 
 
 def uses_hierarchical(setting: Hierarchical, hw: Hardware, *, num_nodes: int) -> bool:
@@ -405,7 +412,8 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      grad_ready_fraction=first_bucket_fraction(reduce_bucket_numel=grad_group_numel,
                                                                trainable_params=split.trainable),
                      comm_cpu_s=comm_cpu_wall_s(comm.cpu_s, hw),
-                     runtime_s=runtime_cpu_wall_s(hw, stage=z.stage, num_params=split.total, grad_accum=accum))
+                     runtime_s=runtime_cpu_wall_s(hw, stage=z.stage, num_params=split.total, grad_accum=accum,
+                                                  world_size=world))
     global_batch = int(batch.global_ or micro * accum * world)
     reason = _fit_reason(mem, hw)
     notes = [per_param.description, *ASSUMPTIONS]
@@ -645,6 +653,8 @@ def _why(best: Estimate, runner: Estimate) -> str:
         "less runtime CPU": r.runtime_s - b.runtime_s,  # e.g. stage 3's unit gathers on CPU ranks
     }
     name, gain = max(parts.items(), key=lambda kv: kv[1])
+    if gain < 5e-4:  # under half a millisecond, as printed: no part makes the difference
+        gain = 0.0
     if best.micro_batch != runner.micro_batch and gain <= 0:
         return f"micro-batch {best.micro_batch} vs {runner.micro_batch}"
     if gain <= 0:
