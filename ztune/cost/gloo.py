@@ -38,7 +38,7 @@ reduces with opposite roots issued at once 395-407 ms, as in turn (387-408 ms; 4
 2026-12-07 (after THP_MEM_ALLOC_ENABLE): reduces the same (one 193-195 ms, two at once 384 ms); two broadcasts at once
 are bimodal from run to run, each run's median of 4 near one rule or the other: 140, 213 and 278 ms at 16 MiB, 283,
 559 and 282 ms at 32 MiB (537 / 268 by the rules). The rule keeps the slower mode; hierarchical stage 3 at
-1 Gbit/s, whose gathers are such pairs, ran 27-28% under its estimate in three box runs. The two reduces beside
+1 Gbit/s, whose gathers are such pairs, ran 23-27% under its estimate in four box runs. The two reduces beside
 the two broadcasts on a second group (stage 3's two lanes, runtime/comm/hierarchical.py) took 525-582 ms at 16 MiB,
 about the sum of each set alone (524-662), so the lanes do not fill each other's idle direction: their times add,
 as the estimate adds them. So a set of reduces /
