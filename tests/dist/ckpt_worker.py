@@ -1,6 +1,6 @@
 """One rank of the kill -9 trials (test_checkpoint_kill.py), started with torchrun's environment:
 
-    python -m tests.dist.ckpt_worker SAVE_DIR OUT_DIR STAGE OFFLOAD
+    python tests/dist/ckpt_worker.py SAVE_DIR OUT_DIR STAGE OFFLOAD   (the repository on PYTHONPATH)
 
 Resumes from SAVE_DIR's `latest` when there is one (`engine.load_checkpoint` returns (None, None) otherwise),
 trains to STEPS saving every SAVE_EVERY steps, and rank 0 appends "step loss" lines to OUT_DIR/losses.txt;

@@ -1,8 +1,9 @@
 """kill -9 of every rank during training and during saves, then resume from `latest`: the loss of every step
 (including the re-run ones) and the final parameters are bitwise equal to an uninterrupted run.
 
-Each trial starts 2 ranks of tests/dist/ckpt_worker.py (own processes with torchrun's environment, saving
-every 2 of 8 steps), kills them, starts them again and lets them finish. Kill points, in turn:
+Each trial starts 2 ranks of tests/dist/ckpt_worker.py (own processes with torchrun's environment, forked from a
+zygote that has imported torch: tests/helpers/zygote.py; saving every 2 of 8 steps), kills them, starts them again
+and lets them finish. Kill points, in turn:
 - "random": SIGKILL to both ranks a random 0-0.5 s after a random step was logged (in a step, or inside
   a save, wherever it lands);
 - "shard": one rank kills itself right after writing its shard of the n-th save (metadata not yet written;
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,17 +25,22 @@ import torch
 
 from tests.helpers.load import load_factor, scaled_limit_s
 from tests.helpers.spawn import free_port
+from tests.helpers.zygote import Zygote, ZygoteChild
 
 pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("ckpt_worker.py")
 WORLD = 2
 KINDS = ("random", "shard", "commit")
 CONFIGS = ((3, "none"), (2, "cpu"), (1, "none"), (0, "none"))
-RUN_TIMEOUT_S = 400.0  # idle-machine safety net, stretched by the load: one run takes ~1 min loaded
+RUN_TIMEOUT_S = 400.0  # idle-machine safety net, stretched by the load: one run takes ~30 s loaded
 
 
-def _launch(save_dir: Path, out_dir: Path, stage: int, offload: str, *, kill_at: str | None = None):
+def _launch(zygote: Zygote, save_dir: Path, out_dir: Path, stage: int, offload: str, *,
+            kill_at: str | None = None) -> list[tuple[ZygoteChild, Path]]:
+    """Start the 2 ranks (real processes, forked from the zygote: each would otherwise spend ~3.5 CPU-s importing
+    torch before its first step); each rank's output goes on the end of OUT_DIR/rank<r>.log."""
     port = free_port()
     procs = []
     for rank in range(WORLD):
@@ -47,20 +50,17 @@ def _launch(save_dir: Path, out_dir: Path, stage: int, offload: str, *, kill_at:
         env.pop("CKPT_KILL_AT", None)
         if kill_at is not None:
             env["CKPT_KILL_AT"] = kill_at
-        log = open(out_dir / f"rank{rank}.log", "ab")  # noqa: SIM115 -- closed with the process below
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.dist.ckpt_worker", str(save_dir),
-                                        str(out_dir), str(stage), offload], cwd=REPO, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        log = out_dir / f"rank{rank}.log"
+        procs.append((zygote.start([str(WORKER), str(save_dir), str(out_dir), str(stage), offload], env=env,
+                                   cwd=REPO, output=log, append=True), log))
     return procs
 
 
 def _kill_all(procs) -> None:
     for p, _ in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-    for p, log in procs:
-        p.wait(timeout=30)
-        log.close()
+        p.kill()  # SIGKILL, where it still runs
+    for p, _ in procs:
+        p.wait(timeout_s=30)
 
 
 def _wait(procs, *, until_one_dies: bool = False) -> None:
@@ -81,8 +81,7 @@ def _wait(procs, *, until_one_dies: bool = False) -> None:
     codes = [p.poll() for p, _ in procs]
     _kill_all(procs)
     if until_one_dies or any(c != 0 for c in codes):
-        logs = "\n".join((log_path := Path(log.name)).name + ":\n" + log_path.read_text()[-3000:]
-                         for _, log in procs)
+        logs = "\n".join(log.name + ":\n" + log.read_text()[-3000:] for _, log in procs)
         raise AssertionError(f"ranks exited {codes} (None: still running at {limit_s:.0f} s = {RUN_TIMEOUT_S:.0f} s x "
                              f"load factor {factor:.1f}, killed)\n{logs}")
 
@@ -92,17 +91,17 @@ def _losses(out_dir: Path) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in rows]
 
 
-def _reference(root: Path, stage: int, offload: str) -> tuple[dict[int, float], dict]:
+def _reference(zygote: Zygote, root: Path, stage: int, offload: str) -> tuple[dict[int, float], dict]:
     out = root / f"ref{stage}{offload}"
     out.mkdir()
-    procs = _launch(out / "ckpt", out, stage, offload)
+    procs = _launch(zygote, out / "ckpt", out, stage, offload)
     _wait(procs)
     losses = dict(_losses(out))
     assert sorted(losses) == list(range(8))
     return losses, torch.load(out / "final.pt")
 
 
-def _trial(root: Path, i: int, kind: str, stage: int, offload: str, ref, rng: random.Random) -> str:
+def _trial(zygote: Zygote, root: Path, i: int, kind: str, stage: int, offload: str, ref, rng: random.Random) -> str:
     ref_losses, ref_final = ref
     out = root / f"trial{i}"
     out.mkdir()
@@ -110,7 +109,7 @@ def _trial(root: Path, i: int, kind: str, stage: int, offload: str, ref, rng: ra
     if kind == "random":
         # After a random number of logged steps plus up to half a second: inside a step or a save.
         lines, delay_s = rng.randint(1, 7), rng.uniform(0.0, 0.5)
-        procs = _launch(save_dir, out, stage, offload)
+        procs = _launch(zygote, save_dir, out, stage, offload)
         deadline = time.monotonic() + scaled_limit_s(RUN_TIMEOUT_S)
         while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs):
             log = out / "losses.txt"
@@ -122,11 +121,11 @@ def _trial(root: Path, i: int, kind: str, stage: int, offload: str, ref, rng: ra
         where = f"{delay_s:.2f} s after step {lines - 1}"
     else:
         rank, nth = (rng.randrange(WORLD), rng.randint(1, 3)) if kind == "shard" else (0, rng.randint(1, 3))
-        procs = _launch(save_dir, out, stage, offload, kill_at=f"{rank}:{kind}:{nth}")
+        procs = _launch(zygote, save_dir, out, stage, offload, kill_at=f"{rank}:{kind}:{nth}")
         _wait(procs, until_one_dies=True)
         where = f"rank {rank} in save {nth}"
     assert all(p.poll() is not None for p, _ in procs)  # no rank left behind
-    _wait(_launch(save_dir, out, stage, offload))
+    _wait(_launch(zygote, save_dir, out, stage, offload))
     for step, loss in _losses(out):  # every attempt's steps, re-run ones included
         assert loss == ref_losses[step], (kind, where, step)
     final = torch.load(out / "final.pt")
@@ -135,14 +134,15 @@ def _trial(root: Path, i: int, kind: str, stage: int, offload: str, ref, rng: ra
     return f"{kind} {where} stage {stage} offload {offload}"
 
 
-@pytest.mark.timeout(1800)  # each start of 2 ranks takes ~1 min on the shared 2-core machine (imports)
+@pytest.mark.timeout(1800)  # 7 starts of 2 ranks, each ~6 s idle and ~30 s on the loaded 2-core machine
 def test_kill9_during_steps_and_saves_resumes_exactly(tmp_path):
     trials = int(os.environ.get("ZTUNE_CKPT_KILL_TRIALS", "3"))
     rng = random.Random(int(os.environ.get("ZTUNE_CKPT_KILL_SEED", "0")))
     configs = CONFIGS if trials > len(KINDS) else CONFIGS[:1]
-    refs = {cfg: _reference(tmp_path, *cfg) for cfg in configs}
     done = []
-    for i in range(trials):
-        cfg = configs[(i // len(KINDS)) % len(configs)]
-        done.append(_trial(tmp_path, i, KINDS[i % len(KINDS)], *cfg, refs[cfg], rng))
+    with Zygote() as zygote:
+        refs = {cfg: _reference(zygote, tmp_path, *cfg) for cfg in configs}
+        for i in range(trials):
+            cfg = configs[(i // len(KINDS)) % len(configs)]
+            done.append(_trial(zygote, tmp_path, i, KINDS[i % len(KINDS)], *cfg, refs[cfg], rng))
     print("\n".join(done))

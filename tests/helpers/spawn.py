@@ -40,10 +40,15 @@ from tests.helpers.load import LoadScaledDeadline
 
 _GRACE_S = 1.0  # how long the other ranks get to report after one rank failed
 START_METHOD_ENV = "ZTUNE_TEST_START_METHOD"
-# Imported once by the forkserver. Only modules whose import reads no environment and starts no thread: torch
-# (its thread pools start at the first parallel op, after the fork), torch.distributed and ztune's own
-# modules (none reads the environment at import; grep `os.environ` in runtime/ and ztune/).
-PRELOAD = ["torch", "torch.distributed", "ztune", "ztune.runtime.engine", "ztune.runtime.initialize"]
+# Imported once by the forkserver. Only modules whose import starts no thread and reads no environment a test
+# sets: torch (its thread pools start at the first parallel op, after the fork), torch.distributed, ztune's own
+# modules (none reads the environment at import; grep `os.environ` in runtime/ and ztune/) and torch._dynamo.
+# torch.optim imports torch._dynamo at the first optimizer a process builds (torch/_compile.py _disable_dynamo
+# wraps Optimizer.__init__), ~1.9 CPU-s per rank here, as long as `import torch` itself; its config reads
+# variables named DYNAMO_ENV_PREFIXES at import, so a call that sets one for its ranks is refused (run_ranks).
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "ztune", "ztune.runtime.engine",
+           "ztune.runtime.initialize"]
+DYNAMO_ENV_PREFIXES = ("TORCHDYNAMO", "TORCHINDUCTOR", "TORCH_COMPILE", "TORCH_LOGS")
 # gloo's own collective timeout, as a multiple of the (load-scaled) limit: the limit below must trip first,
 # with its message, rather than a rank's "Timed out waiting" from a collective whose peer is merely slow.
 _GLOO_TIMEOUT_FACTOR = 4.0
@@ -105,6 +110,10 @@ def run_ranks(fn: Callable, *, world_size: int, args: tuple = (), timeout_s: flo
 
     timeout_s: the limit on an idle machine (seconds), stretched by the load (module docstring)."""
     ctx = _context()
+    dynamo_env = sorted(k for k in env or {} if k.startswith(DYNAMO_ENV_PREFIXES))
+    if dynamo_env and ctx.get_start_method() == "forkserver":
+        raise ValueError(f"run_ranks(env=...): {', '.join(dynamo_env)} would not reach torch._dynamo, which the "
+                         f"forkserver imported before the call (PRELOAD): run with {START_METHOD_ENV}=spawn")
     # Results go through a queue, touched once per rank after `fn` returns; progress goes through a plain pipe
     # per rank: a queue's semaphores are shared-memory pages, and tests/dist/test_shm.py measures the rank's
     # resident shared memory while `fn` runs.

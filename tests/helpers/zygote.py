@@ -1,15 +1,16 @@
 """Start Python scripts as real processes without paying `import torch` in each: a zygote process imports torch
 once and forks a child per script; the child runs the script as `__main__` and exits as a script does, through
 the interpreter's normal shutdown (unlike a multiprocessing child, which leaves with os._exit). For tests
-about how a process ends (tests/dist/test_exit.py): ~1.8 CPU-s of imports saved per process on the 2-core CI
-machine, where that test starts 72 processes.
+about how a process ends or is killed (tests/dist/test_exit.py, test_checkpoint_kill.py): ~3.5 CPU-s of imports
+saved per process on the 2-core CI machine (torch ~1.8 and torch._dynamo, which the first torch optimizer
+imports, ~1.9), where test_exit.py starts 72 processes.
 
     with Zygote() as z:
         procs = [z.start([script, "arg"], env=env, cwd=repo, output=path) for _ in range(4)]
         codes = [p.wait(timeout_s=120) for p in procs]
 
 The zygote is `python tests/helpers/zygote.py`: one JSON request per line on stdin ({"argv", "env", "cwd",
-"output"}), answered with the child's pid, and "exit PID CODE" when a child ends (CODE as subprocess
+"output", "append"}), answered with the child's pid, and "exit PID CODE" when a child ends (CODE as subprocess
 returncode: negative for a signal). The child takes the request's environment, working directory and argv,
 sends stdout and stderr to `output`, and runs argv[0] in a fresh `__main__` module (sys.path[0] its folder, as
 `python SCRIPT` sets them; sys.path otherwise the zygote's: the repository first). ZTUNE_TEST_START_METHOD=spawn
@@ -84,14 +85,17 @@ class Zygote:
                 self._proc.wait()
             self._proc.stdout.close()
 
-    def start(self, argv: list[str], *, env: dict[str, str], cwd: str | Path, output: str | Path) -> ZygoteChild:
-        """Start `python argv...` with `env` in `cwd`, stdout and stderr to the file `output`."""
+    def start(self, argv: list[str], *, env: dict[str, str], cwd: str | Path, output: str | Path,
+              append: bool = False) -> ZygoteChild:
+        """Start `python argv...` with `env` in `cwd`, stdout and stderr to the file `output` (on its end with
+        `append`, else replacing it)."""
         if self._spawn:
-            with open(output, "wb") as out:
+            with open(output, "ab" if append else "wb") as out:
                 popen = subprocess.Popen([sys.executable, *argv], env=env, cwd=cwd, stdout=out,
                                          stderr=subprocess.STDOUT)
             return ZygoteChild(None, popen.pid, popen)
-        request = {"argv": [str(a) for a in argv], "env": env, "cwd": str(cwd), "output": str(output)}
+        request = {"argv": [str(a) for a in argv], "env": env, "cwd": str(cwd), "output": str(output),
+                   "append": append}
         self._proc.stdin.write(json.dumps(request).encode() + b"\n")
         self._proc.stdin.flush()
         while True:
@@ -163,7 +167,8 @@ def _become(request: dict) -> types.ModuleType:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    fd = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    mode = os.O_APPEND if request.get("append") else os.O_TRUNC
+    fd = os.open(request["output"], os.O_WRONLY | os.O_CREAT | mode, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -184,7 +189,9 @@ def _become(request: dict) -> types.ModuleType:
 
 if __name__ == "__main__":
     import torch  # noqa: F401 -- what every child would otherwise import itself
+    import torch._dynamo  # noqa: F401 -- imported by a process's first torch optimizer (tests/helpers/spawn.py PRELOAD)
     import torch.distributed  # noqa: F401
+    import torch.optim  # noqa: F401
 
     _request = _serve()
     if _request is None:
