@@ -6,10 +6,13 @@ import pytest
 
 from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 
-# The fixtures (tests/e2e/conftest.py) and modules that build network namespaces: each builds its subnet's
-# blackhole route in the root namespace, so two of them must not run at once under pytest-xdist.
+# The fixtures (tests/e2e/conftest.py) that build network namespaces, and the test files that use them or build their
+# own: each builds its subnet's blackhole route in the root namespace, so two of them must not run at once under
+# pytest-xdist. pytest-xdist's scheduler sees only node ids, so it groups by file name (NETNS_MODULES);
+# pytest_collection_modifyitems refuses a test that uses one of NETNS_FIXTURES from a file not listed there.
 NETNS_FIXTURES = {"cluster", "box"}
-NETNS_MODULES = {"test_cluster_box.py", "test_netns_reap.py"}
+NETNS_MODULES = {"test_autotune_hosts.py", "test_checkpoint_restart_hosts.py", "test_cluster_box.py",
+                 "test_launch_ssh.py", "test_netns_reap.py"}
 
 # Keep each test process to the cores this machine has; gloo ranks spawned by tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -56,14 +59,50 @@ def pytest_timeout_set_timer(item, settings):
     return True
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's --dist loadgroup reads the marks
+def xdist_group(nodeid: str) -> str:
+    """The pytest-xdist group of a test: its file, or "netns" for the files in NETNS_MODULES."""
+    path = nodeid.split("::", 1)[0]
+    return "netns" if path.rsplit("/", 1)[-1] in NETNS_MODULES else path
+
+
+def _start_rank(nodeid: str) -> int:
+    """Which groups the workers get first: the namespace group, then the other end-to-end tests (each starts whole
+    CLIs, trial groups or hosts: the single groups that take longest), then the multi-process tests, then the rest.
+    Started last, one of the long groups ran alone for the suite's last minutes (2026-12-07: tests/e2e/
+    test_autotune.py took 419 s of the 1,148 s)."""
+    if xdist_group(nodeid) == "netns":
+        return 0
+    return {"e2e": 1, "dist": 2}.get(nodeid.split("/")[1], 3)
+
+
+@pytest.hookimpl(optionalhook=True)  # optional: pytest-xdist is a test extra
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite on pytest-xdist workers with `--dist loadgroup`: here that means one group per
+    test file, so a module-scoped fixture (a training run many tests read) runs once, on one worker, and one
+    group "netns" (NETNS_MODULES), so the tests that build network namespaces run one at a time.
+
+    pytest-xdist 3.8's own loadgroup puts a test's `xdist_group` mark into its node id, which pytest 9 no longer
+    lets a plugin change: there it falls back to one test at a time, on any worker (2026-12-07: the namespace
+    tests ran on three workers at once, and test_parity.py's module fixtures ran once per worker). This scheduler
+    takes the group from the node id itself, and hands the groups out in collection order
+    (pytest_collection_modifyitems), not xdist's default of the groups with the most tests first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    config.option.loadscopereorder = False
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on pytest-xdist workers with `--dist loadgroup`. Each test file is one group,
-    so a module-scoped fixture (a training run many tests read) runs once, on one worker; every test that
-    builds network namespaces joins the one group "netns", so those run one at a time."""
+    """Put the tests in the order their groups should start (_start_rank; a stable sort, so each file's tests keep
+    their order), and refuse a test that builds network namespaces from a file outside NETNS_MODULES."""
     for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        netns = NETNS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in NETNS_MODULES
-        group = "netns" if netns else item.path.relative_to(config.rootpath).as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+        if NETNS_FIXTURES & set(getattr(item, "fixturenames", ())) and item.path.name not in NETNS_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(NETNS_FIXTURES & set(item.fixturenames))}: add "
+                                    f"{item.path.name} to NETNS_MODULES in tests/conftest.py")
+    items.sort(key=lambda item: _start_rank(item.nodeid))
