@@ -55,11 +55,13 @@ def test_ops_run_in_turn_so_each_pays_its_busiest_uplink():
     assert serial_egress_bytes(ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2) == host_egress_bytes(
         ALL_REDUCE, 4.0, num_nodes=2, ranks_per_node=2)
     # inter level on 2 hosts (one rank per host, the 2 groups on 2 of payload each, chunks of 1): each group runs its
-    # 2 ops at once (2 gloo worker threads), one root per host, and between two ranks gloo's reduce and broadcast
-    # take turns (module docstring: measured 205-216 ms for one 16 MiB reduce, its 24 MiB in turn): the pair's bytes
-    # both ways. all_gather: broadcasts 0->1 and 1->0 of 1 each: pair 2, uplink 1; x 2 groups = 4 (host totals 2).
-    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(4.0)
+    # 2 ops at once (2 gloo worker threads), one root per host. A broadcast is one send and the jobs run two at once
+    # at the uplink's pace (module docstring): all_gather's broadcasts 0->1 and 1->0 of 1 each load each uplink
+    # with 1; x 2 groups = 2, the host totals.
+    assert serial_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(2.0)
     assert host_egress_bytes(ALL_GATHER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == pytest.approx(2.0)
+    # Between two ranks gloo's reduce takes turns (module docstring: measured 205-216 ms for one 16 MiB reduce, its
+    # 24 MiB in turn): the pair's bytes both ways.
     # reduce_scatter: each reduce's ring 0.5 each way + 0.5 to its root = 1.5 on the pair, two roots 3.0; x 2 = 6
     # (host totals 3: the busiest uplink carries 1.5 per group)
     assert serial_egress_bytes(REDUCE_SCATTER, 4.0, num_nodes=2, ranks_per_node=2, level="inter") == \

@@ -29,25 +29,30 @@ order issued, on `Options::threads` worker threads, 2 by default (torch/csrc/dis
 `threads{2}`, `workQueue_`, `runLoop`): so GLOO_WORKER_THREADS consecutive ops run at once and a batch takes the
 sum, over those consecutive sets, of each set's busiest uplink. On 2 hosts x 2 ranks the flat all_gather's roots
 (0, 1) both load host 0's uplink and (2, 3) host 1's: 2.0 x the payload against 1.25 x by the busiest host's total
-(reduce_scatter 1.25 x against 1.0 x). Between two ranks gloo's reduce and broadcast send and receive in turn, not at
-once: measured on the cluster in a box at 1 Gbit/s (benchmarks/gloo_pair_turns.py: 2 hosts x 1 rank, 16 MiB fp32,
-medians of 4; two runs, 2026-12-06), one reduce took 205-216 ms, the time of its 24 MiB of transfers one after the
-other (0.5 + 0.5 ring + 0.5 to the root, of 16 MiB: 201 ms), not of its busiest uplink's 16 MiB (134 ms); two
-reduces with opposite roots issued at once 395-407 ms, as in turn (387-408 ms; 403 by this rule); one broadcast
-141-145 ms, two with opposite roots at once 222-279 ms (268 by this rule, 134 by the uplink's). Measured again
-2026-12-07 (after THP_MEM_ALLOC_ENABLE): reduces the same (one 193-195 ms, two at once 384 ms); two broadcasts at once
-are bimodal from run to run, each run's median of 4 near one rule or the other: 140, 213 and 278 ms at 16 MiB, 283,
-559 and 282 ms at 32 MiB (537 / 268 by the rules). The rule keeps the slower mode; hierarchical stage 3 at
-1 Gbit/s, whose gathers are such pairs, ran 23-27% under its estimate in four box runs. The two reduces beside
-the two broadcasts on a second group (stage 3's two lanes, runtime/comm/hierarchical.py) took 525-582 ms at 16 MiB,
-about the sum of each set alone (524-662), so the lanes do not fill each other's idle direction: their times add,
-as the estimate adds them. So a set of reduces /
-broadcasts run at once takes the larger of its busiest uplink and its busiest pair of ranks (both directions
-together): on the inter level of a hierarchical collective (one rank per host) the pair; on the flat 2 x 2 group
-the uplink, as before. gloo's ring all_reduce sends and receives at once (the
-hierarchical stage 0 measured within 7% of the uplink rule). On the cluster in a box (docs/bench/cost_cluster.md,
-decomposition) flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the total rule gives 560 ms
-and this 900.
+(reduce_scatter 1.25 x against 1.0 x).
+
+A reduce between two ranks sends and receives in turn, not at once: measured on the cluster in a box at 1 Gbit/s
+(benchmarks/gloo_pair_turns.py: 2 hosts x 1 rank, 16 MiB fp32, medians of 4; two runs, 2026-12-06), one reduce
+took 205-216 ms, the time of its 24 MiB of transfers one after the other (0.5 + 0.5 ring + 0.5 to the root, of
+16 MiB: 201 ms), not of its busiest uplink's 16 MiB (134 ms); two reduces with opposite roots issued at once
+395-407 ms, as in turn (387-408 ms; 403 by this rule); measured again 2026-12-07 the same (one 193-195 ms, two at
+once 384 ms). So a set of reduces run at once takes the larger of its busiest uplink and its busiest pair of ranks
+(both directions together): on the inter level of a hierarchical reduce_scatter (one rank per host) the pair.
+
+A broadcast between two ranks is one send, and a set of broadcasts takes its busiest uplink, on the inter level
+as on the flat group: one broadcast took 141-145 ms (the uplink's 134); two with opposite roots at once are
+bimodal from run to run, each run's median of 4 near the uplink's time or the pair's: 222-279 ms (2026-12-06), and
+140, 213, 278 ms at 16 MiB and 283, 559, 282 ms at 32 MiB (2026-12-07; the uplink 134 / 268 ms, the pair 268 /
+537). The jobs run at the uplink's pace: with the pair rule for broadcasts, hierarchical stage 3 at 1 Gbit/s
+(whose inter-level gathers are such pairs) ran 23-27% under its estimate in all four box runs of 2026-12-06/07,
+and hierarchical stages 1-2 8-12% under; with the uplink rule the three fp32 runs of 2026-12-07, re-estimated
+(`bench_cost_cluster.py --rerender`), are within -8..+3% on all three (docs/bench/cost_cluster_fp32.md).
+Stage 3's two lanes (runtime/comm/hierarchical.py, the reduces on one group and the broadcasts on another) do not
+fill each other's idle direction: the two reduces beside the two broadcasts took 525-582 ms at 16 MiB, about the
+sum of each set alone (524-662), and the estimate adds them. gloo's ring all_reduce sends and receives at once
+(the hierarchical stage 0 measured within 7% of the uplink rule). On the cluster in a box (docs/bench/
+cost_cluster.md, decomposition) flat stage 1's all_gather after the step took 980 ms at 1 Gbit/s, where the
+total rule gives 560 ms and this 900.
 Pure arithmetic over at most a few thousand transfers; no torch.
 """
 
@@ -127,8 +132,8 @@ def _level(level: str, n_nodes: int, per_node: int) -> tuple[int, object, int, f
 def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_per_node: int,
                         level: str = "flat") -> float:
     """Bytes that set the time of one runtime collective on gloo across hosts: the sum, over the sets of
-    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink or, for reduces and broadcasts,
-    busiest pair of ranks if that carries more (module docstring), for the same
+    GLOO_WORKER_THREADS consecutive gloo ops it runs, of each set's busiest uplink or, for reduces, busiest pair
+    of ranks if that carries more (module docstring), for the same
     `level`s as host_egress_bytes; divide by one host's uplink rate for seconds. Equals host_egress_bytes for
     all_reduce (one ring, symmetric). 0 on one host. Raises ValueError on an unknown op or level."""
     if num_nodes <= 1 or payload_bytes <= 0:
@@ -139,9 +144,9 @@ def serial_egress_bytes(op: str, payload_bytes: float, *, num_nodes: int, ranks_
     ops = _group_ops(op, n, payload_bytes * share)
     at_once = [[t for one in ops[i:i + GLOO_WORKER_THREADS] for t in one]
                for i in range(0, len(ops), GLOO_WORKER_THREADS)]
-    # A reduce's or broadcast's transfers between two ranks take turns on their pair (module docstring); the
-    # ring all_reduce sends and receives at once.
-    turns = op != ALL_REDUCE
+    # A reduce's transfers between two ranks take turns on their pair (module docstring); a broadcast is one send
+    # and the ring all_reduce sends and receives at once.
+    turns = op == REDUCE_SCATTER
     return groups * sum(max(_busiest(batch, host), _busiest(batch, host, by_pair=True) if turns else 0.0)
                         for batch in at_once)
 
