@@ -72,7 +72,8 @@ def _start_rank(nodeid: str) -> int:
     test_autotune.py took 419 s of the 1,148 s)."""
     if xdist_group(nodeid) == "netns":
         return 0
-    return {"e2e": 1, "dist": 2}.get(nodeid.split("/")[1], 3)
+    parts = nodeid.split("::", 1)[0].split("/")
+    return {"e2e": 1, "dist": 2}.get(parts[1] if len(parts) > 2 else "", 3)
 
 
 @pytest.hookimpl(optionalhook=True)  # optional: pytest-xdist is a test extra

@@ -63,3 +63,18 @@ def test_a_timeout_names_the_slow_rank_and_the_load():
     assert "ranks [1] had not finished: rank 1 " in text, text
     assert "finished: [0]" in text and "load average" in text and "x load factor" in text, text
     assert time.monotonic() - t0 < 600  # it was stopped, not left to sleep for an hour
+
+
+def _imports(rank: int, world_size: int) -> bool:
+    import sys
+
+    return "torch._dynamo" in sys.modules
+
+
+def test_ranks_start_with_dynamo_imported_and_refuse_dynamo_variables(monkeypatch):
+    """The forkserver imports torch._dynamo (PRELOAD: torch.optim's first optimizer would otherwise pay ~1.9 CPU-s
+    per rank), so a variable _dynamo reads at import cannot reach it through env= and is refused."""
+    monkeypatch.delenv("ZTUNE_TEST_START_METHOD", raising=False)
+    assert run_ranks(_imports, world_size=1, init_process_group=False) == [True]
+    with pytest.raises(ValueError, match="TORCHDYNAMO_VERBOSE would not reach torch._dynamo"):
+        run_ranks(_imports, world_size=1, env={"TORCHDYNAMO_VERBOSE": "1"})
