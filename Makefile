@@ -9,9 +9,10 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`: the suite spends much of its time starting and waiting on processes
 # that import torch, so with one pytest process it keeps about one core busy. tests/conftest.py groups the
-# tests (one file a group; everything that builds network namespaces in one group). On the 2-core dev machine
-# (2026-12-07): 1 process 1,477-1,565 s, 2 workers 1,280 s, 3 workers 1,039 s, 4 slower than 3 (27% done at
-# 19 minutes). TEST_WORKERS=0 runs it in one process.
+# tests (one file a group; everything that builds network namespaces in one group) and hands the longest groups out
+# first. On the 2-core dev machine (2026-12-07), before the grouping worked (pytest 9 had broken xdist's own):
+# 1 process 1,477-1,565 s, 2 workers 1,280 s, 3 workers 1,039-1,411 s, 4 slower than 3; with it, 3 workers 988-990 s.
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 
 .PHONY: install install-bench test test-fast demo bench bench-assemble bench-cluster bench-autotune-cluster bench-cost-cluster gpu-check lint clean
