@@ -45,8 +45,9 @@ bimodal from run to run, each run's median of 4 near the uplink's time or the pa
 140, 213, 278 ms at 16 MiB and 283, 559, 282 ms at 32 MiB (2026-12-07; the uplink 134 / 268 ms, the pair 268 /
 537). The jobs run at the uplink's pace: with the pair rule for broadcasts, hierarchical stage 3 at 1 Gbit/s
 (whose inter-level gathers are such pairs) ran 23-27% under its estimate in all four box runs of 2026-12-06/07,
-and hierarchical stages 1-2 8-12% under; with the uplink rule the three fp32 runs of 2026-12-07, re-estimated
-(`bench_cost_cluster.py --rerender`), are within -8..+3% on all three (docs/bench/cost_cluster_fp32.md).
+and hierarchical stages 1-2 8-12% under; with the uplink rule those stages' 1 Gbit/s rows of the three fp32 runs
+of 2026-12-07, re-estimated (`bench_cost_cluster.py --rerender`), are within -8..+3%, and in a run measured after
+the change within -8..-7% (stage 3: -7.5%, where the pair rule gives +23.9%; docs/bench/cost_cluster_fp32.md).
 Stage 3's two lanes (runtime/comm/hierarchical.py, the reduces on one group and the broadcasts on another) do not
 fill each other's idle direction: the two reduces beside the two broadcasts took 525-582 ms at 16 MiB, about the
 sum of each set alone (524-662), and the estimate adds them. gloo's ring all_reduce sends and receives at once
