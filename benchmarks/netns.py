@@ -146,6 +146,22 @@ def family_namespaces() -> list[str]:
     return [n for n in run("ip", "netns", "list").stdout.split() if n.startswith(FAMILY_PREFIX)]
 
 
+def subnet_in_use(subnet: str, *, besides: Path | None = None, records: Path = RECORDS) -> bool:
+    """Whether another network's owner record (not `besides`) names `subnet` and one of its namespaces still
+    exists. A record that cannot be read counts as in use (its owner may be writing it)."""
+    live = set(family_namespaces())
+    for record in sorted(records.glob("*.json")) if records.is_dir() else []:
+        if record == besides:
+            continue
+        try:
+            owner = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return True
+        if owner.get("subnet") == subnet and live & set(owner.get("namespaces", ())):
+            return True
+    return False
+
+
 @dataclass
 class Network:
     """A bridge namespace and member namespaces on `subnet` (an IPv4 /24 such as "10.77.0.0/24").
@@ -229,8 +245,8 @@ class Network:
         os.replace(tmp, self.record)
 
     def close(self, *, record: bool = True) -> None:
-        """Kill, delete the namespaces and their files, drop the blackhole if no ztune namespace is left; with
-        `record`, remove this network's owner record too."""
+        """Kill, delete the namespaces and their files, drop the blackhole unless another live network is on the
+        same subnet; with `record`, remove this network's owner record too."""
         self.kill_all()
         for ns in self.namespaces:
             run("ip", "netns", "del", ns, check=False)
@@ -238,8 +254,9 @@ class Network:
         self.namespaces = []
         if record:
             self.record.unlink(missing_ok=True)
-        # Whoever added the route: once no ztune namespace is left, nothing is behind it (a killed run's
-        # route too, which its owner never removed).
-        if self.subnet and not family_namespaces():
+        # Whoever added the route: once no live network is on the subnet, nothing is behind it (a killed run's
+        # route too, which its owner never removed). Networks on other subnets do not keep it: the launch tests'
+        # cluster lives for a whole pytest session, beside the box's and the reap test's networks.
+        if self.subnet and not subnet_in_use(self.subnet, besides=self.record):
             run("ip", "route", "del", "blackhole", self.subnet, check=False)
             self.added_blackhole = False
