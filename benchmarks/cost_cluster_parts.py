@@ -7,11 +7,12 @@ parameter refresh of stages 1-2) per ztune variant, to set beside `ztune estimat
 
 Every rank times each part of `--steps` steps with time.perf_counter after `--warmup` steps, by wrapping the
 engine's own calls (GradReducer.finish, optim_shard.step_shards, torch.linalg.vector_norm as engine.step calls
-it); it prints each rank's medians in ms, with the process's CPU seconds per step (all threads). With
+it); it prints each rank's medians in ms, with the process's CPU seconds per step (all threads: `cpu`) and its
+main thread's (`main_cpu`: the computing thread; the rest is gloo's and the shared-memory transport's threads). With
 `--profile N`, rank 0 also runs torch.profiler over its timed steps and prints the N operators with the most self CPU
 time; with `--pyprofile N`, cProfile instead (Python functions too: the runtime's hooks and bookkeeping), the N with
-the most own time. `--precision fp32` where bf16 matmul is slow (run_all.check_bf16_speed). Throwaway
-instrumentation: nothing here changes what the runtime does.
+the most own time (`--pyprofile-clock cpu`: own main-thread CPU time). `--precision fp32` where bf16 matmul is
+slow (run_all.check_bf16_speed). Throwaway instrumentation: nothing here changes what the runtime does.
 """
 
 from __future__ import annotations
@@ -79,19 +80,19 @@ def worker(args) -> int:
             if i == args.warmup and args.pyprofile and rank == 0:
                 import cProfile
 
-                prof = cProfile.Profile()
+                prof = cProfile.Profile(time.thread_time) if args.pyprofile_clock == "cpu" else cProfile.Profile()
                 prof.enable()
             parts.clear()
             dist.barrier()
-            c0, t0 = time.process_time(), time.perf_counter()
+            m0, c0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
             loss = engine(*data[i])
             t1 = time.perf_counter()
             engine.backward(loss)
             t2 = time.perf_counter()
             engine.step()
-            t3, c3 = time.perf_counter(), time.process_time()
+            t3, c3, m3 = time.perf_counter(), time.process_time(), time.thread_time()
             rows.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0,
-                         "cpu": c3 - c0, **parts})
+                         "cpu": c3 - c0, "main_cpu": m3 - m0, **parts})
         if prof is not None and args.pyprofile:
             import io
             import pstats
@@ -104,7 +105,7 @@ def worker(args) -> int:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
             print("\n".join(f"[parts] {line}" for line in table.splitlines()), flush=True)
-        keys = ("total", "cpu", "forward", "backward", "reduce_wait", "step", "grad_norm", "optimizer")
+        keys = ("total", "cpu", "main_cpu", "forward", "backward", "reduce_wait", "step", "grad_norm", "optimizer")
         med = {k: statistics.median(r.get(k, 0.0) for r in rows[args.warmup:]) * 1e3 for k in keys}
         gathered: list = [None] * world
         dist.all_gather_object(gathered, med)
@@ -131,6 +132,9 @@ def main(argv: list[str]) -> int:
                         help="rank 0: print the N operators with the most self CPU time over the timed steps")
     parser.add_argument("--pyprofile", type=int, default=0,
                         help="rank 0: cProfile over the timed steps, the N functions with the most own time")
+    parser.add_argument("--pyprofile-clock", choices=("wall", "cpu"), default="wall",
+                        help="--pyprofile's clock: wall seconds, or the main thread's CPU seconds (time.thread_time: "
+                             "what the computing thread itself spends, not gloo's threads nor time preempted)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank")
     args = parser.parse_args(argv)
@@ -140,7 +144,8 @@ def main(argv: list[str]) -> int:
 
     script = [str(Path(__file__).resolve()), "--worker", "--model", args.model, "--seq-len", str(args.seq_len),
               "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile", str(args.profile),
-              "--pyprofile", str(args.pyprofile), "--precision", args.precision]
+              "--pyprofile", str(args.pyprofile), "--pyprofile-clock", args.pyprofile_clock,
+              "--precision", args.precision]
     if args.ztune_config:
         script += ["--ztune-config", json.dumps(args.ztune_config)]
     for name in args.variant:
