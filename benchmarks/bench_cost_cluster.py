@@ -212,7 +212,10 @@ NOTES = [
     "receives (gloo over TCP between the hosts: ~0.4 ns/B here; shared memory in a host: ~0.05 ns/B), and its "
     "workload the wall seconds per CPU second with every rank busy (cpu_contention, ~2 for 4 ranks on 2 cores); "
     "where the ranks fill the cores, each collective's bytes x that CPU x the contention cannot run beside the "
-    "compute, so the step charges the larger of it and the exposed communication (cost/compute.py step_time);",
+    "compute, so the step charges the larger of it and the exposed communication (cost/compute.py step_time); "
+    "hpZ's backward all-gather and qgZ's first all-to-all run on plain gloo groups of the host's ranks, with no "
+    "shared-memory transport, so their bytes are charged TCP's CPU per byte (cost/estimate.py zeropp_intra_link; "
+    "until 2026-12-07 they were charged shared memory's, and ZeRO++ was under-predicted in all 10 pairs of five runs);",
     "- runtime CPU: the runtime's own work beyond the model's forward + backward and the optimizer update (the "
     "gradient hooks' copies into buckets, stage 3's per-unit gathers into fresh buffers and their release, the "
     "parameter refresh): the probe runs the runtime itself at each stage on every rank at once, each rank on a "
@@ -269,6 +272,19 @@ NOTES = [
     "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
     "machine is shared: between the probe and a variant's steps the load changes by 2-5x, and the same "
     "configuration measured twice in one run differs by up to 30%.",
+    "",
+    "CPU by thread (benchmarks/cost_cluster_parts.py --pyprofile-clock cpu, 10 Gbit/s, 2026-12-07 17:20 UTC, load "
+    "1-14, median of 4 steps, ms per rank, range over the 4 ranks): process CPU / the main (computing) thread's / "
+    "the rest (gloo's and the shared-memory lanes' threads): flat stage 0 814-852 / 656-679 / ~160; flat stage 3 "
+    "980-1,094 / 638-750 / ~340; hierarchical stage 3 902-984 / 571-640 / ~340; ZeRO++ 966-1,022 / 791-862 / "
+    "~175; 1-bit Adam 874-907 / 803-843 / ~70. In the CPU-bound rows the measured step is 2.0-2.3x the CPU per "
+    "rank (4 ranks on 2 cores), so a row's error is its CPU's. Hierarchical stage 3's transport threads use as "
+    "much CPU as flat stage 3's while the model charges them about half (its intra level at shared memory's CPU "
+    "per byte, which the probe measures on an all_reduce of a shared buffer: the stage-3 gathers go through the "
+    "lanes' staging buffers, copies and barriers included); ZeRO++'s main thread spends ~220 ms more than "
+    "hierarchical stage 3's, of which its codecs (quantize_int4, dequantize_int4/int8, quantize_int8) ~130 ms; "
+    "1-bit Adam's ranks are on CPU for only 72-87% of 2 cores x the step (the other rows 89-96%): its exchange "
+    "is synchronous, per master, so ranks wait for the slowest one.",
 ]
 
 

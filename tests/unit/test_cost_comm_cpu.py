@@ -125,3 +125,28 @@ def test_probe_profile_takes_the_cpu_measurements_on_cpu_hosts_only(gpu):
         assert notes["inter_node_cpu_s_per_byte"].startswith("measured:")
         assert notes["intra_node_cpu_s_per_byte"].startswith("measured:")
     assert hw.cpu_contention == 0.0 and notes["cpu_contention"].startswith("assumed: 0")  # no --model workload
+
+
+def test_zeropp_in_host_groups_are_charged_tcp_cpu_where_the_runtime_has_no_shared_memory():
+    """hpZ's backward all-gather and qgZ's first all-to-all run on plain gloo groups of the host's ranks
+    (runtime/zeropp.py build_hpz_comm, runtime/qgz.py build_qgz_comms: no shared-memory transport), so on CPU
+    ranks their bytes cost the TCP link's CPU per byte, not the shared-memory collective's."""
+    from ztune.config.io import from_dict
+    from ztune.cost.estimate import zeropp_intra_link
+    from ztune.cost.zeropp import ALL_TO_ALL
+
+    cfg = from_dict({"zero": {"stage": 3, "quantized_weights": True, "hpz_partition_size": 2,
+                              "quantized_gradients": True},
+                     "batch": {"micro": 1, "grad_accum": 1}, "seq_len": 128, "precision": "bf16"})
+    est = estimate(TINY, CPU, cfg, num_nodes=2)
+    hpz = [o for o in est.comm.ops if o.op == ALL_GATHER and o.kind == "param"][1]  # [0]: the flat qwZ gathers
+    qgz_intra = [o for o in est.comm.ops if o.op == ALL_TO_ALL][0]
+    for op in (hpz, qgz_intra):
+        assert op.bytes_per_rank > 0 and op.cpu_s == pytest.approx(2 * op.bytes_per_rank * C_TCP)
+    assert zeropp_intra_link(CPU).cpu_s_per_byte == C_TCP
+    # no inter-host measurement (a one-host probe): the in-host figure stands
+    assert zeropp_intra_link(dataclasses.replace(CPU, inter_node_cpu_s_per_byte=0.0)).cpu_s_per_byte == C_SHM
+    # GPU profiles (NCCL inside the host) keep the in-host link's figure
+    gpu = dataclasses.replace(load_hardware("dgx-a100-80g"), inter_node_cpu_s_per_byte=C_TCP,
+                              intra_node_cpu_s_per_byte=C_SHM)
+    assert zeropp_intra_link(gpu).cpu_s_per_byte == C_SHM

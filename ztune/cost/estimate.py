@@ -29,6 +29,7 @@ from ztune.cost.activations import ActivationEstimate, activation_memory
 from ztune.cost.codec import CodecTime, codec_time, rates_of, step_codec_work
 from ztune.cost.comm import (
     CommEstimate,
+    Link,
     comm_estimate,
     hierarchy_for,
     is_gloo_profile,
@@ -205,6 +206,20 @@ class Estimate:
         return ", ".join(parts)
 
 
+def zeropp_intra_link(hw: Hardware, *, bandwidth_efficiency: float = 1.0) -> Link:
+    """The in-host link of hpZ's backward all-gather and qgZ's first all-to-all. Both run on plain process groups
+    of the host's ranks (runtime/zeropp.py build_hpz_comm, runtime/qgz.py build_qgz_comms), which have no
+    shared-memory transport: on CPU ranks their bytes go through gloo's TCP over loopback, so their CPU per byte is
+    the TCP link's the probe measured between hosts (Hardware.inter_node_cpu_s_per_byte), not the shared-memory
+    collective's (intra_node_cpu_s_per_byte, which the probe's in-host all_reduce measures). Where no inter-host
+    figure was measured (a one-host probe) the in-host one stands, an under-estimate. Bandwidth and latency stay
+    the in-host link's: loopback TCP's own are not probed."""
+    link = ring_link(hw, num_nodes=1, bandwidth_efficiency=bandwidth_efficiency)
+    if is_gloo_profile(hw) and hw.inter_node_cpu_s_per_byte > 0:
+        return dataclasses.replace(link, cpu_s_per_byte=hw.inter_node_cpu_s_per_byte)
+    return link
+
+
 def comm_cpu_wall_s(cpu_s: float, hw: Hardware) -> float:
     """Wall seconds per step of `cpu_s` CPU seconds per rank of collective work (CommEstimate.cpu_s) on `hw`: x the
     measured contention (Hardware.cpu_contention: wall per CPU second with every rank busy) where the host's ranks
@@ -347,7 +362,7 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
         comm = zeropp_comm_estimate(
             num_params=split.total, trainable_params=split.trainable, num_nodes=num_nodes,
             ranks_per_node=hw.gpus_per_node, grad_accum=accum, link=link,
-            intra_link=ring_link(hw, num_nodes=1, bandwidth_efficiency=efficiency.bandwidth),
+            intra_link=zeropp_intra_link(hw, bandwidth_efficiency=efficiency.bandwidth),
             param_bytes=per_param.param, num_units=zero3_units(model), quantized_weights=z.quantized_weights,
             hpz_partition_size=z.hpz_partition_size, quantized_gradients=z.quantized_gradients, hierarchy=hierarchy,
             no_backward_gather=no_backward_gather_units(model),
