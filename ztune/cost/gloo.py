@@ -47,7 +47,9 @@ bimodal from run to run, each run's median of 4 near the uplink's time or the pa
 (whose inter-level gathers are such pairs) ran 23-27% under its estimate in all four box runs of 2026-12-06/07,
 and hierarchical stages 1-2 8-12% under; with the uplink rule those stages' 1 Gbit/s rows of the three fp32 runs
 of 2026-12-07, re-estimated (`bench_cost_cluster.py --rerender`), are within -8..+3%, and in a run measured after
-the change within -8..-7% (stage 3: -7.5%, where the pair rule gives +23.9%; docs/bench/cost_cluster_fp32.md).
+the change within -8..-7% (stage 3: -7.5%, where the pair rule gives +23.9%; 15:13 UTC, the page of commit
+8f94a82); in the three-repeat run that replaced it (docs/bench/cost_cluster_fp32.md) the medians of hierarchical
+stages 1-3 at 1 Gbit/s are -3.7%, -14.7% and -9.7%.
 Stage 3's two lanes (runtime/comm/hierarchical.py, the reduces on one group and the broadcasts on another) do not
 fill each other's idle direction: the two reduces beside the two broadcasts took 525-582 ms at 16 MiB, about the
 sum of each set alone (524-662), and the estimate adds them. gloo's ring all_reduce sends and receives at once
