@@ -46,3 +46,26 @@ def test_table_lists_ignored_keys_and_auto_needs_precision(tmp_path):
     bad = _estimate(tmp_path, doc, "--precision", "bf16")
     assert bad.returncode == 2 and "train_batch_size 30 is not divisible by train_micro_batch_size_per_gpu 2" \
         in bad.stderr
+
+
+def test_flags_that_change_the_config_are_checked_like_the_config(tmp_path):
+    """--stage (and --seq, --precision) rewrite the loaded config: the config's cross-key checks run again on the
+    result, naming the file and the flag, instead of a traceback or a row for a configuration the loader refuses.
+    Sweep-only flags with --config are refused: they would do nothing."""
+    cases = [
+        ({"train_batch_size": 64, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+         ["--stage", "0"], "with --stage 0, --seq 1024: zero.offload_optimizer: cpu needs zero.stage 1, 2 or 3"),
+        ({"train_batch_size": 64, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
+         ["--stage", "1"], "with --stage 1, --seq 1024: zero.hpz_partition_size: ZeRO++ needs zero.stage 3"),
+        ({"train_batch_size": 64, "zero_optimization": {"stage": 2}}, ["--compression"],
+         "--compression only widen the sweep"),
+        ({"train_batch_size": 64, "zero_optimization": {"stage": 2}}, ["--no-zeropp"],
+         "--zeropp/--no-zeropp only widen the sweep"),
+    ]
+    for doc, extra, message in cases:
+        out = _estimate(tmp_path, doc, *extra)
+        assert out.returncode == 2, (extra, out.stdout, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    ok = _estimate(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 2}}, "--stage", "3", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["rows"][0]["stage"] == 3

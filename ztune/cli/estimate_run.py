@@ -307,6 +307,12 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         raise UserError("--hardware is required: a profile name (e.g. dgx-h100, cpu-local) or a YAML path")
     if check and config is None:
         raise UserError("--check needs --config (the configuration to check)")
+    if config is not None:  # sweep flags: the config names one configuration, so they would do nothing
+        swept = [f for f, given in (("--compression", compression), ("--zeropp/--no-zeropp", zeropp is not None))
+                 if given]
+        if swept:
+            raise UserError(f"{' and '.join(swept)} only widen the sweep, which --config replaces by its one "
+                            "configuration: drop them, or set compression / zero keys in the config")
     if stage is not None and stage not in (0, 1, 2, 3):
         raise UserError(f"--stage must be 0, 1, 2 or 3, got {stage}")
     for flag, value, hi in (("--nodes", nodes, MAX_RANKS), ("--seq", seq, MAX_SEQ), ("--micro-batch", micro_batch,
@@ -341,6 +347,16 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
         cfg = dataclasses.replace(cfg, batch=batch, zero=zero, seq_len=seq or cfg.seq_len,
                                   precision=prec or cfg.precision)
+        overrides = [f"{flag} {value}" for flag, value in (("--stage", stage), ("--seq", seq),
+                                                           ("--precision", precision)) if value is not None]
+        if overrides:  # the config's cross-key checks again, on what the flags made of it
+            from ztune.config.validate import check as check_config
+            from ztune.errors import ConfigError
+
+            try:
+                cfg = check_config(cfg)
+            except ConfigError as exc:
+                raise UserError(f"{config}: with {', '.join(overrides)}: {exc}") from None
         estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes, framework=framework)]
     else:
         methods = tuple(Compression) if compression else (Compression.NONE,)
