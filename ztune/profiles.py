@@ -77,11 +77,22 @@ def _unknown(kind: str, folder: str, ref: str, names: list[str], how: str) -> Pr
 
 
 def _read_text(path: Path) -> str:
+    """The file's UTF-8 text, read up to ztune.inputs.MAX_FILE_BYTES (as configs are): a device such as /dev/zero
+    or a wrong, huge file is one line, not a MemoryError."""
+    from ztune.inputs import MAX_FILE_BYTES
+
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ProfileError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read: {exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ProfileError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ProfileError(f"{path}: cannot read: {exc}") from None
 
 

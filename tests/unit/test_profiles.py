@@ -280,3 +280,15 @@ def test_loading_is_fast_and_torch_free():
         load_model("mixtral-8x7b")
         load_hardware("cpu-local")
     assert (time.perf_counter() - start) / 20 < 0.01
+
+
+@pytest.mark.parametrize("load", [load_hardware, load_model])
+def test_profile_files_are_read_up_to_the_config_size_limit(load, tmp_path):
+    """A device or a huge file given as a profile is one line (as a config is), not an unbounded read."""
+    from ztune.inputs import MAX_FILE_BYTES
+
+    big = tmp_path / "huge.yaml"
+    big.write_bytes(b"#" * (MAX_FILE_BYTES + 1))
+    for path in (big, "/dev/zero"):
+        with pytest.raises(ProfileError, match="larger than 16 MiB; is it the right file"):
+            load(str(path))
