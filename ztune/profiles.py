@@ -38,6 +38,18 @@ _ZERO_MEANS_UNKNOWN = ("cpu_cores", "nics_per_node", "train_flops_efficiency", "
                        *(f.name for f in dataclasses.fields(Hardware) if f.name.startswith(("codec_", "runtime_"))))
 
 
+# The least a rate field may be: far below any real device (a CPU core does ~1e10 FLOP/s, 1 Mbit/s is 1.25e5 B/s),
+# so a value under it is a unit slip (TFLOP/s or GB/s written as a bare number), and a step time from it would
+# overflow.
+_RATE_FLOORS = (
+    *((n, 1e6, "write FLOP/s, e.g. 989e12 for 989 TFLOP/s") for n in ("peak_flops_bf16", "peak_flops_fp32")),
+    *((f.name, 1e5, "write bytes/s, e.g. 25e9 for 25 GB/s") for f in dataclasses.fields(Hardware)
+      if f.name.endswith("_bw_bytes_per_s")),
+    *((f.name, 1e3, "write elements/s, e.g. 2e8, or 0 for unknown") for f in dataclasses.fields(Hardware)
+      if f.name.endswith("_elements_per_s")),
+)
+
+
 # ---------------------------------------------------------------------------------------------- lookup
 def _profile_dir(kind: str) -> Path:
     # The package's directory from its import spec (importlib.resources.files would import zipfile,
@@ -214,6 +226,10 @@ def _check_hardware(hw: Hardware, origin: str) -> Hardware:
     for name in _ZERO_MEANS_UNKNOWN:
         if getattr(hw, name) < 0:
             raise ProfileError(f"{origin}: {name} must be >= 0 (0 = unknown), got {getattr(hw, name)}")
+    for name, floor, how in _RATE_FLOORS:  # rates so small the step time overflows: a unit slip, not hardware
+        value = getattr(hw, name)
+        if value > 0 and value < floor:
+            raise ProfileError(f"{origin}: {name} is {value:g}, under {floor:g}; {how}")
     if hw.train_flops_efficiency > 1:
         raise ProfileError(f"{origin}: train_flops_efficiency is a fraction of peak_flops_bf16, got "
                            f"{hw.train_flops_efficiency}; write e.g. 0.45 for 45%")

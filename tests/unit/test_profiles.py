@@ -257,6 +257,13 @@ def test_hardware_yaml_errors(tmp_path):
     text = (resources.files("ztune.profiles_data") / "hardware" / "cpu-local.yaml").read_text()
     negative = text.replace("peak_flops_fp32: 204.8e+9", "peak_flops_fp32: -1.0")
     assert "peak_flops_fp32 must be positive, got -1.0" in _error(tmp_path, negative, loader=load_hardware)
+    # a rate too small for any hardware is a unit slip; 1e-300 used to overflow the step time (ZeroDivisionError)
+    for field, value, message in (
+            ("peak_flops_fp32", "204.8", "peak_flops_fp32 is 204.8, under 1e+06; write FLOP/s"),
+            ("peak_flops_fp32", "1e-300", "peak_flops_fp32 is 1e-300, under 1e+06"),
+            ("inter_node_bw_bytes_per_s", "100", "inter_node_bw_bytes_per_s is 100, under 100000; write bytes/s")):
+        slipped = text.replace(_line(text, field), f"{field}: {value}")
+        assert message in _error(tmp_path, slipped, loader=load_hardware)
     assert "unknown field 'gpu_mem'" in _error(tmp_path, text + "gpu_mem: 3\n", loader=load_hardware)
     # YAML 1.1 reads 989e12 as a string; the loader accepts it as the number it plainly is.
     path = tmp_path / "sci.yaml"
@@ -292,3 +299,8 @@ def test_profile_files_are_read_up_to_the_config_size_limit(load, tmp_path):
     for path in (big, "/dev/zero"):
         with pytest.raises(ProfileError, match="larger than 16 MiB; is it the right file"):
             load(str(path))
+
+
+def _line(text: str, field: str) -> str:
+    """The line of `text` that sets `field`."""
+    return next(line for line in text.splitlines() if line.startswith(f"{field}:"))
