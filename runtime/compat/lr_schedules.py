@@ -72,6 +72,9 @@ def _write_lrs(optimizer, lrs: list[float]) -> list[float]:
 
 
 def _positive_int(value: Any, name: str) -> int:
+    """`value` as a positive int; an integral float (JSON's 1e3) counts, as for the config's other integer keys."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"scheduler.params.{name}: got {value!r}; must be a positive integer")
     return value
@@ -326,7 +329,8 @@ def _parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 def check_scheduler(type_name: str | None, params: dict) -> None:
     """ConfigError naming the key when `type_name` is not one of the five schedules, a parameter is not one
-    of its parameters, or a required one is missing. Values are checked when the schedule is built."""
+    of its parameters, a required one is missing, or a value is of the wrong type, out of range (_check_range) or
+    refused by the schedule's constructor (_dry_build). torch's schedules: the name only (torch_schedules.py)."""
     if type_name is None:
         if params:
             raise ConfigError("scheduler.params: given without scheduler.type; set type to one of "
@@ -350,10 +354,43 @@ def check_scheduler(type_name: str | None, params: dict) -> None:
             raise ConfigError(f"scheduler.params.{key}: required by {type_name}; add it to the scheduler block")
     for key, value in params.items():
         _check_value(key, value)
+        _check_range(key, value)
+    _dry_build(type_name, params)
+
+
+def _check_range(key: str, value: Any) -> None:
+    """Learning rates and lr ratios must be >= 0 (a negative one trains by gradient ascent, as optimizer.lr's
+    own check says); momentum bounds are Adam's beta1, in [0, 1)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if key in _LR_PARAMS and any(v < 0 for v in values):
+        what = "an lr ratio" if key.endswith("_ratio") else "a learning rate"
+        raise ConfigError(f"scheduler.params.{key}: got {value!r}; {what} must be >= 0 (a negative learning rate "
+                          "trains by gradient ascent)")
+    if key in _MOMENTUM_PARAMS and not all(0 <= v < 1 for v in values):
+        raise ConfigError(f"scheduler.params.{key}: got {value!r}; a momentum (Adam's beta1) must be in [0, 1)")
+
+
+class _StandIn:
+    """An optimizer stand-in for _dry_build: `groups` parameter groups at lr 1e-3, with Adam's betas."""
+
+    def __init__(self, groups: int):
+        self.defaults = {"lr": 1e-3, "betas": (0.9, 0.999)}
+        self.param_groups = [dict(self.defaults) for _ in range(groups)]
+
+
+def _dry_build(type_name: str, params: dict) -> None:
+    """Build the schedule over a stand-in optimizer (as many groups as the longest per-group list), so that every
+    value check its constructor makes (step sizes and counts, per-group list lengths against each other) runs
+    when the config is loaded, not first on the ranks."""
+    groups = max((len(v) for v in params.values() if isinstance(v, (list, tuple))), default=1)
+    SCHEDULES[type_name](_StandIn(groups), **params)
 
 
 _BOOL_PARAMS = frozenset({"lr_range_test_staircase", "cycle_momentum"})
 # Bounds that may be given per param group (a list); every other numeric parameter is one number.
+_LR_PARAMS = frozenset({"warmup_min_lr", "warmup_max_lr", "cycle_min_lr", "cycle_max_lr", "lr_range_test_min_lr",
+                        "warmup_min_ratio", "cos_min_ratio"})
+_MOMENTUM_PARAMS = frozenset({"cycle_min_mom", "cycle_max_mom"})
 _PER_GROUP_PARAMS = frozenset({"warmup_min_lr", "warmup_max_lr", "cycle_min_lr", "cycle_max_lr", "cycle_min_mom",
                                "cycle_max_mom", "lr_range_test_min_lr"})
 

@@ -153,6 +153,39 @@ def test_scheduler_block_is_checked_when_the_config_loads():
         from_dict({"train_batch_size": 8, "scheduler": {"kind": "WarmupLR"}})
 
 
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("WarmupLR", {"warmup_num_steps": -100}, "scheduler.params.warmup_num_steps: got -100; must be a positive"),
+    ("WarmupLR", {"warmup_num_steps": 1.5}, "scheduler.params.warmup_num_steps: got 1.5"),
+    ("WarmupDecayLR", {"total_num_steps": 0}, "scheduler.params.total_num_steps: got 0"),
+    ("OneCycle", {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-2, "cycle_first_step_size": -5},
+     "scheduler.params.cycle_first_step_size: got -5; must be > 0"),
+    ("LRRangeTest", {"lr_range_test_step_size": 0}, "scheduler.params.lr_range_test_step_size: got 0"),
+    ("WarmupLR", {"warmup_min_lr": -1, "warmup_max_lr": -2, "warmup_num_steps": 2},
+     "scheduler.params.warmup_min_lr: got -1; a learning rate must be >= 0"),
+    ("WarmupLR", {"warmup_max_lr": [1e-3, -1e-3]}, r"scheduler.params.warmup_max_lr: got \[0.001, -0.001\]"),
+    ("WarmupCosineLR", {"total_num_steps": 100, "cos_min_ratio": -1},
+     "scheduler.params.cos_min_ratio: got -1; an lr ratio must be >= 0"),
+    ("OneCycle", {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-2, "cycle_max_mom": 1.5},
+     r"scheduler.params.cycle_max_mom: got 1.5; a momentum \(Adam's beta1\) must be in \[0, 1\)"),
+    ("WarmupLR", {"warmup_min_lr": [0.0, 0.0], "warmup_max_lr": [1e-3, 1e-3, 1e-3]}, "parameter groups"),
+])
+def test_schedule_values_are_checked_when_the_config_loads(name, params, message):
+    """What the schedule's constructor refuses, and learning rates < 0 (gradient ascent), fail at load time, on
+    the launcher and in `ztune estimate`, not first on every rank."""
+    from ztune.config import from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"train_batch_size": 8, "scheduler": {"type": name, "params": params}})
+
+
+def test_integral_float_step_counts_are_integers():
+    """JSON's 1e3 is a float; like the config's other integer keys, an integral one counts as the integer."""
+    opt = _optimizer()
+    sched = lr_schedules.build_scheduler("WarmupLR", {"warmup_num_steps": 1e3, "warmup_type": "linear"},
+                                         optimizer=opt)
+    assert sched.warmup_num_steps == 1000 and isinstance(sched.warmup_num_steps, int)
+
+
 # -- loss scaling ---------------------------------------------------------------------------------------------
 
 def _pattern(name: str, n: int) -> list[bool]:
