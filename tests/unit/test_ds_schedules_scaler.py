@@ -178,12 +178,29 @@ def test_schedule_values_are_checked_when_the_config_loads(name, params, message
         from_dict({"train_batch_size": 8, "scheduler": {"type": name, "params": params}})
 
 
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("StepLR", {"step_size": "ten"}, "scheduler.params.step_size: got 'ten'; torch's StepLR takes int"),
+    ("StepLR", {"step_size": 30, "gamma": "half"}, "scheduler.params.gamma: got 'half'; torch's StepLR takes float"),
+    ("MultiStepLR", {"milestones": ["a"]}, r"scheduler.params.milestones: got \['a'\]; torch's MultiStepLR takes"),
+    ("CyclicLR", {"base_lr": 1e-4, "max_lr": 1e-2, "mode": "tri"}, "scheduler.params.mode: got 'tri'"),
+    ("ExponentialLR", {"gamma": True}, "scheduler.params.gamma: got True; torch's ExponentialLR takes float"),
+    ("CosineAnnealingLR", {"T_max": 0}, "scheduler.params: torch's CosineAnnealingLR refused them: "),
+])
+def test_torch_scheduler_values_are_checked_before_training(name, params, message):
+    """A value of the wrong type for torch's class, or one it refuses only when stepping, is a ConfigError when the
+    scheduler is built (ztune.initialize), not a TypeError at the first (or the step_size-th) optimizer step."""
+    with pytest.raises(ConfigError, match=message):
+        lr_schedules.build_scheduler(name, params, optimizer=_optimizer())
+
+
 def test_integral_float_step_counts_are_integers():
     """JSON's 1e3 is a float; like the config's other integer keys, an integral one counts as the integer."""
     opt = _optimizer()
     sched = lr_schedules.build_scheduler("WarmupLR", {"warmup_num_steps": 1e3, "warmup_type": "linear"},
                                          optimizer=opt)
     assert sched.warmup_num_steps == 1000 and isinstance(sched.warmup_num_steps, int)
+    torch_sched = lr_schedules.build_scheduler("StepLR", {"step_size": 3.0}, optimizer=_optimizer())
+    assert torch_sched.step_size == 3 and isinstance(torch_sched.step_size, int)
 
 
 # -- loss scaling ---------------------------------------------------------------------------------------------
