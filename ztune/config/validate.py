@@ -155,6 +155,11 @@ def check(cfg: TrainConfig) -> TrainConfig:
         if on and z.stage != 3:  # ZeRO++ changes stage 3's parameter gathers (runtime/zeropp.py)
             raise ConfigError(f"{key}: ZeRO++ needs zero.stage 3 (got stage {z.stage}); set zero.stage: 3 or "
                               "turn it off")
+    if (z.quantized_weights or z.hpz_partition_size > 1) and z.offload_params is Offload.CPU:
+        # runtime/zeropp.py's gathers read the device shard (check_zeropp refuses it on the ranks too)
+        key = "zero.quantized_weights" if z.quantized_weights else "zero.hpz_partition_size"
+        raise ConfigError(f"{key}: ZeRO++ does not combine with zero.offload_params: cpu (the quantized and "
+                          "secondary gathers read the device shard); turn one of them off")
     _check_positive("gradient_clipping", cfg.gradient_clipping, allow_zero=True)
     _check_positive("optimizer.weight_decay", cfg.optimizer.weight_decay, allow_zero=True)
     _check_positive("optimizer.momentum", cfg.optimizer.momentum, allow_zero=True)
