@@ -294,3 +294,28 @@ def test_torch_adam_default_weight_decay_is_torchs(params, want):
     cfg, ignored = from_deepspeed({"train_batch_size": 8, "optimizer": {"type": "Adam", "params": params}})
     assert cfg.optimizer.weight_decay == want
     assert "optimizer.params.torch_adam" not in ignored
+
+
+@pytest.mark.parametrize(("extra", "compression", "message"), [
+    ({"communication_data_type": "bf16"}, "bf16", None),  # DeepSpeed casts to bf16 to reduce: ztune's bf16 wire
+    ({"communication_data_type": "FP32"}, "none", None),  # the compute dtype, any case
+    ({"communication_data_type": "bf16", "bf16": {"enabled": True}}, "none", None),
+    ({"communication_data_type": None}, "none", None),  # null: decided by the precision, as in DeepSpeed
+    ({"communication_data_type": "int3"}, None, "communication_data_type: got 'int3'; allowed: fp16, bf16, fp32"),
+    ({"communication_data_type": "fp16"}, None, "communication_data_type: fp16 under fp32 training is not supported"),
+    ({"communication_data_type": "fp32", "bf16": {"enabled": True}}, None,
+     "communication_data_type: fp32 under bf16 training is not supported"),
+])
+def test_communication_data_type_is_honoured_or_refused(extra, compression, message):
+    """DeepSpeed reduces gradients cast to communication_data_type; it was listed as ignored, so fp32 with bf16
+    silently reduced in fp32 and bf16 training asked to reduce in fp32 silently reduced in bf16."""
+    doc = {"train_batch_size": 8, **extra}
+    if message is not None:
+        with pytest.raises(ConfigError, match=message):
+            from_deepspeed(doc)
+        return
+    cfg, ignored = from_deepspeed(doc)
+    assert cfg.compression.method.value == compression and "communication_data_type" not in ignored
+    back = to_deepspeed(cfg)
+    assert back.get("communication_data_type") == ("bf16" if compression == "bf16" else None)
+    assert from_deepspeed(back)[0].compression == cfg.compression

@@ -307,6 +307,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
     monitor: dict[str, Any] = {}
     compression = Compression.NONE
     precision = Precision.FP32
+    comm_dtype: Any = None
     if "bf16" in doc and "bfloat16" in doc:
         # DeepSpeed reads "bfloat16" only when "bf16" is absent (precision_config.get_bfloat16_config), so the
         # older block would be dropped without a word.
@@ -379,6 +380,8 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             if params_block.get("torch_adam") is True and "weight_decay" not in params_block \
                     and opt["type"] == OptimizerType.ADAMW.value:
                 opt["weight_decay"] = TORCH_ADAMW_WEIGHT_DECAY_DEFAULT
+        elif key == "communication_data_type":
+            comm_dtype = value
         elif key == "scheduler":
             block = _mapping(value, key)
             for k in block:
@@ -387,6 +390,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         else:
             _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="", name=key)
+    compression = _communication_data_type(comm_dtype, precision=precision, compression=compression)
     if opt.get("type") == OptimizerType.ONEBIT_ADAM.value and "gradient_clipping" not in doc:
         # DeepSpeed's absent-key default (1.0) cannot apply: after freeze_step no rank has the global gradient
         # norm (validate.py rejects clipping with OneBitAdam). Off, and listed once with the ignored keys.
@@ -410,6 +414,30 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
         return check(cfg), ignored
     except ConfigError as exc:
         raise _renamed(exc) from None
+
+
+def _communication_data_type(value: Any, *, precision: Precision, compression: Compression) -> Compression:
+    """DeepSpeed's communication_data_type (runtime/config.py get_communication_data_type: fp16, bf16 or fp32,
+    any case; null = decided by the precision): the dtype gradients are cast to for their reduction. ztune reduces
+    in the compute dtype, so the compute dtype's own name is honoured as it stands, and bf16 under fp32 training
+    is compression.method bf16 (a bf16 copy reduced, cast back); anything else would change the reduction's
+    precision without ztune doing it, so it is refused. Returns the compression method."""
+    if value is None:
+        return compression
+    name = value.lower() if isinstance(value, str) else value
+    if name not in ("fp16", "bf16", "fp32"):
+        raise ConfigError(f"communication_data_type: got {value!r}; allowed: fp16, bf16, fp32 (as in DeepSpeed)")
+    if name == precision.value:
+        return compression
+    if name == "bf16" and precision is Precision.FP32:
+        if compression is not Compression.NONE:
+            raise ConfigError(f"communication_data_type: bf16 would reduce the gradients in bf16, but the optimizer "
+                              f"already compresses them ({compression.value}); remove one of them")
+        return Compression.BF16
+    also = " or, under fp32, in bf16" if precision is Precision.FP32 else ""
+    fix = f"{precision.value} or bf16" if precision is Precision.FP32 else precision.value
+    raise ConfigError(f"communication_data_type: {name} under {precision.value} training is not supported: ztune "
+                      f"reduces gradients in the compute dtype ({precision.value}){also}; remove it or set it to {fix}")
 
 
 def to_deepspeed(cfg: TrainConfig) -> dict:
@@ -459,6 +487,12 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
     doc["bf16"] = {"enabled": cfg.precision is Precision.BF16}
     doc["fp16"] = {"enabled": cfg.precision is Precision.FP16,
                    **{f.name: getattr(cfg.loss_scaling, f.name) for f in dataclasses.fields(LossScaleConfig)}}
+    method = cfg.compression.method
+    if method is Compression.BF16 and cfg.precision is Precision.FP32:
+        doc["communication_data_type"] = "bf16"  # DeepSpeed's cast-before-reduce, read back as compression bf16
+    elif method not in (Compression.NONE, Compression.BF16) and o.type is not OptimizerType.ONEBIT_ADAM:
+        raise ConfigError(f"compression.method: {method.value} has no DeepSpeed equivalent (DeepSpeed compresses "
+                          "gradients only inside OnebitAdam); set it to none to export a DeepSpeed config")
     doc["zero_optimization"] = zero
     doc["optimizer"] = {"type": opt_type, "params": params}
     if cfg.scheduler.type is not None:

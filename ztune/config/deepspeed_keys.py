@@ -226,7 +226,9 @@ KEYS: dict[str, KeyRule] = {
     "vocabulary_size": _i(_LOG),
     "prescale_gradients": _i("divides before instead of after the reduction: the same mean"),
     "gradient_predivide_factor": _i("splits the 1/world division around the reduction: the same mean"),
-    "communication_data_type": _i("ztune reduces gradients in the compute dtype"),
+    "communication_data_type": _s("the gradients' reduction dtype: the compute dtype's own name as it stands; bf16 "
+                                  "under fp32 training is compression.method bf16 (a bf16 copy reduced, cast "
+                                  "back); any other value is refused (ztune reduces in the compute dtype)"),
     "seq_parallel_communication_data_type": _i(_PERF),
     "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
@@ -234,7 +236,12 @@ KEYS: dict[str, KeyRule] = {
                     "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
                     "as keyword arguments, as DeepSpeed does (at every stage here; DeepSpeed 0.19.8 manages it "
                     "only at stage 0 in fp32). LambdaLR, MultiplicativeLR, SequentialLR, ChainedScheduler and "
-                    "ReduceLROnPlateau are rejected: they need functions, scheduler objects or a metric"),
+                    "ReduceLROnPlateau are rejected: they need functions, scheduler objects or a metric. "
+                    "DeepSpeed's schedules are checked when the config loads (launcher, `ztune estimate`): "
+                    "parameter names and types, what their constructors refuse, and learning-rate bounds below 0 "
+                    "(ztune's own refusal: gradient ascent; DeepSpeed takes them); an integral float (1e3) counts "
+                    "as an integer step count. torch's are checked against the class's annotations and stepped "
+                    "over a stand-in optimizer when the scheduler is built, before training"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
