@@ -345,18 +345,20 @@ class Engine:
         divisor = (1 if local else self.world_size) * self.scaler.scale
         clip = self.config.gradient_clipping
         clip_coef, overflow = 1.0, False
-        if clip > 0 or self.scaler.checks_overflow or (self.want_grad_norm and not local):
+        # skip a non-finite step: fp16's scaler, clipping (needs the norm anyway), DeepSpeed's bf16 check_grad_overflow
+        checks = clip > 0 or self.scaler.checks_overflow or self.config.check_grad_overflow
+        if checks or (self.want_grad_norm and not local):
             sq = squared_norm(grads)
             # each rank holds a disjoint shard, or (1-bit Adam, fp16) its own gradient: an overflow on any rank
             # must skip the step on all (4 bytes on the wire)
             if self.plan.optimizer_states or local:
                 # Only for get_global_grad_norm: counted as monitoring, not training traffic (comm_report).
-                monitor_only = not (clip > 0 or self.scaler.checks_overflow)
+                monitor_only = not checks
                 self.comm.phase = "monitor" if monitor_only else "train"
                 self.comm.all_reduce(sq)
                 self.comm.phase = "train"
             norm = math.sqrt(sq.item()) / divisor
-            overflow = not math.isfinite(norm) and (clip > 0 or self.scaler.checks_overflow)  # as w/o want_grad_norm
+            overflow = not math.isfinite(norm) and checks  # as without want_grad_norm
             self.last_grad_norm = None if local else norm
             if clip > 0 and not overflow:
                 clip_coef = min(1.0, clip / (norm + _CLIP_EPS))

@@ -250,3 +250,38 @@ def test_scheduler_and_loss_scaling_round_trip_through_yaml_form():
                      "scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": [1e-4, 2e-4], "cycle_max_lr": 1e-2}},
                      "optimizer": {"type": "Adam", "params": {"bias_correction": False}}})
     assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("bf16_block", "want", "skips"), [
+    ({"enabled": True}, True, True),  # DeepSpeed's default: true (precision_config.py)
+    ({"enabled": True, "check_grad_overflow": False}, False, False),
+    ({"enabled": False, "check_grad_overflow": True}, False, False),  # a disabled block is read by no one
+])
+def test_bf16_check_grad_overflow_skips_a_non_finite_step_as_in_deepspeed(bf16_block, want, skips):
+    """DeepSpeed's bf16 check_grad_overflow (on when absent) skips an optimizer step whose gradients are not
+    finite; it was listed as ignored, so such a step was applied (NaN weights) unless gradient_clipping > 0."""
+    import math
+
+    cfg = from_dict({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0, "bf16": bf16_block})
+    assert cfg.check_grad_overflow is want
+    model = Tiny()
+    engine, _, _, _ = ztune.initialize(model, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine.backward(engine(torch.randn(2, 4)).float() * math.inf)
+    engine.step()
+    finite = all(torch.isfinite(p).all() for p in model.parameters())
+    assert engine.skipped_steps == (1 if skips else 0)
+    assert finite is skips
+    if skips:
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_check_grad_overflow_config_values():
+    assert from_dict({"precision": "bf16"}).check_grad_overflow is False  # ztune's own default
+    assert from_dict({"check_grad_overflow": True}).check_grad_overflow is True
+    with pytest.raises(ConfigError, match="bf16.check_grad_overflow: expected true or false, got 'yes'"):
+        from_dict({"train_batch_size": 2, "bf16": {"enabled": True, "check_grad_overflow": "yes"}})
+    from ztune.config.deepspeed import to_deepspeed
+
+    doc = to_deepspeed(from_dict({"train_batch_size": 2, "bf16": {"enabled": True}}))
+    assert doc["bf16"] == {"enabled": True, "check_grad_overflow": True}

@@ -211,9 +211,12 @@ def _zero(block: Any, ignored: list[str]) -> dict[str, Any]:
     return zero
 
 
-def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling: dict[str, Any]) -> bool:
+def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling: dict[str, Any],
+                       top: dict[str, Any]) -> bool:
     """An fp16 / bf16 (or bfloat16) block: whether it is enabled. An enabled fp16 block's loss-scale keys go
-    into `loss_scaling` (DeepSpeed's meaning, runtime/precision.py); its other keys go through the table."""
+    into `loss_scaling` (DeepSpeed's meaning, runtime/precision.py); an enabled bf16 block's check_grad_overflow
+    (DeepSpeed's default: true, precision_config.py) into top["check_grad_overflow"]; its other keys go through
+    the table."""
     block = _mapping(value, key)
     enabled = block.get("enabled", False)
     if enabled not in (True, False):
@@ -224,6 +227,12 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
         if canonical == "fp16":
             handled |= _LOSS_SCALE_KEYS
             loss_scaling.update({k: v for k, v in block.items() if k in _LOSS_SCALE_KEYS})
+        else:
+            handled.add("check_grad_overflow")
+            check = block.get("check_grad_overflow", DS_BF16_CHECK_GRAD_OVERFLOW_DEFAULT)
+            if not isinstance(check, bool):
+                raise ConfigError(f"{key}.check_grad_overflow: expected true or false, got {check!r}")
+            top["check_grad_overflow"] = check
         _apply_rules(block, key, handled=handled, ignored=ignored, canonical=canonical)
     else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
         for k in block:
@@ -286,6 +295,8 @@ def _renamed(exc: ConfigError) -> ConfigError:
 
 
 DS_GRADIENT_CLIPPING_DEFAULT = 1.0
+# DeepSpeed 0.19.8 precision_config.py DeepSpeedBF16Config.check_grad_overflow: skip non-finite bf16 steps
+DS_BF16_CHECK_GRAD_OVERFLOW_DEFAULT = True
 
 
 def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[TrainConfig, list[str]]:
@@ -321,7 +332,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
         elif key == "gradient_clipping":
             top["gradient_clipping"] = _number(float, value, key, allow_zero=True)
         elif ALIASES.get(key, key) in ("bf16", "fp16"):
-            if _precision_enabled(value, key, ignored, loss_scaling=loss_scaling):
+            if _precision_enabled(value, key, ignored, loss_scaling=loss_scaling, top=top):
                 if precision is not Precision.FP32:
                     raise ConfigError("bf16.enabled and fp16.enabled are both true; enable one of them")
                 precision = Precision.BF16 if ALIASES.get(key, key) == "bf16" else Precision.FP16
@@ -485,6 +496,11 @@ def to_deepspeed(cfg: TrainConfig) -> dict:
         doc["gradient_accumulation_steps"] = cfg.batch.grad_accum
     doc["gradient_clipping"] = cfg.gradient_clipping
     doc["bf16"] = {"enabled": cfg.precision is Precision.BF16}
+    if cfg.precision is Precision.BF16:
+        doc["bf16"]["check_grad_overflow"] = cfg.check_grad_overflow
+    elif cfg.check_grad_overflow and cfg.precision is Precision.FP32 and cfg.gradient_clipping <= 0:
+        raise ConfigError("check_grad_overflow: true under fp32 without gradient_clipping has no DeepSpeed "
+                          "equivalent (DeepSpeed checks only bf16 and fp16 steps); set it to false to export")
     doc["fp16"] = {"enabled": cfg.precision is Precision.FP16,
                    **{f.name: getattr(cfg.loss_scaling, f.name) for f in dataclasses.fields(LossScaleConfig)}}
     method = cfg.compression.method

@@ -81,8 +81,9 @@ KEYS: dict[str, KeyRule] = {
     "bf16": _s("block (\"bfloat16\" is DeepSpeed's older spelling, also read)"),
     "bf16.enabled": _s("precision bf16; \"auto\" = on when the model's parameters are bf16"),
     "bf16.immediate_grad_update": _i(_PERF),
-    "bf16.check_grad_overflow": _i("ztune skips a bf16 (or fp32) step whose gradient norm is not finite only "
-                                   "when gradient_clipping > 0, which needs the norm anyway"),
+    "bf16.check_grad_overflow": _s("check_grad_overflow: skip an optimizer step whose gradient norm is not finite "
+                                   "(default true, as in DeepSpeed; false skips only when gradient_clipping > 0, "
+                                   "which computes the norm anyway)"),
     "bf16.bf16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; bf16 masters are not "
                                                     "implemented"),
     "bf16.bf16_optimizer_states": _n(False, "ztune keeps fp32 optimizer states"),

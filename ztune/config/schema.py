@@ -222,6 +222,10 @@ class TrainConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     gradient_clipping: float = 0.0
+    # Skip an optimizer step whose gradient norm is not finite (DeepSpeed's bf16.check_grad_overflow, which a
+    # DeepSpeed config with bf16 has on by default). fp16 always checks; with gradient_clipping > 0 every precision
+    # does (the norm is computed anyway).
+    check_grad_overflow: bool = False
     loss_scaling: LossScaleConfig = field(default_factory=LossScaleConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
