@@ -26,6 +26,8 @@ CASES = [
     (["estimate", "--micro-batch", "abc"], ["'--micro-batch'", "integer", "(got 'abc')"]),
     (["estimate", "--hardware", "cpu-local", "--seq=1k"], ["'--seq'", "integer", "(got '1k')"]),
     (["autotune", "--steps", "1.5"], ["'--steps'", "integer", "(got '1.5')"]),
+    # 0 is a value, not "not given" (it used to become the profile's GPUs per node)
+    (["autotune", "--nproc", "0"], ["--nproc must be between 1 and", "got 0"]),
     (["launch", "--master-port", "http", "train.py"], ["'--master-port'", "(got 'http')"]),
     (["probe", "--inter-node-gbps", "fast"], ["'--inter-node-gbps'", "number", "(got 'fast')"]),
     (["estimate", "--seq", "1\x1b[2J\n2"], ["'--seq'", "\\x1b[2J"]),  # control characters escaped

@@ -141,6 +141,13 @@ def test_precision_blocks_deepspeed_accepts_load():
     ({"ztune": {"activations": {"checkpointing": "most"}}}, "ztune.activations.checkpointing: got 'most'"),
     ({"ztune": {"activations": {"every": 0}}}, "ztune.activations.every: got 0"),
     ({"ztune": {"zero": {}}}, "unknown key 'ztune.zero'"),
+    ({"train_batch_size": 10**9}, "train_batch_size: got 1000000000; at most"),
+    ({"gradient_clipping": 0, "optimizer": {"type": "OneBitAdam", "params": {"freeze_step": 2}},
+      "zero_optimization": {"stage": 3, "zero_quantized_gradients": True}},
+     "zero_optimization.zero_quantized_gradients: ZeRO++ qgZ quantizes the gradient exchange itself; it does not "
+     "combine with optimizer.type OneBitAdam"),
+    ({"train_micro_batch_size_per_gpu": 10**8}, "train_micro_batch_size_per_gpu: got 100000000; at most"),
+    ({"gradient_accumulation_steps": 10**8}, "gradient_accumulation_steps: got 100000000; at most"),
 ])
 def test_errors_name_the_key_as_written(doc, fragment):
     with pytest.raises(ConfigError) as info:

@@ -475,6 +475,8 @@ def autotune(
         raise UserError("--threshold, --memory-margin and --confirm-margin must be fractions in [0, 1)")
     if precision is not None and precision.lower() not in ("bf16", "fp16", "fp32"):
         raise UserError(f"--precision: got {precision!r}; allowed: bf16, fp16, fp32")
+    if nproc is not None:  # 0 must not read as "not given" below
+        int_flag("--nproc", nproc, hi=MAX_RANKS)
     spec = load_model(model)
     hw_profile = load_hardware(hardware)
     host_trials, per_host, num_nodes = _host_trials(

@@ -168,8 +168,10 @@ def check(cfg: TrainConfig) -> TrainConfig:
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optimizer.betas[{i}]: got {beta}; must be in [0, 1)")
     if z.quantized_gradients and cfg.compression.method is not Compression.NONE:
+        other = ("optimizer.type OneBitAdam (its 1-bit momentum exchange)" if cfg.optimizer.type is
+                 OptimizerType.ONEBIT_ADAM else f"compression.method {cfg.compression.method.value}")
         raise ConfigError(f"zero.quantized_gradients: ZeRO++ qgZ quantizes the gradient exchange itself; it does "
-                          f"not combine with compression.method {cfg.compression.method.value}: turn one off")
+                          f"not combine with {other}: turn one off")
     if not 0.0 < cfg.compression.topk_ratio <= 1.0:
         raise ConfigError(f"compression.topk_ratio: got {cfg.compression.topk_ratio}; must be in (0, 1]")
     if cfg.optimizer.type is OptimizerType.SGD and cfg.zero.offload_optimizer is Offload.CPU:
