@@ -69,3 +69,13 @@ def test_flags_that_change_the_config_are_checked_like_the_config(tmp_path):
     ok = _estimate(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 2}}, "--stage", "3", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["rows"][0]["stage"] == 3
+
+
+def test_a_deepspeed_config_is_estimated_at_the_models_sequence_length(tmp_path):
+    """DeepSpeed JSON has no sequence length: without --seq the estimate uses the model's (as without --config),
+    not ztune's 2048 default (which exceeds tiny-gpt's 256 and gpt2's 1024)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 16}))
+    out = run("--model", "tiny-gpt", "--hardware", "cpu-local", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "seq 256)" in out.stdout.splitlines()[0]

@@ -345,7 +345,9 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         else:  # the config's own batch keys: errors name them as written
             batch = resolve_batch(batch, nodes * hw.gpus_per_node, keys=loaded.batch_keys)
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
-        cfg = dataclasses.replace(cfg, batch=batch, zero=zero, seq_len=seq or cfg.seq_len,
+        # a DeepSpeed config has no sequence length: the model's, as without --config (ztune YAML has seq_len)
+        cfg = dataclasses.replace(cfg, batch=batch, zero=zero,
+                                  seq_len=seq or (seq_len if loaded.deepspeed else cfg.seq_len),
                                   precision=prec or cfg.precision)
         overrides = [f"{flag} {value}" for flag, value in (("--stage", stage), ("--seq", seq),
                                                            ("--precision", precision)) if value is not None]
