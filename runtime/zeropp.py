@@ -36,8 +36,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ztune.config.schema import Offload, TrainConfig
-from ztune.errors import ConfigError
+from ztune.config.schema import TrainConfig
+from ztune.config.validate import check_zeropp_layout
 from ztune.runtime import codec_kernels
 from ztune.runtime.comm import Comm
 from ztune.runtime.comm.compress import int8_compress_into
@@ -52,34 +52,12 @@ from ztune.runtime.comm.topology import NodeLayout
 QWZ_BLOCK_NUMEL = 2048
 _INT8_MAX = 127
 
-# The DeepSpeed keys as users write them, for errors (the YAML names are zero.quantized_weights /
-# zero.hpz_partition_size).
-QWZ_KEY = "zero_optimization.zero_quantized_weights"
-HPZ_KEY = "zero_optimization.zero_hpz_partition_size"
-QGZ_KEY = "zero_optimization.zero_quantized_gradients"
 
 
 def check_zeropp(cfg: TrainConfig, *, layout: NodeLayout) -> None:
-    """ConfigError (one line naming the key) for ZeRO++ settings this run cannot honour."""
-    z = cfg.zero
-    if z.quantized_gradients and not layout.uniform:
-        raise ConfigError(f"{QGZ_KEY}: qgZ needs the same number of ranks on every host ({layout.ranks_per_node} "
-                          f"per host does not divide {layout.world_size} ranks); turn it off")
-    if not (z.quantized_weights or z.hpz_partition_size > 1):
-        return
-    if z.offload_params is Offload.CPU:
-        key = QWZ_KEY if z.quantized_weights else HPZ_KEY
-        raise ConfigError(f"{key}: ZeRO++ with offload_param (cpu) is not supported: the quantized and "
-                          "secondary gathers read the device shard; turn one of them off")
-    k = z.hpz_partition_size
-    if k > 1:
-        per_node = layout.ranks_per_node if layout.uniform else 0
-        if per_node < 2:
-            raise ConfigError(f"{HPZ_KEY}={k}: hpZ needs several ranks per host (this job has "
-                              f"{layout.ranks_per_node} of {layout.world_size} on each); set it to 1")
-        if per_node % k:
-            raise ConfigError(f"{HPZ_KEY}={k} must divide the ranks per host ({per_node}); use a divisor of "
-                              f"{per_node}, or 1 to turn hpZ off")
+    """ConfigError (one line naming the key) for ZeRO++ settings this run cannot honour
+    (ztune/config/validate.py check_zeropp_layout, which the launcher also runs)."""
+    check_zeropp_layout(cfg, world_size=layout.world_size, ranks_per_node=layout.ranks_per_node)
 
 
 def qwz_num_blocks(shard_numel: int) -> int:

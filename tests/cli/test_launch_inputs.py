@@ -36,3 +36,27 @@ def test_bad_output_path_is_one_line_exit_2(extra, says, tmp_path, monkeypatch, 
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and err.count("\n") == 1 and says in err, err
     assert "preflight" not in out and afile.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(("nproc", "doc", "says"), [
+    # the launcher knows the job's shape: what the ranks would refuse is refused before anything starts
+    ("3", {"train_batch_size": 16}, "train_batch_size 16 is not divisible by gradient_accumulation_steps 1 x 3"),
+    ("2", {"train_batch_size": 16, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 3}},
+     "zero_optimization.zero_hpz_partition_size=3 must divide the ranks per host (2)"),
+    ("2", {"train_batch_size": 16}, None),
+    ("2", {"train_batch_size": 16, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, None),
+])
+def test_config_is_checked_against_the_jobs_shape(nproc, doc, says, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(doc))
+    argv = ["launch", "--nproc-per-node", nproc, "--config", str(config), "--dry-run", "examples/train_tiny.py"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    if says is None:
+        assert exc.value.code == 0 and "ztune launch dry run" in out, err
+        return
+    assert exc.value.code == 2 and err.count("\n") == 1 and says in err and str(config) in err, err

@@ -261,6 +261,39 @@ DEEPSPEED_BATCH_KEYS = BatchKeys(global_="train_batch_size", micro="train_micro_
                                  grad_accum="gradient_accumulation_steps")
 
 
+# The DeepSpeed keys as users write them, for the layout errors below (the YAML names are zero.quantized_weights,
+# zero.hpz_partition_size, zero.quantized_gradients).
+QWZ_KEY = "zero_optimization.zero_quantized_weights"
+HPZ_KEY = "zero_optimization.zero_hpz_partition_size"
+QGZ_KEY = "zero_optimization.zero_quantized_gradients"
+
+
+def check_zeropp_layout(cfg: TrainConfig, *, world_size: int, ranks_per_node: int) -> None:
+    """ConfigError (one line naming the key) for ZeRO++ settings a job of `world_size` ranks, `ranks_per_node` on
+    each host, cannot honour (runtime/zeropp.py; torch-free, so the launcher checks it before starting anything).
+    ranks_per_node that does not divide world_size: hosts with different numbers of ranks."""
+    z = cfg.zero
+    uniform = ranks_per_node >= 1 and world_size % ranks_per_node == 0
+    if z.quantized_gradients and not uniform:
+        raise ConfigError(f"{QGZ_KEY}: qgZ needs the same number of ranks on every host ({ranks_per_node} "
+                          f"per host does not divide {world_size} ranks); turn it off")
+    if not (z.quantized_weights or z.hpz_partition_size > 1):
+        return
+    if z.offload_params is Offload.CPU:
+        key = QWZ_KEY if z.quantized_weights else HPZ_KEY
+        raise ConfigError(f"{key}: ZeRO++ with offload_param (cpu) is not supported: the quantized and "
+                          "secondary gathers read the device shard; turn one of them off")
+    k = z.hpz_partition_size
+    if k > 1:
+        per_node = ranks_per_node if uniform else 0
+        if per_node < 2:
+            raise ConfigError(f"{HPZ_KEY}={k}: hpZ needs several ranks per host (this job has "
+                              f"{ranks_per_node} of {world_size} on each); set it to 1")
+        if per_node % k:
+            raise ConfigError(f"{HPZ_KEY}={k} must divide the ranks per host ({per_node}); use a divisor of "
+                              f"{per_node}, or 1 to turn hpZ off")
+
+
 def resolve_batch(batch: BatchConfig, world_size: int, *, keys: BatchKeys = ZTUNE_BATCH_KEYS) -> BatchConfig:
     """All three batch sizes for `world_size` data-parallel ranks, derived from the ones given.
 

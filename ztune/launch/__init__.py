@@ -188,7 +188,8 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
 
         # Fail here, with the loader's message, not on every host. "auto" values that need the model (DeepSpeed
         # fp16/bf16 enabled, reduce_bucket_size) are resolved by ztune.initialize on the ranks, which has it.
-        load_detailed(req.config, context=AutoContext(model_later=True))
+        loaded = load_detailed(req.config, context=AutoContext(model_later=True))
+        check_config_for_hosts(loaded, hosts, environ={**environ, **env}, config=req.config)
         config_text = Path(req.config).read_text()
         config_suffix = ".json" if req.config.endswith(".json") else ".yaml"
     master_addr = canonical_host(req.master_addr, where="--master-addr") if req.master_addr else None
@@ -203,6 +204,28 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
                       workdir=workdir, head_addr=head_addr, run_id=run_id, env=env,
                       config_suffix=config_suffix, config_text=config_text,
                       slot_filter=bool(req.include or req.exclude), env_left_behind=env_left_behind)
+
+
+def check_config_for_hosts(loaded, hosts: Sequence, *, environ: Mapping[str, str], config: str) -> None:
+    """The config's checks that need the job's shape, on the launcher: the batch sizes against the world size
+    (the hosts' slots; skipped when no batch size is given, e.g. all "auto") and ZeRO++'s layout (the slots per
+    host; skipped when ZTUNE_LOCAL_WORLD_SIZE redraws the hosts). LaunchError naming the file otherwise."""
+    from ztune.config import resolve_batch
+    from ztune.config.validate import check_zeropp_layout
+    from ztune.errors import ConfigError
+
+    slots = [h.num_slots for h in hosts]
+    world = sum(slots)
+    cfg = loaded.config
+    try:
+        if cfg.batch.global_ is not None or cfg.batch.micro is not None:
+            resolve_batch(cfg.batch, world, keys=loaded.batch_keys)
+        if "ZTUNE_LOCAL_WORLD_SIZE" not in environ:
+            per_node = slots[0] if len(set(slots)) == 1 else 0
+            check_zeropp_layout(cfg, world_size=world, ranks_per_node=per_node)
+    except ConfigError as exc:
+        raise LaunchError(f"{config}: on {len(slots)} host(s) x {'/'.join(map(str, sorted(set(slots))))} "
+                          f"rank(s) ({world} in all): {exc}") from None
 
 
 def node_commands(plan: LaunchPlan, *, interfaces: Sequence[tuple[str | None, str | None]]) -> list[NodeCommand]:
