@@ -66,6 +66,14 @@ def test_flags_that_change_the_config_are_checked_like_the_config(tmp_path):
         out = _estimate(tmp_path, doc, *extra)
         assert out.returncode == 2, (extra, out.stdout, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # the job's shape: hpZ's partition must divide the ranks per host (dgx-h100: 8), named as the user wrote it
+    out = _estimate(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 3}})
+    assert out.returncode == 2 and "zero_optimization.zero_hpz_partition_size=3 must divide the ranks per host (8)" \
+        in out.stderr, out.stderr
+    yaml_cfg = tmp_path / "z.yaml"
+    yaml_cfg.write_text("zero: {stage: 3, hpz_partition_size: 3}\nbatch: {micro: 1}\n")
+    out = run("--model", "llama-2-13b", "--hardware", "dgx-h100", "--seq", "1024", "--config", str(yaml_cfg))
+    assert out.returncode == 2 and "zero.hpz_partition_size=3 must divide" in out.stderr, out.stderr
     ok = _estimate(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 2}}, "--stage", "3", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["rows"][0]["stage"] == 3

@@ -359,6 +359,17 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
                 cfg = check_config(cfg)
             except ConfigError as exc:
                 raise UserError(f"{config}: with {', '.join(overrides)}: {exc}") from None
+        from ztune.config.validate import check_zeropp_layout
+        from ztune.errors import ConfigError
+
+        try:  # what the ranks would refuse on this job's shape (ZeRO++'s layout), named as the runtime names it
+            check_zeropp_layout(cfg, world_size=nodes * hw.gpus_per_node, ranks_per_node=hw.gpus_per_node)
+        except ConfigError as exc:
+            text = str(exc)
+            if not loaded.deepspeed:  # the check names DeepSpeed's keys; a ztune YAML wrote zero.*
+                for theirs, ours in (("zero_optimization.zero_", "zero."), ("offload_param ", "offload_params ")):
+                    text = text.replace(theirs, ours)
+            raise UserError(f"{config}: on {nodes} x {hw.name} ({hw.gpus_per_node} GPUs per node): {text}") from None
         estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes, framework=framework)]
     else:
         methods = tuple(Compression) if compression else (Compression.NONE,)
