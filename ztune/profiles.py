@@ -88,24 +88,12 @@ def _unknown(kind: str, folder: str, ref: str, names: list[str], how: str) -> Pr
     )
 
 
-def _read_text(path: Path) -> str:
-    """The file's UTF-8 text, read up to ztune.inputs.MAX_FILE_BYTES (as configs are): a device such as /dev/zero
-    or a wrong, huge file is one line, not a MemoryError."""
-    from ztune.inputs import MAX_FILE_BYTES
+def _read_text(path: Path, what: str) -> str:
+    """The file's UTF-8 text through ztune.inputs.read_text, as configs are read: at most 16 MiB (a device such
+    as /dev/zero, or a wrong huge file, is one line, not a MemoryError), a directory or a missing file named."""
+    from ztune.inputs import read_text
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ProfileError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; is it the right file?")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc}") from None
+    return read_text(path, error=ProfileError, what=what)
 
 
 def _parse_yaml(text: str, origin: str) -> dict:
@@ -310,7 +298,7 @@ def load_model(ref: str) -> ModelSpec:
     ref = str(ref)
     if _looks_like_path(ref):
         path = Path(ref).expanduser()
-        text = _read_text(path)
+        text = _read_text(path, "model profile")
         if path.suffix == ".json":
             try:
                 data = json.loads(text)
@@ -340,7 +328,7 @@ def load_hardware(ref: str) -> Hardware:
     ref = str(ref)
     if _looks_like_path(ref):
         path = Path(ref).expanduser()
-        data = _parse_yaml(_read_text(path), str(path))
+        data = _parse_yaml(_read_text(path, "hardware profile"), str(path))
         origin, stem = str(path), path.stem
     else:
         names = list_hardware()

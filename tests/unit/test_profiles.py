@@ -247,9 +247,9 @@ def test_unknown_names_suggest_close_matches():
 
 def test_missing_files(tmp_path):
     for loader in (load_model, load_hardware):
-        with pytest.raises(ProfileError, match="file not found"):
+        with pytest.raises(ProfileError, match="profile '.*nope.yaml' does not exist; check the path"):
             loader(str(tmp_path / "nope.yaml"))
-    with pytest.raises(ProfileError, match="file not found"):
+    with pytest.raises(ProfileError, match="model profile '.*config.json' does not exist"):
         load_model(str(tmp_path / "config.json"))
 
 
