@@ -53,7 +53,6 @@ QWZ_BLOCK_NUMEL = 2048
 _INT8_MAX = 127
 
 
-
 def check_zeropp(cfg: TrainConfig, *, layout: NodeLayout) -> None:
     """ConfigError (one line naming the key) for ZeRO++ settings this run cannot honour
     (ztune/config/validate.py check_zeropp_layout, which the launcher also runs)."""

@@ -107,12 +107,12 @@ def _fits(value: Any, annotation: str) -> tuple[bool, Any]:
         if alt.startswith("Literal[") and alt.endswith("]"):
             if value in ast.literal_eval("(" + alt[len("Literal["):-1] + ",)"):
                 return True, value
-        if alt.startswith("Callable"):
-            continue  # a function: a JSON config cannot hold one
-        if alt not in ("None", "bool", "int", "float", "list[float]", "list[int]", "Iterable[int]") and \
-                not alt.startswith(("Literal[", "Callable")):
-            return True, value  # a form not read here
+        if alt not in _READ_FORMS and not alt.startswith(("Literal[", "Callable")):
+            return True, value  # a form not read here (a Callable never fits: a JSON config cannot hold one)
     return False, value
+
+
+_READ_FORMS = frozenset({"None", "bool", "int", "float", "list[float]", "list[int]", "Iterable[int]"})
 
 
 def _typed(type_name: str, key: str, value: Any, annotation: Any) -> Any:

@@ -351,24 +351,21 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
                                   precision=prec or cfg.precision)
         overrides = [f"{flag} {value}" for flag, value in (("--stage", stage), ("--seq", seq),
                                                            ("--precision", precision)) if value is not None]
-        if overrides:  # the config's cross-key checks again, on what the flags made of it
-            from ztune.config.validate import check as check_config
-            from ztune.errors import ConfigError
+        from ztune.config.validate import check as check_config
+        from ztune.config.validate import check_zeropp_layout
+        from ztune.errors import ConfigError
 
+        if overrides:  # the config's cross-key checks again, on what the flags made of it
             try:
                 cfg = check_config(cfg)
             except ConfigError as exc:
                 raise UserError(f"{config}: with {', '.join(overrides)}: {exc}") from None
-        from ztune.config.validate import check_zeropp_layout
-        from ztune.errors import ConfigError
-
         try:  # what the ranks would refuse on this job's shape (ZeRO++'s layout), named as the runtime names it
             check_zeropp_layout(cfg, world_size=nodes * hw.gpus_per_node, ranks_per_node=hw.gpus_per_node)
         except ConfigError as exc:
             text = str(exc)
             if not loaded.deepspeed:  # the check names DeepSpeed's keys; a ztune YAML wrote zero.*
-                for theirs, ours in (("zero_optimization.zero_", "zero."), ("offload_param ", "offload_params ")):
-                    text = text.replace(theirs, ours)
+                text = text.replace("zero_optimization.zero_", "zero.")
             raise UserError(f"{config}: on {nodes} x {hw.name} ({hw.gpus_per_node} GPUs per node): {text}") from None
         estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes, framework=framework)]
     else:
