@@ -45,8 +45,7 @@ def inspect(load_dir: str | Path, *, verify: bool = False) -> dict:
     and staging folders a crash left. Metadata checksums and file sizes are always checked; `verify` also
     checks every file's sha256. Raises UserError if `load_dir` is not a checkpoint directory."""
     load_dir = Path(load_dir)
-    if not load_dir.is_dir():
-        raise UserError(f"checkpoint directory {load_dir} does not exist")
+    tags.check_save_dir(load_dir, must_exist=True)
     latest = tags.read_latest(load_dir)
     names = sorted(e.name for e in load_dir.iterdir() if e.is_dir() and (e / tags.rank_meta_name(0)).exists()
                    and not e.name.startswith("."))
@@ -115,6 +114,7 @@ def consolidate(load_dir: str | Path, *, out_dir: str | Path, tag: str | None = 
         raise UserError(f"--max-shard-size must be > 0 bytes, got {max_shard_bytes}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    tags.check_save_dir(Path(load_dir), must_exist=True)  # else a missing folder reads as "no 'latest' file"
     path = resolve(load_dir, tag)
     if path is None:
         raise UserError(f"{load_dir} has no 'latest' file; pass --tag (see `ztune checkpoint inspect {load_dir}`)")

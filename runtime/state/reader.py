@@ -38,6 +38,9 @@ class TagReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"checkpoint {self.path} is a file, not a tag folder; pass the save directory "
+                                  f"that holds the tag folders ({self.path.parent}) and the tag's name")
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint {self.path} does not exist (no such tag folder)")
         _refuse_deepspeed_tag(self.path)
@@ -153,6 +156,7 @@ class TagReader:
 def resolve(load_dir: str | Path, tag: str | None) -> Path | None:
     """The tag folder to load: `tag`, else the one `latest` names; None when neither exists (nothing saved)."""
     load_dir = Path(load_dir)
+    tags.check_save_dir(load_dir, must_exist=False)  # missing: nothing saved yet; a file: a wrong path
     if tag is None:
         tag = tags.read_latest(load_dir)
         if tag is None:

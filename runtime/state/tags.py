@@ -47,6 +47,7 @@ def check_tag(tag: str) -> str:
 
 def begin(save_dir: Path, tag: str) -> Path:
     """Create a fresh staging folder for `tag` (removing one an earlier crash left) and return it."""
+    check_save_dir(save_dir, must_exist=False)
     save_dir.mkdir(parents=True, exist_ok=True)
     final = save_dir / tag
     # commit() replaces a tag folder of the same name: only ever one of ours (a DeepSpeed save_dir reused after
@@ -84,6 +85,36 @@ def commit(save_dir: Path, tag: str, *, save_latest: bool) -> Path:
     return final
 
 
+def check_save_dir(load_dir: Path, *, must_exist: bool) -> None:
+    """Refuse a `load_dir` that is not a folder: a path that exists but is a file (`latest`, a tag's rank file,
+    a weights file given by mistake) is named as such, with the folder to pass where one is near, instead of
+    being reported as missing. With `must_exist`, a missing path is refused too."""
+    if load_dir.is_dir():
+        return
+    if not load_dir.exists():
+        if must_exist:
+            raise CheckpointError(f"checkpoint directory {load_dir} does not exist; check the path")
+        return
+    kind = "a file" if load_dir.is_file() else "not a folder"
+    # The save directory is the file's folder (`latest`) or the folder above (a file inside a tag folder).
+    near = next((p for p in (load_dir.parent, load_dir.parent.parent)
+                 if (p / LATEST).is_file() or any(True for _ in _tag_folders(p))), None)
+    hint = f" ({near} looks like one)" if near is not None else ""
+    raise CheckpointError(f"{load_dir} is {kind}, not a checkpoint directory; pass the save directory, the "
+                          f"folder that holds 'latest' and the tag folders{hint}")
+
+
+def _tag_folders(save_dir: Path):
+    """The complete tag folders in `save_dir` (none when it is not a readable folder)."""
+    try:
+        entries = list(save_dir.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(".") and entry.is_dir() and (entry / rank_meta_name(0)).exists():
+            yield entry
+
+
 def read_latest(load_dir: Path) -> str | None:
     """The tag `latest` names, or None when there is no `latest` file."""
     try:
@@ -102,9 +133,7 @@ def list_tags(save_dir: Path) -> list[tuple[str, int]]:
     if not save_dir.is_dir():
         return []
     found = []
-    for entry in save_dir.iterdir():
-        if entry.name.startswith(".") or not entry.is_dir() or not (entry / rank_meta_name(0)).exists():
-            continue
+    for entry in _tag_folders(save_dir):
         try:
             step = int(read_checked_json(entry / rank_meta_name(0))["counters"]["global_steps"])
         except (CheckpointError, KeyError, TypeError, ValueError):

@@ -504,6 +504,9 @@ def autotune(
     base = load(config) if config is not None else load(None)
     hw = local_hardware(hw_profile, num_ranks=nproc)
     if script is not None:
+        if script.is_dir():
+            raise UserError(f"--script {str(script)!r} is a folder, not a file; give the training script (a .py "
+                            "file) inside it")
         if not script.is_file():
             raise UserError(f"--script {str(script)!r} does not exist")
         run_script, run_args = str(script.resolve()), tuple(script_args or ())

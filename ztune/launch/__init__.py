@@ -167,9 +167,15 @@ def plan_launch(req: LaunchRequest, *, environ: Mapping[str, str] | None = None)
                           "--help'); your script's own options go after the script")
     hosts, local = resolve_hosts(req, environ)
     workdir = os.path.abspath(req.workdir or os.getcwd())
+    if local and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise LaunchError(f"--workdir {workdir!r} is a file, not a folder; give the folder the script runs in")
     if local and not os.path.isdir(workdir):
         raise LaunchError(f"working directory {workdir!r} does not exist")
-    if os.path.isdir(workdir) and not os.path.isfile(os.path.join(workdir, req.script)):
+    script_path = os.path.join(workdir, req.script)
+    if os.path.isdir(script_path):
+        raise LaunchError(f"script {req.script!r} is a folder in {workdir}, not a file; give the training script "
+                          "(a .py file) inside it")
+    if os.path.isdir(workdir) and not os.path.isfile(script_path):
         raise LaunchError(f"script {req.script!r} not found in {workdir}; check the path")
     if not req.run_root.rstrip("/").strip():  # "" or "/": each run's files would land in the filesystem root
         raise LaunchError(f"--run-root {req.run_root!r}: give a directory for the run's files, such as "
