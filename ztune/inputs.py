@@ -193,6 +193,16 @@ MAX_STEPS = 10**7
 MAX_SEQ = 1 << 24  # tokens per sample
 
 
+def text_flag(flag: str, value: str | None, *, what: str, required: bool = False) -> str | None:
+    """`value` (None passes) unless it is empty or only whitespace. A flag that names a host, address, path or
+    name is otherwise read as "not given" wherever a caller tests `if value:` (--master-addr "" fell back to
+    the first host, --hostfile "" to this host alone), or as the current folder once it is a Path ("" is
+    "."). One-line UserError naming the flag and `what` to give."""
+    if value is not None and not str(value).strip():
+        raise UserError(f"{flag} {value!r} is blank; give {what}" + ("" if required else ", or leave the flag out"))
+    return value
+
+
 def int_flag(flag: str, value: int | None, *, lo: int = 1, hi: int) -> int | None:
     """`value` if it lies in [lo, hi] (None passes), else a one-line UserError naming the flag."""
     if value is not None and not lo <= value <= hi:

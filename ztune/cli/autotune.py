@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from ztune.errors import UserError
-from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, MAX_STEPS, int_flag, seconds_flag
+from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, MAX_STEPS, int_flag, seconds_flag, text_flag
 
 COMMAND_SETTINGS = {"help": "Benchmark the most promising configs on this machine and write the fastest."}
 
@@ -369,8 +369,8 @@ def autotune(
     max_micro: Annotated[int | None, typer.Option("--max-micro", help="Largest micro-batch.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="bf16, fp16 or fp32 (default: fp32 on "
                                                                       "cpu profiles, else bf16).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Base config (optimizer, buckets); its "
-                                                                 "tuned keys are overridden.")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="Base config (optimizer, buckets); its "
+                                                                "tuned keys are overridden.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps per trial.")] = 4,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps per trial (not measured).")] = 1,
     trial_timeout: Annotated[float | None, typer.Option("--trial-timeout", help="Seconds before a trial "
@@ -399,12 +399,13 @@ def autotune(
                                                                          "memory.")] = 0.1,
     memory_cap: Annotated[str | None, typer.Option("--memory-cap", help="Memory cap per process "
                                                    "(RLIMIT_DATA), e.g. 2GiB; also lowers the limit.")] = None,
-    script: Annotated[Path | None, typer.Option("--script", help="Your training script (see "
-                                                                 "docs/autotune.md); args after --.")] = None,
+    script: Annotated[str | None, typer.Option("--script", help="Your training script (see "
+                                                                "docs/autotune.md); args after --.")] = None,
     script_args: Annotated[list[str] | None, typer.Argument(help="Arguments for --script, after --.",
                                                             show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", help="Directory for the journal, trials and results.")] = Path(
-        "ztune-autotune"),
+    # str, not Path: typer turns "" into Path("."), and the results would land in the current folder.
+    out: Annotated[str, typer.Option("--out", help="Directory for the journal, trials and results.")]
+    = "ztune-autotune",
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over (the old journal is kept aside).")] = False,
     export: Annotated[str, typer.Option("--export", help="yaml, or deepspeed to also write DeepSpeed "
                                                          "JSON.")] = "yaml",
@@ -439,6 +440,21 @@ def autotune(
     from ztune.tune.space import Constraints, build_space, fingerprint
     from ztune.tune.tuner import Settings, Tuner, export_best
 
+    for flag, value, what in (("--model", model, "a model profile name or YAML path"),
+                              ("--hardware", hardware, "a hardware profile name or YAML path"),
+                              ("--config", config, "a config file path"), ("--script", script, "a script path"),
+                              ("--out", out, "a folder for the results"),
+                              ("--memory-cap", memory_cap, "a size such as 2GiB"),
+                              ("--hostfile", hostfile, "a hostfile path"),
+                              ("--include", include, "hosts such as 'node1:0,1@node2'"),
+                              ("--exclude", exclude, "hosts such as 'node3@node1:1'"),
+                              ("--workdir", workdir, "a folder path"),
+                              ("--python", python, "the python to run on the hosts"),
+                              ("--ssh-config", ssh_config, "an ssh config file path"),
+                              *(("--ssh-option", o, "an ssh option such as KEY=VALUE") for o in ssh_option or ())):
+        text_flag(flag, value, what=what)
+    out = Path(out)
+    script = Path(script) if script is not None else None
     if export not in ("yaml", "deepspeed"):
         raise UserError(f"--export: got {export!r}; allowed: yaml, deepspeed")
     if script_args and script is None:

@@ -42,10 +42,11 @@ def _render_inspect(report: dict) -> None:
 
 def checkpoint(
     action: Annotated[Action, typer.Argument(help="inspect: list tags; consolidate: write model.safetensors.")],
-    directory: Annotated[Path, typer.Argument(help="The save directory (holds `latest` and tag folders).")],
+    # str, not Path: typer turns "" into Path("."), the current folder.
+    directory: Annotated[str, typer.Argument(help="The save directory (holds `latest` and tag folders).")],
     tag: Annotated[str | None, typer.Option("--tag", help="consolidate: the tag (default: the one `latest` "
                                                          "names).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="consolidate: output folder (required).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="consolidate: output folder (required).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="consolidate: fp32, bf16 or fp16.")] = "fp32",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="consolidate: split into files of at "
                                                                          "most this size (e.g. 5GB, "
@@ -56,7 +57,12 @@ def checkpoint(
 ) -> None:
     """Inspect a checkpoint directory or consolidate one tag into Hugging Face model.safetensors."""
     from ztune.console import console, emit_json
+    from ztune.inputs import text_flag
     from ztune.runtime.state import offline
+
+    text_flag("DIRECTORY", directory, what="the save directory (it holds 'latest' and tag folders)",
+              required=True)
+    text_flag("--out", out, what="a folder for the safetensors files")
 
     if action is Action.INSPECT:
         if out is not None or tag is not None:
@@ -71,7 +77,7 @@ def checkpoint(
         return
     if out is None:
         raise UserError("checkpoint consolidate needs --out FOLDER (where model.safetensors goes)")
-    files = offline.consolidate(directory, out_dir=out, tag=tag, dtype=dtype,
+    files = offline.consolidate(directory, out_dir=Path(out), tag=tag, dtype=dtype,
                                 max_shard_bytes=offline.parse_size(max_shard_size))
     if json_out:
         emit_json({"files": [str(f) for f in files]})

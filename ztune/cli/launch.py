@@ -62,7 +62,7 @@ def launch(
 ) -> None:
     """Run a training script on every host of a hostfile (or Slurm allocation, or just here) with torchrun."""
     from ztune.console import warn
-    from ztune.inputs import int_flag, seconds_flag
+    from ztune.inputs import int_flag, seconds_flag, text_flag
     from ztune.launch import LaunchRequest, plan_launch
     from ztune.launch.command import left_behind_warning
     from ztune.launch.ssh import SshOptions
@@ -70,6 +70,8 @@ def launch(
     script_args = list(args or [])
     if script_args[:1] == ["--"]:
         script_args = script_args[1:]
+    text_flag("--log-dir", log_dir, what="a folder for the hosts' logs")
+    text_flag("--preflight-cache", preflight_cache, what="a file name for the preflight result")
     seconds_flag("--grace", grace, allow_zero=True)
     seconds_flag("--preflight-timeout", preflight_timeout)
     int_flag("--max-restarts", max_restarts, lo=0, hi=1000)

@@ -164,8 +164,9 @@ def _workload(model: str | None, *, seq: int, micro_batch: int, precision: str) 
 
 
 def probe(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Profile to write (default: "
-                                                "hardware-<hostname>.yaml).")] = None,
+    # str, not Path: typer turns "" into Path("."), which would then be reported as a directory.
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Profile to write (default: "
+                                               "hardware-<hostname>.yaml).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes, a few seconds; rougher numbers.")] = False,
     ranks: Annotated[int | None, typer.Option("--ranks", help="Local ranks for the all_reduce test (default: "
@@ -190,6 +191,11 @@ def probe(
     hardware profile usable as `ztune estimate --hardware FILE`."""
     from ztune import probe as lib
     from ztune.console import emit_json, err_console, error
+    from ztune.inputs import text_flag
+
+    text_flag("--output", output, what="a .yaml file name for the profile")
+    text_flag("--inter-node-master", inter_node_master, what="HOST or HOST:PORT of node 0")
+    text_flag("--model", model, what="a model profile name, YAML or config.json path")
 
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks must be >= 1, got {ranks}")
@@ -208,7 +214,7 @@ def probe(
         master = parse_master(inter_node_master)
         check_resolves(*master)
     workload = _workload(model, seq=seq, micro_batch=micro_batch, precision=precision)
-    output = output or Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
+    output = Path(output) if output is not None else Path(f"hardware-{lib._sanitize(socket.gethostname())}.yaml")
     _check_output(output, force=force)
     if ranks is not None:
         lib.check_ranks(ranks)  # before the progress display: a bad --ranks is one line

@@ -93,8 +93,33 @@ class LaunchPlan:
     env_left_behind: tuple[str, ...] = ()  # notable variables set here that other hosts' ranks will not get
 
 
+# LaunchRequest's text fields that name a host, address, path or name: (flag, what to give). Blank ones are
+# refused (inputs.text_flag): below, `if req.hostfile:` and `req.master_addr or ...` would read them as absent.
+_TEXT_FIELDS = {"hostfile": ("--hostfile", "a hostfile path"),
+                "include": ("--include", "hosts such as 'node1:0,1@node2'"),
+                "exclude": ("--exclude", "hosts such as 'node3@node1:1'"),
+                "master_addr": ("--master-addr", "the head's address or hostname"),
+                "config": ("--config", "a config file path"),
+                "workdir": ("--workdir", "a folder path"),
+                "python": ("--python", "the python to run on the hosts"),
+                "ifname": ("--ifname", "a network interface name such as eth0")}
+
+
+def check_request_text(req: LaunchRequest) -> None:
+    """Refuse a blank text flag of `req` (and of its ssh options) with one line naming the flag."""
+    from ztune.inputs import text_flag
+
+    for name, (flag, what) in _TEXT_FIELDS.items():
+        text_flag(flag, getattr(req, name), what=what)
+    if req.ssh is not None:
+        text_flag("--ssh-config", req.ssh.config_file, what="an ssh config file path")
+        for opt in req.ssh.options:
+            text_flag("--ssh-option", opt, what="an ssh option such as KEY=VALUE")
+
+
 def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:
     """Hosts from --hostfile, else from a Slurm allocation, else this host alone (local mode)."""
+    check_request_text(req)
     if req.hostfile:
         text = read_text(req.hostfile, error=HostfileError, what="hostfile")
         hosts, local = parse_hostfile(text, source=req.hostfile), False
