@@ -8,7 +8,9 @@ parameter refresh of stages 1-2) per ztune variant, to set beside `ztune estimat
 Every rank times each part of `--steps` steps with time.perf_counter after `--warmup` steps, by wrapping the
 engine's own calls (GradReducer.finish, optim_shard.step_shards, torch.linalg.vector_norm as engine.step calls
 it); it prints each rank's medians in ms, with the process's CPU seconds per step (all threads: `cpu`) and its
-main thread's (`main_cpu`: the computing thread; the rest is gloo's and the shared-memory transport's threads). With
+main thread's (`main_cpu`: the computing thread) and the hierarchical collectives' worker threads' (`lanes_cpu`:
+runtime/comm/hierarchical.py, their shared-memory copies and sums and the gloo calls they make); the rest is gloo's
+own threads. With
 `--profile N`, rank 0 also runs torch.profiler over its timed steps and prints the N operators with the most self CPU
 time; with `--pyprofile N`, cProfile instead (Python functions too: the runtime's hooks and bookkeeping), the N with
 the most own time (`--pyprofile-clock cpu`: own main-thread CPU time). `--precision fp32` where bf16 matmul is
@@ -39,6 +41,21 @@ def _timed(totals: dict, key: str, fn):
         finally:
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
     return wrapper
+
+
+def _lanes_cpu_s() -> float:
+    """CPU seconds so far of the hierarchical collectives' worker threads (runtime/comm/hierarchical.py _Worker),
+    by their pthread CPU clocks; 0 where there are none."""
+    import threading
+
+    total = 0.0
+    for t in threading.enumerate():
+        if t.name == "ztune-hierarchical" and t.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+            except OSError:  # the thread ended meanwhile
+                pass
+    return total
 
 
 def worker(args) -> int:
@@ -84,15 +101,15 @@ def worker(args) -> int:
                 prof.enable()
             parts.clear()
             dist.barrier()
-            m0, c0, t0 = time.thread_time(), time.process_time(), time.perf_counter()
+            m0, c0, t0, h0 = time.thread_time(), time.process_time(), time.perf_counter(), _lanes_cpu_s()
             loss = engine(*data[i])
             t1 = time.perf_counter()
             engine.backward(loss)
             t2 = time.perf_counter()
             engine.step()
-            t3, c3, m3 = time.perf_counter(), time.process_time(), time.thread_time()
+            t3, c3, m3, h3 = time.perf_counter(), time.process_time(), time.thread_time(), _lanes_cpu_s()
             rows.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "total": t3 - t0,
-                         "cpu": c3 - c0, "main_cpu": m3 - m0, **parts})
+                         "cpu": c3 - c0, "main_cpu": m3 - m0, "lanes_cpu": h3 - h0, **parts})
         if prof is not None and args.pyprofile:
             import io
             import pstats
@@ -105,7 +122,8 @@ def worker(args) -> int:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
             print("\n".join(f"[parts] {line}" for line in table.splitlines()), flush=True)
-        keys = ("total", "cpu", "main_cpu", "forward", "backward", "reduce_wait", "step", "grad_norm", "optimizer")
+        keys = ("total", "cpu", "main_cpu", "lanes_cpu", "forward", "backward", "reduce_wait", "step", "grad_norm",
+                "optimizer")
         med = {k: statistics.median(r.get(k, 0.0) for r in rows[args.warmup:]) * 1e3 for k in keys}
         gathered: list = [None] * world
         dist.all_gather_object(gathered, med)
