@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,41 @@ def parse_yaml(text: str, *, error: type[UserError], where: str) -> Any:
         detail = str(exc).splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
         raise error(f"{where} is not usable YAML: {detail}") from None
     return check_plain(doc, error=error, where=where)
+
+
+# ------------------------------------------------------------------------------------------ numbers in text
+# Python's int() and float() take any Unicode decimal digit ('２' is 2, '٣' is 3), '_' between digits and
+# surrounding whitespace. In a hostfile, profile or flag those are a paste from a word processor or a typo, not
+# a number to guess at: numbers read from user text are written in ASCII only.
+_ASCII_INT = re.compile(r"[0-9]+")
+# A decimal number; in YAML 1.1 digits may be grouped with '_' (11_811_160_064), and PyYAML leaves `989e12` and
+# `2.5e12` (exponent without a sign) as strings, which profile readers then convert.
+_ASCII_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_ASCII_NUMBER_GROUPED = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?")
+# Python refuses int() of more digits than 4300 (sys.int_info.default_max_str_digits); callers bound the value.
+_MAX_DIGITS = 4000
+
+
+def ascii_int(text: str) -> int | None:
+    """`text` as a non-negative integer when it is only ASCII digits 0-9 (no sign, space or '_'), else None."""
+    if len(text) > _MAX_DIGITS or _ASCII_INT.fullmatch(text) is None:
+        return None
+    return int(text)
+
+
+def ascii_number(text: str, *, yaml_grouping: bool = False) -> float | None:
+    """`text` as a float when it is a decimal number in ASCII, else None; with `yaml_grouping` (text from a YAML
+    file) digits may be grouped with '_' as YAML 1.1 allows."""
+    pattern = _ASCII_NUMBER_GROUPED if yaml_grouping else _ASCII_NUMBER
+    if len(text) > _MAX_DIGITS or pattern.fullmatch(text) is None:
+        return None
+    return float(text.replace("_", ""))
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, non-ASCII characters escaped ('slots=\\uff12'), so the reader sees why a
+    value that looks like a number is not one."""
+    return ascii(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 # ------------------------------------------------------------------------------------------------ CLI flags

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ztune.errors import ProfileError
-from ztune.inputs import StrictYamlLoader, check_plain
+from ztune.inputs import StrictYamlLoader, ascii_number, check_plain, shown
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
 # The C loader parses a profile ~10x faster than the pure-Python one; both give the same data.
@@ -138,13 +138,14 @@ def _convert(value: Any, type_name: str, key: str, origin: str) -> Any:
         if not isinstance(value, str) or value.lower() not in allowed:
             raise ProfileError(f"{origin}: {key}: got {_describe(value)}; allowed: {', '.join(allowed)}")
         return Architecture(value.lower())
-    # Numbers. YAML 1.1 reads `989e12` (no dot, unsigned exponent) as a string: accept it as a number.
+    # Numbers. YAML 1.1 reads `989e12` (no dot, unsigned exponent) as a string: accept it as a number, written in
+    # ASCII only (inputs.ascii_number: float() would also read '８' as 8, or ' 8 ').
     number = value
     if isinstance(value, str):
-        try:
-            number = float(value.replace("_", ""))
-        except ValueError:
-            number = value
+        converted = ascii_number(value, yaml_grouping=True)
+        if converted is None and not value.isascii():
+            raise ProfileError(f"{origin}: {key}: {shown(value)} is not a number; write it in ASCII digits 0-9")
+        number = value if converted is None else converted
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
         raise ProfileError(f"{origin}: {key}: expected a number, got {_describe(value)}")
     if type_name == "int":
@@ -341,7 +342,8 @@ def load_hardware(ref: str) -> Hardware:
 
 
 # ---------------------------------------------------------------------------------- --params 70B
-_PARAMS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmbgt]?)\s*$", re.IGNORECASE)
+# ASCII only: without re.ASCII, \d takes any Unicode digit and float() reads it ("７0B" was 70B).
+_PARAMS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([kmbgt]?)\s*$", re.IGNORECASE | re.ASCII)
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _GENERIC_VOCAB = 32000  # Llama / Llama-2 tokenizer
 _GENERIC_HEAD_SIZE = 128
@@ -368,7 +370,8 @@ def model_from_params(text: str) -> ModelSpec:
     match = _PARAMS_RE.match(str(text))
     if not match:
         raise ProfileError(
-            f"bad --params value {str(text)!r}: write a parameter count such as 70B, 7b, 1.5B or 350M"
+            f"bad --params value {shown(str(text))}: write a parameter count such as 70B, 7b, 1.5B or 350M (ASCII "
+            "digits)"
         )
     target = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
     if not 10e6 <= target <= 1e15:

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from ztune.errors import UserError
+from ztune.inputs import ascii_number, shown
 from ztune.runtime.state import tags
 from ztune.runtime.state.files import CheckpointError, replace_atomic, write_tensor_stream
 from ztune.runtime.state.reader import TagReader, resolve
 
 OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
+MAX_SHARD_BYTES = 1 << 60  # 1 EiB: above any model; keeps int() of the size finite
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -167,13 +169,14 @@ def parse_size(text: str) -> int:
     """Bytes from '500MB', '2GiB', '1e9', '123' (decimal units kB/MB/GB, binary KiB/MiB/GiB)."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1}
-    s = text.strip().lower()
+    s = text.strip(" ").lower()
     unit = next((u for u in units if s.endswith(u)), "")
-    number, factor = s[: len(s) - len(unit)].strip(), units.get(unit, 1)
-    try:
-        value = float(number)
-    except ValueError:
-        raise UserError(f"--max-shard-size {text!r} is not a size; use e.g. 500MB, 2GiB or 1000000") from None
-    if not value > 0:
-        raise UserError(f"--max-shard-size must be > 0, got {text!r}")
+    number, factor = s[: len(s) - len(unit)].strip(" "), units.get(unit, 1)
+    # ASCII only (float() also reads '５', '1_0', 'inf' and 'nan'; int(inf) would raise OverflowError).
+    value = ascii_number(number)
+    if value is None:
+        raise UserError(f"--max-shard-size {shown(text)} is not a size; use e.g. 500MB, 2GiB or 1000000 (ASCII "
+                        "digits)")
+    if not 0 < value * factor <= MAX_SHARD_BYTES:
+        raise UserError(f"--max-shard-size must be more than 0 bytes and at most 1 EiB, got {shown(text)}")
     return int(value * factor)

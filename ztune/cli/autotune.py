@@ -23,7 +23,8 @@ from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, MAX_STEPS, int_flag, sec
 
 COMMAND_SETTINGS = {"help": "Benchmark the most promising configs on this machine and write the fastest."}
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+# ASCII only: without re.ASCII, \d takes any Unicode digit and float() reads it ("２GiB" was 2 GiB).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE | re.ASCII)
 _SMOKE = {"model": "tiny-gpt", "hardware": "cpu-local", "nproc": 2, "global_batch": 8, "seq": 64,
           "stages": "0,2,3", "warmup": 1, "steps": 3, "max_trials": 4, "time_budget": 100.0}
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ztune.errors import UserError
+from ztune.inputs import ascii_int, shown
 
 
 class HostfileError(UserError):
@@ -29,7 +30,6 @@ class Host:
         return len(self.slots)
 
 
-_SLOTS_RE = re.compile(r"^slots=(\d+)$")
 # Slots per host: far above any real node (GPUs, or CPU ranks), low enough that a typo such as
 # slots=100000000 is an error instead of a 100-million-element tuple.
 MAX_SLOTS = 4096
@@ -93,13 +93,13 @@ def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
         name = canonical_host(name, where=where)
         num_slots = 1
         if len(fields) == 2:
-            m = _SLOTS_RE.match(fields[1])
-            if m is None:
-                raise HostfileError(f"{where}: expected 'slots=N' with an integer N, got {fields[1]!r}")
-            digits = m.group(1).lstrip("0") or "0"
-            if len(digits) > len(str(MAX_SLOTS)) or not 1 <= int(digits) <= MAX_SLOTS:
-                raise HostfileError(f"{where}: slots must be between 1 and {MAX_SLOTS}, got {m.group(1)[:24]}")
-            num_slots = int(digits)
+            key, _, text = fields[1].partition("=")
+            value = ascii_int(text) if key == "slots" else None
+            if value is None:
+                raise HostfileError(f"{where}: expected 'slots=N' with N in ASCII digits 0-9, got {shown(fields[1])}")
+            if not 1 <= value <= MAX_SLOTS:
+                raise HostfileError(f"{where}: slots must be between 1 and {MAX_SLOTS}, got {text[:24]}")
+            num_slots = value
         if name in seen:
             raise HostfileError(f"{where}: host {name!r} already listed on line {seen[name]}; list it once")
         seen[name] = lineno
@@ -133,9 +133,11 @@ def _split_entry(part: str, *, spec: str, flag: str) -> tuple[str, str | None]:
 
 def _parse_slots(text: str, *, name: str, spec: str, flag: str) -> tuple[int, ...]:
     items = text.split(",")
-    if len(items) > MAX_SLOTS or not all(s.strip().isdigit() and len(s.strip()) <= 6 for s in items):
-        raise HostfileError(f"{flag} {spec!r}: slots of {name!r} must be integers like 'host:0,1'")
-    return tuple(int(s) for s in items)
+    slots = [ascii_int(s.strip(" ")) if len(s.strip(" ")) <= 6 else None for s in items]
+    if len(items) > MAX_SLOTS or None in slots:
+        raise HostfileError(f"{flag} {shown(spec)}: slots of {name!r} must be integers in ASCII digits 0-9, like "
+                            "'host:0,1'")
+    return tuple(slots)
 
 
 def _parse_filter(spec: str, *, flag: str) -> dict[str, tuple[int, ...] | None]:
@@ -168,7 +170,7 @@ def apply_filters(hosts: list[Host], *, include: str | None = None, exclude: str
         if name not in by_name:
             hint = ""
             head, _, tail = name.rpartition(":")
-            if ":" in name and tail.isdigit() and _canonical_or_none(head) in by_name:
+            if ":" in name and ascii_int(tail) is not None and _canonical_or_none(head) in by_name:
                 hint = f"; for slot {tail} of {head} write '[{head}]:{tail}'"
             raise HostfileError(f"{flag}: host {name!r} is not in the host list ({', '.join(by_name)}){hint}")
         bad = [s for s in slots or () if s not in by_name[name].slots]
@@ -237,8 +239,8 @@ def _expand_ranges(body: str, *, nodelist: str) -> list[str]:
     out = []
     for item in body.split(","):
         lo, sep, hi = item.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise HostfileError(f"SLURM_JOB_NODELIST {nodelist!r}: bad range {item!r}")
+        if ascii_int(lo) is None or (sep and ascii_int(hi) is None):
+            raise HostfileError(f"SLURM_JOB_NODELIST {shown(nodelist)}: bad range {shown(item)} (ASCII digits 0-9)")
         if not sep:
             out.append(lo)
             continue
@@ -275,6 +277,6 @@ def hosts_from_slurm(env: dict[str, str]) -> list[Host] | None:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    gpus = env.get("SLURM_GPUS_ON_NODE", "")
-    num_slots = int(gpus) if gpus.isdigit() and len(gpus) <= 6 and 0 < int(gpus) <= MAX_SLOTS else 1
+    gpus = ascii_int(env.get("SLURM_GPUS_ON_NODE", ""))
+    num_slots = gpus if gpus is not None and 0 < gpus <= MAX_SLOTS else 1
     return [Host(name=n, slots=tuple(range(num_slots))) for n in expand_nodelist(nodelist)]
