@@ -15,9 +15,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztune.errors import UserError
+
+if TYPE_CHECKING:
+    from ztune.config.validate import BatchKeys
 
 GIB = 1 << 30
 
@@ -284,6 +287,22 @@ def parse_fast(argv: list[str]) -> dict[str, Any] | None:
     return kwargs
 
 
+def batch_keys(*, micro_batch: int | None, global_batch: int | None,
+               config_keys: BatchKeys | None) -> BatchKeys:
+    """How batch-size errors name each size: by its flag where --micro-batch / --global-batch gave it, else by
+    the config's key as written (`config_keys`, a BatchKeys; None: no config). With a batch flag the gradient
+    accumulation is derived, so no key of the user's holds it."""
+    from ztune.config.validate import BatchKeys
+
+    if config_keys is None:
+        return BatchKeys(global_="--global-batch", micro="--micro-batch", grad_accum="the gradient accumulation")
+    if micro_batch is None and global_batch is None:
+        return config_keys
+    return BatchKeys(global_="--global-batch" if global_batch is not None else config_keys.global_,
+                     micro="--micro-batch" if micro_batch is not None else config_keys.micro,
+                     grad_accum="the gradient accumulation")
+
+
 def run_estimate(*, hardware: str | None, model: str | None, params: str | None, nodes: int, seq: int | None,
                  micro_batch: int | None, global_batch: int | None, config: Path | None, stage: int | None,
                  precision: str | None, compression: bool, zeropp: bool | None, json_out: bool,
@@ -342,8 +361,9 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         if micro_batch is not None or global_batch is not None:
             batch = dataclasses.replace(batch, micro=micro_batch or batch.micro,
                                         global_=global_batch or batch.global_, grad_accum=None)
-        else:  # the config's own batch keys: errors name them as written
-            batch = resolve_batch(batch, nodes * hw.gpus_per_node, keys=loaded.batch_keys)
+        # errors name each size as the user gave it: the flag, or the config's key as written
+        keys = batch_keys(micro_batch=micro_batch, global_batch=global_batch, config_keys=loaded.batch_keys)
+        batch = resolve_batch(batch, nodes * hw.gpus_per_node, keys=keys)
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
         # a DeepSpeed config has no sequence length: the model's, as without --config (ztune YAML has seq_len)
         cfg = dataclasses.replace(cfg, batch=batch, zero=zero,
@@ -369,6 +389,15 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
             raise UserError(f"{config}: on {nodes} x {hw.name} ({hw.gpus_per_node} GPUs per node): {text}") from None
         estimates = [estimate_one(spec, hw, cfg, num_nodes=nodes, framework=framework)]
     else:
+        world = nodes * hw.gpus_per_node
+        if global_batch is not None and micro_batch is not None:  # what the sweep would refuse, by flag
+            from ztune.config import BatchConfig, resolve_batch
+
+            resolve_batch(BatchConfig(micro=micro_batch, global_=global_batch), world,
+                          keys=batch_keys(micro_batch=micro_batch, global_batch=global_batch, config_keys=None))
+        elif global_batch is not None and global_batch % world:  # each candidate's micro-batch divides it
+            raise UserError(f"--global-batch {global_batch} is not divisible by the {world} GPUs ({nodes} x "
+                            f"{hw.gpus_per_node}); pick a multiple of {world}")
         methods = tuple(Compression) if compression else (Compression.NONE,)
         estimates = sweep(spec, hw, num_nodes=nodes, seq_len=seq_len, global_batch=global_batch,
                           micro_batch=micro_batch, stages=(stage,) if stage is not None else (0, 1, 2, 3),
