@@ -224,6 +224,9 @@ def shown(text: str) -> str:
 # Bounds on integer flags: far above any real job, low enough that nothing downstream (a divisor loop, a
 # tuple of slots, an int -> float conversion) is asked to do the impossible.
 MAX_RANKS = 1 << 20
+# Ranks on one host: a node has 8-16 GPUs, a CPU host one rank per core and a few hundred cores. Hostfile slots,
+# --nproc-per-node and a hardware profile's gpus_per_node share it, so a profile the hostfile can describe loads.
+MAX_RANKS_PER_HOST = 4096
 MAX_BATCH = 1 << 24  # samples per step
 MAX_STEPS = 10**7
 MAX_SEQ = 1 << 24  # tokens per sample

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ztune.errors import ProfileError
-from ztune.inputs import StrictYamlLoader, ascii_number, check_plain, shown
+from ztune.inputs import MAX_RANKS_PER_HOST, MAX_SEQ, StrictYamlLoader, ascii_number, check_plain, shown
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
 # The C loader parses a profile ~10x faster than the pure-Python one; both give the same data.
@@ -48,6 +48,37 @@ _RATE_FLOORS = (
     *((f.name, 1e3, "write elements/s, e.g. 2e8, or 0 for unknown") for f in dataclasses.fields(Hardware)
       if f.name.endswith("_elements_per_s")),
 )
+
+# The most a size may be: each far above any real device or model, so that a value beyond it is a typo or a unit
+# slip (1e15 for 15), refused here instead of steering the estimate or the tuner with nonsense.
+_HARDWARE_CEILINGS = (
+    # The hostfile's slots per host share this bound (inputs.MAX_RANKS_PER_HOST).
+    ("gpus_per_node", MAX_RANKS_PER_HOST, "it counts the ranks of one host (its GPUs, or one per CPU core)"),
+    ("nics_per_node", MAX_RANKS_PER_HOST, "it counts the NICs of one host"),
+    ("cpu_cores", 1 << 16, "it counts the cores of one host (the largest have a few thousand)"),
+    # 1 PiB: GPUs hold <= 288 GB (B300), the largest hosts 32 TiB of RAM.
+    ("gpu_memory_bytes", 1 << 50, "write bytes, e.g. 80e9 for 80 GB"),
+    ("host_memory_bytes", 1 << 50, "write bytes, e.g. 2e12 for 2 TB"),
+    # 1e17 FLOP/s is 40x a B200's dense bf16 peak (2.25e15).
+    *((n, 1e17, "write FLOP/s, e.g. 989e12 for 989 TFLOP/s") for n in ("peak_flops_bf16", "peak_flops_fp32")),
+    # 100 TB/s is 12x HBM3e (8 TB/s), 50x NVLink 5 (1.8 TB/s per GPU).
+    *((f.name, 1e14, "write bytes/s, e.g. 25e9 for 25 GB/s") for f in dataclasses.fields(Hardware)
+      if f.name.endswith("_bw_bytes_per_s")),
+    # A collective step takes microseconds; a second is a unit slip (5 for 5 us).
+    *((n, 1.0, "write seconds, e.g. 5e-6 for 5 us") for n in ("intra_node_latency_s", "inter_node_latency_s")),
+)
+# The most a model dimension may be, each at least 10x the largest published model's (Llama 3.1 405B: hidden 16384,
+# 126 layers, 128 heads, FFN 53248; vocabularies <= 262144; MoE <= 384 experts). max_seq_len shares --seq's bound
+# (contexts reach 10M tokens).
+_TENFOLD = "at least 10x any published model's"
+_MODEL_CEILINGS = (
+    *((key, ceiling, _TENFOLD) for key, ceiling in (
+        ("vocab_size", 1 << 24), ("hidden_size", 1 << 18), ("intermediate_size", 1 << 20), ("num_layers", 1 << 14),
+        ("num_heads", 1 << 14), ("num_kv_heads", 1 << 14), ("head_dim", 1 << 14), ("num_experts", 1 << 14))),
+    ("max_seq_len", MAX_SEQ, "the bound of --seq"),
+)
+# The most parameters a model may have: the range `--params` covers (model_from_params).
+MAX_PARAMS = 1e15
 
 
 # ---------------------------------------------------------------------------------------------- lookup
@@ -185,6 +216,10 @@ def _check_model(m: ModelSpec, origin: str) -> ModelSpec:
         value = getattr(m, key)
         if value is not None and value <= 0:
             raise ProfileError(f"{origin}: {key} must be a positive integer, got {value}")
+    for key, ceiling, why in _MODEL_CEILINGS:
+        value = getattr(m, key)
+        if value is not None and value > ceiling:
+            raise ProfileError(f"{origin}: {key} is {value:,}, above {ceiling:,} ({why}); check the value")
     if m.head_dim is None and m.hidden_size % m.num_heads:
         raise ProfileError(
             f"{origin}: hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}; "
@@ -204,6 +239,10 @@ def _check_model(m: ModelSpec, origin: str) -> ModelSpec:
         )
     if m.top_k > m.num_experts:
         raise ProfileError(f"{origin}: top_k {m.top_k} exceeds num_experts {m.num_experts}")
+    total = count_params(m).total
+    if total > MAX_PARAMS:
+        raise ProfileError(f"{origin}: the shape has {total:.3g} parameters, above {MAX_PARAMS:g} (1000T, the range "
+                           "of --params); check num_layers, hidden_size, intermediate_size and num_experts")
     return m
 
 
@@ -219,6 +258,10 @@ def _check_hardware(hw: Hardware, origin: str) -> Hardware:
         value = getattr(hw, name)
         if value > 0 and value < floor:
             raise ProfileError(f"{origin}: {name} is {value:g}, under {floor:g}; {how}")
+    for name, ceiling, how in _HARDWARE_CEILINGS:
+        value = getattr(hw, name)
+        if value > ceiling:
+            raise ProfileError(f"{origin}: {name} is {value:g}, above the {ceiling:g} allowed; {how}")
     if hw.train_flops_efficiency > 1:
         raise ProfileError(f"{origin}: train_flops_efficiency is a fraction of peak_flops_bf16, got "
                            f"{hw.train_flops_efficiency}; write e.g. 0.45 for 45%")
@@ -374,7 +417,7 @@ def model_from_params(text: str) -> ModelSpec:
             "digits)"
         )
     target = float(match.group(1)) * _SUFFIX[match.group(2).lower()]
-    if not 10e6 <= target <= 1e15:
+    if not 10e6 <= target <= MAX_PARAMS:
         raise ProfileError(
             f"--params {text}: generic shapes cover 10M to 1000T parameters (vocab 32000 alone is 8M)"
         )

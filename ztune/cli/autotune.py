@@ -110,15 +110,28 @@ def _journalled_compute(hw: Any, journal: Any, err_console: Any) -> Any:
     return dataclasses.replace(hw, **rec)
 
 
+# The least --memory-cap may be. The cap is RLIMIT_DATA on every trial process (tune/bench.py), and Python with
+# torch maps more than 128 MiB of data before training starts (measured: `import torch` aborts under a 128 MiB
+# cap, runs under 256 MiB): below this every trial fails before its first step. A bare number is bytes, so
+# `--memory-cap 2` meant 2 bytes.
+MIN_MEMORY_CAP_BYTES = 256 << 20
+MAX_MEMORY_CAP_BYTES = 1 << 60  # 1 EiB
+
+
 def parse_size(text: str) -> int:
-    """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30), from 1 byte to 1 EiB."""
+    """'1.5GiB', '800M', '2G' -> bytes (binary units: 1G = 1GiB = 2**30; a bare number is bytes), from
+    MIN_MEMORY_CAP_BYTES (256 MiB) to 1 EiB."""
     m = _SIZE_RE.match(text)
     if not m or len(m.group(1)) > 24:
         raise UserError(f"--memory-cap: cannot read {text!r}; write e.g. 800MiB or 2GiB")
     scale = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[(m.group(2) or "")[:1].lower()]
     size = float(m.group(1)) * scale
-    if not 1 <= size <= 2**60:
-        raise UserError(f"--memory-cap {text!r} is out of range; write e.g. 800MiB or 2GiB")
+    if size < MIN_MEMORY_CAP_BYTES:
+        raise UserError(f"--memory-cap {text!r} is {size:,.0f} byte(s), under the {MIN_MEMORY_CAP_BYTES >> 20} MiB a "
+                        "trial's Python and torch need before training (a bare number is bytes); write e.g. "
+                        "800MiB or 2GiB")
+    if size > MAX_MEMORY_CAP_BYTES:
+        raise UserError(f"--memory-cap {text!r} is out of range (at most 1 EiB); write e.g. 800MiB or 2GiB")
     return int(size)
 
 

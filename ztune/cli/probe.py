@@ -18,6 +18,7 @@ import typer
 from ztune.errors import UserError
 
 COMMAND_SETTINGS = {"help": "Measure GPUs/CPU, memory and collective bandwidth; write a hardware profile."}
+MIN_INTER_NODE_GBPS, MAX_INTER_NODE_GBPS = 0.01, 1e5
 
 
 def _check_output(path: Path, *, force: bool) -> None:
@@ -199,8 +200,12 @@ def probe(
 
     if ranks is not None and ranks < 1:
         raise UserError(f"--ranks must be >= 1, got {ranks}")
-    if inter_node_gbps is not None and not inter_node_gbps > 0:
-        raise UserError(f"--inter-node-gbps must be a positive line rate in Gbit/s, got {inter_node_gbps}")
+    # From 10 Mbit/s (slower is no training link) to 100 Tbit/s (15x a node's NICs today, 8 x 800 Gbit/s): a
+    # value in bit/s or Mbit/s, or 'inf', would otherwise be refused only after minutes of measuring, when the
+    # written profile is checked against its rate bounds.
+    if inter_node_gbps is not None and not MIN_INTER_NODE_GBPS <= inter_node_gbps <= MAX_INTER_NODE_GBPS:
+        raise UserError(f"--inter-node-gbps is a NIC line rate in Gbit/s, from {MIN_INTER_NODE_GBPS:g} to "
+                        f"{MAX_INTER_NODE_GBPS:g}, got {inter_node_gbps:g}; e.g. 100 for 100 GbE")
     master = None
     if inter_node_master is not None or node_rank is not None:
         from ztune.probe_link import check_resolves, parse_master

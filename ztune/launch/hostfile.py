@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ztune.errors import UserError
-from ztune.inputs import ascii_int, shown
+from ztune.inputs import MAX_RANKS_PER_HOST, ascii_int, shown
 
 
 class HostfileError(UserError):
@@ -32,7 +32,7 @@ class Host:
 
 # Slots per host: far above any real node (GPUs, or CPU ranks), low enough that a typo such as
 # slots=100000000 is an error instead of a 100-million-element tuple.
-MAX_SLOTS = 4096
+MAX_SLOTS = MAX_RANKS_PER_HOST
 MAX_HOSTS = 65536  # hosts in one hostfile or Slurm nodelist
 
 
