@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztune.errors import EnvVarError
+from ztune.inputs import ascii_int, ascii_number
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -73,11 +74,14 @@ class EnvVar:
             return True if low in _TRUE else False if low in _FALSE else None
         if self.kind == "choice":
             return text if text in self.choices else None
-        try:
-            value = int(text, 10) if self.kind == "int" else float(text)
-        except ValueError:
-            return None
-        if not math.isfinite(value) or abs(value) > _MAX_NUMBER:
+        # ASCII forms only: int() and float() also take other scripts' digits ('\uff12'), '_' and 'inf'.
+        if self.kind == "int":
+            sign, digits = (text[0], text[1:]) if text[:1] in ("-", "+") else ("", text)
+            magnitude = ascii_int(digits)
+            value = None if magnitude is None else -magnitude if sign == "-" else magnitude
+        else:
+            value = ascii_number(text)
+        if value is None or not math.isfinite(value) or abs(value) > _MAX_NUMBER:
             return None
         if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):
             return None
@@ -147,7 +151,8 @@ def omp_num_threads(environ: Mapping[str, str] | None = None) -> int:
     the user's scripts may rely on; ztune only needs one count, and 1 is what its trials run with by default.
     """
     raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
-    return int(raw) if raw.isdigit() and 0 < int(raw) <= 1 << 16 else 1
+    count = ascii_int(raw)  # str.isdigit() also takes '\u00b2', which int() then refuses
+    return count if count is not None and 0 < count <= 1 << 16 else 1
 
 
 def markdown_table() -> str:

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Sequence
 
 from ztune.errors import UserError
+from ztune.inputs import ascii_int, shown
 from ztune.launch.hostfile import canonical_host
 from ztune.probe import CollectiveResult, ProbeFailed, _collective_worker, _wait_for_result, fit_alpha_beta
 
@@ -30,10 +31,9 @@ def parse_master(text: str) -> tuple[str, int]:
     if not sep:
         host, port = text, DEFAULT_PORT
     else:
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise UserError(f"--inter-node-master {text!r}: the port must be an integer, as in HOST:29510") from None
+        port = ascii_int(port_text)  # int() would also take other scripts' digits, '_' and spaces
+        if port is None:
+            raise UserError(f"--inter-node-master {shown(text)}: the port must be ASCII digits, as in HOST:29510")
     if not host or not 1 <= port <= 65535:
         raise UserError(f"--inter-node-master {text!r}: give HOST or HOST:PORT (port 1-65535)")
     return canonical_host(host, where="--inter-node-master"), port  # no spaces or leading '-'; [v6] bare

@@ -23,9 +23,11 @@ TORCHRUN_KEYS = {f'"{k}"' for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_W
 # (variable, bad values, (good value, parsed))
 CASES = [
     ("ZTUNE_TRIAL_WARMUP", ["abc", "-1", "1.5", "1e3"], ("0", 0)),
-    ("ZTUNE_TRIAL_STEPS", ["abc", "0", "three"], (" 7 ", 7)),
+    # other scripts' digits and '_' (int() and float() take them: '\uff12' was read as 2)
+    ("ZTUNE_TRIAL_STEPS", ["abc", "0", "three", "\uff12", "1_0", "\u0663"], (" 7 ", 7)),
     ("ZTUNE_TRIAL_EXIT", ["maybe", "2"], ("0", False)),
-    ("ZTUNE_GATHER_TIMEOUT_S", ["soon", "0", "-1", "nan", "inf", "1e30"], ("2.5", 2.5)),
+    ("ZTUNE_GATHER_TIMEOUT_S", ["soon", "0", "-1", "nan", "inf", "1e30", "1_0", "\uff12.5", "Infinity"],
+     ("2.5", 2.5)),
     ("ZTUNE_SHM", ["maybe", "enabled"], ("Off", False)),
     ("ZTUNE_SHM_MIN_BYTES", ["lots", "-1", "64KiB"], ("0", 0)),
     ("ZTUNE_LOCAL_WORLD_SIZE", ["x", "0", "2.0"], ("2", 2)),
@@ -130,8 +132,9 @@ def test_no_ztune_variable_is_parsed_outside_the_helper():
     for path in [*(REPO / "ztune").rglob("*.py"), *(REPO / "runtime").rglob("*.py")]:
         text = path.read_text()
         seen |= set(re.findall(r"\bZTUNE_[A-Z][A-Z0-9_]*[A-Z0-9]\b", text))
-        # int(os.environ.get(KEY ...)) and the like: only for what torchrun sets (and validates) itself.
-        keys = re.findall(r"(?:int|float)\(\s*(?:os\.)?env(?:iron)?(?:\.get\(|\[)\s*([^,)\]]+)", text)
+        # int(os.environ.get(KEY ...)) and the like: only for what torchrun sets (and validates) itself
+        # (ztune.inputs.ascii_int, which refuses what int() would take wrongly, is not int()).
+        keys = re.findall(r"\b(?:int|float)\(\s*(?:os\.)?env(?:iron)?(?:\.get\(|\[)\s*([^,)\]]+)", text)
         assert set(keys) <= TORCHRUN_KEYS, (path, keys)
     assert seen - not_parsed <= set(envvars.VARS), seen - not_parsed - set(envvars.VARS)
     assert set(envvars.VARS) <= seen
@@ -156,7 +159,8 @@ def test_launch_checks_env_assignments_too(monkeypatch, capsys):
     assert exc.value.code == 2 and "ZTUNE_GATHER_TIMEOUT_S='soon': expected seconds > 0" in err, err
 
 
-@pytest.mark.parametrize(("raw", "threads"), [("4", 4), ("", 1), ("abc", 1), ("4,2", 1), ("0", 1), ("-3", 1)])
+@pytest.mark.parametrize(("raw", "threads"), [("4", 4), ("", 1), ("abc", 1), ("4,2", 1), ("0", 1), ("-3", 1),
+                                              ("\u00b2", 1), ("\uff14", 1)])  # was: a ValueError traceback / 4
 def test_omp_num_threads_for_trials(raw, threads):
     assert envvars.omp_num_threads({"OMP_NUM_THREADS": raw}) == threads
 

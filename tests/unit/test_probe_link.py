@@ -14,7 +14,9 @@ def test_parse_master():
     assert parse_master("node0:1234") == ("node0", 1234)
     assert parse_master("[fd00::1]:29511") == ("fd00::1", 29511)
     # a space or a leading '-' (was: a rendezvous retried until the timeout, or an ssh-style option)
-    for bad in ("node0:", ":1234", "node0:x", "node0:70000", "a b", "-oProxyCommand=x"):
+    # the port in other scripts' digits, or with '_' or spaces (int() took them: was port 29510)
+    for bad in ("node0:", ":1234", "node0:x", "node0:70000", "a b", "-oProxyCommand=x",
+                "h:\uff12\uff19\uff15\uff11\uff10", "h:29_510", "h: 29510"):
         with pytest.raises(UserError, match="--inter-node-master"):
             parse_master(bad)
 
