@@ -83,22 +83,31 @@ def _optimizer_rows() -> list[str]:
             "momentum with worker and server error feedback; ZeRO stage 0 only and `gradient_clipping` 0 (errors "
             "otherwise, as DeepSpeed rejects it with ZeRO); weight decay decoupled, as DeepSpeed's OnebitAdam. "
             "DeepSpeed 0.19.8 no longer ships OneBitAdam |"]
-    only = {k: f" ({v} only)" for k, v in importer._TYPE_ONLY_PARAMS.items()}
-    rows += [f"| `optimizer.params.{k}` | supported | the optimizer's {k}{only.get(k, '')} |"
+    def only(k: str) -> str:  # the types that take param k, where not all of them do
+        takes = [t for t, params in importer._PARAMS_OF_TYPE.items() if k in params]
+        return "" if len(takes) == len(importer._PARAMS_OF_TYPE) else f" ({', '.join(takes)} only)"
+
+    rows += [f"| `optimizer.params.{k}` | supported | | the optimizer's {k}{only(k)} |"
              for k in sorted(importer._OPTIMIZER_PARAMS)]
-    rows.append(f"| `optimizer.params.torch_adam` | supported | {importer.TORCH_ADAM_NOTE} |")
-    rows += [f"| `optimizer.params.{k}` | ignored | {_cell(why)} |"
-             for k, why in sorted(importer._IGNORED_OPTIMIZER_PARAMS.items())]
-    rows += ["| `optimizer.params.max_grad_norm` | rejected | use `gradient_clipping` (DeepSpeed rejects it too) |"]
-    rows += [f"| `optimizer.params.{k}` | ignored when `{_json(off)}`, else rejected | not implemented by ztune's "
-             "optimizers |" for k, off in sorted(importer._OFF_OPTIMIZER_PARAMS.items())]
+    rows.append(f"| `optimizer.params.torch_adam` | supported | boolean | "
+                f"{importer.TORCH_ADAM_NOTE}{only('torch_adam')} |")
+    rows += [f"| `optimizer.params.{k}` | ignored | {kind} | {_cell(why)}{only(k)} |"
+             for k, (kind, why) in sorted(importer._IGNORED_OPTIMIZER_PARAMS.items())]
+    rows += ["| `optimizer.params.max_grad_norm` | rejected | | use `gradient_clipping` (DeepSpeed rejects it too) |"]
+    rows += [f"| `optimizer.params.{k}` | ignored when `{_json(off)}`, else rejected | "
+             f"{'boolean' if isinstance(off, bool) else 'number'} | not implemented by ztune's optimizers{only(k)} |"
+             for k, off in sorted(importer._OFF_OPTIMIZER_PARAMS.items())]
+    rows.append("| `optimizer.params.*` | rejected | | a param the optimizer type does not take (the type's "
+                "constructor refuses it in DeepSpeed), whatever its value |")
     return rows
 
 
 def render() -> str:
-    lines = [_INTRO, "## Config keys", "", "| key | status | what ztune does |", "|---|---|---|"]
+    lines = [_INTRO, "## Config keys", "", "A value of the wrong type (the DeepSpeed type column) is refused "
+             "naming its key, ignored keys included, as DeepSpeed refuses it.", "",
+             "| key | status | DeepSpeed type | what ztune does |", "|---|---|---|---|"]
     for key, rule in KEYS.items():
-        lines.append(f"| `{key}` | {_status(rule)} | {_cell(rule.note)} |")
+        lines.append(f"| `{key}` | {_status(rule)} | {rule.kind or ''} | {_cell(rule.note)} |")
         if key == "optimizer":
             lines += _optimizer_rows()
     lines += ["", "## `initialize` arguments", "", "| argument | what ztune does |", "|---|---|"]

@@ -32,7 +32,7 @@ def test_deepspeed_optimizer_block_means_what_it_means_in_deepspeed():
     o = _opt({})
     assert (o.lr, o.betas, o.eps) == (1e-3, (0.9, 0.999), 1e-8)  # FusedAdam / DeepSpeedCPUAdam defaults
     for params, type_, message in (({"adam_w_mode": 1}, "Adam", "adam_w_mode: expected true or false"),
-                                   ({"bias_correction": False}, "SGD", "bias_correction: not a parameter of SGD"),
+                                   ({"bias_correction": False}, "SGD", "bias_correction: SGD has no bias_correction"),
                                    ({"amsgrad": True}, "Adam", "optimizer.params.amsgrad: True is not supported"),
                                    ({"nesterov": True}, "SGD", "optimizer.params.nesterov: True is not supported"),
                                    ({"eps2": 1.0}, "Adam", "unknown key 'optimizer.params.eps2'")):

@@ -13,7 +13,19 @@ import json
 from typing import Any
 
 from ztune.config.deepspeed_auto import AutoContext, resolve_auto
-from ztune.config.deepspeed_keys import ALIASES, IGNORED, NEUTRAL, REJECTED, children, rule
+from ztune.config.deepspeed_keys import (
+    ALIASES,
+    BOOL,
+    BOOL_OR_NULL,
+    IGNORED,
+    NEUTRAL,
+    REJECTED,
+    STRING,
+    KeyRule,
+    children,
+    rule,
+)
+from ztune.config.deepspeed_kinds import check_kind
 from ztune.config.schema import (
     ActivationConfig,
     BatchConfig,
@@ -48,10 +60,9 @@ DEEPSPEED_MARKERS = frozenset(
 _BATCH_FIELDS = {"train_batch_size": "global", "train_micro_batch_size_per_gpu": "micro",
                  "gradient_accumulation_steps": "grad_accum"}
 # fp16 keys with DeepSpeed's meaning, read into TrainConfig.loss_scaling (runtime/precision.py).
-_LOSS_SCALE_KEYS = frozenset(
-    {"loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
-     "consecutive_hysteresis"}
-)
+_DYNAMIC_SCALE_KEYS = ("initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+                       "consecutive_hysteresis")
+_LOSS_SCALE_KEYS = frozenset({"loss_scale", *_DYNAMIC_SCALE_KEYS})
 _OPTIMIZERS = {
     "adamw": (OptimizerType.ADAMW, Compression.NONE),
     "adam": (OptimizerType.ADAM, Compression.NONE),
@@ -62,16 +73,27 @@ _OPTIMIZERS = {
 }
 _OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "momentum", "bias_correction", "adam_w_mode",
                      "freeze_step"}
-# Implementation choices, not the math, with the reason each is ignored (docs/deepspeed-migration.md).
-_IGNORED_OPTIMIZER_PARAMS = {
-    "fused": "picks DeepSpeed's Adam kernel; ztune picks its own",
-    "cuda_aware": "OneBitAdam: whether MPI may send CUDA buffers; ztune's exchange goes through its own "
-                  "collective wrapper (gloo or NCCL)",
-    "comm_backend_name": "OneBitAdam: DeepSpeed's nccl/mpi/hccl backend for the compressed exchange; ztune's goes "
-                         "through the engine's process group",
+# The params each optimizer type takes. DeepSpeed passes the params block to the optimizer's constructor as
+# keyword arguments (engine.py _configure_basic_optimizer), which raises TypeError for any other name: Adam and
+# AdamW build FusedAdam / DeepSpeedCPUAdam (adam_w_mode, torch_adam popped first; fused goes to torch's Adam with
+# torch_adam), SGD torch.optim.SGD, OneBitAdam its OnebitAdam. So a param of another type is refused by its
+# presence, whatever its value.
+_ADAM_FAMILY = frozenset({"lr", "betas", "eps", "weight_decay", "bias_correction", "amsgrad"})
+_PARAMS_OF_TYPE = {
+    "adam": _ADAM_FAMILY | {"adam_w_mode", "torch_adam", "fused"},
+    "adamw": _ADAM_FAMILY | {"adam_w_mode", "torch_adam", "fused"},
+    "sgd": frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "fused"}),
+    "onebitadam": _ADAM_FAMILY | {"freeze_step", "eps_inside_sqrt", "cuda_aware", "comm_backend_name"},
 }
-# Parameters only one optimizer type has (any other type: an error naming the key).
-_TYPE_ONLY_PARAMS = {"freeze_step": "onebitadam", "cuda_aware": "onebitadam", "comm_backend_name": "onebitadam"}
+# Implementation choices, not the math, with the reason each is ignored (docs/deepspeed-migration.md).
+# Each with the type its optimizer's constructor takes (checked, as that constructor would).
+_IGNORED_OPTIMIZER_PARAMS = {
+    "fused": (BOOL_OR_NULL, "picks DeepSpeed's Adam kernel; ztune picks its own"),
+    "cuda_aware": (BOOL, "OneBitAdam: whether MPI may send CUDA buffers; ztune's exchange goes through its own "
+                         "collective wrapper (gloo or NCCL)"),
+    "comm_backend_name": (STRING, "OneBitAdam: DeepSpeed's nccl/mpi/hccl backend for the compressed exchange; "
+                                  "ztune's goes through the engine's process group"),
+}
 # torch_adam picks torch's class, which DeepSpeed builds without a weight_decay (engine.py,
 # get_optimizer_configuration): torch.optim.AdamW's default 0.01 then applies instead of DeepSpeed's 0.0.
 TORCH_ADAMW_WEIGHT_DECAY_DEFAULT = 0.01
@@ -111,6 +133,14 @@ def _number(tp: type, value: Any, key: str, *, allow_zero: bool = False) -> Any:
     return out
 
 
+def _check_rule_kind(r: KeyRule, value: Any, user_key: str, *, unread: bool = False) -> None:
+    """The value's type, against DeepSpeed's for the key (deepspeed_kinds.py): strictly where ztune reads the
+    value, as DeepSpeed reads it where ztune does not (an ignored key, or `unread`: a disabled block's). "auto"
+    stays on ignored keys (deepspeed_auto.py), as DeepSpeed drops it before validating (config_utils.py)."""
+    if r.kind is not None and not (r.status == IGNORED and value == "auto"):
+        check_kind(r.kind, value, user_key, lax=unread or r.status == IGNORED)
+
+
 def _apply_rules(block: dict, prefix: str, *, handled: set[str], ignored: list[str], canonical: str | None = None
                  ) -> None:
     """Check the keys of `block` (at user path `prefix`) that the caller did not handle against the table
@@ -137,6 +167,7 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
             raise ConfigError(f"unknown key '{user_key}'; allowed here: " + ", ".join(children(parent)))
         raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "
                           "docs/deepspeed-migration.md")
+    _check_rule_kind(r, value, user_key)
     disabled = isinstance(value, dict) and value.get("enabled") is False
     if r.status == IGNORED or (r.status == NEUTRAL and value == r.neutral) or (r.status == REJECTED and disabled):
         ignored.append(user_key)
@@ -229,6 +260,10 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
         if canonical == "fp16":
             handled |= _LOSS_SCALE_KEYS
             loss_scaling.update({k: v for k, v in block.items() if k in _LOSS_SCALE_KEYS})
+            if _convert(float, block.get("loss_scale", 0), f"{key}.loss_scale") > 0:
+                # A static scale: DeepSpeed builds no dynamic scaler, so its settings have no effect (they are
+                # still type- and range-checked with the rest of loss_scaling).
+                ignored.extend(f"{key}.{k}" for k in block if k in _DYNAMIC_SCALE_KEYS)
         else:
             handled.add("check_grad_overflow")
             check = block.get("check_grad_overflow", DS_BF16_CHECK_GRAD_OVERFLOW_DEFAULT)
@@ -237,10 +272,12 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
             top["check_grad_overflow"] = check
         _apply_rules(block, key, handled=handled, ignored=ignored, canonical=canonical)
     else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
-        for k in block:
+        for k, v in block.items():
             if k != "enabled":
-                if rule(f"{canonical}.{k}") is None:
+                r = None if "." in str(k) else rule(f"{canonical}.{k}")
+                if r is None:
                     raise ConfigError(f"unknown key '{key}.{k}'; allowed here: " + ", ".join(children(canonical)))
+                _check_rule_kind(r, v, f"{key}.{k}", unread=True)
                 ignored.append(f"{key}.{k}")
     return enabled
 
@@ -363,29 +400,29 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     if not isinstance(v, bool):
                         raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
                     adam_w_mode = v
-                elif (k == "adam_w_mode" or (k == "bias_correction" and opt_type is OptimizerType.SGD)
-                      or _TYPE_ONLY_PARAMS.get(k, name.lower()) != name.lower()):
-                    raise ConfigError(f"optimizer.params.{k}: not a parameter of {name}; remove it")
                 elif k == "max_grad_norm":  # DeepSpeed's engine raises for it too (_configure_basic_optimizer)
                     raise ConfigError("optimizer.params.max_grad_norm: not supported as an optimizer parameter; "
                                       "use the top-level gradient_clipping key")
+                elif k not in _PARAMS_OF_TYPE[name.lower()]:
+                    if any(k in params for params in _PARAMS_OF_TYPE.values()):
+                        raise ConfigError(f"optimizer.params.{k}: {name} has no {k}; remove it")
+                    raise ConfigError(f"unknown key 'optimizer.params.{k}'; allowed for {name}: "
+                                      + ", ".join(sorted(_PARAMS_OF_TYPE[name.lower()])))
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
                 elif k == "torch_adam":
                     if not isinstance(v, bool):
                         raise ConfigError(f"optimizer.params.torch_adam: expected true or false, got {v!r}")
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
+                    check_kind(_IGNORED_OPTIMIZER_PARAMS[k][0], v, f"optimizer.params.{k}", lax=True)
                     ignored.append(f"optimizer.params.{k}")
-                elif k in _OFF_OPTIMIZER_PARAMS:
+                else:  # _OFF_OPTIMIZER_PARAMS (every name the types take is in one of these tables)
                     off = _OFF_OPTIMIZER_PARAMS[k]
-                    if v != off or isinstance(v, bool) != isinstance(off, bool):
+                    _convert(bool if isinstance(off, bool) else float, v, f"optimizer.params.{k}")
+                    if v != off:
                         raise ConfigError(f"optimizer.params.{k}: {v!r} is not supported by ztune; remove it "
                                           f"or set it to {str(off).lower()}")
                     ignored.append(f"optimizer.params.{k}")
-                else:
-                    raise ConfigError(
-                        f"unknown key 'optimizer.params.{k}'; allowed here: " + ", ".join(sorted(_OPTIMIZER_PARAMS))
-                    )
             # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
             # (OneBitAdam's weight decay is decoupled too: it adds weight_decay x p to the update.)
             if name.lower() == "adam" and adam_w_mode:

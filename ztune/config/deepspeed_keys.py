@@ -10,6 +10,11 @@ activation_checkpointing/config.py). Status:
 - neutral: accepted when it has its no-effect value `neutral` (then listed as ignored); any other value would
   change training in a way ztune does not implement, so it is rejected with the note;
 - rejected: any value is an error (the feature changes training and ztune does not implement it).
+
+Each leaf key that ztune does not read itself (ignored and neutral keys, and the fp16 / bf16 keys, which a
+disabled block leaves unread) has `kind`: the type DeepSpeed gives its value (its pydantic field, or the type
+its config documentation names where DeepSpeed reads the key without a model). A value of another type is
+refused naming the key, as DeepSpeed refuses it, even where ztune would not read the value.
 """
 
 from __future__ import annotations
@@ -19,24 +24,40 @@ from typing import Any
 
 SUPPORTED, IGNORED, NEUTRAL, REJECTED = "supported", "ignored", "neutral", "rejected"
 
+# Value kinds, named as the error message names them ("expected ..."). DeepSpeed's pydantic fields are strict
+# about these in the ways that matter here: "garbage" is no boolean, 1.5 no integer.
+BOOL = "boolean"
+INT = "integer"
+COUNT = "integer >= 0"  # pydantic Field(ge=0)
+NUMBER = "number"
+FRACTION = "number in [0, 1]"  # pydantic Field(ge=0.0, le=1.0)
+STRING = "string"
+MAPPING = "mapping"
+DTYPE = "dtype name"  # runtime/config.py get_communication_data_type: fp16, bf16 or fp32, any case
+# The same, where DeepSpeed's field is Optional (null = DeepSpeed's default).
+BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL = (k + " or null" for k in (BOOL, INT, STRING, DTYPE))
+KINDS = frozenset({BOOL, INT, COUNT, NUMBER, FRACTION, STRING, MAPPING, DTYPE,
+                   BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL})
+
 
 @dataclass(frozen=True)
 class KeyRule:
     status: str
     note: str
     neutral: Any = None  # the no-effect value, for status "neutral"
+    kind: str | None = None  # DeepSpeed's type for the value (one of KINDS); None: a block read by its parser
 
 
-def _s(note: str) -> KeyRule:
-    return KeyRule(SUPPORTED, note)
+def _s(note: str, kind: str | None = None) -> KeyRule:
+    return KeyRule(SUPPORTED, note, kind=kind)
 
 
-def _i(note: str) -> KeyRule:
-    return KeyRule(IGNORED, note)
+def _i(kind: str, note: str) -> KeyRule:
+    return KeyRule(IGNORED, note, kind=kind)
 
 
-def _n(neutral: Any, note: str) -> KeyRule:
-    return KeyRule(NEUTRAL, note, neutral)
+def _n(kind: str, neutral: Any, note: str) -> KeyRule:
+    return KeyRule(NEUTRAL, note, neutral, kind)
 
 
 def _r(note: str) -> KeyRule:
@@ -51,6 +72,9 @@ _CKPT = "checkpoint-file option (checkpoints are a separate issue); no effect on
 _ACT = ("configures deepspeed.checkpointing.checkpoint(), which a model calls itself; recomputation never changes "
         "the math. ztune's own checkpointing: the \"ztune\": {\"activations\": ...} block")
 _OFFLOAD_IO = "offload buffer/IO tuning: ztune offloads to host memory with its own buffers"
+# The dynamic scaler's settings do nothing under a static scale (DeepSpeed builds no DynamicLossScaler then).
+_DYN = ("; with a static loss_scale (> 0) it has no effect: range-checked as for dynamic scaling, then listed as "
+        "ignored")
 
 KEYS: dict[str, KeyRule] = {
     # -- batch ------------------------------------------------------------------------------------------------
@@ -58,37 +82,39 @@ KEYS: dict[str, KeyRule] = {
     "train_micro_batch_size_per_gpu": _s("micro-batch per rank; also the returned dataloader's batch size; "
                                          "\"auto\" = derive"),
     "gradient_accumulation_steps": _s("micro-steps per optimizer step; \"auto\" = derive"),
-    "managed_gradient_accumulation": _n(True, "DeepSpeed 0.19.8's unmanaged mode (false: every step() is a "
-                                              "boundary and global_samples counts backward calls) is not "
-                                              "implemented; set_gradient_accumulation_boundary covers "
-                                              "caller-controlled boundaries"),
+    "managed_gradient_accumulation": _n(BOOL, True, "DeepSpeed 0.19.8's unmanaged mode (false: every step() is a "
+                                                    "boundary and global_samples counts backward calls) is not "
+                                                    "implemented; set_gradient_accumulation_boundary covers "
+                                                    "caller-controlled boundaries"),
     "gradient_clipping": _s("global-norm clipping (0 disables); absent = 1.0, DeepSpeed 0.19.8's default"),
     # -- precision ----------------------------------------------------------------------------------------------
     "fp16": _s("block"),
     "fp16.enabled": _s("precision fp16; \"auto\" = on when the model's parameters are fp16"),
-    "fp16.auto_cast": _i("ztune always casts floating-point inputs to the compute dtype"),
-    "fp16.fp16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; fp16 masters are not "
-                                                    "implemented"),
+    "fp16.auto_cast": _i(BOOL, "ztune always casts floating-point inputs to the compute dtype"),
+    "fp16.fp16_master_weights_and_grads": _n(BOOL, False, "ztune keeps fp32 master weights; fp16 masters are not "
+                                                          "implemented"),
     # DeepSpeed's dynamic loss scaler (runtime/fp16/loss_scaler.py), implemented in runtime/precision.py.
-    "fp16.loss_scale": _s("0 = dynamic scaling; > 0 = this static scale (overflowing steps are still skipped)"),
-    "fp16.initial_scale_power": _s("the dynamic scale starts at 2**initial_scale_power (default 16)"),
-    "fp16.loss_scale_window": _s("clean steps before the dynamic scale doubles (default 1000)"),
-    "fp16.hysteresis": _s("overflows tolerated before the scale halves (default 2)"),
-    "fp16.consecutive_hysteresis": _s("refill the hysteresis after every clean step (default false)"),
+    "fp16.loss_scale": _s("0 = dynamic scaling; > 0 = this static scale (overflowing steps are still skipped)",
+                          NUMBER),
+    "fp16.initial_scale_power": _s("the dynamic scale starts at 2**initial_scale_power (default 16)" + _DYN, INT),
+    "fp16.loss_scale_window": _s("clean steps before the dynamic scale doubles (default 1000)" + _DYN, INT),
+    "fp16.hysteresis": _s("overflows tolerated before the scale halves (default 2)" + _DYN, INT),
+    "fp16.consecutive_hysteresis": _s("refill the hysteresis after every clean step (default false)" + _DYN,
+                                      BOOL),
     "fp16.min_loss_scale": _s("the dynamic scale's floor; an overflow there with no hysteresis left stops "
-                              "training with an error, as in DeepSpeed (default 1)"),
-    "fp16.immediate_grad_update": _i(_PERF),
+                              "training with an error, as in DeepSpeed (default 1)" + _DYN, NUMBER),
+    "fp16.immediate_grad_update": _i(BOOL, _PERF),
     "bf16": _s("block (\"bfloat16\" is DeepSpeed's older spelling, also read)"),
     "bf16.enabled": _s("precision bf16; \"auto\" = on when the model's parameters are bf16"),
-    "bf16.immediate_grad_update": _i(_PERF),
+    "bf16.immediate_grad_update": _i(BOOL, _PERF),
     "bf16.check_grad_overflow": _s("check_grad_overflow: skip an optimizer step whose gradient norm is not finite "
                                    "(default true, as in DeepSpeed; false skips only when gradient_clipping > 0, "
-                                   "which computes the norm anyway)"),
-    "bf16.bf16_master_weights_and_grads": _n(False, "ztune keeps fp32 master weights; bf16 masters are not "
-                                                    "implemented"),
-    "bf16.bf16_optimizer_states": _n(False, "ztune keeps fp32 optimizer states"),
-    "bf16.loss_scale": _n(0, "bf16 is never loss-scaled (0 = no static scale; older DeepSpeed accepted it, 0.19.8 "
-                             "rejects it)"),
+                                   "which computes the norm anyway)", BOOL),
+    "bf16.bf16_master_weights_and_grads": _n(BOOL, False, "ztune keeps fp32 master weights; bf16 masters are not "
+                                                          "implemented"),
+    "bf16.bf16_optimizer_states": _n(BOOL, False, "ztune keeps fp32 optimizer states"),
+    "bf16.loss_scale": _n(NUMBER, 0, "bf16 is never loss-scaled (0 = no static scale; older DeepSpeed accepted "
+                                     "it, 0.19.8 rejects it)"),
     # -- ZeRO ---------------------------------------------------------------------------------------------------
     "zero_optimization": _s("block"),
     "zero_optimization.stage": _s("ZeRO stage 0-3"),
@@ -100,105 +126,107 @@ KEYS: dict[str, KeyRule] = {
     "zero_optimization.offload_param.device": _s("cpu or none (nvme is rejected)"),
     "zero_optimization.cpu_offload": _s("legacy: true = offload_optimizer {device: cpu}"),
     "zero_optimization.cpu_offload_param": _s("legacy: true = offload_param {device: cpu}"),
-    "zero_optimization.cpu_offload_use_pin_memory": _i(_OFFLOAD_IO),
+    "zero_optimization.cpu_offload_use_pin_memory": _i(BOOL_OR_NULL, _OFFLOAD_IO),
     "zero_optimization.reduce_bucket_size": _s("elements per gradient-reduction bucket; \"auto\" = hidden_size^2 "
                                                "(as the Hugging Face integration fills it)"),
     "zero_optimization.allgather_bucket_size": _s("elements per parameter all-gather bucket"),
-    "zero_optimization.overlap_comm": _i(_PERF),
-    "zero_optimization.contiguous_gradients": _i(_PERF),
-    "zero_optimization.reduce_scatter": _i(_PERF),
-    "zero_optimization.allgather_partitions": _i(_PERF),
-    "zero_optimization.round_robin_gradients": _i(_PERF),
-    "zero_optimization.sub_group_size": _i(_PERF),
-    "zero_optimization.stage3_prefetch_bucket_size": _i("ztune prefetches whole units (its zero.prefetch_units)"),
-    "zero_optimization.stage3_param_persistence_threshold": _i(_PERF),
-    "zero_optimization.stage3_model_persistence_threshold": _i(_PERF),
-    "zero_optimization.stage3_max_live_parameters": _i(_PERF),
-    "zero_optimization.stage3_max_reuse_distance": _i(_PERF),
-    "zero_optimization.stage3_allgather_sequential": _i(_PERF),
-    "zero_optimization.stage3_module_granularity_threshold": _i(_PERF),
-    "zero_optimization.stage3_use_all_reduce_for_fetch_params": _i(_PERF),
-    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _i(_CKPT),
-    "zero_optimization.stage3_gather_fp16_weights_on_model_save": _i(_CKPT),
+    "zero_optimization.overlap_comm": _i(BOOL_OR_NULL, _PERF),
+    "zero_optimization.contiguous_gradients": _i(BOOL, _PERF),
+    "zero_optimization.reduce_scatter": _i(BOOL, _PERF),
+    "zero_optimization.allgather_partitions": _i(BOOL, _PERF),
+    "zero_optimization.round_robin_gradients": _i(BOOL, _PERF),
+    "zero_optimization.sub_group_size": _i(COUNT, _PERF),
+    "zero_optimization.stage3_prefetch_bucket_size": _i(COUNT, "ztune prefetches whole units (its "
+                                                               "zero.prefetch_units)"),
+    "zero_optimization.stage3_param_persistence_threshold": _i(COUNT, _PERF),
+    "zero_optimization.stage3_model_persistence_threshold": _i(COUNT, _PERF),
+    "zero_optimization.stage3_max_live_parameters": _i(COUNT, _PERF),
+    "zero_optimization.stage3_max_reuse_distance": _i(COUNT, _PERF),
+    "zero_optimization.stage3_allgather_sequential": _i(BOOL, _PERF),
+    "zero_optimization.stage3_module_granularity_threshold": _i(INT, _PERF),
+    "zero_optimization.stage3_use_all_reduce_for_fetch_params": _i(BOOL, _PERF),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _i(BOOL, _CKPT),
+    "zero_optimization.stage3_gather_fp16_weights_on_model_save": _i(BOOL, _CKPT),
     # The same knobs under their pydantic field names, which DeepSpeed accepts too (runtime/zero/config.py: each
     # stage3_* key is the alias of one of these fields, and config_utils.DeepSpeedConfigModel sets
     # populate_by_name=True).
-    "zero_optimization.prefetch_bucket_size": _i("ztune prefetches whole units (its zero.prefetch_units)"),
-    "zero_optimization.param_persistence_threshold": _i(_PERF),
-    "zero_optimization.model_persistence_threshold": _i(_PERF),
-    "zero_optimization.max_live_parameters": _i(_PERF),
-    "zero_optimization.max_reuse_distance": _i(_PERF),
-    "zero_optimization.allgather_sequential": _i(_PERF),
-    "zero_optimization.module_granularity_threshold": _i(_PERF),
-    "zero_optimization.use_all_reduce_for_fetch_params": _i(_PERF),
-    "zero_optimization.gather_16bit_weights_on_model_save": _i(_CKPT),
-    "zero_optimization.elastic_checkpoint": _i(_CKPT),
-    "zero_optimization.load_from_fp32_weights": _i(_CKPT),
-    "zero_optimization.pipeline_loading_checkpoint": _i(_CKPT),
-    "zero_optimization.ignore_unused_parameters": _i("ztune accepts parameters without gradients (zeros)"),
-    "zero_optimization.legacy_stage1": _i(_PERF),
-    "zero_optimization.parameter_alignment": _i(_PERF),
-    "zero_optimization.use_multi_rank_bucket_allreduce": _i(_PERF),
-    "zero_optimization.memory_efficient_linear": _i(_PERF),
-    "zero_optimization.override_module_apply": _i(_PERF),
-    "zero_optimization.enable_sanity_checks": _i(_LOG),
-    "zero_optimization.log_trace_cache_warnings": _i(_LOG),
-    "zero_optimization.leaf_module": _i("stage-3 hook granularity; ztune gathers per unit (initialize(units=))"),
-    "zero_optimization.compute_grad_norm": _i("ztune computes the global norm itself when it needs it"),
-    "zero_optimization.save_muon_momentum_buffer_in_memory": _i(_PERF),
+    "zero_optimization.prefetch_bucket_size": _i(COUNT, "ztune prefetches whole units (its zero.prefetch_units)"),
+    "zero_optimization.param_persistence_threshold": _i(COUNT, _PERF),
+    "zero_optimization.model_persistence_threshold": _i(COUNT, _PERF),
+    "zero_optimization.max_live_parameters": _i(COUNT, _PERF),
+    "zero_optimization.max_reuse_distance": _i(COUNT, _PERF),
+    "zero_optimization.allgather_sequential": _i(BOOL, _PERF),
+    "zero_optimization.module_granularity_threshold": _i(INT, _PERF),
+    "zero_optimization.use_all_reduce_for_fetch_params": _i(BOOL, _PERF),
+    "zero_optimization.gather_16bit_weights_on_model_save": _i(BOOL, _CKPT),
+    "zero_optimization.elastic_checkpoint": _i(BOOL, _CKPT),
+    "zero_optimization.load_from_fp32_weights": _i(BOOL, _CKPT),
+    "zero_optimization.pipeline_loading_checkpoint": _i(BOOL, _CKPT),
+    "zero_optimization.ignore_unused_parameters": _i(BOOL, "ztune accepts parameters without gradients (zeros)"),
+    "zero_optimization.legacy_stage1": _i(BOOL, _PERF),
+    "zero_optimization.parameter_alignment": _i(BOOL, _PERF),
+    "zero_optimization.use_multi_rank_bucket_allreduce": _i(BOOL, _PERF),
+    "zero_optimization.memory_efficient_linear": _i(BOOL, _PERF),
+    "zero_optimization.override_module_apply": _i(BOOL, _PERF),
+    "zero_optimization.enable_sanity_checks": _i(BOOL, _LOG),
+    "zero_optimization.log_trace_cache_warnings": _i(BOOL, _LOG),
+    "zero_optimization.leaf_module": _i(MAPPING, "stage-3 hook granularity; ztune gathers per unit "
+                                                 "(initialize(units=))"),
+    "zero_optimization.compute_grad_norm": _i(BOOL, "ztune computes the global norm itself when it needs it"),
+    "zero_optimization.save_muon_momentum_buffer_in_memory": _i(BOOL, _PERF),
     "zero_optimization.zero_hpz_partition_size": _s("ZeRO++ hpZ at stage 3 (k > 1): a secondary parameter partition "
                                                     "over k ranks of one host serves the backward all-gather; k "
                                                     "must divide the ranks per host; 0/1 = off; ignored at stages "
                                                     "0-2, as in DeepSpeed"),
-    "zero_optimization.mics_shard_size": _i("MiCS shard groups: memory layout only"),
-    "zero_optimization.mics_hierarchical_params_gather": _i(_PERF),
+    "zero_optimization.mics_shard_size": _i(INT, "MiCS shard groups: memory layout only"),
+    "zero_optimization.mics_hierarchical_params_gather": _i(BOOL, _PERF),
     "zero_optimization.zero_quantized_weights": _s("ZeRO++ qwZ at stage 3: the forward all-gather sends int8 "
                                                    "weights in blocks of 2048 with one fp32 scale each; master "
                                                    "weights stay full precision; ignored at stages 0-2, as in "
                                                    "DeepSpeed"),
-    "zero_optimization.zero_quantized_nontrainable_weights": _n(False, "quantized frozen weights are not "
-                                                                       "implemented"),
+    "zero_optimization.zero_quantized_nontrainable_weights": _n(BOOL, False, "quantized frozen weights are not "
+                                                                             "implemented"),
     "zero_optimization.zero_quantized_gradients": _s("ZeRO++ qgZ at stage 3: the gradient reduce-scatter as int4 "
                                                      "all-to-alls (blocks of 2048, fp32 scales) inside each host, "
                                                      "then across hosts; not with ztune's compression; ignored at "
                                                      "stages 0-2, as in DeepSpeed"),
     "zero_optimization.zenflow": _r("ZenFlow's delayed CPU updates are not implemented"),
-    "zero_optimization.offload_optimizer.pin_memory": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.buffer_count": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.fast_init": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.nvme_path": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.pipeline_read": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.pipeline_write": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_optimizer.ratio": _i("fraction of states offloaded: placement only (ztune "
-                                                    "offloads all of them)"),
-    "zero_optimization.offload_optimizer.super_offload": _i(_PERF),
-    "zero_optimization.offload_optimizer.cpuadam_cores_perc": _i(_PERF),
-    "zero_optimization.offload_param.pin_memory": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_param.buffer_count": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_param.buffer_size": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_param.max_in_cpu": _i(_OFFLOAD_IO),
-    "zero_optimization.offload_param.nvme_path": _i(_OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.pin_memory": _i(BOOL, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.buffer_count": _i(COUNT, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.fast_init": _i(BOOL, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.nvme_path": _i(STRING_OR_NULL, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.pipeline_read": _i(BOOL, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.pipeline_write": _i(BOOL, _OFFLOAD_IO),
+    "zero_optimization.offload_optimizer.ratio": _i(FRACTION, "fraction of states offloaded: placement only (ztune "
+                                                              "offloads all of them)"),
+    "zero_optimization.offload_optimizer.super_offload": _i(BOOL, _PERF),
+    "zero_optimization.offload_optimizer.cpuadam_cores_perc": _i(FRACTION, _PERF),
+    "zero_optimization.offload_param.pin_memory": _i(BOOL, _OFFLOAD_IO),
+    "zero_optimization.offload_param.buffer_count": _i(COUNT, _OFFLOAD_IO),
+    "zero_optimization.offload_param.buffer_size": _i(COUNT, _OFFLOAD_IO),
+    "zero_optimization.offload_param.max_in_cpu": _i(COUNT, _OFFLOAD_IO),
+    "zero_optimization.offload_param.nvme_path": _i(STRING_OR_NULL, _OFFLOAD_IO),
     # -- activation checkpointing ----------------------------------------------------------------------------
     "activation_checkpointing": _s("block; every key is listed as ignored (see each)"),
-    "activation_checkpointing.partition_activations": _i(_ACT + "; partitions over model-parallel ranks, which "
-                                                                "ztune does not have"),
-    "activation_checkpointing.cpu_checkpointing": _i(_ACT + "; for host activation memory use "
-                                                            "ztune.activations.offload"),
-    "activation_checkpointing.contiguous_memory_optimization": _i(_ACT),
-    "activation_checkpointing.number_checkpoints": _i(_ACT),
-    "activation_checkpointing.synchronize_checkpoint_boundary": _i(_ACT),
-    "activation_checkpointing.profile": _i(_ACT),
+    "activation_checkpointing.partition_activations": _i(BOOL, _ACT + "; partitions over model-parallel ranks, which "
+                                                                      "ztune does not have"),
+    "activation_checkpointing.cpu_checkpointing": _i(BOOL, _ACT + "; for host activation memory use "
+                                                                  "ztune.activations.offload"),
+    "activation_checkpointing.contiguous_memory_optimization": _i(BOOL, _ACT),
+    "activation_checkpointing.number_checkpoints": _i(INT_OR_NULL, _ACT),
+    "activation_checkpointing.synchronize_checkpoint_boundary": _i(BOOL, _ACT),
+    "activation_checkpointing.profile": _i(BOOL, _ACT),
     # -- ztune's own keys inside a DeepSpeed config (DeepSpeed ignores unknown top-level keys) -----------------
     "ztune": _s("ztune extension block; DeepSpeed ignores it"),
     "ztune.activations": _s("ztune activation checkpointing: {checkpointing: none|selective|full, every: k, "
                             "offload: none|cpu}, as in ztune YAML"),
     # -- logging, monitoring, profiling, checkpoint files --------------------------------------------------------
-    "steps_per_print": _i(_LOG),
-    "wall_clock_breakdown": _i(_LOG),
-    "dump_state": _i(_LOG),
-    "memory_breakdown": _i(_LOG),
-    "flops_profiler": _i(_LOG),
-    "comms_logger": _i(_LOG),
+    "steps_per_print": _i(INT_OR_NULL, _LOG),
+    "wall_clock_breakdown": _i(BOOL, _LOG),
+    "dump_state": _i(BOOL, _LOG),
+    "memory_breakdown": _i(BOOL, _LOG),
+    "flops_profiler": _i(MAPPING, _LOG),
+    "comms_logger": _i(MAPPING, _LOG),
     # DeepSpeed's monitor blocks: runtime/compat/monitor.py writes DeepSpeed's events (lr, and the loss scale
     # with fp16) after each optimizer step on rank 0; a disabled block is listed as ignored.
     "tensorboard": _s(_MON + "; torch.utils.tensorboard.SummaryWriter under output_path/job_name (needs the "
@@ -216,22 +244,22 @@ KEYS: dict[str, KeyRule] = {
     "csv_monitor.enabled": _s("write CSV files"),
     "csv_monitor.output_path": _s("directory; the job_name folder is made inside it"),
     "csv_monitor.job_name": _s("folder name inside output_path"),
-    "comet": _i(_LOG),
-    "timers": _i(_LOG),
-    "checkpoint": _i(_CKPT),
-    "aio": _i(_OFFLOAD_IO),
-    "zero_allow_untested_optimizer": _i("permission flag; ztune shards the optimizers it supports"),
-    "zero_force_ds_cpu_optimizer": _i("ztune picks its CPU Adam kernel itself"),
-    "dataloader_drop_last": _i("ztune's dataloader follows DistributedSampler defaults"),
-    "disable_allgather": _i(_PERF),
-    "vocabulary_size": _i(_LOG),
-    "prescale_gradients": _i("divides before instead of after the reduction: the same mean"),
-    "gradient_predivide_factor": _i("splits the 1/world division around the reduction: the same mean"),
+    "comet": _i(MAPPING, _LOG),
+    "timers": _i(MAPPING, _LOG),
+    "checkpoint": _i(MAPPING, _CKPT),
+    "aio": _i(MAPPING, _OFFLOAD_IO),
+    "zero_allow_untested_optimizer": _i(BOOL, "permission flag; ztune shards the optimizers it supports"),
+    "zero_force_ds_cpu_optimizer": _i(BOOL, "ztune picks its CPU Adam kernel itself"),
+    "dataloader_drop_last": _i(BOOL, "ztune's dataloader follows DistributedSampler defaults"),
+    "disable_allgather": _i(BOOL, _PERF),
+    "vocabulary_size": _i(INT_OR_NULL, _LOG),
+    "prescale_gradients": _i(BOOL, "divides before instead of after the reduction: the same mean"),
+    "gradient_predivide_factor": _i(NUMBER, "splits the 1/world division around the reduction: the same mean"),
     "communication_data_type": _s("the gradients' reduction dtype: the compute dtype's own name as it stands; bf16 "
                                   "under fp32 training is compression.method bf16 (a bf16 copy reduced, cast "
                                   "back); any other value is refused (ztune reduces in the compute dtype)"),
-    "seq_parallel_communication_data_type": _i(_PERF),
-    "sparse_gradients": _i("embedding gradients are reduced dense: the same values"),
+    "seq_parallel_communication_data_type": _i(DTYPE_OR_NULL, _PERF),
+    "sparse_gradients": _i(BOOL, "embedding gradients are reduced dense: the same values"),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
                     "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
                     "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
@@ -248,9 +276,9 @@ KEYS: dict[str, KeyRule] = {
     "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
     "data_types": _r("gradient accumulation in another dtype is not implemented (ztune accumulates in fp32 at "
                      "stages 1-3)"),
-    "gradient_allreduce_op": _n("mean", "only the mean reduction is implemented"),
+    "gradient_allreduce_op": _n(STRING, "mean", "only the mean reduction is implemented"),
     "torch_autocast": _r("torch.autocast mixed precision is not implemented; use fp16 or bf16"),
-    "sequence_parallel_size": _n(1, "sequence parallelism is not implemented"),
+    "sequence_parallel_size": _n(INT, 1, "sequence parallelism is not implemented"),
     "pipeline": _r("pipeline parallelism is not implemented"),
     "tensor_parallel": _r("tensor parallelism is not implemented"),
     "compression_training": _r("compression-aware training is not implemented"),

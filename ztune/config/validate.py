@@ -236,15 +236,18 @@ def _check_optimizer_fields(o: OptimizerConfig) -> None:
 
 def check_loss_scaling(ls: LossScaleConfig, *, prefix: str) -> None:
     """The fp16 loss-scale settings DeepSpeed 0.19.8 validates (precision_config.py), plus hysteresis >= 1
-    (DeepSpeed accepts 0 and then never lowers the scale). `prefix` names the block as the user wrote it."""
+    (DeepSpeed accepts 0 and then never lowers the scale). `prefix` names the block as the user wrote it.
+
+    The dynamic scaler's settings are checked under a static scale too (DeepSpeed checks only their types
+    then): they have no effect there, and a nonsense value (hysteresis -3) is a mistake worth one line, not a
+    setting to carry silently."""
     _check_positive(f"{prefix}loss_scale", ls.loss_scale, allow_zero=True)
-    if ls.loss_scale == 0:
-        _check_positive(f"{prefix}loss_scale_window", ls.loss_scale_window)
-        _check_positive(f"{prefix}min_loss_scale", ls.min_loss_scale)
-        _check_positive(f"{prefix}hysteresis", ls.hysteresis)
-        if not -126 <= ls.initial_scale_power <= 127:
-            raise ConfigError(f"{prefix}initial_scale_power: got {ls.initial_scale_power}; must be in "
-                              "[-126, 127] (2 ** power must be a finite float)")
+    _check_positive(f"{prefix}loss_scale_window", ls.loss_scale_window)
+    _check_positive(f"{prefix}min_loss_scale", ls.min_loss_scale)
+    _check_positive(f"{prefix}hysteresis", ls.hysteresis)
+    if not -126 <= ls.initial_scale_power <= 127:
+        raise ConfigError(f"{prefix}initial_scale_power: got {ls.initial_scale_power}; must be in "
+                          "[-126, 127] (2 ** power must be a finite float)")
 
 
 @dataclasses.dataclass(frozen=True)
