@@ -43,6 +43,11 @@ or rejected with one line naming the key when it would change training in a way 
 An unknown key is an error (a typo never passes silently). Batch sizes follow DeepSpeed's derivation for every
 combination of `train_batch_size`, `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`.
 
+A config is read as DeepSpeed's when it has any top-level key that only DeepSpeed configs have (not only the
+batch keys); a `.json` file whose keys are all ones both schemas share (`optimizer`, `scheduler`,
+`gradient_clipping`, `checkpoint`) is read as DeepSpeed's too; a file that mixes DeepSpeed keys with ztune YAML
+keys is refused with one line naming one of each.
+
 `"auto"` (the Hugging Face Trainer's placeholder): the batch keys are derived from the others; `fp16.enabled`
 / `bf16.enabled` are on when the model's parameters already have that dtype; `zero_optimization.reduce_bucket_size`
 is hidden_size x hidden_size (the Trainer's formula, hidden size from `model.config`); ignored keys keep it;

@@ -18,6 +18,7 @@ from ztune.config.deepspeed_keys import (
     BOOL,
     BOOL_OR_NULL,
     IGNORED,
+    KEYS,
     NEUTRAL,
     REJECTED,
     STRING,
@@ -46,17 +47,12 @@ from ztune.config.schema import (
 from ztune.config.validate import _convert, build, check, check_loss_scaling
 from ztune.errors import ConfigError
 
-# Top-level keys whose presence marks a document as DeepSpeed JSON.
-DEEPSPEED_MARKERS = frozenset(
-    {
-        "train_batch_size",
-        "train_micro_batch_size_per_gpu",
-        "gradient_accumulation_steps",
-        "zero_optimization",
-        "fp16",
-        "bf16",
-    }
-)
+# The top-level keys of each schema. A key only DeepSpeed has marks a document as DeepSpeed JSON, one only ztune
+# YAML has marks it as ztune's; optimizer, scheduler, gradient_clipping and checkpoint are in both.
+YAML_TOP_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+DEEPSPEED_TOP_KEYS = frozenset(k.split(".")[0] for k in KEYS) | frozenset(ALIASES)
+DEEPSPEED_MARKERS = DEEPSPEED_TOP_KEYS - YAML_TOP_KEYS
+_YAML_MARKERS = YAML_TOP_KEYS - DEEPSPEED_TOP_KEYS
 _BATCH_FIELDS = {"train_batch_size": "global", "train_micro_batch_size_per_gpu": "micro",
                  "gradient_accumulation_steps": "grad_accum"}
 # fp16 keys with DeepSpeed's meaning, read into TrainConfig.loss_scaling (runtime/precision.py).
@@ -116,8 +112,17 @@ _DS_NAMES = {"zero.offload_optimizer": "zero_optimization.offload_optimizer",
              "loss_scaling.": "fp16."}
 
 
-def is_deepspeed(doc: dict) -> bool:
-    return any(k in DEEPSPEED_MARKERS for k in doc)
+def is_deepspeed(doc: dict, *, json_file: bool = False) -> bool:
+    """Whether `doc` is a DeepSpeed config: it has a key only DeepSpeed configs have (any of them, not only the
+    batch keys). A document with keys of both schemas is an error naming one of each. One with neither (only
+    shared or unknown keys) is DeepSpeed's when it comes from a .json file (`json_file`), else ztune's."""
+    ours = [k for k in doc if k in _YAML_MARKERS]
+    theirs = [k for k in doc if k in DEEPSPEED_MARKERS]
+    if ours and theirs:
+        raise ConfigError(f"the config mixes DeepSpeed keys ({', '.join(map(str, theirs))}) with ztune YAML keys "
+                          f"({', '.join(map(str, ours))}); write it in one schema: DeepSpeed JSON "
+                          "(docs/deepspeed-migration.md) or ztune YAML")
+    return bool(theirs) or (json_file and not ours)
 
 
 def _mapping(value: Any, key: str) -> dict:

@@ -43,16 +43,22 @@ class LoadedConfig:
         return DEEPSPEED_BATCH_KEYS if self.deepspeed else ZTUNE_BATCH_KEYS
 
 
-def _from_doc(doc: Any, context: AutoContext | None) -> LoadedConfig:
+def _from_doc(doc: Any, context: AutoContext | None, *, json_file: bool = False) -> LoadedConfig:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {type(doc).__name__}")
+        raise ConfigError(f"config: expected a mapping of config keys at the top level, got "
+                          f"{_kind_of(doc)}; write key: value settings (ztune YAML or DeepSpeed JSON)")
     check_plain(doc, error=ConfigError, where="config")  # no NaN, Infinity or absurd number reaches a key
-    if is_deepspeed(doc):
+    if is_deepspeed(doc, json_file=json_file):
         cfg, ignored = from_deepspeed(doc, context=context)
         return LoadedConfig(cfg, tuple(ignored), deepspeed=True)
     return LoadedConfig(check(build(TrainConfig, doc)))
+
+
+def _kind_of(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return next((name for tp, name in kinds.items() if isinstance(value, tp)), type(value).__name__)
 
 
 def from_dict(doc: Any) -> TrainConfig:
@@ -74,6 +80,8 @@ def load_detailed(source: str | os.PathLike | dict | TrainConfig | None, *,
         return _from_doc(source, context)
     path = Path(source)
     text = read_text(path, error=ConfigError, what="config file")
+    if not text.strip():  # a JSON reader would call it invalid, a YAML one read null
+        raise _empty(path)
     # Parsed strictly (ztune/inputs.py): NaN, Infinity and absurd numbers are refused here, by key.
     parse = parse_json if path.suffix == ".json" else parse_yaml
     try:
@@ -84,10 +92,17 @@ def load_detailed(source: str | os.PathLike | dict | TrainConfig | None, *,
             raise ConfigError(f"{exc} (ztune reads strict JSON: no comments, trailing commas or unquoted keys, "
                               "which DeepSpeed's hjson reader allows)") from None
         raise
+    if doc is None:  # only comments, `null` or `---`: no settings, which is no config either
+        raise _empty(path)
     try:
-        return _from_doc(doc, context)
+        return _from_doc(doc, context, json_file=path.suffix == ".json")
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
+
+
+def _empty(path: Path) -> ConfigError:
+    return ConfigError(f"config file {str(path)!r} holds no settings (it is empty or null); write the config in "
+                       "it, or leave the config out to use ztune's defaults")
 
 
 def _plain(value: Any) -> Any:
