@@ -67,8 +67,59 @@ def build_app(names: tuple[str, ...] | None = None) -> typer.Typer:
             continue
         if importlib.util.find_spec(f"ztune.cli.{module}") is not None:
             mod = importlib.import_module(f"ztune.cli.{module}")
-            built.command(name, **getattr(mod, "COMMAND_SETTINGS", {}))(getattr(mod, name))
+            command = getattr(mod, name)
+            ascii_number_options(command)
+            built.command(name, **getattr(mod, "COMMAND_SETTINGS", {}))(command)
     return built
+
+
+def _number_parser(kind: type):
+    """A typer `parser` for an int or float option: ASCII forms only (ztune.inputs.ascii_int / ascii_number).
+    typer's own conversion (pydantic's int and float) also takes '1_0' as 10, other scripts' digits ('\uff12')
+    and surrounding spaces."""
+    import typer
+
+    from ztune.inputs import ascii_int, ascii_number, shown
+
+    def parse(value):
+        if not isinstance(value, str):  # a default from the signature
+            return value
+        if kind is int:
+            sign, digits = (value[0], value[1:]) if value[:1] in ("-", "+") else ("", value)
+            number = ascii_int(digits)
+            if number is not None:
+                return -number if sign == "-" else number
+            raise typer.BadParameter(f"{shown(value)} is not an integer (ASCII digits 0-9)")
+        number = ascii_number(value)
+        if number is None:
+            raise typer.BadParameter(f"{shown(value)} is not a number (ASCII digits, as in 2.5 or 1e-3)")
+        return number
+
+    return parse
+
+
+def ascii_number_options(command) -> None:
+    """Give every int or float option of `command` (a command function: Annotated[int | None, typer.Option(...)]
+    parameters) the ASCII-only parser, unless it has a parser of its own. One place for the whole CLI, so that an
+    option added later is covered too (tests/unit/test_cli_numbers.py tries every one)."""
+    import types
+    import typing
+
+    # The modules use `from __future__ import annotations`: each get_type_hints call evaluates the strings again,
+    # making new OptionInfo objects, so the evaluated ones, with their parsers, replace the strings.
+    hints = typing.get_type_hints(command, include_extras=True)
+    command.__annotations__ = hints
+    for annotation in hints.values():
+        if typing.get_origin(annotation) is not typing.Annotated:
+            continue
+        base, *extras = typing.get_args(annotation)
+        kinds = set(typing.get_args(base)) - {type(None)} if isinstance(base, types.UnionType) else {base}
+        if len(kinds) != 1 or not kinds <= {int, float}:
+            continue
+        for info in extras:
+            if type(info).__name__ in ("OptionInfo", "ArgumentInfo") and getattr(info, "parser", None) is None:
+                info.parser = _number_parser(kinds.pop())
+                break
 
 # Commands whose ranks read the ZTUNE_* variables (ztune/envvars.py) of this environment.
 _STARTS_RANKS = ("probe", "autotune", "launch")
