@@ -54,9 +54,11 @@ def test_flags_that_change_the_config_are_checked_like_the_config(tmp_path):
     Sweep-only flags with --config are refused: they would do nothing."""
     cases = [
         ({"train_batch_size": 64, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-         ["--stage", "0"], "with --stage 0, --seq 1024: zero.offload_optimizer: cpu needs zero.stage 1, 2 or 3"),
+         ["--stage", "0"], "with --stage 0, --seq 1024: zero_optimization.offload_optimizer: cpu needs "
+                           "zero_optimization.stage 1, 2 or 3"),
         ({"train_batch_size": 64, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}},
-         ["--stage", "1"], "with --stage 1, --seq 1024: zero.hpz_partition_size: ZeRO++ needs zero.stage 3"),
+         ["--stage", "1"], "with --stage 1, --seq 1024: zero_optimization.zero_hpz_partition_size: ZeRO++ needs "
+                           "zero_optimization.stage 3"),
         ({"train_batch_size": 64, "zero_optimization": {"stage": 2}}, ["--compression"],
          "--compression only widen the sweep"),
         ({"train_batch_size": 64, "zero_optimization": {"stage": 2}}, ["--no-zeropp"],
@@ -74,6 +76,10 @@ def test_flags_that_change_the_config_are_checked_like_the_config(tmp_path):
     yaml_cfg.write_text("zero: {stage: 3, hpz_partition_size: 3}\nbatch: {micro: 1}\n")
     out = run("--model", "llama-2-13b", "--hardware", "dgx-h100", "--seq", "1024", "--config", str(yaml_cfg))
     assert out.returncode == 2 and "zero.hpz_partition_size=3 must divide" in out.stderr, out.stderr
+    yaml_cfg.write_text("zero: {stage: 2, offload_optimizer: cpu}\nbatch: {micro: 1}\n")  # ztune's own names stay
+    out = run("--model", "llama-2-13b", "--hardware", "dgx-h100", "--seq", "1024", "--config", str(yaml_cfg),
+              "--stage", "0")
+    assert out.returncode == 2 and "zero.offload_optimizer: cpu needs zero.stage 1, 2 or 3" in out.stderr, out.stderr
     ok = _estimate(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 2}}, "--stage", "3", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["rows"][0]["stage"] == 3

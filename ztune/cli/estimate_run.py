@@ -379,6 +379,10 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
             try:
                 cfg = check_config(cfg)
             except ConfigError as exc:
+                if loaded.deepspeed:  # the check names ztune's keys; a DeepSpeed config wrote zero_optimization.*
+                    from ztune.config.deepspeed import renamed_for_deepspeed
+
+                    exc = renamed_for_deepspeed(exc)
                 raise UserError(f"{config}: with {', '.join(overrides)}: {exc}") from None
         try:  # what the ranks would refuse on this job's shape (ZeRO++'s layout), named as the runtime names it
             check_zeropp_layout(cfg, world_size=nodes * hw.gpus_per_node, ranks_per_node=hw.gpus_per_node)

@@ -331,7 +331,8 @@ def _batch(given: dict[str, Any]) -> BatchConfig:
     return BatchConfig(micro=micro, grad_accum=accum, global_=total)
 
 
-def _renamed(exc: ConfigError) -> ConfigError:
+def renamed_for_deepspeed(exc: ConfigError) -> ConfigError:
+    """`exc` with ztune's key names (validate.check's messages) replaced by the DeepSpeed keys the user wrote."""
     text = str(exc)
     for ours, theirs in _DS_NAMES.items():
         text = text.replace(ours, theirs)
@@ -468,7 +469,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
         )
         return check(cfg), ignored
     except ConfigError as exc:
-        raise _renamed(exc) from None
+        raise renamed_for_deepspeed(exc) from None
 
 
 def _communication_data_type(value: Any, *, precision: Precision, compression: Compression) -> Compression:
