@@ -365,6 +365,9 @@ class CollectiveResult:
     # per all_reduce, the most CPU seconds (user + system, all threads) one rank's process spent, best trial; ()
     # when not measured. On CPU ranks this is the transport's own work: copies, the TCP stack, the sums.
     cpu_s: tuple[float, ...] = ()
+    # gloo's reduce (to rank 0) of the largest size, measured alike: (bytes, the most CPU seconds one rank spent);
+    # None when not measured (only the inter-host probe measures it, for the hierarchical reduce-scatter)
+    reduce_cpu: tuple[int, float] | None = None
 
     def busbw_bytes_per_s(self, i: int) -> float:
         n = self.world_size
@@ -380,6 +383,14 @@ class CollectiveResult:
         n = self.world_size
         return self.cpu_s[i] / (2 * 2 * (n - 1) / n * self.sizes_bytes[i])
 
+    def reduce_cpu_s_per_byte(self) -> float:
+        """CPU seconds per byte of the buffer a gloo reduce reduces, on the busiest rank (root or not: gloo::reduce
+        runs a ring reduce-scatter on every rank, then sends the chunks to the root, cost/gloo.py). 0 when not
+        measured."""
+        if self.reduce_cpu is None or self.reduce_cpu[0] <= 0:
+            return 0.0
+        return self.reduce_cpu[1] / self.reduce_cpu[0]
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -389,9 +400,10 @@ def _free_port() -> int:
 
 def _collective_worker(rank: int, world_size: int, port: int, backend: str, sizes: Sequence[int],
                        target_s: float, threads: int, queue, *, addr: str = "127.0.0.1", report_rank: int = 0,
-                       shared_memory: bool = True) -> None:
+                       shared_memory: bool = True, reduce_too: bool = False) -> None:
     """One rank: time back-to-back all_reduces per size; rank `report_rank` reports the slowest rank's time.
-    `addr`:`port` is rank 0's rendezvous; `shared_memory` lets CPU ranks use runtime/comm/shm.py."""
+    `addr`:`port` is rank 0's rendezvous; `shared_memory` lets CPU ranks use runtime/comm/shm.py. `reduce_too`:
+    then gloo reduces to rank 0 of the largest size, timed alike (their CPU: CollectiveResult.reduce_cpu)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
@@ -413,18 +425,13 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
 
             shm = SharedMemoryTransport.connect(group=None, rank=rank, world_size=world_size)
         transport = backend if shm is None else f"{backend} + shared memory"
-        times, cpu_times = [], []
-        for size in sizes:
-            buf = shm.zeros(max(1, size // 4), dtype=torch.float32) if shm is not None else None
-            if buf is None:
-                buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
-            else:
-                buf.fill_(1.0)
-            all_reduce = shm.all_reduce if shm is not None and shm.worth_it(buf) else dist.all_reduce
-            all_reduce(buf)  # warm-up: connection setup, buffer registration, page faults
+
+        def timed(op, buf) -> tuple[float, float]:
+            """(seconds, CPU seconds) per `op(buf)`, the slowest rank's, best of 3 trials."""
+            op(buf)  # warm-up: connection setup, buffer registration, page faults
             sync()
             start = time.perf_counter()
-            all_reduce(buf)
+            op(buf)
             sync()
             # Every rank must run the same number of iterations: agree on the slowest rank's estimate.
             probe = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
@@ -435,18 +442,34 @@ def _collective_worker(rank: int, world_size: int, port: int, backend: str, size
                 dist.barrier()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(iters):
-                    all_reduce(buf)
+                    op(buf)
                 sync()
                 best = min(best, (time.perf_counter() - start) / iters)
-                # this process's CPU seconds per all_reduce, all threads (gloo's, the kernel's TCP work in them)
+                # this process's CPU seconds per op, all threads (gloo's, the kernel's TCP work in them)
                 cpu = min(cpu, (time.process_time() - cpu_start) / iters)
             slowest = torch.tensor([best, cpu], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            times.append(slowest[0].item())
-            cpu_times.append(slowest[1].item())
+            return slowest[0].item(), slowest[1].item()
+
+        times, cpu_times = [], []
+        for size in sizes:
+            buf = shm.zeros(max(1, size // 4), dtype=torch.float32) if shm is not None else None
+            if buf is None:
+                buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+            else:
+                buf.fill_(1.0)
+            all_reduce = shm.all_reduce if shm is not None and shm.worth_it(buf) else dist.all_reduce
+            seconds, cpu = timed(all_reduce, buf)
+            times.append(seconds)
+            cpu_times.append(cpu)
+        reduce_cpu = None
+        if reduce_too:
+            buf = torch.ones(max(1, max(sizes) // 4), dtype=torch.float32, device=device)
+            reduce_cpu = (buf.numel() * 4, timed(lambda b: dist.reduce(b, dst=0), buf)[1])
         dist.destroy_process_group()
         if rank == report_rank:
-            queue.put(("ok", {"times": times, "cpu_times": cpu_times, "transport": transport}))
+            queue.put(("ok", {"times": times, "cpu_times": cpu_times, "transport": transport,
+                              "reduce_cpu": reduce_cpu}))
     except BaseException as exc:  # reported to the parent, which decides; a rank must not hang silently
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
 
@@ -589,6 +612,8 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         # CPU ranks: the transports' CPU per byte and the step's contention (GPU ranks' CPU time says nothing)
         inter_node_cpu_s_per_byte=m.inter_node.cpu_s_per_byte() if m.inter_node is not None and not on_gpu else 0.0,
         intra_node_cpu_s_per_byte=m.collective.cpu_s_per_byte() if m.collective is not None and not on_gpu else 0.0,
+        inter_node_reduce_cpu_s_per_byte=(m.inter_node.reduce_cpu_s_per_byte()
+                                          if m.inter_node is not None and not on_gpu else 0.0),
         cpu_contention=m.workload.cpu_stretch if m.workload is not None and not on_gpu else 0.0,
         **(runtime_cpu_fields(m.workload) if not on_gpu else {}),
         **m.codec,
@@ -669,6 +694,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
     if m.inter_node is not None and m.inter_node.cpu_s_per_byte() > 0 and not on_gpu:
         notes["inter_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the inter-host {m.inter_node.transport} "
                                               "all_reduce per byte sent or received, largest size, busiest rank")
+    notes["inter_node_reduce_cpu_s_per_byte"] = ("assumed: 0 = unknown: a gloo reduce across hosts is charged at "
+                                                 "the all_reduce's CPU per byte")
+    if m.inter_node is not None and m.inter_node.reduce_cpu_s_per_byte() > 0 and not on_gpu:
+        notes["inter_node_reduce_cpu_s_per_byte"] = (
+            f"measured: CPU seconds of a {m.inter_node.transport} gloo reduce per byte of its buffer, "
+            f"{m.inter_node.reduce_cpu[0] >> 20} MiB, busiest rank")
     notes["intra_node_cpu_s_per_byte"] = unknown
     if m.collective is not None and m.collective.cpu_s_per_byte() > 0 and not on_gpu:
         notes["intra_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the {m.collective.transport} all_reduce per "

@@ -52,7 +52,8 @@ def check_resolves(host: str, port: int) -> None:
 def measure_inter_node_link(*, master_addr: str, master_port: int, node_rank: int, sizes: Sequence[int],
                             target_s: float = 0.2, timeout_s: float = 180.0) -> CollectiveResult:
     """Join the 2-host probe at `master_addr`:`master_port` as `node_rank` (0 on the master's host, 1 on the
-    other) and time all_reduce over the link for each of `sizes` (bytes). Raises ProbeFailed when the peer
+    other) and time all_reduce over the link for each of `sizes` (bytes), then gloo's reduce at the largest (its
+    CPU: the hierarchical reduce-scatter's inter level, cost/comm.py collective_cpu_s). Raises ProbeFailed when the peer
     does not show up or a collective fails within `timeout_s`."""
     if node_rank not in (0, 1):
         raise UserError(f"--node-rank {node_rank}: the inter-node probe joins two hosts, 0 and 1")
@@ -60,7 +61,8 @@ def measure_inter_node_link(*, master_addr: str, master_port: int, node_rank: in
     queue = ctx.Queue()
     proc = ctx.Process(target=_collective_worker, daemon=True,
                        args=(node_rank, 2, master_port, "gloo", list(sizes), target_s, 1, queue),
-                       kwargs={"addr": master_addr, "report_rank": node_rank, "shared_memory": False})
+                       kwargs={"addr": master_addr, "report_rank": node_rank, "shared_memory": False,
+                               "reduce_too": True})
     proc.start()
     try:
         status, payload = _wait_for_result(queue, [proc], timeout_s=timeout_s)
@@ -75,4 +77,5 @@ def measure_inter_node_link(*, master_addr: str, master_port: int, node_rank: in
     sizes_t = tuple(int(4 * max(1, s // 4)) for s in sizes)
     times = payload["times"]
     return CollectiveResult("gloo", 2, sizes_t, tuple(times), fit_alpha_beta(sizes_t, times, world_size=2),
-                            transport=TRANSPORT, cpu_s=tuple(payload.get("cpu_times", ())))
+                            transport=TRANSPORT, cpu_s=tuple(payload.get("cpu_times", ())),
+                            reduce_cpu=tuple(payload["reduce_cpu"]) if payload.get("reduce_cpu") else None)

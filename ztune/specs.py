@@ -227,6 +227,12 @@ class Hardware:
     # step_time charges it (x cpu_contention) when it exceeds the exposed communication. 0 = unknown: not charged.
     inter_node_cpu_s_per_byte: float = 0.0
     intra_node_cpu_s_per_byte: float = 0.0
+    # CPU ranks only: the CPU seconds per byte of the buffer a gloo reduce across hosts reduces (busiest rank),
+    # measured by the probe between two hosts (CollectiveResult.reduce_cpu_s_per_byte). gloo::reduce runs a ring
+    # reduce-scatter on every rank and then sends to the root (cost/gloo.py), measured at ~2.3x the all_reduce's
+    # CPU per byte sent or received on 2 hosts: the hierarchical reduce-scatter's inter level is such reduces
+    # (cost/comm.py collective_cpu_s). 0 = unknown: charged at inter_node_cpu_s_per_byte's bytes.
+    inter_node_reduce_cpu_s_per_byte: float = 0.0
     cpu_contention: float = 0.0
     # CPU ranks only: the runtime's own CPU seconds per model parameter beyond what the terms above charge, per ZeRO
     # stage: per micro-step beyond plain forward + backward, the first of an optimizer step (`micro`) and each later

@@ -54,6 +54,46 @@ def test_hierarchical_cpu_charges_each_level_at_its_own_transport():
     assert got < collective_cpu_s(ALL_REDUCE, 1e8, world_size=4, link=flat)
 
 
+def test_hierarchical_reduce_scatter_charges_its_inter_level_at_the_measured_reduce_cpu():
+    """The inter level of a gloo hierarchical reduce_scatter is gloo reduces of each rank's column (payload / L):
+    where the probe measured a reduce's CPU per byte of its buffer, the column costs that, not the bytes rule's
+    2 x inter bytes x the all_reduce's CPU per byte (measured 2.3x the latter on 2 hosts)."""
+    c_reduce = 2.3 * C_TCP
+    inter_link = Link(1e9, 1e-5, cpu_s_per_byte=C_TCP, reduce_cpu_s_per_byte=c_reduce)
+    h = Hierarchy(intra=Link(1e10, 1e-6, cpu_s_per_byte=C_SHM), inter=inter_link, num_nodes=2, ranks_per_node=2,
+                  gloo=True)
+    flat = Link(1e9, 1e-5, num_nodes=2, gpus_per_node=2, gloo=True, cpu_s_per_byte=C_TCP)
+    intra, inter = hierarchical_level_bytes(REDUCE_SCATTER, 1e8, num_nodes=2, ranks_per_node=2)
+    got = collective_cpu_s(REDUCE_SCATTER, 1e8, world_size=4, link=flat, hierarchy=h)
+    assert got == pytest.approx(2 * intra * C_SHM + 1e8 / 2 * c_reduce)
+    # the bytes rule where no reduce was measured, for the all_reduce and all_gather (no reduces across hosts),
+    # and on NCCL (reduce_scatter is its own ring there)
+    unmeasured = dataclasses.replace(h, inter=dataclasses.replace(inter_link, reduce_cpu_s_per_byte=0.0))
+    bytes_rule = 2 * (intra * C_SHM + inter * C_TCP)
+    assert collective_cpu_s(REDUCE_SCATTER, 1e8, world_size=4, link=flat, hierarchy=unmeasured) == \
+        pytest.approx(bytes_rule)
+    assert collective_cpu_s(REDUCE_SCATTER, 1e8, world_size=4, link=flat, hierarchy=dataclasses.replace(
+        h, gloo=False)) == pytest.approx(bytes_rule)
+    for op in (ALL_REDUCE, ALL_GATHER):
+        assert collective_cpu_s(op, 1e8, world_size=4, link=flat, hierarchy=h) == \
+            collective_cpu_s(op, 1e8, world_size=4, link=flat, hierarchy=unmeasured)
+
+
+def test_estimate_takes_the_profiles_reduce_cpu_for_hierarchical_stages():
+    """A profile with the probe's reduce CPU charges hierarchical reduce-scatters more CPU (stages 1-3), the
+    flat path and the hierarchical all_reduce of stage 0 alike."""
+    measured = dataclasses.replace(CPU, inter_node_reduce_cpu_s_per_byte=2.3 * C_TCP)
+    for stage in range(4):
+        for hierarchical in (False, True):
+            cfg = _cfg_io(stage, hierarchical)
+            before = estimate(TINY, CPU, cfg, num_nodes=2).comm.cpu_s
+            after = estimate(TINY, measured, cfg, num_nodes=2).comm.cpu_s
+            if hierarchical and stage >= 1:
+                assert after > before * 1.2, (stage, before, after)
+            else:
+                assert after == pytest.approx(before), (stage, hierarchical)
+
+
 def test_cpu_is_charged_only_where_the_ranks_fill_the_cores_and_it_is_measured():
     assert comm_cpu_wall_s(0.1, CPU) == pytest.approx(0.2)  # x contention 2
     assert comm_cpu_wall_s(0.1, dataclasses.replace(CPU, cpu_cores=16)) == 0.0  # spare cores run gloo's threads
@@ -100,6 +140,10 @@ def test_probe_cpu_per_byte_is_the_largest_sizes_cpu_over_bytes_sent_and_receive
     assert probe.CollectiveResult("gloo", 2, sizes, times, fit).cpu_s_per_byte() == 0.0  # not measured
     four = probe.CollectiveResult("gloo", 4, sizes, times, fit, cpu_s=(0.0005, 0.05))
     assert four.cpu_s_per_byte() == pytest.approx(0.05 / (2 * 1.5 * (64 << 20)))
+    # a reduce's CPU per byte of its buffer; 0 where not measured
+    assert dataclasses.replace(link, reduce_cpu=(64 << 20, 0.07)).reduce_cpu_s_per_byte() == \
+        pytest.approx(0.07 / (64 << 20))
+    assert link.reduce_cpu_s_per_byte() == 0.0
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -111,19 +155,24 @@ def test_probe_profile_takes_the_cpu_measurements_on_cpu_hosts_only(gpu):
     flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
     sizes, times = (1 << 20, 8 << 20), (0.01, 0.07)
     fit = probe.fit_alpha_beta(sizes, times, world_size=2)
-    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.001, 0.004))
+    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.001, 0.004), reduce_cpu=(8 << 20, 0.009))
     local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0001, 0.0005))
     hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
     m = probe.Measurements(host, gpus, 2, mem, flops, local, hd, inter_node=link)
     hw, notes = probe.build_profile(m), probe.field_notes(m)
     if gpu:  # a GPU rank's process CPU time says nothing about NCCL's transport
         assert hw.inter_node_cpu_s_per_byte == hw.intra_node_cpu_s_per_byte == 0.0
+        assert hw.inter_node_reduce_cpu_s_per_byte == 0.0
         assert notes["inter_node_cpu_s_per_byte"].startswith("assumed: 0")
+        assert notes["inter_node_reduce_cpu_s_per_byte"].startswith("assumed: 0")
     else:
         assert hw.inter_node_cpu_s_per_byte == pytest.approx(0.004 / (2 * (8 << 20)))
         assert hw.intra_node_cpu_s_per_byte == pytest.approx(0.0005 / (2 * (8 << 20)))
         assert notes["inter_node_cpu_s_per_byte"].startswith("measured:")
         assert notes["intra_node_cpu_s_per_byte"].startswith("measured:")
+        assert hw.inter_node_reduce_cpu_s_per_byte == pytest.approx(0.009 / (8 << 20))
+        assert notes["inter_node_reduce_cpu_s_per_byte"].startswith("measured:") and "8 MiB" in \
+            notes["inter_node_reduce_cpu_s_per_byte"]
     assert hw.cpu_contention == 0.0 and notes["cpu_contention"].startswith("assumed: 0")  # no --model workload
 
 

@@ -85,6 +85,9 @@ class Link:
     gloo: bool = False
     # CPU seconds a rank spends per byte it sends or receives on this link (Hardware.*_cpu_s_per_byte); 0: unknown
     cpu_s_per_byte: float = 0.0
+    # CPU seconds per byte of the buffer a gloo reduce on this link reduces (Hardware.inter_node_reduce_cpu_s_per_byte,
+    # the inter-host link only); 0: unknown (its bytes at cpu_s_per_byte)
+    reduce_cpu_s_per_byte: float = 0.0
 
 
 def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
@@ -121,7 +124,8 @@ def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = 
     return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s,
                                 cpu_s_per_byte=hw.intra_node_cpu_s_per_byte),
                      inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s,
-                                cpu_s_per_byte=hw.inter_node_cpu_s_per_byte),
+                                cpu_s_per_byte=hw.inter_node_cpu_s_per_byte,
+                                reduce_cpu_s_per_byte=hw.inter_node_reduce_cpu_s_per_byte),
                      num_nodes=num_nodes, ranks_per_node=per_node, gloo=is_gloo_profile(hw))
 
 
@@ -168,13 +172,23 @@ def collective_cpu_s(op: str, payload_bytes: float, *, world_size: int, link: Li
                      hierarchy: Hierarchy | None = None) -> float:
     """CPU seconds one rank spends moving one `op` on `payload_bytes` (full tensor): every byte it sends or
     receives at its transport's measured CPU cost (Link.cpu_s_per_byte; a rank receives what it sends in these
-    symmetric collectives), with `hierarchy` each level's bytes at its own transport's. 0 when unknown."""
+    symmetric collectives), with `hierarchy` each level's bytes at its own transport's. 0 when unknown.
+
+    On gloo the inter level of a hierarchical reduce_scatter is gloo reduces (runtime/comm/hierarchical.py
+    _inter_reduce_scatter: each rank's column, payload / L, in num_nodes reduces); where the probe measured a
+    reduce's CPU (Link.reduce_cpu_s_per_byte, per byte of its buffer) the column is charged at it. gloo::reduce
+    runs a ring reduce-scatter on every rank, then sends each chunk to the root (cost/gloo.py), and cost 2.3x the
+    bytes rule on the cluster in a box (2 hosts, 10 Gbit/s, 32 MiB: 35 ms of CPU per rank against 15 ms)."""
     if world_size <= 1 or payload_bytes <= 0:
         return 0.0
     if hierarchy is not None:
         intra, inter = hierarchical_level_bytes(op, payload_bytes, num_nodes=hierarchy.num_nodes,
                                                 ranks_per_node=hierarchy.ranks_per_node)
-        return 2 * (intra * hierarchy.intra.cpu_s_per_byte + inter * hierarchy.inter.cpu_s_per_byte)
+        inter_cpu = 2 * inter * hierarchy.inter.cpu_s_per_byte
+        if op == REDUCE_SCATTER and hierarchy.gloo and hierarchy.inter.reduce_cpu_s_per_byte > 0 \
+                and hierarchy.num_nodes > 1:
+            inter_cpu = payload_bytes / hierarchy.ranks_per_node * hierarchy.inter.reduce_cpu_s_per_byte
+        return 2 * intra * hierarchy.intra.cpu_s_per_byte + inter_cpu
     return 2 * payload_bytes * ring_factor(op, world_size) * link.cpu_s_per_byte
 
 
