@@ -88,6 +88,11 @@ def report_kernel_rows(rows: list[dict], *, title: str, command: str, setup: str
 
 
 LIBRARIES = {"netns.py", "cluster_box.py", "cluster_worker.py"}
+# One-off diagnostics run by hand with their own arguments (each docstring says how; some need root): no section of
+# docs/benchmarks.md, so `make bench` neither runs them nor takes them by name (cost_cluster_parts.py needs
+# --variant and would exit 2; gloo_pair_turns.py builds a box as root; onebit_exchange_sim.py trains tiny-llama 300
+# steps per variant).
+DIAGNOSTICS = {"cost_cluster_parts.py", "gloo_pair_turns.py", "onebit_exchange_sim.py"}
 
 
 # Scripts that `make bench` runs only when asked (--cluster, or by name): they need root.
@@ -159,10 +164,11 @@ def select_scripts(argv: list[str]) -> list[Path]:
     only = {a for a in argv if not a.startswith("--")}
     opted_in = {stem for f in flags for stem in OPT_IN[f]} | only
     opt_in_stems = {stem for stems in OPT_IN.values() for stem in stems}
-    # Every script here but this one, the libraries and the GPU check (`make gpu-check`: needs a CUDA GPU,
-    # writes its own report; docs/gpu-check.md).
+    # Every script here but this one, the libraries, the diagnostics and the GPU check (`make gpu-check`: needs a
+    # CUDA GPU, writes its own report; docs/gpu-check.md).
     return sorted(p for p in BENCH_DIR.glob("*.py")
-                  if p.name not in {"run_all.py", "peers.py"} | LIBRARIES and not p.name.startswith("gpu_check")
+                  if p.name not in {"run_all.py", "peers.py"} | LIBRARIES | DIAGNOSTICS
+                  and not p.name.startswith("gpu_check")
                   and (not only or p.stem in only)
                   and (p.stem not in opt_in_stems or p.stem in opted_in))
 

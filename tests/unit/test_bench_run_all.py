@@ -18,6 +18,11 @@ def test_cluster_bench_is_opt_in():
     assert not {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster"} & set(default)
     assert "runtime_vs_peers" in default
     assert not {"netns", "cluster_box", "cluster_worker", "peers", "run_all"} & set(default)
+    # the one-off diagnostics, run by hand with their own arguments (cost_cluster_parts.py needs --variant: make bench
+    # ran it without and failed)
+    assert not {"cost_cluster_parts", "gloo_pair_turns", "onebit_exchange_sim"} & set(_names(["--cluster"]))
+    for name in run_all.DIAGNOSTICS:
+        assert (run_all.BENCH_DIR / name).exists(), name
     with_cluster = _names(["--cluster"])
     assert {"bench_cluster", "bench_autotune_cluster", "bench_cost_cluster", "runtime_vs_peers"} <= set(with_cluster)
     assert _names(["bench_cluster"]) == ["bench_cluster"]
