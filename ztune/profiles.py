@@ -279,6 +279,31 @@ def _hf_get(data: dict, key: str, origin: str, default: Any = dataclasses.MISSIN
     return value
 
 
+# ModelSpec fields -> the config.json keys they come from, per model_type family: errors name what the user's file
+# says (an HF config has tie_word_embeddings, not tied_embeddings; GPT-2's n_layer, not num_layers).
+_HF_KEYS = {
+    "gpt2": {"hidden_size": "n_embd", "num_heads": "n_head", "num_kv_heads": "n_head", "num_layers": "n_layer",
+             "intermediate_size": "n_inner", "max_seq_len": "n_positions", "tied_embeddings": "tie_word_embeddings"},
+    "llama": {"num_heads": "num_attention_heads", "num_layers": "num_hidden_layers",
+              "num_kv_heads": "num_key_value_heads", "max_seq_len": "max_position_embeddings",
+              "tied_embeddings": "tie_word_embeddings", "num_experts": "num_local_experts",
+              "top_k": "num_experts_per_tok"},
+}
+
+
+def _hf_model(fields: dict, *, origin: str, name: str, family: str) -> ModelSpec:
+    """_model_from_dict on an import, its errors naming the config.json keys (_HF_KEYS)."""
+    try:
+        return _model_from_dict(fields, origin=origin, stem=name)
+    except ProfileError as exc:
+        text = str(exc)
+        prefix = f"{origin}: "
+        head, rest = (prefix, text[len(prefix):]) if text.startswith(prefix) else ("", text)
+        keys = _HF_KEYS[family]
+        rest = re.sub(r"\b(" + "|".join(map(re.escape, keys)) + r")\b", lambda m: keys[m.group(1)], rest)
+        raise ProfileError(head + rest) from None
+
+
 def _from_hf_config(data: dict, *, origin: str, name: str) -> ModelSpec:
     """Map a Hugging Face config.json (as a dict) to ModelSpec fields, then validate like a profile."""
     model_type = data.get("model_type")
@@ -300,7 +325,7 @@ def _from_hf_config(data: dict, *, origin: str, name: str) -> ModelSpec:
         )
         if fields["intermediate_size"] is None and isinstance(hidden, int):
             fields["intermediate_size"] = 4 * hidden  # GPT2MLP: n_inner null means 4 * n_embd
-        return _model_from_dict(fields, origin=origin, stem=name)
+        return _hf_model(fields, origin=origin, name=name, family="gpt2")
     if data.get("mlp_bias"):
         raise ProfileError(f"{origin}: mlp_bias true is not supported (ztune counts SwiGLU without bias)")
     hidden = _hf_get(data, "hidden_size", origin)
@@ -328,7 +353,7 @@ def _from_hf_config(data: dict, *, origin: str, name: str) -> ModelSpec:
         # MixtralConfig defaults when the keys are absent.
         fields["num_experts"] = _hf_get(data, "num_local_experts", origin, 8)
         fields["top_k"] = _hf_get(data, "num_experts_per_tok", origin, 2)
-    return _model_from_dict(fields, origin=origin, stem=name)
+    return _hf_model(fields, origin=origin, name=name, family="llama")
 
 
 def _model_from_dict(data: dict, *, origin: str, stem: str) -> ModelSpec:

@@ -111,6 +111,34 @@ def test_hf_config_defaults(tmp_path):
     assert spec.name == "my-llama" and spec.num_kv_heads == 4 and not spec.tied_embeddings
 
 
+@pytest.mark.parametrize("doc, key, message", [
+    ({"model_type": "llama", "tie_word_embeddings": "yes"}, "tie_word_embeddings", "expected true or false"),
+    ({"model_type": "llama", "num_hidden_layers": 100_000}, "num_hidden_layers", "above"),
+    ({"model_type": "llama", "num_attention_heads": 3}, "num_attention_heads", "not divisible"),
+    ({"model_type": "mixtral", "num_experts_per_tok": 9, "num_local_experts": 8}, "num_experts_per_tok", "exceeds"),
+    ({"model_type": "gpt2", "n_layer": -1}, "n_layer", "positive"),
+    ({"model_type": "gpt2", "n_head": 5}, "n_head", "not divisible"),
+])
+def test_hf_config_errors_name_the_config_json_key(tmp_path, doc, key, message):
+    """An HF config.json's bad value is named by its own key, not by the ModelSpec field it maps to
+    (tie_word_embeddings was reported as tied_embeddings, num_hidden_layers as num_layers)."""
+    base = ({"vocab_size": 1000, "n_embd": 256, "n_layer": 2, "n_head": 4, "n_positions": 512}
+            if doc["model_type"] == "gpt2" else
+            {"vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 688, "max_position_embeddings": 512})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**base, **doc}))
+    with pytest.raises(ProfileError) as exc:
+        load_model(str(path))
+    text = str(exc.value)
+    assert f": {key}" in text or f" {key} " in text, text
+    assert message in text, text
+    field = {"tie_word_embeddings": "tied_embeddings", "num_hidden_layers": "num_layers",
+             "num_attention_heads": "num_heads", "num_experts_per_tok": "top_k", "n_layer": "num_layers",
+             "n_head": "num_heads"}[key]
+    assert field not in text, text
+
+
 SIZES = ["125M", "350m", "760M", "1.3B", "1.5B", "2.7B", "7B", "7b", "13B", "30B", "34B", "70B", "175B",
          "405B"]
 
