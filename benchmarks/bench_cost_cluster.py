@@ -215,7 +215,16 @@ NOTES = [
     "compute, so the step charges the larger of it and the exposed communication (cost/compute.py step_time); "
     "hpZ's backward all-gather and qgZ's first all-to-all run on plain gloo groups of the host's ranks, with no "
     "shared-memory transport, so their bytes are charged TCP's CPU per byte (cost/estimate.py zeropp_intra_link; "
-    "until 2026-12-07 they were charged shared memory's, and ZeRO++ was under-predicted in all 10 pairs of five runs);",
+    "until 2026-12-07 they were charged shared memory's, and ZeRO++ was under-predicted in all 10 pairs of five runs); "
+    "the inter level of the hierarchical reduce_scatter is gloo reduces, whose CPU the probe measures on its own "
+    "(Hardware.inter_node_reduce_cpu_s_per_byte: 2.2-2.8x the all_reduce's per byte sent or received on this box, "
+    "since gloo::reduce runs a ring reduce-scatter on every rank, then sends to the root); until 2026-12-07 20:00 "
+    "UTC they were charged the all_reduce's rate, and a box micro-benchmark (2 hosts x 2 ranks, 10 Gbit/s, 32 MiB, "
+    "CPU per rank, all threads) measured the hierarchical reduce_scatter at 20.7 ms against 9.8 ms modelled (19.7 "
+    "at the reduce's own 1.05 ns per byte, measured beside it), its all_reduce 27.5 against 19.6 and its "
+    "all_gather 13.3 against 9.8 (the shared-memory "
+    "level's adds, copies and barriers, not yet modelled), the flat ones 33.5 / 27.7 / 23.3 against 46.1 / 23.0 / "
+    "23.0;",
     "- runtime CPU: the runtime's own work beyond the model's forward + backward and the optimizer update (the "
     "gradient hooks' copies into buckets, stage 3's per-unit gathers into fresh buffers and their release, the "
     "parameter refresh): the probe runs the runtime itself at each stage on every rank at once, each rank on a "
