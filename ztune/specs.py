@@ -229,7 +229,7 @@ class Hardware:
     intra_node_cpu_s_per_byte: float = 0.0
     # CPU ranks only: the CPU seconds per byte of the buffer a gloo reduce across hosts reduces (busiest rank),
     # measured by the probe between two hosts (CollectiveResult.reduce_cpu_s_per_byte). gloo::reduce runs a ring
-    # reduce-scatter on every rank and then sends to the root (cost/gloo.py), measured at ~2.3x the all_reduce's
+    # reduce-scatter on every rank and then sends to the root (cost/gloo.py), measured at 2.2-3.0x the all_reduce's
     # CPU per byte sent or received on 2 hosts: the hierarchical reduce-scatter's inter level is such reduces
     # (cost/comm.py collective_cpu_s). 0 = unknown: charged at inter_node_cpu_s_per_byte's bytes.
     inter_node_reduce_cpu_s_per_byte: float = 0.0
