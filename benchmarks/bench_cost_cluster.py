@@ -217,7 +217,7 @@ NOTES = [
     "shared-memory transport, so their bytes are charged TCP's CPU per byte (cost/estimate.py zeropp_intra_link; "
     "until 2026-12-07 they were charged shared memory's, and ZeRO++ was under-predicted in all 10 pairs of five runs); "
     "the inter level of the hierarchical reduce_scatter is gloo reduces, whose CPU the probe measures on its own "
-    "(Hardware.inter_node_reduce_cpu_s_per_byte: 2.2-3.0x the all_reduce's per byte sent or received in 8 of the 9 "
+    "(Hardware.inter_node_reduce_cpu_s_per_byte: 2.2-3.0x the all_reduce's per byte sent or received in 9 of the 10 "
     "probes of 2026-12-07 on this box, 4.0x in one, "
     "since gloo::reduce runs a ring reduce-scatter on every rank, then sends to the root); until 2026-12-07 20:00 "
     "UTC they were charged the all_reduce's rate, and a box micro-benchmark (2 hosts x 2 ranks, 10 Gbit/s, 32 MiB, "
