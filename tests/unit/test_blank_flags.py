@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ztune.cli import main as cli_main
+from tests.helpers.cli import run_cli
 from ztune.errors import UserError
 from ztune.launch import LaunchRequest, plan_launch, resolve_hosts
 from ztune.launch.ssh import SshOptions
@@ -20,14 +20,6 @@ _AUTOTUNE = ["--model", "--hardware", "--config", "--script", "--out", "--memory
 _PROBE = ["--output", "--inter-node-master", "--model"]
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 def _cases() -> list:
@@ -48,7 +40,7 @@ def test_blank_flag_is_one_line_naming_it(tmp_path, monkeypatch, capsys, command
     monkeypatch.delenv("SLURM_NODELIST", raising=False)
     Path("train.py").write_text("print('hi')\n")
     Path("notes.txt").write_text("keep\n")
-    code, out = _cli([command, *(value if a == "{v}" else a for a in argv)], capsys)
+    code, out = run_cli([command, *(value if a == "{v}" else a for a in argv)], capsys)
     assert code == 2, out
     assert out.count("\n") == 1 and "Traceback" not in out, out
     assert f"{flag} {value!r} is blank" in out, out

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ztune.cli import main as cli_main
+from tests.helpers.cli import run_cli
 from ztune.config.io import load
 from ztune.config.schema import TrainConfig
 from ztune.errors import ConfigError, ProfileError, UserError
@@ -162,11 +162,11 @@ def test_hostfiles_and_filters_fail_only_with_hostfile_error(text, spec, include
 
 
 @pytest.mark.parametrize("line", ["node1 slots=99999999999999999999", "node1 slots=100000000"])
-def test_absurd_slot_counts_exit_2_in_the_cli(tmp_path, monkeypatch, capsys, line) -> None:
+def test_absurd_slot_counts_exit_2_in_therun_cli(tmp_path, monkeypatch, capsys, line) -> None:
     (tmp_path / "t.py").write_text("")
     (tmp_path / "hosts").write_text(line + "\n")
     monkeypatch.chdir(tmp_path)
-    code, out = _cli(["launch", "-H", "hosts", "--dry-run", "t.py"], capsys)
+    code, out = run_cli(["launch", "-H", "hosts", "--dry-run", "t.py"], capsys)
     assert code == 2 and "slots must be between 1 and 4096" in out and len(out.strip().splitlines()) == 1
 
 
@@ -230,14 +230,6 @@ def test_profile_bytes_fail_only_with_profile_error(tmp_path_factory, data) -> N
 
 
 # ---------------------------------------------------------------------------------------------- CLI flags
-def _cli(argv, capsys) -> tuple[int, str]:
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 _values = st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e999", "99999999999999999999", "abc", "",
@@ -274,7 +266,7 @@ def test_cli_flags_exit_2_with_one_line(tmp_path, monkeypatch, capsys, data, com
     elif command == "launch":
         argv += ["-H", "hosts", "--master-addr", "10.0.0.1", "--dry-run", "t.py"] if "--master-addr" not in flags \
             else ["-H", "hosts", "--dry-run", "t.py"]
-    code, out = _cli(argv, capsys)
+    code, out = run_cli(argv, capsys)
     assert code in (0, 1, 2), (argv, code, out[-500:])
     assert "Traceback" not in out, (argv, out[-2000:])
     if code == 2 and "Usage:" not in out:  # typer's own usage errors are its multi-line box

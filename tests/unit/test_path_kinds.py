@@ -8,22 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ztune.cli import main as cli_main
+from tests.helpers.cli import run_cli
 from ztune.launch import LaunchRequest, plan_launch
 from ztune.launch.command import LaunchError
 from ztune.runtime.state import offline, tags
 from ztune.runtime.state.files import CheckpointError
 from ztune.runtime.state.reader import TagReader, resolve
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        cli_main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 def _fake_save_dir(root: Path) -> Path:
@@ -39,7 +29,7 @@ def _fake_save_dir(root: Path) -> Path:
 def test_checkpoint_cli_names_a_file_as_a_file(tmp_path, monkeypatch, capsys, action) -> None:
     monkeypatch.chdir(tmp_path)
     Path("notes.txt").write_text("not a checkpoint\n")
-    code, out = _cli(["checkpoint", action[0], "notes.txt", *action[1:]], capsys)
+    code, out = run_cli(["checkpoint", action[0], "notes.txt", *action[1:]], capsys)
     assert code == 2, out
     assert out.count("\n") == 1 and "Traceback" not in out, out
     assert "notes.txt is a file, not a checkpoint directory" in out and "does not exist" not in out, out
@@ -98,6 +88,6 @@ def test_launch_workdir_file_and_script_folder_are_named(tmp_path) -> None:
 def test_autotune_script_folder_is_named(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     Path("pkg").mkdir()
-    code, out = _cli(["autotune", "--script", "pkg", "--out", "run"], capsys)
+    code, out = run_cli(["autotune", "--script", "pkg", "--out", "run"], capsys)
     assert code == 2 and out.count("\n") == 1, out
     assert "is a folder, not a file" in out and "does not exist" not in out, out
