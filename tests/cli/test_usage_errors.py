@@ -23,13 +23,13 @@ CASES = [
     # bad choice
     (["checkpoint", "nope", "somewhere"], ["'nope' is not one of 'inspect', 'consolidate'"]),
     # not a number: the option and the value given, in both spellings
-    (["estimate", "--micro-batch", "abc"], ["'--micro-batch'", "integer", "(got 'abc')"]),
-    (["estimate", "--hardware", "cpu-local", "--seq=1k"], ["'--seq'", "integer", "(got '1k')"]),
-    (["autotune", "--steps", "1.5"], ["'--steps'", "integer", "(got '1.5')"]),
+    (["estimate", "--micro-batch", "abc"], ["'--micro-batch'", "'abc' is not an integer"]),
+    (["estimate", "--hardware", "cpu-local", "--seq=1k"], ["'--seq'", "'1k' is not an integer"]),
+    (["autotune", "--steps", "1.5"], ["'--steps'", "'1.5' is not an integer"]),
     # 0 is a value, not "not given" (it used to become the profile's GPUs per node)
     (["autotune", "--nproc", "0"], ["--nproc must be between 1 and", "got 0"]),
-    (["launch", "--master-port", "http", "train.py"], ["'--master-port'", "(got 'http')"]),
-    (["probe", "--inter-node-gbps", "fast"], ["'--inter-node-gbps'", "number", "(got 'fast')"]),
+    (["launch", "--master-port", "http", "train.py"], ["'--master-port'", "'http' is not an integer"]),
+    (["probe", "--inter-node-gbps", "fast"], ["'--inter-node-gbps'", "'fast' is not a number"]),
     (["estimate", "--seq", "1\x1b[2J\n2"], ["'--seq'", "\\x1b[2J"]),  # control characters escaped
     (["checkpoint", "inspect", "d", "--json", "--verify", "--tag"], ["--tag", "requires an argument"]),
     # launch passes unknown options on (they belong to the script when they follow it); before the script

@@ -76,7 +76,7 @@ def test_hf_config_import_is_bounded_too(tmp_path) -> None:
            "num_attention_heads": 32, "intermediate_size": 11008, "max_position_embeddings": 4096}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ProfileError, match="num_layers is .* above 16,384"):
+    with pytest.raises(ProfileError, match="num_hidden_layers is .* above 16,384"):  # the file's key
         load_model(str(path))
 
 
