@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztune.errors import EnvVarError
-from ztune.inputs import ascii_int, ascii_number
+from ztune.inputs import ascii_int, ascii_number, ascii_signed_int
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -75,12 +75,7 @@ class EnvVar:
         if self.kind == "choice":
             return text if text in self.choices else None
         # ASCII forms only: int() and float() also take other scripts' digits ('\uff12'), '_' and 'inf'.
-        if self.kind == "int":
-            sign, digits = (text[0], text[1:]) if text[:1] in ("-", "+") else ("", text)
-            magnitude = ascii_int(digits)
-            value = None if magnitude is None else -magnitude if sign == "-" else magnitude
-        else:
-            value = ascii_number(text)
+        value = ascii_signed_int(text) if self.kind == "int" else ascii_number(text)
         if value is None or not math.isfinite(value) or abs(value) > _MAX_NUMBER:
             return None
         if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):

@@ -205,6 +205,13 @@ def ascii_int(text: str) -> int | None:
     return int(text)
 
 
+def ascii_signed_int(text: str) -> int | None:
+    """`text` as an integer when it is ASCII digits 0-9 with at most one leading sign, else None (ascii_int)."""
+    sign, digits = (text[0], text[1:]) if text[:1] in ("-", "+") else ("", text)
+    number = ascii_int(digits)
+    return None if number is None else -number if sign == "-" else number
+
+
 def ascii_number(text: str, *, yaml_grouping: bool = False) -> float | None:
     """`text` as a float when it is a decimal number in ASCII, else None; with `yaml_grouping` (text from a YAML
     file) digits may be grouped with '_' as YAML 1.1 allows."""

@@ -74,23 +74,19 @@ def build_app(names: tuple[str, ...] | None = None) -> typer.Typer:
 
 
 def _number_parser(kind: type):
-    """A typer `parser` for an int or float option: ASCII forms only (ztune.inputs.ascii_int / ascii_number).
+    """A typer `parser` for an int or float option: ASCII forms only (ztune.inputs.ascii_signed_int / ascii_number).
     typer's own conversion (pydantic's int and float) also takes '1_0' as 10, other scripts' digits ('\uff12')
     and surrounding spaces."""
     import typer
 
-    from ztune.inputs import ascii_int, ascii_number, shown
+    from ztune.inputs import ascii_number, ascii_signed_int, shown
 
     def parse(value):
         if not isinstance(value, str):  # a default from the signature
             return value
-        if kind is int:
-            sign, digits = (value[0], value[1:]) if value[:1] in ("-", "+") else ("", value)
-            number = ascii_int(digits)
-            if number is not None:
-                return -number if sign == "-" else number
+        number = ascii_signed_int(value) if kind is int else ascii_number(value)
+        if number is None and kind is int:
             raise typer.BadParameter(f"{shown(value)} is not an integer (ASCII digits 0-9)")
-        number = ascii_number(value)
         if number is None:
             raise typer.BadParameter(f"{shown(value)} is not a number (ASCII digits, as in 2.5 or 1e-3)")
         return number
