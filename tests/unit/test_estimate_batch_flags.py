@@ -16,7 +16,7 @@ YAML = "batch:\n  micro: 2\n  global: 64\n"
 
 def _estimate(**flags):
     kwargs = {name: default for name, _, default in ESTIMATE_FLAGS.values()}
-    kwargs.update(hardware="dgx-h100", params="7B", json_out=True, **flags)
+    kwargs.update({"hardware": "dgx-h100", "params": "7B", "json_out": True, **flags})
     return run_estimate(**kwargs)
 
 
@@ -52,3 +52,21 @@ def test_batch_flags_that_fit_still_estimate(tmp_path, capsys):
     assert _estimate(micro_batch=2, global_batch=64) == 0
     assert _estimate(config=_config(tmp_path, "ds.json"), micro_batch=4) == 0
     assert '"rows"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, text, key", [
+    ("ds.json", json.dumps({**DS, "gradient_accumulation_steps": 4}), "gradient_accumulation_steps 4"),
+    ("c.yaml", "batch:\n  micro: 2\n  grad_accum: 4\n  global: 64\n", "batch.grad_accum 4"),
+])
+def test_a_batch_flag_that_rederives_the_configs_accumulation_says_so(tmp_path, capsys, name, text, key):
+    """--micro-batch with a config that sets the gradient accumulation derives it again (global 64 = micro 4 x 2 x
+    8 GPUs): the output names the config's value it replaced, in text and JSON; when it stays, nothing."""
+    path = tmp_path / name
+    path.write_text(text)
+    assert _estimate(config=path, micro_batch=4) == 0
+    note = json.loads(capsys.readouterr().out)["batch_note"]
+    assert note.startswith(f"batch: {key} in {path} is derived again from the flags: 2 "), note
+    assert _estimate(config=path, micro_batch=4, json_out=False) == 0
+    assert f"{key} in {path} is derived again" in capsys.readouterr().out
+    assert _estimate(config=path, micro_batch=2) == 0  # 64 = 2 x 4 x 8: the config's own accumulation stands
+    assert "batch_note" not in json.loads(capsys.readouterr().out)

@@ -350,6 +350,7 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
     seq_len = seq or min(spec.max_seq_len, 4096)
 
     ignored: tuple[str, ...] = ()
+    batch_note = ""  # a config value a flag replaced without naming it (the gradient accumulation)
     if config is not None:
         # The loader (YAML, DeepSpeed JSON) only when a config is given. DeepSpeed "auto" values are resolved
         # from the model's hidden size and --precision (deepspeed_auto.py).
@@ -364,6 +365,13 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         # errors name each size as the user gave it: the flag, or the config's key as written
         keys = batch_keys(micro_batch=micro_batch, global_batch=global_batch, config_keys=loaded.batch_keys)
         batch = resolve_batch(batch, nodes * hw.gpus_per_node, keys=keys)
+        given = cfg.batch.grad_accum
+        if (micro_batch is not None or global_batch is not None) and given is not None \
+                and given != batch.grad_accum:  # a batch flag re-derives it: say so, the config's value is gone
+            accum_key = loaded.batch_keys.grad_accum if loaded.batch_keys is not None else "batch.grad_accum"
+            batch_note = (f"batch: {accum_key} {given} in {config} is derived again from the flags: "
+                          f"{batch.grad_accum} (global {batch.global_} = micro {batch.micro} x {batch.grad_accum} "
+                          f"x {nodes * hw.gpus_per_node} GPUs)")
         zero = dataclasses.replace(cfg.zero, stage=stage) if stage is not None else cfg.zero
         # a DeepSpeed config has no sequence length: the model's, as without --config (ztune YAML has seq_len)
         cfg = dataclasses.replace(cfg, batch=batch, zero=zero,
@@ -425,6 +433,7 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
             "rows": [row_dict(e) for e in estimates],
             "recommendation": {"index": best_index, "label": best.label if best else None, "reason": reason},
             "ignored_deepspeed_keys": list(ignored),
+            **({"batch_note": batch_note} if batch_note else {}),
         })
     else:
         head = f"recommended: #{best_index + 1} {best.label}" if best else "recommended: none"
@@ -442,6 +451,8 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         lines.append([("assumptions: " + "; ".join(notes), "dim")])
         if ignored:
             lines.append([("ignored DeepSpeed keys: " + ", ".join(ignored), None)])
+        if batch_note:
+            lines.append([(batch_note, None)])
         if plot is not None:
             lines.append([(f"wrote {plot}", None)])
         print_lines(lines)
