@@ -270,12 +270,36 @@ def _check_hardware(hw: Hardware, origin: str) -> Hardware:
 
 
 # ------------------------------------------------------------------------------------------ HF import
-def _hf_get(data: dict, key: str, origin: str, default: Any = dataclasses.MISSING) -> Any:
+def _hf_int(data: dict, key: str, origin: str, default: Any = dataclasses.MISSING) -> Any:
+    """The integer at `key` of a config.json (`default` when absent or null). transformers' config classes take
+    the JSON type as it stands and refuse another (5.x: "expected int, got str"; 4.x kept "4" and failed later in
+    range()), so a string, a boolean or a float there (4.0 included) is a broken file, refused here too."""
     value = data.get(key)
     if value is None:
-        if default is dataclasses.MISSING:
-            raise ProfileError(f"{origin}: config.json has no {key!r}")
-        return default
+        if default is not dataclasses.MISSING:
+            return default
+        if key in data:
+            raise ProfileError(f"{origin}: {key}: expected an integer, got null")
+        raise ProfileError(f"{origin}: config.json has no {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = ""
+        if isinstance(value, str) and ascii_number(value.strip()) is not None:
+            hint = " (a string: write the number without quotes)"
+        elif isinstance(value, float) and value == int(value):
+            hint = f" (a float: write {int(value)})"
+        raise ProfileError(f"{origin}: {key}: expected an integer, got {_describe(value)}{hint}")
+    return value
+
+
+def _hf_bool(data: dict, key: str, origin: str, default: bool) -> bool:
+    """The flag at `key` of a config.json (`default` when absent): JSON true or false only, as transformers 5.x
+    takes it (4.x read the string "false" as true)."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
+        hint = " (a string: write true or false without quotes)" if quoted else ""
+        shown_value = "null" if value is None else _describe(value)
+        raise ProfileError(f"{origin}: {key}: expected true or false, got {shown_value}{hint}")
     return value
 
 
@@ -313,46 +337,44 @@ def _from_hf_config(data: dict, *, origin: str, name: str) -> ModelSpec:
         )
     source = f"HF config.json {origin}"
     if model_type == "gpt2":
-        hidden = _hf_get(data, "n_embd", origin)
-        heads = _hf_get(data, "n_head", origin)
+        hidden = _hf_int(data, "n_embd", origin)
+        heads = _hf_int(data, "n_head", origin)
         fields = dict(
-            name=name, source=source, architecture="gpt2", vocab_size=_hf_get(data, "vocab_size", origin),
-            hidden_size=hidden, num_layers=_hf_get(data, "n_layer", origin), num_heads=heads,
-            num_kv_heads=heads, intermediate_size=_hf_get(data, "n_inner", origin, None),
-            max_seq_len=_hf_get(data, "n_positions", origin),
-            tied_embeddings=data.get("tie_word_embeddings", True),
+            name=name, source=source, architecture="gpt2", vocab_size=_hf_int(data, "vocab_size", origin),
+            hidden_size=hidden, num_layers=_hf_int(data, "n_layer", origin), num_heads=heads,
+            num_kv_heads=heads, intermediate_size=_hf_int(data, "n_inner", origin, 4 * hidden),  # GPT2MLP: null = 4h
+            max_seq_len=_hf_int(data, "n_positions", origin),
+            tied_embeddings=_hf_bool(data, "tie_word_embeddings", origin, True),
             attention_bias=True, attention_out_bias=True,
         )
-        if fields["intermediate_size"] is None and isinstance(hidden, int):
-            fields["intermediate_size"] = 4 * hidden  # GPT2MLP: n_inner null means 4 * n_embd
         return _hf_model(fields, origin=origin, name=name, family="gpt2")
-    if data.get("mlp_bias"):
+    if _hf_bool(data, "mlp_bias", origin, False):
         raise ProfileError(f"{origin}: mlp_bias true is not supported (ztune counts SwiGLU without bias)")
-    hidden = _hf_get(data, "hidden_size", origin)
-    heads = _hf_get(data, "num_attention_heads", origin)
-    head_dim = data.get("head_dim")
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and head_dim == hidden // heads:
+    hidden = _hf_int(data, "hidden_size", origin)
+    heads = _hf_int(data, "num_attention_heads", origin)
+    head_dim = _hf_int(data, "head_dim", origin, None)
+    if heads > 0 and head_dim == hidden // heads:
         head_dim = None  # the default: keep profiles and imports comparable
     if model_type == "qwen2":
         qkv_bias, out_bias = True, False  # Qwen2Attention: bias on q/k/v, none on o_proj
     elif model_type == "llama":
-        qkv_bias = out_bias = data.get("attention_bias", False)  # LlamaAttention: one flag for all four
+        qkv_bias = out_bias = _hf_bool(data, "attention_bias", origin, False)  # LlamaAttention: one flag for all four
     else:
         qkv_bias = out_bias = False
     fields = dict(
         name=name, source=source, architecture="mixtral" if model_type == "mixtral" else "llama",
-        vocab_size=_hf_get(data, "vocab_size", origin), hidden_size=hidden,
-        num_layers=_hf_get(data, "num_hidden_layers", origin), num_heads=heads,
-        num_kv_heads=_hf_get(data, "num_key_value_heads", origin, heads),
-        intermediate_size=_hf_get(data, "intermediate_size", origin),
-        max_seq_len=_hf_get(data, "max_position_embeddings", origin),
-        tied_embeddings=data.get("tie_word_embeddings", False),
+        vocab_size=_hf_int(data, "vocab_size", origin), hidden_size=hidden,
+        num_layers=_hf_int(data, "num_hidden_layers", origin), num_heads=heads,
+        num_kv_heads=_hf_int(data, "num_key_value_heads", origin, heads),
+        intermediate_size=_hf_int(data, "intermediate_size", origin),
+        max_seq_len=_hf_int(data, "max_position_embeddings", origin),
+        tied_embeddings=_hf_bool(data, "tie_word_embeddings", origin, False),
         attention_bias=qkv_bias, attention_out_bias=out_bias, head_dim=head_dim,
     )
     if model_type == "mixtral":
         # MixtralConfig defaults when the keys are absent.
-        fields["num_experts"] = _hf_get(data, "num_local_experts", origin, 8)
-        fields["top_k"] = _hf_get(data, "num_experts_per_tok", origin, 2)
+        fields["num_experts"] = _hf_int(data, "num_local_experts", origin, 8)
+        fields["top_k"] = _hf_int(data, "num_experts_per_tok", origin, 2)
     return _hf_model(fields, origin=origin, name=name, family="llama")
 
 

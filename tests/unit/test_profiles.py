@@ -139,6 +139,77 @@ def test_hf_config_errors_name_the_config_json_key(tmp_path, doc, key, message):
     assert field not in text, text
 
 
+# A config.json of each family holding every key the import reads, each with a valid value.
+_LLAMA_DOC = {"vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 688, "max_position_embeddings": 512, "head_dim": 32,
+              "tie_word_embeddings": False, "mlp_bias": False}
+HF_DOCS = {
+    "gpt2": {"model_type": "gpt2", "vocab_size": 1000, "n_embd": 256, "n_layer": 2, "n_head": 4, "n_inner": 1024,
+             "n_positions": 512, "tie_word_embeddings": True},
+    "llama": {"model_type": "llama", **_LLAMA_DOC, "attention_bias": False},
+    "mistral": {"model_type": "mistral", **_LLAMA_DOC},
+    "mixtral": {"model_type": "mixtral", **_LLAMA_DOC, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {"model_type": "qwen2", **_LLAMA_DOC},
+}
+
+
+class _Reads(dict):
+    """A config.json that records the keys the import reads."""
+
+    def __init__(self, doc: dict) -> None:
+        super().__init__(doc)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("family", HF_DOCS)
+def test_hf_docs_hold_every_key_the_import_reads(family):
+    from ztune.profiles import _from_hf_config
+
+    doc = _Reads(HF_DOCS[family])
+    _from_hf_config(doc, origin="config.json", name=family)
+    assert doc.read == set(HF_DOCS[family]), doc.read ^ set(HF_DOCS[family])
+
+
+def _bad_values(good):
+    """Values of the wrong JSON type for `good`'s field, as transformers' config classes refuse them."""
+    if isinstance(good, bool):
+        return [str(good).lower(), str(good), int(good), None], "expected true or false"
+    return [str(good), f" {good} ", True, float(good), good + 0.5], "expected an integer"
+
+
+@pytest.mark.parametrize("family, key", [(f, k) for f, doc in HF_DOCS.items() for k in doc if k != "model_type"])
+def test_hf_config_fields_take_their_json_type_only(tmp_path, family, key):
+    """A config.json value of another JSON type ("4" for num_hidden_layers, "false" for tie_word_embeddings, 4.0,
+    true) is a broken file for transformers: one line naming the file's key and what it got, for every field
+    the import reads ("4" was read as 4)."""
+    path = tmp_path / "config.json"
+    values, expected = _bad_values(HF_DOCS[family][key])
+    for value in values:
+        path.write_text(json.dumps({**HF_DOCS[family], key: value}))
+        with pytest.raises(ProfileError) as info:
+            load_model(str(path))
+        shown = "null" if value is None else repr(value)
+        assert str(info.value).startswith(f"{path}: {key}: {expected}, got {shown}"), (value, str(info.value))
+
+
+@pytest.mark.parametrize(("value", "hint"), [("4", "(a string: write the number without quotes)"),
+                                             (4.0, "(a float: write 4)"), (4.5, "")])
+def test_hf_config_integer_errors_say_how_to_write_it(tmp_path, value, hint):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**HF_DOCS["llama"], "num_hidden_layers": value}))
+    with pytest.raises(ProfileError) as info:
+        load_model(str(path))
+    assert str(info.value) == f"{path}: num_hidden_layers: expected an integer, got {value!r} {hint}".rstrip()
+
+
 SIZES = ["125M", "350m", "760M", "1.3B", "1.5B", "2.7B", "7B", "7b", "13B", "30B", "34B", "70B", "175B",
          "405B"]
 
