@@ -8,42 +8,62 @@ import json
 import pytest
 
 from ztune.tune.journal import Journal, JournalError
+from ztune.tune.space import Candidate
+from ztune.tune.tuner import TrialRecord
 
 
 def _open(path, fp="abc", **kw):
     return Journal(path, fingerprint=fp, describe={"seq_len": 128, "model": "tiny"}, **kw)
 
 
+def _candidate(micro: int) -> Candidate:
+    return Candidate(stage=0, offload_optimizer=False, checkpointing="none", precision="fp32", compression="none",
+                     micro=micro)
+
+
+def _trial(micro: int) -> dict:
+    """A finished trial as the tuner journals it (TrialRecord.to_journal); its key is z0-fp32-mb<micro>."""
+    return TrialRecord(index=micro, candidate=_candidate(micro), status="ok", reason="", step_time_s=0.5,
+                       peak_memory_bytes=1 << 20, prior_step_time_s=0.4, estimated_memory_bytes=1 << 20,
+                       wall_s=9.0, first_loss=9.1, last_loss=7.0).to_journal()
+
+
+def _start(micro: int) -> dict:
+    """A trial's start as the tuner journals it (Tuner._launch)."""
+    return {"kind": "start", "key": _candidate(micro).key, "index": micro, "pgid": 4242, "report": "r.jsonl",
+            "marker": "r.jsonl", "time": 0.0}
+
+
 def test_reload_gives_finished_and_unfinished_trials(tmp_path) -> None:
     path = tmp_path / "j.jsonl"
     j = _open(path)
-    j.append({"kind": "start", "key": "a", "pgid": 1})
-    j.append({"kind": "trial", "key": "a", "status": "ok"})
-    j.append({"kind": "start", "key": "b", "pgid": 2})
+    j.append(_start(1))
+    j.append(_trial(1))
+    j.append(_start(2))
     again = _open(path)
-    assert set(again.state.finished) == {"a"}
-    assert set(again.state.unfinished) == {"b"}
+    assert set(again.state.finished) == {"z0-fp32-mb1"}
+    assert set(again.state.unfinished) == {"z0-fp32-mb2"}
     assert all(line.endswith("}") for line in path.read_text().splitlines())
 
 
 def test_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path) -> None:
     path = tmp_path / "j.jsonl"
     j = _open(path)
-    j.append({"kind": "trial", "key": "a", "status": "ok"})
+    j.append(_trial(1))
     with open(path, "ab") as fh:
-        fh.write(b'{"kind": "trial", "key": "b", "sta')  # the tuner died inside write()
+        fh.write(json.dumps(_trial(2)).encode()[:40])  # the tuner died inside write()
     again = _open(path)
-    assert set(again.state.finished) == {"a"} and again.state.torn_tail_bytes > 0
-    again.append({"kind": "trial", "key": "c", "status": "ok"})
+    assert set(again.state.finished) == {"z0-fp32-mb1"} and again.state.torn_tail_bytes > 0
+    again.append(_trial(3))
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r.get("key") for r in records] == [None, "a", "c"]
+    assert [r.get("key") for r in records] == [None, "z0-fp32-mb1", "z0-fp32-mb3"]
 
 
 def test_damage_before_the_last_line_is_an_error(tmp_path) -> None:
     path = tmp_path / "j.jsonl"
     j = _open(path)
-    j.append({"kind": "trial", "key": "a", "status": "ok"})
-    j.append({"kind": "trial", "key": "b", "status": "ok"})
+    j.append(_trial(1))
+    j.append(_trial(2))
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:10]
     path.write_text("\n".join(lines) + "\n")
@@ -53,12 +73,12 @@ def test_damage_before_the_last_line_is_an_error(tmp_path) -> None:
 
 def test_journal_of_another_space_is_refused_unless_fresh(tmp_path) -> None:
     path = tmp_path / "j.jsonl"
-    _open(path).append({"kind": "trial", "key": "a", "status": "ok"})
+    _open(path).append(_trial(1))
     with pytest.raises(JournalError, match="different tuning run.*--fresh"):
         Journal(path, fingerprint="other", describe={"seq_len": 256, "model": "tiny"})
     fresh = Journal(path, fingerprint="other", describe={"seq_len": 256, "model": "tiny"}, fresh=True)
     assert fresh.state.finished == {}
-    assert fresh.moved_aside is not None and '"key": "a"' in fresh.moved_aside.read_text()
+    assert fresh.moved_aside is not None and '"key": "z0-fp32-mb1"' in fresh.moved_aside.read_text()
 
 
 def test_a_resumed_run_ranks_with_the_compute_its_first_run_measured(tmp_path) -> None:
@@ -167,3 +187,126 @@ def test_a_timed_step_too_large_for_this_host_is_skipped_not_run(monkeypatch) ->
     assert seen["model"] is None and "too large to time a step here" in err.file.getvalue()
     _measured_cpu_compute(load_hardware("cpu-local"), err, model=model, seq_len=64, precision="fp32", micro_batch=2)
     assert seen["model"] is model
+
+
+def _repeat() -> dict:
+    from ztune.tune.confirm import RepeatRecord
+
+    return RepeatRecord(index=4, key=_candidate(1).key, round=1, status="ok", reason="", step_time_s=0.5,
+                        wall_s=9.0).to_journal()
+
+
+def _compute() -> dict:
+    return {"kind": "compute", "measured": {"peak_flops_fp32": 5e10, "peak_flops_bf16": 2e10,
+                                            "train_flops_efficiency": 0.3}, "at": 0.0}
+
+
+_RECORDS = {"start": lambda: _start(1), "trial": lambda: _trial(1), "repeat": _repeat, "compute": _compute,
+            "header": lambda: _start(1)}
+_GONE = object()  # the field is removed from the record
+
+# (record kind, field, dotted path to it, values the tuner never writes there). Every field a resumed tuner
+# reads back (ztune/tune/records.py FIELDS), each with several values of the kinds a hand edit leaves.
+_BAD_FIELDS = [
+    ("start", "pgid", "pgid", ["abc", 1.5, True, "１２", "12", [1], None, 0, -4, 2**31]),
+    ("start", "key", "key", [5, None, "", ["z0"], _GONE]),
+    ("start", "report", "report", [3, None, ["r"]]),
+    ("start", "marker", "marker", [3, False]),
+    ("trial", "index", "index", ["1", 0, 1.0, True, None, _GONE]),
+    ("trial", "status", "status", ["OK", "fine", None, 1, _GONE]),
+    ("trial", "reason", "reason", [None, 3, _GONE]),
+    ("trial", "step_time_s", "step_time_s", ["fast", "0.5", -1, float("nan"), float("inf"), True, [0.5], _GONE]),
+    ("trial", "peak_memory_bytes", "peak_memory_bytes", [1.5, -1, "1G", True, _GONE]),
+    ("trial", "prior_step_time_s", "prior_step_time_s", [None, "x", float("inf"), -0.1, _GONE]),
+    ("trial", "estimated_memory_bytes", "estimated_memory_bytes", [None, 2.5, "1", -1, _GONE]),
+    ("trial", "wall_s", "wall_s", [None, -0.1, "9", False, _GONE]),
+    ("trial", "first_loss", "first_loss", ["nan", True, [1.0]]),
+    ("trial", "last_loss", "last_loss", ["7", {}]),
+    ("trial", "candidate", "candidate", ["z0-fp32-mb1", None, [], _GONE]),
+    ("trial", "candidate.stage", "candidate.stage", ["0", 4, -1, True, 0.0, None, _GONE]),
+    ("trial", "candidate.offload_optimizer", "candidate.offload_optimizer", [0, "false", None, _GONE]),
+    ("trial", "candidate.checkpointing", "candidate.checkpointing", ["None", "NONE", 1, None, _GONE]),
+    ("trial", "candidate.precision", "candidate.precision", ["FP32", "fp64", 32, _GONE]),
+    ("trial", "candidate.compression", "candidate.compression", ["gzip", False, _GONE]),
+    ("trial", "candidate.micro", "candidate.micro", [0, "1", 1.5, True, 2**40, _GONE]),
+    ("trial", "candidate.zeropp", "candidate.zeropp", [0, "no", None]),
+    ("trial", "candidate.color", "candidate.color", ["red", None]),
+    ("trial", "candidate", "key", ["z3-fp32-mb1", "z0-fp32-mb2"]),  # the key says another candidate
+    ("repeat", "round", "round", ["1", 0, 1.5, True, None, _GONE]),
+    ("repeat", "index", "index", ["4", -1, _GONE]),
+    ("repeat", "step_time_s", "step_time_s", ["x", -2, _GONE]),
+    ("repeat", "key", "key", [None, 7, _GONE]),
+    ("compute", "measured", "measured", ["fast", None, [5e10], {"peak_flops_fp32": "5e10"},
+                                         {"peak_flops_fp32": -1.0}, {"peak_flops_fp32": float("nan")},
+                                         {"peak_flops_fp32": True}, _GONE]),
+    ("start", "kind", "kind", ["begin", "START", None, 3, ["start"]]),
+    ("header", "header", "kind", ["header"]),  # a second header
+]
+
+
+def _with(record: dict, path: str, value) -> dict:
+    record = json.loads(json.dumps(record))
+    *parents, name = path.split(".")
+    holder = record
+    for p in parents:
+        holder = holder[p]
+    if value is _GONE:
+        holder.pop(name)
+    else:
+        holder[name] = value
+    return record
+
+
+@pytest.mark.parametrize(("kind", "field", "path", "value"),
+                         [(k, f, p, v) for k, f, p, values in _BAD_FIELDS for v in values],
+                         ids=lambda x: repr(x) if x is not _GONE else "missing")
+def test_a_field_the_tuner_never_writes_is_one_error_naming_file_line_and_field(tmp_path, kind, field, path,
+                                                                               value) -> None:
+    """A hand-edited journal whose pgid was "abc" gave a traceback on resume (int() in the stale-trial
+    cleanup); 1.5, true and "１２" were read as process groups 1, 1 and 12. Every field read back is checked
+    when the journal is read, the error names the file, the line and the field, and the file is left whole
+    (even as its last line, which is not a torn write: it is valid JSON)."""
+    path_ = tmp_path / "j.jsonl"
+    good = _open(path_)
+    good.append(_trial(2))
+    with open(path_, "a") as fh:  # by hand, as a person edits it
+        fh.write(json.dumps(_with(_RECORDS[kind](), path, value)) + "\n")
+    before = path_.read_bytes()
+    with pytest.raises(JournalError) as exc:
+        _open(path_)
+    message = str(exc.value)
+    assert f"{str(path_)!r} line 3: " in message and field in message and "--fresh" in message, message
+    assert "\n" not in message
+    assert path_.read_bytes() == before
+
+
+def test_what_the_tuner_writes_reads_back_in_every_form(tmp_path) -> None:
+    """The checks refuse no record the tuner writes, nor one an older ztune wrote (a start without a marker,
+    a candidate without zeropp, a trial without losses), nor a diverged trial's NaN loss."""
+    from ztune.tune.records import CANDIDATE_FIELDS
+
+    assert [f.name for f in CANDIDATE_FIELDS] == [f.name for f in dataclasses.fields(Candidate)]
+    path = tmp_path / "j.jsonl"
+    j = _open(path)
+    old_start = {k: v for k, v in _start(3).items() if k != "marker"}
+    old_trial = _trial(3)
+    del old_trial["first_loss"], old_trial["last_loss"], old_trial["candidate"]["zeropp"]
+    failed = {**_trial(4), "status": "oom", "reason": "out of memory", "step_time_s": None,
+              "peak_memory_bytes": None, "first_loss": float("nan"), "last_loss": float("inf")}
+    for record in (_start(1), _trial(1), _repeat(), _compute(), old_start, old_trial, _start(4), failed):
+        j.append(record)
+    again = _open(path)
+    assert set(again.state.finished) == {"z0-fp32-mb1", "z0-fp32-mb3", "z0-fp32-mb4"}
+    assert not again.state.unfinished and len(again.state.repeats) == 1 and again.state.compute is not None
+
+
+@pytest.mark.parametrize(("field", "value"), [("space", [1, 2]), ("space", "tiny"), ("fingerprint", 5)])
+def test_a_header_field_the_tuner_never_writes_is_one_error(tmp_path, field, value) -> None:
+    path = tmp_path / "j.jsonl"
+    _open(path)
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps({**header, field: value}) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match=f"line 1: {field} .* is not"):
+        _open(path)
+    assert path.read_bytes() == before

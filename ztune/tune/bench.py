@@ -53,12 +53,16 @@ _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt|Exi
 _RANK_PREFIX = re.compile(r"^(?:\[[^\]\s]+:\d+\] |\[(?:default)?rank\d+\]:\s?)")
 
 
+# What a trial can end as (classify); the journal keeps it, and a resumed tuner reads it back (records.py).
+STATUSES = ("ok", "oom", "crash", "timeout")
+
+
 @dataclass(frozen=True)
 class TrialOutcome:
     """What one trial measured. Times in seconds (median over measured steps), memory in bytes (max over
     ranks of each rank's peak)."""
 
-    status: str  # ok | oom | crash | timeout
+    status: str  # one of STATUSES
     reason: str
     wall_s: float
     exit_code: int | None

@@ -14,7 +14,9 @@ Record kinds:
   its plan continues the killed run's rather than reshuffling with the machine's load. The first one wins.
 
 Only a torn *last* line (the tuner died inside ``write``) is tolerated: it is cut off before the next
-append. Damage anywhere else means someone edited the file, and is reported rather than guessed around.
+append. Damage anywhere else means someone edited the file, and is reported rather than guessed around: a
+line that is not JSON, and a record whose fields the tuner could not read back as it wrote them (records.py),
+are one line naming the file and the line, and a journal refused so is left as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ztune.errors import UserError
+from ztune.tune.records import RecordError, check_record
 
 JOURNAL_VERSION = 1
 
@@ -48,11 +51,12 @@ class JournalState:
     torn_tail_bytes: int = 0
 
 
-def _parse(path: Path) -> tuple[JournalState, int]:
-    """Parse `path`; returns the state and the byte length of the well-formed prefix."""
+def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, int]:
+    """The records of `path` with their line numbers, the byte length of the well-formed prefix, and the bytes
+    of a torn last line (0 if none)."""
     data = path.read_bytes()
-    state = JournalState()
-    good_len = 0
+    records: list[tuple[int, dict[str, Any]]] = []
+    good_len = torn = 0
     lines = data.split(b"\n")
     # The piece after the last newline is either empty (clean file) or a torn line.
     complete, tail = lines[:-1], lines[-1]
@@ -65,27 +69,38 @@ def _parse(path: Path) -> tuple[JournalState, int]:
             if number == len(complete) and not tail:
                 # A last line that was written but not whole-line valid (e.g. zero-filled after a crash
                 # of the filesystem): still the tail, still tolerated.
-                state.torn_tail_bytes = len(raw) + 1
+                torn = len(raw) + 1
                 break
             raise JournalError(
                 f"journal {str(path)!r} line {number} is damaged; move the file aside or rerun with --fresh"
             ) from None
         good_len += len(raw) + 1
-        _apply(state, record, path=path, number=number)
-    if tail:
-        state.torn_tail_bytes = len(tail)
-    return state, good_len
+        records.append((number, record))
+    return records, good_len, torn or len(tail)
 
 
-def _apply(state: JournalState, record: dict[str, Any], *, path: Path, number: int) -> None:
+def _load(path: Path, records: list[tuple[int, dict[str, Any]]]) -> JournalState:
+    """The state `records` (from _read) describe; a record the tuner could not read back as it wrote it is
+    one JournalError naming the file, the line and the field (records.py). Reads only."""
+    state = JournalState()
+    for number, record in records:
+        try:
+            check_record(record)
+            if record["kind"] == "header" and number > 1:
+                raise RecordError("a second header (a journal has one, on line 1)")
+        except RecordError as exc:
+            raise JournalError(f"journal {str(path)!r} line {number}: {exc}; correct or remove that line, or "
+                               "rerun with --fresh to start over (the old file is kept)") from None
+        _apply(state, record)
+    return state
+
+
+def _apply(state: JournalState, record: dict[str, Any]) -> None:
     kind = record["kind"]
-    if number == 1:
-        if kind != "header":
-            raise JournalError(f"journal {str(path)!r} does not start with a header; rerun with --fresh")
-        state.header = record
-        return
     key = record.get("key")
-    if kind == "start":
+    if kind == "header":
+        state.header = record
+    elif kind == "start":
         state.unfinished[key] = record
     elif kind == "trial":
         state.unfinished.pop(key, None)
@@ -112,8 +127,11 @@ class Journal:
             self.moved_aside = self.path.with_name(f"{self.path.stem}.{stamp}.old{self.path.suffix}")
             os.replace(self.path, self.moved_aside)
         if self.path.exists() and self.path.stat().st_size > 0:
-            self.state, good_len = _parse(self.path)
-            self._check_header(describe)
+            records, good_len, torn = _read(self.path)
+            # A journal of another run or version is named as such before any of its records is judged.
+            self._check_header(records, describe)
+            self.state = _load(self.path, records)
+            self.state.torn_tail_bytes = torn
             if good_len < self.path.stat().st_size:
                 # Cut the torn line so the next append starts on a line of its own.
                 with open(self.path, "r+b") as fh:
@@ -127,13 +145,16 @@ class Journal:
             self.append(header)
             self.state.header = header
 
-    def _check_header(self, describe: dict[str, Any]) -> None:
-        header = self.state.header or {}
+    def _check_header(self, records: list[tuple[int, dict[str, Any]]], describe: dict[str, Any]) -> None:
+        if not records or records[0][1]["kind"] != "header":
+            raise JournalError(f"journal {str(self.path)!r} does not start with a header; rerun with --fresh")
+        header = records[0][1]
         if header.get("version") != JOURNAL_VERSION:
             raise JournalError(
                 f"journal {str(self.path)!r} has version {header.get('version')!r}, this ztune writes "
                 f"{JOURNAL_VERSION}; rerun with --fresh (the old file is kept)"
             )
+        _load(self.path, records[:1])  # its fields (the space compared below is an object)
         if header.get("fingerprint") != self.fingerprint:
             old = header.get("space", {})
             diffs = [k for k in sorted(set(old) | set(describe)) if old.get(k) != describe.get(k)]
@@ -156,4 +177,4 @@ class Journal:
         finally:
             os.close(fd)
         if record.get("kind") in ("start", "trial", "repeat", "compute"):
-            _apply(self.state, record, path=self.path, number=0)
+            _apply(self.state, record)

@@ -346,7 +346,7 @@ class Tuner:
         group if it still runs, so they neither steal cores nor write into the new trial's files."""
         for key, rec in list(self.journal.state.unfinished.items()):
             pgid, marker = rec.get("pgid"), rec.get("marker") or rec.get("report")
-            if pgid and marker and kill_stale_group(int(pgid), marker=str(marker)):
+            if pgid and marker and kill_stale_group(pgid, marker=marker):  # types checked on load (records.py)
                 self.on_event("stale", key=key, pgid=pgid)
 
     def _run_one(self, a: Assessment, *, fit: Fit, budget_left_s: float | None) -> TrialRecord:
