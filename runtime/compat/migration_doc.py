@@ -39,7 +39,8 @@ for batch in loader:
 
 Every key of the config is read with DeepSpeed 0.19.8's meaning, or listed at start-up on rank 0 as
 `ignored DeepSpeed keys: ...` (and by `ztune estimate --config`) when it cannot change the trained parameters,
-or rejected with one line naming the key when it would change training in a way ztune does not implement.
+or rejected with one line naming the key when it would change training in a way ztune does not implement, or
+when DeepSpeed 0.19.8 itself refuses it (a removed feature: MiCS, `sparse_gradients`, ...).
 An unknown key is an error (a typo never passes silently). Batch sizes follow DeepSpeed's derivation for every
 combination of `train_batch_size`, `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`.
 

@@ -5,6 +5,8 @@ accepts, legacy keys, "auto" values, the ztune block, and errors that name the k
 from __future__ import annotations
 
 import itertools
+import json
+import re
 
 import pytest
 
@@ -231,6 +233,34 @@ def test_key_table_covers_deepspeeds_config_models():
                 assert key in KEYS, key
     for key, r in KEYS.items():
         assert r.status in ("supported", IGNORED, NEUTRAL, REJECTED) and r.note, key
+
+
+def test_keys_deepspeed_removed_are_rejected_as_deepspeed_rejects_them():
+    """DeepSpeed 0.19.8 refuses the keys of its removed features (MiCS, sparse_gradients, ...) whatever their value
+    and stage; ztune refuses them too, naming the key (zero_optimization.mics_shard_size was listed as ignored)."""
+    from unittest import mock
+
+    from tests.helpers.deepspeed_ref import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.runtime.config as ds_config
+
+    removed = [*ds_config._REMOVED_TOP_LEVEL_CONFIG_KEYS,
+               *(f"zero_optimization.{k}" for k in ds_config._REMOVED_ZERO_CONFIG_KEYS)]
+    assert "zero_optimization.mics_shard_size" in removed and "sparse_gradients" in removed
+    for key in removed:
+        assert KEYS[key].status == REJECTED, key
+        *block, name = key.split(".")
+        for stage, value in ((3, 1), (1, False)):
+            zero = {"stage": stage}
+            doc = {"train_batch_size": 8, "zero_optimization": zero}
+            (zero if block else doc)[name] = value
+            with mock.patch.object(ds_config.dist, "get_rank", lambda *a, **k: 0), \
+                    mock.patch.object(ds_config.dist, "get_world_size", lambda *a, **k: 1), \
+                    pytest.raises(ds_config.DeepSpeedConfigError):
+                ds_config.DeepSpeedConfig(json.loads(json.dumps(doc)))
+            with pytest.raises(ConfigError, match=f"^{re.escape(key)}: .*; remove it$"):
+                from_deepspeed(doc)
 
 
 def test_fp16_scaler_keys_read_with_deepspeeds_meaning():

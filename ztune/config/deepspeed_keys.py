@@ -9,7 +9,8 @@ activation_checkpointing/config.py). Status:
   trained parameters (a performance, memory-placement, logging or file-format knob);
 - neutral: accepted when it has its no-effect value `neutral` (then listed as ignored); any other value would
   change training in a way ztune does not implement, so it is rejected with the note;
-- rejected: any value is an error (the feature changes training and ztune does not implement it).
+- rejected: any value is an error (the feature changes training and ztune does not implement it, or DeepSpeed
+  0.19.8 removed it and refuses the key itself); a block with "enabled": false is listed as ignored.
 
 Each leaf key that ztune does not read itself (ignored and neutral keys, and the fp16 / bf16 keys, which a
 disabled block leaves unread) has `kind`: the type DeepSpeed gives its value (its pydantic field, or the type
@@ -72,6 +73,9 @@ _CKPT = "checkpoint-file option (checkpoints are a separate issue); no effect on
 _ACT = ("configures deepspeed.checkpointing.checkpoint(), which a model calls itself; recomputation never changes "
         "the math. ztune's own checkpointing: the \"ztune\": {\"activations\": ...} block")
 _OFFLOAD_IO = "offload buffer/IO tuning: ztune offloads to host memory with its own buffers"
+# Keys DeepSpeed 0.19.8 refuses whatever their value or stage (runtime/config.py _reject_removed_config_keys: "MiCS
+# ZeRO-3 sharding has been removed; ... no longer supported"), so a config holding one runs under neither.
+_REMOVED = " was removed in DeepSpeed 0.19.8, which refuses the key at any value"
 # The dynamic scaler's settings do nothing under a static scale (DeepSpeed builds no DynamicLossScaler then).
 _DYN = ("; with a static loss_scale (> 0) it has no effect: range-checked as for dynamic scaling, then listed as "
         "ignored")
@@ -178,8 +182,9 @@ KEYS: dict[str, KeyRule] = {
                                                     "over k ranks of one host serves the backward all-gather; k "
                                                     "must divide the ranks per host; 0/1 = off; ignored at stages "
                                                     "0-2, as in DeepSpeed"),
-    "zero_optimization.mics_shard_size": _i(INT, "MiCS shard groups: memory layout only"),
-    "zero_optimization.mics_hierarchical_params_gather": _i(BOOL, _PERF),
+    "zero_optimization.mics_shard_size": _r("MiCS sharding" + _REMOVED),
+    "zero_optimization.mics_hierarchical_params_gather": _r("MiCS sharding" + _REMOVED),
+    "zero_optimization.zeropp_loco_param": _r("LoCo-ZeRO++ (error feedback for qgZ)" + _REMOVED),
     "zero_optimization.zero_quantized_weights": _s("ZeRO++ qwZ at stage 3: the forward all-gather sends int8 "
                                                    "weights in blocks of 2048 with one fp32 scale each; master "
                                                    "weights stay full precision; ignored at stages 0-2, as in "
@@ -259,7 +264,7 @@ KEYS: dict[str, KeyRule] = {
                                   "under fp32 training is compression.method bf16 (a bf16 copy reduced, cast "
                                   "back); any other value is refused (ztune reduces in the compute dtype)"),
     "seq_parallel_communication_data_type": _i(DTYPE_OR_NULL, _PERF),
-    "sparse_gradients": _i(BOOL, "embedding gradients are reduced dense: the same values"),
+    "sparse_gradients": _r("sparse compression of embedding gradients" + _REMOVED),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
                     "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
                     "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
@@ -289,6 +294,10 @@ KEYS: dict[str, KeyRule] = {
     "elasticity": _r("elastic training is not implemented (DeepSpeed 0.19.8 rejects it too)"),
     "hybrid_engine": _r("the RLHF hybrid engine is not implemented"),
     "compile": _r("DeepSpeed's compile integration is not implemented"),
+    "nebula": _r("Nebula checkpointing" + _REMOVED),
+    "quantize_training": _r("MoQ quantized training" + _REMOVED),
+    "sparse_attention": _r("sparse attention" + _REMOVED),
+    "graph_harvesting": _r("graph harvesting" + _REMOVED),
 }
 
 # DeepSpeed's older spellings, read as the key they stand for.
