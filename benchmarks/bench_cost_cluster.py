@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -281,7 +283,13 @@ NOTES = [
     "than the probe's, whose 4 ranks compute without pause (twice so far, load 4-13, flat stage 0's whole "
     "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
     "machine is shared: between the probe and a variant's steps the load changes by 2-5x, and the same "
-    "configuration measured twice in one run differs by up to 30%.",
+    "configuration measured twice in one run differs by up to 30%; (4) the cores' time busy outside the ranks "
+    "(the parts table's column): in the bf16 run of 2026-12-07 22:00 UTC 11-15% for hierarchical stages 0-2 and "
+    "14-16% for 1-bit Adam at 10 Gbit/s, 2-9% for the other rows, about the size of those rows' under-prediction. "
+    "It is in no process this machine's /proc shows: sampled every 5 s during hierarchical stage 0's steps (no "
+    "other job running, no process started or ended in the interval), 94 of 996 ticks of /proc/stat were in no "
+    "visible process's utime + stime (flat stage 0: 2-3%). Not found yet: a tenant of the VM outside this PID "
+    "namespace, or work the kernel accounts to no task.",
     "",
     "CPU by thread (benchmarks/cost_cluster_parts.py --pyprofile-clock cpu, 10 Gbit/s, 2026-12-07 17:20 UTC, load "
     "1-14, median of 4 steps, ms per rank, range over the 4 ranks): process CPU / the main (computing) thread's / "
@@ -385,6 +393,24 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
     return "\n".join(lines) + "\n"
 
 
+def _busy_elsewhere(run: dict, rec: dict, *, cpus: list[float], idle_fraction: float | None) -> float | None:
+    """The share of the machine's cores during a variant's timed steps that were neither idle nor the ranks' own CPU
+    (process time, all threads): 1 - idle - ranks x mean CPU per rank per step / (cores x mean step). The ranks' CPU
+    is a mean over the timed steps, so the step is too (the table's step is a median). None where the run lacks a
+    figure, or the profile its core count."""
+    times = rec.get("times_s") or []
+    if idle_fraction is None or not cpus or not times:
+        return None
+    try:
+        cores = int((yaml.safe_load(run["probe"]["profile_yaml"]) or {}).get("cpu_cores") or 0)
+    except (KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+    if cores <= 0:
+        return None
+    ranks = len(cpus)
+    return 1.0 - idle_fraction - ranks * statistics.mean(cpus) / (cores * statistics.mean(times))
+
+
 def _parts_table(runs: list[dict]) -> list[str]:
     """Per variant and run: the measured step and each rank's CPU seconds per step (cluster_worker.py, mean over
     ranks; runs from before it recorded them have none), against the estimate's parts."""
@@ -397,9 +423,12 @@ def _parts_table(runs: list[dict]) -> list[str]:
                 continue
             cpus = [c for c in rec.get("cpu_s_per_step_by_rank") or [] if c is not None]
             cpu = f"{statistics.mean(cpus) * 1e3:,.0f}" if cpus else "-"
-            idle = rec.get("machine_idle_fraction")
-            idle = f"{idle:.0%}" if idle is not None else "-"
+            idle_fraction = rec.get("machine_idle_fraction")
+            idle = f"{idle_fraction:.0%}" if idle_fraction is not None else "-"
+            elsewhere = _busy_elsewhere(r, rec, cpus=cpus, idle_fraction=idle_fraction)
+            elsewhere = f"{elsewhere:.0%}" if elsewhere is not None else "-"
             rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | {idle} | "
+                        f"{elsewhere} | "
                         + " | ".join(f"{est.get(k, 0.0) * 1e3:,.0f}" for k in
                                      ("compute_s", "runtime_s", "optimizer_s", "codec_s", "exposed_comm_s",
                                       "comm_cpu_s")) + " |")
@@ -407,11 +436,14 @@ def _parts_table(runs: list[dict]) -> list[str]:
         return []
     return ["Where the time goes (ms per step): measured step, CPU seconds per rank (process time, all threads, "
             "mean over the 4 ranks) and the machine's idle share of its cores during rank 0's timed steps (/proc/stat; "
-            "both hosts and anything else on the machine) against the estimate's parts (the step charges compute + "
+            "both hosts and anything else on the machine), the share of the cores busy outside the ranks (1 - idle - "
+            "ranks x CPU per rank / (cores x mean step): other processes, kernel threads, the hypervisor's steal) "
+            "against the estimate's parts (the step charges compute + "
             "runtime CPU + optimizer + codec + the larger of exposed communication and communication CPU; a run from "
             "before the runtime CPU was measured shows 0 there):", "",
-            "| variant | Gbit/s | measured step | measured CPU per rank | machine idle | compute | runtime CPU | "
-            "optimizer | codec | exposed comm | comm CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | Gbit/s | measured step | measured CPU per rank | machine idle | busy outside the ranks "
+            "| compute | runtime CPU | optimizer | codec | exposed comm | comm CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows, ""]
 
 

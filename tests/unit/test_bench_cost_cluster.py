@@ -33,3 +33,15 @@ def test_one_miss_or_one_failed_measurement_fails_the_check():
     assert "+20.0% | FAIL" in text and "failed | - | - | FAIL" in text
     assert (f"Verdict (issue 15): **FAIL**: 2 of 2 (configuration, rate) pairs are outside 15%: {FLAT0} at "
             f"1 Gbit/s (+20%); {HIER3} at 1 Gbit/s (not measured or not estimated).") in text
+
+
+def test_busy_outside_the_ranks_is_what_idle_and_the_ranks_cpu_leave():
+    """4 ranks of 0.25 CPU s per step on 2 cores over 0.6 s steps use 1/1.2 of the cores; 5% idle leaves 11.7%."""
+    run = {"probe": {"profile_yaml": "name: cpu-box\ncpu_cores: 2\n"}}
+    rec = {"times_s": [0.5, 0.7]}
+    share = bench._busy_elsewhere(run, rec, cpus=[0.25] * 4, idle_fraction=0.05)
+    assert abs(share - (1 - 0.05 - 4 * 0.25 / (2 * 0.6))) < 1e-12
+    assert bench._busy_elsewhere({"probe": {"profile_yaml": "name: x\n"}}, rec, cpus=[0.25] * 4,
+                                 idle_fraction=0.05) is None  # no core count
+    assert bench._busy_elsewhere({"probe": {"error": "not probed"}}, rec, cpus=[0.25] * 4, idle_fraction=0.05) is None
+    assert bench._busy_elsewhere(run, rec, cpus=[], idle_fraction=0.05) is None
