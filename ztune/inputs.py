@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,32 @@ def ascii_number(text: str, *, yaml_grouping: bool = False) -> float | None:
     if len(text) > _MAX_DIGITS or pattern.fullmatch(text) is None:
         return None
     return float(text.replace("_", ""))
+
+
+# ------------------------------------------------------------------------------------------- lines of text
+# A line-oriented input (hostfile, env file, host filter, ssh option) is ASCII where it has structure: str.split()
+# and str.strip() also take U+00A0 NO-BREAK SPACE, U+2003 EM SPACE or U+3000 IDEOGRAPHIC SPACE as a separator,
+# and str.splitlines() ends a line at U+2028, U+0085 or a form feed, so a paste from a word processor split a
+# line, or a comment into a line, where the text shows none.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def ascii_lines(text: str) -> list[str]:
+    """`text` split at ASCII line ends only (\\n, \\r\\n, \\r); other characters stay in their line."""
+    return _LINE_END.split(text)
+
+
+def first_unprintable(text: str, *, allow: str = "") -> str | None:
+    """The first character of `text` that is neither printable ASCII (space to '~') nor in `allow`, or None."""
+    return next((c for c in text if not (" " <= c <= "~" or c in allow)), None)
+
+
+def describe_char(c: str) -> str:
+    """A character as a message shows it: escaped, with its code point and name ('\\xa0' (U+00A0 NO-BREAK
+    SPACE)), so the reader sees what the text does not."""
+    name = unicodedata.name(c, "")
+    what = f" {name}" if name else ", a control character" if unicodedata.category(c) == "Cc" else ", unnamed"
+    return f"{ascii(c)} (U+{ord(c):04X}{what})"
 
 
 def shown(text: str) -> str:

@@ -112,9 +112,12 @@ def check_request_text(req: LaunchRequest) -> None:
     for name, (flag, what) in _TEXT_FIELDS.items():
         text_flag(flag, getattr(req, name), what=what)
     if req.ssh is not None:
+        from ztune.launch.ssh import check_ssh_option
+
         text_flag("--ssh-config", req.ssh.config_file, what="an ssh config file path")
         for opt in req.ssh.options:
             text_flag("--ssh-option", opt, what="an ssh option such as KEY=VALUE")
+            check_ssh_option(opt)
 
 
 def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ztune.envvars import CPU_ALLOCATOR_DEFAULTS
 from ztune.errors import UserError
+from ztune.inputs import ascii_lines, describe_char
 from ztune.launch import lifeline
 from ztune.launch.hostfile import format_endpoint
 
@@ -102,13 +103,23 @@ def parse_env_assignment(text: str, *, where: str = "--env") -> tuple[str, str]:
 
 
 def parse_env_file(text: str, *, source: str = ENV_FILE_NAME) -> dict[str, str]:
-    """Lines of KEY=VALUE; '#' comments and blank lines skipped; no quoting or expansion (values are literal)."""
+    """Lines of KEY=VALUE; '#' comments and blank lines skipped; no quoting or expansion (values are literal).
+
+    Lines end at ASCII line ends, so a value may hold any other character (U+2028 ended a line, and the rest
+    of the value was read as a line of its own). Spaces and tabs around a line are dropped; any other
+    whitespace there (U+00A0, U+3000, a form feed) is an error naming it, not a character silently dropped or
+    kept in the value."""
     out: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    for lineno, raw in enumerate(ascii_lines(text), start=1):
+        line = raw.strip(" \t")
         if not line or line.startswith("#"):
             continue
-        key, value = parse_env_assignment(line, where=f"{source} line {lineno}:")
+        where = f"{source} line {lineno}:"
+        for edge, c in (("starts", line[0]), ("ends", line[-1])):
+            if c.isspace() or not c.isprintable():
+                raise LaunchError(f"{where} the line {edge} with {describe_char(c)}, which the file does not "
+                                  "show; remove it (spaces and tabs around a line are dropped)")
+        key, value = parse_env_assignment(line, where=where)
         out[key] = value
     return out
 

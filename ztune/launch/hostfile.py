@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ztune.errors import UserError
-from ztune.inputs import MAX_RANKS_PER_HOST, ascii_int, shown
+from ztune.inputs import MAX_RANKS_PER_HOST, ascii_int, ascii_lines, describe_char, first_unprintable, shown
 
 
 class HostfileError(UserError):
@@ -34,18 +34,24 @@ class Host:
 # slots=100000000 is an error instead of a 100-million-element tuple.
 MAX_SLOTS = MAX_RANKS_PER_HOST
 MAX_HOSTS = 65536  # hosts in one hostfile or Slurm nodelist
+_FIELD_SEP = re.compile(r"[ \t]+")
 
 
 def canonical_host(name: str, *, where: str) -> str:
     """A host as the launcher keeps it: IPv6 literals without brackets and in compressed form (so that
     `fd00:0::1` and `[fd00::1]` name the same host), hostnames unchanged.
 
-    A name with a ':' must be an IPv6 address: a hostname cannot hold one; nor spaces or control characters,
-    nor a leading '-' (ssh would read it as an option). Raises HostfileError naming `where`.
+    A name is printable ASCII (DNS names are; an internationalised one is written in its xn-- form) without
+    spaces, and no leading '-' (ssh would read it as an option). A name with a ':' must be an IPv6 address: a
+    hostname cannot hold one. Raises HostfileError naming `where`.
     """
-    if any(c.isspace() or not c.isprintable() for c in name) or name.startswith("-"):
-        raise HostfileError(f"{where}: {name!r} is not a host name (no spaces or control characters, no leading "
-                            "'-')")
+    bad = next((c for c in name if not "!" <= c <= "~"), None)  # printable ASCII, space excluded
+    if bad is not None:
+        raise HostfileError(f"{where}: {shown(name)} is not a host name: it holds {describe_char(bad)} (a host "
+                            "name is printable ASCII, without spaces)")
+    if name.startswith("-"):
+        raise HostfileError(f"{where}: {name!r} is not a host name (no leading '-': ssh would read it as an "
+                            "option)")
     bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     if ":" not in bare and bare == name:
         return name
@@ -71,21 +77,25 @@ def format_endpoint(addr: str, port: int) -> str:
 def parse_hostfile(text: str, *, source: str = "hostfile") -> list[Host]:
     """Parse DeepSpeed's hostfile format: `hostname slots=N` per line, `#` comments, blank lines.
 
-    A bare `hostname` means one slot. Duplicate hosts, `slots=0` and stray tokens are errors.
+    A bare `hostname` means one slot. Duplicate hosts, `slots=0` and stray tokens are errors. Lines end at
+    ASCII line ends and their fields are ASCII, separated by spaces or tabs; a comment may hold any text.
     """
     hosts: list[Host] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+    for lineno, raw in enumerate(ascii_lines(text), start=1):
+        line = raw.split("#", 1)[0].strip(" \t")
         if not line:
             continue
-        fields = line.split()
-        name = fields[0]
+        fields = _FIELD_SEP.split(line)
         where = f"{source} line {lineno}"
+        for field in fields:
+            bad = first_unprintable(field)
+            if bad is not None:
+                raise HostfileError(f"{where}: {shown(field)} holds {describe_char(bad)}; write the host name and "
+                                    "slots=N in ASCII, separated by plain spaces")
+        name = fields[0]
         if name.startswith("-"):
             raise HostfileError(f"{where}: hostname {name!r} starts with '-'; fix the hostname")
-        if not name.isprintable():
-            raise HostfileError(f"{where}: hostname {name!r} holds control characters; fix the hostname")
         if name.startswith("slots="):
             raise HostfileError(f"{where}: expected 'hostname slots=N', got {line!r}")
         if len(fields) > 2:
@@ -144,8 +154,12 @@ def _parse_filter(spec: str, *, flag: str) -> dict[str, tuple[int, ...] | None]:
     """`host1:0,1@host2` -> {host1: (0, 1), host2: None}; None means the whole host. IPv6 hosts are
     canonical (see `canonical_host`)."""
     out: dict[str, tuple[int, ...] | None] = {}
+    bad = first_unprintable(spec, allow="\t")
+    if bad is not None:
+        raise HostfileError(f"{flag} {shown(spec)} holds {describe_char(bad)}; write hosts and slots in ASCII, "
+                            "e.g. 'node1:0,1@node2'")
     for part in spec.split("@"):
-        part = part.strip()
+        part = part.strip(" \t")
         if not part:
             raise HostfileError(f"{flag} {spec!r}: empty host entry; use the form 'host1:0,1@host2'")
         raw_name, slot_text = _split_entry(part, spec=spec, flag=flag)
@@ -256,7 +270,7 @@ def _expand_ranges(body: str, *, nodelist: str) -> list[str]:
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a Slurm nodelist (`gpu[01-03,07],login1`, `a[1-2]b[3-4]`) into hostnames, in order."""
     names: list[str] = []
-    for part in _split_top_level(nodelist.strip()):
+    for part in _split_top_level(nodelist.strip(" \t\r\n")):  # ASCII only: a host name is (canonical_host)
         expanded = [""]
         for m in re.finditer(r"([^\[]*)(?:\[([^\]]*)\])?", part):
             prefix, body = m.group(1), m.group(2)
@@ -279,4 +293,5 @@ def hosts_from_slurm(env: dict[str, str]) -> list[Host] | None:
         return None
     gpus = ascii_int(env.get("SLURM_GPUS_ON_NODE", ""))
     num_slots = gpus if gpus is not None and 0 < gpus <= MAX_SLOTS else 1
-    return [Host(name=n, slots=tuple(range(num_slots))) for n in expand_nodelist(nodelist)]
+    where = "SLURM_JOB_NODELIST" if env.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
+    return [Host(name=canonical_host(n, where=where), slots=tuple(range(num_slots))) for n in expand_nodelist(nodelist)]

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ztune.inputs import describe_char, shown
 from ztune.launch import lifeline
-from ztune.launch.command import TAG_ENV
+from ztune.launch.command import TAG_ENV, LaunchError
 
 # Lines the node wrapper writes for the supervisor (never shown to the user) start with this marker.
 CONTROL_PREFIX = "@@ztune-node@@ "
@@ -41,6 +43,25 @@ class SshOptions:
     keepalive_s: int = 5
     insecure_no_host_key_check: bool = False
     ssh_binary: str = "ssh"
+
+
+# An ssh_config keyword (ssh -o KEYWORD=VALUE or "KEYWORD VALUE"): ConnectTimeout, ForwardX11, ...
+_SSH_OPTION = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:[ \t]*=[ \t]*|[ \t]+)\S")
+
+
+def check_ssh_option(option: str) -> None:
+    """Refuse (LaunchError, one line) an `-o` option ssh would misread: its keyword is ASCII letters and digits,
+    then '=' or spaces, then the value. ssh separates with ASCII spaces and tabs only, so another whitespace
+    character (U+00A0 NO-BREAK SPACE, U+3000) ends up inside the keyword or the value (`User=bob\\xa0` logs in
+    as 'bob\\xa0'), and a control character has no place in one; either is named. A value may otherwise hold
+    any text (a path)."""
+    bad = next((c for c in option if (c.isspace() or not c.isprintable()) and c not in " \t"), None)
+    if bad is not None:
+        raise LaunchError(f"--ssh-option {shown(option)} holds {describe_char(bad)}; remove it (KEY and VALUE are "
+                          "separated by '=' or plain spaces, e.g. ConnectTimeout=5)")
+    if _SSH_OPTION.match(option) is None:
+        raise LaunchError(f"--ssh-option {shown(option)}: expected KEY=VALUE with an ssh_config keyword in ASCII "
+                          "letters as KEY, e.g. ConnectTimeout=5")
 
 
 def ssh_argv(*, host: str, remote_command: str, opts: SshOptions) -> list[str]:
