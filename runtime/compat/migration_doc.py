@@ -51,8 +51,8 @@ keys is refused with one line naming one of each.
 
 `"auto"` (the Hugging Face Trainer's placeholder): the batch keys are derived from the others; `fp16.enabled`
 / `bf16.enabled` are on when the model's parameters already have that dtype; `zero_optimization.reduce_bucket_size`
-is hidden_size x hidden_size (the Trainer's formula, hidden size from `model.config`); ignored keys keep it;
-any other `"auto"` is an error naming the key.
+is hidden_size x hidden_size (the Trainer's formula, hidden size from `model.config`); ignored keys keep it
+(not a whole block: `"flops_profiler": "auto"` is an error); any other `"auto"` is an error naming the key.
 
 ztune's own activation checkpointing (and activation offload) from a DeepSpeed config: the top-level block
 `"ztune": {"activations": {"checkpointing": "full", "every": 1, "offload": "none"}}` (DeepSpeed ignores
@@ -110,10 +110,12 @@ def _optimizer_rows() -> list[str]:
 
 def render() -> str:
     lines = [_INTRO, "## Config keys", "", "A value of the wrong type (the DeepSpeed type column) is refused "
-             "naming its key, ignored keys included, as DeepSpeed refuses it.", "",
+             "naming its key, ignored keys included, as DeepSpeed refuses it; so is an unknown key inside an ignored "
+             "block (`flops_profiler`, `checkpoint`, `aio`, ...), whose keys are in the table too.", "",
              "| key | status | DeepSpeed type | what ztune does |", "|---|---|---|---|"]
     for key, rule in KEYS.items():
-        lines.append(f"| `{key}` | {_status(rule)} | {rule.kind or ''} | {_cell(rule.note)} |")
+        kind = f"{rule.kind}: {', '.join(rule.choices)} (any case)" if rule.choices else rule.kind or ""
+        lines.append(f"| `{key}` | {_status(rule)} | {kind} | {_cell(rule.note)} |")
         if key == "optimizer":
             lines += _optimizer_rows()
     lines += ["", "## `initialize` arguments", "", "| argument | what ztune does |", "|---|---|"]

@@ -19,6 +19,7 @@ from ztune.config.deepspeed_keys import (
     BOOL_OR_NULL,
     IGNORED,
     KEYS,
+    MAPPING,
     NEUTRAL,
     REJECTED,
     STRING,
@@ -141,9 +142,13 @@ def _number(tp: type, value: Any, key: str, *, allow_zero: bool = False) -> Any:
 def _check_rule_kind(r: KeyRule, value: Any, user_key: str, *, unread: bool = False) -> None:
     """The value's type, against DeepSpeed's for the key (deepspeed_kinds.py): strictly where ztune reads the
     value, as DeepSpeed reads it where ztune does not (an ignored key, or `unread`: a disabled block's). "auto"
-    stays on ignored keys (deepspeed_auto.py), as DeepSpeed drops it before validating (config_utils.py)."""
-    if r.kind is not None and not (r.status == IGNORED and value == "auto"):
-        check_kind(r.kind, value, user_key, lax=unread or r.status == IGNORED)
+    stays on ignored keys (deepspeed_auto.py), as DeepSpeed drops it before validating (config_utils.py), but not
+    on a block: the Trainer fills values, never blocks, and DeepSpeed's readers refuse "auto" for flops_profiler,
+    comms_logger, checkpoint, aio, ..."""
+    if r.kind is None:
+        return
+    if not (r.status == IGNORED and value == "auto" and not r.kind.startswith(MAPPING)):
+        check_kind(r.kind, value, user_key, lax=unread or r.status == IGNORED, choices=r.choices)
 
 
 def _apply_rules(block: dict, prefix: str, *, handled: set[str], ignored: list[str], canonical: str | None = None
@@ -173,6 +178,10 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
         raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "
                           "docs/deepspeed-migration.md")
     _check_rule_kind(r, value, user_key)
+    if r.status == IGNORED and isinstance(value, dict) and children(key):
+        # an ignored block (flops_profiler, checkpoint, ...): its keys are checked against the table too; the
+        # block as a whole is what is listed
+        _apply_rules(value, user_key, handled=set(), ignored=[], canonical=key)
     disabled = isinstance(value, dict) and value.get("enabled") is False
     if r.status == IGNORED or (r.status == NEUTRAL and value == r.neutral) or (r.status == REJECTED and disabled):
         ignored.append(user_key)

@@ -9,7 +9,8 @@ TrainingArguments, which ztune does not see. ztune derives:
 - zero_optimization.reduce_bucket_size: hidden_size * hidden_size, the Trainer's formula, with the hidden size
   from the model (`model.config.hidden_size`, or the largest of `model.config.hidden_sizes`, or a ztune
   model's `spec.hidden_size`);
-- keys that ztune ignores keep their "auto" (it is never read).
+- keys that ztune ignores keep their "auto" (it is never read), except a whole block ("flops_profiler": "auto"),
+  which deepspeed.py refuses as DeepSpeed's readers do.
 Every other "auto" (learning rate, betas, clipping, ...) is an error naming its key.
 """
 

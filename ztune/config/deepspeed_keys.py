@@ -15,7 +15,10 @@ activation_checkpointing/config.py). Status:
 Each leaf key that ztune does not read itself (ignored and neutral keys, and the fp16 / bf16 keys, which a
 disabled block leaves unread) has `kind`: the type DeepSpeed gives its value (its pydantic field, or the type
 its config documentation names where DeepSpeed reads the key without a model). A value of another type is
-refused naming the key, as DeepSpeed refuses it, even where ztune would not read the value.
+refused naming the key, as DeepSpeed refuses it, even where ztune would not read the value. The same holds
+inside an ignored block (flops_profiler, comms_logger, comet, timers, checkpoint, aio,
+zero_optimization.leaf_module): its keys are in the table too, so an unknown one is an error and each value is
+type-checked, though the block as a whole is what is listed as ignored.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ NUMBER = "number"
 FRACTION = "number in [0, 1]"  # pydantic Field(ge=0.0, le=1.0)
 STRING = "string"
 MAPPING = "mapping"
+LIST = "list"  # pydantic `list`: any items
+STRINGS = "list of strings"  # leaf_module_config.py: List[str]; it takes a lone string as a list of one
 DTYPE = "dtype name"  # runtime/config.py get_communication_data_type: fp16, bf16 or fp32, any case
 # The same, where DeepSpeed's field is Optional (null = DeepSpeed's default).
-BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL = (k + " or null" for k in (BOOL, INT, STRING, DTYPE))
-KINDS = frozenset({BOOL, INT, COUNT, NUMBER, FRACTION, STRING, MAPPING, DTYPE,
-                   BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL})
+BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL, MAPPING_OR_NULL = (
+    k + " or null" for k in (BOOL, INT, STRING, DTYPE, MAPPING))
+KINDS = frozenset({BOOL, INT, COUNT, NUMBER, FRACTION, STRING, MAPPING, LIST, STRINGS, DTYPE,
+                   BOOL_OR_NULL, INT_OR_NULL, STRING_OR_NULL, DTYPE_OR_NULL, MAPPING_OR_NULL})
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,15 @@ class KeyRule:
     note: str
     neutral: Any = None  # the no-effect value, for status "neutral"
     kind: str | None = None  # DeepSpeed's type for the value (one of KINDS); None: a block read by its parser
+    choices: tuple[str, ...] = ()  # for a string kind: the values DeepSpeed takes (it upper-cases the value first)
 
 
 def _s(note: str, kind: str | None = None) -> KeyRule:
     return KeyRule(SUPPORTED, note, kind=kind)
 
 
-def _i(kind: str, note: str) -> KeyRule:
-    return KeyRule(IGNORED, note, kind=kind)
+def _i(kind: str, note: str, choices: tuple[str, ...] = ()) -> KeyRule:
+    return KeyRule(IGNORED, note, kind=kind, choices=choices)
 
 
 def _n(kind: str, neutral: Any, note: str) -> KeyRule:
@@ -73,6 +80,7 @@ _CKPT = "checkpoint-file option (checkpoints are a separate issue); no effect on
 _ACT = ("configures deepspeed.checkpointing.checkpoint(), which a model calls itself; recomputation never changes "
         "the math. ztune's own checkpointing: the \"ztune\": {\"activations\": ...} block")
 _OFFLOAD_IO = "offload buffer/IO tuning: ztune offloads to host memory with its own buffers"
+_LEAF = "; ztune gathers per unit (initialize(units=))"
 # Keys DeepSpeed 0.19.8 refuses whatever their value or stage (runtime/config.py _reject_removed_config_keys: "MiCS
 # ZeRO-3 sharding has been removed; ... no longer supported"), so a config holding one runs under neither.
 _REMOVED = " was removed in DeepSpeed 0.19.8, which refuses the key at any value"
@@ -174,8 +182,11 @@ KEYS: dict[str, KeyRule] = {
     "zero_optimization.override_module_apply": _i(BOOL, _PERF),
     "zero_optimization.enable_sanity_checks": _i(BOOL, _LOG),
     "zero_optimization.log_trace_cache_warnings": _i(BOOL, _LOG),
-    "zero_optimization.leaf_module": _i(MAPPING, "stage-3 hook granularity; ztune gathers per unit "
-                                                 "(initialize(units=))"),
+    "zero_optimization.leaf_module": _i(MAPPING_OR_NULL, "stage-3 hook granularity" + _LEAF),
+    # runtime/zero/leaf_module_config.py (DeepSpeedZeroLeafModuleConfig)
+    "zero_optimization.leaf_module.classes": _i(STRINGS, "module classes without stage-3 hooks" + _LEAF),
+    "zero_optimization.leaf_module.names": _i(STRINGS, "module names without stage-3 hooks" + _LEAF),
+    "zero_optimization.leaf_module.name_suffixes": _i(STRINGS, "module name suffixes without stage-3 hooks" + _LEAF),
     "zero_optimization.compute_grad_norm": _i(BOOL, "ztune computes the global norm itself when it needs it"),
     "zero_optimization.save_muon_momentum_buffer_in_memory": _i(BOOL, _PERF),
     "zero_optimization.zero_hpz_partition_size": _s("ZeRO++ hpZ at stage 3 (k > 1): a secondary parameter partition "
@@ -231,7 +242,22 @@ KEYS: dict[str, KeyRule] = {
     "dump_state": _i(BOOL, _LOG),
     "memory_breakdown": _i(BOOL, _LOG),
     "flops_profiler": _i(MAPPING, _LOG),
+    # profiling/config.py reads these with get_scalar_param (no model): the types of profiling/constants.py's
+    # defaults and of the config documentation (deepspeed.ai/docs/config-json, "Flops Profiler").
+    "flops_profiler.enabled": _i(BOOL, _LOG),
+    "flops_profiler.recompute_fwd_factor": _i(NUMBER, _LOG),
+    "flops_profiler.profile_step": _i(INT, _LOG),
+    "flops_profiler.module_depth": _i(INT, _LOG),
+    "flops_profiler.top_modules": _i(INT, _LOG),
+    "flops_profiler.detailed": _i(BOOL, _LOG),
+    "flops_profiler.output_file": _i(STRING_OR_NULL, _LOG),
     "comms_logger": _i(MAPPING, _LOG),
+    # comm/config.py CommsLoggerConfig
+    "comms_logger.enabled": _i(BOOL, _LOG),
+    "comms_logger.prof_all": _i(BOOL, _LOG),
+    "comms_logger.prof_ops": _i(LIST, _LOG),
+    "comms_logger.verbose": _i(BOOL, _LOG),
+    "comms_logger.debug": _i(BOOL, _LOG),
     # DeepSpeed's monitor blocks: runtime/compat/monitor.py writes DeepSpeed's events (lr, and the loss scale
     # with fp16) after each optimizer step on rank 0; a disabled block is listed as ignored.
     "tensorboard": _s(_MON + "; torch.utils.tensorboard.SummaryWriter under output_path/job_name (needs the "
@@ -250,9 +276,39 @@ KEYS: dict[str, KeyRule] = {
     "csv_monitor.output_path": _s("directory; the job_name folder is made inside it"),
     "csv_monitor.job_name": _s("folder name inside output_path"),
     "comet": _i(MAPPING, _LOG),
+    # monitor/config.py CometConfig
+    "comet.enabled": _i(BOOL, _LOG),
+    "comet.samples_log_interval": _i(INT, _LOG),
+    **{f"comet.{k}": _i(STRING_OR_NULL, _LOG)
+       for k in ("project", "workspace", "api_key", "experiment_name", "experiment_key", "mode")},
+    "comet.online": _i(BOOL_OR_NULL, _LOG),
+    # utils/config.py: DeepSpeed reads only timers.throughput (DeepSpeedThroughputTimerConfig)
     "timers": _i(MAPPING, _LOG),
+    "timers.throughput": _i(MAPPING, _LOG),
+    "timers.throughput.enabled": _i(BOOL, _LOG),
+    "timers.throughput.synchronized": _i(BOOL, _LOG),
+    # runtime/config.py and runtime/model_checkpointing/config.py read these without a model; the choices are
+    # theirs (CHECKPOINT_TAG_VALIDATION_MODES, CHECKPOINT_WRITER_TYPES, CHECKPOINT_DATA_PARALLEL_UNITS), the types
+    # those of model_checkpointing/constants.py's defaults.
     "checkpoint": _i(MAPPING, _CKPT),
-    "aio": _i(MAPPING, _OFFLOAD_IO),
+    "checkpoint.tag_validation": _i(STRING, _CKPT, ("WARN", "IGNORE", "FAIL")),
+    "checkpoint.load_universal": _i(BOOL, _CKPT),
+    "checkpoint.use_node_local_storage": _i(BOOL, _CKPT),
+    "checkpoint.parallel_write": _i(MAPPING, _CKPT),
+    "checkpoint.parallel_write.pipeline_stage": _i(BOOL, _CKPT),
+    "checkpoint.checkpoint_serialization": _i(BOOL, _CKPT),
+    "checkpoint.writer": _i(MAPPING_OR_NULL, _CKPT),
+    "checkpoint.writer.type": _i(STRING_OR_NULL, _CKPT, ("MOCK", "PYTHON", "FAST")),
+    "checkpoint.writer.decoupled": _i(BOOL, _CKPT),
+    "checkpoint.writer.io_buffer_size": _i(COUNT, _CKPT),
+    "checkpoint.writer.io_buffer_double": _i(BOOL, _CKPT),
+    "checkpoint.writer.show_statistics": _i(BOOL, _CKPT),
+    "checkpoint.writer.data_parallel": _i(STRING_OR_NULL, _CKPT, ("REPLICA", "SOCKET", "MACHINE")),
+    "checkpoint.writer.io_multiplier": _i(COUNT, _CKPT),
+    # runtime/swap_tensor/aio_config.py reads these with get_scalar_param (no model; null = its defaults)
+    "aio": _i(MAPPING_OR_NULL, _OFFLOAD_IO),
+    **{f"aio.{k}": _i(COUNT, _OFFLOAD_IO) for k in ("block_size", "queue_depth", "intra_op_parallelism")},
+    **{f"aio.{k}": _i(BOOL, _OFFLOAD_IO) for k in ("single_submit", "overlap_events", "use_gds")},
     "zero_allow_untested_optimizer": _i(BOOL, "permission flag; ztune shards the optimizers it supports"),
     "zero_force_ds_cpu_optimizer": _i(BOOL, "ztune picks its CPU Adam kernel itself"),
     "dataloader_drop_last": _i(BOOL, "ztune's dataloader follows DistributedSampler defaults"),

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Any
 
-from ztune.config.deepspeed_keys import BOOL, COUNT, DTYPE, FRACTION, INT, MAPPING, NUMBER, STRING
+from ztune.config.deepspeed_keys import BOOL, COUNT, DTYPE, FRACTION, INT, LIST, MAPPING, NUMBER, STRING, STRINGS
 from ztune.config.validate import _convert, _describe
 from ztune.errors import ConfigError
 
@@ -49,9 +49,10 @@ def _lax_number(value: Any, key: str, *, integer: bool) -> float:
     return _convert(int if integer else float, value, key)
 
 
-def check_kind(kind: str, value: Any, key: str, *, lax: bool = False) -> None:
+def check_kind(kind: str, value: Any, key: str, *, lax: bool = False, choices: tuple[str, ...] = ()) -> None:
     """ConfigError naming `key` (as the user wrote it) unless `value` is of DeepSpeed's kind `kind`
-    (deepspeed_keys.KINDS). `lax`: read as DeepSpeed's pydantic models read it (module docstring)."""
+    (deepspeed_keys.KINDS). `lax`: read as DeepSpeed's pydantic models read it (module docstring). `choices`
+    (a string kind): the values DeepSpeed takes, compared after upper-casing, as DeepSpeed compares them."""
     base, _, null = kind.partition(" or ")
     if value is None and null:
         return
@@ -67,6 +68,16 @@ def check_kind(kind: str, value: Any, key: str, *, lax: bool = False) -> None:
             raise ConfigError(f"{key}: got {_describe(value)}; must be in [0, 1]")
     elif base == STRING:
         _convert(str, value, key)
+        if choices and value.upper() not in choices:
+            raise ConfigError(f"{key}: got {_describe(value)}; allowed: {', '.join(choices)} (any case, as in "
+                              "DeepSpeed)")
+    elif base == LIST:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+    elif base == STRINGS:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{key}: expected a list of strings (or one string), got {_describe(value)}")
     elif base == MAPPING:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
