@@ -118,3 +118,10 @@ def test_launch_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys, hosts, ext
     code, out = run_cli(["launch", "-H", "hosts", *extra, "--master-addr", "10.0.0.1", "--dry-run", "train.py"],
                         capsys)
     assert code == 2 and out.count("\n") == 1 and says in out, out
+
+
+def test_autotune_checks_ssh_options_before_any_trial(tmp_path, monkeypatch, capsys) -> None:
+    """autotune -H passes -o on to `ztune launch` for every trial, which refused it there: each trial crashed."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["autotune", "-o", "User=bob\u00a0", "--export", "bogus"], capsys)
+    assert code == 2 and out.count("\n") == 1 and "--ssh-option 'User=bob\\xa0' holds '\\xa0'" in out, out

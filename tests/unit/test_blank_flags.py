@@ -63,3 +63,52 @@ def test_autotune_host_resolution_refuses_blank_ssh_values() -> None:
     for ssh in (SshOptions(config_file=""), SshOptions(options=("",))):
         with pytest.raises(UserError, match="--ssh-(config|option) '' is blank"):
             resolve_hosts(LaunchRequest(script="", ssh=ssh), {})
+
+
+def _full_host_trials():
+    """HostTrials with every text field given, so launch_flags passes each on."""
+    import dataclasses
+
+    from ztune.tune.hosts import HostTrials
+
+    values = {}
+    for f in dataclasses.fields(HostTrials):
+        if f.type in ("str | None", "str"):
+            values[f.name] = f"<{f.name}>"
+        elif f.type == "tuple[str, ...]":
+            values[f.name] = (f"<{f.name}>",)
+    assert len(values) >= 6, values  # hostfile, include, exclude, ssh_config, ssh_options, workdir, python
+    return HostTrials(**values), values
+
+
+def test_every_text_flag_autotune_passes_to_launch_is_in_the_launchers_table() -> None:
+    """autotune -H passes its host flags on to `ztune launch` (tune/hosts.py launch_flags) and checks them with the
+    launcher's table (launch.TEXT_FLAGS): a text field added to HostTrials is passed on, and so checked."""
+    from ztune.launch import TEXT_FLAGS
+    from ztune.tune.hosts import launch_flags
+
+    hosts, values = _full_host_trials()
+    flags = launch_flags(hosts)
+    passed = {value for _, value in flags}
+    assert {v if isinstance(v, str) else v[0] for v in values.values()} <= passed
+    assert {flag for flag, _ in flags} <= set(TEXT_FLAGS)
+
+
+def _shared_flags() -> list[str]:
+    from ztune.tune.hosts import launch_flags
+
+    return sorted({"--config", *(flag for flag, _ in launch_flags(_full_host_trials()[0]))})
+
+
+@pytest.mark.parametrize("flag", _shared_flags())
+def test_a_flag_both_commands_have_gets_the_same_message(tmp_path, monkeypatch, capsys, flag) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    Path("train.py").write_text("")
+    said = {}
+    for command, rest in (("launch", ["--dry-run", "train.py"]), ("autotune", ["--export", "bogus"])):
+        code, out = run_cli([command, flag, " ", *rest], capsys)
+        assert code == 2 and out.count("\n") == 1, out
+        said[command] = out.split(":", 1)[1]  # after "error:"
+    assert said["launch"] == said["autotune"] and f"{flag} ' ' is blank" in said["launch"], said

@@ -67,12 +67,11 @@ def test_host_flag_errors_are_one_line(tmp_path, capsys, hosts, extra, needle) -
 def test_slurm_allocation_of_several_nodes_means_host_trials(monkeypatch) -> None:
     from ztune.cli.autotune import _host_trials
 
-    kw = dict(hostfile=None, include=None, exclude=None, master_port=29500, workdir=None, python=None,
-              ssh_config=None, ssh_option=None, insecure_no_host_key_check=False, nproc=None, memory_cap=None)
+    flags = HostTrials(hostfile=None)
     monkeypatch.delenv("SLURM_NODELIST", raising=False)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-03]")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
-    trials, per_host, nodes = _host_trials(**kw)
-    assert trials is not None and trials.hostfile is None and (per_host, nodes) == (4, 3)
+    trials, per_host, nodes = _host_trials(flags, nproc=None, memory_cap=None)
+    assert trials is flags and (per_host, nodes) == (4, 3)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu01")  # one node: local trials, as without Slurm
-    assert _host_trials(**kw) == (None, None, 1)
+    assert _host_trials(flags, nproc=None, memory_cap=None) == (None, None, 1)

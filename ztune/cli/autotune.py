@@ -149,40 +149,34 @@ def _ints(text: str | None, flag: str, *, lo: int = 0, hi: int = MAX_BATCH) -> t
     return values
 
 
-def _host_trials(*, hostfile: str | None, include: str | None, exclude: str | None, master_port: int,
-                 workdir: str | None, python: str | None, ssh_config: str | None, ssh_option: list[str] | None,
-                 insecure_no_host_key_check: bool, nproc: int | None, memory_cap: str | None,
-                 ) -> tuple[Any, int | None, int]:
-    """(HostTrials, ranks per host, number of hosts) when trials run on hosts (-H, or a Slurm allocation of
-    several nodes), else (None, None, 1). Every host must offer the same number of slots."""
+def _host_trials(hosts: Any, *, nproc: int | None, memory_cap: str | None) -> tuple[Any, int | None, int]:
+    """(`hosts`, ranks per host, number of hosts) when trials run on hosts (-H, or a Slurm allocation of several
+    nodes), else (None, None, 1). `hosts`: the HostTrials the flags give. Every host must offer the same number
+    of slots."""
     import os
 
     from ztune.launch import LaunchRequest, resolve_hosts
     from ztune.launch.hostfile import hosts_from_slurm
-    from ztune.tune.hosts import HostTrials
 
-    slurm = hosts_from_slurm(dict(os.environ)) if hostfile is None else None
-    if hostfile is None and (slurm is None or len(slurm) < 2):
-        if include or exclude:
+    slurm = hosts_from_slurm(dict(os.environ)) if hosts.hostfile is None else None
+    if hosts.hostfile is None and (slurm is None or len(slurm) < 2):
+        if hosts.include or hosts.exclude:
             raise UserError("--include/--exclude select hosts: give them with -H/--hostfile")
         return None, None, 1
-    int_flag("--master-port", master_port, lo=1, hi=65535 - 1000)
-    hosts, _local = resolve_hosts(LaunchRequest(script="", hostfile=hostfile, include=include, exclude=exclude),
-                                  os.environ)
-    slots = {h.num_slots for h in hosts}
+    int_flag("--master-port", hosts.base_port, lo=1, hi=65535 - 1000)
+    resolved, _local = resolve_hosts(LaunchRequest(script="", hostfile=hosts.hostfile, include=hosts.include,
+                                                   exclude=hosts.exclude), os.environ)
+    slots = {h.num_slots for h in resolved}
     if len(slots) != 1:
         raise UserError(f"autotune -H needs the same number of slots on every host, got "
-                        f"{', '.join(f'{h.name}={h.num_slots}' for h in hosts)}; use --include/--exclude")
+                        f"{', '.join(f'{h.name}={h.num_slots}' for h in resolved)}; use --include/--exclude")
     per_host = slots.pop()
     if nproc is not None and nproc != per_host:
         raise UserError(f"--nproc {nproc}: with hosts, each trial runs the hostfile's {per_host} slot(s) per "
                         "host; drop --nproc or change the slots")
     if memory_cap is not None:
         raise UserError("--memory-cap caps local trial processes only; it cannot be combined with -H")
-    trials = HostTrials(hostfile=hostfile, include=include, exclude=exclude, ssh_config=ssh_config,
-                        ssh_options=tuple(ssh_option or ()), insecure_no_host_key_check=insecure_no_host_key_check,
-                        workdir=workdir, python=python, base_port=master_port)
-    return trials, per_host, len(hosts)
+    return hosts, per_host, len(resolved)
 
 
 def _event_handler(progress: Any, state: dict) -> Any:
@@ -447,8 +441,10 @@ def autotune(
     fastest one that fits. Rerunning the same command resumes from the journal."""
     from ztune.config import load
     from ztune.console import console, err_console, warn
+    from ztune.launch import check_text_flags
     from ztune.profiles import load_hardware, load_model
     from ztune.tune import rundir
+    from ztune.tune.hosts import HostTrials, launch_flags
     from ztune.tune.journal import Journal
     from ztune.tune.rank import Workload, local_hardware
     from ztune.tune.space import Constraints, build_space, fingerprint
@@ -456,17 +452,14 @@ def autotune(
 
     for flag, value, what in (("--model", model, "a model profile name or YAML path"),
                               ("--hardware", hardware, "a hardware profile name or YAML path"),
-                              ("--config", config, "a config file path"), ("--script", script, "a script path"),
-                              ("--out", out, "a folder for the results"),
-                              ("--memory-cap", memory_cap, "a size such as 2GiB"),
-                              ("--hostfile", hostfile, "a hostfile path"),
-                              ("--include", include, "hosts such as 'node1:0,1@node2'"),
-                              ("--exclude", exclude, "hosts such as 'node3@node1:1'"),
-                              ("--workdir", workdir, "a folder path"),
-                              ("--python", python, "the python to run on the hosts"),
-                              ("--ssh-config", ssh_config, "an ssh config file path"),
-                              *(("--ssh-option", o, "an ssh option such as KEY=VALUE") for o in ssh_option or ())):
+                              ("--script", script, "a script path"), ("--out", out, "a folder for the results"),
+                              ("--memory-cap", memory_cap, "a size such as 2GiB")):
         text_flag(flag, value, what=what)
+    host_flags = HostTrials(hostfile=hostfile, include=include, exclude=exclude, ssh_config=ssh_config,
+                            ssh_options=tuple(ssh_option or ()), insecure_no_host_key_check=insecure_no_host_key_check,
+                            workdir=workdir, python=python, base_port=master_port)
+    # The flags `ztune launch` has too (what -H passes on to it, and --config): the launcher's table and messages.
+    check_text_flags([("--config", config), *launch_flags(host_flags)])
     out = Path(out)
     script = Path(script) if script is not None else None
     if export not in ("yaml", "deepspeed"):
@@ -509,10 +502,7 @@ def autotune(
         int_flag("--nproc", nproc, hi=MAX_RANKS)
     spec = load_model(model)
     hw_profile = load_hardware(hardware)
-    host_trials, per_host, num_nodes = _host_trials(
-        hostfile=hostfile, include=include, exclude=exclude, master_port=master_port, workdir=workdir,
-        python=python, ssh_config=ssh_config, ssh_option=ssh_option,
-        insecure_no_host_key_check=insecure_no_host_key_check, nproc=nproc, memory_cap=memory_cap)
+    host_trials, per_host, num_nodes = _host_trials(host_flags, nproc=nproc, memory_cap=memory_cap)
     nproc = int_flag("--nproc", per_host or nproc or hw_profile.gpus_per_node, hi=MAX_RANKS)
     cpu_profile = hw_profile.name.lower().startswith("cpu")
     seq = seq or min(spec.max_seq_len, 128)

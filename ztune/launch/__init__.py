@@ -93,31 +93,44 @@ class LaunchPlan:
     env_left_behind: tuple[str, ...] = ()  # notable variables set here that other hosts' ranks will not get
 
 
-# LaunchRequest's text fields that name a host, address, path or name: (flag, what to give). Blank ones are
+# The text flags of `ztune launch` that name a host, address, path or name: flag -> what to give. Blank ones are
 # refused (inputs.text_flag): below, `if req.hostfile:` and `req.master_addr or ...` would read them as absent.
-_TEXT_FIELDS = {"hostfile": ("--hostfile", "a hostfile path"),
-                "include": ("--include", "hosts such as 'node1:0,1@node2'"),
-                "exclude": ("--exclude", "hosts such as 'node3@node1:1'"),
-                "master_addr": ("--master-addr", "the head's address or hostname"),
-                "config": ("--config", "a config file path"),
-                "workdir": ("--workdir", "a folder path"),
-                "python": ("--python", "the python to run on the hosts"),
-                "ifname": ("--ifname", "a network interface name such as eth0")}
+# `ztune autotune` checks the flags it shares (its --config, and those it passes on to `ztune launch` for -H,
+# tune/hosts.py launch_flags) through this table too, so the two commands say the same thing about them.
+TEXT_FLAGS = {"--hostfile": "a hostfile path",
+              "--include": "hosts such as 'node1:0,1@node2'",
+              "--exclude": "hosts such as 'node3@node1:1'",
+              "--master-addr": "the head's address or hostname",
+              "--config": "a config file path",
+              "--workdir": "a folder path",
+              "--python": "the python to run on the hosts",
+              "--ifname": "a network interface name such as eth0",
+              "--ssh-config": "an ssh config file path",
+              "--ssh-option": "an ssh option such as KEY=VALUE"}
+# LaunchRequest's fields given by those flags (the ssh ones are in req.ssh).
+_TEXT_FIELDS = {"hostfile": "--hostfile", "include": "--include", "exclude": "--exclude",
+                "master_addr": "--master-addr", "config": "--config", "workdir": "--workdir", "python": "--python",
+                "ifname": "--ifname"}
+
+
+def check_text_flags(flags: Sequence[tuple[str, str | None]]) -> None:
+    """Refuse a blank value (and an ssh option ssh would misread) among (flag, value) pairs of TEXT_FLAGS, with
+    one line naming the flag; a None value is a flag not given."""
+    from ztune.inputs import text_flag
+    from ztune.launch.ssh import check_ssh_option
+
+    for flag, value in flags:
+        text_flag(flag, value, what=TEXT_FLAGS[flag])
+        if flag == "--ssh-option" and value is not None:
+            check_ssh_option(value)
 
 
 def check_request_text(req: LaunchRequest) -> None:
     """Refuse a blank text flag of `req` (and of its ssh options) with one line naming the flag."""
-    from ztune.inputs import text_flag
-
-    for name, (flag, what) in _TEXT_FIELDS.items():
-        text_flag(flag, getattr(req, name), what=what)
+    flags = [(flag, getattr(req, name)) for name, flag in _TEXT_FIELDS.items()]
     if req.ssh is not None:
-        from ztune.launch.ssh import check_ssh_option
-
-        text_flag("--ssh-config", req.ssh.config_file, what="an ssh config file path")
-        for opt in req.ssh.options:
-            text_flag("--ssh-option", opt, what="an ssh option such as KEY=VALUE")
-            check_ssh_option(opt)
+        flags += [("--ssh-config", req.ssh.config_file), *(("--ssh-option", opt) for opt in req.ssh.options)]
+    check_text_flags(flags)
 
 
 def resolve_hosts(req: LaunchRequest, environ: Mapping[str, str]) -> tuple[list[Host], bool]:

@@ -54,20 +54,22 @@ class HostTrials:
     grace_s: float = 5.0
 
 
+def launch_flags(hosts: HostTrials) -> list[tuple[str, str]]:
+    """The user's text flags `hosts` passes on to `ztune launch`, as (flag, value) pairs, those given only. The
+    CLI checks them with the launcher's own table (ztune.launch.TEXT_FLAGS) before anything runs."""
+    flags = [("--hostfile", hosts.hostfile), ("--include", hosts.include), ("--exclude", hosts.exclude),
+             ("--ssh-config", hosts.ssh_config), ("--workdir", hosts.workdir), ("--python", hosts.python),
+             *(("--ssh-option", opt) for opt in hosts.ssh_options)]
+    return [(flag, value) for flag, value in flags if value is not None]
+
+
 def launch_argv(hosts: HostTrials, *, config_path: str | os.PathLike, script: str, script_args: Sequence[str],
                 env: dict[str, str], port: int, preflight_cache: str | os.PathLike) -> list[str]:
     """The tuner's `ztune launch` command for one trial (argv; every value one element, no shell)."""
     argv = [sys.executable, "-m", "ztune", "launch", "--config", str(config_path), "--master-port", str(port),
             "--grace", f"{hosts.grace_s:g}", "--preflight-cache", str(preflight_cache)]
-    if hosts.hostfile is not None:
-        argv += ["--hostfile", hosts.hostfile]
-    for flag, value in (("--include", hosts.include), ("--exclude", hosts.exclude),
-                        ("--ssh-config", hosts.ssh_config), ("--workdir", hosts.workdir),
-                        ("--python", hosts.python)):
-        if value is not None:
-            argv += [flag, value]
-    for opt in hosts.ssh_options:
-        argv += ["--ssh-option", opt]
+    for flag, value in launch_flags(hosts):
+        argv += [flag, value]
     if hosts.insecure_no_host_key_check:
         argv.append("--insecure-no-host-key-check")
     for key, value in sorted(env.items()):
