@@ -1,4 +1,13 @@
-"""User-facing error types. The CLI turns every `UserError` into one line on stderr and exit code 2."""
+"""User-facing error types. The CLI turns every `UserError` into one line on stderr and exit code 2.
+
+Also how their messages show what the user wrote: `describe` a value (a setting's), `kind_of` a whole document
+(whose text would be too long to show).
+"""
+
+from typing import Any
+
+# The most characters of a value a message shows: a 10 kB string in a config stays one readable line.
+_SHOWN_CHARS = 60
 
 
 class UserError(ValueError):
@@ -24,3 +33,17 @@ class ProfileError(UserError):
 
 class EnvVarError(ConfigError):
     """A ZTUNE_* environment variable with a value of the wrong form (ztune/envvars.py)."""
+
+
+def describe(value: Any) -> str:
+    """`value` as a message shows it: its repr, cut to _SHOWN_CHARS characters with "..." where longer."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
+def kind_of(value: Any) -> str:
+    """What kind of value a parsed document is ("a list", "a string", ...), for a document that should have been
+    a mapping: its kind, not its text, which may be a whole file."""
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return next((name for tp, name in kinds.items() if isinstance(value, tp)), type(value).__name__)

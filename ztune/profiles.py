@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ztune.errors import ProfileError
+from ztune.errors import ProfileError, describe, kind_of
 from ztune.inputs import MAX_RANKS_PER_HOST, MAX_SEQ, StrictYamlLoader, ascii_number, check_plain, shown
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
@@ -139,16 +139,11 @@ def _parse_yaml(text: str, origin: str) -> dict:
     except (RecursionError, ValueError, OverflowError, TypeError) as exc:  # e.g. a date like 2024-02-30
         raise ProfileError(f"{origin}: unusable YAML: {str(exc)[:120] or exc.__class__.__name__}") from None
     if not isinstance(data, dict):
-        raise ProfileError(f"{origin}: expected a mapping of field: value, got {type(data).__name__}")
+        raise ProfileError(f"{origin}: expected a mapping of field: value, got {kind_of(data)}")
     return check_plain(data, error=ProfileError, where=origin)
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _field_type(field: dataclasses.Field) -> str:
     # specs.py uses `from __future__ import annotations`, so types are strings such as "int | None".
     return str(field.type).replace(" ", "")
@@ -159,16 +154,16 @@ def _convert(value: Any, type_name: str, key: str, origin: str) -> Any:
         return None if value is None else _convert(value, type_name[: -len("|None")], key, origin)
     if type_name == "str":
         if not isinstance(value, str):
-            raise ProfileError(f"{origin}: {key}: expected a string, got {_describe(value)}")
+            raise ProfileError(f"{origin}: {key}: expected a string, got {describe(value)}")
         return value
     if type_name == "bool":
         if not isinstance(value, bool):
-            raise ProfileError(f"{origin}: {key}: expected true or false, got {_describe(value)}")
+            raise ProfileError(f"{origin}: {key}: expected true or false, got {describe(value)}")
         return value
     if type_name == "Architecture":
         allowed = [a.value for a in Architecture]
         if not isinstance(value, str) or value.lower() not in allowed:
-            raise ProfileError(f"{origin}: {key}: got {_describe(value)}; allowed: {', '.join(allowed)}")
+            raise ProfileError(f"{origin}: {key}: got {describe(value)}; allowed: {', '.join(allowed)}")
         return Architecture(value.lower())
     # Numbers. YAML 1.1 reads `989e12` (no dot, unsigned exponent) as a string: accept it as a number, written in
     # ASCII only (inputs.ascii_number: float() would also read '８' as 8, or ' 8 ').
@@ -179,10 +174,10 @@ def _convert(value: Any, type_name: str, key: str, origin: str) -> Any:
             raise ProfileError(f"{origin}: {key}: {shown(value)} is not a number; write it in ASCII digits 0-9")
         number = value if converted is None else converted
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise ProfileError(f"{origin}: {key}: expected a number, got {_describe(value)}")
+        raise ProfileError(f"{origin}: {key}: expected a number, got {describe(value)}")
     if type_name == "int":
         if number != int(number):
-            raise ProfileError(f"{origin}: {key}: expected an integer, got {_describe(value)}")
+            raise ProfileError(f"{origin}: {key}: expected an integer, got {describe(value)}")
         return int(number)
     return float(number)
 
@@ -287,7 +282,7 @@ def _hf_int(data: dict, key: str, origin: str, default: Any = dataclasses.MISSIN
             hint = " (a string: write the number without quotes)"
         elif isinstance(value, float) and value == int(value):
             hint = f" (a float: write {int(value)})"
-        raise ProfileError(f"{origin}: {key}: expected an integer, got {_describe(value)}{hint}")
+        raise ProfileError(f"{origin}: {key}: expected an integer, got {describe(value)}{hint}")
     return value
 
 
@@ -298,7 +293,7 @@ def _hf_bool(data: dict, key: str, origin: str, default: bool) -> bool:
     if not isinstance(value, bool):
         quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
         hint = " (a string: write true or false without quotes)" if quoted else ""
-        shown_value = "null" if value is None else _describe(value)
+        shown_value = "null" if value is None else describe(value)
         raise ProfileError(f"{origin}: {key}: expected true or false, got {shown_value}{hint}")
     return value
 
@@ -400,7 +395,7 @@ def load_model(ref: str) -> ModelSpec:
                 raise ProfileError(f"{path}: unusable JSON (nested too deeply or an absurd number)") from None
             check_plain(data, error=ProfileError, where=str(path))  # NaN / Infinity, by key
             if not isinstance(data, dict):
-                raise ProfileError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+                raise ProfileError(f"{path}: expected a JSON object (a Hugging Face config.json), got {kind_of(data)}")
             # A config.json is named after the directory (the repo) that holds it.
             name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
             return _from_hf_config(data, origin=str(path), name=name)

@@ -43,7 +43,7 @@ import math
 import warnings
 from typing import Any
 
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, describe
 
 __all__ = ["SCHEDULES", "LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR",
            "build_scheduler", "check_scheduler"]
@@ -76,13 +76,13 @@ def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"scheduler.params.{name}: got {value!r}; must be a positive integer")
+        raise ConfigError(f"scheduler.params.{name}: got {describe(value)}; must be a positive integer")
     return value
 
 
 def _warmup_type(value: Any) -> str:
     if value not in _WARMUP_TYPES:
-        raise ConfigError(f"scheduler.params.warmup_type: got {value!r}; allowed: log, linear")
+        raise ConfigError(f"scheduler.params.warmup_type: got {describe(value)}; allowed: log, linear")
     return value
 
 
@@ -211,9 +211,10 @@ class OneCycle(_Schedule):
         first = float(cycle_first_step_size)
         second = first if cycle_second_step_size is None else float(cycle_second_step_size)
         if first <= 0:
-            raise ConfigError(f"scheduler.params.cycle_first_step_size: got {cycle_first_step_size!r}; must be > 0")
+            raise ConfigError(f"scheduler.params.cycle_first_step_size: got {describe(cycle_first_step_size)}; "
+                              "must be > 0")
         if second < 0:
-            raise ConfigError(f"scheduler.params.cycle_second_step_size: got {cycle_second_step_size!r}; "
+            raise ConfigError(f"scheduler.params.cycle_second_step_size: got {describe(cycle_second_step_size)}; "
                               "must be >= 0")
         self.first_step_size, self.second_step_size = first, second
         self.total_size = first + second
@@ -364,10 +365,10 @@ def _check_range(key: str, value: Any) -> None:
     values = value if isinstance(value, (list, tuple)) else [value]
     if key in _LR_PARAMS and any(v < 0 for v in values):
         what = "an lr ratio" if key.endswith("_ratio") else "a learning rate"
-        raise ConfigError(f"scheduler.params.{key}: got {value!r}; {what} must be >= 0 (a negative learning rate "
-                          "trains by gradient ascent)")
+        raise ConfigError(f"scheduler.params.{key}: got {describe(value)}; {what} must be >= 0 (a negative learning "
+                          "rate trains by gradient ascent)")
     if key in _MOMENTUM_PARAMS and not all(0 <= v < 1 for v in values):
-        raise ConfigError(f"scheduler.params.{key}: got {value!r}; a momentum (Adam's beta1) must be in [0, 1)")
+        raise ConfigError(f"scheduler.params.{key}: got {describe(value)}; a momentum (Adam's beta1) must be in [0, 1)")
 
 
 class _StandIn:
@@ -405,14 +406,14 @@ def _check_value(key: str, value: Any) -> None:
         _warmup_type(value)
     elif key in _BOOL_PARAMS:
         if not isinstance(value, bool):
-            raise ConfigError(f"scheduler.params.{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"scheduler.params.{key}: expected true or false, got {describe(value)}")
     elif value is None and key in ("warmup_max_lr", "cycle_second_step_size", "cycle_second_stair_count"):
         return  # None means "derive it" (the groups' lr, or the first step size / stair count)
     elif key in _PER_GROUP_PARAMS and isinstance(value, (list, tuple)):
         if not value or not all(_is_number(v) for v in value):
-            raise ConfigError(f"scheduler.params.{key}: expected a number or a list of numbers, got {value!r}")
+            raise ConfigError(f"scheduler.params.{key}: expected a number or a list of numbers, got {describe(value)}")
     elif not _is_number(value):
-        raise ConfigError(f"scheduler.params.{key}: expected a number, got {value!r}")
+        raise ConfigError(f"scheduler.params.{key}: expected a number, got {describe(value)}")
 
 
 def build_scheduler(type_name: str, params: dict, *, optimizer):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ztune.config.schema import OptimizerType, TrainConfig
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, describe
 
 # Hyper-parameters a param group may set, per optimizer kind (the rest of a group's keys are kept as data,
 # as torch.optim keeps them).
@@ -98,7 +98,7 @@ def _check_group_options(options: dict, *, where: str, kind: OptimizerType) -> d
             continue
         if key in _UNSUPPORTED:
             if value != _UNSUPPORTED[key] and value is not None:
-                raise ConfigError(f"{where}: {key}={value!r} is not supported by ztune's sharded optimizers; "
+                raise ConfigError(f"{where}: {key}={describe(value)} is not supported by ztune's sharded optimizers; "
                                   f"remove it (or set it to {_UNSUPPORTED[key]!r})")
             continue
         if key in ("lr", "eps", "weight_decay", "momentum"):
@@ -107,17 +107,18 @@ def _check_group_options(options: dict, *, where: str, kind: OptimizerType) -> d
             if isinstance(value, torch.Tensor):
                 value = float(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{where}: {key} must be a number >= 0, got {value!r}")
+                raise ConfigError(f"{where}: {key} must be a number >= 0, got {describe(value)}")
             out[key] = float(value)
         elif key == "betas":
             if kind is OptimizerType.SGD:
                 raise ConfigError(f"{where}: 'betas' is not a hyper-parameter of SGD; remove it")
             if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(0 <= float(b) < 1 for b in value):
-                raise ConfigError(f"{where}: betas must be two numbers in [0, 1), got {value!r}")
+                raise ConfigError(f"{where}: betas must be two numbers in [0, 1), got {describe(value)}")
             out[key] = (float(value[0]), float(value[1]))
         elif key == "bias_correction":
             if kind is OptimizerType.SGD or not isinstance(value, bool):
-                raise ConfigError(f"{where}: bias_correction must be true or false (Adam/AdamW only), got {value!r}")
+                raise ConfigError(f"{where}: bias_correction must be true or false (Adam/AdamW only), got "
+                                  f"{describe(value)}")
             out[key] = value
         else:
             out[key] = value  # torch keeps unknown group keys (names, tags) as data; so do the shard groups

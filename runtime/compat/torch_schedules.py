@@ -22,7 +22,7 @@ import math
 import warnings
 from typing import Any
 
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, describe
 
 # The classes of torch.optim.lr_scheduler (torch 2.x, its __all__) whose arguments are plain values.
 FROM_CONFIG = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "CosineAnnealingLR",
@@ -122,7 +122,7 @@ def _typed(type_name: str, key: str, value: Any, annotation: Any) -> Any:
         return value
     ok, typed = _fits(value, annotation)
     if not ok:
-        raise ConfigError(f"scheduler.params.{key}: got {value!r}; torch's {type_name} takes {annotation}")
+        raise ConfigError(f"scheduler.params.{key}: got {describe(value)}; torch's {type_name} takes {annotation}")
     return typed
 
 

@@ -229,3 +229,28 @@ def test_deepspeed_sgd_with_adam_only_params_names_the_key_as_written():
     cfg, _ = from_deepspeed({"train_batch_size": 8,
                              "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}})
     assert cfg.optimizer.momentum == 0.9
+
+
+_LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize("doc", [
+    {"train_batch_size": 8, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": _LONG}}},
+    {"train_batch_size": 8, "zero_optimization": {"stage": 1, "offload_optimizer": [_LONG]}},
+    {"train_batch_size": 8, "communication_data_type": _LONG},
+    {"train_batch_size": 8, "bf16": {"enabled": _LONG}},
+    {"train_batch_size": 8, "optimizer": {"type": "Adam", "params": {"adam_w_mode": _LONG}}},
+    {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"torch_adam": _LONG}}},
+    {"train_batch_size": 8, "gradient_clipping": _LONG},
+    {"train_batch_size": 8, "scheduler": {"type": "WarmupLR", "params": {"warmup_type": _LONG}}},
+    {"train_batch_size": 8, "flops_profiler": {"profile_step": _LONG}},
+    {"zero": {"stage": _LONG}},
+    {"optimizer": {"type": "OneBitAdam", "onebit_scale": _LONG}},
+])
+def test_a_long_value_is_shown_cut(doc):
+    """Every message that shows a config value shows it through one helper (errors.describe), cut to 60
+    characters: a 10 kB value was printed whole by the DeepSpeed importer's own checks."""
+    with pytest.raises(ConfigError) as info:
+        from_dict(doc)
+    text = str(info.value)
+    assert "xxx..." in text and len(text) < 300, text[:300]

@@ -313,7 +313,8 @@ def _error(tmp_path, text: str, *, suffix: str = ".yaml", loader=load_model) -> 
         (GOOD.replace("num_kv_heads: 2", "num_kv_heads: 3"), "num_heads 4 is not divisible by num_kv_heads 3"),
         (GOOD + "num_experts: 4\n", "use architecture mixtral"),
         (GOOD + "vocab_size: [1\n", "YAML syntax error at line 10"),
-        ("- just\n- a list\n", "expected a mapping"),
+        ("- just\n- a list\n", "expected a mapping of field: value, got a list"),
+        ("# only a comment\n", "expected a mapping of field: value, got null"),
     ],
 )
 def test_model_yaml_errors(tmp_path, text, expected):

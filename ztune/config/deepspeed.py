@@ -46,7 +46,7 @@ from ztune.config.schema import (
     ZeroConfig,
 )
 from ztune.config.validate import _convert, build, check, check_loss_scaling
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, describe
 
 # The top-level keys of each schema. A key only DeepSpeed has marks a document as DeepSpeed JSON, one only ztune
 # YAML has marks it as ztune's; optimizer, scheduler, gradient_clipping and checkpoint are in both.
@@ -128,14 +128,14 @@ def is_deepspeed(doc: dict, *, json_file: bool = False) -> bool:
 
 def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {describe(value)}")
     return value
 
 
 def _number(tp: type, value: Any, key: str, *, allow_zero: bool = False) -> Any:
     out = _convert(tp, value, key)
     if out < 0 or (out == 0 and not allow_zero):
-        raise ConfigError(f"{key}: got {value!r}; must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{key}: got {describe(value)}; must be {'>= 0' if allow_zero else '> 0'}")
     return out
 
 
@@ -200,7 +200,7 @@ def _offload(block: Any, key: str, ignored: list[str]) -> Offload:
     if device == "nvme":
         raise ConfigError(f"{key}.device: nvme offload is not supported by ztune; use cpu or none")
     if device not in ("cpu", "none", None):
-        raise ConfigError(f"{key}.device: got {device!r}; allowed: cpu, none")
+        raise ConfigError(f"{key}.device: got {describe(device)}; allowed: cpu, none")
     return Offload.CPU if device == "cpu" else Offload.NONE
 
 
@@ -267,7 +267,7 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
     block = _mapping(value, key)
     enabled = block.get("enabled", False)
     if enabled not in (True, False):
-        raise ConfigError(f"{key}.enabled: expected true, false or \"auto\", got {enabled!r}")
+        raise ConfigError(f"{key}.enabled: expected true, false or \"auto\", got {describe(enabled)}")
     canonical = ALIASES.get(key, key)
     if enabled:
         handled = {"enabled"}
@@ -282,7 +282,7 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
             handled.add("check_grad_overflow")
             check = block.get("check_grad_overflow", DS_BF16_CHECK_GRAD_OVERFLOW_DEFAULT)
             if not isinstance(check, bool):
-                raise ConfigError(f"{key}.check_grad_overflow: expected true or false, got {check!r}")
+                raise ConfigError(f"{key}.check_grad_overflow: expected true or false, got {describe(check)}")
             top["check_grad_overflow"] = check
         _apply_rules(block, key, handled=handled, ignored=ignored, canonical=canonical)
     else:  # a disabled block's settings have no effect (DeepSpeed reads none of them): known keys are ignored
@@ -413,7 +413,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             for k, v in params_block.items():
                 if k == "adam_w_mode" and name.lower() in ("adam", "adamw"):
                     if not isinstance(v, bool):
-                        raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {v!r}")
+                        raise ConfigError(f"optimizer.params.adam_w_mode: expected true or false, got {describe(v)}")
                     adam_w_mode = v
                 elif k == "max_grad_norm":  # DeepSpeed's engine raises for it too (_configure_basic_optimizer)
                     raise ConfigError("optimizer.params.max_grad_norm: not supported as an optimizer parameter; "
@@ -427,7 +427,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     opt[k] = v
                 elif k == "torch_adam":
                     if not isinstance(v, bool):
-                        raise ConfigError(f"optimizer.params.torch_adam: expected true or false, got {v!r}")
+                        raise ConfigError(f"optimizer.params.torch_adam: expected true or false, got {describe(v)}")
                 elif k in _IGNORED_OPTIMIZER_PARAMS:
                     check_kind(_IGNORED_OPTIMIZER_PARAMS[k][0], v, f"optimizer.params.{k}", lax=True)
                     ignored.append(f"optimizer.params.{k}")
@@ -435,7 +435,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                     off = _OFF_OPTIMIZER_PARAMS[k]
                     _convert(bool if isinstance(off, bool) else float, v, f"optimizer.params.{k}")
                     if v != off:
-                        raise ConfigError(f"optimizer.params.{k}: {v!r} is not supported by ztune; remove it "
+                        raise ConfigError(f"optimizer.params.{k}: {describe(v)} is not supported by ztune; remove it "
                                           f"or set it to {str(off).lower()}")
                     ignored.append(f"optimizer.params.{k}")
             # DeepSpeed: "Adam" decouples weight decay (AdamW) unless adam_w_mode is false; "AdamW" always does.
@@ -491,7 +491,8 @@ def _communication_data_type(value: Any, *, precision: Precision, compression: C
         return compression
     name = value.lower() if isinstance(value, str) else value
     if name not in ("fp16", "bf16", "fp32"):
-        raise ConfigError(f"communication_data_type: got {value!r}; allowed: fp16, bf16, fp32 (as in DeepSpeed)")
+        raise ConfigError(f"communication_data_type: got {describe(value)}; allowed: fp16, bf16, fp32 (as in "
+                          "DeepSpeed)")
     if name == precision.value:
         return compression
     if name == "bf16" and precision is Precision.FP32:

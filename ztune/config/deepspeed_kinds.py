@@ -19,8 +19,8 @@ import re
 from typing import Any
 
 from ztune.config.deepspeed_keys import BOOL, COUNT, DTYPE, FRACTION, INT, LIST, MAPPING, NUMBER, STRING, STRINGS
-from ztune.config.validate import _convert, _describe
-from ztune.errors import ConfigError
+from ztune.config.validate import _convert
+from ztune.errors import ConfigError, describe
 
 _BOOL_WORDS = {"0": False, "off": False, "f": False, "false": False, "n": False, "no": False,
                "1": True, "on": True, "t": True, "true": True, "y": True, "yes": True}
@@ -61,28 +61,28 @@ def check_kind(kind: str, value: Any, key: str, *, lax: bool = False, choices: t
     elif base in (INT, COUNT):
         number = _lax_number(value, key, integer=True) if lax else _convert(int, value, key)
         if number < 0 and base == COUNT:
-            raise ConfigError(f"{key}: got {_describe(value)}; must be >= 0")
+            raise ConfigError(f"{key}: got {describe(value)}; must be >= 0")
     elif base in (NUMBER, FRACTION):
         number = _lax_number(value, key, integer=False) if lax else _convert(float, value, key)
         if base == FRACTION and not 0.0 <= number <= 1.0:
-            raise ConfigError(f"{key}: got {_describe(value)}; must be in [0, 1]")
+            raise ConfigError(f"{key}: got {describe(value)}; must be in [0, 1]")
     elif base == STRING:
         _convert(str, value, key)
         if choices and value.upper() not in choices:
-            raise ConfigError(f"{key}: got {_describe(value)}; allowed: {', '.join(choices)} (any case, as in "
+            raise ConfigError(f"{key}: got {describe(value)}; allowed: {', '.join(choices)} (any case, as in "
                               "DeepSpeed)")
     elif base == LIST:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a list, got {describe(value)}")
     elif base == STRINGS:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"{key}: expected a list of strings (or one string), got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a list of strings (or one string), got {describe(value)}")
     elif base == MAPPING:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a mapping, got {describe(value)}")
     elif base == DTYPE:
         if not isinstance(value, str) or value.lower() not in DTYPES:
-            raise ConfigError(f"{key}: got {_describe(value)}; allowed: {', '.join(DTYPES)} (as in DeepSpeed)")
+            raise ConfigError(f"{key}: got {describe(value)}; allowed: {', '.join(DTYPES)} (as in DeepSpeed)")
     else:  # a kind this function does not know: a bug in the table, not in the config
         raise ConfigError(f"{key}: unknown kind {kind!r} in ztune's key table")  # pragma: no cover

@@ -22,7 +22,7 @@ from ztune.config.validate import (
     build,
     check,
 )
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, kind_of
 from ztune.inputs import check_plain, parse_json, parse_yaml, read_text
 
 # Environment variable through which `ztune launch` / `ztune autotune` hand a config file to a script.
@@ -48,17 +48,12 @@ def _from_doc(doc: Any, context: AutoContext | None, *, json_file: bool = False)
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"config: expected a mapping of config keys at the top level, got "
-                          f"{_kind_of(doc)}; write key: value settings (ztune YAML or DeepSpeed JSON)")
+                          f"{kind_of(doc)}; write key: value settings (ztune YAML or DeepSpeed JSON)")
     check_plain(doc, error=ConfigError, where="config")  # no NaN, Infinity or absurd number reaches a key
     if is_deepspeed(doc, json_file=json_file):
         cfg, ignored = from_deepspeed(doc, context=context)
         return LoadedConfig(cfg, tuple(ignored), deepspeed=True)
     return LoadedConfig(check(build(TrainConfig, doc)))
-
-
-def _kind_of(value: Any) -> str:
-    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return next((name for tp, name in kinds.items() if isinstance(value, tp)), type(value).__name__)
 
 
 def from_dict(doc: Any) -> TrainConfig:

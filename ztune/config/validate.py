@@ -20,17 +20,12 @@ from ztune.config.schema import (
     OptimizerType,
     TrainConfig,
 )
-from ztune.errors import ConfigError
+from ztune.errors import ConfigError, describe
 from ztune.inputs import MAX_BATCH, MAX_SEQ
 
 # YAML keys that differ from the Python field name (`global` is a keyword).
 _KEY_ALIASES = {"global": "global_"}
 _FIELD_KEYS = {v: k for k, v in _KEY_ALIASES.items()}
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _type_name(tp: Any) -> str:
@@ -50,7 +45,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return _convert(args[0], value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a mapping, got {describe(value)}")
         return build(tp, value, prefix=key + ".")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         for member in tp:
@@ -59,36 +54,36 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return member
         if tp is Offload and value in (None, False):
             return Offload.NONE
-        raise ConfigError(f"{key}: got {_describe(value)}; allowed: {', '.join(str(m.value) for m in tp)}")
+        raise ConfigError(f"{key}: got {describe(value)}; allowed: {', '.join(str(m.value) for m in tp)}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {describe(value)}")
         return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected true or false, got {describe(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and not math.isfinite(value)) or int(value) != value:
-            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected an integer, got {describe(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a number, got {describe(value)}")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key}: expected a finite number, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a finite number, got {describe(value)}")
         return float(value)
     if tp is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: expected a mapping with string keys, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {describe(value)}")
         return dict(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+            raise ConfigError(f"{key}: expected a string, got {describe(value)}")
         return value
-    raise ConfigError(f"{key}: unsupported value {_describe(value)}")  # pragma: no cover
+    raise ConfigError(f"{key}: unsupported value {describe(value)}")  # pragma: no cover
 
 
 def build(cls: type, data: dict, *, prefix: str = "") -> Any:
@@ -207,7 +202,7 @@ def _check_onebit_adam(cfg: TrainConfig) -> TrainConfig:
                           "freeze_step only the compressed momentum is exchanged, so no rank has the global "
                           "gradient norm); set it to 0")
     if cfg.optimizer.onebit_scale not in ("mean", "rms"):
-        raise ConfigError(f"optimizer.onebit_scale: got {cfg.optimizer.onebit_scale!r}; must be mean or rms")
+        raise ConfigError(f"optimizer.onebit_scale: got {describe(cfg.optimizer.onebit_scale)}; must be mean or rms")
     if cfg.optimizer.freeze_step < 1:
         raise ConfigError(f"optimizer.freeze_step: got {cfg.optimizer.freeze_step}; must be >= 1 (the frozen "
                           "variance comes from the full-precision warm-up steps)")
