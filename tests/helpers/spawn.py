@@ -25,10 +25,12 @@ finished, what each was doing (starting, creating the process group, running `fn
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import random
 import socket
 import time
 import traceback
@@ -58,11 +60,48 @@ class RankFailure(AssertionError):
     """A rank raised, died or timed out."""
 
 
+# Rendezvous ports for the tests' process groups. Asking the OS (bind to port 0, close, hand the number on) let
+# two pytest-xdist workers hold the same port at once: a rank then meets the other test's group, trains in it
+# and fails when that group ends, while its own rank 0 waits, silent (seen once in a full `make test`:
+# test_checkpoint_kill's resumed rank 1 died in its first save with "Connection closed by peer" while rank 0,
+# its log empty, had not started). So every worker draws from a slice of its own, below Linux's ephemeral range
+# (32768-60999 by default: bind(0) and outgoing connections, gloo's among them, never land here) and below the
+# 29500s that torchrun, `ztune launch` and the box benchmarks default to.
+PORT_RANGE = (20000, 29000)
+_port_draws = iter(())
+
+
+def port_slice(environ: dict[str, str] | None = None) -> range:
+    """This process's ports in PORT_RANGE: the whole range outside pytest-xdist, else worker gwK's K-th of
+    PYTEST_XDIST_WORKER_COUNT equal slices."""
+    env = os.environ if environ is None else environ
+    worker, count = env.get("PYTEST_XDIST_WORKER", ""), env.get("PYTEST_XDIST_WORKER_COUNT", "")
+    lo, hi = PORT_RANGE
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0):
+        return range(lo, hi)
+    size = (hi - lo) // int(count)
+    start = lo + min(int(worker[2:]), int(count) - 1) * size
+    return range(start, start + size)
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it; small race accepted in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port of this process's slice (port_slice) that nothing listens on or holds now: successive calls go
+    round the slice from a random start, so a test's groups, and reruns, do not reuse one port at once."""
+    global _port_draws
+    ports = port_slice()
+    for _ in range(len(ports)):
+        port = next(_port_draws, None)
+        if port is None or port not in ports:
+            start = random.SystemRandom().randrange(len(ports))
+            _port_draws = (ports[(start + i) % len(ports)] for i in itertools.count())
+            port = next(_port_draws)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or in TIME_WAIT: the next one
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {ports.start}-{ports.stop - 1} (tests/helpers/spawn.py PORT_RANGE)")
 
 
 def _context() -> mp.context.BaseContext:
