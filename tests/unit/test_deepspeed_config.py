@@ -159,9 +159,14 @@ def test_errors_name_the_key_as_written(doc, fragment):
 
 
 def test_disabled_rejected_features_load():
-    _, ignored = from_deepspeed({"train_batch_size": 8, "amp": {"enabled": False}, "gradient_allreduce_op": "mean",
-                                 "sequence_parallel_size": 1})
-    assert ignored == ["amp", "gradient_allreduce_op", "sequence_parallel_size"]
+    """A disabled block of a feature ztune lacks and DeepSpeed 0.19.8 still has is listed as ignored; one DeepSpeed
+    removed is refused even disabled, as DeepSpeed refuses it (amp was listed as ignored)."""
+    _, ignored = from_deepspeed({"train_batch_size": 8, "torch_autocast": {"enabled": False},
+                                 "gradient_allreduce_op": "mean", "sequence_parallel_size": 1})
+    assert ignored == ["torch_autocast", "gradient_allreduce_op", "sequence_parallel_size"]
+    with pytest.raises(ConfigError, match=r"^amp: NVIDIA Apex AMP was removed in DeepSpeed 0\.19\.8, .*use fp16 or "
+                                          r"bf16; remove it$"):
+        from_deepspeed({"train_batch_size": 8, "amp": {"enabled": False}})
 
 
 def test_auto_values_are_derived_from_the_model_or_rejected():
@@ -251,7 +256,7 @@ def test_keys_deepspeed_removed_are_rejected_as_deepspeed_rejects_them():
     for key in removed:
         assert KEYS[key].status == REJECTED, key
         *block, name = key.split(".")
-        for stage, value in ((3, 1), (1, False)):
+        for stage, value in ((3, 1), (1, False), (1, {"enabled": False})):
             zero = {"stage": stage}
             doc = {"train_batch_size": 8, "zero_optimization": zero}
             (zero if block else doc)[name] = value

@@ -182,7 +182,8 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
         # an ignored block (flops_profiler, checkpoint, ...): its keys are checked against the table too; the
         # block as a whole is what is listed
         _apply_rules(value, user_key, handled=set(), ignored=[], canonical=key)
-    disabled = isinstance(value, dict) and value.get("enabled") is False
+    # a disabled block of a feature ztune lacks builds nothing in DeepSpeed either; one DeepSpeed removed, it refuses
+    disabled = isinstance(value, dict) and value.get("enabled") is False and not r.removed
     if r.status == IGNORED or (r.status == NEUTRAL and value == r.neutral) or (r.status == REJECTED and disabled):
         ignored.append(user_key)
     elif r.status in (NEUTRAL, REJECTED):

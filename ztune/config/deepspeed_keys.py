@@ -54,6 +54,9 @@ class KeyRule:
     neutral: Any = None  # the no-effect value, for status "neutral"
     kind: str | None = None  # DeepSpeed's type for the value (one of KINDS); None: a block read by its parser
     choices: tuple[str, ...] = ()  # for a string kind: the values DeepSpeed takes (it upper-cases the value first)
+    # a rejected key DeepSpeed 0.19.8 refuses at any value (_gone): also as a disabled block ({"enabled": false}),
+    # which other rejected blocks may be (listed as ignored: DeepSpeed builds nothing from them)
+    removed: bool = False
 
 
 def _s(note: str, kind: str | None = None) -> KeyRule:
@@ -70,6 +73,11 @@ def _n(kind: str, neutral: Any, note: str) -> KeyRule:
 
 def _r(note: str) -> KeyRule:
     return KeyRule(REJECTED, note)
+
+
+def _gone(feature: str, fix: str = "") -> KeyRule:
+    """A key of a feature DeepSpeed 0.19.8 removed: it refuses the key whatever its value (_REMOVED)."""
+    return KeyRule(REJECTED, feature + _REMOVED + fix, removed=True)
 
 
 _PERF = "performance knob: ztune schedules its own communication and buffers"
@@ -193,9 +201,9 @@ KEYS: dict[str, KeyRule] = {
                                                     "over k ranks of one host serves the backward all-gather; k "
                                                     "must divide the ranks per host; 0/1 = off; ignored at stages "
                                                     "0-2, as in DeepSpeed"),
-    "zero_optimization.mics_shard_size": _r("MiCS sharding" + _REMOVED),
-    "zero_optimization.mics_hierarchical_params_gather": _r("MiCS sharding" + _REMOVED),
-    "zero_optimization.zeropp_loco_param": _r("LoCo-ZeRO++ (error feedback for qgZ)" + _REMOVED),
+    "zero_optimization.mics_shard_size": _gone("MiCS sharding"),
+    "zero_optimization.mics_hierarchical_params_gather": _gone("MiCS sharding"),
+    "zero_optimization.zeropp_loco_param": _gone("LoCo-ZeRO++ (error feedback for qgZ)"),
     "zero_optimization.zero_quantized_weights": _s("ZeRO++ qwZ at stage 3: the forward all-gather sends int8 "
                                                    "weights in blocks of 2048 with one fp32 scale each; master "
                                                    "weights stay full precision; ignored at stages 0-2, as in "
@@ -320,7 +328,7 @@ KEYS: dict[str, KeyRule] = {
                                   "under fp32 training is compression.method bf16 (a bf16 copy reduced, cast "
                                   "back); any other value is refused (ztune reduces in the compute dtype)"),
     "seq_parallel_communication_data_type": _i(DTYPE_OR_NULL, _PERF),
-    "sparse_gradients": _r("sparse compression of embedding gradients" + _REMOVED),
+    "sparse_gradients": _gone("sparse compression of embedding gradients"),
     "scheduler": _s("DeepSpeed's schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest) with "
                     "their formulas and defaults (runtime/compat/lr_schedules.py), stepped after each applied "
                     "optimizer step; another type names a torch.optim.lr_scheduler class built with the params "
@@ -334,7 +342,7 @@ KEYS: dict[str, KeyRule] = {
                     "over a stand-in optimizer when the scheduler is built, before training"),
     "optimizer": _s("block (type and params)"),
     # -- features that change training and that ztune does not implement -------------------------------------
-    "amp": _r("NVIDIA Apex AMP is not implemented; use fp16 or bf16"),
+    "amp": _gone("NVIDIA Apex AMP", "; use fp16 or bf16"),
     "data_types": _r("gradient accumulation in another dtype is not implemented (ztune accumulates in fp32 at "
                      "stages 1-3)"),
     "gradient_allreduce_op": _n(STRING, "mean", "only the mean reduction is implemented"),
@@ -342,18 +350,18 @@ KEYS: dict[str, KeyRule] = {
     "sequence_parallel_size": _n(INT, 1, "sequence parallelism is not implemented"),
     "pipeline": _r("pipeline parallelism is not implemented"),
     "tensor_parallel": _r("tensor parallelism is not implemented"),
-    "compression_training": _r("compression-aware training is not implemented"),
-    "curriculum_learning": _r("curriculum learning is not implemented"),
+    "compression_training": _gone("compression-aware training"),
+    "curriculum_learning": _gone("top-level curriculum_learning"),
     "data_efficiency": _r("data-efficiency sampling is not implemented"),
-    "progressive_layer_drop": _r("progressive layer drop is not implemented"),
-    "eigenvalue": _r("eigenvalue computation is not implemented"),
-    "elasticity": _r("elastic training is not implemented (DeepSpeed 0.19.8 rejects it too)"),
+    "progressive_layer_drop": _gone("progressive layer drop"),
+    "eigenvalue": _gone("eigenvalue computation"),
+    "elasticity": _gone("elastic training"),
     "hybrid_engine": _r("the RLHF hybrid engine is not implemented"),
     "compile": _r("DeepSpeed's compile integration is not implemented"),
-    "nebula": _r("Nebula checkpointing" + _REMOVED),
-    "quantize_training": _r("MoQ quantized training" + _REMOVED),
-    "sparse_attention": _r("sparse attention" + _REMOVED),
-    "graph_harvesting": _r("graph harvesting" + _REMOVED),
+    "nebula": _gone("Nebula checkpointing"),
+    "quantize_training": _gone("MoQ quantized training"),
+    "sparse_attention": _gone("sparse attention"),
+    "graph_harvesting": _gone("graph harvesting"),
 }
 
 # DeepSpeed's older spellings, read as the key they stand for.
