@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ztune.config.deepspeed_keys import IGNORED, KEYS, NEUTRAL, REJECTED, SUPPORTED
+from ztune.config.deepspeed_keys import IGNORED, KEYS, NEUTRAL, OPEN_BLOCKS, REJECTED, SUPPORTED
 from ztune.runtime.compat.args import INITIALIZE_ARGUMENTS
 from ztune.runtime.compat.engine_api import MEMBERS
 
@@ -41,7 +41,8 @@ Every key of the config is read with DeepSpeed 0.19.8's meaning, or listed at st
 `ignored DeepSpeed keys: ...` (and by `ztune estimate --config`) when it cannot change the trained parameters,
 or rejected with one line naming the key when it would change training in a way ztune does not implement, or
 when DeepSpeed 0.19.8 itself refuses it (a removed feature: MiCS, `sparse_gradients`, ...).
-An unknown key is an error (a typo never passes silently). Batch sizes follow DeepSpeed's derivation for every
+An unknown key is an error (a typo never passes silently), except inside the ignored blocks DeepSpeed reads key by
+key (below). Batch sizes follow DeepSpeed's derivation for every
 combination of `train_batch_size`, `train_micro_batch_size_per_gpu` and `gradient_accumulation_steps`.
 
 A config is read as DeepSpeed's when it has any top-level key that only DeepSpeed configs have (not only the
@@ -111,7 +112,10 @@ def _optimizer_rows() -> list[str]:
 def render() -> str:
     lines = [_INTRO, "## Config keys", "", "A value of the wrong type (the DeepSpeed type column) is refused "
              "naming its key, ignored keys included, as DeepSpeed refuses it; so is an unknown key inside an ignored "
-             "block (`flops_profiler`, `checkpoint`, `aio`, ...), whose keys are in the table too.", "",
+             "block DeepSpeed validates with a model (`comms_logger`, `comet`, `tensorboard`, `timers.throughput`, "
+             "...), whose keys are in the table too. Inside the blocks DeepSpeed reads key by key ("
+             + ", ".join(f"`{b}`" for b in sorted(OPEN_BLOCKS)) + ") it skips a key it does not know, such as "
+             "`aio.thread_count`, and so does ztune: the block is listed as ignored.", "",
              "| key | status | DeepSpeed type | what ztune does |", "|---|---|---|---|"]
     for key, rule in KEYS.items():
         kind = f"{rule.kind}: {', '.join(rule.choices)} (any case)" if rule.choices else rule.kind or ""

@@ -361,3 +361,40 @@ def test_communication_data_type_is_honoured_or_refused(extra, compression, mess
     back = to_deepspeed(cfg)
     assert back.get("communication_data_type") == ("bf16" if compression == "bf16" else None)
     assert from_deepspeed(back)[0].compression == cfg.compression
+
+
+@pytest.mark.parametrize("path", ["aio.thread_count", "checkpoint.foo", "checkpoint.writer.foo",
+                                  "checkpoint.parallel_write.foo", "flops_profiler.profile_steps", "timers.foo",
+                                  "comms_logger.foo", "comet.foo", "tensorboard.foo", "timers.throughput.foo"])
+def test_unknown_keys_inside_ignored_blocks_load_exactly_when_deepspeed_loads_them(path):
+    """DeepSpeed 0.19.8 reads aio, checkpoint, flops_profiler and timers key by key and skips a key it does not
+    know (aio.thread_count, from widely copied ZeRO-Infinity configs, was refused); its pydantic blocks
+    (comms_logger, the monitors, timers.throughput) refuse one. ztune does as DeepSpeed does."""
+    from unittest import mock
+
+    from tests.helpers.deepspeed_ref import import_deepspeed
+
+    import_deepspeed()
+    import deepspeed.runtime.config as ds_config
+
+    doc: dict = {"train_batch_size": 8}
+    *blocks, name = path.split(".")
+    inner = doc
+    for b in blocks:
+        inner = inner.setdefault(b, {})
+    inner[name] = 1
+    with mock.patch.object(ds_config.dist, "get_rank", lambda *a, **k: 0), \
+            mock.patch.object(ds_config.dist, "get_world_size", lambda *a, **k: 1):
+        try:
+            ds_config.DeepSpeedConfig(json.loads(json.dumps(doc)))
+            deepspeed_loads = True
+        except Exception:  # noqa: BLE001 -- pydantic's ValidationError and DeepSpeed's own
+            deepspeed_loads = False
+    if deepspeed_loads:
+        _, ignored = from_deepspeed(doc)
+        assert blocks[0] in ignored
+    else:
+        with pytest.raises(ConfigError, match=f"unknown key '{re.escape(path)}'"):
+            from_deepspeed(doc)
+    assert deepspeed_loads == (".".join(blocks) in {"aio", "checkpoint", "checkpoint.writer",
+                                                    "checkpoint.parallel_write", "flops_profiler", "timers"})

@@ -21,6 +21,7 @@ from ztune.config.deepspeed_keys import (
     KEYS,
     MAPPING,
     NEUTRAL,
+    OPEN_BLOCKS,
     REJECTED,
     STRING,
     KeyRule,
@@ -173,6 +174,8 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
                 nested = f'{{"{part}": {nested}}}'
             raise ConfigError(f"unknown key '{user_key}': DeepSpeed config keys are nested, not dotted; write "
                               f"{nested}")
+        if parent in OPEN_BLOCKS:
+            return  # DeepSpeed skips it as well; its block is listed as ignored (deepspeed_keys.OPEN_BLOCKS)
         if parent:
             raise ConfigError(f"unknown key '{user_key}'; allowed here: " + ", ".join(children(parent)))
         raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "

@@ -373,6 +373,14 @@ def rule(key: str) -> KeyRule | None:
     return KEYS.get(key)
 
 
+# Ignored blocks DeepSpeed 0.19.8 reads key by key (dict lookups in runtime/config.py, profiling/config.py,
+# runtime/swap_tensor/aio_config.py, not a pydantic model): a key it does not know there is skipped, not refused
+# (aio.thread_count, the old name of intra_op_parallelism, is in widely copied ZeRO-Infinity configs), so ztune
+# accepts it too: the block is listed as ignored as a whole. Known keys are still type-checked.
+OPEN_BLOCKS = frozenset({"aio", "checkpoint", "checkpoint.writer", "checkpoint.parallel_write", "flops_profiler",
+                         "timers"})
+
+
 def children(prefix: str, *, status: str | None = None) -> list[str]:
     """The last components of the known keys directly under `prefix` (optionally with one status), sorted."""
     depth = prefix.count(".") + 1
