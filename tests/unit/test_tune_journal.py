@@ -102,11 +102,30 @@ def test_a_resumed_run_ranks_with_the_compute_its_first_run_measured(tmp_path) -
     hw2 = _journalled_compute(hw, resumed, err)
     assert hw2 is not None and {f: getattr(hw2, f) for f in _COMPUTE_FIELDS} == measured
     assert hw2.name == hw.name and "as measured when this run started" in err.file.getvalue()
-    # a record this code did not write (a field missing, a zero peak) is not trusted: measure again
-    for bad in ({"peak_flops_fp32": 51e9}, dict(measured, peak_flops_bf16=0.0)):
-        j = Journal(tmp_path / f"{len(bad)}.jsonl", fingerprint="fp", describe={})
-        j.append({"kind": "compute", "measured": bad, "at": 0.0})
-        assert _journalled_compute(hw, j, err) is None
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"peak_flops_fp32": 51e9}, "has no measured.peak_flops_bf16"),
+    ({"peak_flops_fp32": 51e9, "peak_flops_bf16": 0.0, "train_flops_efficiency": 0.31}, "measured.peak_flops_bf16 0.0"),
+    ({"peak_flops_fp32": 51e9, "peak_flops_bf16": 23e9, "train_flops_efficiency": 50.0},
+     "measured.train_flops_efficiency 50.0 is not a fraction"),
+    ({"peak_flops_fp32": "fast", "peak_flops_bf16": 23e9, "train_flops_efficiency": 0.3},
+     "measured.peak_flops_fp32 \"fast\""),
+    ({"peak_flops_fp32": 51e9, "peak_flops_bf16": 23e9, "train_flops_efficiency": 0.3, "foo_bar": 1.0},
+     "measured.foo_bar is not a measured rate"),
+    ({}, "has no measured.peak_flops_fp32"),
+    ([1, 2], "measured \\[1, 2\\] is not an object"),
+])
+def test_a_compute_record_the_tuner_did_not_write_is_one_line_naming_the_field(tmp_path, bad, field):
+    """A hand-edited compute record was skipped silently (an extra or missing field, a zero peak): the run
+    measured again and appended another, which the first record then outranked on every resume; an efficiency of
+    50 was used for ranking. Now the journal read names the field, and the file is left as it was."""
+    path = tmp_path / "j.jsonl"
+    Journal(path, fingerprint="fp", describe={}).append({"kind": "compute", "measured": bad, "at": 0.0})
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match=f"line 2: .*{field}"):
+        Journal(path, fingerprint="fp", describe={})
+    assert path.read_bytes() == before
 
 
 def test_journalled_compute_restores_codec_rates(tmp_path):
@@ -128,9 +147,10 @@ def test_journalled_compute_restores_codec_rates(tmp_path):
     assert hw2 is not None and {f: getattr(hw2, f) for f in (*_COMPUTE_FIELDS, *RATE_FIELDS)} == measured
     # some codec rates but not all: not a record this code wrote
     partial = {k: v for k, v in measured.items() if k != RATE_FIELDS[0]}
-    j2 = Journal(tmp_path / "j2.jsonl", fingerprint="fp", describe={})
-    j2.append({"kind": "compute", "measured": partial, "at": 0.0})
-    assert _journalled_compute(hw, j2, err) is None
+    Journal(tmp_path / "j2.jsonl", fingerprint="fp", describe={}).append({"kind": "compute", "measured": partial,
+                                                                         "at": 0.0})
+    with pytest.raises(JournalError, match=f"line 2: .*some codec rates but no measured.{RATE_FIELDS[0]}"):
+        Journal(tmp_path / "j2.jsonl", fingerprint="fp", describe={})
 
 
 def test_measured_cpu_compute_measures_codec_rates_when_asked(monkeypatch):

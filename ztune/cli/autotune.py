@@ -20,6 +20,7 @@ import typer
 
 from ztune.errors import UserError
 from ztune.inputs import MAX_BATCH, MAX_RANKS, MAX_SEQ, MAX_STEPS, int_flag, seconds_flag, text_flag
+from ztune.tune.records import COMPUTE_FIELDS
 
 COMMAND_SETTINGS = {"help": "Benchmark the most promising configs on this machine and write the fastest."}
 
@@ -84,7 +85,7 @@ def _measured_cpu_compute(hw: Any, err_console: Any, *, model: Any, seq_len: int
 
 # The profile fields _measured_cpu_compute replaces (probe.with_measured_cpu_compute), and with `codec` also
 # cost/codec.py's RATE_FIELDS.
-_COMPUTE_FIELDS = ("peak_flops_fp32", "peak_flops_bf16", "train_flops_efficiency")
+_COMPUTE_FIELDS = COMPUTE_FIELDS  # what a compute record holds (tune/records.py checks it when the journal is read)
 
 
 def _codec_fields() -> tuple[str, ...]:

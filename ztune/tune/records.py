@@ -76,7 +76,21 @@ def _one_of(values: tuple[str, ...]) -> Callable[[Any], bool]:
 
 
 def _measured(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())
+    return isinstance(v, dict)
+
+
+def _positive(v: Any) -> bool:
+    return _number(v) and v > 0
+
+
+# A compute record's `measured`: the machine's compute as the run measured it when it started (cli/autotune.py
+# _journalled_compute), with the codec rates (cost/codec.py RATE_FIELDS) where it measured them too.
+COMPUTE_FIELDS = ("peak_flops_fp32", "peak_flops_bf16", "train_flops_efficiency")
+MEASURED_FIELDS: tuple[Field, ...] = (
+    Field("peak_flops_fp32", _positive, "a FLOP/s rate, a number > 0"),
+    Field("peak_flops_bf16", _positive, "a FLOP/s rate, a number > 0"),
+    Field("train_flops_efficiency", lambda v: _positive(v) and v <= 1, "a fraction of the peak, from 0 to 1 (> 0)"),
+)
 
 
 def _names(enum: Any) -> tuple[str, ...]:
@@ -111,7 +125,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
               Field("last_loss", _loss, "a number or null", required=False)),
     "repeat": (_KEY, _INDEX, Field("round", _whole(1), "a confirmation round, a whole number from 1"),
                _STATUS, _REASON, _STEP, _WALL),
-    "compute": (Field("measured", _measured, "an object of numbers >= 0 (profile field: value)"),),
+    "compute": (Field("measured", _measured, "an object of the measured rates (profile field: value)"),),
 }
 
 # The knobs of space.Candidate, as the tuner writes them (Candidate.__dict__).
@@ -149,6 +163,8 @@ def check_record(record: dict[str, Any]) -> None:
     if not isinstance(kind, str) or kind not in FIELDS:
         raise RecordError(f"kind {shown(kind)} is not a journal record kind ({', '.join(FIELDS)})")
     _check_fields(record, FIELDS[kind], kind=kind)
+    if kind == "compute":
+        _check_measured(record["measured"])
     if kind == "trial":
         candidate = record["candidate"]
         known = {f.name for f in CANDIDATE_FIELDS}
@@ -160,3 +176,24 @@ def check_record(record: dict[str, Any]) -> None:
         if described != record["key"]:
             raise RecordError(f"candidate describes {shown(described)}, not the record's key {shown(record['key'])}")
 
+
+
+def _check_measured(measured: dict[str, Any]) -> None:
+    """A compute record's rates: the compute fields, and either every codec rate or none (as the tuner writes
+    them), each a rate the profile loader would take."""
+    from ztune.cost.codec import RATE_FIELDS
+
+    known = (*COMPUTE_FIELDS, *RATE_FIELDS)
+    extra = sorted(str(k) for k in measured if k not in known)
+    if extra:
+        raise RecordError(f"measured.{extra[0]} is not a measured rate (rates: {', '.join(COMPUTE_FIELDS)}, and the "
+                          "codec rates of cost/codec.py)")
+    _check_fields(measured, MEASURED_FIELDS, kind="compute", prefix="measured.")
+    codec = [f for f in RATE_FIELDS if f in measured]
+    if codec and len(codec) < len(RATE_FIELDS):
+        missing = next(f for f in RATE_FIELDS if f not in measured)
+        raise RecordError(f"the compute record has some codec rates but no measured.{missing} (the tuner writes "
+                          "all of them or none)")
+    for f in codec:
+        if not _number(measured[f]):
+            raise RecordError(f"measured.{f} {shown(measured[f])} is not an elements-per-second rate, a number >= 0")
