@@ -53,7 +53,9 @@ keys is refused with one line naming one of each.
 `"auto"` (the Hugging Face Trainer's placeholder): the batch keys are derived from the others; `fp16.enabled`
 / `bf16.enabled` are on when the model's parameters already have that dtype; `zero_optimization.reduce_bucket_size`
 is hidden_size x hidden_size (the Trainer's formula, hidden size from `model.config`); ignored keys keep it
-(not a whole block: `"flops_profiler": "auto"` is an error); any other `"auto"` is an error naming the key.
+(not a whole block: `"flops_profiler": "auto"` is an error); any other `"auto"` is an error, one line naming every
+such key. `ztune estimate --micro-batch / --global-batch` fill batch keys that are `"auto"` or absent, as the
+Trainer fills them from its arguments.
 
 ztune's own activation checkpointing (and activation offload) from a DeepSpeed config: the top-level block
 `"ztune": {"activations": {"checkpointing": "full", "every": 1, "offload": "none"}}` (DeepSpeed ignores

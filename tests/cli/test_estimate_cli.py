@@ -11,7 +11,7 @@ from tests.helpers.load import scaled_limit_s
 from ztune.cli import app
 
 ROW_KEYS = {"stage", "offload_optimizer", "offload_params", "checkpointing", "compression", "zeropp", "micro_batch",
-            "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
+            "grad_accum", "memory_per_gpu", "cpu_memory_per_host", "comm_bytes_per_step", "step_time_s", "tokens_per_s",
             "mfu", "fits", "init_peak", "trainable_params", "step", "codec_unknown"}
 MEMORY_KEYS = {"params", "grads", "optimizer", "activations", "buffers", "total"}
 LLAMA_ARGS = ["--model", "llama-2-70b", "--hardware", "dgx-h100", "--nodes", "4", "--seq", "4096",

@@ -93,3 +93,32 @@ def test_a_deepspeed_config_is_estimated_at_the_models_sequence_length(tmp_path)
     out = run("--model", "tiny-gpt", "--hardware", "cpu-local", "--config", str(path))
     assert out.returncode == 0, out.stderr
     assert "seq 256)" in out.stdout.splitlines()[0]
+
+
+def test_batch_flags_fill_the_batch_keys_a_trainer_config_leaves_auto_or_out(tmp_path):
+    """A Trainer-style config ("auto" batch keys) or one without batch keys, with --micro-batch / --global-batch:
+    the flags give the batch, as the Trainer's arguments would (they were refused: 'set a value')."""
+    autos = dict.fromkeys(("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"), "auto")
+    for doc in ({**autos, "zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 2}}):
+        out = _estimate(tmp_path, doc, "--micro-batch", "2", "--global-batch", "64", "--json")
+        assert out.returncode == 0, out.stderr
+        row = json.loads(out.stdout)["rows"][0]
+        assert (row["micro_batch"], row["grad_accum"]) == (2, 4)  # 64 = 2 x 4 x 8 GPUs
+        out = _estimate(tmp_path, doc)  # no flags: DeepSpeed's rule, and the flags named as the way out
+        assert out.returncode == 2 and "--micro-batch or --global-batch" in out.stderr, out.stderr
+
+
+def test_every_auto_that_cannot_be_derived_is_named_in_one_line(tmp_path):
+    """A Trainer-written config took one run per "auto" key to fix (lr, then betas, ...): all are named at once,
+    and a key the Trainer never fills is not said to be filled by it."""
+    doc = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": "auto",
+           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}},
+           "zero_optimization": {"stage": "auto"}}
+    out = _estimate(tmp_path, doc)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert 'gradient_clipping: "auto" is filled in by the Hugging Face Trainer' in out.stderr
+    assert "(also \"auto\" and not derivable here: optimizer.params.lr, optimizer.params.betas, " \
+           "zero_optimization.stage)" in out.stderr
+    out = _estimate(tmp_path, {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": "auto"}})
+    assert 'zero_optimization.stage: "auto" is not a value of this key' in out.stderr and "Trainer does not fill" \
+        in out.stderr, out.stderr

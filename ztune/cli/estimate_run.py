@@ -57,6 +57,7 @@ def row_dict(est: Any) -> dict:
         "zeropp": {"quantized_weights": c.zero.quantized_weights, "hpz_partition_size": c.zero.hpz_partition_size,
                    "quantized_gradients": c.zero.quantized_gradients},
         "micro_batch": est.micro_batch,
+        "grad_accum": est.grad_accum,  # micro-steps per optimizer step (the table's accum column)
         "memory_per_gpu": est.memory_per_gpu.as_dict(),
         "init_peak": est.init_peak_bytes,  # bytes per GPU during initialize, only where above the steady state
         "trainable_params": est.trainable_params,
@@ -356,7 +357,9 @@ def run_estimate(*, hardware: str | None, model: str | None, params: str | None,
         # from the model's hidden size and --precision (deepspeed_auto.py).
         from ztune.config import AutoContext, load_detailed, resolve_batch
 
-        loaded = load_detailed(config, context=AutoContext(hidden_size=spec.hidden_size, precision=prec))
+        loaded = load_detailed(config, context=AutoContext(
+            hidden_size=spec.hidden_size, precision=prec,
+            batch_from_caller=micro_batch is not None or global_batch is not None))
         cfg, ignored = loaded.config, loaded.ignored
         batch = cfg.batch
         if micro_batch is not None or global_batch is not None:

@@ -331,13 +331,16 @@ def _monitor_block(key: str, value: Any, ignored: list[str]) -> LogDirMonitor | 
     return block
 
 
-def _batch(given: dict[str, Any]) -> BatchConfig:
-    """The batch keys as given (each > 0); cross-checks that need the world size are in resolve_batch."""
+def _batch(given: dict[str, Any], *, from_caller: bool = False) -> BatchConfig:
+    """The batch keys as given (each > 0); cross-checks that need the world size are in resolve_batch.
+    from_caller: the caller sets the batch itself (AutoContext.batch_from_caller), so neither size may be given."""
     values = {field: _number(int, given[k], k) for k, field in _BATCH_FIELDS.items() if k in given}
     total, micro, accum = values.get("global"), values.get("micro"), values.get("grad_accum")
+    if total is None and micro is None and from_caller:
+        return BatchConfig(micro=None, grad_accum=accum, global_=None)
     if total is None and micro is None:
         raise ConfigError("set train_batch_size or train_micro_batch_size_per_gpu: DeepSpeed needs at least one "
-                          "of them to know the batch size")
+                          "of them to know the batch size (ztune estimate also takes --micro-batch or --global-batch)")
     if total is not None and micro is not None and accum is not None and total % (micro * accum):
         raise ConfigError(f"train_batch_size {total} is not a multiple of train_micro_batch_size_per_gpu {micro} x "
                           f"gradient_accumulation_steps {accum}, so no world size fits")
@@ -471,7 +474,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
         cfg = TrainConfig(
             zero=ZeroConfig(**zero),
             precision=precision,
-            batch=_batch(doc),
+            batch=_batch(doc, from_caller=context is not None and context.batch_from_caller),
             optimizer=build(OptimizerConfig, opt, prefix="optimizer.params."),
             compression=CompressionConfig(method=compression),
             activations=activations,

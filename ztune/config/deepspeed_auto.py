@@ -11,7 +11,8 @@ TrainingArguments, which ztune does not see. ztune derives:
   model's `spec.hidden_size`);
 - keys that ztune ignores keep their "auto" (it is never read), except a whole block ("flops_profiler": "auto"),
   which deepspeed.py refuses as DeepSpeed's readers do.
-Every other "auto" (learning rate, betas, clipping, ...) is an error naming its key.
+Every other "auto" (learning rate, betas, clipping, ...) is an error naming its key, all such keys in one line;
+with `batch_from_caller` (ztune estimate's batch flags) the batch keys may all be "auto" or absent.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class AutoContext:
     # ztune.initialize reads on the ranks): the values that need the model are left at their defaults for the
     # check (fp16 / bf16 off, the default bucket size) instead of refused.
     model_later: bool = False
+    # True where the caller gives the batch sizes itself (`ztune estimate --micro-batch / --global-batch`), as the
+    # Trainer fills them from its arguments: batch keys that are "auto" or absent are left for it.
+    batch_from_caller: bool = False
 
 
 def context_from_model(model: Any) -> AutoContext:
@@ -61,8 +65,30 @@ def context_from_model(model: Any) -> AutoContext:
     return AutoContext(hidden_size=hidden if isinstance(hidden, int) else None, precision=precision)
 
 
+# The keys the Hugging Face Trainer fills when they are "auto" (transformers, integrations/deepspeed.py,
+# HfTrainerDeepSpeedConfig.trainer_config_process / trainer_config_finalize), from its TrainingArguments or the model.
+TRAINER_FILLS = frozenset({
+    *_BATCH_KEYS, "gradient_clipping", "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps",
+    "optimizer.params.weight_decay", "scheduler.params.warmup_min_lr", "scheduler.params.warmup_max_lr",
+    "scheduler.params.warmup_num_steps", "scheduler.params.total_num_steps", "fp16.enabled", "bf16.enabled",
+    "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold"})
+
+
 def _cannot(key: str, why: str) -> ConfigError:
     return ConfigError(f'{key}: "auto" {why}; set a value')
+
+
+def _underivable(paths: list[tuple[str, str | None]]) -> ConfigError:
+    """One line for every "auto" ztune cannot derive ((path as written, canonical key or None)): the first with
+    why, the others named after it, so that a Trainer-written config is fixed in one pass, not one key per run."""
+    def why(key: str | None) -> str:
+        if key in TRAINER_FILLS:
+            return "is filled in by the Hugging Face Trainer from its arguments, which ztune does not see"
+        return "is not a value of this key: DeepSpeed takes none here, and the Hugging Face Trainer does not fill it"
+    (first, key), rest = paths[0], paths[1:]
+    more = f' (also "auto" and not derivable here: {", ".join(p for p, _ in rest)})' if rest else ""
+    return ConfigError(f'{first}: "auto" {why(key)}; set a value{more}')
 
 
 def _find_autos(value: Any, path: str, steps: tuple, found: list[tuple[str, tuple]]) -> None:
@@ -87,13 +113,14 @@ def _canonical(path: str) -> str:
 def resolve_auto(doc: dict, *, context: AutoContext | None) -> dict:
     """A copy of DeepSpeed config `doc` with every "auto" resolved or dropped (see the module docstring).
 
-    Raises ConfigError naming the first key whose "auto" ztune cannot derive."""
+    Raises ConfigError naming every key whose "auto" ztune cannot derive (the first with why)."""
     found: list[tuple[str, tuple]] = []
     _find_autos(doc, "", (), found)
     if not found:
         return doc
     context = context or AutoContext()
     out = copy.deepcopy(doc)
+    underivable: list[tuple[str, str | None]] = []
     for path, steps in found:
         if any(isinstance(s, str) and "." in s for s in steps):
             continue  # a dotted key is no DeepSpeed key: the parser rejects it by name (deepspeed.py)
@@ -124,10 +151,13 @@ def resolve_auto(doc: dict, *, context: AutoContext | None) -> dict:
         elif key is not None and (r := rule(key)) is not None and r.status == IGNORED:
             continue
         else:
-            raise _cannot(path, "is filled in by the Hugging Face Trainer from its arguments, which ztune does not "
-                                "see")
+            underivable.append((path, key))
+    if underivable:
+        raise _underivable(underivable)
     autos = [k for k in _BATCH_KEYS if any(path == k for path, _ in found)]
-    if autos and "train_batch_size" not in out and "train_micro_batch_size_per_gpu" not in out:
+    if autos and "train_batch_size" not in out and "train_micro_batch_size_per_gpu" not in out \
+            and not context.batch_from_caller:
         raise _cannot(autos[0], "cannot be derived: neither train_batch_size nor train_micro_batch_size_per_gpu "
-                                "has a value (DeepSpeed needs one of them)")
+                                "has a value (DeepSpeed needs one of them; ztune estimate also takes --micro-batch "
+                                "or --global-batch)")
     return out
