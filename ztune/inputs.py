@@ -88,7 +88,8 @@ class _NonFinite:
 
 
 def read_text(path: str | os.PathLike, *, error: type[UserError], what: str) -> str:
-    """The UTF-8 text of `path`; a missing, unreadable, oversized or non-UTF-8 file is one `error` line."""
+    """The UTF-8 text of `path` (without a leading byte order mark); a missing, unreadable, oversized or
+    non-UTF-8 file is one `error` line."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -102,11 +103,14 @@ def read_text(path: str | os.PathLike, *, error: type[UserError], what: str) -> 
     if len(data) > MAX_FILE_BYTES:
         raise error(f"{what} {str(path)!r} is larger than {MAX_FILE_BYTES >> 20} MiB; is it the right file?")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise error(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start}, line {line}); save it as "
                     "UTF-8") from None
+    # A byte order mark at the start (Windows editors' "UTF-8 with BOM") is no text: Python's utf-8-sig codec drops
+    # it, as DeepSpeed's hjson reader does and YAML does; a U+FEFF anywhere else stays, and the line checks name it.
+    return text.removeprefix("\ufeff")
 
 
 def _key_path(prefix: str, key: Any) -> str:
