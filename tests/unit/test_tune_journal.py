@@ -67,8 +67,30 @@ def test_damage_before_the_last_line_is_an_error(tmp_path) -> None:
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:10]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(JournalError, match="line 2 is damaged"):
+    with pytest.raises(JournalError, match="line 2 is damaged .*; correct or remove that line, or rerun with --fresh"):
         _open(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda line: "", "line 2 is blank; correct or remove that line"),
+    (lambda line: line.replace('"status": "ok"', '"status": "ok", "status": "failed"'),
+     'line 2: key "status" appears twice in one object; correct or remove that line'),
+])
+def test_a_blank_line_or_a_key_written_twice_names_the_line_and_keeps_the_file(tmp_path, edit, message) -> None:
+    """A blank line said only "damaged; move the file aside" (every trial lost, where removing the line would
+    do); a record with a key written twice was read as its last value (a hand edit changed the best config)."""
+    path = tmp_path / "j.jsonl"
+    j = _open(path)
+    j.append(_trial(1))
+    j.append(_trial(2))
+    lines = path.read_text().splitlines()
+    lines[1] = edit(lines[1])
+    assert '"status": "ok"' in path.read_text()
+    path.write_text("\n".join(lines) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match=message):
+        _open(path)
+    assert path.read_bytes() == before
 
 
 def test_journal_of_another_space_is_refused_unless_fresh(tmp_path) -> None:

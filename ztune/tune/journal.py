@@ -62,21 +62,39 @@ def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, int]:
     complete, tail = lines[:-1], lines[-1]
     for number, raw in enumerate(complete, start=1):
         try:
-            record = json.loads(raw)
+            record = json.loads(raw, object_pairs_hook=_unique_keys)
             if not isinstance(record, dict) or "kind" not in record:
                 raise ValueError("not a journal record")
+        except _DuplicateKey as exc:  # json keeps the last one: a hand edit would pass for the tuner's record
+            raise JournalError(f"journal {str(path)!r} line {number}: {exc}; correct or remove that line, or rerun "
+                               "with --fresh to start over (the old file is kept)") from None
         except ValueError:
             if number == len(complete) and not tail:
                 # A last line that was written but not whole-line valid (e.g. zero-filled after a crash
                 # of the filesystem): still the tail, still tolerated.
                 torn = len(raw) + 1
                 break
+            what = "is blank" if not raw.strip() else "is damaged (not a JSON object with a \"kind\")"
             raise JournalError(
-                f"journal {str(path)!r} line {number} is damaged; move the file aside or rerun with --fresh"
-            ) from None
+                f"journal {str(path)!r} line {number} {what}; correct or remove that line, or rerun with --fresh "
+                "to start over (the old file is kept)") from None
         good_len += len(raw) + 1
         records.append((number, record))
     return records, good_len, torn or len(tail)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: the object, or _DuplicateKey naming a key written twice."""
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(f"key {json.dumps(k, ensure_ascii=True)[:60]} appears twice in one object")
+        seen[k] = v
+    return seen
 
 
 def _load(path: Path, records: list[tuple[int, dict[str, Any]]]) -> JournalState:
