@@ -41,6 +41,13 @@ def describe(value: Any) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 
+def shown_key(key: Any) -> str:
+    """A key as the user wrote it, for a message: control characters escaped (a message stays one line), cut to
+    _SHOWN_CHARS characters with "..." where longer (a 10 kB key is not a 10 kB line)."""
+    text = repr(str(key))[1:-1]
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
 def kind_of(value: Any) -> str:
     """What kind of value a parsed document is ("a list", "a string", ...), for a document that should have been
     a mapping: its kind, not its text, which may be a whole file."""

@@ -43,7 +43,7 @@ import math
 import warnings
 from typing import Any
 
-from ztune.errors import ConfigError, describe
+from ztune.errors import ConfigError, describe, shown_key
 
 __all__ = ["SCHEDULES", "LRRangeTest", "OneCycle", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR",
            "build_scheduler", "check_scheduler"]
@@ -343,12 +343,12 @@ def check_scheduler(type_name: str | None, params: dict) -> None:
         check_torch_scheduler(type_name)
         return
     if type_name not in SCHEDULES:
-        raise ConfigError(f"scheduler.type: got {type_name!r}; allowed: {', '.join(SCHEDULES)} (DeepSpeed's "
+        raise ConfigError(f"scheduler.type: got {describe(type_name)}; allowed: {', '.join(SCHEDULES)} (DeepSpeed's "
                           f"schedules) or torch's {', '.join(FROM_CONFIG)}")
     allowed = _parameters(SCHEDULES[type_name])
     for key in params:
         if key not in allowed:
-            raise ConfigError(f"unknown key 'scheduler.params.{key}' for {type_name}; allowed here: "
+            raise ConfigError(f"unknown key '{shown_key(f'scheduler.params.{key}')}' for {type_name}; allowed here: "
                               + ", ".join(allowed))
     for key, p in allowed.items():
         if p.default is inspect.Parameter.empty and key not in params:

@@ -22,7 +22,7 @@ import math
 import warnings
 from typing import Any
 
-from ztune.errors import ConfigError, describe
+from ztune.errors import ConfigError, describe, shown_key
 
 # The classes of torch.optim.lr_scheduler (torch 2.x, its __all__) whose arguments are plain values.
 FROM_CONFIG = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "CosineAnnealingLR",
@@ -66,7 +66,8 @@ def build_torch_scheduler(type_name: str, params: dict[str, Any], *, optimizer) 
         signature.pop(name)
     for key in params:
         if key not in signature:
-            raise ConfigError(f"unknown key 'scheduler.params.{key}' for torch's {type_name}; allowed here: "
+            raise ConfigError(f"unknown key '{shown_key(f'scheduler.params.{key}')}' for torch's {type_name}; allowed "
+                              "here: "
                               + ", ".join(signature))
     for key, p in signature.items():
         if p.default is inspect.Parameter.empty and key not in params:

@@ -398,3 +398,18 @@ def test_unknown_keys_inside_ignored_blocks_load_exactly_when_deepspeed_loads_th
             from_deepspeed(doc)
     assert deepspeed_loads == (".".join(blocks) in {"aio", "checkpoint", "checkpoint.writer",
                                                     "checkpoint.parallel_write", "flops_profiler", "timers"})
+
+
+@pytest.mark.parametrize("doc", [{"x" * 10000: 1}, {"optimizer": {"type": "y" * 10000}},
+                                 {"scheduler": {"type": "z" * 10000}},
+                                 {"optimizer": {"type": "AdamW", "params": {"w" * 10000: 1}}},
+                                 {"scheduler": {"type": "WarmupLR", "params": {"v" * 10000: 1}}},
+                                 {"ztune": {"u" * 10000: 1}}, {"zero_optimization": {"t" * 10000: 1}},
+                                 {"a.b\nc" * 2000: 1}, {"comms_logger": {"a\nb": 1}}])
+def test_a_key_or_type_name_the_user_wrote_is_shown_cut_and_on_one_line(doc):
+    """Unknown key names and optimizer/scheduler type names went into the message whole: a 10 kB key made a
+    10 kB error, a key with a newline two lines (errors.shown_key, errors.describe)."""
+    with pytest.raises(ConfigError) as info:
+        from_deepspeed({"train_batch_size": 8, **doc})
+    text = str(info.value)
+    assert "\n" not in text and not any(c * 61 in text for c in "xyzwvut"), text[:500]

@@ -47,7 +47,7 @@ from ztune.config.schema import (
     ZeroConfig,
 )
 from ztune.config.validate import _convert, build, check, check_loss_scaling
-from ztune.errors import ConfigError, describe
+from ztune.errors import ConfigError, describe, shown_key
 
 # The top-level keys of each schema. A key only DeepSpeed has marks a document as DeepSpeed JSON, one only ztune
 # YAML has marks it as ztune's; optimizer, scheduler, gradient_clipping and checkpoint are in both.
@@ -172,13 +172,13 @@ def _apply_rule(key: str, user_key: str, value: Any, *, ignored: list[str], pare
             nested = "..."
             for part in reversed(name.split(".")):
                 nested = f'{{"{part}": {nested}}}'
-            raise ConfigError(f"unknown key '{user_key}': DeepSpeed config keys are nested, not dotted; write "
-                              f"{nested}")
+            raise ConfigError(f"unknown key '{shown_key(user_key)}': DeepSpeed config keys are nested, not dotted; "
+                              f"write {shown_key(nested)}")
         if parent in OPEN_BLOCKS:
             return  # DeepSpeed skips it as well; its block is listed as ignored (deepspeed_keys.OPEN_BLOCKS)
         if parent:
-            raise ConfigError(f"unknown key '{user_key}'; allowed here: " + ", ".join(children(parent)))
-        raise ConfigError(f"unknown DeepSpeed key '{user_key}'; the keys ztune knows are listed in "
+            raise ConfigError(f"unknown key '{shown_key(user_key)}'; allowed here: " + ", ".join(children(parent)))
+        raise ConfigError(f"unknown DeepSpeed key '{shown_key(user_key)}'; the keys ztune knows are listed in "
                           "docs/deepspeed-migration.md")
     _check_rule_kind(r, value, user_key)
     if r.status == IGNORED and isinstance(value, dict) and children(key):
@@ -294,7 +294,8 @@ def _precision_enabled(value: Any, key: str, ignored: list[str], *, loss_scaling
             if k != "enabled":
                 r = None if "." in str(k) else rule(f"{canonical}.{k}")
                 if r is None:
-                    raise ConfigError(f"unknown key '{key}.{k}'; allowed here: " + ", ".join(children(canonical)))
+                    raise ConfigError(f"unknown key '{shown_key(f'{key}.{k}')}'; allowed here: "
+                                      + ", ".join(children(canonical)))
                 _check_rule_kind(r, v, f"{key}.{k}", unread=True)
                 ignored.append(f"{key}.{k}")
     return enabled
@@ -305,7 +306,7 @@ def _ztune_block(value: Any) -> ActivationConfig:
     block = _mapping(value, "ztune")
     for k in block:
         if k != "activations":
-            raise ConfigError(f"unknown key 'ztune.{k}'; allowed here: activations")
+            raise ConfigError(f"unknown key '{shown_key(f'ztune.{k}')}'; allowed here: activations")
     acts = build(ActivationConfig, _mapping(block.get("activations", {}), "ztune.activations"),
                  prefix="ztune.activations.")
     _number(int, acts.every, "ztune.activations.every")
@@ -387,7 +388,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                           "one of them")
     for key, value in doc.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{key!r}: keys must be strings")
+            raise ConfigError(f"{describe(key)}: keys must be strings")
         if key in _BATCH_FIELDS:
             continue
         elif key == "gradient_clipping":
@@ -409,10 +410,10 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             block = _mapping(value, key)
             for k in block:
                 if k not in ("type", "params"):
-                    raise ConfigError(f"unknown key 'optimizer.{k}'; allowed here: type, params")
+                    raise ConfigError(f"unknown key '{shown_key(f'optimizer.{k}')}'; allowed here: type, params")
             name = str(block.get("type", "AdamW"))
             if name.lower() not in _OPTIMIZERS:
-                raise ConfigError(f"optimizer.type: got {name!r}; allowed: AdamW, Adam, SGD, OneBitAdam")
+                raise ConfigError(f"optimizer.type: got {describe(name)}; allowed: AdamW, Adam, SGD, OneBitAdam")
             opt_type, compression = _OPTIMIZERS[name.lower()]
             opt["type"] = opt_type.value
             adam_w_mode = True  # DeepSpeed's default (runtime/config.py ADAM_W_MODE_DEFAULT)
@@ -428,7 +429,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
                 elif k not in _PARAMS_OF_TYPE[name.lower()]:
                     if any(k in params for params in _PARAMS_OF_TYPE.values()):
                         raise ConfigError(f"optimizer.params.{k}: {name} has no {k}; remove it")
-                    raise ConfigError(f"unknown key 'optimizer.params.{k}'; allowed for {name}: "
+                    raise ConfigError(f"unknown key '{shown_key(f'optimizer.params.{k}')}'; allowed for {name}: "
                                       + ", ".join(sorted(_PARAMS_OF_TYPE[name.lower()])))
                 elif k in _OPTIMIZER_PARAMS:
                     opt[k] = v
@@ -458,7 +459,7 @@ def from_deepspeed(doc: dict, *, context: AutoContext | None = None) -> tuple[Tr
             block = _mapping(value, key)
             for k in block:
                 if k not in ("type", "params"):
-                    raise ConfigError(f"unknown key 'scheduler.{k}'; allowed here: type, params")
+                    raise ConfigError(f"unknown key '{shown_key(f'scheduler.{k}')}'; allowed here: type, params")
             scheduler = {"type": block.get("type"), "params": _mapping(block.get("params", {}), "scheduler.params")}
         else:
             _apply_rule(ALIASES.get(key, key), key, value, ignored=ignored, parent="", name=key)
