@@ -254,3 +254,10 @@ def test_a_long_value_is_shown_cut(doc):
         from_dict(doc)
     text = str(info.value)
     assert "xxx..." in text and len(text) < 300, text[:300]
+
+
+@pytest.mark.parametrize("doc", [{"x" * 10000: 1}, {"zero": {"y" * 10000: 1}}, {"a\nb": 1}])
+def test_ztune_yaml_unknown_keys_are_shown_cut_and_on_one_line(doc):
+    with pytest.raises(ConfigError) as info:
+        load(doc)
+    assert "\n" not in str(info.value) and "x" * 61 not in str(info.value) and "y" * 61 not in str(info.value)

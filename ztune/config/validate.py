@@ -20,7 +20,7 @@ from ztune.config.schema import (
     OptimizerType,
     TrainConfig,
 )
-from ztune.errors import ConfigError, describe
+from ztune.errors import ConfigError, describe, shown_key
 from ztune.inputs import MAX_BATCH, MAX_SEQ
 
 # YAML keys that differ from the Python field name (`global` is a keyword).
@@ -93,11 +93,11 @@ def build(cls: type, data: dict, *, prefix: str = "") -> Any:
     kwargs = {}
     for raw_key, value in data.items():
         if not isinstance(raw_key, str):
-            raise ConfigError(f"{prefix}{raw_key!r}: keys must be strings")
+            raise ConfigError(f"{prefix}{describe(raw_key)}: keys must be strings")
         name = _KEY_ALIASES.get(raw_key, raw_key)
         if name not in names:
             allowed = ", ".join(sorted(_FIELD_KEYS.get(n, n) for n in names))
-            raise ConfigError(f"unknown key '{prefix}{raw_key}'; allowed here: {allowed}")
+            raise ConfigError(f"unknown key '{shown_key(prefix + raw_key)}'; allowed here: {allowed}")
         kwargs[name] = _convert(hints[name], value, prefix + raw_key)
     return cls(**kwargs)
 
