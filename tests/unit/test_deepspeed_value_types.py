@@ -73,6 +73,9 @@ def test_every_unread_key_has_deepspeeds_type():
 @pytest.mark.parametrize("key", UNREAD)
 def test_a_wrong_type_is_refused_naming_the_key(key):
     value, message = _WRONG[_base(KEYS[key].kind)]
+    if KEYS[key].kind.endswith(" or null"):  # the message says that null is allowed too
+        message = ("expected true, false or null" if message == "expected true or false"
+                   else message + " or null" if message.startswith("expected ") else message)  # "...), or null"
     with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: {message}")):
         from_deepspeed(_doc(key, value))
 
@@ -119,7 +122,8 @@ def test_ignored_keys_take_what_deepspeed_takes():
 
 
 @pytest.mark.parametrize("doc, message", [
-    ({"zero_optimization": {"overlap_comm": "garbage"}}, "zero_optimization.overlap_comm: expected true or false"),
+    ({"zero_optimization": {"overlap_comm": "garbage"}},
+     "zero_optimization.overlap_comm: expected true, false or null"),
     ({"zero_optimization": {"sub_group_size": -1}}, "zero_optimization.sub_group_size: got -1; must be >= 0"),
     ({"zero_optimization": {"stage3_max_live_parameters": 1.5}}, "stage3_max_live_parameters: expected an integer"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 2}}},

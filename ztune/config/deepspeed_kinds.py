@@ -56,6 +56,23 @@ def check_kind(kind: str, value: Any, key: str, *, lax: bool = False, choices: t
     base, _, null = kind.partition(" or ")
     if value is None and null:
         return
+    try:
+        _check_base(base, value, key, lax=lax, choices=choices)
+    except ConfigError as exc:
+        if not null:
+            raise
+        text = str(exc)  # the kind allows null too: say so ("expected a string or null, got 5")
+        if ": expected true or false, got " in text:
+            text = text.replace(": expected true or false, got ", ": expected true, false or null, got ", 1)
+        elif ": expected " in text:
+            text = text.replace(", got ", " or null, got ", 1)
+        else:  # "got 'rust'; allowed: MOCK, PYTHON, FAST (any case, as in DeepSpeed)"
+            text = f"{text}, or null"
+        raise ConfigError(text) from None
+
+
+def _check_base(base: str, value: Any, key: str, *, lax: bool, choices: tuple[str, ...]) -> None:
+    """check_kind for a kind without its "or null"."""
     if base == BOOL:
         _lax_bool(value, key) if lax else _convert(bool, value, key)
     elif base in (INT, COUNT):
@@ -85,4 +102,4 @@ def check_kind(kind: str, value: Any, key: str, *, lax: bool = False, choices: t
         if not isinstance(value, str) or value.lower() not in DTYPES:
             raise ConfigError(f"{key}: got {describe(value)}; allowed: {', '.join(DTYPES)} (as in DeepSpeed)")
     else:  # a kind this function does not know: a bug in the table, not in the config
-        raise ConfigError(f"{key}: unknown kind {kind!r} in ztune's key table")  # pragma: no cover
+        raise ConfigError(f"{key}: unknown kind {base!r} in ztune's key table")  # pragma: no cover
