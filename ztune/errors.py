@@ -1,9 +1,10 @@
 """User-facing error types. The CLI turns every `UserError` into one line on stderr and exit code 2.
 
-Also how their messages show what the user wrote: `describe` a value (a setting's), `kind_of` a whole document
-(whose text would be too long to show).
+Also how their messages show what the user wrote: `describe` a value (a setting's), `shown_json` a value read from
+JSON as JSON spells it, `shown_key` a key name, `kind_of` a whole document (whose text would be too long to show).
 """
 
+import json
 from typing import Any
 
 # The most characters of a value a message shows: a 10 kB string in a config stays one readable line.
@@ -38,6 +39,13 @@ class EnvVarError(ConfigError):
 def describe(value: Any) -> str:
     """`value` as a message shows it: its repr, cut to _SHOWN_CHARS characters with "..." where longer."""
     text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
+def shown_json(value: Any) -> str:
+    """A value read from a JSON file (a config.json, a journal line) as the file spells it (true, null, "4"),
+    non-ASCII escaped, cut to _SHOWN_CHARS characters with "..." where longer."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ztune.errors import ProfileError, describe, kind_of
+from ztune.errors import ProfileError, describe, kind_of, shown_json
 from ztune.inputs import MAX_RANKS_PER_HOST, MAX_SEQ, StrictYamlLoader, ascii_number, check_plain, shown
 from ztune.specs import Architecture, Hardware, ModelSpec, count_params
 
@@ -282,7 +282,9 @@ def _hf_int(data: dict, key: str, origin: str, default: Any = dataclasses.MISSIN
             hint = " (a string: write the number without quotes)"
         elif isinstance(value, float) and value == int(value):
             hint = f" (a float: write {int(value)})"
-        raise ProfileError(f"{origin}: {key}: expected an integer, got {describe(value)}{hint}")
+        elif isinstance(value, bool):
+            hint = " (a boolean: write the number)"
+        raise ProfileError(f"{origin}: {key}: expected an integer, got {shown_json(value)}{hint}")
     return value
 
 
@@ -293,8 +295,7 @@ def _hf_bool(data: dict, key: str, origin: str, default: bool) -> bool:
     if not isinstance(value, bool):
         quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
         hint = " (a string: write true or false without quotes)" if quoted else ""
-        shown_value = "null" if value is None else describe(value)
-        raise ProfileError(f"{origin}: {key}: expected true or false, got {shown_value}{hint}")
+        raise ProfileError(f"{origin}: {key}: expected true or false, got {shown_json(value)}{hint}")
     return value
 
 

@@ -196,18 +196,19 @@ def test_hf_config_fields_take_their_json_type_only(tmp_path, family, key):
         path.write_text(json.dumps({**HF_DOCS[family], key: value}))
         with pytest.raises(ProfileError) as info:
             load_model(str(path))
-        shown = "null" if value is None else repr(value)
+        shown = json.dumps(value)  # as the file spells it: true, null, "4" (Python's True, None, '4' were shown)
         assert str(info.value).startswith(f"{path}: {key}: {expected}, got {shown}"), (value, str(info.value))
 
 
 @pytest.mark.parametrize(("value", "hint"), [("4", "(a string: write the number without quotes)"),
-                                             (4.0, "(a float: write 4)"), (4.5, "")])
+                                             (4.0, "(a float: write 4)"), (4.5, ""),
+                                             (True, "(a boolean: write the number)")])
 def test_hf_config_integer_errors_say_how_to_write_it(tmp_path, value, hint):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**HF_DOCS["llama"], "num_hidden_layers": value}))
     with pytest.raises(ProfileError) as info:
         load_model(str(path))
-    assert str(info.value) == f"{path}: num_hidden_layers: expected an integer, got {value!r} {hint}".rstrip()
+    assert str(info.value) == f"{path}: num_hidden_layers: expected an integer, got {json.dumps(value)} {hint}".rstrip()
 
 
 SIZES = ["125M", "350m", "760M", "1.3B", "1.5B", "2.7B", "7B", "7b", "13B", "30B", "34B", "70B", "175B",

@@ -13,13 +13,13 @@ older journals lack are optional: a start record's ``marker``, a candidate's ``z
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ztune.config.schema import Checkpointing, Compression, Precision
+from ztune.errors import shown_json
 from ztune.inputs import MAX_BATCH
 from ztune.tune.bench import STATUSES
 from ztune.tune.space import Candidate
@@ -140,10 +140,7 @@ CANDIDATE_FIELDS: tuple[Field, ...] = (
 )
 
 
-def shown(value: Any) -> str:
-    """`value` as the journal spells it (JSON), non-ASCII escaped, cut to 60 characters."""
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+shown = shown_json  # a record's value as the journal spells it (JSON), cut to 60 characters
 
 
 def _check_fields(record: dict[str, Any], fields: tuple[Field, ...], *, kind: str, prefix: str = "") -> None:
