@@ -8,7 +8,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from importlib import resources
 
 import pytest
@@ -373,22 +372,17 @@ def test_hardware_yaml_errors(tmp_path):
     assert load_hardware(str(path)).peak_flops_fp32 == 205e9
 
 
-def test_loading_is_fast_and_torch_free():
+def test_loading_is_torch_free():
+    """Loading profiles imports no torch (the CLI's estimate starts in ~60 ms). How fast it loads is the estimate
+    benchmark's to measure (docs/bench/estimate.md, in-process estimate): a wall-clock bound here failed a full
+    make test on a loaded 2-core machine (22 ms per load pair against 10 ms; ~0.8 ms idle)."""
     code = (
-        "import sys, time\n"
+        "import sys\n"
         "from ztune.profiles import load_model, load_hardware\n"
-        "t = time.perf_counter()\n"
-        "load_model('llama-2-70b'); load_hardware('dgx-h100')\n"
-        "print(time.perf_counter() - t)\n"
-        "assert 'torch' not in sys.modules\n"
+        "load_model('llama-2-70b'); load_hardware('dgx-h100'); load_model('mixtral-8x7b')\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(out.stdout) < 0.05  # first load, cold: measured ~1 ms
-    start = time.perf_counter()
-    for _ in range(20):
-        load_model("mixtral-8x7b")
-        load_hardware("cpu-local")
-    assert (time.perf_counter() - start) / 20 < 0.01
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
 @pytest.mark.parametrize("load", [load_hardware, load_model])
