@@ -36,24 +36,25 @@ class EnvVarError(ConfigError):
     """A ZTUNE_* environment variable with a value of the wrong form (ztune/envvars.py)."""
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+
+
 def describe(value: Any) -> str:
     """`value` as a message shows it: its repr, cut to _SHOWN_CHARS characters with "..." where longer."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+    return _cut(repr(value))
 
 
 def shown_json(value: Any) -> str:
     """A value read from a JSON file (a config.json, a journal line) as the file spells it (true, null, "4"),
     non-ASCII escaped, cut to _SHOWN_CHARS characters with "..." where longer."""
-    text = json.dumps(value, ensure_ascii=True, default=str)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+    return _cut(json.dumps(value, ensure_ascii=True, default=str))
 
 
 def shown_key(key: Any) -> str:
     """A key as the user wrote it, for a message: control characters escaped (a message stays one line), cut to
     _SHOWN_CHARS characters with "..." where longer (a 10 kB key is not a 10 kB line)."""
-    text = repr(str(key))[1:-1]
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+    return _cut(repr(str(key))[1:-1])
 
 
 def kind_of(value: Any) -> str:
