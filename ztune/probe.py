@@ -383,6 +383,18 @@ class CollectiveResult:
         n = self.world_size
         return self.cpu_s[i] / (2 * 2 * (n - 1) / n * self.sizes_bytes[i])
 
+    def cpu_s_per_step(self) -> float:
+        """CPU seconds per message step whatever its size (one message sent and one received: the CPU analogue of
+        the fit's latency), at the smallest size: a ring all_reduce takes 2(n-1) steps (nccl-tests
+        doc/PERFORMANCE.md), so that size's CPU time, less its bytes at cpu_s_per_byte, over them. 0 when not
+        measured."""
+        if not self.cpu_s or self.world_size < 2:
+            return 0.0
+        i = min(range(len(self.sizes_bytes)), key=self.sizes_bytes.__getitem__)
+        n = self.world_size
+        moved = 2 * 2 * (n - 1) / n * self.sizes_bytes[i]
+        return max(0.0, self.cpu_s[i] - moved * self.cpu_s_per_byte()) / (2 * (n - 1))
+
     def reduce_cpu_s_per_byte(self) -> float:
         """CPU seconds per byte of the buffer a gloo reduce reduces, on the busiest rank (root or not: gloo::reduce
         runs a ring reduce-scatter on every rank, then sends the chunks to the root, cost/gloo.py). 0 when not
@@ -614,6 +626,8 @@ def build_profile(m: Measurements, *, name: str | None = None, inter_node_gbps: 
         intra_node_cpu_s_per_byte=m.collective.cpu_s_per_byte() if m.collective is not None and not on_gpu else 0.0,
         inter_node_reduce_cpu_s_per_byte=(m.inter_node.reduce_cpu_s_per_byte()
                                           if m.inter_node is not None and not on_gpu else 0.0),
+        inter_node_cpu_s_per_step=m.inter_node.cpu_s_per_step() if m.inter_node is not None and not on_gpu else 0.0,
+        intra_node_cpu_s_per_step=m.collective.cpu_s_per_step() if m.collective is not None and not on_gpu else 0.0,
         cpu_contention=m.workload.cpu_stretch if m.workload is not None and not on_gpu else 0.0,
         **(runtime_cpu_fields(m.workload) if not on_gpu else {}),
         **m.codec,
@@ -704,6 +718,12 @@ def field_notes(m: Measurements, *, inter_node_gbps: float | None = None) -> dic
     if m.collective is not None and m.collective.cpu_s_per_byte() > 0 and not on_gpu:
         notes["intra_node_cpu_s_per_byte"] = (f"measured: CPU seconds of the {m.collective.transport} all_reduce per "
                                               "byte sent or received, largest size, busiest rank")
+    for field, result, where in (("inter_node_cpu_s_per_step", m.inter_node, "inter-host"),
+                                 ("intra_node_cpu_s_per_step", m.collective, "in-host")):
+        notes[field] = "assumed: 0 = unknown: the estimate charges no CPU per message step"
+        if result is not None and result.cpu_s_per_step() > 0 and not on_gpu:
+            notes[field] = (f"measured: CPU seconds of the {where} {result.transport} all_reduce per message step, "
+                            f"smallest size ({min(result.sizes_bytes):,} B), busiest rank")
     notes["cpu_contention"] = unknown
     measured_runtime = runtime_cpu_fields(m.workload) if not on_gpu else {}
     skipped = m.workload.runtime_skipped if m.workload is not None else ""

@@ -34,7 +34,7 @@ _OPTIONAL = {"name", "source"}
 # Hardware fields where 0 (their default) means "not known": the cost model then uses a generic value.
 _ZERO_MEANS_UNKNOWN = ("cpu_cores", "nics_per_node", "train_flops_efficiency", "optimizer_step_elements_per_s",
                        "onebit_step_elements_per_s", "inter_node_cpu_s_per_byte", "intra_node_cpu_s_per_byte",
-                       "inter_node_reduce_cpu_s_per_byte",
+                       "inter_node_reduce_cpu_s_per_byte", "inter_node_cpu_s_per_step", "intra_node_cpu_s_per_step",
                        "cpu_contention",
                        *(f.name for f in dataclasses.fields(Hardware) if f.name.startswith(("codec_", "runtime_"))))
 

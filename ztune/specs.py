@@ -233,6 +233,15 @@ class Hardware:
     # CPU per byte sent or received on 2 hosts: the hierarchical reduce-scatter's inter level is such reduces
     # (cost/comm.py collective_cpu_s). 0 = unknown: charged at inter_node_cpu_s_per_byte's bytes.
     inter_node_reduce_cpu_s_per_byte: float = 0.0
+    # CPU ranks only: the CPU seconds a rank spends per message step of a gloo collective whatever its size (one
+    # message sent and one received: the wakeups, system calls and bookkeeping; the CPU analogue of the alpha-beta
+    # model's latency), measured by the probe's smallest all_reduce (CollectiveResult.cpu_s_per_step): across
+    # hosts on the inter-node link, inside the host on the host's ranks. cost/comm.py collective_cpu_steps_s
+    # charges each launch its algorithm's steps at it (~0.3-0.4 ms on the cluster in a box: stage 3's ~30
+    # launches of n reduces or broadcasts per step cost ~80 ms of CPU per rank there, whatever the bytes).
+    # 0 = unknown: not charged.
+    inter_node_cpu_s_per_step: float = 0.0
+    intra_node_cpu_s_per_step: float = 0.0
     cpu_contention: float = 0.0
     # CPU ranks only: the runtime's own CPU seconds per model parameter beyond what the terms above charge, per ZeRO
     # stage: per micro-step beyond plain forward + backward, the first of an optimizer step (`micro`) and each later

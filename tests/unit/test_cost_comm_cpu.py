@@ -129,6 +129,7 @@ def test_shipped_profiles_charge_no_communication_cpu():
     for name in list_hardware():
         hw = load_hardware(name)
         assert hw.inter_node_cpu_s_per_byte == hw.intra_node_cpu_s_per_byte == hw.cpu_contention == 0, name
+        assert hw.inter_node_cpu_s_per_step == hw.intra_node_cpu_s_per_step == 0, name
 
 
 def test_probe_cpu_per_byte_is_the_largest_sizes_cpu_over_bytes_sent_and_received():
@@ -199,3 +200,114 @@ def test_zeropp_in_host_groups_are_charged_tcp_cpu_where_the_runtime_has_no_shar
     gpu = dataclasses.replace(load_hardware("dgx-a100-80g"), inter_node_cpu_s_per_byte=C_TCP,
                               intra_node_cpu_s_per_byte=C_SHM)
     assert zeropp_intra_link(gpu).cpu_s_per_byte == C_SHM
+
+
+# --- CPU per message step (Hardware.*_cpu_s_per_step: the CPU analogue of the alpha-beta model's latency) ---
+
+S_TCP, S_LOCAL = 4e-4, 3e-4  # CPU s per message step: the order measured on 2-4 gloo ranks of the box's 2 cores
+
+
+def test_message_steps_follow_the_runtimes_gloo_algorithms():
+    from ztune.cost.comm import ALL_TO_ALL, barrier_steps, gloo_cpu_steps
+
+    # ring all_reduce 2(n-1); n broadcasts (n-1 messages each, spread over n ranks); n reduces, each a ring
+    # reduce-scatter plus n-1 chunks to its root
+    assert [gloo_cpu_steps(ALL_REDUCE, n) for n in (1, 2, 4)] == [0, 2, 6]
+    assert [gloo_cpu_steps(ALL_GATHER, n) for n in (1, 2, 4)] == [0, 1, 3]
+    assert [gloo_cpu_steps(REDUCE_SCATTER, n) for n in (1, 2, 4)] == [0, 3, 15]
+    assert gloo_cpu_steps(ALL_TO_ALL, 4) == 3
+    with pytest.raises(ValueError, match="unknown collective"):
+        gloo_cpu_steps("gather", 4)
+    # gloo/barrier.cc: a dissemination barrier, ceil(log2 n) rounds
+    assert [barrier_steps(n) for n in (1, 2, 3, 4, 8)] == [0, 1, 2, 2, 3]
+
+
+def test_each_launch_is_charged_its_steps_at_the_links_cpu_per_step():
+    from ztune.cost.comm import collective_cpu_steps_s
+
+    flat = Link(1e9, 1e-5, num_nodes=2, gpus_per_node=2, gloo=True, cpu_s_per_byte=C_TCP, cpu_s_per_step=S_TCP)
+    assert collective_cpu_steps_s(REDUCE_SCATTER, world_size=4, link=flat) == pytest.approx(15 * S_TCP)
+    assert collective_cpu_steps_s(ALL_GATHER, world_size=4, link=flat) == pytest.approx(3 * S_TCP)
+    assert collective_cpu_steps_s(ALL_REDUCE, world_size=1, link=flat) == 0.0
+    assert collective_cpu_steps_s(ALL_REDUCE, world_size=4, link=dataclasses.replace(flat, cpu_s_per_step=0)) == 0
+    # one host: the shared-memory transport's barriers (3 for all_reduce, 2 otherwise) of the host's ranks
+    one_host = Link(1e10, 1e-6, num_nodes=1, gpus_per_node=4, cpu_s_per_step=S_LOCAL)
+    assert collective_cpu_steps_s(ALL_REDUCE, world_size=4, link=one_host) == pytest.approx(3 * 2 * S_LOCAL)
+    # two levels: the host's barriers at the in-host figure, the gloo ops of one rank per host at the link's
+    h = Hierarchy(intra=Link(1e10, 1e-6, cpu_s_per_step=S_LOCAL), inter=Link(1e9, 1e-5, cpu_s_per_step=S_TCP),
+                  num_nodes=2, ranks_per_node=2, gloo=True)
+    assert collective_cpu_steps_s(REDUCE_SCATTER, world_size=4, link=flat, hierarchy=h) == \
+        pytest.approx(2 * 1 * S_LOCAL + 3 * S_TCP)
+    assert collective_cpu_steps_s(ALL_GATHER, world_size=4, link=flat, hierarchy=h) == \
+        pytest.approx(2 * S_LOCAL + 1 * S_TCP)
+    assert collective_cpu_steps_s(ALL_REDUCE, world_size=4, link=flat, hierarchy=h) == \
+        pytest.approx(3 * S_LOCAL + 2 * S_TCP)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_estimate_charges_every_launchs_steps(hierarchical):
+    """Stage 3 on tiny-llama (11 units: 11 forward gathers, 10 backward ones (the embedding's backward reads no
+    weight) and 11 reduce-scatters per step): the per-step CPU adds exactly their steps at the measured figure, on
+    top of the bytes' CPU, and the CPU-bound step grows by that x the contention."""
+    cfg = _cfg_io(3, hierarchical)
+    per_step = dataclasses.replace(CPU, inter_node_cpu_s_per_step=S_TCP, intra_node_cpu_s_per_step=S_LOCAL)
+    before, after = estimate(TINY, CPU, cfg, num_nodes=2), estimate(TINY, per_step, cfg, num_nodes=2)
+    if hierarchical:  # gathers: 2 barriers + 1 inter step; reduce-scatters: 2 barriers + 3 inter steps
+        added = 21 * (2 * S_LOCAL + S_TCP) + 11 * (2 * S_LOCAL + 3 * S_TCP)
+    else:  # gathers: 3 steps; reduce-scatters: 15
+        added = (21 * 3 + 11 * 15) * S_TCP
+    assert after.comm.cpu_s - before.comm.cpu_s == pytest.approx(added)
+    assert after.step.comm_cpu_s - before.step.comm_cpu_s == pytest.approx(2.0 * added)  # x contention 2
+    assert after.step.step_s > before.step.step_s
+    assert any("and per message step (" in n for n in after.notes)
+    assert not any("per message step" in n for n in before.notes)
+
+
+def test_zeropp_launches_are_charged_their_steps_too():
+    from ztune.config.io import from_dict
+
+    cfg = from_dict({"zero": {"stage": 3, "quantized_weights": True, "hpz_partition_size": 2,
+                              "quantized_gradients": True},
+                     "batch": {"micro": 1, "grad_accum": 1}, "seq_len": 128, "precision": "bf16"})
+    per_step = dataclasses.replace(CPU, inter_node_cpu_s_per_step=S_TCP, intra_node_cpu_s_per_step=S_LOCAL)
+    before, after = estimate(TINY, CPU, cfg, num_nodes=2), estimate(TINY, per_step, cfg, num_nodes=2)
+    for b, a in zip(before.comm.ops, after.comm.ops, strict=True):
+        assert a.calls == b.calls and (a.cpu_s > b.cpu_s) == (a.calls > 0), a
+
+
+def test_probe_cpu_per_step_is_the_smallest_sizes_cpu_over_its_ring_steps():
+    sizes, times = (4096, 64 << 20), (0.0005, 0.06)
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    two = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0009, 0.05))
+    per_byte = 0.05 / (2 * (64 << 20))
+    # 2 ranks: 2 ring steps; the 4 KiB's own bytes (sent and received) at the per-byte figure come off first
+    assert two.cpu_s_per_step() == pytest.approx((0.0009 - 2 * 4096 * per_byte) / 2)
+    four = probe.CollectiveResult("gloo", 4, sizes, times, fit, cpu_s=(0.002, 0.05))
+    assert four.cpu_s_per_step() == pytest.approx((0.002 - 2 * 1.5 * 4096 * four.cpu_s_per_byte()) / 6)
+    assert probe.CollectiveResult("gloo", 2, sizes, times, fit).cpu_s_per_step() == 0.0  # not measured
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_probe_profile_takes_the_cpu_per_step_on_cpu_hosts_only(gpu):
+    host = probe.HostInfo("h", 2, 8 << 30)
+    gpus = probe.GpuScan((probe.GpuInfo(0, "GPU-X", 80 << 30), probe.GpuInfo(1, "GPU-X", 80 << 30)) if gpu else (),
+                         "x")
+    mem = probe.MemoryBandwidth(10e9, 12e9, 2)
+    flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
+    sizes, times = (4096, 8 << 20), (0.001, 0.07)
+    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
+    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0008, 0.004))
+    local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0006, 0.0005))
+    hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
+    m = probe.Measurements(host, gpus, 2, mem, flops, local, hd, inter_node=link)
+    hw, notes = probe.build_profile(m), probe.field_notes(m)
+    if gpu:
+        assert hw.inter_node_cpu_s_per_step == hw.intra_node_cpu_s_per_step == 0.0
+        assert notes["inter_node_cpu_s_per_step"].startswith("assumed: 0")
+    else:
+        assert hw.inter_node_cpu_s_per_step == pytest.approx(link.cpu_s_per_step()) and 3e-4 < \
+            hw.inter_node_cpu_s_per_step < 4e-4
+        assert hw.intra_node_cpu_s_per_step == pytest.approx(local.cpu_s_per_step())
+        assert notes["inter_node_cpu_s_per_step"].startswith("measured:") and "4,096 B" in \
+            notes["inter_node_cpu_s_per_step"]
+        assert notes["intra_node_cpu_s_per_step"].startswith("measured:")

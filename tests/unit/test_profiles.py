@@ -251,8 +251,9 @@ def test_hardware_profiles_load(name):
         value = getattr(hw, field.name)
         if field.name in ("nics_per_node", "train_flops_efficiency", "optimizer_step_elements_per_s",
                           "onebit_step_elements_per_s", "inter_node_cpu_s_per_byte", "intra_node_cpu_s_per_byte",
-                          "inter_node_reduce_cpu_s_per_byte",
-                          "cpu_contention") or field.name.startswith(("codec_", "runtime_")):
+                          "inter_node_reduce_cpu_s_per_byte", "inter_node_cpu_s_per_step",
+                          "intra_node_cpu_s_per_step", "cpu_contention") \
+                or field.name.startswith(("codec_", "runtime_")):
             assert 0 <= value, field.name  # 0 = not known: the cost model's generic value applies
         elif field.name not in ("name", "source"):
             assert isinstance(value, (int, float)) and value > 0, field.name

@@ -46,6 +46,7 @@ from ztune.cost.gloo import serial_egress_bytes
 from ztune.specs import Hardware
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather", "reduce_scatter"
+ALL_TO_ALL = "all_to_all"  # ZeRO++ qgZ and compressed exchanges (cost/zeropp.py)
 
 # Ring steps per collective (nccl-tests PERFORMANCE.md; Patarasuk & Yuan 2009 for ring all-reduce).
 _STEPS = {ALL_REDUCE: lambda n: 2 * (n - 1), ALL_GATHER: lambda n: n - 1, REDUCE_SCATTER: lambda n: n - 1}
@@ -88,6 +89,9 @@ class Link:
     # CPU seconds per byte of the buffer a gloo reduce on this link reduces (Hardware.inter_node_reduce_cpu_s_per_byte,
     # the inter-host link only); 0: unknown (its bytes at cpu_s_per_byte)
     reduce_cpu_s_per_byte: float = 0.0
+    # CPU seconds a rank spends per message step on this link, whatever its size (Hardware.*_cpu_s_per_step:
+    # the CPU analogue of latency_s); 0: unknown
+    cpu_s_per_step: float = 0.0
 
 
 def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0) -> Link:
@@ -96,14 +100,15 @@ def ring_link(hw: Hardware, *, num_nodes: int, bandwidth_efficiency: float = 1.0
     if num_nodes <= 1:
         return Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s * bandwidth_efficiency,
                     latency_s=hw.intra_node_latency_s, num_nodes=1, gpus_per_node=g,
-                    cpu_s_per_byte=hw.intra_node_cpu_s_per_byte)
+                    cpu_s_per_byte=hw.intra_node_cpu_s_per_byte, cpu_s_per_step=hw.intra_node_cpu_s_per_step)
     node_nic_bw = g * hw.inter_node_bw_bytes_per_s  # all the node's NICs, one ring each
     bw = min(hw.intra_node_bw_bytes_per_s, node_nic_bw)
     n = num_nodes * g
     latency = (num_nodes * hw.inter_node_latency_s + (n - num_nodes) * hw.intra_node_latency_s) / n
     # across hosts every gloo byte goes through TCP, a host's own peers' too (over loopback): the link's CPU per byte
     return Link(bw_bytes_per_s=bw * bandwidth_efficiency, latency_s=latency, num_nodes=num_nodes,
-                gpus_per_node=g, gloo=is_gloo_profile(hw), cpu_s_per_byte=hw.inter_node_cpu_s_per_byte)
+                gpus_per_node=g, gloo=is_gloo_profile(hw), cpu_s_per_byte=hw.inter_node_cpu_s_per_byte,
+                cpu_s_per_step=hw.inter_node_cpu_s_per_step)
 
 
 @dataclass(frozen=True)
@@ -122,10 +127,12 @@ def hierarchy_for(hw: Hardware, *, num_nodes: int, ranks_per_node: int | None = 
     """The two levels on `hw`: intra-node busbw and latency; inter-node per-GPU bandwidth and latency."""
     per_node = hw.gpus_per_node if ranks_per_node is None else ranks_per_node
     return Hierarchy(intra=Link(bw_bytes_per_s=hw.intra_node_bw_bytes_per_s, latency_s=hw.intra_node_latency_s,
-                                cpu_s_per_byte=hw.intra_node_cpu_s_per_byte),
+                                cpu_s_per_byte=hw.intra_node_cpu_s_per_byte,
+                                cpu_s_per_step=hw.intra_node_cpu_s_per_step),
                      inter=Link(bw_bytes_per_s=hw.inter_node_bw_bytes_per_s, latency_s=hw.inter_node_latency_s,
                                 cpu_s_per_byte=hw.inter_node_cpu_s_per_byte,
-                                reduce_cpu_s_per_byte=hw.inter_node_reduce_cpu_s_per_byte),
+                                reduce_cpu_s_per_byte=hw.inter_node_reduce_cpu_s_per_byte,
+                                cpu_s_per_step=hw.inter_node_cpu_s_per_step),
                      num_nodes=num_nodes, ranks_per_node=per_node, gloo=is_gloo_profile(hw))
 
 
@@ -190,6 +197,60 @@ def collective_cpu_s(op: str, payload_bytes: float, *, world_size: int, link: Li
             inter_cpu = payload_bytes / hierarchy.ranks_per_node * hierarchy.inter.reduce_cpu_s_per_byte
         return 2 * intra * hierarchy.intra.cpu_s_per_byte + inter_cpu
     return 2 * payload_bytes * ring_factor(op, world_size) * link.cpu_s_per_byte
+
+
+# The runtime's shared-memory transport synchronises each collective with gloo barriers of the host's ranks
+# (runtime/comm/shm.py: all_reduce 3, reduce_scatter and all_gather 2 each).
+SHM_BARRIERS = {ALL_REDUCE: 3, REDUCE_SCATTER: 2, ALL_GATHER: 2}
+
+
+def barrier_steps(n: int) -> int:
+    """Message steps of one gloo barrier of `n` ranks: gloo/barrier.cc is a dissemination barrier (Hensgen,
+    Finkel & Manber 1988, "Two algorithms for barrier synchronization"), ceil(log2 n) rounds of one message sent
+    and one received."""
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def gloo_cpu_steps(op: str, n: int) -> float:
+    """Message steps per rank (one message sent and one received, on average over the ranks) of one launch of
+    `op` as the runtime runs it on a gloo group of `n` ranks (runtime/comm/collectives.py, cost/gloo.py):
+
+    all_reduce: gloo's ring, 2(n-1); all_gather: n broadcasts, each n-1 messages in all, so n-1 per rank;
+    reduce_scatter: n reduces, each a ring reduce-scatter (n-1 steps on every rank) and n-1 chunks sent to its
+    root, so n(n-1) + (n-1) = n^2 - 1 per rank; all_to_all: n-1.
+
+    Measured on 4 gloo ranks on 2 cores (4 KiB, CPU per op per rank, 2026-12-08): all_reduce 1.9-2.2 ms,
+    a reduce 1.2-1.6 ms, a broadcast 0.27-0.57 ms, a barrier 0.76-0.83 ms: ~0.33 ms per step, whatever the op."""
+    if n <= 1:
+        return 0.0
+    if op == ALL_REDUCE:
+        return 2.0 * (n - 1)
+    if op in (ALL_GATHER, ALL_TO_ALL):
+        return float(n - 1)
+    if op == REDUCE_SCATTER:
+        return float(n * n - 1)
+    raise ValueError(f"unknown collective {op!r}")
+
+
+def collective_cpu_steps_s(op: str, *, world_size: int, link: Link, hierarchy: Hierarchy | None = None) -> float:
+    """CPU seconds one rank spends on one launch of `op` whatever its size: its message steps at the link's measured
+    CPU per step (Link.cpu_s_per_step; the wakeups, system calls and bookkeeping of each message, ~0.3-0.4 ms on
+    the cluster in a box, where a 4 KiB all_reduce of 4 ranks costs ~2 ms of CPU per rank). With `hierarchy`, the
+    intra level's barriers (SHM_BARRIERS, barrier_steps) at the intra link's and the inter level's gloo ops
+    (gloo_cpu_steps over num_nodes) at the inter link's; flat on gloo, gloo_cpu_steps over the world; on one host
+    of a gloo profile the shared-memory transport's barriers. 0 where the CPU per step is unknown (GPU profiles,
+    profiles from before it was measured)."""
+    if world_size <= 1:
+        return 0.0
+    if hierarchy is not None:
+        h = hierarchy
+        intra = SHM_BARRIERS.get(op, 0) * barrier_steps(h.ranks_per_node) * h.intra.cpu_s_per_step
+        return intra + gloo_cpu_steps(op, h.num_nodes) * h.inter.cpu_s_per_step
+    if link.cpu_s_per_step <= 0:
+        return 0.0
+    if link.num_nodes <= 1 and op in SHM_BARRIERS:
+        return SHM_BARRIERS[op] * barrier_steps(world_size) * link.cpu_s_per_step
+    return gloo_cpu_steps(op, world_size) * link.cpu_s_per_step
 
 
 def latency_steps(op: str, world_size: int, link: Link) -> float:
@@ -367,8 +428,10 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
         wire = payload_bytes * ring_factor(c.op, n) * c.per_step
         # (compressed gradients go through a flat all-to-all in the runtime: not hierarchical)
         two_level = hierarchy is not None and not (c.kind == "grad" and compression is not Compression.NONE)
-        cpu_s = c.per_step * collective_cpu_s(c.op, payload_bytes, world_size=n, link=link,
-                                              hierarchy=hierarchy if two_level else None)
+        cpu_s = c.per_step * (collective_cpu_s(c.op, payload_bytes, world_size=n, link=link,
+                                               hierarchy=hierarchy if two_level else None)
+                              + launches * collective_cpu_steps_s(c.op, world_size=n, link=link,
+                                                                  hierarchy=hierarchy if two_level else None))
         if two_level:
             # per launch: its levels' latency, and its share of the payload's bytes
             one = hierarchical_collective_time_s(op=c.op, payload_bytes=payload_bytes / launches, hierarchy=hierarchy)

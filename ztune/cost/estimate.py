@@ -452,10 +452,13 @@ def estimate(model: ModelSpec, hw: Hardware, cfg: TrainConfig, *, num_nodes: int
                      + ("; 1-bit Adam's own update is charged at that rate, a lower bound (this profile has no "
                         "onebit_step_elements_per_s: re-run `ztune probe --model`)" if onebit else ""))
     if step.comm_cpu_s > 0:
+        launches = sum(o.calls for o in comm.ops)
+        per_step = (f" and per message step ({launches:,} launches)"
+                    if hw.inter_node_cpu_s_per_step > 0 or hw.intra_node_cpu_s_per_step > 0 else "")
         notes.append(f"communication CPU: {comm.cpu_s * 1e3:,.0f} ms of CPU per rank per step at the probe's measured "
-                     f"CPU per byte, x {hw.cpu_contention:.2f} contention = {step.comm_cpu_s * 1e3:,.0f} ms, since the "
-                     f"{hw.gpus_per_node} ranks fill the {hw.cpu_cores} cores: the step charges the larger of it and "
-                     "the exposed communication")
+                     f"CPU per byte{per_step}, x {hw.cpu_contention:.2f} contention = {step.comm_cpu_s * 1e3:,.0f} ms, "
+                     f"since the {hw.gpus_per_node} ranks fill the {hw.cpu_cores} cores: the step charges the larger "
+                     "of it and the exposed communication")
     if step.runtime_s > 0:
         notes.append(f"runtime CPU: the runtime's own work at stage {z.stage} (gradient hooks' bucket copies, unit "
                      f"gathers, parameter refresh) at the probe's measured CPU per parameter = "

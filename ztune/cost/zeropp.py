@@ -32,18 +32,19 @@ from dataclasses import dataclass
 
 from ztune.cost.comm import (
     ALL_GATHER,
+    ALL_TO_ALL,
     REDUCE_SCATTER,
     CommEstimate,
     Hierarchy,
     Link,
     OpEstimate,
     collective_cpu_s,
+    collective_cpu_steps_s,
+    gloo_cpu_steps,
     hierarchical_collective_time_s,
     latency_steps,
 )
 from ztune.cost.gloo import serial_egress_bytes
-
-ALL_TO_ALL = "all_to_all"
 
 # runtime/zeropp.py QWZ_BLOCK_NUMEL: int8 values, one fp32 scale per block.
 QWZ_BLOCK_NUMEL = 2048
@@ -163,8 +164,10 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
             return OpEstimate(name, kind, "micro", 0, 0.0, 0.0)
         steps = latency_steps(REDUCE_SCATTER if name == ALL_TO_ALL else name, group, on)
         time_s = per_step * steps * on.latency_s + wire / on.bw_bytes_per_s
-        # CPU: every byte sent is also received by some rank (cost/comm.py collective_cpu_s)
-        return OpEstimate(name, kind, "micro", per_step, wire, time_s, 2 * wire * on.cpu_s_per_byte)
+        # CPU: every byte sent is also received by some rank (cost/comm.py collective_cpu_s), and each launch's
+        # message steps on these gloo groups (cost/comm.py gloo_cpu_steps)
+        cpu_s = 2 * wire * on.cpu_s_per_byte + per_step * gloo_cpu_steps(name, group) * on.cpu_s_per_step
+        return OpEstimate(name, kind, "micro", per_step, wire, time_s, cpu_s)
 
     bwd_launches = a * (num_units - len(no_backward_gather))
     gathers = launches + (0 if k > 1 else bwd_launches)
@@ -174,8 +177,10 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         if hierarchy is not None:
             one = hierarchical_collective_time_s(op=ALL_GATHER, payload_bytes=payload, hierarchy=hierarchy)
             ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather, gathers * one,
-                                gathers * collective_cpu_s(ALL_GATHER, payload, world_size=n, link=link,
-                                                           hierarchy=hierarchy))
+                                gathers * (collective_cpu_s(ALL_GATHER, payload, world_size=n, link=link,
+                                                            hierarchy=hierarchy)
+                                           + collective_cpu_steps_s(ALL_GATHER, world_size=n, link=link,
+                                                                    hierarchy=hierarchy)))
         elif link.gloo:
             egress = serial_egress_bytes(ALL_GATHER, payload, num_nodes=N, ranks_per_node=L)
             ops[0] = OpEstimate(ALL_GATHER, "param", "micro", gathers, flat_gather,
