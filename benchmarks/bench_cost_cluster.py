@@ -21,7 +21,8 @@ Per link rate, in one box (benchmarks/cluster_box.py, 2 hosts x 2 ranks) and clo
    --micro-batch 1 --precision bf16` on both hosts, as a user would on two machines: the profile (host 0's) holds
    the measured inter-host link, the shared-memory collective inside a host, and the model's training rate with
    both of the host's ranks computing (ztune/probe_workload.py);
-2. the torchrun job of bench_cluster.py (cluster_worker.py) over the ztune variants: the slower rank's median step;
+2. the torchrun job of bench_cluster.py (cluster_worker.py) over the ztune variants: the step time (the timed steps'
+   wall time over their number, mean over the ranks: cluster_worker.step_ms);
 3. `ztune estimate --hardware <that profile> --model tiny-llama --nodes 2 --config <the variant's config> --json`
    for each variant: the config is the one the worker gave `ztune.initialize` (peers.build_ztune's, with the
    variant's keys merged), so the user path is what is checked.
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks.cluster_worker import VARIANTS, Variant  # noqa: E402
+from benchmarks.cluster_worker import VARIANTS, Variant, step_ms  # noqa: E402
 
 OUT_MD = ROOT / "docs" / "bench" / "cost_cluster.md"
 OUT_JSON = ROOT / "docs" / "bench" / "cost_cluster.json"
@@ -309,7 +310,7 @@ NOTES = [
 
 def _measured_ms(run: dict, name: str) -> float | None:
     rec = next((x for x in run["job"]["variants"] if x["name"] == name), None)
-    return None if rec is None or rec["error"] else rec["median_ms"]
+    return None if rec is None else step_ms(rec)
 
 
 def _link(run: dict) -> str:
@@ -334,6 +335,7 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
 
     rates = sorted({r["rate_mbit"] for r in runs})
     precision = runs[0].get("precision", PRECISION)
+    new_measure = any(v.get("step_ms") for r in runs for v in r["job"].get("variants", []))
     loads = [x for r in runs for x in r["load"]]
     lines = [
         f"## Cost model vs the cluster in a box (2 hosts x 2 ranks, {precision}), after `ztune probe` there",
@@ -346,8 +348,11 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
         "",
         f"{MODEL}, {precision}, micro batch {MICRO_BATCH} x seq {SEQ_LEN}, one thread per rank. Per link rate: "
         "`ztune probe --quick --ranks 2 --inter-node-master ... --model tiny-llama --seq 128 --micro-batch 1 "
-        f"--precision {precision}` on both hosts, then the measured job (cluster_worker.py: slower rank's median "
-        "step), "
+        f"--precision {precision}` on both hosts, then the measured job (cluster_worker.py: "
+        + ("the timed steps' wall time over their number, mean over the ranks" if new_measure else
+           "the median over the timed steps of the slowest rank's step, which overstates a job's step by up to 16% "
+           "where its synchronisation is at the step's end (cluster_worker.step_ms)")
+        + "), "
         "then `ztune estimate --hardware <the slower host's profile> --model tiny-llama --nodes 2 --config <the "
         "variant's config> --json` per variant. Error = (predicted - measured) / measured; with several repeats, "
         "the median and (in brackets) the range of the repeats' errors.",
@@ -397,11 +402,13 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, rerendered: bool
 def _busy_elsewhere(run: dict, rec: dict, *, cpus: list[float], idle_fraction: float | None) -> float | None:
     """The share of the machine's cores during a variant's timed steps that were neither idle nor the ranks' own CPU
     (process time, all threads): 1 - idle - ranks x mean CPU per rank per step / (cores x mean step). The ranks' CPU
-    is a mean over the timed steps, so the step is too (the table's step is a median). None where the run lacks a
-    figure, or the profile its core count."""
+    is a mean over the timed steps, so the step is too (cluster_worker.step_ms). None where the run lacks a figure,
+    or the profile its core count."""
     times = rec.get("times_s") or []
     if idle_fraction is None or not cpus or not times:
         return None
+    # the job's mean step; records from before 2026-12-08 have only each step's slowest rank (overstated)
+    step_s = rec["step_ms"] / 1e3 if rec.get("step_ms") else statistics.mean(times)
     try:
         cores = int((yaml.safe_load(run["probe"]["profile_yaml"]) or {}).get("cpu_cores") or 0)
     except (KeyError, TypeError, ValueError, yaml.YAMLError):
@@ -409,7 +416,7 @@ def _busy_elsewhere(run: dict, rec: dict, *, cpus: list[float], idle_fraction: f
     if cores <= 0:
         return None
     ranks = len(cpus)
-    return 1.0 - idle_fraction - ranks * statistics.mean(cpus) / (cores * statistics.mean(times))
+    return 1.0 - idle_fraction - ranks * statistics.mean(cpus) / (cores * step_s)
 
 
 def _parts_table(runs: list[dict]) -> list[str]:
@@ -428,7 +435,7 @@ def _parts_table(runs: list[dict]) -> list[str]:
             idle = f"{idle_fraction:.0%}" if idle_fraction is not None else "-"
             elsewhere = _busy_elsewhere(r, rec, cpus=cpus, idle_fraction=idle_fraction)
             elsewhere = f"{elsewhere:.0%}" if elsewhere is not None else "-"
-            rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {rec['median_ms']:,.0f} | {cpu} | {idle} | "
+            rows.append(f"| {v.name} | {r['rate_mbit'] / 1000:g} | {step_ms(rec):,.0f} | {cpu} | {idle} | "
                         f"{elsewhere} | "
                         + " | ".join(f"{est.get(k, 0.0) * 1e3:,.0f}" for k in
                                      ("compute_s", "runtime_s", "optimizer_s", "codec_s", "exposed_comm_s",

@@ -43,3 +43,19 @@ def test_failed_or_missing_variant_is_not_a_pass() -> None:
     by = {what.split(":")[0].split(" bytes")[0]: (r, ok) for what, r, ok in checks}
     assert by["stage 3"] == (None, False) and by["1-bit Adam"] == (None, False)
     assert bench_cluster.targets([_run(10_000, ROWS)]) == []  # no 1 Gbit/s run: nothing judged
+
+
+def test_the_step_is_the_jobs_mean_where_recorded_and_the_old_median_otherwise() -> None:
+    """cluster_worker.step_ms: the timed steps' wall time per step (mean over ranks) where a run recorded it; older
+    runs' median of the slowest rank's steps otherwise; a failed variant has none. The stage ratios use it."""
+    from benchmarks.cluster_worker import step_ms
+
+    assert step_ms({"error": None, "median_ms": 653.0, "step_ms": 569.0}) == 569.0
+    assert step_ms({"error": None, "median_ms": 653.0}) == 653.0
+    assert step_ms({"error": "boom", "median_ms": None}) is None
+    run = _run(1000, ROWS)
+    for v in run["variants"]:  # the job's mean says hierarchical stage 2 misses where the old median said it met
+        if v["name"] == "ztune hierarchical, stage 2":
+            v["step_ms"] = 2000.0
+    stage2 = next((r, ok) for what, r, ok in bench_cluster.targets([run]) if what.startswith("stage 2"))
+    assert stage2 == (2393.0 / 2000.0, False)
