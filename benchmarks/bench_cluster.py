@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.cluster_box import ClusterBox, rates_for_cli  # noqa: E402
-from benchmarks.cluster_worker import VARIANTS, step_ms  # noqa: E402
+from benchmarks.cluster_worker import ONEBIT_FREEZE_STEP, VARIANTS, step_ms  # noqa: E402
 
 OUT_PATH = ROOT / "docs" / "bench" / "cluster.md"
 WORKER = str(ROOT / "benchmarks" / "cluster_worker.py")
@@ -180,9 +180,12 @@ def render(runs: list[dict], *, command: str, elapsed_s: float, loads: tuple, st
         lines += ["", f"Targets (issue 15), at {TARGET_RATE_MBIT / 1000:g} Gbit/s:", ""]
         lines += [f"- {what}: " + ("not measured" if r is None else f"{r:.3f}") + f" ({'met' if ok else 'MISSED'})"
                   for what, r, ok in checks]
-    lines += ["", "1-bit Adam runs with freeze_step 1 so that every timed step sends the compressed momentum: its "
-              "variance is frozen after a single step, which diverges here (its loss column); the algorithm's "
-              "convergence with a real warm-up is measured in docs/bench/onebit_adam.md."]
+    lines += ["", f"1-bit Adam runs with freeze_step {ONEBIT_FREEZE_STEP} and as many more untimed steps, so that "
+              "every timed step sends the compressed momentum (its loss column is therefore "
+              f"{ONEBIT_FREEZE_STEP} steps later than the others'). Runs before 2026-12-08 used freeze_step 1, "
+              "whose variance frozen after one step diverged to NaN within 8 steps, and timed the NaN steps, "
+              "where the C++ kernels hand non-finite blocks to the torch ops; the algorithm's convergence with a "
+              "real warm-up is measured in docs/bench/onebit_adam.md."]
     sep = runs[0].get("shared_memory") if runs else None
     if sep:
         lines += ["", f"Shared memory (runtime/comm/shm.py's own check, in the job): across the whole job "

@@ -42,6 +42,14 @@ class Variant:
     family: str
     stage: int
     config: dict = field(default_factory=dict)
+    warmup: int = 0  # untimed steps this variant takes before everyone's --warmup ones
+
+
+# 1-bit Adam's full-precision warm-up (freeze_step) in the box: its untimed steps, so that every timed step is a
+# compression-stage step. With freeze_step 1 the variance frozen after one step diverged (loss 9.2, 8.9, 47, 1,315,
+# ..., NaN from the 8th step, 2026-12-08), and a NaN run times other code: the C++ kernels leave non-finite blocks
+# to the torch ops (runtime/onebit_kernels.py), so its CPU per step grew from ~420 to ~650 ms over 20 steps.
+ONEBIT_FREEZE_STEP = 10
 
 
 FLAT = {"comm": {"hierarchical": False}}  # ztune's default (auto) is hierarchical across several hosts
@@ -57,8 +65,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ztune hierarchical, stage 3", "ztune", 3, HIER),
     Variant("ztune ZeRO++ (qwZ+hpZ2+qgZ), stage 3", "ztune", 3,
             {"zero": {"quantized_weights": True, "hpz_partition_size": 2, "quantized_gradients": True}}),
-    # 1-bit Adam after its warm-up: freeze_step 1, so every timed step exchanges the compressed momentum.
-    Variant("ztune 1-bit Adam, stage 0", "ztune", 0, {"optimizer": {"type": "OneBitAdam", "freeze_step": 1}}),
+    # 1-bit Adam after its warm-up, so every timed step exchanges the compressed momentum.
+    Variant("ztune 1-bit Adam, stage 0", "ztune", 0, {"optimizer": {"type": "OneBitAdam",
+                                                                    "freeze_step": ONEBIT_FREEZE_STEP}},
+            warmup=ONEBIT_FREEZE_STEP),
     Variant("DDP", "ddp", 0),
     Variant("DeepSpeed ZeRO-1", "deepspeed", 1),
     Variant("DeepSpeed ZeRO-2", "deepspeed", 2),
@@ -148,14 +158,15 @@ def run_variant(variant: Variant, *, args, spec, data, layout, dist) -> dict:
                               seq_len=args.seq_len, extra_config=extra or None)
         if variant.family == "ztune":  # did the engine move its buffers through shared memory?
             rec["engine_shared_memory"] = getattr(trainer.owner.comm, "shm", None) is not None
-        for step in range(args.warmup):
+        first = args.warmup + variant.warmup  # the first timed step's index into `data`
+        for step in range(first):
             rec["losses"].append(trainer.step(data[step]))
         dist.barrier()
         before = nic_tx_bytes() if counters_here else 0
         cpu_before = time.process_time()  # this rank's CPU seconds, all its threads (gloo's included)
         ticks_before = cpu_ticks()
         loop_start = time.perf_counter()
-        for step in range(args.warmup, args.warmup + args.steps):
+        for step in range(first, first + args.steps):
             start = time.perf_counter()
             rec["losses"].append(trainer.step(data[step]))
             rec["times_s"].append(time.perf_counter() - start)
@@ -226,7 +237,8 @@ def main(argv: list[str]) -> int:
         layout = layout_from_env(world_size=world)
         separation = host_separation(dist, layout)
         spec = model_spec(args.model)
-        total = args.warmup + args.steps
+        wanted_variants = [v for v in VARIANTS if v.name in wanted]
+        total = args.warmup + max((v.warmup for v in wanted_variants), default=0) + args.steps
         corpus = synthetic_corpus(vocab_size=spec.vocab_size, num_tokens=(total + 1) * args.micro_batch * world *
                                   args.seq_len, seed=SEED)
         data = list(batches(corpus, batch_size=args.micro_batch, seq_len=args.seq_len, rank=rank, world_size=world,
