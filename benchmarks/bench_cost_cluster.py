@@ -228,7 +228,14 @@ NOTES = [
     "at the reduce's own 1.05 ns per byte, measured beside it), its all_reduce 27.5 against 19.6 and its "
     "all_gather 13.3 against 9.8 (the shared-memory "
     "level's adds, copies and barriers, not yet modelled), the flat ones 33.5 / 27.7 / 23.3 against 46.1 / 23.0 / "
-    "23.0;",
+    "23.0; and every launch costs CPU whatever its size: the probe's smallest all_reduce (4 KiB) gives each link's "
+    "CPU per message step (Hardware.inter_node_cpu_s_per_step, intra_node_cpu_s_per_step: ~0.4 ms between the "
+    "hosts, ~0.6 ms in a host here), and each launch is charged its algorithm's steps at it (cost/comm.py "
+    "gloo_cpu_steps: ring all_reduce 2(n-1), n broadcasts n-1, n reduces n^2-1; the shared-memory transport's "
+    "dissemination barriers): measured on 4 gloo ranks on these 2 cores (4 KiB, 2026-12-08) an all_reduce cost "
+    "1.9-2.2 ms of CPU per rank, a reduce 1.2-1.6, a barrier 0.8, so stage 3's ~30 launches of n reduces or "
+    "broadcasts per step cost ~80 ms of CPU per rank that the per-byte figure, taken at 64 MiB, never saw (added "
+    "2026-12-08);",
     "- runtime CPU: the runtime's own work beyond the model's forward + backward and the optimizer update (the "
     "gradient hooks' copies into buckets, stage 3's per-unit gathers into fresh buffers and their release, the "
     "parameter refresh): the probe runs the runtime itself at each stage on every rank at once, each rank on a "
@@ -284,27 +291,27 @@ NOTES = [
     "than the probe's, whose 4 ranks compute without pause (twice so far, load 4-13, flat stage 0's whole "
     "measured step was below the probe's compute alone: 1,915 vs 2,029 ms and 2,101 vs 2,206 ms); (3) the "
     "machine is shared: between the probe and a variant's steps the load changes by 2-5x, and the same "
-    "configuration measured twice in one run differs by up to 30%; (4) the cores' time busy outside the ranks "
-    "(the parts table's column): in the bf16 run of 2026-12-07 22:00 UTC 11-18% for hierarchical stages 0-1 and "
-    "6-13% for stage 2 at 10 Gbit/s, 7-10% for hierarchical stage 0 at 1 Gbit/s, 14-18% for 1-bit Adam at both "
-    "rates, 2-9% for the other rows: about the size of those rows' under-prediction. "
-    "It is in no process this machine's /proc shows: sampled every 5 s during hierarchical stage 0's steps (no "
-    "other job running, no process started or ended in the interval), 94 of 996 ticks of /proc/stat were in no "
-    "visible process's utime + stime (flat stage 0: 2-3%). Not found yet: a tenant of the VM outside this PID "
-    "namespace, or work the kernel accounts to no task.",
+    "configuration measured twice in one run differs by up to 30%. The parts table's column \"busy outside the "
+    "ranks\" was 11-18% for hierarchical stages 0-1 and 1-bit Adam in the run of 2026-12-07 22:00 UTC, about "
+    "those rows' under-prediction; it was the measure, not the machine: that run's step was the median over "
+    "steps of the slowest rank's step, which overstates a job's step where its synchronisation sits at the "
+    "step's end (a rank's steps k and k+1 trade the wait), and with the job's mean step (cluster_worker.step_ms, "
+    "since 2026-12-08) the ranks' CPU fills the cores (hierarchical stage 0 at 10 Gbit/s: 4 x 269 ms of CPU per "
+    "569 ms step on 2 cores, 95%, the machine idle 5%), as a 10 s sample of /proc showed (every busy tick in "
+    "the 4 ranks, the ranks' /proc/PID/stat equal to their schedstat run time). And 1-bit Adam's timed steps "
+    "were NaN steps until 2026-12-08 (cluster_worker.ONEBIT_FREEZE_STEP).",
     "",
     "CPU by thread (benchmarks/cost_cluster_parts.py --pyprofile-clock cpu, 10 Gbit/s, 2026-12-07 17:20 UTC, load "
     "1-14, median of 4 steps, ms per rank, range over the 4 ranks): process CPU / the main (computing) thread's / "
     "the rest (gloo's and the shared-memory lanes' threads): flat stage 0 814-852 / 656-679 / ~160; flat stage 3 "
     "980-1,094 / 638-750 / ~340; hierarchical stage 3 902-984 / 571-640 / ~340; ZeRO++ 966-1,022 / 791-862 / "
-    "~175; 1-bit Adam 874-907 / 803-843 / ~70. In the CPU-bound rows the measured step is 2.0-2.3x the CPU per "
+    "~175; 1-bit Adam 874-907 / 803-843 / ~70 (a NaN run: see above). "
+    "In the CPU-bound rows the measured step is 2.0-2.3x the CPU per "
     "rank (4 ranks on 2 cores), so a row's error is its CPU's. Hierarchical stage 3's transport threads use as "
     "much CPU as flat stage 3's while the model charges them about half (its intra level at shared memory's CPU "
     "per byte, which the probe measures on an all_reduce of a shared buffer: the stage-3 gathers go through the "
     "lanes' staging buffers, copies and barriers included); ZeRO++'s main thread spends ~220 ms more than "
-    "hierarchical stage 3's, of which its codecs (quantize_int4, dequantize_int4/int8, quantize_int8) ~130 ms; "
-    "1-bit Adam's ranks are on CPU for only 72-87% of 2 cores x the step (the other rows 89-96%): its exchange "
-    "is synchronous, per master, so ranks wait for the slowest one.",
+    "hierarchical stage 3's, of which its codecs (quantize_int4, dequantize_int4/int8, quantize_int8) ~130 ms.",
 ]
 
 
