@@ -147,20 +147,28 @@ def test_probe_cpu_per_byte_is_the_largest_sizes_cpu_over_bytes_sent_and_receive
     assert link.reduce_cpu_s_per_byte() == 0.0
 
 
-@pytest.mark.parametrize("gpu", [False, True])
-def test_probe_profile_takes_the_cpu_measurements_on_cpu_hosts_only(gpu):
+def _probed(*, gpu: bool, sizes: tuple[int, int], link_cpu: tuple[float, float], local_cpu: tuple[float, float],
+            reduce_cpu: tuple[int, float] | None = None):
+    """(profile, provenance notes, inter-host result, in-host result) of a probe on a 2-rank host (with GPUs or
+    not) whose 2-size all_reduces took `link_cpu` / `local_cpu` CPU seconds per op between the hosts / inside."""
     host = probe.HostInfo("h", 2, 8 << 30)
     gpus = probe.GpuScan((probe.GpuInfo(0, "GPU-X", 80 << 30), probe.GpuInfo(1, "GPU-X", 80 << 30)) if gpu else (),
                          "x")
     mem = probe.MemoryBandwidth(10e9, 12e9, 2)
     flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
-    sizes, times = (1 << 20, 8 << 20), (0.01, 0.07)
+    times = (0.01, 0.07)
     fit = probe.fit_alpha_beta(sizes, times, world_size=2)
-    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.001, 0.004), reduce_cpu=(8 << 20, 0.009))
-    local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0001, 0.0005))
+    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=link_cpu, reduce_cpu=reduce_cpu)
+    local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=local_cpu)
     hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
     m = probe.Measurements(host, gpus, 2, mem, flops, local, hd, inter_node=link)
-    hw, notes = probe.build_profile(m), probe.field_notes(m)
+    return probe.build_profile(m), probe.field_notes(m), link, local
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_probe_profile_takes_the_cpu_measurements_on_cpu_hosts_only(gpu):
+    hw, notes, _, _ = _probed(gpu=gpu, sizes=(1 << 20, 8 << 20), link_cpu=(0.001, 0.004), local_cpu=(0.0001, 0.0005),
+                              reduce_cpu=(8 << 20, 0.009))
     if gpu:  # a GPU rank's process CPU time says nothing about NCCL's transport
         assert hw.inter_node_cpu_s_per_byte == hw.intra_node_cpu_s_per_byte == 0.0
         assert hw.inter_node_reduce_cpu_s_per_byte == 0.0
@@ -289,18 +297,8 @@ def test_probe_cpu_per_step_is_the_smallest_sizes_cpu_over_its_ring_steps():
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_probe_profile_takes_the_cpu_per_step_on_cpu_hosts_only(gpu):
-    host = probe.HostInfo("h", 2, 8 << 30)
-    gpus = probe.GpuScan((probe.GpuInfo(0, "GPU-X", 80 << 30), probe.GpuInfo(1, "GPU-X", 80 << 30)) if gpu else (),
-                         "x")
-    mem = probe.MemoryBandwidth(10e9, 12e9, 2)
-    flops = probe.FlopRates(fp32_flops_per_s=1e11, bf16_flops_per_s=1e11, device="cpu", matrix_size=512)
-    sizes, times = (4096, 8 << 20), (0.001, 0.07)
-    fit = probe.fit_alpha_beta(sizes, times, world_size=2)
-    link = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0008, 0.004))
-    local = probe.CollectiveResult("gloo", 2, sizes, times, fit, cpu_s=(0.0006, 0.0005))
-    hd = probe.HostDeviceBandwidth(25e9, 20e9) if gpu else None
-    m = probe.Measurements(host, gpus, 2, mem, flops, local, hd, inter_node=link)
-    hw, notes = probe.build_profile(m), probe.field_notes(m)
+    hw, notes, link, local = _probed(gpu=gpu, sizes=(4096, 8 << 20), link_cpu=(0.0008, 0.004),
+                                     local_cpu=(0.0006, 0.0005))
     if gpu:
         assert hw.inter_node_cpu_s_per_step == hw.intra_node_cpu_s_per_step == 0.0
         assert notes["inter_node_cpu_s_per_step"].startswith("assumed: 0")
