@@ -241,6 +241,9 @@ def test_each_launch_is_charged_its_steps_at_the_links_cpu_per_step():
     # one host: the shared-memory transport's barriers (3 for all_reduce, 2 otherwise) of the host's ranks
     one_host = Link(1e10, 1e-6, num_nodes=1, gpus_per_node=4, cpu_s_per_step=S_LOCAL)
     assert collective_cpu_steps_s(ALL_REDUCE, world_size=4, link=one_host) == pytest.approx(3 * 2 * S_LOCAL)
+    # compressed gradients: gloo all-to-all + all-gather on one host too
+    assert collective_cpu_steps_s(ALL_REDUCE, world_size=4, link=one_host, gloo_only=True) == \
+        pytest.approx(6 * S_LOCAL)
     # two levels: the host's barriers at the in-host figure, the gloo ops of one rank per host at the link's
     h = Hierarchy(intra=Link(1e10, 1e-6, cpu_s_per_step=S_LOCAL), inter=Link(1e9, 1e-5, cpu_s_per_step=S_TCP),
                   num_nodes=2, ranks_per_node=2, gloo=True)
@@ -309,3 +312,18 @@ def test_probe_profile_takes_the_cpu_per_step_on_cpu_hosts_only(gpu):
         assert notes["inter_node_cpu_s_per_step"].startswith("measured:") and "4,096 B" in \
             notes["inter_node_cpu_s_per_step"]
         assert notes["intra_node_cpu_s_per_step"].startswith("measured:")
+
+
+def test_compressed_gradients_on_one_host_are_charged_gloos_steps_not_the_shared_memory_barriers():
+    """A compressed gradient exchange is a gloo all-to-all + all-gather on every layout (runtime/comm/compress.py),
+    2(n-1) steps per launch, where an uncompressed one-host all_reduce goes through shared memory: 3 barriers."""
+    from ztune.config.io import from_dict
+
+    one_host = dataclasses.replace(CPU, intra_node_cpu_s_per_step=S_LOCAL)
+    for method, steps in (("int8", 2 * (2 - 1)), ("none", 3 * 1)):
+        cfg = from_dict({"zero": {"stage": 0}, "compression": {"method": method},
+                         "batch": {"micro": 1, "grad_accum": 1}, "seq_len": 128, "precision": "bf16"})
+        before, after = estimate(TINY, CPU, cfg, num_nodes=1), estimate(TINY, one_host, cfg, num_nodes=1)
+        launches = sum(o.calls for o in after.comm.ops)
+        assert launches > 0
+        assert after.comm.cpu_s - before.comm.cpu_s == pytest.approx(launches * steps * S_LOCAL), method

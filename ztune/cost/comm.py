@@ -232,14 +232,16 @@ def gloo_cpu_steps(op: str, n: int) -> float:
     raise ValueError(f"unknown collective {op!r}")
 
 
-def collective_cpu_steps_s(op: str, *, world_size: int, link: Link, hierarchy: Hierarchy | None = None) -> float:
+def collective_cpu_steps_s(op: str, *, world_size: int, link: Link, hierarchy: Hierarchy | None = None,
+                           gloo_only: bool = False) -> float:
     """CPU seconds one rank spends on one launch of `op` whatever its size: its message steps at the link's measured
     CPU per step (Link.cpu_s_per_step; the wakeups, system calls and bookkeeping of each message, ~0.3-0.4 ms on
     the cluster in a box, where a 4 KiB all_reduce of 4 ranks costs ~2 ms of CPU per rank). With `hierarchy`, the
     intra level's barriers (SHM_BARRIERS, barrier_steps) at the intra link's and the inter level's gloo ops
     (gloo_cpu_steps over num_nodes) at the inter link's; flat on gloo, gloo_cpu_steps over the world; on one host
-    of a gloo profile the shared-memory transport's barriers. 0 where the CPU per step is unknown (GPU profiles,
-    profiles from before it was measured)."""
+    of a gloo profile the shared-memory transport's barriers, unless `gloo_only` (compressed gradients: their
+    exchange is gloo all-to-all + all-gather on every layout, 2(n-1) steps like the ring all_reduce). 0 where the
+    CPU per step is unknown (GPU profiles, profiles from before it was measured)."""
     if world_size <= 1:
         return 0.0
     if hierarchy is not None:
@@ -248,7 +250,7 @@ def collective_cpu_steps_s(op: str, *, world_size: int, link: Link, hierarchy: H
         return intra + gloo_cpu_steps(op, h.num_nodes) * h.inter.cpu_s_per_step
     if link.cpu_s_per_step <= 0:
         return 0.0
-    if link.num_nodes <= 1 and op in SHM_BARRIERS:
+    if link.num_nodes <= 1 and op in SHM_BARRIERS and not gloo_only:
         return SHM_BARRIERS[op] * barrier_steps(world_size) * link.cpu_s_per_step
     return gloo_cpu_steps(op, world_size) * link.cpu_s_per_step
 
@@ -427,11 +429,13 @@ def comm_estimate(*, num_params: int, world_size: int, stage: int, grad_accum: i
             continue
         wire = payload_bytes * ring_factor(c.op, n) * c.per_step
         # (compressed gradients go through a flat all-to-all in the runtime: not hierarchical)
-        two_level = hierarchy is not None and not (c.kind == "grad" and compression is not Compression.NONE)
+        compressed = c.kind == "grad" and compression is not Compression.NONE
+        two_level = hierarchy is not None and not compressed
         cpu_s = c.per_step * (collective_cpu_s(c.op, payload_bytes, world_size=n, link=link,
                                                hierarchy=hierarchy if two_level else None)
                               + launches * collective_cpu_steps_s(c.op, world_size=n, link=link,
-                                                                  hierarchy=hierarchy if two_level else None))
+                                                                  hierarchy=hierarchy if two_level else None,
+                                                                  gloo_only=compressed))
         if two_level:
             # per launch: its levels' latency, and its share of the payload's bytes
             one = hierarchical_collective_time_s(op=c.op, payload_bytes=payload_bytes / launches, hierarchy=hierarchy)
