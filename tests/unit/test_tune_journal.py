@@ -352,3 +352,18 @@ def test_a_header_field_the_tuner_never_writes_is_one_error(tmp_path, field, val
     with pytest.raises(JournalError, match=f"line 1: {field} .* is not"):
         _open(path)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(("value", "shown"), [("1", '"1"'), (1.0, "1.0"), (True, "true"), (2, "2"), (None, "null")])
+def test_a_header_version_other_than_the_integer_written_is_refused_in_json_spelling(tmp_path, value, shown) -> None:
+    """ "1", 1.0 and true compare equal to 1 in Python, or look like it in a message; none is the integer 1 this
+    ztune writes. The message spells the value as the file does; the file is kept."""
+    path = tmp_path / "j.jsonl"
+    _open(path)
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps({**header, "version": value}) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(JournalError) as err:
+        _open(path)
+    assert f"has version {shown}, this ztune writes 1; rerun with --fresh" in str(err.value)
+    assert path.read_bytes() == before

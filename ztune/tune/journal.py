@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ztune.errors import UserError
+from ztune.errors import UserError, shown_json
 from ztune.tune.records import RecordError, check_record
 
 JOURNAL_VERSION = 1
@@ -167,9 +167,11 @@ class Journal:
         if not records or records[0][1]["kind"] != "header":
             raise JournalError(f"journal {str(self.path)!r} does not start with a header; rerun with --fresh")
         header = records[0][1]
-        if header.get("version") != JOURNAL_VERSION:
+        version = header.get("version")
+        # JSON's spelling: "1" (a string), 1.0 and true are not the integer this ztune writes, though == says so
+        if type(version) is not int or version != JOURNAL_VERSION:
             raise JournalError(
-                f"journal {str(self.path)!r} has version {header.get('version')!r}, this ztune writes "
+                f"journal {str(self.path)!r} has version {shown_json(version)}, this ztune writes "
                 f"{JOURNAL_VERSION}; rerun with --fresh (the old file is kept)"
             )
         _load(self.path, records[:1])  # its fields (the space compared below is an object)
