@@ -40,7 +40,6 @@ from ztune.cost.comm import (
     OpEstimate,
     collective_cpu_s,
     collective_cpu_steps_s,
-    gloo_cpu_steps,
     hierarchical_collective_time_s,
     latency_steps,
 )
@@ -165,8 +164,9 @@ def zeropp_comm_estimate(*, num_params: int, num_nodes: int, ranks_per_node: int
         steps = latency_steps(REDUCE_SCATTER if name == ALL_TO_ALL else name, group, on)
         time_s = per_step * steps * on.latency_s + wire / on.bw_bytes_per_s
         # CPU: every byte sent is also received by some rank (cost/comm.py collective_cpu_s), and each launch's
-        # message steps on these gloo groups (cost/comm.py gloo_cpu_steps)
-        cpu_s = 2 * wire * on.cpu_s_per_byte + per_step * gloo_cpu_steps(name, group) * on.cpu_s_per_step
+        # message steps on these gloo groups (no shared-memory transport: gloo_only)
+        cpu_s = 2 * wire * on.cpu_s_per_byte + per_step * collective_cpu_steps_s(name, world_size=group, link=on,
+                                                                                 gloo_only=True)
         return OpEstimate(name, kind, "micro", per_step, wire, time_s, cpu_s)
 
     bwd_launches = a * (num_units - len(no_backward_gather))
