@@ -100,23 +100,24 @@ def targets(runs: list[dict]) -> list[tuple[str, float | None, bool]]:
         return []
     out = []
 
-    def ratio(num: str, den: str, key: str) -> float | None:
+    def ratio(num: str, den: str, value) -> float | None:
+        """value(record) of `num` over that of `den`; None where either is missing, failed or 0."""
         a, b = _record(run, num), _record(run, den)
-        if a is None or b is None:
-            return None
-        x, y = (step_ms(a), step_ms(b)) if key == "step_ms" else (a[key], b[key])
-        return None if not y else x / y
+        return None if a is None or b is None or not value(b) else value(a) / value(b)
+
+    def sent(rec: dict) -> float:
+        return rec["tx_bytes_per_step"]
 
     for stage in range(4):
-        r = ratio(f"ztune flat, stage {stage}", f"ztune hierarchical, stage {stage}", "step_ms")
+        r = ratio(f"ztune flat, stage {stage}", f"ztune hierarchical, stage {stage}", step_ms)
         out.append((f"stage {stage}: hierarchical >= {TARGET_HIER_SPEEDUP}x faster than flat (flat / hierarchical "
                     "ms/step)", r, r is not None and r >= TARGET_HIER_SPEEDUP))
     zpp = next((v.name for v in VARIANTS if v.name.startswith("ztune ZeRO++")), "")
     for plain in ("ztune hierarchical, stage 3", "ztune flat, stage 3"):
-        r = ratio(zpp, plain, "tx_bytes_per_step")
+        r = ratio(zpp, plain, sent)
         out.append((f"ZeRO++ bytes across hosts <= {TARGET_ZEROPP_BYTES}x those of {plain.removeprefix('ztune ')}",
                     r, r is not None and r <= TARGET_ZEROPP_BYTES))
-    r = ratio("ztune 1-bit Adam, stage 0", "DDP", "tx_bytes_per_step")
+    r = ratio("ztune 1-bit Adam, stage 0", "DDP", sent)
     out.append((f"1-bit Adam bytes across hosts <= {TARGET_ONEBIT_BYTES}x those of DDP's fp32 all-reduce", r,
                 r is not None and r <= TARGET_ONEBIT_BYTES))
     return out
